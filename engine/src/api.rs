@@ -1,0 +1,256 @@
+//! The per-VM control API: JSON lines over a unix socket.
+//!
+//! Each request is one JSON object on one line; each gets one JSON line back:
+//!
+//! ```text
+//! -> {"cmd":"status"}
+//! <- {"ok":true,"result":{"run_state":"running",...}}
+//! -> {"cmd":"snapshot","path":"/tmp/vm.snap"}
+//! <- {"ok":false,"error":"the VM is running; pause it first"}
+//! ```
+//!
+//! Commands: `status`, `pause`, `resume`, `snapshot` (`path`), `quit`.
+//! Requests are untrusted: malformed or oversized lines get an error
+//! response, never a panic, and the connection stays usable.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long the client waits for an answer (snapshots of big guests take a while).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Errors from the API transport.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Socket setup or I/O.
+    #[error("API socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server answered something that is not a response.
+    #[error("malformed API response: {0}")]
+    BadResponse(String),
+    /// The server refused the request.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A request to the VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ApiRequest {
+    /// Run state, machine shape and what the guest reported.
+    Status,
+    /// Stop the vCPUs.
+    Pause,
+    /// Continue the vCPUs.
+    Resume,
+    /// Write a snapshot of the paused VM.
+    Snapshot {
+        /// Destination file.
+        path: PathBuf,
+    },
+    /// Stop the VM and the process.
+    Quit,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiResponse {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, when `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// What went wrong, when not `ok`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ApiResponse {
+    /// A success.
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+    /// A failure.
+    pub fn err(e: impl std::fmt::Display) -> Self {
+        Self {
+            ok: false,
+            result: None,
+            error: Some(e.to_string()),
+        }
+    }
+}
+
+/// A request waiting for the VM's controller to answer it.
+pub type PendingRequest = (ApiRequest, Sender<ApiResponse>);
+
+/// Parses one request line.
+pub fn parse_request(line: &str) -> Result<ApiRequest, String> {
+    serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
+}
+
+/// Listens on `path` (replacing a stale socket) and forwards requests.
+pub fn serve(path: &Path) -> Result<Receiver<PendingRequest>, ApiError> {
+    let sock_err = |source| ApiError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.exists() {
+        std::fs::remove_file(path).map_err(sock_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    let (tx, rx) = channel();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let tx = tx.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("api-conn".into())
+                            .spawn(move || handle_connection(stream, tx));
+                    }
+                    Err(e) => warn!("API accept failed: {e}"),
+                }
+            }
+        })
+        .map_err(sock_err)?;
+    Ok(rx)
+}
+
+fn handle_connection(stream: UnixStream, tx: Sender<PendingRequest>) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        // Bound the line so a client cannot make us buffer without limit.
+        let n = match (&mut reader).take(MAX_REQUEST as u64 + 1).read_line(&mut line) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) => {
+                let _ = send(&mut writer, &ApiResponse::err(format!("unreadable request: {e}")));
+                return;
+            }
+        };
+        let response = if n > MAX_REQUEST || !line.ends_with('\n') && n == MAX_REQUEST + 1 {
+            let r = ApiResponse::err(format!("request longer than {MAX_REQUEST} bytes"));
+            let _ = send(&mut writer, &r);
+            return;
+        } else if line.trim().is_empty() {
+            continue;
+        } else {
+            match parse_request(&line) {
+                Ok(req) => {
+                    debug!(?req, "API request");
+                    let (rtx, rrx) = channel();
+                    if tx.send((req, rtx)).is_err() {
+                        ApiResponse::err("the VM is shutting down")
+                    } else {
+                        rrx.recv()
+                            .unwrap_or_else(|_| ApiResponse::err("the VM is shutting down"))
+                    }
+                }
+                Err(e) => ApiResponse::err(e),
+            }
+        };
+        if send(&mut writer, &response).is_err() {
+            return;
+        }
+    }
+}
+
+fn send(w: &mut UnixStream, r: &ApiResponse) -> std::io::Result<()> {
+    let mut s = serde_json::to_string(r).unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable response"}"#.into());
+    s.push('\n');
+    w.write_all(s.as_bytes())
+}
+
+/// Sends one request and returns the result, or the server's error.
+pub fn call(path: &Path, req: &ApiRequest) -> Result<serde_json::Value, ApiError> {
+    let sock_err = |source| ApiError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(sock_err)?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(sock_err)?;
+    let mut line = serde_json::to_string(req).map_err(|e| ApiError::BadResponse(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(sock_err)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).map_err(sock_err)?;
+    let r: ApiResponse =
+        serde_json::from_str(&answer).map_err(|e| ApiError::BadResponse(format!("{e}: {answer:?}")))?;
+    if r.ok {
+        Ok(r.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(ApiError::Refused(r.error.unwrap_or_else(|| "unknown error".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_request(r#"{"cmd":"pause"}"#), Ok(ApiRequest::Pause));
+        assert_eq!(
+            parse_request(r#"{"cmd":"snapshot","path":"/tmp/x"}"#),
+            Ok(ApiRequest::Snapshot { path: "/tmp/x".into() })
+        );
+        for bad in ["", "{", r#"{"cmd":"fly"}"#, r#"{"cmd":"snapshot"}"#, "[1,2]", r#"{"cmd":"pause","x":1}"#] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.starts_with("invalid request"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn server_answers_garbage_with_errors() {
+        let dir = std::env::temp_dir().join(format!("ferry-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let rx = serve(&sock).unwrap();
+        std::thread::spawn(move || {
+            while let Ok((req, reply)) = rx.recv() {
+                let _ = reply.send(ApiResponse::ok(serde_json::json!({ "echo": format!("{req:?}") })));
+            }
+        });
+        let v = call(&sock, &ApiRequest::Status).unwrap();
+        assert_eq!(v["echo"], "Status");
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(b"not json\n{\"cmd\":\"pause\"}\n").unwrap();
+        let mut r = BufReader::new(s);
+        let mut l1 = String::new();
+        r.read_line(&mut l1).unwrap();
+        assert!(l1.contains("\"ok\":false") && l1.contains("invalid request"), "{l1}");
+        let mut l2 = String::new();
+        r.read_line(&mut l2).unwrap();
+        assert!(l2.contains("Pause"), "{l2}");
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(&vec![b'x'; MAX_REQUEST + 10]).unwrap();
+        let mut l3 = String::new();
+        BufReader::new(s).read_line(&mut l3).unwrap();
+        assert!(l3.contains("longer than"), "{l3}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,109 @@
+//! Serves one VM: applies API requests to it until told to quit.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tracing::{error, info};
+
+use crate::api::{ApiRequest, ApiResponse, PendingRequest};
+use crate::snapshot;
+use crate::vm::{Vm, VmError};
+
+/// Errors from serving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Writing a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+}
+
+/// The VM's status as the API reports it.
+pub fn status(vm: &Vm) -> Value {
+    let meta = vm.meta();
+    let stopped = vm.stopped_reason();
+    let run_state = match (&stopped, vm.is_running()) {
+        (Some(_), _) => "stopped",
+        (None, true) => "running",
+        (None, false) => "paused",
+    };
+    json!({
+        "run_state": run_state,
+        "stopped_reason": stopped,
+        "vcpus": meta.vcpus,
+        "mem_size": meta.mem_size,
+        "tsc_khz": meta.tsc_khz,
+        "guest": vm.monitor(),
+    })
+}
+
+/// Pauses (if needed) and writes a snapshot; the VM stays paused.
+pub fn snapshot_to(vm: &mut Vm, path: &Path) -> Result<Value, ControllerError> {
+    if vm.is_running() {
+        return Err(VmError::WrongRunState("running; pause it first").into());
+    }
+    let t = Instant::now();
+    let state = vm.save_state()?;
+    let save_ms = t.elapsed().as_secs_f64() * 1e3;
+    let stats = snapshot::write(path, &state, vm.ram())?;
+    info!(path = %path.display(), ?stats, "snapshot written");
+    Ok(json!({ "path": path, "state_save_ms": save_ms, "snapshot": stats }))
+}
+
+/// Applies one request. Returns the response and whether to quit.
+pub fn handle(vm: &mut Vm, req: &ApiRequest) -> (ApiResponse, bool) {
+    let r = match req {
+        ApiRequest::Status => Ok(status(vm)),
+        ApiRequest::Pause => vm
+            .pause()
+            .map(|d| json!({ "pause_us": d.as_micros() as u64 }))
+            .map_err(ControllerError::from),
+        ApiRequest::Resume => vm.resume().map(|_| json!({})).map_err(ControllerError::from),
+        ApiRequest::Snapshot { path } => snapshot_to(vm, path),
+        ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
+    };
+    match r {
+        Ok(v) => (ApiResponse::ok(v), false),
+        Err(e) => {
+            error!("{req:?} failed: {e}");
+            (ApiResponse::err(e), false)
+        }
+    }
+}
+
+/// Serves `vm` until a `quit` request, or until `run_for` elapses.
+pub fn serve(vm: &mut Vm, api: Option<Receiver<PendingRequest>>, run_for: Option<Duration>) {
+    let deadline = run_for.map(|d| Instant::now() + d);
+    let mut reported_stop = false;
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            info!("run time elapsed");
+            return;
+        }
+        if !reported_stop {
+            if let Some(reason) = vm.stopped_reason() {
+                error!("guest stopped: {reason}");
+                reported_stop = true;
+            }
+        }
+        let Some(rx) = &api else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok((req, reply)) => {
+                let (resp, quit) = handle(vm, &req);
+                let _ = reply.send(resp);
+                if quit {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}

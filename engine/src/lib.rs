@@ -1,0 +1,18 @@
+//! Ferry's engine: a small KVM VMM, complete VM state capture and restore,
+//! snapshots, and (later) the migration drivers.
+//!
+//! See `docs/architecture.md` for how the pieces fit.
+
+pub mod api;
+pub mod boot;
+pub mod console;
+pub mod controller;
+pub mod layout;
+pub mod memory;
+pub mod monitor;
+pub mod snapshot;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{ConsoleOutput, PreparedVm, Vm, VmError};

@@ -1,0 +1,178 @@
+//! Guest RAM: one memfd, mapped `MAP_SHARED` through vm-memory.
+//!
+//! Backing RAM with a memfd lets another thread or process (the page server,
+//! a snapshot writer) read the guest's pages with plain `pread` on the file,
+//! and lets the destination install pages without touching the mapping.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::{self, RamRange, PAGE_SIZE};
+
+/// Errors from creating or accessing guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is unusable.
+    #[error("guest memory size {0} bytes is invalid: it must be a multiple of 4 KiB between 16 MiB and 1 TiB")]
+    InvalidSize(u64),
+    /// memfd creation or sizing failed.
+    #[error("cannot create the guest memory file: {0}")]
+    CreateFile(#[source] std::io::Error),
+    /// vm-memory could not map the file.
+    #[error("cannot map guest memory: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+    /// A read or write of the memory file failed.
+    #[error("guest memory I/O at file offset {offset:#x} failed: {source}")]
+    Io {
+        /// File offset of the access.
+        offset: u64,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An access would run past the end of guest RAM.
+    #[error("guest memory access at file offset {offset:#x}, {len} bytes, is outside the {size}-byte RAM")]
+    OutOfRange {
+        /// File offset of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Size of RAM.
+        size: u64,
+    },
+}
+
+/// Guest RAM of one VM.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    file: Arc<File>,
+    mem: GuestMemoryMmap,
+    ranges: Vec<RamRange>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of zeroed guest RAM.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size % PAGE_SIZE as u64 != 0 || !(layout::MIN_MEM..=layout::MAX_MEM).contains(&size) {
+            return Err(MemoryError::InvalidSize(size));
+        }
+        let fd = nix::sys::memfd::memfd_create(
+            c"ferry-guest-ram",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .map_err(|e| MemoryError::CreateFile(e.into()))?;
+        let file = File::from(fd);
+        file.set_len(size).map_err(MemoryError::CreateFile)?;
+        let file = Arc::new(file);
+        let ranges = layout::ram_ranges(size);
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges.iter().map(|r| {
+            (
+                GuestAddress(r.guest_addr),
+                r.len as usize,
+                Some(FileOffset::from_arc(file.clone(), r.file_offset)),
+            )
+        }))?;
+        Ok(Self {
+            file,
+            mem,
+            ranges,
+            size,
+        })
+    }
+
+    /// The vm-memory view, for loaders and KVM slot registration.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The RAM ranges around the MMIO hole.
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
+    /// Total RAM in bytes (also the memory file's length).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of guest pages.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE as u64
+    }
+
+    /// The memory file itself, e.g. to hand to a page server.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), MemoryError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(MemoryError::OutOfRange {
+                offset,
+                len: len as u64,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Reads RAM at a memory-file offset.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.check(offset, buf.len())?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| MemoryError::Io { offset, source })
+    }
+
+    /// Writes RAM at a memory-file offset.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.check(offset, buf.len())?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|source| MemoryError::Io { offset, source })
+    }
+}
+
+/// True when every byte of `page` is zero.
+pub fn is_zero(page: &[u8]) -> bool {
+    let mut words = page.chunks_exact(16);
+    let body = words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0);
+    body && words.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(GuestRam::new(4095), Err(MemoryError::InvalidSize(_))));
+        assert!(matches!(GuestRam::new(1 << 20), Err(MemoryError::InvalidSize(_))));
+    }
+
+    #[test]
+    fn reads_back_and_bounds_checks() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.write_at(8192, b"ferry").unwrap();
+        let mut b = [0u8; 5];
+        ram.read_at(8192, &mut b).unwrap();
+        assert_eq!(&b, b"ferry");
+        assert!(ram.read_at((16 << 20) - 2, &mut b).is_err());
+        assert!(ram.read_at(u64::MAX - 1, &mut b).is_err());
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; PAGE_SIZE];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        assert!(!is_zero(&p[1..]));
+    }
+}

@@ -1,0 +1,96 @@
+//! Watches the guest's console lines: ticks, readiness and BAD reports.
+//!
+//! The workload guest is the project's correctness oracle; this is where its
+//! verdict is collected. [`GuestMonitor`] is fed every console line and keeps
+//! what the API, the stats and the tests need.
+
+use std::collections::BTreeMap;
+
+use ferry_guest::{parse_line, GuestLine};
+use serde::Serialize;
+
+use crate::console::ConsoleLine;
+
+/// How many BAD lines are kept verbatim.
+const KEEP_BAD: usize = 16;
+
+/// The last tick seen from one vCPU.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct LastTick {
+    /// The guest's round counter.
+    pub round: u64,
+    /// The guest's TSC.
+    pub tsc: u64,
+    /// Timer interrupts counted by the guest.
+    pub timer_irqs: u64,
+    /// Host time of the line, µs since the Unix epoch.
+    pub host_us: u64,
+}
+
+/// What the guest has told us so far.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestMonitor {
+    /// Host time the VM was created (µs since epoch).
+    pub created_us: u64,
+    /// Host time of the first TICK.
+    pub first_tick_us: Option<u64>,
+    /// TICK lines seen.
+    pub ticks: u64,
+    /// vCPUs that reported READY.
+    pub ready: u32,
+    /// BAD lines seen.
+    pub bad: u64,
+    /// The first BAD lines.
+    pub bad_lines: Vec<String>,
+    /// The latest tick per vCPU.
+    pub last_tick: BTreeMap<u32, LastTick>,
+}
+
+impl GuestMonitor {
+    /// A monitor for a VM created now.
+    pub fn new(created_us: u64) -> Self {
+        Self {
+            created_us,
+            ..Default::default()
+        }
+    }
+
+    /// Feeds one console line.
+    pub fn observe(&mut self, line: &ConsoleLine) {
+        match parse_line(&line.text) {
+            GuestLine::Tick {
+                vcpu,
+                round,
+                tsc,
+                timer_irqs,
+                ..
+            } => {
+                self.ticks += 1;
+                self.first_tick_us.get_or_insert(line.host_us);
+                self.last_tick.insert(
+                    vcpu,
+                    LastTick {
+                        round,
+                        tsc,
+                        timer_irqs,
+                        host_us: line.host_us,
+                    },
+                );
+            }
+            GuestLine::Ready { .. } => self.ready += 1,
+            GuestLine::Bad { .. } => {
+                self.bad += 1;
+                if self.bad_lines.len() < KEEP_BAD {
+                    self.bad_lines.push(line.text.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Microseconds from VM creation to the first tick.
+    pub fn boot_to_first_tick_us(&self) -> Option<u64> {
+        self.first_tick_us
+            .map(|t| t.saturating_sub(self.created_us))
+    }
+}

@@ -1,0 +1,444 @@
+//! Snapshot files: the state blob plus sparse guest memory.
+//!
+//! ```text
+//! +----------------------------------------------+ 0
+//! | header (48 bytes, little-endian)             |
+//! |   magic "FERRYSNP"      8                    |
+//! |   version u32           4                    |
+//! |   page_size u32         4   (4096)           |
+//! |   mem_size u64          8                    |
+//! |   state_len u64         8                    |
+//! |   data_pages u64        8   (pages stored)   |
+//! |   meta_crc u32          4   (header[0..40],  |
+//! |                              state, bitmap)  |
+//! |   data_crc u32          4   (all page data)  |
+//! +----------------------------------------------+ 48
+//! | state blob (state_len bytes, see state::codec)|
+//! +----------------------------------------------+
+//! | page bitmap: bit i set = page i is stored    |
+//! |   (mem_size / 4096 / 8 bytes, rounded up)    |
+//! +----------------------------------------------+ padded to 4096
+//! | stored pages, in page order, 4096 bytes each |
+//! +----------------------------------------------+
+//! ```
+//!
+//! Zero pages are not stored. Page `i` means offset `i * 4096` of the memory
+//! file (see `layout`). A restore checks sizes and both CRCs before the VM's
+//! vCPUs are ever created, so a bad file gives an error and no VM at all.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::layout::PAGE_SIZE;
+use crate::memory::{is_zero, GuestRam, MemoryError};
+use crate::state::{self, codec, CodecError, MachineState};
+
+/// Magic at the start of a snapshot file.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"FERRYSNP";
+/// Snapshot format version this build writes and reads.
+pub const SNAPSHOT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 48;
+/// Memory is copied in chunks of this many bytes.
+const CHUNK: usize = 2 << 20;
+
+/// Why a snapshot could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// File I/O.
+    #[error("snapshot {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a snapshot.
+    #[error("{0} is not a Ferry snapshot (bad magic)")]
+    BadMagic(PathBuf),
+    /// Another format version.
+    #[error("{path}: snapshot format version {found} is not supported (this build reads version {SNAPSHOT_VERSION})")]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// The file is shorter or longer than its header says.
+    #[error("{path}: snapshot is {what}: header implies {expected} bytes, file has {actual}")]
+    Size {
+        /// The file.
+        path: PathBuf,
+        /// "truncated" or "too long".
+        what: &'static str,
+        /// Size implied by the header.
+        expected: u64,
+        /// Real size.
+        actual: u64,
+    },
+    /// A header field is out of range or contradicts another.
+    #[error("{path}: snapshot header is invalid: {why}")]
+    Header {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A checksum did not match.
+    #[error("{path}: snapshot {part} checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupted")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// "header/state/bitmap" or "memory".
+        part: &'static str,
+        /// Stored CRC.
+        stored: u32,
+        /// Computed CRC.
+        computed: u32,
+    },
+    /// The embedded state blob is bad.
+    #[error("{path}: snapshot state: {source}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: CodecError,
+    },
+    /// Guest RAM access.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// What writing or loading a snapshot cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotStats {
+    /// Size of the file.
+    pub file_bytes: u64,
+    /// Guest pages in total.
+    pub pages_total: u64,
+    /// Pages stored (non-zero).
+    pub pages_stored: u64,
+    /// Wall time.
+    pub millis: f64,
+}
+
+struct Header {
+    mem_size: u64,
+    state_len: u64,
+    data_pages: u64,
+    meta_crc: u32,
+    data_crc: u32,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
+        h[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        h[16..24].copy_from_slice(&self.mem_size.to_le_bytes());
+        h[24..32].copy_from_slice(&self.state_len.to_le_bytes());
+        h[32..40].copy_from_slice(&self.data_pages.to_le_bytes());
+        h[40..44].copy_from_slice(&self.meta_crc.to_le_bytes());
+        h[44..48].copy_from_slice(&self.data_crc.to_le_bytes());
+        h
+    }
+}
+
+fn bitmap_len(mem_size: u64) -> u64 {
+    (mem_size / PAGE_SIZE as u64).div_ceil(8)
+}
+
+fn data_offset(state_len: u64, mem_size: u64) -> u64 {
+    (HEADER_LEN as u64 + state_len + bitmap_len(mem_size)).next_multiple_of(PAGE_SIZE as u64)
+}
+
+fn meta_crc(header: &[u8; HEADER_LEN], state: &[u8], bitmap: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&header[..40]);
+    h.update(state);
+    h.update(bitmap);
+    h.finalize()
+}
+
+/// Writes a snapshot of a paused VM: `state` plus every non-zero page.
+pub fn write(path: &Path, state: &MachineState, ram: &GuestRam) -> Result<SnapshotStats, SnapshotError> {
+    let t = Instant::now();
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let blob = state::encode(state);
+    let mem_size = ram.size();
+    let data_at = data_offset(blob.len() as u64, mem_size);
+    let file = File::create(path).map_err(io)?;
+    let mut out = BufWriter::with_capacity(CHUNK, &file);
+    out.seek(SeekFrom::Start(data_at)).map_err(io)?;
+
+    let mut bitmap = vec![0u8; bitmap_len(mem_size) as usize];
+    let mut data_crc = crc32fast::Hasher::new();
+    let mut stored = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    while offset < mem_size {
+        let n = (CHUNK as u64).min(mem_size - offset) as usize;
+        ram.read_at(offset, &mut buf[..n])?;
+        for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
+            if !is_zero(page) {
+                let pfn = offset / PAGE_SIZE as u64 + i as u64;
+                bitmap[(pfn / 8) as usize] |= 1 << (pfn % 8);
+                data_crc.update(page);
+                out.write_all(page).map_err(io)?;
+                stored += 1;
+            }
+        }
+        offset += n as u64;
+    }
+    out.flush().map_err(io)?;
+    drop(out);
+    let mut header = Header {
+        mem_size,
+        state_len: blob.len() as u64,
+        data_pages: stored,
+        meta_crc: 0,
+        data_crc: data_crc.finalize(),
+    };
+    header.meta_crc = meta_crc(&header.encode(), &blob, &bitmap);
+    let mut head = Vec::with_capacity(data_at as usize);
+    head.extend_from_slice(&header.encode());
+    head.extend_from_slice(&blob);
+    head.extend_from_slice(&bitmap);
+    file.write_all_at(&head, 0).map_err(io)?;
+    let file_bytes = data_at + stored * PAGE_SIZE as u64;
+    file.set_len(file_bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(SnapshotStats {
+        file_bytes,
+        pages_total: mem_size / PAGE_SIZE as u64,
+        pages_stored: stored,
+        millis: ms(t.elapsed()),
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// An opened, validated snapshot whose memory has not been loaded yet.
+pub struct Snapshot {
+    path: PathBuf,
+    file: File,
+    /// The VM state.
+    pub state: MachineState,
+    bitmap: Vec<u8>,
+    data_at: u64,
+    data_pages: u64,
+    data_crc: u32,
+    file_bytes: u64,
+}
+
+impl Snapshot {
+    /// Opens `path` and checks everything but the page data's CRC.
+    pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let p = || path.to_path_buf();
+        let io = |source| SnapshotError::Io { path: p(), source };
+        let mut file = File::open(path).map_err(io)?;
+        let actual = file.metadata().map_err(io)?.len();
+        let mut h = [0u8; HEADER_LEN];
+        if actual < HEADER_LEN as u64 {
+            let mut m = [0u8; 8];
+            let n = file.read(&mut m).map_err(io)?;
+            if n < 8 || m != SNAPSHOT_MAGIC {
+                return Err(SnapshotError::BadMagic(p()));
+            }
+            return Err(SnapshotError::Size {
+                path: p(),
+                what: "truncated",
+                expected: HEADER_LEN as u64,
+                actual,
+            });
+        }
+        file.read_exact(&mut h).map_err(io)?;
+        if h[0..8] != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::BadMagic(p()));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap_or([0; 4]));
+        let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or([0; 8]));
+        let version = u32_at(8);
+        if version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version { path: p(), found: version });
+        }
+        let header = Header {
+            mem_size: u64_at(16),
+            state_len: u64_at(24),
+            data_pages: u64_at(32),
+            meta_crc: u32_at(40),
+            data_crc: u32_at(44),
+        };
+        let bad = |why: String| SnapshotError::Header { path: p(), why };
+        if u32_at(12) as usize != PAGE_SIZE {
+            return Err(bad(format!("page size {} (expected {PAGE_SIZE})", u32_at(12))));
+        }
+        if header.mem_size % PAGE_SIZE as u64 != 0
+            || !(crate::layout::MIN_MEM..=crate::layout::MAX_MEM).contains(&header.mem_size)
+        {
+            return Err(bad(format!("memory size {}", header.mem_size)));
+        }
+        if header.state_len as usize > codec::MAX_STATE_LEN {
+            return Err(bad(format!("state length {}", header.state_len)));
+        }
+        let pages_total = header.mem_size / PAGE_SIZE as u64;
+        if header.data_pages > pages_total {
+            return Err(bad(format!(
+                "{} stored pages for a {pages_total}-page guest",
+                header.data_pages
+            )));
+        }
+        let data_at = data_offset(header.state_len, header.mem_size);
+        let expected = data_at + header.data_pages * PAGE_SIZE as u64;
+        if actual != expected {
+            return Err(SnapshotError::Size {
+                path: p(),
+                what: if actual < expected { "truncated" } else { "too long" },
+                expected,
+                actual,
+            });
+        }
+        let mut blob = vec![0u8; header.state_len as usize];
+        file.read_exact(&mut blob).map_err(io)?;
+        let mut bitmap = vec![0u8; bitmap_len(header.mem_size) as usize];
+        file.read_exact(&mut bitmap).map_err(io)?;
+        let computed = meta_crc(&h, &blob, &bitmap);
+        if computed != header.meta_crc {
+            return Err(SnapshotError::Checksum {
+                path: p(),
+                part: "header/state/bitmap",
+                stored: header.meta_crc,
+                computed,
+            });
+        }
+        let set: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+        if set != header.data_pages {
+            return Err(bad(format!(
+                "bitmap marks {set} pages but the header says {}",
+                header.data_pages
+            )));
+        }
+        let state = codec::decode(&blob).map_err(|source| SnapshotError::State { path: p(), source })?;
+        if state.meta.mem_size != header.mem_size {
+            return Err(bad(format!(
+                "state is for {} bytes of RAM, header says {}",
+                state.meta.mem_size, header.mem_size
+            )));
+        }
+        Ok(Self {
+            path: p(),
+            file,
+            state,
+            bitmap,
+            data_at,
+            data_pages: header.data_pages,
+            data_crc: header.data_crc,
+            file_bytes: actual,
+        })
+    }
+
+    /// True when page `pfn` (memory-file page index) is stored in the file.
+    pub fn has_page(&self, pfn: u64) -> bool {
+        self.bitmap
+            .get((pfn / 8) as usize)
+            .is_some_and(|b| b & (1 << (pfn % 8)) != 0)
+    }
+
+    /// Copies every stored page into `ram` and verifies the data CRC.
+    /// `ram` must be zeroed (fresh); on error its contents are undefined and
+    /// the caller must discard the VM.
+    pub fn load_memory(&self, ram: &GuestRam) -> Result<SnapshotStats, SnapshotError> {
+        let t = Instant::now();
+        let io = |source| SnapshotError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if ram.size() != self.state.meta.mem_size {
+            return Err(SnapshotError::Header {
+                path: self.path.clone(),
+                why: format!("guest RAM is {} bytes, snapshot is for {}", ram.size(), self.state.meta.mem_size),
+            });
+        }
+        let pages = ram.pages();
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut file_at = self.data_at;
+        let mut pfn = 0u64;
+        // Copy each run of stored pages with one read and one write.
+        while pfn < pages {
+            if !self.has_page(pfn) {
+                pfn += 1;
+                continue;
+            }
+            let mut run = 1u64;
+            while pfn + run < pages
+                && self.has_page(pfn + run)
+                && (run as usize + 1) * PAGE_SIZE <= CHUNK
+            {
+                run += 1;
+            }
+            let len = run as usize * PAGE_SIZE;
+            self.file.read_exact_at(&mut buf[..len], file_at).map_err(io)?;
+            crc.update(&buf[..len]);
+            ram.write_at(pfn * PAGE_SIZE as u64, &buf[..len])?;
+            file_at += len as u64;
+            pfn += run;
+        }
+        let computed = crc.finalize();
+        if computed != self.data_crc {
+            return Err(SnapshotError::Checksum {
+                path: self.path.clone(),
+                part: "memory",
+                stored: self.data_crc,
+                computed,
+            });
+        }
+        Ok(SnapshotStats {
+            file_bytes: self.file_bytes,
+            pages_total: pages,
+            pages_stored: self.data_pages,
+            millis: ms(t.elapsed()),
+        })
+    }
+}
+
+/// Errors from restoring a VM out of a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The file is bad.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The VM could not be built.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+}
+
+/// Eagerly restores a snapshot into a new, paused VM.
+///
+/// Everything that can be wrong with the file is found before any vCPU
+/// state is applied; on error no VM exists.
+pub fn restore(
+    path: &Path,
+    console: crate::vm::ConsoleOutput,
+) -> Result<(crate::vm::Vm, SnapshotStats), RestoreError> {
+    let t = Instant::now();
+    let snap = Snapshot::open(path)?;
+    let meta = snap.state.meta;
+    let prepared = crate::vm::PreparedVm::new(meta.mem_size, meta.vcpus, console)?;
+    let mut stats = snap.load_memory(prepared.ram())?;
+    let vm = prepared.restore(&snap.state)?;
+    stats.millis = ms(t.elapsed());
+    Ok((vm, stats))
+}

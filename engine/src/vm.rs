@@ -1,0 +1,464 @@
+//! A VM: KVM objects, guest RAM, COM1 and the vCPU threads.
+//!
+//! Building a VM has two halves, so a migration destination can do the slow
+//! half before the state arrives:
+//!
+//! 1. [`PreparedVm::new`]: KVM VM, memory slots over a memfd, irqchip and
+//!    PIT2 (before any vCPU, as KVM requires), the vCPU fds and the MSR list.
+//! 2. Either [`PreparedVm::boot`] (load an ELF, set entry registers) or
+//!    [`PreparedVm::restore`] (apply a [`MachineState`]); both give a paused
+//!    [`Vm`] whose vCPU threads wait for [`Vm::resume`].
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use tracing::{info, warn};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::console::{now_us, Console, ConsoleError, LineSink, COM1_IRQ};
+use crate::layout::KVM_TSS_ADDR;
+use crate::memory::{GuestRam, MemoryError};
+use crate::monitor::GuestMonitor;
+use crate::state::vm as vm_state;
+use crate::state::{vcpu as vcpu_state, DeviceState, MachineMeta, MachineState};
+use crate::vcpu::{VcpuError, VcpuHandle};
+
+/// Most vCPUs a Ferry VM may have.
+pub const MAX_VCPUS: u32 = 8;
+
+/// Errors from building or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU thread.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// vCPU state.
+    #[error(transparent)]
+    VcpuState(#[from] vcpu_state::VcpuStateError),
+    /// VM-level state.
+    #[error(transparent)]
+    VmState(#[from] vm_state::VmStateError),
+    /// The console.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// The console output file.
+    #[error("cannot open console output {path}: {source}")]
+    ConsoleFile {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad vCPU count.
+    #[error("{0} vCPUs requested; Ferry supports 1 to {MAX_VCPUS} (and KVM here may allow fewer)")]
+    VcpuCount(u32),
+    /// A state that does not fit this VM.
+    #[error("state does not fit this VM: {0}")]
+    Mismatch(String),
+    /// The operation needs the VM in another run state.
+    #[error("the VM is {0}")]
+    WrongRunState(&'static str),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Where the guest's console lines go.
+#[derive(Debug, Clone, Default)]
+pub enum ConsoleOutput {
+    /// This process's stdout.
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Nowhere (the monitor still sees them).
+    Discard,
+}
+
+impl ConsoleOutput {
+    fn open(&self) -> Result<Box<dyn Write + Send>, VmError> {
+        Ok(match self {
+            ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+            ConsoleOutput::Discard => Box::new(std::io::sink()),
+            ConsoleOutput::File(path) => Box::new(
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmError::ConsoleFile {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        })
+    }
+}
+
+/// A VM whose KVM objects and memory exist but whose vCPUs have no state yet.
+pub struct PreparedVm {
+    kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    vcpu_fds: Vec<VcpuFd>,
+    msr_indices: Vec<u32>,
+    console_out: ConsoleOutput,
+    tsc_khz: u32,
+    created_us: u64,
+}
+
+impl PreparedVm {
+    /// Creates the VM, its RAM and its vCPUs.
+    pub fn new(mem_size: u64, vcpus: u32, console_out: ConsoleOutput) -> Result<Self, VmError> {
+        let created_us = now_us();
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(vcpus));
+        }
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let max = kvm.get_max_vcpus() as u32;
+        if vcpus > max {
+            return Err(VmError::VcpuCount(vcpus));
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let ram = GuestRam::new(mem_size)?;
+        for (slot, region) in ram.ranges().iter().enumerate() {
+            let host = ram
+                .guest_memory()
+                .get_host_address(GuestAddress(region.guest_addr))
+                .map_err(|e| VmError::Memory(MemoryError::Io {
+                    offset: region.file_offset,
+                    source: std::io::Error::other(e.to_string()),
+                }))?;
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.guest_addr,
+                memory_size: region.len,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` is the start of a live mapping of `region.len`
+            // bytes owned by `ram`, which this VM keeps alive (in `Vm`) for as
+            // long as the KVM VM fd exists.
+            unsafe { fd.set_user_memory_region(mr) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        fd.set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        // The irqchip and PIT must exist before any vCPU is created.
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let mut vcpu_fds = Vec::with_capacity(vcpus as usize);
+        for i in 0..vcpus {
+            vcpu_fds.push(fd.create_vcpu(u64::from(i)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
+        }
+        let candidates = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let msr_indices = vcpu_state::readable_msrs(&vcpu_fds[0], candidates.as_slice());
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+        Ok(Self {
+            kvm,
+            fd,
+            ram,
+            vcpu_fds,
+            msr_indices,
+            console_out,
+            tsc_khz,
+            created_us,
+        })
+    }
+
+    /// Guest RAM, e.g. to fill it before restoring state.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The machine shape this VM has.
+    pub fn meta(&self) -> MachineMeta {
+        MachineMeta {
+            vcpus: self.vcpu_fds.len() as u32,
+            mem_size: self.ram.size(),
+            tsc_khz: self.tsc_khz,
+        }
+    }
+
+    /// Boots `elf` from scratch. `cmdline` gets `cpus=` and `tsc_khz=` added.
+    pub fn boot(self, elf: &[u8], cmdline: &str) -> Result<Vm, VmError> {
+        let full = format!(
+            "cpus={} tsc_khz={} {}",
+            self.vcpu_fds.len(),
+            self.tsc_khz,
+            cmdline
+        );
+        let info = boot::load_pvh(&self.ram, elf, full.trim_end())?;
+        info!(entry = ?info.entry, image_end = info.image_end, "guest loaded");
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        for (i, v) in self.vcpu_fds.iter().enumerate() {
+            let cpuid = vcpu_cpuid(&supported, i as u32, self.vcpu_fds.len() as u32)?;
+            v.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let mut regs = v.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+            let mut sregs = v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            boot::entry_registers(info.entry, &mut regs, &mut sregs);
+            v.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+            v.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            v.set_fpu(&kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            })
+            .map_err(kvm_err("KVM_SET_FPU"))?;
+            set_lint(v)?;
+            // Every vCPU starts at the entry; APs do not wait for a SIPI.
+            v.set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        }
+        let console = self.new_console(None)?;
+        self.start(console)
+    }
+
+    /// Applies a saved state. Guest RAM must already hold the VM's memory
+    /// (or be ready to fault it in).
+    pub fn restore(self, state: &MachineState) -> Result<Vm, VmError> {
+        let meta = self.meta();
+        if state.meta.vcpus != meta.vcpus || state.meta.mem_size != meta.mem_size {
+            return Err(VmError::Mismatch(format!(
+                "state is for {} vCPUs and {} bytes of RAM; this VM has {} and {}",
+                state.meta.vcpus, state.meta.mem_size, meta.vcpus, meta.mem_size
+            )));
+        }
+        if state.meta.tsc_khz != meta.tsc_khz {
+            // No TSC scaling on this host (KVM_CAP_TSC_CONTROL is 0): the
+            // guest's TSC runs at this host's rate from here on.
+            warn!(
+                saved = state.meta.tsc_khz,
+                host = meta.tsc_khz,
+                "TSC frequency differs and cannot be scaled"
+            );
+        }
+        // VM-wide KVM state first (PIT2, CLOCK, irqchips), then the vCPUs,
+        // then userspace devices last, so an interrupt a device raises on
+        // restore lands on fully restored interrupt controllers.
+        vm_state::restore(&self.fd, &state.vm)?;
+        for (v, s) in self.vcpu_fds.iter().zip(&state.vcpus) {
+            vcpu_state::restore(v, s)?;
+        }
+        let console = self.new_console(Some(&state.devices))?;
+        self.start(console)
+    }
+
+    fn new_console(&self, devices: Option<&DeviceState>) -> Result<(Arc<Console>, Arc<Mutex<GuestMonitor>>), VmError> {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
+        self.fd
+            .register_irqfd(&irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let monitor = Arc::new(Mutex::new(GuestMonitor::new(self.created_us)));
+        let mut sink = LineSink::new(self.console_out.open()?);
+        let m = monitor.clone();
+        sink.observe(Box::new(move |line| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).observe(line)
+        }));
+        let console = match devices {
+            Some(d) => Console::from_state(irq, sink, &d.serial)?,
+            None => Console::new(irq, sink),
+        };
+        Ok((console, monitor))
+    }
+
+    fn start(self, (console, monitor): (Arc<Console>, Arc<Mutex<GuestMonitor>>)) -> Result<Vm, VmError> {
+        let meta = self.meta();
+        let msrs = Arc::new(self.msr_indices);
+        let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
+        for (i, fd) in self.vcpu_fds.into_iter().enumerate() {
+            vcpus.push(VcpuHandle::spawn(i as u32, fd, console.clone(), msrs.clone())?);
+        }
+        Ok(Vm {
+            vcpus,
+            console,
+            monitor,
+            fd: self.fd,
+            ram: self.ram,
+            _kvm: self.kvm,
+            meta,
+            running: false,
+        })
+    }
+}
+
+/// CPUID for vCPU `index`: what KVM supports, with this vCPU's APIC ID.
+fn vcpu_cpuid(supported: &CpuId, index: u32, count: u32) -> Result<CpuId, VmError> {
+    let mut entries = supported.as_slice().to_vec();
+    for e in &mut entries {
+        match e.function {
+            1 => {
+                // Initial APIC ID and logical processor count; "running
+                // under a hypervisor".
+                e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | ((count & 0xff) << 16);
+                e.ecx |= 1 << 31;
+            }
+            0xb | 0x1f => e.edx = index,
+            _ => {}
+        }
+    }
+    CpuId::from_entries(&entries).map_err(|_| VmError::Mismatch("too many CPUID entries".into()))
+}
+
+/// LINT0 = ExtINT (the PIC), LINT1 = NMI, as firmware would leave them.
+fn set_lint(v: &VcpuFd) -> Result<(), VmError> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 0x7;
+    const MODE_NMI: u32 = 0x4;
+    let mut lapic = v.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    for (reg, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+        let val = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (i, b) in val.to_le_bytes().iter().enumerate() {
+            lapic.regs[reg + i] = *b as _;
+        }
+    }
+    v.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
+}
+
+/// A VM with running or paused vCPU threads.
+pub struct Vm {
+    // Field order matters for drop: vCPU threads end before the VM fd and
+    // the memory they use go away.
+    vcpus: Vec<VcpuHandle>,
+    console: Arc<Console>,
+    monitor: Arc<Mutex<GuestMonitor>>,
+    fd: VmFd,
+    ram: GuestRam,
+    _kvm: Kvm,
+    meta: MachineMeta,
+    running: bool,
+}
+
+impl Vm {
+    /// Creates and boots a VM, leaving it paused.
+    pub fn boot(
+        mem_size: u64,
+        vcpus: u32,
+        elf: &[u8],
+        cmdline: &str,
+        console: ConsoleOutput,
+    ) -> Result<Self, VmError> {
+        PreparedVm::new(mem_size, vcpus, console)?.boot(elf, cmdline)
+    }
+
+    /// Machine shape.
+    pub fn meta(&self) -> MachineMeta {
+        self.meta
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM fd (for dirty logging).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// True while the vCPUs run.
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// A copy of what the guest has reported.
+    pub fn monitor(&self) -> GuestMonitor {
+        self.monitor.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The first vCPU that the guest stopped, and why.
+    pub fn stopped_reason(&self) -> Option<String> {
+        self.vcpus.iter().find_map(|v| v.stopped_reason())
+    }
+
+    /// Starts or continues all vCPUs.
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops all vCPUs; returns once none is inside KVM_RUN.
+    pub fn pause(&mut self) -> Result<std::time::Duration, VmError> {
+        let t = Instant::now();
+        for v in &self.vcpus {
+            v.request_pause()?;
+        }
+        for v in &self.vcpus {
+            v.wait_paused()?;
+        }
+        self.running = false;
+        Ok(t.elapsed())
+    }
+
+    /// Captures the state of the paused VM.
+    pub fn save_state(&self) -> Result<MachineState, VmError> {
+        if self.running {
+            return Err(VmError::WrongRunState("running; pause it first"));
+        }
+        // Devices first: anything they raised is then already in the
+        // irqchip state captured below, so no interrupt is lost.
+        let devices = DeviceState {
+            serial: self.console.state(),
+        };
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(v.save()?);
+        }
+        let vm = vm_state::save(&self.fd)?;
+        Ok(MachineState {
+            meta: self.meta,
+            vm,
+            vcpus,
+            devices,
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.vcpus.clear();
+        self.console.flush();
+    }
+}

@@ -1,0 +1,506 @@
+//! Ferry's workload guest: a small freestanding x86-64 kernel that dirties
+//! and verifies memory, and checks CPU state, while it is live-migrated.
+//! It is the project's correctness oracle: any state the VMM loses or
+//! corrupts shows up as a `FERRY BAD ...` line on the serial port.
+//!
+//! [`GUEST_ELF`] is the image, built from C and GNU assembler sources in
+//! `guest/src/` by `build.rs` (gcc + ld, no prebuilt blobs).  [`parse_line`]
+//! parses its serial output.
+//!
+//! # Image and boot protocol
+//!
+//! An ELF64 executable linked at physical 1 MiB ([`LOAD_ADDR`]); one
+//! loadable segment (its `.bss` must be zeroed by the loader, as ELF
+//! loaders do) and a `PT_NOTE` segment.
+//!
+//! * **PVH entry** (the `XEN_ELFNOTE_PHYS32_ENTRY` note, what
+//!   `qemu-system-x86_64 -M microvm -kernel` and linux-loader use):
+//!   32-bit protected mode, paging off, `EBX` = physical address of
+//!   `struct hvm_start_info` (magic `0x336ec578`, version >= 1 with a
+//!   memory map).  The guest enables long mode itself with static page
+//!   tables that identity-map the first 1 GiB.
+//! * **64-bit entry** (ELF `e_entry`, `_start64`): long mode on, an
+//!   identity map covering at least the first 1 GiB, `RBX` = physical
+//!   address of the `hvm_start_info`, `RSP` undefined.  4-level paging.
+//!
+//! `hvm_start_info`, its command line and memory map must lie below 1 GiB.
+//! All vCPUs may enter at once with the same `EBX`/`RBX`: each finds its
+//! index from its initial APIC ID (CPUID.1:EBX\[31:24\], must be
+//! `0..`[`MAX_VCPUS`]) and picks its own stack before using any.  APIC ID 0
+//! (the BSP) parses `start_info`, builds identity page tables (2 MiB pages)
+//! for all RAM in the memory map (RAM above 4 GiB included, up to 512 GiB)
+//! plus `0xfec00000..4G` uncached, then releases the others.  Under QEMU
+//! only the BSP runs, so use `cpus=1` there.
+//!
+//! Each vCPU then loads its TSS and the IDT, enables SSE and, if CPUID has
+//! XSAVE+AVX, `XCR0 = x87|SSE|AVX`; starts its LAPIC timer periodic at
+//! 100 Hz (vector 0x30; x2APIC if CPUID.1:ECX\[21\], else xAPIC MMIO at
+//! `0xfee00000`, calibrated against the TSC); writes its MSR values; and
+//! drops to **ring 3**, where the workload runs.
+//!
+//! Why ring 3: on PVM (the KVM flavour this project is developed on) the
+//! ring-0 code of a guest that is not PVM-aware is executed by KVM's
+//! instruction emulator (~1 µs per instruction, and no SSE compares, no
+//! AVX), while ring 3 runs natively.  So ring 0 only does setup, interrupts
+//! and exceptions; the workload and the register check run in ring 3
+//! (all pages are user-accessible).  Ring 3 queues its output lines per
+//! CPU and calls into ring 0 with a `ud2` at one known address (PVM turns
+//! `int $n` from ring 3 into #UD); ring 0 prints the queue to the UART
+//! then, and on every timer tick.  MSR checks run in ring 0 the same way.
+//!
+//! # Command line
+//!
+//! Space-separated `key=value`, all optional; unknown keys are ignored; a
+//! bad value prints `FERRY BAD cmdline <key>` and keeps the default.
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `cpus=N` | vCPUs that enter (1..=8); vCPUs with a higher index halt | 1 |
+//! | `ws=SIZE` | working set, bytes with optional `K`/`M`/`G` | `64M` |
+//! | `pattern=seq\|random\|hotcold` | page choice; hotcold sends 90% of accesses to the first 10% of each vCPU's pages | `random` |
+//! | `write=0..100` | percent of page operations that write | 50 |
+//! | `rate=N` | dirty-page rate limit, pages/s over all vCPUs, 0 = none | 0 |
+//! | `report_ms=N` | TICK/check interval | 100 |
+//! | `tsc_khz=N` | TSC frequency; otherwise calibrated against PIT channel 0 | - |
+//! | `seed=N` | random seed | 0 |
+//! | `avx=0` | don't use AVX even if CPUID has it | auto |
+//! | `x2apic=0` | drive the LAPIC through xAPIC MMIO even if x2APIC exists | auto |
+//! | `inject=page\|reg\|msr\|timer` | self-test: vCPU 0 injects one fault at its 3rd report | none |
+//!
+//! The working set is clamped to free RAM (after the image, page tables
+//! and the generation array) and split evenly: vCPU `v` owns pages
+//! `[v*n, (v+1)*n)` with `n = ws_pages / cpus`.  Pages are taken from the
+//! top of RAM down, so big guests use memory above 4 GiB.
+//!
+//! # Workload and checks
+//!
+//! Word `i` (of 512) of working-set page `p` at generation `g` is
+//! `mix64(mix64(p << 32 ^ g) + i)` (splitmix64 finaliser), so one flipped bit
+//! anywhere is caught.  Generations are a `u32` array in guest RAM.  After
+//! filling its pages (generation 0) a vCPU prints `READY` and loops over
+//! rounds: 8 page operations (pick a page by the pattern, verify all of it,
+//! with probability `write%` bump its generation and rewrite it, waiting on
+//! the TSC for the dirty-rate limit), then the register check (load
+//! per-vCPU, per-round values into rbx, r12-r15, xmm8-15 and the upper
+//! halves of ymm8-15, spin 2 µs with `pause`, compare), then the TSC
+//! monotonicity check.  Every `report_ms` it prints `TICK`, checks that its
+//! timer interrupt count grew (checked over windows of at least 20 ms;
+//! after a TSC gap of more than 10 intervals, i.e. a paused VM, that report
+//! and the next one are not checked), and has ring 0 compare
+//! `KERNEL_GS_BASE`, `STAR`, `LSTAR` and (with RDTSCP) `TSC_AUX` with the
+//! values it wrote.  A corrupted page is reported and rewritten, so one
+//! corruption gives one line.
+//!
+//! # Output protocol (COM1, 0x3f8)
+//!
+//! Whole lines ending in `\n`, never interleaved.  Numbers are decimal
+//! unless prefixed `0x`.
+//!
+//! ```text
+//! FERRY BOOT cpus=<n> mem_mib=<n> ws_pages=<n> pattern=<p> write=<n> rate=<n> report_ms=<n> tsc_khz=<n> avx=<0|1> x2apic=<0|1>
+//! FERRY WS seg=<i> pa=0x<hex> pages=<n> first_page=<n>
+//! FERRY READY <vcpu>
+//! FERRY TICK <vcpu> <round> <tsc> <timer_irqs> <pages_verified>
+//! FERRY INJECT <what> vcpu=<n>
+//! FERRY BAD <what> <detail...>
+//! ```
+//!
+//! `WS` lines (one per physically contiguous run of working-set pages,
+//! after `BOOT`) say where the working set lives: working-set page
+//! `first_page + k` is at `pa + 4096 * k`.  Writing anything to such a
+//! page from outside must produce `FERRY BAD page`.
+//!
+//! `BAD` lines (at most 10 per second in total; the excess is counted in
+//! `FERRY BAD suppressed count=<n>`):
+//!
+//! ```text
+//! FERRY BAD page <page> gen=<g> word=<i> want=0x<hex> got=0x<hex> bad_words=<n> vcpu=<n> pa=0x<hex>
+//! FERRY BAD reg <rbx|r12..r15|xmm8..xmm15|ymm8h..ymm15h> vcpu=<n> round=<n>
+//! FERRY BAD msr 0x<msr> want=0x<hex> got=0x<hex> vcpu=<n>
+//! FERRY BAD tsc vcpu=<n> prev=<tsc> now=<tsc>
+//! FERRY BAD timer vcpu=<n> irqs=<n>
+//! FERRY BAD exception vec=<n> rip=0x<hex> err=0x<hex> cr2=0x<hex> vcpu=<n>   (that vCPU halts)
+//! FERRY BAD irq vec=<n> vcpu=<n>
+//! FERRY BAD cmdline <key>
+//! FERRY BAD start_info|memmap|mm|tsc_khz ...
+//! ```
+
+/// The guest image (ELF64, PVH note + 64-bit entry).
+pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-guest.elf"));
+
+/// Physical address the image is linked and loaded at.
+pub const LOAD_ADDR: u64 = 0x10_0000;
+
+/// Most vCPUs the guest supports (initial APIC IDs `0..MAX_VCPUS`).
+pub const MAX_VCPUS: u32 = 8;
+
+/// Bytes per working-set page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One parsed line of guest serial output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestLine {
+    /// `FERRY BOOT ...`: the BSP's configuration summary.
+    Boot {
+        /// vCPUs that run the workload.
+        cpus: u32,
+        /// Total RAM in the memory map, MiB.
+        mem_mib: u64,
+        /// Working-set pages over all vCPUs.
+        ws_pages: u64,
+        /// `seq`, `random` or `hotcold`.
+        pattern: String,
+        /// Percent of page operations that write.
+        write: u32,
+        /// Dirty-rate limit, pages/s (0 = none).
+        rate: u64,
+        /// Report interval, ms.
+        report_ms: u64,
+        /// TSC frequency used, kHz.
+        tsc_khz: u64,
+        /// AVX state is being checked.
+        avx: bool,
+        /// The LAPIC runs in x2APIC mode.
+        x2apic: bool,
+    },
+    /// `FERRY WS ...`: a physically contiguous run of working-set pages.
+    Ws {
+        /// Segment number.
+        seg: u32,
+        /// Guest physical address of the first page.
+        pa: u64,
+        /// Pages in the run.
+        pages: u64,
+        /// Working-set page number of the first page.
+        first_page: u64,
+    },
+    /// `FERRY READY <vcpu>`: the vCPU filled its pages and started looping.
+    Ready {
+        /// vCPU index.
+        vcpu: u32,
+    },
+    /// `FERRY TICK ...`: periodic progress report.
+    Tick {
+        /// vCPU index.
+        vcpu: u32,
+        /// Rounds completed.
+        round: u64,
+        /// TSC when the line was made.
+        tsc: u64,
+        /// Timer interrupts taken by this vCPU.
+        timer_irqs: u64,
+        /// Pages verified by this vCPU.
+        pages_verified: u64,
+    },
+    /// `FERRY BAD <what> <detail>`: the oracle caught an error.
+    Bad {
+        /// First word: `page`, `reg`, `msr`, `tsc`, `timer`, `exception`, ...
+        what: String,
+        /// The rest of the line.
+        detail: String,
+    },
+    /// Anything else (including `FERRY INJECT` and malformed `FERRY` lines).
+    Other(String),
+}
+
+impl GuestLine {
+    /// Is this a `FERRY BAD` line?
+    pub fn is_bad(&self) -> bool {
+        matches!(self, GuestLine::Bad { .. })
+    }
+}
+
+/// Decimal, or hex with a `0x` prefix.
+fn num(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn num32(s: &str) -> Option<u32> {
+    num(s).and_then(|v| u32::try_from(v).ok())
+}
+
+/// Value of `key=` among the `key=value` words, if present exactly once.
+fn field<'a>(words: &[&'a str], key: &str) -> Option<&'a str> {
+    let mut found = words
+        .iter()
+        .filter_map(|w| w.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v));
+    let v = found.next()?;
+    found.next().is_none().then_some(v)
+}
+
+fn flag(s: &str) -> Option<bool> {
+    match s {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    }
+}
+
+fn parse_boot(w: &[&str]) -> Option<GuestLine> {
+    Some(GuestLine::Boot {
+        cpus: num32(field(w, "cpus")?)?,
+        mem_mib: num(field(w, "mem_mib")?)?,
+        ws_pages: num(field(w, "ws_pages")?)?,
+        pattern: field(w, "pattern")?.to_string(),
+        write: num32(field(w, "write")?)?,
+        rate: num(field(w, "rate")?)?,
+        report_ms: num(field(w, "report_ms")?)?,
+        tsc_khz: num(field(w, "tsc_khz")?)?,
+        avx: flag(field(w, "avx")?)?,
+        x2apic: flag(field(w, "x2apic")?)?,
+    })
+}
+
+fn parse_ws(w: &[&str]) -> Option<GuestLine> {
+    Some(GuestLine::Ws {
+        seg: num32(field(w, "seg")?)?,
+        pa: num(field(w, "pa")?)?,
+        pages: num(field(w, "pages")?)?,
+        first_page: num(field(w, "first_page")?)?,
+    })
+}
+
+fn parse_ferry(rest: &str) -> Option<GuestLine> {
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let (&kind, args) = words.split_first()?;
+    match kind {
+        "BOOT" => parse_boot(args),
+        "WS" => parse_ws(args),
+        "READY" => match args {
+            [vcpu] => Some(GuestLine::Ready {
+                vcpu: vcpu.parse().ok()?,
+            }),
+            _ => None,
+        },
+        "TICK" => match args {
+            [vcpu, round, tsc, irqs, verified] => Some(GuestLine::Tick {
+                vcpu: vcpu.parse().ok()?,
+                round: round.parse().ok()?,
+                tsc: tsc.parse().ok()?,
+                timer_irqs: irqs.parse().ok()?,
+                pages_verified: verified.parse().ok()?,
+            }),
+            _ => None,
+        },
+        "BAD" => {
+            let after = rest.trim_start().strip_prefix("BAD")?.trim();
+            let (what, detail) = after.split_once(char::is_whitespace).unwrap_or((after, ""));
+            Some(GuestLine::Bad {
+                what: what.to_string(),
+                detail: detail.trim().to_string(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Parse one line of guest serial output (with or without its line end).
+///
+/// Never panics.  Lines that are not well-formed `FERRY` lines come back
+/// as [`GuestLine::Other`], except that anything starting `FERRY BAD` is
+/// always [`GuestLine::Bad`] (an empty `what` if nothing follows).
+pub fn parse_line(line: &str) -> GuestLine {
+    let line = line.trim_end_matches(['\r', '\n']);
+    line.trim()
+        .strip_prefix("FERRY ")
+        .and_then(parse_ferry)
+        .unwrap_or_else(|| GuestLine::Other(line.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_is_a_small_elf64_with_pvh_note() {
+        assert_eq!(&GUEST_ELF[..4], b"\x7fELF");
+        assert_eq!(GUEST_ELF[4], 2, "ELF64");
+        assert!(
+            GUEST_ELF.len() < 64 * 1024,
+            "image is {} bytes",
+            GUEST_ELF.len()
+        );
+        let xen_note = GUEST_ELF.windows(4).any(|w| w == b"Xen\0");
+        assert!(xen_note);
+        let entry = u64::from_le_bytes(GUEST_ELF[24..32].try_into().unwrap());
+        assert!((LOAD_ADDR..LOAD_ADDR + 0x10_0000).contains(&entry));
+    }
+
+    #[test]
+    fn boot() {
+        let l = "FERRY BOOT cpus=2 mem_mib=255 ws_pages=8192 pattern=random write=50 rate=0 \
+                 report_ms=200 tsc_khz=2595598 avx=1 x2apic=0\n";
+        assert_eq!(
+            parse_line(l),
+            GuestLine::Boot {
+                cpus: 2,
+                mem_mib: 255,
+                ws_pages: 8192,
+                pattern: "random".into(),
+                write: 50,
+                rate: 0,
+                report_ms: 200,
+                tsc_khz: 2595598,
+                avx: true,
+                x2apic: false,
+            }
+        );
+        // Missing or malformed fields: not a Boot.
+        assert!(matches!(
+            parse_line("FERRY BOOT cpus=2"),
+            GuestLine::Other(_)
+        ));
+        let bad_avx = l.replace("avx=1", "avx=2");
+        assert!(matches!(parse_line(&bad_avx), GuestLine::Other(_)));
+    }
+
+    #[test]
+    fn ws() {
+        assert_eq!(
+            parse_line("FERRY WS seg=1 pa=0xc400000 pages=736256 first_page=262144"),
+            GuestLine::Ws {
+                seg: 1,
+                pa: 0xc40_0000,
+                pages: 736256,
+                first_page: 262144
+            }
+        );
+        assert!(matches!(
+            parse_line("FERRY WS seg=1 pa=0xzz pages=1 first_page=0"),
+            GuestLine::Other(_)
+        ));
+    }
+
+    #[test]
+    fn ready_and_tick() {
+        assert_eq!(
+            parse_line("FERRY READY 3\r\n"),
+            GuestLine::Ready { vcpu: 3 }
+        );
+        assert_eq!(
+            parse_line("FERRY TICK 0 21868 1703583107825 26 174944"),
+            GuestLine::Tick {
+                vcpu: 0,
+                round: 21868,
+                tsc: 1703583107825,
+                timer_irqs: 26,
+                pages_verified: 174944
+            }
+        );
+        assert!(matches!(
+            parse_line("FERRY TICK 0 1 2 3"),
+            GuestLine::Other(_)
+        ));
+        assert!(matches!(
+            parse_line("FERRY TICK 0 1 2 3 4 5"),
+            GuestLine::Other(_)
+        ));
+        assert!(matches!(
+            parse_line("FERRY TICK a 1 2 3 4"),
+            GuestLine::Other(_)
+        ));
+        assert!(matches!(parse_line("FERRY READY -1"), GuestLine::Other(_)));
+    }
+
+    #[test]
+    fn bad() {
+        let l = parse_line(
+            "FERRY BAD page 0 gen=77 word=7 want=0xf46b1270e3674592 got=0xf46b1270e3676592 \
+             bad_words=1 vcpu=0 pa=0xf800000\n",
+        );
+        assert!(l.is_bad());
+        match l {
+            GuestLine::Bad { what, detail } => {
+                assert_eq!(what, "page");
+                assert!(detail.starts_with("0 gen=77 word=7"));
+                assert!(detail.ends_with("pa=0xf800000"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_line("FERRY BAD reg xmm12 vcpu=0 round=41837"),
+            GuestLine::Bad {
+                what: "reg".into(),
+                detail: "xmm12 vcpu=0 round=41837".into()
+            }
+        );
+        assert_eq!(
+            parse_line("FERRY BAD timer"),
+            GuestLine::Bad {
+                what: "timer".into(),
+                detail: String::new()
+            }
+        );
+        assert_eq!(
+            parse_line("FERRY BAD"),
+            GuestLine::Bad {
+                what: String::new(),
+                detail: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn other() {
+        for l in [
+            "",
+            "hello",
+            "FERRY",
+            "FERRY ",
+            "FERRYBAD page",
+            "ferry BAD page",
+            "FERRY INJECT page vcpu=0",
+            "FERRY NOPE 1 2",
+            "FERRY READY",
+            "FERRY READY 99999999999",
+        ] {
+            assert!(matches!(parse_line(l), GuestLine::Other(_)), "{l:?}");
+        }
+        assert_eq!(parse_line("xyz\n"), GuestLine::Other("xyz".into()));
+    }
+
+    #[test]
+    fn never_panics() {
+        // Deterministic fuzz: random mixes of protocol words and junk.
+        let atoms = [
+            "FERRY",
+            "BOOT",
+            "TICK",
+            "READY",
+            "BAD",
+            "WS",
+            "=",
+            "cpus=",
+            "pa=0x",
+            "0x",
+            "1",
+            "18446744073709551616",
+            "-5",
+            "é",
+            "\u{0}",
+            " ",
+            "\t",
+            "\n",
+            "avx=1",
+            "seg=",
+        ];
+        let mut x: u64 = 0x1234_5678;
+        for _ in 0..20_000 {
+            let mut s = String::new();
+            let n = (x % 9) as usize;
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                s.push_str(atoms[(x % atoms.len() as u64) as usize]);
+                if x & 1 == 0 {
+                    s.push(' ');
+                }
+            }
+            let _ = parse_line(&s);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Source-side page server (skeleton).

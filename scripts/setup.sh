@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system packages Ferry's build and tests need (Debian/Ubuntu,
+# run as root), then builds everything in release mode.
+#   libclang-dev      bindgen in userfaultfd-sys needs libclang
+#   build-essential   gcc, as and ld build the workload guest
+#   qemu-system-x86   QEMU peer runs of the same guest ELF
+#   iproute2          network namespaces and tbf for two-host tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkgs=(libclang-dev build-essential qemu-system-x86 iproute2)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+for dev in /dev/kvm /dev/userfaultfd; do
+  [ -e "$dev" ] || { echo "error: $dev is missing; Ferry needs KVM and userfaultfd" >&2; exit 1; }
+done
+cargo build --release --workspace --all-targets

@@ -1,0 +1,159 @@
+//! Helpers shared by the integration tests: spawning Ferry's binaries,
+//! reading the guest's timestamped console log, and waiting for the guest.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_guest::{parse_line, GuestLine};
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ferry-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "ferry-source" => env!("CARGO_BIN_EXE_ferry-source").into(),
+        "ferry-dest" => env!("CARGO_BIN_EXE_ferry-dest").into(),
+        "ferry-ctl" => env!("CARGO_BIN_EXE_ferry-ctl").into(),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+pub fn spawn(name: &str, args: &[&str], log: &Path) -> Proc {
+    let err = std::fs::File::create(log).unwrap();
+    Proc(
+        Command::new(bin(name))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}")),
+    )
+}
+
+/// Runs `ferry-ctl --api SOCK ARGS...` and returns its JSON output.
+pub fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("ferry-ctl"))
+        .arg("--api")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ferry-ctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One console line: host time (µs) and the parsed guest line.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub host_us: u64,
+    pub line: GuestLine,
+    pub text: String,
+}
+
+/// Reads a console log written by Ferry (`<secs>.<micros> <text>` lines).
+pub fn read_console(path: &Path) -> Vec<Logged> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (stamp, rest) = l.split_once(' ')?;
+            let (s, us) = stamp.split_once('.')?;
+            let host_us = s.parse::<u64>().ok()? * 1_000_000 + us.parse::<u64>().ok()?;
+            Some(Logged {
+                host_us,
+                line: parse_line(rest),
+                text: rest.to_string(),
+            })
+        })
+        .collect()
+}
+
+pub fn bad_lines(log: &[Logged]) -> Vec<String> {
+    log.iter()
+        .filter(|l| matches!(l.line, GuestLine::Bad { .. }))
+        .map(|l| l.text.clone())
+        .collect()
+}
+
+/// (round, timer_irqs) of each TICK from `vcpu`, in order.
+pub fn ticks(log: &[Logged], vcpu: u32) -> Vec<(u64, u64, u64)> {
+    log.iter()
+        .filter_map(|l| match l.line {
+            GuestLine::Tick {
+                vcpu: v,
+                round,
+                timer_irqs,
+                ..
+            } if v == vcpu => Some((round, timer_irqs, l.host_us)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until every vCPU in `0..vcpus` has printed at least `n` TICKs.
+pub fn wait_ticks(path: &Path, vcpus: u32, n: usize, timeout: Duration) -> Vec<Logged> {
+    wait_for(timeout, &format!("{n} ticks from {vcpus} vCPUs in {}", path.display()), || {
+        let log = read_console(path);
+        let bad = bad_lines(&log);
+        assert!(bad.is_empty(), "guest reported BAD: {bad:?}");
+        (0..vcpus).all(|v| ticks(&log, v).len() >= n).then_some(log)
+    })
+}
+
+/// Asserts that rounds and timer interrupts strictly grow across a log.
+pub fn assert_progress(log: &[Logged], vcpus: u32) {
+    for v in 0..vcpus {
+        let t = ticks(log, v);
+        assert!(t.len() >= 2, "vCPU {v} ticked {} times", t.len());
+        for w in t.windows(2) {
+            assert!(w[1].0 > w[0].0, "vCPU {v} round did not grow: {w:?}");
+            assert!(w[1].1 >= w[0].1, "vCPU {v} timer count went back: {w:?}");
+        }
+        assert!(t.last().unwrap().1 > t[0].1, "vCPU {v}: no timer interrupts");
+    }
+}

@@ -1,0 +1,179 @@
+//! The VMM and the workload guest on real KVM: boot, the oracle, pause,
+//! snapshot and restore (in this process and in a new one).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry_engine::layout::{gpa_to_file_offset, PAGE_SIZE};
+use ferry_engine::snapshot;
+use ferry_engine::state::{self, codec, MachineState};
+use ferry_engine::{ConsoleOutput, Vm};
+use ferry_guest::GUEST_ELF;
+
+const TICK_WAIT: Duration = Duration::from_secs(60);
+
+fn boot(dir: &Scratch, name: &str, mem: u64, vcpus: u32, args: &str) -> (Vm, std::path::PathBuf) {
+    let log = dir.path(name);
+    let mut vm = Vm::boot(mem, vcpus, GUEST_ELF, args, ConsoleOutput::File(log.clone())).unwrap();
+    vm.resume().unwrap();
+    (vm, log)
+}
+
+#[test]
+fn guest_boots_and_ticks_across_sizes_and_vcpus() {
+    let dir = Scratch::new("boot");
+    for (vcpus, mem, ws) in [
+        (1, 64u64 << 20, "16M"),
+        (2, 64 << 20, "16M"),
+        (1, 1 << 30, "256M"),
+        (2, 4 << 30, "64M"),
+    ] {
+        let name = format!("boot-{vcpus}-{mem}.log");
+        let (vm, log) = boot(&dir, &name, mem, vcpus, &format!("ws={ws} report_ms=50"));
+        let lines = wait_ticks(&log, vcpus, 4, TICK_WAIT);
+        assert_progress(&lines, vcpus);
+        assert!(vm.stopped_reason().is_none(), "{:?}", vm.stopped_reason());
+        let m = vm.monitor();
+        assert_eq!(m.ready, vcpus, "every vCPU filled its working set");
+        assert_eq!(m.bad, 0);
+        eprintln!(
+            "vcpus={vcpus} mem={}MiB: first tick after {} ms",
+            mem >> 20,
+            m.boot_to_first_tick_us().unwrap_or(0) / 1000
+        );
+    }
+}
+
+/// The oracle can fail: a page changed behind the guest's back is reported.
+#[test]
+fn guest_reports_a_page_corrupted_behind_its_back() {
+    let dir = Scratch::new("corrupt");
+    let (vm, log) = boot(&dir, "c.log", 64 << 20, 1, "ws=256K write=0 report_ms=50");
+    let lines = wait_ticks(&log, 1, 2, TICK_WAIT);
+    // The guest prints where its working set lives.
+    let ws_pa = lines
+        .iter()
+        .find_map(|l| {
+            let rest = l.text.strip_prefix("FERRY WS ")?;
+            let pa = rest.split_whitespace().find_map(|kv| kv.strip_prefix("pa=0x"))?;
+            u64::from_str_radix(pa, 16).ok()
+        })
+        .expect("FERRY WS line");
+    let target = ws_pa + 5 * PAGE_SIZE as u64;
+    let off = gpa_to_file_offset(vm.ram().ranges(), target).unwrap();
+    vm.ram().write_at(off + 100, &[0xa5; 8]).unwrap();
+    let bad = wait_for(TICK_WAIT, "a BAD page report", || {
+        let b = bad_lines(&read_console(&log));
+        (!b.is_empty()).then_some(b)
+    });
+    assert!(bad[0].starts_with("FERRY BAD page"), "{bad:?}");
+}
+
+/// Replaces every field that is derived from the passing of time.
+fn without_clocks(s: &MachineState) -> Vec<u8> {
+    let mut s = s.clone();
+    s.vm.clock = Default::default();
+    for ch in s.vm.pit.channels.iter_mut() {
+        ch.count_load_time = 0;
+    }
+    for v in &mut s.vcpus {
+        // LAPIC timer current count (TMCCT) counts down in real time.
+        for b in &mut v.lapic.regs[0x390..0x394] {
+            *b = 0;
+        }
+        for m in &mut v.msrs {
+            if matches!(m.index, state::vcpu::MSR_IA32_TSC | state::vcpu::MSR_IA32_TSC_DEADLINE) {
+                m.data = 0;
+            }
+        }
+    }
+    state::encode(&s)
+}
+
+#[test]
+fn snapshot_restore_snapshot_gives_the_same_state() {
+    let dir = Scratch::new("same");
+    let (mut vm, log) = boot(&dir, "a.log", 128 << 20, 2, "ws=32M report_ms=50");
+    wait_ticks(&log, 2, 3, TICK_WAIT);
+    vm.pause().unwrap();
+    let first = vm.save_state().unwrap();
+    let snap = dir.path("vm.snap");
+    snapshot::write(&snap, &first, vm.ram()).unwrap();
+    drop(vm);
+
+    let (restored, _) = snapshot::restore(&snap, ConsoleOutput::File(dir.path("b.log"))).unwrap();
+    let second = restored.save_state().unwrap();
+    let (a, b) = (state::encode(&first), state::encode(&second));
+    let raw_diff = codec::differing_sections(&a, &b).unwrap();
+    assert_eq!(
+        without_clocks(&first),
+        without_clocks(&second),
+        "state changed beyond clock fields; differing sections: {raw_diff:?}"
+    );
+    // And the guest's memory is bit-identical.
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let reopened = snapshot::Snapshot::open(&snap).unwrap();
+    let fresh = ferry_engine::memory::GuestRam::new(128 << 20).unwrap();
+    reopened.load_memory(&fresh).unwrap();
+    for off in (0..128u64 << 20).step_by(1 << 20) {
+        fresh.read_at(off, &mut x).unwrap();
+        restored.ram().read_at(off, &mut y).unwrap();
+        assert!(x == y, "memory differs in the MiB at {off:#x}");
+    }
+}
+
+/// Pause, snapshot, restore into a new process: the guest continues from its
+/// counters, timers still tick, registers intact (the guest checks them).
+#[test]
+fn pause_snapshot_restore_in_a_new_process() {
+    let dir = Scratch::new("newproc");
+    let (src_sock, src_log) = (dir.path("src.sock"), dir.path("src.log"));
+    let _src = spawn(
+        "ferry-source",
+        &[
+            "--mem", "256M", "--vcpus", "2",
+            "--guest-args", "ws=64M pattern=random write=80 report_ms=50",
+            "--serial", src_log.to_str().unwrap(),
+            "--api", src_sock.to_str().unwrap(),
+        ],
+        &dir.path("src.err"),
+    );
+    wait_ticks(&src_log, 2, 4, TICK_WAIT);
+    ctl(&src_sock, &["pause"]);
+    let status = ctl(&src_sock, &["status"]);
+    assert_eq!(status["run_state"], "paused");
+    let snap = dir.path("vm.snap");
+    let r = ctl(&src_sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(r["snapshot"]["pages_stored"].as_u64().unwrap() > 64 * 256 / 2);
+    ctl(&src_sock, &["quit"]);
+    let before = read_console(&src_log);
+
+    let (dst_sock, dst_log) = (dir.path("dst.sock"), dir.path("dst.log"));
+    let _dst = spawn(
+        "ferry-dest",
+        &[
+            "--restore", snap.to_str().unwrap(),
+            "--serial", dst_log.to_str().unwrap(),
+            "--api", dst_sock.to_str().unwrap(),
+        ],
+        &dir.path("dst.err"),
+    );
+    let after = wait_ticks(&dst_log, 2, 4, TICK_WAIT);
+    assert_progress(&after, 2);
+    for v in 0..2 {
+        let last_before = ticks(&before, v).last().copied().unwrap();
+        let first_after = ticks(&after, v)[0];
+        assert!(
+            first_after.0 > last_before.0,
+            "vCPU {v} restarted its rounds: {last_before:?} then {first_after:?}"
+        );
+        assert!(first_after.1 >= last_before.1, "vCPU {v} timer count went back");
+    }
+    assert!(bad_lines(&after).is_empty());
+    let status = ctl(&dst_sock, &["status"]);
+    assert_eq!(status["run_state"], "running");
+    assert_eq!(status["guest"]["bad"], 0);
+    ctl(&dst_sock, &["quit"]);
+}

@@ -1,0 +1,58 @@
+//! `ferry-ctl`: a client for a VM's JSON control API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferry_engine::api::{self, ApiRequest};
+
+/// Send one command to a running Ferry VM and print the JSON result.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The VM's API socket.
+    #[arg(long)]
+    api: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run state, machine shape and what the guest reported.
+    Status,
+    /// Stop the vCPUs.
+    Pause,
+    /// Continue the vCPUs.
+    Resume,
+    /// Write a snapshot of the paused VM.
+    Snapshot {
+        /// Destination file.
+        path: PathBuf,
+    },
+    /// Stop the VM and its process.
+    Quit,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let req = match args.cmd {
+        Cmd::Status => ApiRequest::Status,
+        Cmd::Pause => ApiRequest::Pause,
+        Cmd::Resume => ApiRequest::Resume,
+        Cmd::Snapshot { path } => ApiRequest::Snapshot {
+            path: std::path::absolute(&path).unwrap_or(path),
+        },
+        Cmd::Quit => ApiRequest::Quit,
+    };
+    match api::call(&args.api, &req) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry-ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

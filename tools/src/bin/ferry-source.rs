@@ -1,0 +1,81 @@
+//! `ferry-source`: runs a VM (the built-in workload guest by default) with a
+//! control API; later it migrates the VM out.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferry_engine::{api, controller, Vm};
+use ferry_tools::{console_output, init_tracing, parse_duration, parse_size};
+use tracing::{error, info};
+
+/// Run a VM and serve its control API.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Guest RAM, e.g. 256M, 1G, 4G.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest command line, e.g. "ws=64M pattern=random write=50 report_ms=100".
+    #[arg(long, default_value = "")]
+    guest_args: String,
+    /// A PVH ELF to boot instead of the built-in workload guest.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Where guest console lines go: a file, "-" for stdout, "none".
+    #[arg(long)]
+    serial: Option<String>,
+    /// Unix socket for the JSON control API.
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Stop after this long (e.g. 10s); default: until `quit`.
+    #[arg(long, value_parser = parse_duration)]
+    run_for: Option<std::time::Duration>,
+    /// Write the built-in guest ELF to this file and exit.
+    #[arg(long)]
+    write_guest: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("ferry-source: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(path) = &args.write_guest {
+        std::fs::write(path, ferry_guest::GUEST_ELF)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        info!(path = %path.display(), bytes = ferry_guest::GUEST_ELF.len(), "guest ELF written");
+        return Ok(());
+    }
+    let elf = match &args.kernel {
+        Some(p) => std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+        None => ferry_guest::GUEST_ELF.to_vec(),
+    };
+    let api_rx = args.api.as_deref().map(api::serve).transpose()?;
+    let mut vm = Vm::boot(
+        args.mem,
+        args.vcpus,
+        &elf,
+        &args.guest_args,
+        console_output(args.serial.as_deref()),
+    )?;
+    vm.resume()?;
+    info!(mem = args.mem, vcpus = args.vcpus, "VM running");
+    controller::serve(&mut vm, api_rx, args.run_for);
+    if let Some(p) = &args.api {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
