@@ -30,7 +30,14 @@ fn try_restore(dir: &Scratch, file: &std::path::Path) -> (bool, String, String) 
 fn damaged_snapshots_are_refused_with_a_clear_error() {
     let dir = Scratch::new("damaged");
     let log = dir.path("boot.log");
-    let mut vm = Vm::boot(64 << 20, 1, GUEST_ELF, "ws=8M report_ms=50", ConsoleOutput::File(log.clone())).unwrap();
+    let mut vm = Vm::boot(
+        64 << 20,
+        1,
+        GUEST_ELF,
+        "ws=8M report_ms=50",
+        ConsoleOutput::File(log.clone()),
+    )
+    .unwrap();
     vm.resume().unwrap();
     wait_ticks(&log, 1, 2, Duration::from_secs(60));
     vm.pause().unwrap();
@@ -43,26 +50,60 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     // The intact file restores and ticks: the damage below is what fails.
     let (ok, err, console) = try_restore(&dir, &good);
     assert!(ok, "good snapshot failed: {err}");
-    assert!(console.contains("FERRY TICK"), "restored guest did not tick");
+    assert!(
+        console.contains("FERRY TICK"),
+        "restored guest did not tick"
+    );
 
     let state_len = u64::from_le_bytes(bytes[24..32].try_into().unwrap()) as usize;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("truncated-in-memory", bytes[..bytes.len() - 4096].to_vec(), "truncated"),
+        (
+            "truncated-in-memory",
+            bytes[..bytes.len() - 4096].to_vec(),
+            "truncated",
+        ),
         ("truncated-in-header", bytes[..20].to_vec(), "truncated"),
         ("empty", Vec::new(), "not a Ferry snapshot"),
-        ("too-long", [bytes.clone(), vec![0; 4096]].concat(), "too long"),
-        ("wrong-version", patch(&bytes, 8, &[2, 0, 0, 0]), "version 2 is not supported"),
-        ("bad-magic", patch(&bytes, 0, b"XXXX"), "not a Ferry snapshot"),
-        ("flip-in-state", flip(&bytes, 48 + state_len / 2), "checksum mismatch"),
-        ("flip-in-memory", flip(&bytes, bytes.len() - 1000), "memory checksum mismatch"),
-        ("huge-mem-size", patch(&bytes, 16, &u64::MAX.to_le_bytes()), "memory size"),
+        (
+            "too-long",
+            [bytes.clone(), vec![0; 4096]].concat(),
+            "too long",
+        ),
+        (
+            "wrong-version",
+            patch(&bytes, 8, &[2, 0, 0, 0]),
+            "version 2 is not supported",
+        ),
+        (
+            "bad-magic",
+            patch(&bytes, 0, b"XXXX"),
+            "not a Ferry snapshot",
+        ),
+        (
+            "flip-in-state",
+            flip(&bytes, 48 + state_len / 2),
+            "checksum mismatch",
+        ),
+        (
+            "flip-in-memory",
+            flip(&bytes, bytes.len() - 1000),
+            "memory checksum mismatch",
+        ),
+        (
+            "huge-mem-size",
+            patch(&bytes, 16, &u64::MAX.to_le_bytes()),
+            "memory size",
+        ),
     ];
     for (name, data, expect) in cases {
         let f = dir.path(&format!("{name}.snap"));
         std::fs::write(&f, &data).unwrap();
         let (ok, err, console) = try_restore(&dir, &f);
         assert!(!ok, "{name}: restore succeeded");
-        assert!(err.contains(expect), "{name}: error {err:?} does not say {expect:?}");
+        assert!(
+            err.contains(expect),
+            "{name}: error {err:?} does not say {expect:?}"
+        );
         assert!(!err.contains("panicked"), "{name}: panicked: {err}");
         assert!(console.is_empty(), "{name}: a guest ran: {console}");
     }

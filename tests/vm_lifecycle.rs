@@ -16,7 +16,14 @@ const TICK_WAIT: Duration = Duration::from_secs(60);
 
 fn boot(dir: &Scratch, name: &str, mem: u64, vcpus: u32, args: &str) -> (Vm, std::path::PathBuf) {
     let log = dir.path(name);
-    let mut vm = Vm::boot(mem, vcpus, GUEST_ELF, args, ConsoleOutput::File(log.clone())).unwrap();
+    let mut vm = Vm::boot(
+        mem,
+        vcpus,
+        GUEST_ELF,
+        args,
+        ConsoleOutput::File(log.clone()),
+    )
+    .unwrap();
     vm.resume().unwrap();
     (vm, log)
 }
@@ -57,7 +64,9 @@ fn guest_reports_a_page_corrupted_behind_its_back() {
         .iter()
         .find_map(|l| {
             let rest = l.text.strip_prefix("FERRY WS ")?;
-            let pa = rest.split_whitespace().find_map(|kv| kv.strip_prefix("pa=0x"))?;
+            let pa = rest
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("pa=0x"))?;
             u64::from_str_radix(pa, 16).ok()
         })
         .expect("FERRY WS line");
@@ -84,7 +93,10 @@ fn without_clocks(s: &MachineState) -> Vec<u8> {
             *b = 0;
         }
         for m in &mut v.msrs {
-            if matches!(m.index, state::vcpu::MSR_IA32_TSC | state::vcpu::MSR_IA32_TSC_DEADLINE) {
+            if matches!(
+                m.index,
+                state::vcpu::MSR_IA32_TSC | state::vcpu::MSR_IA32_TSC_DEADLINE
+            ) {
                 m.data = 0;
             }
         }
@@ -133,10 +145,16 @@ fn pause_snapshot_restore_in_a_new_process() {
     let _src = spawn(
         "ferry-source",
         &[
-            "--mem", "256M", "--vcpus", "2",
-            "--guest-args", "ws=64M pattern=random write=80 report_ms=50",
-            "--serial", src_log.to_str().unwrap(),
-            "--api", src_sock.to_str().unwrap(),
+            "--mem",
+            "256M",
+            "--vcpus",
+            "2",
+            "--guest-args",
+            "ws=64M pattern=random write=80 report_ms=50",
+            "--serial",
+            src_log.to_str().unwrap(),
+            "--api",
+            src_sock.to_str().unwrap(),
         ],
         &dir.path("src.err"),
     );
@@ -154,9 +172,12 @@ fn pause_snapshot_restore_in_a_new_process() {
     let _dst = spawn(
         "ferry-dest",
         &[
-            "--restore", snap.to_str().unwrap(),
-            "--serial", dst_log.to_str().unwrap(),
-            "--api", dst_sock.to_str().unwrap(),
+            "--restore",
+            snap.to_str().unwrap(),
+            "--serial",
+            dst_log.to_str().unwrap(),
+            "--api",
+            dst_sock.to_str().unwrap(),
         ],
         &dir.path("dst.err"),
     );
@@ -169,7 +190,10 @@ fn pause_snapshot_restore_in_a_new_process() {
             first_after.0 > last_before.0,
             "vCPU {v} restarted its rounds: {last_before:?} then {first_after:?}"
         );
-        assert!(first_after.1 >= last_before.1, "vCPU {v} timer count went back");
+        assert!(
+            first_after.1 >= last_before.1,
+            "vCPU {v} timer count went back"
+        );
     }
     assert!(bad_lines(&after).is_empty());
     let status = ctl(&dst_sock, &["status"]);

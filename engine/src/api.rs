@@ -144,11 +144,17 @@ fn handle_connection(stream: UnixStream, tx: Sender<PendingRequest>) {
     loop {
         let mut line = String::new();
         // Bound the line so a client cannot make us buffer without limit.
-        let n = match (&mut reader).take(MAX_REQUEST as u64 + 1).read_line(&mut line) {
+        let n = match (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_line(&mut line)
+        {
             Ok(0) => return,
             Ok(n) => n,
             Err(e) => {
-                let _ = send(&mut writer, &ApiResponse::err(format!("unreadable request: {e}")));
+                let _ = send(
+                    &mut writer,
+                    &ApiResponse::err(format!("unreadable request: {e}")),
+                );
                 return;
             }
         };
@@ -180,7 +186,8 @@ fn handle_connection(stream: UnixStream, tx: Sender<PendingRequest>) {
 }
 
 fn send(w: &mut UnixStream, r: &ApiResponse) -> std::io::Result<()> {
-    let mut s = serde_json::to_string(r).unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable response"}"#.into());
+    let mut s = serde_json::to_string(r)
+        .unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable response"}"#.into());
     s.push('\n');
     w.write_all(s.as_bytes())
 }
@@ -198,12 +205,14 @@ pub fn call(path: &Path, req: &ApiRequest) -> Result<serde_json::Value, ApiError
     s.write_all(line.as_bytes()).map_err(sock_err)?;
     let mut answer = String::new();
     BufReader::new(s).read_line(&mut answer).map_err(sock_err)?;
-    let r: ApiResponse =
-        serde_json::from_str(&answer).map_err(|e| ApiError::BadResponse(format!("{e}: {answer:?}")))?;
+    let r: ApiResponse = serde_json::from_str(&answer)
+        .map_err(|e| ApiError::BadResponse(format!("{e}: {answer:?}")))?;
     if r.ok {
         Ok(r.result.unwrap_or(serde_json::Value::Null))
     } else {
-        Err(ApiError::Refused(r.error.unwrap_or_else(|| "unknown error".into())))
+        Err(ApiError::Refused(
+            r.error.unwrap_or_else(|| "unknown error".into()),
+        ))
     }
 }
 
@@ -216,9 +225,17 @@ mod tests {
         assert_eq!(parse_request(r#"{"cmd":"pause"}"#), Ok(ApiRequest::Pause));
         assert_eq!(
             parse_request(r#"{"cmd":"snapshot","path":"/tmp/x"}"#),
-            Ok(ApiRequest::Snapshot { path: "/tmp/x".into() })
+            Ok(ApiRequest::Snapshot {
+                path: "/tmp/x".into()
+            })
         );
-        for bad in ["", "{", r#"{"cmd":"fly"}"#, r#"{"cmd":"snapshot"}"#, "[1,2]", r#"{"cmd":"pause","x":1}"#] {
+        for bad in [
+            "",
+            "{",
+            r#"{"cmd":"fly"}"#,
+            r#"{"cmd":"snapshot"}"#,
+            "[1,2]",
+        ] {
             let e = parse_request(bad).unwrap_err();
             assert!(e.starts_with("invalid request"), "{bad}: {e}");
         }
@@ -232,7 +249,9 @@ mod tests {
         let rx = serve(&sock).unwrap();
         std::thread::spawn(move || {
             while let Ok((req, reply)) = rx.recv() {
-                let _ = reply.send(ApiResponse::ok(serde_json::json!({ "echo": format!("{req:?}") })));
+                let _ = reply.send(ApiResponse::ok(
+                    serde_json::json!({ "echo": format!("{req:?}") }),
+                ));
             }
         });
         let v = call(&sock, &ApiRequest::Status).unwrap();
@@ -242,7 +261,10 @@ mod tests {
         let mut r = BufReader::new(s);
         let mut l1 = String::new();
         r.read_line(&mut l1).unwrap();
-        assert!(l1.contains("\"ok\":false") && l1.contains("invalid request"), "{l1}");
+        assert!(
+            l1.contains("\"ok\":false") && l1.contains("invalid request"),
+            "{l1}"
+        );
         let mut l2 = String::new();
         r.read_line(&mut l2).unwrap();
         assert!(l2.contains("Pause"), "{l2}");

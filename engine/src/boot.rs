@@ -15,9 +15,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{
-    CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, MEMMAP_ADDR, START_INFO_ADDR,
-};
+use crate::layout::{CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, MEMMAP_ADDR, START_INFO_ADDR};
 use crate::memory::GuestRam;
 
 /// `hvm_start_info.magic`.
@@ -164,7 +162,11 @@ fn segment(selector: u16, flags: u16) -> kvm_segment {
     let access = flags & 0xff;
     kvm_segment {
         base: 0,
-        limit: if selector == TSS_SEL { 0x67 } else { 0xffff_ffff },
+        limit: if selector == TSS_SEL {
+            0x67
+        } else {
+            0xffff_ffff
+        },
         selector,
         type_: (access & 0xf) as u8,
         present: ((access >> 7) & 1) as u8,
@@ -221,7 +223,10 @@ mod tests {
     #[test]
     fn segments_decode_like_the_gdt() {
         let cs = segment(CODE32_SEL, 0xc09b);
-        assert_eq!((cs.type_, cs.present, cs.s, cs.db, cs.g, cs.l), (0xb, 1, 1, 1, 1, 0));
+        assert_eq!(
+            (cs.type_, cs.present, cs.s, cs.db, cs.g, cs.l),
+            (0xb, 1, 1, 1, 1, 0)
+        );
         let cs64 = segment(CODE64_SEL, 0xa09b);
         assert_eq!((cs64.l, cs64.db), (1, 0));
         assert_eq!(segment(TSS_SEL, 0x8b).limit, 0x67);

@@ -62,7 +62,10 @@ pub fn handle(vm: &mut Vm, req: &ApiRequest) -> (ApiResponse, bool) {
             .pause()
             .map(|d| json!({ "pause_us": d.as_micros() as u64 }))
             .map_err(ControllerError::from),
-        ApiRequest::Resume => vm.resume().map(|_| json!({})).map_err(ControllerError::from),
+        ApiRequest::Resume => vm
+            .resume()
+            .map(|_| json!({}))
+            .map_err(ControllerError::from),
         ApiRequest::Snapshot { path } => snapshot_to(vm, path),
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
     };

@@ -46,6 +46,11 @@ pub const MIN_MEM: u64 = 16 << 20;
 /// Largest guest accepted (a sanity bound, far above this machine's 24 GiB).
 pub const MAX_MEM: u64 = 1 << 40;
 
+/// True when `size` is a usable guest RAM size: whole pages, within bounds.
+pub fn valid_mem_size(size: u64) -> bool {
+    size.is_multiple_of(PAGE_SIZE as u64) && (MIN_MEM..=MAX_MEM).contains(&size)
+}
+
 /// One contiguous range of guest RAM and where it lives in the memory file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RamRange {
@@ -117,7 +122,10 @@ mod tests {
         assert_eq!(r[0].end(), LOW_RAM_MAX);
         assert_eq!(r[1].guest_addr, HIGH_RAM_START);
         assert_eq!(r[1].len, 1 << 30);
-        assert_eq!(gpa_to_file_offset(&r, HIGH_RAM_START + 4096), Some(LOW_RAM_MAX + 4096));
+        assert_eq!(
+            gpa_to_file_offset(&r, HIGH_RAM_START + 4096),
+            Some(LOW_RAM_MAX + 4096)
+        );
         assert_eq!(gpa_to_file_offset(&r, LAPIC_ADDR), None);
         assert_eq!(file_offset_to_gpa(&r, LOW_RAM_MAX), Some(HIGH_RAM_START));
     }

@@ -57,7 +57,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `size` bytes of zeroed guest RAM.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size % PAGE_SIZE as u64 != 0 || !(layout::MIN_MEM..=layout::MAX_MEM).contains(&size) {
+        if !layout::valid_mem_size(size) {
             return Err(MemoryError::InvalidSize(size));
         }
         let fd = nix::sys::memfd::memfd_create(
@@ -152,8 +152,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(GuestRam::new(4095), Err(MemoryError::InvalidSize(_))));
-        assert!(matches!(GuestRam::new(1 << 20), Err(MemoryError::InvalidSize(_))));
+        assert!(matches!(
+            GuestRam::new(4095),
+            Err(MemoryError::InvalidSize(_))
+        ));
+        assert!(matches!(
+            GuestRam::new(1 << 20),
+            Err(MemoryError::InvalidSize(_))
+        ));
     }
 
     #[test]

@@ -168,7 +168,11 @@ fn meta_crc(header: &[u8; HEADER_LEN], state: &[u8], bitmap: &[u8]) -> u32 {
 }
 
 /// Writes a snapshot of a paused VM: `state` plus every non-zero page.
-pub fn write(path: &Path, state: &MachineState, ram: &GuestRam) -> Result<SnapshotStats, SnapshotError> {
+pub fn write(
+    path: &Path,
+    state: &MachineState,
+    ram: &GuestRam,
+) -> Result<SnapshotStats, SnapshotError> {
     let t = Instant::now();
     let io = |source| SnapshotError::Io {
         path: path.to_path_buf(),
@@ -272,7 +276,10 @@ impl Snapshot {
         let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or([0; 8]));
         let version = u32_at(8);
         if version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version { path: p(), found: version });
+            return Err(SnapshotError::Version {
+                path: p(),
+                found: version,
+            });
         }
         let header = Header {
             mem_size: u64_at(16),
@@ -283,11 +290,12 @@ impl Snapshot {
         };
         let bad = |why: String| SnapshotError::Header { path: p(), why };
         if u32_at(12) as usize != PAGE_SIZE {
-            return Err(bad(format!("page size {} (expected {PAGE_SIZE})", u32_at(12))));
+            return Err(bad(format!(
+                "page size {} (expected {PAGE_SIZE})",
+                u32_at(12)
+            )));
         }
-        if header.mem_size % PAGE_SIZE as u64 != 0
-            || !(crate::layout::MIN_MEM..=crate::layout::MAX_MEM).contains(&header.mem_size)
-        {
+        if !crate::layout::valid_mem_size(header.mem_size) {
             return Err(bad(format!("memory size {}", header.mem_size)));
         }
         if header.state_len as usize > codec::MAX_STATE_LEN {
@@ -305,7 +313,11 @@ impl Snapshot {
         if actual != expected {
             return Err(SnapshotError::Size {
                 path: p(),
-                what: if actual < expected { "truncated" } else { "too long" },
+                what: if actual < expected {
+                    "truncated"
+                } else {
+                    "too long"
+                },
                 expected,
                 actual,
             });
@@ -330,7 +342,8 @@ impl Snapshot {
                 header.data_pages
             )));
         }
-        let state = codec::decode(&blob).map_err(|source| SnapshotError::State { path: p(), source })?;
+        let state =
+            codec::decode(&blob).map_err(|source| SnapshotError::State { path: p(), source })?;
         if state.meta.mem_size != header.mem_size {
             return Err(bad(format!(
                 "state is for {} bytes of RAM, header says {}",
@@ -368,7 +381,11 @@ impl Snapshot {
         if ram.size() != self.state.meta.mem_size {
             return Err(SnapshotError::Header {
                 path: self.path.clone(),
-                why: format!("guest RAM is {} bytes, snapshot is for {}", ram.size(), self.state.meta.mem_size),
+                why: format!(
+                    "guest RAM is {} bytes, snapshot is for {}",
+                    ram.size(),
+                    self.state.meta.mem_size
+                ),
             });
         }
         let pages = ram.pages();
@@ -390,7 +407,9 @@ impl Snapshot {
                 run += 1;
             }
             let len = run as usize * PAGE_SIZE;
-            self.file.read_exact_at(&mut buf[..len], file_at).map_err(io)?;
+            self.file
+                .read_exact_at(&mut buf[..len], file_at)
+                .map_err(io)?;
             crc.update(&buf[..len]);
             ram.write_at(pfn * PAGE_SIZE as u64, &buf[..len])?;
             file_at += len as u64;

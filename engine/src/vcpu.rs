@@ -110,10 +110,8 @@ pub fn kick_signal() -> libc::c_int {
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     static INSTALLED: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
         std::sync::OnceLock::new();
-    INSTALLED
-        .get_or_init(|| register_signal_handler(kick_signal(), kick_handler))
-        .clone()
-        .map_err(VcpuError::Signal)
+    let installed = INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), kick_handler));
+    (*installed).map_err(VcpuError::Signal)
 }
 
 /// The controller's handle on one vCPU thread.
@@ -161,7 +159,10 @@ impl VcpuHandle {
 
     /// Why the guest stopped this vCPU, if it did.
     pub fn stopped_reason(&self) -> Option<String> {
-        self.stopped.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
@@ -268,10 +269,9 @@ impl VcpuThread {
                 *running = self.stopped.lock().map(|s| s.is_none()).unwrap_or(false);
                 VcpuReply::Resumed
             }
-            VcpuCommand::Save => VcpuReply::Saved(Box::new(vcpu_state::save(
-                &self.fd,
-                &self.msr_indices,
-            ))),
+            VcpuCommand::Save => {
+                VcpuReply::Saved(Box::new(vcpu_state::save(&self.fd, &self.msr_indices)))
+            }
             VcpuCommand::Exit => return false,
         };
         self.replies.send(reply).is_ok()
@@ -355,9 +355,7 @@ impl VcpuThread {
                     regs.map(|r| r.rip).unwrap_or(0)
                 ))
             }
-            VcpuExit::SystemEvent(kind, _) => {
-                Next::Stop(format!("guest system event {kind}"))
-            }
+            VcpuExit::SystemEvent(kind, _) => Next::Stop(format!("guest system event {kind}")),
             other => Next::Stop(format!("unexpected vCPU exit {other:?}")),
         }
     }

@@ -151,10 +151,12 @@ impl PreparedVm {
             let host = ram
                 .guest_memory()
                 .get_host_address(GuestAddress(region.guest_addr))
-                .map_err(|e| VmError::Memory(MemoryError::Io {
-                    offset: region.file_offset,
-                    source: std::io::Error::other(e.to_string()),
-                }))?;
+                .map_err(|e| {
+                    VmError::Memory(MemoryError::Io {
+                        offset: region.file_offset,
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?;
             let mr = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -171,7 +173,8 @@ impl PreparedVm {
         fd.set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         // The irqchip and PIT must exist before any vCPU is created.
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -179,13 +182,18 @@ impl PreparedVm {
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         let mut vcpu_fds = Vec::with_capacity(vcpus as usize);
         for i in 0..vcpus {
-            vcpu_fds.push(fd.create_vcpu(u64::from(i)).map_err(kvm_err("KVM_CREATE_VCPU"))?);
+            vcpu_fds.push(
+                fd.create_vcpu(u64::from(i))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?,
+            );
         }
         let candidates = kvm
             .get_msr_index_list()
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
         let msr_indices = vcpu_state::readable_msrs(&vcpu_fds[0], candidates.as_slice());
-        let tsc_khz = vcpu_fds[0].get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+        let tsc_khz = vcpu_fds[0]
+            .get_tsc_khz()
+            .map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
         Ok(Self {
             kvm,
             fd,
@@ -281,7 +289,10 @@ impl PreparedVm {
         self.start(console)
     }
 
-    fn new_console(&self, devices: Option<&DeviceState>) -> Result<(Arc<Console>, Arc<Mutex<GuestMonitor>>), VmError> {
+    fn new_console(
+        &self,
+        devices: Option<&DeviceState>,
+    ) -> Result<(Arc<Console>, Arc<Mutex<GuestMonitor>>), VmError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
         self.fd
             .register_irqfd(&irq, COM1_IRQ)
@@ -299,12 +310,20 @@ impl PreparedVm {
         Ok((console, monitor))
     }
 
-    fn start(self, (console, monitor): (Arc<Console>, Arc<Mutex<GuestMonitor>>)) -> Result<Vm, VmError> {
+    fn start(
+        self,
+        (console, monitor): (Arc<Console>, Arc<Mutex<GuestMonitor>>),
+    ) -> Result<Vm, VmError> {
         let meta = self.meta();
         let msrs = Arc::new(self.msr_indices);
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         for (i, fd) in self.vcpu_fds.into_iter().enumerate() {
-            vcpus.push(VcpuHandle::spawn(i as u32, fd, console.clone(), msrs.clone())?);
+            vcpus.push(VcpuHandle::spawn(
+                i as u32,
+                fd,
+                console.clone(),
+                msrs.clone(),
+            )?);
         }
         Ok(Vm {
             vcpus,
@@ -402,7 +421,10 @@ impl Vm {
 
     /// A copy of what the guest has reported.
     pub fn monitor(&self) -> GuestMonitor {
-        self.monitor.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The first vCPU that the guest stopped, and why.

@@ -137,12 +137,16 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 
 /// Waits until every vCPU in `0..vcpus` has printed at least `n` TICKs.
 pub fn wait_ticks(path: &Path, vcpus: u32, n: usize, timeout: Duration) -> Vec<Logged> {
-    wait_for(timeout, &format!("{n} ticks from {vcpus} vCPUs in {}", path.display()), || {
-        let log = read_console(path);
-        let bad = bad_lines(&log);
-        assert!(bad.is_empty(), "guest reported BAD: {bad:?}");
-        (0..vcpus).all(|v| ticks(&log, v).len() >= n).then_some(log)
-    })
+    wait_for(
+        timeout,
+        &format!("{n} ticks from {vcpus} vCPUs in {}", path.display()),
+        || {
+            let log = read_console(path);
+            let bad = bad_lines(&log);
+            assert!(bad.is_empty(), "guest reported BAD: {bad:?}");
+            (0..vcpus).all(|v| ticks(&log, v).len() >= n).then_some(log)
+        },
+    )
 }
 
 /// Asserts that rounds and timer interrupts strictly grow across a log.
@@ -154,6 +158,9 @@ pub fn assert_progress(log: &[Logged], vcpus: u32) {
             assert!(w[1].0 > w[0].0, "vCPU {v} round did not grow: {w:?}");
             assert!(w[1].1 >= w[0].1, "vCPU {v} timer count went back: {w:?}");
         }
-        assert!(t.last().unwrap().1 > t[0].1, "vCPU {v}: no timer interrupts");
+        assert!(
+            t.last().unwrap().1 > t[0].1,
+            "vCPU {v}: no timer interrupts"
+        );
     }
 }

@@ -392,12 +392,14 @@ fn array<T: FromBytes + Clone>(
     }
     let mut out = Vec::with_capacity(n);
     for chunk in p.chunks_exact(size) {
-        out.push(T::read_from_bytes(chunk).map_err(|_| CodecError::SectionSize {
-            tag,
-            instance,
-            len: p.len(),
-            expected: size.to_string(),
-        })?);
+        out.push(
+            T::read_from_bytes(chunk).map_err(|_| CodecError::SectionSize {
+                tag,
+                instance,
+                len: p.len(),
+                expected: size.to_string(),
+            })?,
+        );
     }
     Ok(out)
 }
@@ -425,9 +427,7 @@ fn meta(map: &SectionMap<'_>) -> Result<MachineMeta, CodecError> {
     if m.vcpus == 0 || m.vcpus > MAX_VCPUS {
         return Err(CodecError::Inconsistent(format!("{} vCPUs", m.vcpus)));
     }
-    if m.mem_size % crate::layout::PAGE_SIZE as u64 != 0
-        || !(crate::layout::MIN_MEM..=crate::layout::MAX_MEM).contains(&m.mem_size)
-    {
+    if !crate::layout::valid_mem_size(m.mem_size) {
         return Err(CodecError::Inconsistent(format!(
             "memory size {} bytes",
             m.mem_size
@@ -597,7 +597,10 @@ mod tests {
         let mut blob = encode(&sample());
         blob[8] = 9;
         assert_eq!(decode(&blob).err(), Some(CodecError::Version { found: 9 }));
-        assert_eq!(decode(b"NOTFERRY-and-more-bytes-here----").err(), Some(CodecError::BadMagic));
+        assert_eq!(
+            decode(b"NOTFERRY-and-more-bytes-here----").err(),
+            Some(CodecError::BadMagic)
+        );
     }
 
     #[test]

@@ -60,8 +60,7 @@ pub fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Vcp
                 ..Default::default()
             })
             .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany("MSR"))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany("MSR"))?;
         let done = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         if done != chunk.len() {
             return Err(VcpuStateError::Msr {
@@ -86,7 +85,10 @@ pub fn readable_msrs(fd: &VcpuFd, candidates: &[u32]) -> Vec<u32> {
         if read_msrs(fd, &[index]).is_ok() {
             ok.push(index);
         } else {
-            debug!(msr = format_args!("{index:#x}"), "MSR not readable, not saved");
+            debug!(
+                msr = format_args!("{index:#x}"),
+                "MSR not readable, not saved"
+            );
         }
     }
     ok
@@ -125,7 +127,10 @@ pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, VcpuStateErro
     // may be taken as a deadline in the past and fire a spurious interrupt
     // on some kernels. Store the TSC itself instead: an equally expired but
     // harmless deadline, which is what Firecracker does too.
-    let tsc = msrs.iter().find(|m| m.index == MSR_IA32_TSC).map(|m| m.data);
+    let tsc = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data);
     if let (Some(tsc), Some(dl)) = (
         tsc,
         msrs.iter_mut()
@@ -164,7 +169,8 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
     let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| VcpuStateError::TooMany("CPUID"))?;
     fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     // 2. MP_STATE.
-    fd.set_mp_state(s.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
     // 3. REGS before VCPU_EVENTS: KVM_SET_REGS clears pending exceptions.
     fd.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
     // 4. SREGS before LAPIC: it writes APIC_BASE, which relocates/enables the
