@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs Ferry's checks: formatting, clippy, then every test on real KVM and
-# userfaultfd with the workload guest as the oracle.
+# userfaultfd with the workload guest as the oracle. Tests run one at a time
+# (each in its own process under nextest): they boot VMs on a 2-core host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
-cargo test --workspace --release -- --test-threads=1
+cargo test --workspace --release --doc
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+cargo nextest run --workspace --release --test-threads 1 --no-fail-fast
