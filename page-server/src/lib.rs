@@ -1,1 +1,4 @@
-//! Source-side page server (skeleton).
+//! Ferry's migration wire protocol ([`protocol`]) and the source-side page
+//! server ([`server`]) that answers demand faults and pushes every other page.
+
+pub mod protocol;
