@@ -9,7 +9,8 @@
 //! <- {"ok":false,"error":"the VM is running; pause it first"}
 //! ```
 //!
-//! Commands: `status`, `pause`, `resume`, `snapshot` (`path`), `quit`.
+//! Commands: `status`, `pause`, `resume`, `snapshot` (`path`),
+//! `migrate` (`to`, optional `stats_json`), `quit`.
 //! Requests are untrusted: malformed or oversized lines get an error
 //! response, never a panic, and the connection stays usable.
 
@@ -61,6 +62,15 @@ pub enum ApiRequest {
     Snapshot {
         /// Destination file.
         path: PathBuf,
+    },
+    /// Move the VM to a `ferry-dest --listen` at `to` (post-copy); the
+    /// process exits once the destination has every page.
+    Migrate {
+        /// `host:port` of the destination.
+        to: String,
+        /// Also write the migration statistics here.
+        #[serde(default)]
+        stats_json: Option<PathBuf>,
     },
     /// Stop the VM and the process.
     Quit,

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use tracing::{error, info};
 
 use crate::api::{ApiRequest, ApiResponse, PendingRequest};
-use crate::snapshot;
 use crate::vm::{Vm, VmError};
+use crate::{migration, snapshot};
 
 /// Errors from serving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,42 @@ pub enum ControllerError {
     /// Writing a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// Migrating out failed.
+    #[error(transparent)]
+    Migrate(#[from] migration::SourceError),
+    /// Writing the statistics failed.
+    #[error("cannot write statistics to {path}: {source}")]
+    Stats {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes migration statistics as pretty JSON.
+pub fn write_stats(path: &Path, stats: &migration::MigrationStats) -> Result<(), ControllerError> {
+    let json = serde_json::to_string_pretty(stats).unwrap_or_default();
+    std::fs::write(path, json + "\n").map_err(|source| ControllerError::Stats {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Migrates the VM out; on success it runs elsewhere and this process
+/// should end.
+pub fn migrate_to(
+    vm: &mut Vm,
+    to: &str,
+    stats_json: Option<&Path>,
+) -> Result<Value, ControllerError> {
+    let outcome = migration::migrate_postcopy(vm, to, &migration::SourceOptions::default())?;
+    println!("{}", outcome.stats.table());
+    if let Some(p) = stats_json {
+        write_stats(p, &outcome.stats)?;
+    }
+    Ok(serde_json::to_value(&outcome.stats).unwrap_or(Value::Null))
 }
 
 /// The VM's status as the API reports it.
@@ -68,6 +104,15 @@ pub fn handle(vm: &mut Vm, req: &ApiRequest) -> (ApiResponse, bool) {
             .map_err(ControllerError::from),
         ApiRequest::Snapshot { path } => snapshot_to(vm, path),
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
+        ApiRequest::Migrate { to, stats_json } => {
+            return match migrate_to(vm, to, stats_json.as_deref()) {
+                Ok(v) => (ApiResponse::ok(v), true),
+                Err(e) => {
+                    error!("migration failed: {e}");
+                    (ApiResponse::err(e), false)
+                }
+            }
+        }
     };
     match r {
         Ok(v) => (ApiResponse::ok(v), false),

@@ -9,6 +9,7 @@ pub mod console;
 pub mod controller;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod snapshot;
 pub mod state;

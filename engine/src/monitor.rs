@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use ferry_guest::{parse_line, GuestLine};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::console::ConsoleLine;
 
@@ -15,7 +15,7 @@ use crate::console::ConsoleLine;
 const KEEP_BAD: usize = 16;
 
 /// The last tick seen from one vCPU.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LastTick {
     /// The guest's round counter.
     pub round: u64,
@@ -44,6 +44,10 @@ pub struct GuestMonitor {
     pub bad_lines: Vec<String>,
     /// The latest tick per vCPU.
     pub last_tick: BTreeMap<u32, LastTick>,
+    /// Longest host-time gap between consecutive ticks, per vCPU (µs).
+    pub max_tick_gap_us: BTreeMap<u32, u64>,
+    /// Ticks seen since the monitor was seeded (0 when never seeded).
+    pub ticks_since_seed: u64,
 }
 
 impl GuestMonitor {
@@ -66,7 +70,13 @@ impl GuestMonitor {
                 ..
             } => {
                 self.ticks += 1;
+                self.ticks_since_seed += 1;
                 self.first_tick_us.get_or_insert(line.host_us);
+                if let Some(prev) = self.last_tick.get(&vcpu) {
+                    let gap = line.host_us.saturating_sub(prev.host_us);
+                    let max = self.max_tick_gap_us.entry(vcpu).or_default();
+                    *max = (*max).max(gap);
+                }
                 self.last_tick.insert(
                     vcpu,
                     LastTick {
@@ -86,6 +96,19 @@ impl GuestMonitor {
             }
             _ => {}
         }
+    }
+
+    /// Continues from another monitor's last ticks (the source of a move):
+    /// the first tick here is measured against them.
+    pub fn seed(&mut self, last: &BTreeMap<u32, LastTick>) {
+        self.last_tick = last.clone();
+        self.max_tick_gap_us.clear();
+        self.ticks_since_seed = 0;
+    }
+
+    /// Longest gap between two consecutive ticks of any vCPU, in ms.
+    pub fn max_stall_ms(&self) -> f64 {
+        self.max_tick_gap_us.values().copied().max().unwrap_or(0) as f64 / 1e3
     }
 
     /// Microseconds from VM creation to the first tick.

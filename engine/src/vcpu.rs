@@ -121,6 +121,7 @@ pub struct VcpuHandle {
     commands: Sender<VcpuCommand>,
     replies: Receiver<VcpuReply>,
     stopped: Arc<Mutex<Option<String>>>,
+    tid: i32,
 }
 
 impl VcpuHandle {
@@ -144,17 +145,28 @@ impl VcpuHandle {
             replies: reply_tx,
             stopped: stopped.clone(),
         };
+        let (tid_tx, tid_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || worker.run())
+            .spawn(move || {
+                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+                worker.run()
+            })
             .map_err(VcpuError::Spawn)?;
+        let tid = tid_rx.recv().map_err(|_| VcpuError::Gone(index))?;
         Ok(Self {
             index,
             thread: Some(thread),
             commands: cmd_tx,
             replies: reply_rx,
             stopped,
+            tid,
         })
+    }
+
+    /// The kernel thread id of this vCPU's thread, to attribute page faults.
+    pub fn tid(&self) -> i32 {
+        self.tid
     }
 
     /// Why the guest stopped this vCPU, if it did.

@@ -136,6 +136,26 @@ pub struct PreparedVm {
 impl PreparedVm {
     /// Creates the VM, its RAM and its vCPUs.
     pub fn new(mem_size: u64, vcpus: u32, console_out: ConsoleOutput) -> Result<Self, VmError> {
+        Self::create(mem_size, vcpus, console_out, false)
+    }
+
+    /// Like [`Self::new`], for a VM whose memory will arrive through
+    /// userfaultfd: guest page faults are resolved on the vCPU threads
+    /// themselves (see [`enable_sync_faults`]).
+    pub fn new_for_postcopy(
+        mem_size: u64,
+        vcpus: u32,
+        console_out: ConsoleOutput,
+    ) -> Result<Self, VmError> {
+        Self::create(mem_size, vcpus, console_out, true)
+    }
+
+    fn create(
+        mem_size: u64,
+        vcpus: u32,
+        console_out: ConsoleOutput,
+        sync_faults: bool,
+    ) -> Result<Self, VmError> {
         let created_us = now_us();
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount(vcpus));
@@ -169,6 +189,9 @@ impl PreparedVm {
             // long as the KVM VM fd exists.
             unsafe { fd.set_user_memory_region(mr) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        if sync_faults {
+            enable_sync_faults(&fd);
         }
         fd.set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -338,6 +361,27 @@ impl PreparedVm {
     }
 }
 
+/// Makes KVM fault missing guest pages in on the vCPU thread itself.
+///
+/// By default KVM hands a guest access to a non-present host page to an
+/// async-page-fault kworker and halts the vCPU meanwhile; the userfaultfd
+/// event then names the kworker, not the vCPU, so faults cannot be
+/// attributed to vCPUs, and the extra hand-off costs latency (p50 149 µs
+/// against 95 µs measured here). KVM skips async page faults when HLT exits
+/// are disabled and the guest has no paravirtual async-PF, so this disables
+/// HLT exits. The cost: a guest that executes HLT keeps its host CPU busy.
+/// Must run before any vCPU is created; failure only loses attribution.
+fn enable_sync_faults(fd: &VmFd) {
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_DISABLE_EXITS,
+        args: [u64::from(kvm_bindings::KVM_X86_DISABLE_EXITS_HLT), 0, 0, 0],
+        ..Default::default()
+    };
+    if let Err(e) = fd.enable_cap(&cap) {
+        warn!("cannot disable HLT exits ({e}); faults will not be attributed to vCPUs");
+    }
+}
+
 /// CPUID for vCPU `index`: what KVM supports, with this vCPU's APIC ID.
 fn vcpu_cpuid(supported: &CpuId, index: u32, count: u32) -> Result<CpuId, VmError> {
     let mut entries = supported.as_slice().to_vec();
@@ -425,6 +469,20 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Kernel thread ids of the vCPU threads, by vCPU index.
+    pub fn vcpu_tids(&self) -> Vec<i32> {
+        self.vcpus.iter().map(|v| v.tid()).collect()
+    }
+
+    /// Seeds the guest monitor with the last ticks seen before a move, so
+    /// stalls across the move are measured.
+    pub fn seed_monitor(&self, last: &std::collections::BTreeMap<u32, crate::monitor::LastTick>) {
+        self.monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seed(last);
     }
 
     /// The first vCPU that the guest stopped, and why.

@@ -2,3 +2,8 @@
 //! server ([`server`]) that answers demand faults and pushes every other page.
 
 pub mod protocol;
+pub mod server;
+pub mod source;
+
+pub use server::{serve, LatencyUs, ServerConfig, ServerError, ServerStats};
+pub use source::{FileSource, PageSource};

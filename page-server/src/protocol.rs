@@ -128,9 +128,19 @@ pub enum MsgType {
 impl MsgType {
     fn from_u16(v: u16) -> Option<Self> {
         use MsgType::*;
-        [Hello, HelloAck, State, Resumed, Pages, PageRequest, PushDone, Complete, Abort]
-            .into_iter()
-            .find(|t| *t as u16 == v)
+        [
+            Hello,
+            HelloAck,
+            State,
+            Resumed,
+            Pages,
+            PageRequest,
+            PushDone,
+            Complete,
+            Abort,
+        ]
+        .into_iter()
+        .find(|t| *t as u16 == v)
     }
 
     /// Payload bounds for this type.
@@ -231,7 +241,9 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<FrameHeader, P
     buf.resize(hdr.len as usize, 0);
     r.read_exact(buf)?;
     if hdr.kind == MsgType::Abort {
-        return Err(ProtocolError::Aborted(String::from_utf8_lossy(buf).into_owned()));
+        return Err(ProtocolError::Aborted(
+            String::from_utf8_lossy(buf).into_owned(),
+        ));
     }
     Ok(hdr)
 }
@@ -366,7 +378,10 @@ impl HelloAck {
     /// Decodes a payload.
     pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
         if p.len() != 24 {
-            return Err(ProtocolError::Handshake(format!("HelloAck of {} bytes", p.len())));
+            return Err(ProtocolError::Handshake(format!(
+                "HelloAck of {} bytes",
+                p.len()
+            )));
         }
         let mut a8 = [0u8; 8];
         a8.copy_from_slice(&p[8..16]);
@@ -429,6 +444,63 @@ pub fn encode_pages(first_pfn: u64, data: &[u8], lz4: bool, zero_runs: bool) -> 
     p
 }
 
+/// Appends a whole `Pages` frame (header and payload) for the pages in
+/// `data` to `out`, choosing the encoding exactly as [`encode_pages`] does but
+/// without allocating a payload; `scratch` is reused for LZ4 output. Returns
+/// the encoding used.
+pub fn append_pages_frame(
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    arg: u64,
+    first_pfn: u64,
+    data: &[u8],
+    lz4: bool,
+    zero_runs: bool,
+) -> PageEncoding {
+    let count = (data.len() / PAGE_SIZE) as u32;
+    if zero_runs && is_zero(data) {
+        append_zero_pages_frame(out, arg, first_pfn, count);
+        return PageEncoding::Zero;
+    }
+    let (encoding, body) = if lz4 {
+        scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+        match lz4_flex::block::compress_into(data, scratch) {
+            Ok(n) if n < data.len() * 7 / 8 => (PageEncoding::Lz4, &scratch[..n]),
+            _ => (PageEncoding::Raw, data),
+        }
+    } else {
+        (PageEncoding::Raw, data)
+    };
+    append_pages_prefix(out, arg, first_pfn, count, encoding, body.len());
+    out.extend_from_slice(body);
+    encoding
+}
+
+/// Appends a `Pages` frame marking `count` pages from `first_pfn` as zero.
+pub fn append_zero_pages_frame(out: &mut Vec<u8>, arg: u64, first_pfn: u64, count: u32) {
+    append_pages_prefix(out, arg, first_pfn, count, PageEncoding::Zero, 0);
+}
+
+fn append_pages_prefix(
+    out: &mut Vec<u8>,
+    arg: u64,
+    first_pfn: u64,
+    count: u32,
+    encoding: PageEncoding,
+    body_len: usize,
+) {
+    let h = FrameHeader {
+        kind: MsgType::Pages,
+        flags: 0,
+        len: (PAGES_PREFIX + body_len) as u32,
+        arg,
+    };
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&first_pfn.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&[encoding as u8, 0, 0, 0]);
+}
+
 /// Decodes a `Pages` payload. Page data (not for `Zero`) goes into `out`,
 /// resized to `count * 4096`. `mem_pages` bounds the page numbers.
 pub fn decode_pages(
@@ -438,7 +510,10 @@ pub fn decode_pages(
 ) -> Result<PagesHeader, ProtocolError> {
     let bad = |s: String| ProtocolError::BadPages(s);
     if payload.len() < PAGES_PREFIX {
-        return Err(bad(format!("{} bytes is shorter than the prefix", payload.len())));
+        return Err(bad(format!(
+            "{} bytes is shorter than the prefix",
+            payload.len()
+        )));
     }
     let mut a8 = [0u8; 8];
     a8.copy_from_slice(&payload[0..8]);
@@ -516,7 +591,10 @@ impl PageRequest {
     /// Decodes and bounds-checks a payload.
     pub fn decode(p: &[u8], mem_pages: u64) -> Result<Self, ProtocolError> {
         if p.len() != 16 {
-            return Err(ProtocolError::BadPages(format!("PageRequest of {} bytes", p.len())));
+            return Err(ProtocolError::BadPages(format!(
+                "PageRequest of {} bytes",
+                p.len()
+            )));
         }
         let mut a8 = [0u8; 8];
         a8.copy_from_slice(&p[0..8]);
@@ -527,7 +605,9 @@ impl PageRequest {
         };
         if r.count == 0
             || r.count > MAX_PAGES_PER_FRAME
-            || r.pfn.checked_add(u64::from(r.count)).is_none_or(|e| e > mem_pages)
+            || r.pfn
+                .checked_add(u64::from(r.count))
+                .is_none_or(|e| e > mem_pages)
         {
             return Err(ProtocolError::BadPages(format!(
                 "request for pages {}+{} of a {mem_pages}-page guest",
@@ -573,11 +653,23 @@ mod tests {
         assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
         let mut bad = h.encode();
         bad[4] = 17;
-        assert!(matches!(FrameHeader::decode(&bad), Err(ProtocolError::Length { .. })));
+        assert!(matches!(
+            FrameHeader::decode(&bad),
+            Err(ProtocolError::Length { .. })
+        ));
         bad = h.encode();
         bad[0] = 0x55;
-        assert!(matches!(FrameHeader::decode(&bad), Err(ProtocolError::UnknownType(0x55))));
-        let mut huge = FrameHeader { kind: MsgType::State, flags: 0, len: u32::MAX, arg: 0 }.encode();
+        assert!(matches!(
+            FrameHeader::decode(&bad),
+            Err(ProtocolError::UnknownType(0x55))
+        ));
+        let mut huge = FrameHeader {
+            kind: MsgType::State,
+            flags: 0,
+            len: u32::MAX,
+            arg: 0,
+        }
+        .encode();
         assert!(FrameHeader::decode(&huge).is_err());
         huge[4..8].copy_from_slice(&100u32.to_le_bytes());
         assert!(FrameHeader::decode(&huge).is_ok());
@@ -603,7 +695,9 @@ mod tests {
         let mut cut = h.encode();
         cut.pop();
         assert!(Hello::decode(&cut).is_err());
-        assert!(Hello::decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n-----------------------").is_err());
+        assert!(
+            Hello::decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n-----------------------").is_err()
+        );
     }
 
     #[test]
@@ -613,12 +707,18 @@ mod tests {
         let p = encode_pages(10, &zero, true, true);
         assert_eq!(p.len(), PAGES_PREFIX);
         let h = decode_pages(&p, 100, &mut out).unwrap();
-        assert_eq!((h.first_pfn, h.count, h.encoding), (10, 3, PageEncoding::Zero));
+        assert_eq!(
+            (h.first_pfn, h.count, h.encoding),
+            (10, 3, PageEncoding::Zero)
+        );
 
         let text: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 7) as u8).collect();
         let p = encode_pages(0, &text, true, true);
         assert!(p.len() < text.len() / 4);
-        assert_eq!(decode_pages(&p, 100, &mut out).unwrap().encoding, PageEncoding::Lz4);
+        assert_eq!(
+            decode_pages(&p, 100, &mut out).unwrap().encoding,
+            PageEncoding::Lz4
+        );
         assert_eq!(out, text);
 
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -631,9 +731,43 @@ mod tests {
             })
             .collect();
         let p = encode_pages(99, &random, true, true);
-        assert_eq!(decode_pages(&p, 100, &mut out).unwrap().encoding, PageEncoding::Raw);
+        assert_eq!(
+            decode_pages(&p, 100, &mut out).unwrap().encoding,
+            PageEncoding::Raw
+        );
         assert_eq!(out, random);
-        assert!(decode_pages(&p, 99, &mut out).is_err(), "past the end of memory");
+        assert!(
+            decode_pages(&p, 99, &mut out).is_err(),
+            "past the end of memory"
+        );
+    }
+
+    #[test]
+    fn appended_frames_match_encode_pages() {
+        let zero = vec![0u8; 2 * PAGE_SIZE];
+        let text: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 7) as u8).collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut scratch = Vec::new();
+        for data in [&zero, &text, &random] {
+            for (lz4, zero_runs) in [(true, true), (false, false), (true, false), (false, true)] {
+                let mut out = Vec::new();
+                append_pages_frame(&mut out, &mut scratch, 9, 5, data, lz4, zero_runs);
+                let mut r = &out[..];
+                let mut payload = Vec::new();
+                let h = read_frame(&mut r, &mut payload).unwrap();
+                assert_eq!((h.kind, h.arg), (MsgType::Pages, 9));
+                assert!(r.is_empty());
+                assert_eq!(payload, encode_pages(5, data, lz4, zero_runs));
+            }
+        }
     }
 
     #[test]
@@ -655,9 +789,36 @@ mod tests {
             b[at] = (seed >> 17) as u8;
             let _ = decode_pages(&b, 10, &mut out);
         }
-        assert!(PageRequest::decode(&PageRequest { pfn: u64::MAX, count: 2, vcpu: 0 }.encode(), 10).is_err());
-        assert!(PageRequest::decode(&PageRequest { pfn: 3, count: 0, vcpu: 0 }.encode(), 10).is_err());
-        assert!(PageRequest::decode(&PageRequest { pfn: 3, count: 7, vcpu: 0 }.encode(), 10).is_ok());
+        assert!(PageRequest::decode(
+            &PageRequest {
+                pfn: u64::MAX,
+                count: 2,
+                vcpu: 0
+            }
+            .encode(),
+            10
+        )
+        .is_err());
+        assert!(PageRequest::decode(
+            &PageRequest {
+                pfn: 3,
+                count: 0,
+                vcpu: 0
+            }
+            .encode(),
+            10
+        )
+        .is_err());
+        assert!(PageRequest::decode(
+            &PageRequest {
+                pfn: 3,
+                count: 7,
+                vcpu: 0
+            }
+            .encode(),
+            10
+        )
+        .is_ok());
     }
 
     #[test]
@@ -667,9 +828,15 @@ mod tests {
         write_frame(&mut wire, MsgType::Abort, 0, b"no room").unwrap();
         let mut r = &wire[..];
         let mut buf = Vec::new();
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap().kind, MsgType::PushDone);
+        assert_eq!(
+            read_frame(&mut r, &mut buf).unwrap().kind,
+            MsgType::PushDone
+        );
         let e = read_frame(&mut r, &mut buf).unwrap_err().to_string();
         assert!(e.contains("no room"), "{e}");
-        assert!(matches!(read_frame(&mut r, &mut buf), Err(ProtocolError::Closed)));
+        assert!(matches!(
+            read_frame(&mut r, &mut buf),
+            Err(ProtocolError::Closed)
+        ));
     }
 }

@@ -164,3 +164,50 @@ pub fn assert_progress(log: &[Logged], vcpus: u32) {
         );
     }
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for a process to exit and returns whether it succeeded.
+pub fn wait_exit(p: &mut Proc, timeout: Duration, what: &str) -> bool {
+    wait_for(timeout, what, || p.0.try_wait().unwrap()).success()
+}
+
+/// Reads a stats JSON file once it exists and parses.
+pub fn wait_stats(path: &Path, timeout: Duration) -> serde_json::Value {
+    wait_for(timeout, &format!("stats in {}", path.display()), || {
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str(&text).ok()
+    })
+}
+
+/// Checks a move from the guest's point of view: the destination's rounds
+/// continue above the source's last ones, timers tick, no BAD anywhere.
+pub fn assert_continues(before: &[Logged], after: &[Logged], vcpus: u32) {
+    assert!(
+        bad_lines(before).is_empty(),
+        "BAD before the move: {:?}",
+        bad_lines(before)
+    );
+    assert!(
+        bad_lines(after).is_empty(),
+        "BAD after the move: {:?}",
+        bad_lines(after)
+    );
+    assert_progress(after, vcpus);
+    for v in 0..vcpus {
+        let last = *ticks(before, v).last().expect("source ticks");
+        let first = ticks(after, v)[0];
+        assert!(
+            first.0 > last.0,
+            "vCPU {v} rounds went back: {last:?} then {first:?}"
+        );
+        assert!(first.1 >= last.1, "vCPU {v} timer count went back");
+    }
+}

@@ -30,6 +30,14 @@ enum Cmd {
         /// Destination file.
         path: PathBuf,
     },
+    /// Migrate the VM (post-copy) to a `ferry-dest --listen` at TO.
+    Migrate {
+        /// Destination `host:port`.
+        to: String,
+        /// Also write the statistics (JSON) here.
+        #[arg(long)]
+        stats_json: Option<PathBuf>,
+    },
     /// Stop the VM and its process.
     Quit,
 }
@@ -42,6 +50,10 @@ fn main() -> ExitCode {
         Cmd::Resume => ApiRequest::Resume,
         Cmd::Snapshot { path } => ApiRequest::Snapshot {
             path: std::path::absolute(&path).unwrap_or(path),
+        },
+        Cmd::Migrate { to, stats_json } => ApiRequest::Migrate {
+            to,
+            stats_json: stats_json.map(|p| std::path::absolute(&p).unwrap_or(p)),
         },
         Cmd::Quit => ApiRequest::Quit,
     };

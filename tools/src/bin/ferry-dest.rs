@@ -1,11 +1,12 @@
-//! `ferry-dest`: receives a VM. For now from a snapshot file (`--restore`);
-//! later from a migrating `ferry-source`.
+//! `ferry-dest`: receives a VM, from a migrating `ferry-source` (`--listen`)
+//! or from a snapshot file (`--restore`), then runs it as an ordinary VM
+//! that can be moved again.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferry_engine::{api, controller, snapshot};
+use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::{console_output, init_tracing, parse_duration};
 use tracing::{error, info};
 
@@ -13,9 +14,15 @@ use tracing::{error, info};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    /// Wait for one incoming migration on this address (e.g. 127.0.0.1:7000).
+    #[arg(long, conflicts_with = "restore", required_unless_present = "restore")]
+    listen: Option<String>,
     /// Restore this snapshot file (eagerly: all memory is loaded first).
     #[arg(long)]
-    restore: PathBuf,
+    restore: Option<PathBuf>,
+    /// With --listen: write the migration statistics (JSON) here.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
     /// Leave the restored VM paused until the API resumes it.
     #[arg(long)]
     paused: bool,
@@ -44,17 +51,33 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let (mut vm, stats) = snapshot::restore(&args.restore, console_output(args.serial.as_deref()))?;
-    info!(
-        path = %args.restore.display(),
-        millis = stats.millis,
-        pages_stored = stats.pages_stored,
-        "snapshot restored"
-    );
+    let console = console_output(args.serial.as_deref());
     let api_rx = args.api.as_deref().map(api::serve).transpose()?;
-    if !args.paused {
-        vm.resume()?;
-    }
+    let mut vm = if let Some(addr) = &args.listen {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        info!(addr, "waiting for an incoming migration");
+        let (vm, stats) = migration::receive(&listener, console)?;
+        println!("{}", stats.table());
+        if let Some(p) = &args.stats_json {
+            controller::write_stats(p, &stats)?;
+        }
+        vm
+    } else if let Some(path) = &args.restore {
+        let (mut vm, stats) = snapshot::restore(path, console)?;
+        info!(
+            path = %path.display(),
+            millis = stats.millis,
+            pages_stored = stats.pages_stored,
+            "snapshot restored"
+        );
+        if !args.paused {
+            vm.resume()?;
+        }
+        vm
+    } else {
+        return Err("give --listen ADDR or --restore FILE".into());
+    };
     controller::serve(&mut vm, api_rx, args.run_for);
     if let Some(p) = &args.api {
         let _ = std::fs::remove_file(p);

@@ -1,5 +1,5 @@
 //! `ferry-source`: runs a VM (the built-in workload guest by default) with a
-//! control API; later it migrates the VM out.
+//! control API, and migrates it out (`--migrate-to`, or the API's `migrate`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +34,15 @@ struct Args {
     /// Stop after this long (e.g. 10s); default: until `quit`.
     #[arg(long, value_parser = parse_duration)]
     run_for: Option<std::time::Duration>,
+    /// Migrate the VM (post-copy) to a `ferry-dest --listen` at this address.
+    #[arg(long)]
+    migrate_to: Option<String>,
+    /// With --migrate-to: run this long first (e.g. 3s).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    after: std::time::Duration,
+    /// Write the migration statistics (JSON) here.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
     /// Write the built-in guest ELF to this file and exit.
     #[arg(long)]
     write_guest: Option<PathBuf>,
@@ -73,7 +82,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
-    controller::serve(&mut vm, api_rx, args.run_for);
+    if let Some(to) = &args.migrate_to {
+        controller::serve(&mut vm, api_rx, Some(args.after));
+        controller::migrate_to(&mut vm, to, args.stats_json.as_deref())?;
+    } else {
+        controller::serve(&mut vm, api_rx, args.run_for);
+    }
     if let Some(p) = &args.api {
         let _ = std::fs::remove_file(p);
     }

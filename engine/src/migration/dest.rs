@@ -1,0 +1,436 @@
+//! The destination side of a post-copy migration.
+//!
+//! ```text
+//! accept control conn, Hello ──► PreparedVm::new + register userfaultfd   (before the
+//! accept fault conn, Hello         (RAM mapped, vCPU fds created)           state arrives)
+//! State ──► fault thread up ──► restore ──► resume ──► Resumed{downtime}
+//! control conn: Pages (push) ──► install in batches; Zero runs only recorded
+//! fault conn:   fault thread: uffd fault ─► PageRequest ─► Pages ─► UFFDIO_COPY
+//! PushDone ──► wait until every page is present or zero ──► unregister ──► Complete
+//! ```
+//!
+//! Any failure before the vCPUs resume sends `Abort`, so the source can
+//! resume its own copy of the VM: no VM is lost.
+
+use std::io::{BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferry_page_server::protocol::{
+    self, decode_pages, features, read_frame, write_frame, Hello, HelloAck, MsgType, PageEncoding,
+    ProtocolError, Role, PAGES_PREFIX, PROTOCOL_VERSION,
+};
+use tracing::{info, warn};
+
+use super::fault::{self, FaultError, FaultStats};
+use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats};
+use super::uffd_ram::{UffdRam, UffdRamError};
+use super::wire::{decode_state, Resumed};
+use crate::console::now_us;
+use crate::layout::{valid_mem_size, PAGE_SIZE};
+use crate::state::{self, CodecError};
+use crate::vm::{ConsoleOutput, PreparedVm, Vm, VmError, MAX_VCPUS};
+
+/// How long to wait for the source's second connection.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for demand answers still in flight after PushDone.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the guest's first tick after the move, for the stall.
+const TICK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why receiving a VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// Wire protocol.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The offered VM is unacceptable.
+    #[error("refused the incoming VM: {0}")]
+    Refused(String),
+    /// Building or restoring the VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The state blob.
+    #[error("incoming state: {0}")]
+    State(#[from] CodecError),
+    /// userfaultfd.
+    #[error(transparent)]
+    Uffd(#[from] UffdRamError),
+    /// The fault handler.
+    #[error("fault handler: {0}")]
+    Fault(#[from] FaultError),
+    /// Pages never arrived.
+    #[error("{0} pages were still missing {DRAIN_TIMEOUT:?} after the source finished pushing")]
+    Incomplete(u64),
+}
+
+/// Counters of the background installer.
+#[derive(Default)]
+struct PushCounters {
+    pages_pushed: u64,
+    pages_zero: u64,
+    bytes_wire: u64,
+    bytes_page_data: u64,
+    bytes_page_raw: u64,
+}
+
+/// Accepts one incoming post-copy migration on `listener` and returns the
+/// running VM, with the migration's statistics.
+pub fn receive(
+    listener: &TcpListener,
+    console: ConsoleOutput,
+) -> Result<(Vm, MigrationStats), DestError> {
+    let (control, peer) = listener.accept().map_err(ProtocolError::Io)?;
+    info!(%peer, "incoming migration");
+    control.set_nodelay(true).map_err(ProtocolError::Io)?;
+    let mut rd = BufReader::with_capacity(4 << 20, control.try_clone().map_err(ProtocolError::Io)?);
+    let mut wr = control;
+    let mut buf = Vec::new();
+
+    // Handshake on the control connection, then prepare the VM at once.
+    let hello = expect_hello(&mut rd, &mut buf, Role::Control, None)?;
+    let prepared = match prepare(&hello, console) {
+        Ok(p) => p,
+        Err(e) => return Err(abort(&mut wr, e)),
+    };
+    let (prepared, ram) = prepared;
+    let accepted = hello.features & features::SUPPORTED;
+    ack(&mut wr, &hello, accepted)?;
+
+    // The fault connection.
+    let fault_conn = accept_with_timeout(listener).map_err(|e| abort(&mut wr, e))?;
+    fault_conn.set_nodelay(true).map_err(ProtocolError::Io)?;
+    let mut fault_rd = fault_conn.try_clone().map_err(ProtocolError::Io)?;
+    let mut fbuf = Vec::new();
+    let fhello = expect_hello(
+        &mut fault_rd,
+        &mut fbuf,
+        Role::Fault,
+        Some(hello.session_id),
+    )
+    .map_err(|e| abort(&mut wr, e))?;
+    let mut fault_wr = fault_conn.try_clone().map_err(ProtocolError::Io)?;
+    ack(&mut fault_wr, &fhello, accepted)?;
+
+    // The state.
+    let hdr = read_frame(&mut rd, &mut buf)?;
+    if hdr.kind != MsgType::State {
+        return Err(abort(
+            &mut wr,
+            ProtocolError::Unexpected {
+                got: hdr.kind,
+                expected: "State",
+            }
+            .into(),
+        ));
+    }
+    let bytes_state = buf.len() as u64;
+    let (meta, blob) = decode_state(&buf).map_err(|e| abort(&mut wr, e.into()))?;
+    let machine = state::decode(blob).map_err(|e| abort(&mut wr, e.into()))?;
+    if machine.meta.mem_size != hello.mem_size || machine.meta.vcpus != hello.vcpus {
+        return Err(abort(
+            &mut wr,
+            DestError::Refused("state does not match the Hello".into()),
+        ));
+    }
+
+    // The fault handler must run before anything can touch guest memory.
+    let tids = Arc::new(OnceLock::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let fault_thread = {
+        let (ram, tids, stop) = (ram.clone(), tids.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("uffd-fault".into())
+            .spawn(move || fault::run(ram, fault_conn, tids, stop))
+            .map_err(|e| {
+                abort(
+                    &mut wr,
+                    DestError::Refused(format!("cannot spawn fault thread: {e}")),
+                )
+            })?
+    };
+    let stop_fault = |stop: &AtomicBool| stop.store(true, Ordering::Release);
+
+    let mut vm = match prepared.restore(&machine) {
+        Ok(vm) => vm,
+        Err(e) => {
+            stop_fault(&stop);
+            return Err(abort(&mut wr, e.into()));
+        }
+    };
+    let _ = tids.set(vm.vcpu_tids());
+    vm.seed_monitor(&meta.last_ticks);
+    if let Err(e) = vm.resume() {
+        stop_fault(&stop);
+        return Err(abort(&mut wr, e.into()));
+    }
+    let resume_host_us = now_us();
+    let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
+    info!(downtime_us, "vCPUs running on the destination");
+    let resumed = Resumed {
+        downtime_us,
+        resume_host_us,
+    };
+    write_frame(
+        &mut wr,
+        MsgType::Resumed,
+        0,
+        &serde_json::to_vec(&resumed).unwrap_or_default(),
+    )?;
+    wr.flush().map_err(ProtocolError::Io)?;
+
+    // From here the VM runs here; errors are reported, the VM is kept.
+    let pushed = install_push(&mut rd, &mut buf, &ram);
+    let result = pushed.and_then(|(counters, source_stats)| {
+        let t = Instant::now();
+        while !ram.complete() {
+            if t.elapsed() > DRAIN_TIMEOUT {
+                let missing = ram.pages() - ram.present.count() - ram.zero.count();
+                return Err(DestError::Incomplete(missing));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok((counters, source_stats))
+    });
+    stop_fault(&stop);
+    let fault_stats = match fault_thread.join() {
+        Ok(r) => r,
+        Err(_) => Err(FaultError::Uffd("fault handler panicked".into())),
+    };
+    let (counters, source_stats) = result?;
+    let fault_stats = fault_stats?;
+    ram.unregister()?;
+    let total_ms = (now_us().saturating_sub(meta.pause_host_us)) as f64 / 1e3;
+    info!(total_ms, "every page present; userfaultfd unregistered");
+
+    // Let every vCPU tick once here so the stall across the move is known.
+    let t = Instant::now();
+    while vm
+        .monitor()
+        .last_tick
+        .values()
+        .filter(|l| l.host_us >= resume_host_us)
+        .count()
+        < vm.meta().vcpus as usize
+        && t.elapsed() < TICK_TIMEOUT
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let monitor = vm.monitor();
+    let stats = build_stats(
+        &vm,
+        downtime_us,
+        total_ms,
+        bytes_state,
+        counters,
+        fault_stats,
+        source_stats,
+        monitor.max_stall_ms(),
+        meta.guest_bad + monitor.bad,
+    );
+    write_frame(
+        &mut wr,
+        MsgType::Complete,
+        0,
+        &serde_json::to_vec(&stats).unwrap_or_default(),
+    )?;
+    wr.flush().map_err(ProtocolError::Io)?;
+    Ok((vm, stats))
+}
+
+fn prepare(hello: &Hello, console: ConsoleOutput) -> Result<(PreparedVm, Arc<UffdRam>), DestError> {
+    if !valid_mem_size(hello.mem_size) || hello.page_size as usize != PAGE_SIZE {
+        return Err(DestError::Refused(format!(
+            "memory size {} with page size {}",
+            hello.mem_size, hello.page_size
+        )));
+    }
+    if hello.vcpus == 0 || hello.vcpus > MAX_VCPUS {
+        return Err(DestError::Refused(format!("{} vCPUs", hello.vcpus)));
+    }
+    if let Some((tag, _)) = hello.options.iter().find(|(t, _)| t & 0x8000 != 0) {
+        return Err(DestError::Refused(format!(
+            "unknown critical Hello option {tag:#06x}"
+        )));
+    }
+    let prepared = PreparedVm::new_for_postcopy(hello.mem_size, hello.vcpus, console)?;
+    let ram = Arc::new(UffdRam::register(prepared.ram())?);
+    Ok((prepared, ram))
+}
+
+fn expect_hello(
+    rd: &mut impl std::io::Read,
+    buf: &mut Vec<u8>,
+    role: Role,
+    session: Option<u64>,
+) -> Result<Hello, DestError> {
+    let hdr = read_frame(rd, buf)?;
+    if hdr.kind != MsgType::Hello {
+        return Err(ProtocolError::Unexpected {
+            got: hdr.kind,
+            expected: "Hello",
+        }
+        .into());
+    }
+    let hello = Hello::decode(buf)?;
+    if hello.role != role {
+        return Err(ProtocolError::Handshake(format!(
+            "expected a {role:?} connection, got {:?}",
+            hello.role
+        ))
+        .into());
+    }
+    if session.is_some_and(|s| s != hello.session_id) {
+        return Err(
+            ProtocolError::Handshake("fault connection names another session".into()).into(),
+        );
+    }
+    Ok(hello)
+}
+
+fn ack(w: &mut TcpStream, hello: &Hello, features: u64) -> Result<(), DestError> {
+    let a = HelloAck {
+        version: PROTOCOL_VERSION,
+        status: 0,
+        features,
+        session_id: hello.session_id,
+    };
+    write_frame(w, MsgType::HelloAck, 0, &a.encode())?;
+    Ok(())
+}
+
+fn accept_with_timeout(listener: &TcpListener) -> Result<TcpStream, DestError> {
+    listener.set_nonblocking(true).map_err(ProtocolError::Io)?;
+    let t = Instant::now();
+    let r = loop {
+        match listener.accept() {
+            Ok((s, _)) => break Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if t.elapsed() > ACCEPT_TIMEOUT {
+                    break Err(DestError::Refused("the fault connection never came".into()));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => break Err(ProtocolError::Io(e).into()),
+        }
+    };
+    listener.set_nonblocking(false).map_err(ProtocolError::Io)?;
+    let s = r?;
+    s.set_nonblocking(false).map_err(ProtocolError::Io)?;
+    Ok(s)
+}
+
+/// Tells the source we give up (best effort) and passes the error on.
+fn abort(w: &mut TcpStream, e: DestError) -> DestError {
+    warn!("aborting incoming migration: {e}");
+    let msg = e.to_string();
+    let _ = write_frame(w, MsgType::Abort, 0, &msg.as_bytes()[..msg.len().min(4096)]);
+    e
+}
+
+/// Installs pushed pages until `PushDone`; returns counters and the
+/// source's stats.
+fn install_push(
+    rd: &mut impl std::io::Read,
+    buf: &mut Vec<u8>,
+    ram: &UffdRam,
+) -> Result<(PushCounters, serde_json::Value), DestError> {
+    let mut c = PushCounters::default();
+    let mut pages = Vec::new();
+    loop {
+        let hdr = read_frame(rd, buf)?;
+        c.bytes_wire += (protocol::HEADER_LEN + buf.len()) as u64;
+        match hdr.kind {
+            MsgType::Pages => {
+                let ph = decode_pages(buf, ram.pages(), &mut pages)?;
+                if ph.encoding == PageEncoding::Zero {
+                    c.pages_zero += u64::from(ph.count);
+                    ram.zero.set_range(ph.first_pfn, u64::from(ph.count));
+                } else {
+                    c.pages_pushed += u64::from(ph.count);
+                    c.bytes_page_data += (buf.len() - PAGES_PREFIX) as u64;
+                    c.bytes_page_raw += pages.len() as u64;
+                    ram.install(ph.first_pfn, &pages)?;
+                }
+            }
+            MsgType::PushDone => {
+                let v = protocol::from_json("PushDone", buf)?;
+                return Ok((c, v));
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other,
+                    expected: "Pages or PushDone",
+                }
+                .into())
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_stats(
+    vm: &Vm,
+    downtime_us: u64,
+    total_ms: f64,
+    bytes_state: u64,
+    push: PushCounters,
+    fault: FaultStats,
+    source: serde_json::Value,
+    guest_stall_ms: f64,
+    guest_bad: u64,
+) -> MigrationStats {
+    let name = |v: u32| {
+        if v == u32::MAX {
+            "other".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    let per_vcpu = fault
+        .per_vcpu
+        .iter()
+        .map(|(v, h)| (name(*v), LatencySummary::of(h)))
+        .collect();
+    let per_vcpu_ms = fault
+        .blocktime_us
+        .iter()
+        .map(|(v, us)| (name(*v), *us as f64 / 1e3))
+        .collect();
+    let data = push.bytes_page_data + fault.bytes_page_data;
+    let raw = push.bytes_page_raw + fault.bytes_page_raw;
+    let meta = vm.meta();
+    MigrationStats {
+        mode: "postcopy".into(),
+        mem_size: meta.mem_size,
+        vcpus: meta.vcpus,
+        downtime_us,
+        total_ms,
+        pages_total: meta.mem_size / PAGE_SIZE as u64,
+        pages_demand: fault.pages_demand,
+        pages_pushed: push.pages_pushed,
+        pages_zero: push.pages_zero,
+        prefetch_hits: fault.prefetch_hits,
+        zero_faults: fault.zero_faults,
+        bytes_wire: push.bytes_wire + fault.bytes_wire + bytes_state,
+        bytes_state,
+        compression_ratio: if data == 0 {
+            1.0
+        } else {
+            ((raw as f64 / data as f64) * 100.0).round() / 100.0
+        },
+        fault_latency_us: FaultLatency {
+            overall: LatencySummary::of(&fault.overall),
+            per_vcpu,
+        },
+        blocktime: Blocktime {
+            total_ms: fault.blocktime_us.values().sum::<u64>() as f64 / 1e3,
+            per_vcpu_ms,
+        },
+        guest_stall_ms,
+        guest_bad,
+        source,
+    }
+}

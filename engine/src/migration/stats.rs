@@ -1,0 +1,183 @@
+//! Migration statistics: JSON for machines, a table for people.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl LatencySummary {
+    /// Summarizes a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+        }
+    }
+}
+
+/// A microsecond histogram from 1 µs to 100 s, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// Demand-fault latency, overall and per vCPU.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FaultLatency {
+    /// All demand faults.
+    pub overall: LatencySummary,
+    /// By vCPU index ("other" for non-vCPU threads).
+    pub per_vcpu: BTreeMap<String, LatencySummary>,
+}
+
+/// Time vCPUs spent blocked on demand faults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Blocktime {
+    /// Sum over vCPUs, ms.
+    pub total_ms: f64,
+    /// Per vCPU, ms.
+    pub per_vcpu_ms: BTreeMap<String, f64>,
+}
+
+/// What one migration cost, as measured by the destination.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationStats {
+    /// `postcopy`.
+    pub mode: String,
+    /// Guest RAM.
+    pub mem_size: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Source pause until destination vCPUs run.
+    pub downtime_us: u64,
+    /// Source pause until every page is present on the destination.
+    pub total_ms: f64,
+    /// Guest pages.
+    pub pages_total: u64,
+    /// Pages sent in answer to demand faults.
+    pub pages_demand: u64,
+    /// Non-zero pages pushed by the background stream.
+    pub pages_pushed: u64,
+    /// Pages the source reported as zero (no data sent).
+    pub pages_zero: u64,
+    /// Faults resolved by pages the background push had already delivered.
+    pub prefetch_hits: u64,
+    /// Faults on zero pages, resolved locally.
+    pub zero_faults: u64,
+    /// Bytes on both connections, both directions, headers included.
+    pub bytes_wire: u64,
+    /// Bytes of the state blob.
+    pub bytes_state: u64,
+    /// Uncompressed bytes of data pages / bytes of page data on the wire.
+    pub compression_ratio: f64,
+    /// Demand-fault latency (fault read → page installed).
+    pub fault_latency_us: FaultLatency,
+    /// vCPU time blocked on demand faults.
+    pub blocktime: Blocktime,
+    /// Longest gap between two guest TICKs across the move, ms.
+    pub guest_stall_ms: f64,
+    /// BAD lines the guest printed (source and destination).
+    pub guest_bad: u64,
+    /// The source's own counters.
+    pub source: serde_json::Value,
+}
+
+impl MigrationStats {
+    /// A table for people.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let rows: Vec<(&str, String)> = vec![
+            ("mode", self.mode.clone()),
+            (
+                "guest",
+                format!("{} MiB, {} vCPUs", self.mem_size >> 20, self.vcpus),
+            ),
+            (
+                "downtime",
+                format!("{:.3} ms", self.downtime_us as f64 / 1e3),
+            ),
+            ("total time", format!("{:.1} ms", self.total_ms)),
+            (
+                "guest stall (max TICK gap)",
+                format!("{:.1} ms", self.guest_stall_ms),
+            ),
+            ("guest BAD lines", self.guest_bad.to_string()),
+            (
+                "pages demand / pushed / zero",
+                format!(
+                    "{} / {} / {}",
+                    self.pages_demand, self.pages_pushed, self.pages_zero
+                ),
+            ),
+            (
+                "prefetch hits / zero faults",
+                format!("{} / {}", self.prefetch_hits, self.zero_faults),
+            ),
+            (
+                "bytes on the wire",
+                format!("{:.1} MiB", mib(self.bytes_wire)),
+            ),
+            ("state blob", format!("{} bytes", self.bytes_state)),
+            (
+                "compression ratio",
+                format!("{:.2}", self.compression_ratio),
+            ),
+        ];
+        for (k, v) in rows {
+            let _ = writeln!(s, "  {k:<30} {v}");
+        }
+        let _ = writeln!(
+            s,
+            "  {:<30} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}",
+            "fault latency (µs)", "count", "p50", "p90", "p99", "p99.9", "max"
+        );
+        let mut lat = vec![("all".to_string(), &self.fault_latency_us.overall)];
+        lat.extend(
+            self.fault_latency_us
+                .per_vcpu
+                .iter()
+                .map(|(k, v)| (format!("vCPU {k}"), v)),
+        );
+        for (name, l) in lat {
+            let _ = writeln!(
+                s,
+                "    {:<28} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8}",
+                name, l.count, l.p50, l.p90, l.p99, l.p999, l.max
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  {:<30} {:.1} ms",
+            "vCPU blocktime (sum)", self.blocktime.total_ms
+        );
+        s
+    }
+}

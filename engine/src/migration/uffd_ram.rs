@@ -1,0 +1,264 @@
+//! Destination guest RAM behind userfaultfd: missing pages fault to us.
+//!
+//! Every RAM range of the VM's mapping is registered in MISSING mode before
+//! the vCPUs run. A page is resolved by `UFFDIO_COPY` (data) or
+//! `UFFDIO_ZEROPAGE`, which also wake the threads blocked on it. Two threads
+//! install concurrently (the demand fault handler and the background
+//! installer), so "page already exists" (`EEXIST`) is an expected outcome,
+//! not an error: the other thread won the race.
+//!
+//! Zero pages pushed by the source are not installed at all: they are only
+//! recorded. A fault on one is resolved locally with `UFFDIO_ZEROPAGE`, and
+//! the rest stay holes in the memfd, which read as zero after unregistering.
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use userfaultfd::{Error as UffdLibError, FeatureFlags, Uffd, UffdBuilder};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::bitmap::PageBitmap;
+use crate::layout::PAGE_SIZE;
+use crate::memory::GuestRam;
+
+/// Errors from the userfaultfd-backed RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdRamError {
+    /// Creating or registering the userfaultfd failed.
+    #[error("userfaultfd setup failed: {0}")]
+    Setup(String),
+    /// Installing a page failed for a reason other than a lost race.
+    #[error("installing pages {pfn}+{count} failed: {why}")]
+    Install {
+        /// First page.
+        pfn: u64,
+        /// Pages.
+        count: u64,
+        /// The error.
+        why: String,
+    },
+    /// Pages outside guest RAM.
+    #[error("pages {pfn}+{count} are outside guest RAM")]
+    OutOfRange {
+        /// First page.
+        pfn: u64,
+        /// Pages.
+        count: u64,
+    },
+}
+
+/// Attempts before a copy that keeps making no progress is an error.
+const MAX_RETRIES: u32 = 1000;
+
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    host: usize,
+    first_pfn: u64,
+    pages: u64,
+}
+
+/// Guest RAM whose missing pages are served by us.
+pub struct UffdRam {
+    uffd: Uffd,
+    regions: Vec<Region>,
+    /// Pages that hold their final content.
+    pub present: PageBitmap,
+    /// Pages the source reported as zero and that are still holes.
+    pub zero: PageBitmap,
+}
+
+impl UffdRam {
+    /// Registers all of `ram` for missing-page faults.
+    pub fn register(ram: &GuestRam) -> Result<Self, UffdRamError> {
+        let setup = |e: UffdLibError| UffdRamError::Setup(e.to_string());
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // KVM resolves guest accesses through get_user_pages in kernel
+            // mode, so kernel-mode faults must be delivered too.
+            .user_mode_only(false)
+            .require_features(FeatureFlags::THREAD_ID | FeatureFlags::MISSING_SHMEM)
+            .create()
+            .map_err(setup)?;
+        let mut regions = Vec::new();
+        for r in ram.ranges() {
+            let host = ram
+                .guest_memory()
+                .get_host_address(GuestAddress(r.guest_addr))
+                .map_err(|e| UffdRamError::Setup(e.to_string()))? as usize;
+            uffd.register(host as *mut libc::c_void, r.len as usize)
+                .map_err(setup)?;
+            regions.push(Region {
+                host,
+                first_pfn: r.file_offset / PAGE_SIZE as u64,
+                pages: r.len / PAGE_SIZE as u64,
+            });
+        }
+        Ok(Self {
+            uffd,
+            regions,
+            present: PageBitmap::new(ram.pages()),
+            zero: PageBitmap::new(ram.pages()),
+        })
+    }
+
+    /// The userfaultfd, for polling.
+    pub fn fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+
+    /// The userfaultfd itself, for reading events.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// Total pages.
+    pub fn pages(&self) -> u64 {
+        self.present.pages()
+    }
+
+    /// The memory-file page of a faulting host address.
+    pub fn pfn_of(&self, host_addr: usize) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let off = host_addr.checked_sub(r.host)? as u64 / PAGE_SIZE as u64;
+            (off < r.pages).then_some(r.first_pfn + off)
+        })
+    }
+
+    /// Splits `pfn..pfn+count` at region boundaries into (host address, pfn, pages).
+    fn spans(&self, pfn: u64, count: u64) -> Result<Vec<(usize, u64, u64)>, UffdRamError> {
+        let mut out = Vec::with_capacity(1);
+        let (mut p, end) = (
+            pfn,
+            pfn.checked_add(count)
+                .ok_or(UffdRamError::OutOfRange { pfn, count })?,
+        );
+        while p < end {
+            let r = self
+                .regions
+                .iter()
+                .find(|r| p >= r.first_pfn && p < r.first_pfn + r.pages)
+                .ok_or(UffdRamError::OutOfRange { pfn, count })?;
+            let n = (r.first_pfn + r.pages).min(end) - p;
+            out.push((r.host + ((p - r.first_pfn) as usize) * PAGE_SIZE, p, n));
+            p += n;
+        }
+        Ok(out)
+    }
+
+    /// Installs `data` (whole pages) at `pfn`, skipping pages already
+    /// present. Returns how many pages this call installed.
+    pub fn install(&self, pfn: u64, data: &[u8]) -> Result<u64, UffdRamError> {
+        let count = (data.len() / PAGE_SIZE) as u64;
+        let mut installed = 0;
+        let mut retries = 0;
+        for (host, first, n) in self.spans(pfn, count)? {
+            let mut i = 0u64;
+            while i < n {
+                let p = first + i;
+                if self.present.get(p) {
+                    i += 1;
+                    continue;
+                }
+                // Extend over the run of pages not yet present.
+                let mut run = 1;
+                while i + run < n && !self.present.get(p + run) {
+                    run += 1;
+                }
+                let src = &data[((p - pfn) as usize) * PAGE_SIZE..][..run as usize * PAGE_SIZE];
+                let dst = host + (i as usize) * PAGE_SIZE;
+                // SAFETY: `dst..dst + run pages` lies inside a registered
+                // range of guest RAM that this VM keeps mapped (checked by
+                // `spans`); `src` is a live slice of exactly that length.
+                // UFFDIO_COPY only fills missing pages atomically.
+                let r = unsafe {
+                    self.uffd.copy(
+                        src.as_ptr().cast(),
+                        dst as *mut libc::c_void,
+                        src.len(),
+                        true,
+                    )
+                };
+                let done = match r {
+                    Ok(bytes) | Err(UffdLibError::PartiallyCopied(bytes)) => {
+                        (bytes / PAGE_SIZE) as u64
+                    }
+                    Err(UffdLibError::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                        // Installed by the other thread: take it as present.
+                        self.present.set(p);
+                        i += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(UffdRamError::Install {
+                            pfn: p,
+                            count: run,
+                            why: e.to_string(),
+                        })
+                    }
+                };
+                if done == 0 {
+                    // EAGAIN with nothing copied: the mapping was changing.
+                    retries += 1;
+                    if retries > MAX_RETRIES {
+                        return Err(UffdRamError::Install {
+                            pfn: p,
+                            count: run,
+                            why: "UFFDIO_COPY made no progress".into(),
+                        });
+                    }
+                    continue;
+                }
+                installed += self.present.set_range(p, done);
+                i += done;
+            }
+        }
+        Ok(installed)
+    }
+
+    /// Resolves a fault on a page known to be zero without data.
+    pub fn install_zero(&self, pfn: u64) -> Result<bool, UffdRamError> {
+        if self.present.get(pfn) {
+            return Ok(false);
+        }
+        let (host, _, _) = self.spans(pfn, 1)?[0];
+        // SAFETY: `host` is one page of registered guest RAM (see `spans`).
+        let r = unsafe {
+            self.uffd
+                .zeropage(host as *mut libc::c_void, PAGE_SIZE, true)
+        };
+        match r {
+            Ok(_) => Ok(self.present.set(pfn)),
+            Err(UffdLibError::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                Ok(self.present.set(pfn))
+            }
+            Err(e) => Err(UffdRamError::Install {
+                pfn,
+                count: 1,
+                why: e.to_string(),
+            }),
+        }
+    }
+
+    /// Wakes threads blocked on `pfn` (after another thread installed it).
+    pub fn wake(&self, pfn: u64) {
+        if let Ok(spans) = self.spans(pfn, 1) {
+            let _ = self.uffd.wake(spans[0].0 as *mut libc::c_void, PAGE_SIZE);
+        }
+    }
+
+    /// True when every page is present or known to be zero.
+    pub fn complete(&self) -> bool {
+        self.present.covers_with(&self.zero)
+    }
+
+    /// Unregisters all RAM: from now on the VM's memory is ordinary memory,
+    /// and zero-known holes read as zero. Wakes any remaining waiters.
+    pub fn unregister(&self) -> Result<(), UffdRamError> {
+        for r in &self.regions {
+            self.uffd
+                .unregister(r.host as *mut libc::c_void, r.pages as usize * PAGE_SIZE)
+                .map_err(|e| UffdRamError::Setup(format!("unregister: {e}")))?;
+        }
+        Ok(())
+    }
+}

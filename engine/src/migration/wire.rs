@@ -1,0 +1,80 @@
+//! Migration messages that carry JSON, and the State frame layout.
+//!
+//! `State` payload: `meta_len u32 | meta JSON (StateMeta) | state blob`.
+
+use std::collections::BTreeMap;
+
+use ferry_page_server::protocol::{self, ProtocolError};
+use serde::{Deserialize, Serialize};
+
+use crate::monitor::LastTick;
+
+/// Context the source sends with the VM state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateMeta {
+    /// Host wall clock when the source began pausing, µs since the epoch.
+    pub pause_host_us: u64,
+    /// The guest's last tick per vCPU on the source.
+    pub last_ticks: BTreeMap<u32, LastTick>,
+    /// BAD lines the guest printed on the source.
+    pub guest_bad: u64,
+    /// Time the source took to pause the vCPUs, µs.
+    pub pause_us: u64,
+    /// Time the source took to capture the state, µs.
+    pub save_us: u64,
+}
+
+/// The destination's answer once its vCPUs run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Resumed {
+    /// Source pause until destination vCPUs run, µs.
+    pub downtime_us: u64,
+    /// Host wall clock at resume, µs since the epoch.
+    pub resume_host_us: u64,
+}
+
+/// Builds a `State` payload.
+pub fn encode_state(meta: &StateMeta, blob: &[u8]) -> Vec<u8> {
+    let json = serde_json::to_vec(meta).unwrap_or_default();
+    let mut p = Vec::with_capacity(4 + json.len() + blob.len());
+    p.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    p.extend_from_slice(&json);
+    p.extend_from_slice(blob);
+    p
+}
+
+/// Splits a `State` payload into its metadata and state blob.
+pub fn decode_state(p: &[u8]) -> Result<(StateMeta, &[u8]), ProtocolError> {
+    let bad = |why: String| ProtocolError::BadJson { what: "State", why };
+    let (len, rest) = p
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("payload shorter than 4 bytes".into()))?;
+    let len = u32::from_le_bytes(*len) as usize;
+    let (json, blob) = rest
+        .split_at_checked(len)
+        .ok_or_else(|| bad(format!("metadata length {len} exceeds the payload")))?;
+    Ok((protocol::from_json("State metadata", json)?, blob))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_payload_round_trip_and_refusals() {
+        let meta = StateMeta {
+            pause_host_us: 5,
+            ..Default::default()
+        };
+        let p = encode_state(&meta, b"blob");
+        let (m, b) = decode_state(&p).unwrap();
+        assert_eq!((m.pause_host_us, b), (5, &b"blob"[..]));
+        assert!(decode_state(&p[..3]).is_err());
+        let mut lie = p.clone();
+        lie[0] = 0xff;
+        assert!(decode_state(&lie).is_err());
+        let mut garbage = p;
+        garbage[5] = b'!';
+        assert!(decode_state(&garbage).is_err());
+    }
+}

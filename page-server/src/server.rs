@@ -1,0 +1,884 @@
+//! The source-side post-copy page server.
+//!
+//! Once the destination runs the VM, [`serve`] owns both connections of the
+//! session and does two things on one `mio` event loop:
+//!
+//! * **Demand**: every `PageRequest` read on the fault connection is answered
+//!   at once, on the fault connection, with a `Pages` frame carrying the same
+//!   request id, before any further push work. Pages are sent again when
+//!   asked, even if they were pushed already.
+//! * **Push**: on the control connection, every page not yet sent is sent
+//!   exactly once, in frames of up to [`ServerConfig::push_pages`] pages. The
+//!   sweep starts at page 0; after each demand request it moves to just past
+//!   the requested pages (the guest tends to touch nearby pages next) and
+//!   wraps around until every page is out. Holes and all-zero runs go as
+//!   `Zero` frames. A push frame is only generated once the previous one has
+//!   been handed to the kernel, so demand answers never queue behind the
+//!   bulk stream inside this process.
+//!
+//! When the push is over, a `PushDone` frame with the [`ServerStats`] so far
+//! follows on the control connection; demand service goes on until the
+//! destination's `Complete` arrives there.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use tracing::{debug, info, warn};
+
+use crate::protocol::{
+    self, FrameHeader, MsgType, PageEncoding, PageRequest, ProtocolError, HEADER_LEN,
+    MAX_PAGES_PER_FRAME, PAGE_SIZE,
+};
+use crate::source::PageSource;
+
+const CONTROL: Token = Token(0);
+const FAULT: Token = Token(1);
+/// Requests are not read while this many answer bytes wait to be written, so
+/// a destination that asks without reading cannot make the server balloon.
+const FAULT_OUT_LIMIT: usize = 8 << 20;
+/// How long a closed fault connection may wait for `Complete` to show up on
+/// the control connection (the two streams are not ordered on the wire).
+const FAULT_EOF_GRACE: Duration = Duration::from_secs(1);
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 64 << 10;
+/// Most pages per push frame while demand requests are arriving: a push step
+/// (read, compress, write) is the longest a new request can wait to be read,
+/// so it is kept short during a burst of faults.
+const DEMAND_PUSH_PAGES: u64 = 32;
+/// How long after a demand request push frames stay short.
+const DEMAND_QUIET: Duration = Duration::from_millis(20);
+/// Push progress is logged every this many pages (64 MiB).
+const PROGRESS_PAGES: u64 = 16 << 10;
+
+/// How the page server sends pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// LZ4-compress a frame when that makes it smaller (feature `LZ4`).
+    pub lz4: bool,
+    /// Send holes and all-zero runs as markers without data (feature
+    /// `ZERO_RUNS`).
+    pub zero_runs: bool,
+    /// Pages per push frame, clamped to `1..=512`.
+    pub push_pages: u32,
+    /// `SO_SNDBUF` for the control connection. On a link shared with the
+    /// fault connection this bounds how much bulk data sits queued ahead of a
+    /// demand answer.
+    pub push_sndbuf: Option<usize>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            lz4: true,
+            zero_runs: true,
+            push_pages: 256,
+            push_sndbuf: None,
+        }
+    }
+}
+
+/// Percentiles of a latency, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LatencyUs {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Worst case.
+    pub max: u64,
+}
+
+/// What the page server did; sent (so far) in `PushDone` and returned by
+/// [`serve`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServerStats {
+    /// Pages sent by the background push.
+    pub pages_pushed: u64,
+    /// Pages sent in answer to demand requests.
+    pub pages_demand: u64,
+    /// Demand requests answered.
+    pub requests: u64,
+    /// Pages sent as zero markers (push and demand).
+    pub pages_zero: u64,
+    /// Pages sent LZ4-compressed (push and demand).
+    pub pages_lz4: u64,
+    /// Every byte written on both connections, frame headers included.
+    pub bytes_wire: u64,
+    /// 4096 × the non-zero pages sent.
+    pub bytes_raw: u64,
+    /// Milliseconds from the start of [`serve`] until every page was pushed.
+    pub push_ms: f64,
+    /// Milliseconds from the start of [`serve`] until `Complete` (or until the
+    /// stats were taken).
+    pub total_ms: f64,
+    /// Time from reading a request to its answer being fully written.
+    pub demand_service_us: LatencyUs,
+}
+
+/// Why the page server stopped without a `Complete`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The peer broke the protocol, aborted, or closed a connection, or the
+    /// connection failed.
+    #[error("{conn} connection: {source}")]
+    Protocol {
+        /// `"control"` or `"fault"`.
+        conn: &'static str,
+        /// What went wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// Guest memory could not be read.
+    #[error("reading guest memory at page {pfn}: {source}")]
+    Source {
+        /// First page of the failed read.
+        pfn: u64,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up the sockets, or running the event loop, failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Serves post-copy pages until the destination says `Complete`, returning
+/// the final statistics and the `Complete` frame's JSON payload.
+///
+/// `control` and `fault` are the session's two connections, past the
+/// handshake (and, on `control`, the `State`). They are switched to
+/// non-blocking mode with `TCP_NODELAY` and closed on return.
+pub fn serve(
+    control: std::net::TcpStream,
+    fault: std::net::TcpStream,
+    source: &dyn PageSource,
+    cfg: &ServerConfig,
+) -> Result<(ServerStats, serde_json::Value), ServerError> {
+    let start = Instant::now();
+    let mut poll = Poll::new().map_err(setup("creating the event loop"))?;
+    let mut server = Server {
+        control: Conn::new("control", control, cfg.push_sndbuf)?,
+        fault: Conn::new("fault", fault, None)?,
+        source,
+        lz4: cfg.lz4,
+        zero_runs: cfg.zero_runs,
+        push_pages: u64::from(cfg.push_pages.clamp(1, MAX_PAGES_PER_FRAME)),
+        sweep: Sweep::new(source.pages()),
+        stats: ServerStats::default(),
+        service: Histogram::new_with_bounds(1, 60_000_000, 3)
+            .map_err(|e| setup("creating a histogram")(io::Error::other(e)))?,
+        answers: VecDeque::new(),
+        buf: vec![0; MAX_PAGES_PER_FRAME as usize * PAGE_SIZE],
+        scratch: Vec::new(),
+        payload: Vec::new(),
+        start,
+        push_done: false,
+        fault_closed: None,
+        last_demand: None,
+    };
+    for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
+        poll.registry()
+            .register(
+                &mut conn.stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(setup("registering a connection"))?;
+    }
+    debug!(pages = source.pages(), ?cfg, "page server starting");
+    let result = server.run(&mut poll);
+    let stats = server.snapshot();
+    match &result {
+        Ok(_) => info!(
+            pushed = stats.pages_pushed,
+            demand = stats.pages_demand,
+            requests = stats.requests,
+            zero = stats.pages_zero,
+            lz4 = stats.pages_lz4,
+            wire_mib = stats.bytes_wire >> 20,
+            push_ms = stats.push_ms,
+            total_ms = stats.total_ms,
+            p99_us = stats.demand_service_us.p99,
+            "post-copy page server done"
+        ),
+        Err(e) => {
+            warn!(error = %e, "post-copy page server failed");
+            server.try_abort(e);
+        }
+    }
+    result.map(|complete| (stats, complete))
+}
+
+fn setup(what: &'static str) -> impl Fn(io::Error) -> ServerError {
+    move |source| ServerError::Setup { what, source }
+}
+
+/// The push sweep: which pages were sent, and where to look next.
+#[derive(Debug)]
+struct Sweep {
+    /// One bit per page, set once the page was sent; the bits past the last
+    /// page are set too.
+    sent: Vec<u64>,
+    pages: u64,
+    left: u64,
+    cursor: u64,
+}
+
+impl Sweep {
+    fn new(pages: u64) -> Self {
+        let words = pages.div_ceil(64) as usize;
+        let mut sent = vec![0u64; words];
+        if !pages.is_multiple_of(64) {
+            if let Some(last) = sent.last_mut() {
+                *last = !0u64 << (pages % 64);
+            }
+        }
+        Self {
+            sent,
+            pages,
+            left: pages,
+            cursor: 0,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.left == 0
+    }
+
+    fn is_sent(&self, pfn: u64) -> bool {
+        self.sent[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
+    }
+
+    /// Marks `[pfn, pfn + count)` (in bounds) as sent.
+    fn mark(&mut self, pfn: u64, count: u64) {
+        for p in pfn..pfn + count {
+            if !self.is_sent(p) {
+                self.sent[(p / 64) as usize] |= 1 << (p % 64);
+                self.left -= 1;
+            }
+        }
+    }
+
+    /// Continues the sweep at `pfn` (wrapping past the end).
+    fn jump(&mut self, pfn: u64) {
+        self.cursor = if pfn < self.pages { pfn } else { 0 };
+    }
+
+    /// The first unsent page at or after `from`, without wrapping.
+    fn find_unsent(&self, from: u64) -> Option<u64> {
+        let mut w = (from / 64) as usize;
+        let mut word = !*self.sent.get(w)? & (!0u64 << (from % 64));
+        while word == 0 {
+            w += 1;
+            word = !*self.sent.get(w)?;
+        }
+        Some(w as u64 * 64 + u64::from(word.trailing_zeros()))
+    }
+
+    /// Where the next push frame starts: the first unsent page from the
+    /// cursor on, wrapping around.
+    fn next(&self) -> Option<u64> {
+        if self.done() {
+            return None;
+        }
+        self.find_unsent(self.cursor)
+            .or_else(|| self.find_unsent(0))
+    }
+
+    /// Length of the run of unsent pages at `pfn`, at most `max`.
+    fn unsent_run(&self, pfn: u64, max: u64) -> u64 {
+        let end = pfn.saturating_add(max).min(self.pages);
+        (pfn..end).find(|&p| self.is_sent(p)).unwrap_or(end) - pfn
+    }
+}
+
+/// What a read from a connection gave.
+enum Fill {
+    Data,
+    Blocked,
+    Eof,
+}
+
+/// One connection: its socket, input and output buffers.
+struct Conn {
+    name: &'static str,
+    stream: TcpStream,
+    input: Vec<u8>,
+    in_start: usize,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Bytes ever queued in `out`.
+    queued: u64,
+    /// Bytes ever written.
+    written: u64,
+    readable: bool,
+    writable: bool,
+    eof: bool,
+}
+
+impl Conn {
+    fn new(
+        name: &'static str,
+        stream: std::net::TcpStream,
+        sndbuf: Option<usize>,
+    ) -> Result<Self, ServerError> {
+        stream
+            .set_nodelay(true)
+            .map_err(setup("setting TCP_NODELAY"))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(setup("setting non-blocking mode"))?;
+        if let Some(size) = sndbuf {
+            set_sndbuf(&stream, size).map_err(setup("setting SO_SNDBUF"))?;
+        }
+        Ok(Self {
+            name,
+            stream: TcpStream::from_std(stream),
+            input: Vec::new(),
+            in_start: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            queued: 0,
+            written: 0,
+            readable: true,
+            writable: true,
+            eof: false,
+        })
+    }
+
+    fn err(&self, source: impl Into<ProtocolError>) -> ServerError {
+        ServerError::Protocol {
+            conn: self.name,
+            source: source.into(),
+        }
+    }
+
+    /// Bytes queued but not yet written.
+    fn pending(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Notes bytes appended to `out` since `before` (its old length).
+    fn queued_since(&mut self, before: usize) {
+        self.queued += (self.out.len() - before) as u64;
+    }
+
+    /// Writes as much of `out` as the socket takes; returns the byte count.
+    fn flush(&mut self) -> Result<u64, ServerError> {
+        let before = self.written;
+        while self.writable && self.out_pos < self.out.len() {
+            match self.stream.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Err(self.err(io::Error::from(io::ErrorKind::WriteZero))),
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.written += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        } else if self.out_pos > 1 << 20 && self.out_pos * 2 > self.out.len() {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        Ok(self.written - before)
+    }
+
+    /// Reads once from the socket into `input`.
+    fn fill(&mut self) -> Result<Fill, ServerError> {
+        if self.in_start == self.input.len() {
+            self.input.clear();
+            self.in_start = 0;
+        } else if self.in_start > READ_CHUNK {
+            self.input.drain(..self.in_start);
+            self.in_start = 0;
+        }
+        let old = self.input.len();
+        self.input.resize(old + READ_CHUNK, 0);
+        let got = self.stream.read(&mut self.input[old..]);
+        self.input.truncate(old + *got.as_ref().unwrap_or(&0));
+        match got {
+            Ok(0) if self.in_start < self.input.len() => Err(self.err(ProtocolError::Closed)),
+            Ok(0) => {
+                self.eof = true;
+                self.readable = false;
+                Ok(Fill::Eof)
+            }
+            Ok(_) => Ok(Fill::Data),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.readable = false;
+                Ok(Fill::Blocked)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Fill::Data),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Takes the next whole frame out of `input`, its payload into `payload`.
+    /// An `Abort` from the peer is an error.
+    fn next_frame(&mut self, payload: &mut Vec<u8>) -> Result<Option<FrameHeader>, ServerError> {
+        let avail = &self.input[self.in_start..];
+        let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let hdr = FrameHeader::decode(head).map_err(|e| self.err(e))?;
+        let end = HEADER_LEN + hdr.len as usize;
+        let Some(body) = avail.get(HEADER_LEN..end) else {
+            return Ok(None);
+        };
+        payload.clear();
+        payload.extend_from_slice(body);
+        self.in_start += end;
+        if hdr.kind == MsgType::Abort {
+            let why = String::from_utf8_lossy(payload).into_owned();
+            return Err(self.err(ProtocolError::Aborted(why)));
+        }
+        Ok(Some(hdr))
+    }
+}
+
+fn set_sndbuf(stream: &std::net::TcpStream, size: usize) -> io::Result<()> {
+    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a socket owned by `stream`, reading a c_int that
+    // lives for the call, with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The event loop's state.
+struct Server<'a> {
+    control: Conn,
+    fault: Conn,
+    source: &'a dyn PageSource,
+    lz4: bool,
+    zero_runs: bool,
+    push_pages: u64,
+    sweep: Sweep,
+    stats: ServerStats,
+    /// Demand service times in microseconds.
+    service: Histogram<u64>,
+    /// Answers not yet fully written: (end offset in the fault stream, when
+    /// the request was read).
+    answers: VecDeque<(u64, Instant)>,
+    /// Pages read from the source.
+    buf: Vec<u8>,
+    /// LZ4 output.
+    scratch: Vec<u8>,
+    /// Payload of the frame being handled.
+    payload: Vec<u8>,
+    start: Instant,
+    push_done: bool,
+    /// When the fault connection reached EOF.
+    fault_closed: Option<Instant>,
+    /// When the last demand request was read.
+    last_demand: Option<Instant>,
+}
+
+impl Server<'_> {
+    fn run(&mut self, poll: &mut Poll) -> Result<serde_json::Value, ServerError> {
+        let mut events = Events::with_capacity(16);
+        loop {
+            self.service_faults()?;
+            if let Some(complete) = self.service_control()? {
+                return Ok(complete);
+            }
+            let mut timeout = None;
+            if !self.sweep.done() && self.control.pending() == 0 {
+                self.push_step()?;
+                if self.sweep.done() {
+                    self.queue_push_done();
+                }
+                self.flush_control()?;
+                // Look for demand before the next push frame, without waiting.
+                timeout = Some(Duration::ZERO);
+            } else if self.sweep.done() && !self.push_done {
+                // Demand answers sent the last pages (or there were none).
+                self.queue_push_done();
+                self.flush_control()?;
+                timeout = Some(Duration::ZERO);
+            }
+            if self.fault.readable && self.fault_closed.is_none() && !self.fault_blocked() {
+                // More requests may be waiting in the socket.
+                timeout = Some(Duration::ZERO);
+            }
+            if let Some(closed) = self.fault_closed {
+                let left = FAULT_EOF_GRACE.saturating_sub(closed.elapsed());
+                if left.is_zero() {
+                    return Err(self.fault.err(ProtocolError::Closed));
+                }
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(setup("waiting for events")(e));
+                }
+            }
+            for ev in events.iter() {
+                let conn = if ev.token() == CONTROL {
+                    &mut self.control
+                } else {
+                    &mut self.fault
+                };
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    conn.readable = !conn.eof;
+                }
+                if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+                    conn.writable = true;
+                }
+            }
+        }
+    }
+
+    /// Answers every request already read, in order, then reads once more
+    /// and answers what that brought. One read per pass keeps a steady
+    /// stream of requests from starving the push.
+    fn service_faults(&mut self) -> Result<(), ServerError> {
+        self.answer_buffered()?;
+        if self.fault_closed.is_some() || !self.fault.readable || self.fault_blocked() {
+            return Ok(());
+        }
+        match self.fault.fill()? {
+            Fill::Data => self.answer_buffered(),
+            Fill::Blocked => Ok(()),
+            Fill::Eof => {
+                debug!("fault connection closed by the destination");
+                self.fault_closed = Some(Instant::now());
+                Ok(())
+            }
+        }
+    }
+
+    /// Too many answer bytes are waiting to be written to read requests.
+    fn fault_blocked(&self) -> bool {
+        self.fault.pending() >= FAULT_OUT_LIMIT
+    }
+
+    /// Answers the whole requests in the fault connection's input buffer.
+    fn answer_buffered(&mut self) -> Result<(), ServerError> {
+        while !self.fault_blocked() {
+            let Some(hdr) = self.fault.next_frame(&mut self.payload)? else {
+                break;
+            };
+            if hdr.kind != MsgType::PageRequest {
+                return Err(self.fault.err(ProtocolError::Unexpected {
+                    got: hdr.kind,
+                    expected: "PageRequest",
+                }));
+            }
+            let req = PageRequest::decode(&self.payload, self.sweep.pages)
+                .map_err(|e| self.fault.err(e))?;
+            self.answer(hdr.arg, req)?;
+        }
+        self.flush_fault()
+    }
+
+    /// Queues the answer to one request and tries to write it.
+    fn answer(&mut self, id: u64, req: PageRequest) -> Result<(), ServerError> {
+        let read_at = Instant::now();
+        self.last_demand = Some(read_at);
+        let count = u64::from(req.count);
+        let data = &mut self.buf[..req.count as usize * PAGE_SIZE];
+        self.source
+            .read(req.pfn, data)
+            .map_err(|source| ServerError::Source {
+                pfn: req.pfn,
+                source,
+            })?;
+        let before = self.fault.out.len();
+        let enc = protocol::append_pages_frame(
+            &mut self.fault.out,
+            &mut self.scratch,
+            id,
+            req.pfn,
+            data,
+            self.lz4,
+            self.zero_runs,
+        );
+        self.fault.queued_since(before);
+        self.count(enc, count);
+        self.stats.pages_demand += count;
+        self.stats.requests += 1;
+        self.answers.push_back((self.fault.queued, read_at));
+        self.sweep.mark(req.pfn, count);
+        self.sweep.jump(req.pfn + count);
+        self.flush_fault()
+    }
+
+    fn flush_fault(&mut self) -> Result<(), ServerError> {
+        if self.fault_closed.is_some() {
+            return Ok(());
+        }
+        self.stats.bytes_wire += self.fault.flush()?;
+        while let Some(&(end, read_at)) = self.answers.front() {
+            if end > self.fault.written {
+                break;
+            }
+            let us = read_at.elapsed().as_micros();
+            self.service
+                .saturating_record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
+            self.answers.pop_front();
+        }
+        Ok(())
+    }
+
+    fn flush_control(&mut self) -> Result<(), ServerError> {
+        self.stats.bytes_wire += self.control.flush()?;
+        Ok(())
+    }
+
+    /// Reads the control connection; returns `Complete`'s payload once seen.
+    fn service_control(&mut self) -> Result<Option<serde_json::Value>, ServerError> {
+        self.flush_control()?;
+        loop {
+            if let Some(hdr) = self.control.next_frame(&mut self.payload)? {
+                if hdr.kind != MsgType::Complete {
+                    return Err(self.control.err(ProtocolError::Unexpected {
+                        got: hdr.kind,
+                        expected: "Complete",
+                    }));
+                }
+                if !self.sweep.done() {
+                    debug!(left = self.sweep.left, "Complete before the push was over");
+                }
+                let v = protocol::from_json("Complete", &self.payload)
+                    .map_err(|e| self.control.err(e))?;
+                return Ok(Some(v));
+            }
+            if !self.control.readable {
+                return Ok(None);
+            }
+            match self.control.fill()? {
+                Fill::Data => {}
+                Fill::Blocked => return Ok(None),
+                Fill::Eof => return Err(self.control.err(ProtocolError::Closed)),
+            }
+        }
+    }
+
+    /// Queues the next push frame(s): one run of unsent pages from the sweep
+    /// cursor, at most `push_pages` pages of data (fewer just after a demand
+    /// request) or 512 pages of hole.
+    fn push_step(&mut self) -> Result<(), ServerError> {
+        let Some(pfn) = self.sweep.next() else {
+            return Ok(());
+        };
+        let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
+        let before = self.control.out.len();
+        let mut n = run.min(self.push_pages);
+        if self.last_demand.is_some_and(|t| t.elapsed() < DEMAND_QUIET) {
+            n = n.min(DEMAND_PUSH_PAGES);
+        }
+        let hole = if self.zero_runs {
+            let data = self.source.next_data(pfn).unwrap_or(self.sweep.pages);
+            data.saturating_sub(pfn).min(run)
+        } else {
+            0
+        };
+        if hole > 0 {
+            n = hole;
+            protocol::append_zero_pages_frame(&mut self.control.out, 0, pfn, n as u32);
+            self.count(PageEncoding::Zero, n);
+        } else {
+            let data = &mut self.buf[..n as usize * PAGE_SIZE];
+            self.source
+                .read(pfn, data)
+                .map_err(|source| ServerError::Source { pfn, source })?;
+            // Split into runs of zero and non-zero pages.
+            let total = n as usize;
+            let page = |i: usize| &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            let mut sent = [0u64; 3]; // pages per PageEncoding
+            let mut at = 0;
+            while at < total {
+                let zero = self.zero_runs && protocol::is_zero(page(at));
+                let end = if self.zero_runs {
+                    (at + 1..total)
+                        .find(|&i| protocol::is_zero(page(i)) != zero)
+                        .unwrap_or(total)
+                } else {
+                    total
+                };
+                let first = pfn + at as u64;
+                let len = (end - at) as u64;
+                let enc = if zero {
+                    protocol::append_zero_pages_frame(&mut self.control.out, 0, first, len as u32);
+                    PageEncoding::Zero
+                } else {
+                    protocol::append_pages_frame(
+                        &mut self.control.out,
+                        &mut self.scratch,
+                        0,
+                        first,
+                        &data[at * PAGE_SIZE..end * PAGE_SIZE],
+                        self.lz4,
+                        false,
+                    )
+                };
+                sent[enc as usize] += len;
+                at = end;
+            }
+            for enc in [PageEncoding::Raw, PageEncoding::Lz4, PageEncoding::Zero] {
+                self.count(enc, sent[enc as usize]);
+            }
+        }
+        self.control.queued_since(before);
+        let pushed = self.stats.pages_pushed;
+        self.stats.pages_pushed += n;
+        self.sweep.mark(pfn, n);
+        self.sweep.jump(pfn + n);
+        if pushed / PROGRESS_PAGES != self.stats.pages_pushed / PROGRESS_PAGES {
+            debug!(
+                pushed = self.stats.pages_pushed,
+                left = self.sweep.left,
+                wire_mib = self.stats.bytes_wire >> 20,
+                "push progress"
+            );
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, enc: PageEncoding, pages: u64) {
+        match enc {
+            PageEncoding::Zero => self.stats.pages_zero += pages,
+            PageEncoding::Lz4 => {
+                self.stats.pages_lz4 += pages;
+                self.stats.bytes_raw += pages * PAGE_SIZE as u64;
+            }
+            PageEncoding::Raw => self.stats.bytes_raw += pages * PAGE_SIZE as u64,
+        }
+    }
+
+    fn queue_push_done(&mut self) {
+        self.stats.push_ms = ms(self.start.elapsed());
+        let stats = self.snapshot();
+        debug!(?stats, "push done");
+        let json = serde_json::to_vec(&stats).unwrap_or_default();
+        let before = self.control.out.len();
+        let h = FrameHeader {
+            kind: MsgType::PushDone,
+            flags: 0,
+            len: json.len() as u32,
+            arg: 0,
+        };
+        self.control.out.extend_from_slice(&h.encode());
+        self.control.out.extend_from_slice(&json);
+        self.control.queued_since(before);
+        self.push_done = true;
+    }
+
+    /// The statistics as of now.
+    fn snapshot(&self) -> ServerStats {
+        let h = &self.service;
+        let mut s = self.stats.clone();
+        s.total_ms = ms(self.start.elapsed());
+        if !h.is_empty() {
+            s.demand_service_us = LatencyUs {
+                p50: h.value_at_quantile(0.5),
+                p99: h.value_at_quantile(0.99),
+                max: h.max(),
+            };
+        }
+        s
+    }
+
+    /// Best effort: tells the destination why the server gives up, if the
+    /// control connection is at a frame boundary and the failure is not the
+    /// peer's own abort or hang-up.
+    fn try_abort(&mut self, e: &ServerError) {
+        if let ServerError::Protocol {
+            source: ProtocolError::Aborted(_) | ProtocolError::Closed | ProtocolError::Io(_),
+            ..
+        } = e
+        {
+            return;
+        }
+        if self.control.pending() != 0 {
+            return;
+        }
+        let mut why = e.to_string();
+        why.truncate(4096);
+        while !why.is_char_boundary(why.len()) {
+            why.pop();
+        }
+        let mut frame = Vec::new();
+        if protocol::write_frame(&mut frame, MsgType::Abort, 0, why.as_bytes()).is_ok() {
+            let _ = self.control.stream.write(&frame);
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_marks_wraps_and_jumps() {
+        let mut s = Sweep::new(130);
+        assert_eq!(s.next(), Some(0));
+        assert_eq!(s.unsent_run(0, 512), 130);
+        s.mark(0, 10);
+        s.jump(10);
+        assert_eq!(s.next(), Some(10));
+        // A demand request for 100..102 moves the sweep to 102.
+        s.mark(100, 2);
+        s.jump(102);
+        assert_eq!(s.next(), Some(102));
+        assert_eq!(s.unsent_run(102, 512), 28);
+        s.mark(102, 28);
+        s.jump(130);
+        // Wraps around to the first unsent page.
+        assert_eq!(s.next(), Some(10));
+        assert_eq!(s.unsent_run(10, 512), 90);
+        assert_eq!(s.unsent_run(10, 16), 16);
+        s.mark(10, 90);
+        s.mark(10, 90);
+        assert!(s.done());
+        assert_eq!(s.next(), None);
+        assert_eq!(s.left, 0);
+    }
+
+    #[test]
+    fn sweep_edges() {
+        let mut empty = Sweep::new(0);
+        assert!(empty.done());
+        assert_eq!(empty.next(), None);
+        empty.jump(5);
+        let mut s = Sweep::new(64);
+        s.mark(0, 63);
+        s.jump(0);
+        assert_eq!(s.next(), Some(63));
+        assert_eq!(s.unsent_run(63, 512), 1);
+        s.mark(63, 1);
+        assert!(s.done());
+    }
+}

@@ -1,0 +1,231 @@
+//! Post-copy live migration on real KVM and userfaultfd, judged by the
+//! workload guest: it must keep ticking, continue its rounds, and never
+//! print BAD; the statistics must show how the pages moved.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+struct Move {
+    stats: serde_json::Value,
+    src_log: Vec<Logged>,
+    dst_log: Vec<Logged>,
+}
+
+/// Boots a guest in `ferry-source`, migrates it to a `ferry-dest` after
+/// `after`, and waits for the destination to tick a few times.
+fn migrate(dir: &Scratch, mem: &str, vcpus: u32, guest: &str, after: &str) -> Move {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (dst_log, dst_json, dst_sock) = (
+        dir.path("dst.log"),
+        dir.path("dst.json"),
+        dir.path("dst.sock"),
+    );
+    let _dst = spawn(
+        "ferry-dest",
+        &[
+            "--listen",
+            &addr,
+            "--serial",
+            dst_log.to_str().unwrap(),
+            "--stats-json",
+            dst_json.to_str().unwrap(),
+            "--api",
+            dst_sock.to_str().unwrap(),
+        ],
+        &dir.path("dst.err"),
+    );
+    let src_log = dir.path("src.log");
+    let vcpus_s = vcpus.to_string();
+    let mut src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            mem,
+            "--vcpus",
+            &vcpus_s,
+            "--guest-args",
+            guest,
+            "--serial",
+            src_log.to_str().unwrap(),
+            "--migrate-to",
+            &addr,
+            "--after",
+            after,
+        ],
+        &dir.path("src.err"),
+    );
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "source failed: {}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let stats = wait_stats(&dst_json, WAIT);
+    let before = read_console(&src_log);
+    let after_log = wait_ticks(&dst_log, vcpus, 3, WAIT);
+    let status = ctl(&dst_sock, &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+    ctl(&dst_sock, &["quit"]);
+    Move {
+        stats,
+        src_log: before,
+        dst_log: after_log,
+    }
+}
+
+fn check_stats(s: &serde_json::Value, mem: u64) {
+    let n = |k: &str| {
+        s[k].as_u64()
+            .unwrap_or_else(|| panic!("stats lack {k}: {s}"))
+    };
+    assert_eq!(s["mode"], "postcopy");
+    assert_eq!(n("guest_bad"), 0);
+    assert_eq!(n("pages_total"), mem / 4096);
+    // Every page arrived exactly one way or was known to be zero.
+    assert!(
+        n("pages_demand") + n("pages_pushed") + n("pages_zero") >= n("pages_total"),
+        "{s}"
+    );
+    assert!(n("downtime_us") > 0 && n("downtime_us") < 5_000_000, "{s}");
+    assert!(s["fault_latency_us"]["overall"]["p50"].as_u64().is_some());
+    assert!(s["guest_stall_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn loopback_postcopy_1_vcpu_1g_write_heavy() {
+    let dir = Scratch::new("pc1");
+    let m = migrate(
+        &dir,
+        "1G",
+        1,
+        "ws=256M pattern=random write=80 report_ms=50",
+        "2s",
+    );
+    check_stats(&m.stats, 1 << 30);
+    assert!(
+        m.stats["pages_demand"].as_u64().unwrap() > 0,
+        "no demand faults: {}",
+        m.stats
+    );
+    assert_continues(&m.src_log, &m.dst_log, 1);
+}
+
+#[test]
+fn loopback_postcopy_2_vcpus_1g_write_heavy() {
+    let dir = Scratch::new("pc2");
+    let m = migrate(
+        &dir,
+        "1G",
+        2,
+        "ws=256M pattern=random write=80 report_ms=50",
+        "2s",
+    );
+    check_stats(&m.stats, 1 << 30);
+    let per = m.stats["fault_latency_us"]["per_vcpu"].as_object().unwrap();
+    assert!(
+        per.contains_key("0") && per.contains_key("1"),
+        "per-vCPU latency: {per:?}"
+    );
+    assert_continues(&m.src_log, &m.dst_log, 2);
+}
+
+#[test]
+fn mostly_zero_4g_guest_moves_only_what_it_touched() {
+    let dir = Scratch::new("zero4g");
+    let m = migrate(
+        &dir,
+        "4G",
+        1,
+        "ws=64M pattern=random write=50 report_ms=50",
+        "1s",
+    );
+    check_stats(&m.stats, 4 << 30);
+    let wire = m.stats["bytes_wire"].as_u64().unwrap();
+    // 64 MiB working set + the guest image and page tables; not 4 GiB.
+    assert!(
+        wire < 96 << 20,
+        "moved {} MiB for a 64 MiB working set",
+        wire >> 20
+    );
+    assert!(m.stats["pages_zero"].as_u64().unwrap() > (4u64 << 30) / 4096 * 9 / 10);
+    assert_continues(&m.src_log, &m.dst_log, 1);
+}
+
+/// A → B → A → B: each hop's destination is an ordinary VM that moves again.
+#[test]
+fn ping_pong_three_hops() {
+    let dir = Scratch::new("pingpong");
+    let guest = "ws=128M pattern=random write=80 report_ms=50";
+    let ports: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let mut dests = Vec::new();
+    for (i, addr) in ports.iter().enumerate() {
+        let (log, sock, json) = (
+            dir.path(&format!("hop{i}.log")),
+            dir.path(&format!("hop{i}.sock")),
+            dir.path(&format!("hop{i}.json")),
+        );
+        dests.push(spawn(
+            "ferry-dest",
+            &[
+                "--listen",
+                addr,
+                "--serial",
+                log.to_str().unwrap(),
+                "--api",
+                sock.to_str().unwrap(),
+                "--stats-json",
+                json.to_str().unwrap(),
+            ],
+            &dir.path(&format!("hop{i}.err")),
+        ));
+    }
+    let src_log = dir.path("src.log");
+    let mut src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            "512M",
+            "--vcpus",
+            "2",
+            "--guest-args",
+            guest,
+            "--serial",
+            src_log.to_str().unwrap(),
+            "--migrate-to",
+            &ports[0],
+            "--after",
+            "1s",
+        ],
+        &dir.path("src.err"),
+    );
+    assert!(
+        wait_exit(&mut src, WAIT, "hop 0"),
+        "{}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let mut prev = read_console(&src_log);
+    for i in 0..3 {
+        let stats = wait_stats(&dir.path(&format!("hop{i}.json")), WAIT);
+        check_stats(&stats, 512 << 20);
+        let log = wait_ticks(&dir.path(&format!("hop{i}.log")), 2, 5, WAIT);
+        assert_continues(&prev, &log, 2);
+        if i < 2 {
+            let sock = dir.path(&format!("hop{i}.sock"));
+            ctl(&sock, &["migrate", &ports[i + 1]]);
+            assert!(
+                wait_exit(&mut dests[i], WAIT, "hop to exit"),
+                "hop {i} did not exit cleanly"
+            );
+            prev = read_console(&dir.path(&format!("hop{i}.log")));
+        } else {
+            ctl(&dir.path(&format!("hop{i}.sock")), &["quit"]);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! A two-host post-copy move: source and destination in two network
+//! namespaces joined by a veth pair that this test creates (and removes),
+//! with the link limited to 1 Gbit/s by tbf. Traffic stays inside the
+//! namespaces the test made.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(180);
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces `<tag>-a` (10.77.0.1) and `<tag>-b` (10.77.0.2).
+struct TwoHosts {
+    a: String,
+    b: String,
+}
+
+impl TwoHosts {
+    fn new(tag: &str, rate: &str) -> Self {
+        let (a, b) = (format!("{tag}-a"), format!("{tag}-b"));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &a])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &b])
+            .stderr(Stdio::null())
+            .status();
+        sh(&["ip", "netns", "add", &a]);
+        sh(&["ip", "netns", "add", &b]);
+        let hosts = TwoHosts { a, b };
+        let (va, vb) = (format!("{tag}va"), format!("{tag}vb"));
+        sh(&[
+            "ip", "link", "add", &va, "netns", &hosts.a, "type", "veth", "peer", "name", &vb,
+            "netns", &hosts.b,
+        ]);
+        for (ns, dev, ip) in [
+            (&hosts.a, &va, "10.77.0.1/24"),
+            (&hosts.b, &vb, "10.77.0.2/24"),
+        ] {
+            sh(&["ip", "-n", ns, "addr", "add", ip, "dev", dev]);
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            sh(&[
+                "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                rate, "burst", "256kb", "latency", "50ms",
+            ]);
+        }
+        hosts
+    }
+
+    fn spawn_in(&self, ns: &str, name: &str, args: &[&str], log: &std::path::Path) -> Proc {
+        let err = std::fs::File::create(log).unwrap();
+        Proc(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(bin(name))
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(err)
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth, and so the pair.
+        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
+    }
+}
+
+#[test]
+fn postcopy_between_two_namespaces_over_1gbit() {
+    let dir = Scratch::new("twohost");
+    let hosts = TwoHosts::new(&format!("fy{}", std::process::id() % 10000), "1gbit");
+    let (dst_log, dst_json, dst_sock) = (
+        dir.path("dst.log"),
+        dir.path("dst.json"),
+        dir.path("dst.sock"),
+    );
+    let _dst = hosts.spawn_in(
+        &hosts.b.clone(),
+        "ferry-dest",
+        &[
+            "--listen",
+            "10.77.0.2:7000",
+            "--serial",
+            dst_log.to_str().unwrap(),
+            "--stats-json",
+            dst_json.to_str().unwrap(),
+            "--api",
+            dst_sock.to_str().unwrap(),
+        ],
+        &dir.path("dst.err"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let src_log = dir.path("src.log");
+    let mut src = hosts.spawn_in(
+        &hosts.a.clone(),
+        "ferry-source",
+        &[
+            "--mem",
+            "1G",
+            "--vcpus",
+            "2",
+            "--guest-args",
+            "ws=256M pattern=random write=80 report_ms=50",
+            "--serial",
+            src_log.to_str().unwrap(),
+            "--migrate-to",
+            "10.77.0.2:7000",
+            "--after",
+            "2s",
+        ],
+        &dir.path("src.err"),
+    );
+    assert!(
+        wait_exit(&mut src, WAIT, "the source"),
+        "source failed: {}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let stats = wait_stats(&dst_json, WAIT);
+    assert_eq!(stats["guest_bad"], 0, "{stats}");
+    // At 1 Gbit/s, 256 MiB of working set takes at least ~2 s to push.
+    let total_ms = stats["total_ms"].as_f64().unwrap();
+    let wire = stats["bytes_wire"].as_u64().unwrap() as f64;
+    assert!(
+        wire * 8.0 / (total_ms / 1e3) < 1.1e9,
+        "faster than the 1 Gbit/s link: {stats}"
+    );
+    let after = wait_ticks(&dst_log, 2, 3, WAIT);
+    assert_continues(&read_console(&src_log), &after, 2);
+    eprintln!("two-host stats: {stats}");
+}
