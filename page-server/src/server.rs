@@ -414,7 +414,18 @@ impl Conn {
         self.input.truncate(old + *got.as_ref().unwrap_or(&0));
         match got {
             Ok(0) if self.in_start < self.input.len() => Err(self.err(ProtocolError::Closed)),
+            // A reset is how a peer's close looks when our last answers were
+            // still unread in its socket: treat it like EOF, so the grace
+            // period for `Complete` on the other connection applies.
             Ok(0) => {
+                self.eof = true;
+                self.readable = false;
+                Ok(Fill::Eof)
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionReset
+                    && self.in_start == self.input.len() =>
+            {
                 self.eof = true;
                 self.readable = false;
                 Ok(Fill::Eof)

@@ -87,7 +87,7 @@ mod tests {
         assert!(b.get(129) && !b.get(128) && !b.get(1000));
         assert_eq!(b.set_range(60, 10), 10);
         assert_eq!(b.set_range(125, 100), 4);
-        assert_eq!(b.count(), 14);
+        assert_eq!(b.count(), 15);
         assert!(!b.set(130));
         let other = PageBitmap::new(130);
         assert!(!b.covers_with(&other));
