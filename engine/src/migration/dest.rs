@@ -392,7 +392,11 @@ fn build_stats(
     let per_vcpu = fault
         .per_vcpu
         .iter()
-        .map(|(v, h)| (name(*v), LatencySummary::of(h)))
+        .map(|(v, h)| {
+            let mut l = LatencySummary::of(h);
+            l.cdf.clear();
+            (name(*v), l)
+        })
         .collect();
     let per_vcpu_ms = fault
         .blocktime_us

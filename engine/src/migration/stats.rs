@@ -23,6 +23,10 @@ pub struct LatencySummary {
     pub max: u64,
     /// Mean.
     pub mean: f64,
+    /// The distribution as `(latency_us, fraction of samples at or below)`
+    /// points, for CDF plots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdf: Vec<(u64, f64)>,
 }
 
 impl LatencySummary {
@@ -39,6 +43,10 @@ impl LatencySummary {
             p999: h.value_at_quantile(0.999),
             max: h.max(),
             mean: (h.mean() * 10.0).round() / 10.0,
+            cdf: h
+                .iter_quantiles(2)
+                .map(|v| (v.value_iterated_to(), (v.quantile_iterated_to() * 1e4).round() / 1e4))
+                .collect(),
         }
     }
 }
