@@ -4,79 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-
-const WAIT: Duration = Duration::from_secs(120);
-
-struct Move {
-    stats: serde_json::Value,
-    src_log: Vec<Logged>,
-    dst_log: Vec<Logged>,
-}
-
-/// Boots a guest in `ferry-source`, migrates it to a `ferry-dest` after
-/// `after`, and waits for the destination to tick a few times.
-fn migrate(dir: &Scratch, mem: &str, vcpus: u32, guest: &str, after: &str) -> Move {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let (dst_log, dst_json, dst_sock) = (
-        dir.path("dst.log"),
-        dir.path("dst.json"),
-        dir.path("dst.sock"),
-    );
-    let _dst = spawn(
-        "ferry-dest",
-        &[
-            "--listen",
-            &addr,
-            "--serial",
-            dst_log.to_str().unwrap(),
-            "--stats-json",
-            dst_json.to_str().unwrap(),
-            "--api",
-            dst_sock.to_str().unwrap(),
-        ],
-        &dir.path("dst.err"),
-    );
-    let src_log = dir.path("src.log");
-    let vcpus_s = vcpus.to_string();
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            mem,
-            "--vcpus",
-            &vcpus_s,
-            "--guest-args",
-            guest,
-            "--serial",
-            src_log.to_str().unwrap(),
-            "--migrate-to",
-            &addr,
-            "--after",
-            after,
-        ],
-        &dir.path("src.err"),
-    );
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let stats = wait_stats(&dst_json, WAIT);
-    let before = read_console(&src_log);
-    let after_log = wait_ticks(&dst_log, vcpus, 3, WAIT);
-    let status = ctl(&dst_sock, &["status"]);
-    assert_eq!(status["run_state"], "running", "{status}");
-    ctl(&dst_sock, &["quit"]);
-    Move {
-        stats,
-        src_log: before,
-        dst_log: after_log,
-    }
-}
 
 fn check_stats(s: &serde_json::Value, mem: u64) {
     let n = |k: &str| {
@@ -105,6 +33,7 @@ fn loopback_postcopy_1_vcpu_1g_write_heavy() {
         1,
         "ws=256M pattern=random write=80 report_ms=50",
         "2s",
+        &[],
     );
     check_stats(&m.stats, 1 << 30);
     assert!(
@@ -124,6 +53,7 @@ fn loopback_postcopy_2_vcpus_1g_write_heavy() {
         2,
         "ws=256M pattern=random write=80 report_ms=50",
         "2s",
+        &[],
     );
     check_stats(&m.stats, 1 << 30);
     let per = m.stats["fault_latency_us"]["per_vcpu"].as_object().unwrap();
@@ -143,6 +73,7 @@ fn mostly_zero_4g_guest_moves_only_what_it_touched() {
         1,
         "ws=64M pattern=random write=50 report_ms=50",
         "1s",
+        &[],
     );
     check_stats(&m.stats, 4 << 30);
     let wire = m.stats["bytes_wire"].as_u64().unwrap();

@@ -87,6 +87,116 @@ impl Drop for TwoHosts {
     }
 }
 
+/// Runs a move between the two hosts and returns the destination's stats
+/// after checking the guest across it.
+fn move_between(
+    hosts: &TwoHosts,
+    dir: &Scratch,
+    guest: &str,
+    src_args: &[&str],
+) -> serde_json::Value {
+    let (dst_log, dst_json, dst_sock) = (
+        dir.path("dst.log"),
+        dir.path("dst.json"),
+        dir.path("dst.sock"),
+    );
+    let mut dst = hosts.spawn_in(
+        &hosts.b.clone(),
+        "ferry-dest",
+        &[
+            "--listen",
+            "10.77.0.2:7000",
+            "--serial",
+            dst_log.to_str().unwrap(),
+            "--stats-json",
+            dst_json.to_str().unwrap(),
+            "--api",
+            dst_sock.to_str().unwrap(),
+        ],
+        &dir.path("dst.err"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let src_log = dir.path("src.log");
+    let mut args = vec![
+        "--mem",
+        "512M",
+        "--vcpus",
+        "1",
+        "--guest-args",
+        guest,
+        "--serial",
+        src_log.to_str().unwrap(),
+        "--migrate-to",
+        "10.77.0.2:7000",
+        "--after",
+        "1s",
+    ];
+    args.extend_from_slice(src_args);
+    let mut src = hosts.spawn_in(
+        &hosts.a.clone(),
+        "ferry-source",
+        &args,
+        &dir.path("src.err"),
+    );
+    assert!(
+        wait_exit(&mut src, WAIT, "the source"),
+        "source failed: {}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let stats = wait_stats(&dst_json, WAIT);
+    assert_eq!(stats["guest_bad"], 0, "{stats}");
+    let after = wait_ticks(&dst_log, 1, 3, WAIT);
+    assert_continues(&read_console(&src_log), &after, 1);
+    let _ = dst.0.kill();
+    let _ = dst.0.wait();
+    stats
+}
+
+/// The guest dirties its 32 MiB working set far faster than a 100 Mbit/s
+/// link moves it: pre-copy must give up after its rounds, say so, and still
+/// move the VM correctly (stop-and-copy of the rest); hybrid must switch to
+/// post-copy instead, with a short downtime.
+#[test]
+fn precopy_that_cannot_converge_says_so_and_hybrid_switches() {
+    let hosts = TwoHosts::new(&format!("fz{}", std::process::id() % 10000), "100mbit");
+    let guest = "ws=32M pattern=random write=100 report_ms=50";
+
+    let dir = Scratch::new("noconv");
+    let pre = move_between(
+        &hosts,
+        &dir,
+        guest,
+        &["--mode", "precopy", "--max-rounds", "3"],
+    );
+    assert_eq!(pre["converged"], false, "{pre}");
+    assert_eq!(
+        pre["precopy_rounds"].as_array().unwrap().len(),
+        4 + 1,
+        "{pre}"
+    );
+    let src_err = std::fs::read_to_string(dir.path("src.err")).unwrap_or_default();
+    assert!(
+        src_err.contains("did not converge"),
+        "the source did not say so: {src_err}"
+    );
+
+    let dir = Scratch::new("hybridsw");
+    let hyb = move_between(
+        &hosts,
+        &dir,
+        guest,
+        &["--mode", "hybrid", "--hybrid-rounds", "1"],
+    );
+    assert_eq!(hyb["mode"], "hybrid");
+    let pre_down = pre["downtime_us"].as_u64().unwrap();
+    let hyb_down = hyb["downtime_us"].as_u64().unwrap();
+    assert!(
+        hyb_down * 5 < pre_down,
+        "hybrid downtime {hyb_down} µs vs pre-copy {pre_down} µs"
+    );
+    eprintln!("pre-copy (not converged) downtime {pre_down} µs, hybrid {hyb_down} µs");
+}
+
 #[test]
 fn postcopy_between_two_namespaces_over_1gbit() {
     let dir = Scratch::new("twohost");

@@ -201,3 +201,79 @@ fn pause_snapshot_restore_in_a_new_process() {
     assert_eq!(status["guest"]["bad"], 0);
     ctl(&dst_sock, &["quit"]);
 }
+
+/// KVM's dirty log, which pre-copy relies on, names every page the guest
+/// changed: compare memory before and after a run with the log.
+#[test]
+fn dirty_log_names_every_page_the_guest_changed() {
+    let dir = Scratch::new("dirty");
+    let (mut vm, log) = boot(&dir, "d.log", 128 << 20, 2, "ws=32M write=80 report_ms=50");
+    wait_ticks(&log, 2, 2, TICK_WAIT);
+    vm.pause().unwrap();
+    let size = vm.ram().size() as usize;
+    let mut before = vec![0u8; size];
+    vm.ram().read_at(0, &mut before).unwrap();
+    vm.start_dirty_log().unwrap();
+    vm.resume().unwrap();
+    // Pre-copy takes the log while the guest runs, then once more paused:
+    // together the two must name every change.
+    let mut dirty = vec![0u64; (size / PAGE_SIZE).div_ceil(64)];
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(60));
+        for (d, w) in dirty.iter_mut().zip(vm.take_dirty_log().unwrap()) {
+            *d |= w;
+        }
+    }
+    vm.pause().unwrap();
+    for (d, w) in dirty.iter_mut().zip(vm.take_dirty_log().unwrap()) {
+        *d |= w;
+    }
+    let mut after = vec![0u8; size];
+    vm.ram().read_at(0, &mut after).unwrap();
+    let (mut changed, mut missed) = (0, Vec::new());
+    for (p, (a, b)) in before
+        .chunks(PAGE_SIZE)
+        .zip(after.chunks(PAGE_SIZE))
+        .enumerate()
+    {
+        if a != b {
+            changed += 1;
+            if dirty[p / 64] & (1 << (p % 64)) == 0 {
+                missed.push(p);
+            }
+        }
+    }
+    assert!(changed > 100, "the guest changed only {changed} pages");
+    assert!(
+        missed.is_empty(),
+        "{} of {changed} changed pages not in the dirty log, e.g. {:?}",
+        missed.len(),
+        &missed[..missed.len().min(8)]
+    );
+}
+
+/// The guest's other checks can fail too: its self-test injects one fault of
+/// each kind (a register clobbered mid-check, an MSR changed, the timer
+/// stopped), and each must come out as the matching BAD line.
+#[test]
+fn guest_reports_register_msr_and_timer_faults() {
+    let dir = Scratch::new("inject");
+    for kind in ["reg", "msr", "timer"] {
+        let name = format!("{kind}.log");
+        let (_vm, log) = boot(
+            &dir,
+            &name,
+            64 << 20,
+            1,
+            &format!("ws=1M report_ms=50 inject={kind}"),
+        );
+        let bad = wait_for(TICK_WAIT, &format!("BAD {kind}"), || {
+            let b = bad_lines(&read_console(&log));
+            (!b.is_empty()).then_some(b)
+        });
+        assert!(
+            bad[0].starts_with(&format!("FERRY BAD {kind}")),
+            "{kind}: {bad:?}"
+        );
+    }
+}

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Commands: `status`, `pause`, `resume`, `snapshot` (`path`),
-//! `migrate` (`to`, optional `stats_json`), `quit`.
+//! `migrate` (`to`, optional `stats_json` and `mode`), `quit`.
 //! Requests are untrusted: malformed or oversized lines get an error
 //! response, never a panic, and the connection stays usable.
 
@@ -71,6 +71,9 @@ pub enum ApiRequest {
         /// Also write the migration statistics here.
         #[serde(default)]
         stats_json: Option<PathBuf>,
+        /// `postcopy` (default), `stop-and-copy`, `precopy` or `hybrid`.
+        #[serde(default)]
+        mode: Option<ferry_page_server::protocol::MigrationMode>,
     },
     /// Stop the VM and the process.
     Quit,

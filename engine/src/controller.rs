@@ -48,9 +48,10 @@ pub fn write_stats(path: &Path, stats: &migration::MigrationStats) -> Result<(),
 pub fn migrate_to(
     vm: &mut Vm,
     to: &str,
+    opts: &migration::SourceOptions,
     stats_json: Option<&Path>,
 ) -> Result<Value, ControllerError> {
-    let outcome = migration::migrate_postcopy(vm, to, &migration::SourceOptions::default())?;
+    let outcome = migration::migrate(vm, to, opts)?;
     println!("{}", outcome.stats.table());
     if let Some(p) = stats_json {
         write_stats(p, &outcome.stats)?;
@@ -104,14 +105,22 @@ pub fn handle(vm: &mut Vm, req: &ApiRequest) -> (ApiResponse, bool) {
             .map_err(ControllerError::from),
         ApiRequest::Snapshot { path } => snapshot_to(vm, path),
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
-        ApiRequest::Migrate { to, stats_json } => {
-            return match migrate_to(vm, to, stats_json.as_deref()) {
+        ApiRequest::Migrate {
+            to,
+            stats_json,
+            mode,
+        } => {
+            let opts = migration::SourceOptions {
+                mode: mode.unwrap_or(ferry_page_server::protocol::MigrationMode::Postcopy),
+                ..Default::default()
+            };
+            return match migrate_to(vm, to, &opts, stats_json.as_deref()) {
                 Ok(v) => (ApiResponse::ok(v), true),
                 Err(e) => {
                     error!("migration failed: {e}");
                     (ApiResponse::err(e), false)
                 }
-            }
+            };
         }
     };
     match r {

@@ -137,6 +137,25 @@ impl GuestRam {
     }
 }
 
+impl GuestRam {
+    /// Drops pages from the memory file: they read as zero afterwards, and
+    /// fault again under userfaultfd.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+        self.check(offset, len as usize)?;
+        nix::fcntl::fallocate(
+            &*self.file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+        .map_err(|e| MemoryError::Io {
+            offset,
+            source: e.into(),
+        })
+    }
+}
+
 /// True when every byte of `page` is zero.
 pub fn is_zero(page: &[u8]) -> bool {
     let mut words = page.chunks_exact(16);

@@ -167,29 +167,7 @@ impl PreparedVm {
         }
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let ram = GuestRam::new(mem_size)?;
-        for (slot, region) in ram.ranges().iter().enumerate() {
-            let host = ram
-                .guest_memory()
-                .get_host_address(GuestAddress(region.guest_addr))
-                .map_err(|e| {
-                    VmError::Memory(MemoryError::Io {
-                        offset: region.file_offset,
-                        source: std::io::Error::other(e.to_string()),
-                    })
-                })?;
-            let mr = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.guest_addr,
-                memory_size: region.len,
-                userspace_addr: host as u64,
-            };
-            // SAFETY: `host` is the start of a live mapping of `region.len`
-            // bytes owned by `ram`, which this VM keeps alive (in `Vm`) for as
-            // long as the KVM VM fd exists.
-            unsafe { fd.set_user_memory_region(mr) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        set_memory_slots(&fd, &ram, 0)?;
         if sync_faults {
             enable_sync_faults(&fd);
         }
@@ -361,6 +339,34 @@ impl PreparedVm {
     }
 }
 
+/// Registers (or re-registers with new `flags`) one KVM memory slot per RAM
+/// range; slot `i` is `ram.ranges()[i]`.
+fn set_memory_slots(fd: &VmFd, ram: &GuestRam, flags: u32) -> Result<(), VmError> {
+    for (slot, region) in ram.ranges().iter().enumerate() {
+        let host = ram
+            .guest_memory()
+            .get_host_address(GuestAddress(region.guest_addr))
+            .map_err(|e| {
+                VmError::Memory(MemoryError::Io {
+                    offset: region.file_offset,
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?;
+        let mr = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.guest_addr,
+            memory_size: region.len,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of a live mapping of `region.len`
+        // bytes owned by `ram`, which the VM keeps alive (in `Vm`) for as
+        // long as the KVM VM fd exists.
+        unsafe { fd.set_user_memory_region(mr) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
 /// Makes KVM fault missing guest pages in on the vCPU thread itself.
 ///
 /// By default KVM hands a guest access to a non-present host page to an
@@ -456,6 +462,36 @@ impl Vm {
     /// The KVM VM fd (for dirty logging).
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// Starts KVM dirty logging on all of guest RAM (and clears the log).
+    pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        set_memory_slots(&self.fd, &self.ram, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)?;
+        self.take_dirty_log().map(|_| ())
+    }
+
+    /// Stops dirty logging.
+    pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        set_memory_slots(&self.fd, &self.ram, 0)
+    }
+
+    /// Returns and clears the pages the guest wrote since the last call: one
+    /// bit per memory-file page, as little-endian `u64` words.
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
+        let mut out = vec![0u64; self.ram.pages().div_ceil(64) as usize];
+        for (slot, r) in self.ram.ranges().iter().enumerate() {
+            let log = self
+                .fd
+                .get_dirty_log(slot as u32, r.len as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            // Ranges start on 64-page boundaries of the memory file (0 and
+            // 3 GiB), so slot words map onto whole output words.
+            let first = (r.file_offset / crate::layout::PAGE_SIZE as u64 / 64) as usize;
+            for (o, w) in out.iter_mut().skip(first).zip(log) {
+                *o |= w;
+            }
+        }
+        Ok(out)
     }
 
     /// True while the vCPUs run.

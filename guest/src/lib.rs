@@ -84,9 +84,11 @@
 //! per-vCPU, per-round values into rbx, r12-r15, xmm8-15 and the upper
 //! halves of ymm8-15, spin 2 µs with `pause`, compare), then the TSC
 //! monotonicity check.  Every `report_ms` it prints `TICK`, checks that its
-//! timer interrupt count grew (checked over windows of at least 20 ms;
-//! after a TSC gap of more than 10 intervals, i.e. a paused VM, that report
-//! and the next one are not checked), and has ring 0 compare
+//! timer interrupt count grows (checked over windows of at least 20 ms:
+//! two windows in a row without a timer interrupt are BAD, since a pause of
+//! the VM can empty only the window it falls in; after a TSC gap of more
+//! than 10 intervals that report and the next one are not checked), and has
+//! ring 0 compare
 //! `KERNEL_GS_BASE`, `STAR`, `LSTAR` and (with RDTSCP) `TSC_AUX` with the
 //! values it wrote.  A corrupted page is reported and rewritten, so one
 //! corruption gives one line.

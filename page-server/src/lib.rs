@@ -5,5 +5,5 @@ pub mod protocol;
 pub mod server;
 pub mod source;
 
-pub use server::{serve, LatencyUs, ServerConfig, ServerError, ServerStats};
+pub use server::{serve, serve_rest, LatencyUs, ServerConfig, ServerError, ServerStats};
 pub use source::{FileSource, PageSource};

@@ -118,6 +118,10 @@ pub enum MsgType {
     PageRequest = 0x21,
     /// Source → destination: every page has been pushed once (JSON stats).
     PushDone = 0x22,
+    /// Source → destination, control, hybrid mode before `State`: a bitmap
+    /// (little-endian u64 words, bit = page) of pages that changed after
+    /// they were sent; the destination drops them and faults them in later.
+    Discard = 0x23,
     /// Destination → source: every page is present (JSON stats); the source
     /// may release the VM's memory.
     Complete = 0x30,
@@ -136,6 +140,7 @@ impl MsgType {
             Pages,
             PageRequest,
             PushDone,
+            Discard,
             Complete,
             Abort,
         ]
@@ -153,7 +158,7 @@ impl MsgType {
                 PAGES_PREFIX + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE,
             ),
             MsgType::PageRequest => (16, 16),
-            MsgType::State => (4, MAX_PAYLOAD),
+            MsgType::State | MsgType::Discard => (4, MAX_PAYLOAD),
             MsgType::Resumed | MsgType::PushDone | MsgType::Complete => (0, 1 << 20),
             MsgType::Abort => (0, 4096),
         }
@@ -248,6 +253,70 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<FrameHeader, P
     Ok(hdr)
 }
 
+/// Hello option (critical): the migration mode, one byte ([`MigrationMode`]).
+pub const OPT_MODE: u16 = 0x8001;
+
+/// How the memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum MigrationMode {
+    /// State first; pages on demand and by background push.
+    Postcopy = 0,
+    /// Pause, all pages, then state.
+    StopAndCopy = 1,
+    /// Pages while running, in rounds of dirty pages; pause; the rest; state.
+    Precopy = 2,
+    /// Some pre-copy rounds, then post-copy for the rest.
+    Hybrid = 3,
+}
+
+impl MigrationMode {
+    /// Decodes the `OPT_MODE` byte.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        [
+            Self::Postcopy,
+            Self::StopAndCopy,
+            Self::Precopy,
+            Self::Hybrid,
+        ]
+        .into_iter()
+        .find(|m| *m as u8 == v)
+    }
+
+    /// The name used on the command line and in statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Postcopy => "postcopy",
+            Self::StopAndCopy => "stop-and-copy",
+            Self::Precopy => "precopy",
+            Self::Hybrid => "hybrid",
+        }
+    }
+
+    /// True when the destination fetches pages after resuming.
+    pub fn lazy(self) -> bool {
+        matches!(self, Self::Postcopy | Self::Hybrid)
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            Self::Postcopy,
+            Self::StopAndCopy,
+            Self::Precopy,
+            Self::Hybrid,
+        ]
+        .into_iter()
+        .find(|m| m.name() == s)
+        .ok_or_else(|| {
+            format!("unknown mode {s:?}: expected postcopy, stop-and-copy, precopy or hybrid")
+        })
+    }
+}
+
 /// Role of a connection within a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -282,6 +351,19 @@ pub struct Hello {
 }
 
 impl Hello {
+    /// The migration mode the source asks for (post-copy when absent).
+    pub fn mode(&self) -> Result<MigrationMode, ProtocolError> {
+        match self.options.iter().find(|(t, _)| *t == OPT_MODE) {
+            None => Ok(MigrationMode::Postcopy),
+            Some((_, v)) => v
+                .first()
+                .copied()
+                .and_then(MigrationMode::from_u8)
+                .filter(|_| v.len() == 1)
+                .ok_or_else(|| ProtocolError::Handshake(format!("bad mode option {v:?}"))),
+        }
+    }
+
     /// Encodes the payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut p = Vec::with_capacity(HELLO_FIXED);

@@ -165,6 +165,19 @@ pub fn serve(
     source: &dyn PageSource,
     cfg: &ServerConfig,
 ) -> Result<(ServerStats, serde_json::Value), ServerError> {
+    serve_rest(control, fault, source, cfg, None)
+}
+
+/// Like [`serve`], when the destination already holds some pages (hybrid
+/// migration: pre-copy rounds first). `have` has one bit per page, set for
+/// pages the push must skip; demand requests are answered for any page.
+pub fn serve_rest(
+    control: std::net::TcpStream,
+    fault: std::net::TcpStream,
+    source: &dyn PageSource,
+    cfg: &ServerConfig,
+    have: Option<&[u64]>,
+) -> Result<(ServerStats, serde_json::Value), ServerError> {
     let start = Instant::now();
     let mut poll = Poll::new().map_err(setup("creating the event loop"))?;
     let mut server = Server {
@@ -174,7 +187,13 @@ pub fn serve(
         lz4: cfg.lz4,
         zero_runs: cfg.zero_runs,
         push_pages: u64::from(cfg.push_pages.clamp(1, MAX_PAGES_PER_FRAME)),
-        sweep: Sweep::new(source.pages()),
+        sweep: {
+            let mut sweep = Sweep::new(source.pages());
+            if let Some(have) = have {
+                sweep.mark_all(have);
+            }
+            sweep
+        },
         stats: ServerStats::default(),
         service: Histogram::new_with_bounds(1, 60_000_000, 3)
             .map_err(|e| setup("creating a histogram")(io::Error::other(e)))?,
@@ -267,6 +286,15 @@ impl Sweep {
                 self.sent[(p / 64) as usize] |= 1 << (p % 64);
                 self.left -= 1;
             }
+        }
+    }
+
+    /// Marks every page whose bit is set in `bits` as sent.
+    fn mark_all(&mut self, bits: &[u64]) {
+        for (w, &word) in self.sent.iter_mut().zip(bits) {
+            let new = word & !*w;
+            *w |= new;
+            self.left -= u64::from(new.count_ones());
         }
     }
 
@@ -876,6 +904,16 @@ mod tests {
         assert!(s.done());
         assert_eq!(s.next(), None);
         assert_eq!(s.left, 0);
+    }
+
+    #[test]
+    fn sweep_skips_pages_the_destination_has() {
+        let mut s = Sweep::new(130);
+        s.mark_all(&[u64::MAX, 0b1010, u64::MAX]);
+        assert_eq!(s.left, 130 - 64 - 2 - 2);
+        assert_eq!(s.next(), Some(64));
+        s.mark(64, 1);
+        assert_eq!(s.next(), Some(66));
     }
 
     #[test]

@@ -211,3 +211,80 @@ pub fn assert_continues(before: &[Logged], after: &[Logged], vcpus: u32) {
         assert!(first.1 >= last.1, "vCPU {v} timer count went back");
     }
 }
+
+/// How long a whole move may take in a test.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// A finished move: the destination's statistics and both console logs.
+pub struct Move {
+    pub stats: serde_json::Value,
+    pub src_log: Vec<Logged>,
+    pub dst_log: Vec<Logged>,
+}
+
+/// Boots a guest in `ferry-source`, migrates it to a `ferry-dest` after
+/// `after`, and waits for the destination to tick a few times.
+pub fn migrate(
+    dir: &Scratch,
+    mem: &str,
+    vcpus: u32,
+    guest: &str,
+    after: &str,
+    source_args: &[&str],
+) -> Move {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (dst_log, dst_json, dst_sock) = (
+        dir.path("dst.log"),
+        dir.path("dst.json"),
+        dir.path("dst.sock"),
+    );
+    let _dst = spawn(
+        "ferry-dest",
+        &[
+            "--listen",
+            &addr,
+            "--serial",
+            dst_log.to_str().unwrap(),
+            "--stats-json",
+            dst_json.to_str().unwrap(),
+            "--api",
+            dst_sock.to_str().unwrap(),
+        ],
+        &dir.path("dst.err"),
+    );
+    let src_log = dir.path("src.log");
+    let vcpus_s = vcpus.to_string();
+    let mut args = vec![
+        "--mem",
+        mem,
+        "--vcpus",
+        &vcpus_s,
+        "--guest-args",
+        guest,
+        "--serial",
+        src_log.to_str().unwrap(),
+        "--migrate-to",
+        &addr,
+        "--after",
+        after,
+    ];
+    args.extend_from_slice(source_args);
+    let mut src = spawn("ferry-source", &args, &dir.path("src.err"));
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "source failed: {}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let stats = wait_stats(&dst_json, WAIT);
+    let before = read_console(&src_log);
+    let after_log = wait_ticks(&dst_log, vcpus, 3, WAIT);
+    let status = ctl(&dst_sock, &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+    ctl(&dst_sock, &["quit"]);
+    Move {
+        stats,
+        src_log: before,
+        dst_log: after_log,
+    }
+}

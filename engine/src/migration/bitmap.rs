@@ -25,13 +25,18 @@ impl PageBitmap {
 
     /// True when `pfn` is set (false past the end).
     pub fn get(&self, pfn: u64) -> bool {
-        self.words
-            .get((pfn / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (pfn % 64)) != 0)
+        pfn < self.pages
+            && self
+                .words
+                .get((pfn / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (pfn % 64)) != 0)
     }
 
     /// Sets `pfn`; returns whether it was clear before.
     pub fn set(&self, pfn: u64) -> bool {
+        if pfn >= self.pages {
+            return false;
+        }
         match self.words.get((pfn / 64) as usize) {
             Some(w) => {
                 let bit = 1 << (pfn % 64);
@@ -39,6 +44,21 @@ impl PageBitmap {
             }
             None => false,
         }
+    }
+
+    /// Clears `pfn`.
+    pub fn clear(&self, pfn: u64) {
+        if let Some(w) = self.words.get((pfn / 64) as usize) {
+            w.fetch_and(!(1 << (pfn % 64)), Ordering::AcqRel);
+        }
+    }
+
+    /// A copy of the words.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
     }
 
     /// Sets `count` pages from `pfn`; returns how many were clear before.

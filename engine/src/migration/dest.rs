@@ -9,6 +9,11 @@
 //! PushDone ──► wait until every page is present or zero ──► unregister ──► Complete
 //! ```
 //!
+//! Pre-copy, stop-and-copy and hybrid send pages before the state; they are
+//! written straight into the memory file (the VM is not running yet).
+//! Hybrid then drops the pages the source reports stale (`Discard`) and
+//! continues as post-copy; the other two are complete once the state is in.
+//!
 //! Any failure before the vCPUs resume sends `Abort`, so the source can
 //! resume its own copy of the VM: no VM is lost.
 
@@ -19,8 +24,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_page_server::protocol::{
-    self, decode_pages, features, read_frame, write_frame, Hello, HelloAck, MsgType, PageEncoding,
-    ProtocolError, Role, PAGES_PREFIX, PROTOCOL_VERSION,
+    self, decode_pages, features, read_frame, write_frame, Hello, HelloAck, MigrationMode, MsgType,
+    PageEncoding, ProtocolError, Role, OPT_MODE, PAGES_PREFIX, PROTOCOL_VERSION,
 };
 use tracing::{info, warn};
 
@@ -30,6 +35,7 @@ use super::uffd_ram::{UffdRam, UffdRamError};
 use super::wire::{decode_state, Resumed};
 use crate::console::now_us;
 use crate::layout::{valid_mem_size, PAGE_SIZE};
+use crate::memory::{GuestRam, MemoryError};
 use crate::state::{self, CodecError};
 use crate::vm::{ConsoleOutput, PreparedVm, Vm, VmError, MAX_VCPUS};
 
@@ -61,6 +67,9 @@ pub enum DestError {
     /// The fault handler.
     #[error("fault handler: {0}")]
     Fault(#[from] FaultError),
+    /// Writing received pages.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     /// Pages never arrived.
     #[error("{0} pages were still missing {DRAIN_TIMEOUT:?} after the source finished pushing")]
     Incomplete(u64),
@@ -91,11 +100,11 @@ pub fn receive(
 
     // Handshake on the control connection, then prepare the VM at once.
     let hello = expect_hello(&mut rd, &mut buf, Role::Control, None)?;
-    let prepared = match prepare(&hello, console) {
+    let mode = hello.mode().map_err(|e| abort(&mut wr, e.into()))?;
+    let (prepared, uffd) = match prepare(&hello, mode, console) {
         Ok(p) => p,
         Err(e) => return Err(abort(&mut wr, e)),
     };
-    let (prepared, ram) = prepared;
     let accepted = hello.features & features::SUPPORTED;
     ack(&mut wr, &hello, accepted)?;
 
@@ -114,27 +123,81 @@ pub fn receive(
     let mut fault_wr = fault_conn.try_clone().map_err(ProtocolError::Io)?;
     ack(&mut fault_wr, &fhello, accepted)?;
 
-    // The state.
-    let hdr = read_frame(&mut rd, &mut buf)?;
-    if hdr.kind != MsgType::State {
-        return Err(abort(
-            &mut wr,
-            ProtocolError::Unexpected {
-                got: hdr.kind,
-                expected: "State",
-            }
-            .into(),
-        ));
+    // Pages sent before the state (pre-copy modes), then the state.
+    let mut counters = PushCounters::default();
+    if let Err(e) = receive_before_state(
+        &mut rd,
+        &mut buf,
+        prepared.ram(),
+        uffd.as_deref(),
+        mode,
+        &mut counters,
+    ) {
+        return Err(abort(&mut wr, e));
     }
     let bytes_state = buf.len() as u64;
     let (meta, blob) = decode_state(&buf).map_err(|e| abort(&mut wr, e.into()))?;
     let machine = state::decode(blob).map_err(|e| abort(&mut wr, e.into()))?;
-    if machine.meta.mem_size != hello.mem_size || machine.meta.vcpus != hello.vcpus {
+    if machine.meta.mem_size != hello.mem_size
+        || machine.meta.vcpus != hello.vcpus
+        || meta.mode != mode
+    {
         return Err(abort(
             &mut wr,
             DestError::Refused("state does not match the Hello".into()),
         ));
     }
+    let Some(ram) = uffd else {
+        // Everything is here already: restore, resume, done.
+        let mut vm = prepared
+            .restore(&machine)
+            .map_err(|e| abort(&mut wr, e.into()))?;
+        vm.seed_monitor(&meta.last_ticks);
+        vm.resume().map_err(|e| abort(&mut wr, e.into()))?;
+        let resume_host_us = now_us();
+        let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
+        let resumed = Resumed {
+            downtime_us,
+            resume_host_us,
+        };
+        write_frame(
+            &mut wr,
+            MsgType::Resumed,
+            0,
+            &serde_json::to_vec(&resumed).unwrap_or_default(),
+        )?;
+        let total_ms = (now_us().saturating_sub(meta.start_host_us)) as f64 / 1e3;
+        info!(
+            downtime_us,
+            total_ms,
+            mode = mode.name(),
+            "vCPUs running on the destination"
+        );
+        let stall = wait_for_ticks(&vm, resume_host_us);
+        let bad = meta.guest_bad + vm.monitor().bad;
+        let mut stats = build_stats(
+            &vm,
+            downtime_us,
+            total_ms,
+            bytes_state,
+            counters,
+            None,
+            serde_json::Value::Null,
+            stall,
+            bad,
+        );
+        stats.mode = mode.name().into();
+        stats.converged = meta.converged;
+        stats.precopy_rounds = meta.rounds;
+        write_frame(
+            &mut wr,
+            MsgType::Complete,
+            0,
+            &serde_json::to_vec(&stats).unwrap_or_default(),
+        )?;
+        wr.flush().map_err(ProtocolError::Io)?;
+        return Ok((vm, stats));
+    };
 
     // The fault handler must run before anything can touch guest memory.
     let tids = Arc::new(OnceLock::new());
@@ -182,7 +245,7 @@ pub fn receive(
     wr.flush().map_err(ProtocolError::Io)?;
 
     // From here the VM runs here; errors are reported, the VM is kept.
-    let pushed = install_push(&mut rd, &mut buf, &ram);
+    let pushed = install_push(&mut rd, &mut buf, &ram, counters);
     let result = pushed.and_then(|(counters, source_stats)| {
         let t = Instant::now();
         while !ram.complete() {
@@ -202,10 +265,38 @@ pub fn receive(
     let (counters, source_stats) = result?;
     let fault_stats = fault_stats?;
     ram.unregister()?;
-    let total_ms = (now_us().saturating_sub(meta.pause_host_us)) as f64 / 1e3;
+    let total_ms = (now_us().saturating_sub(meta.start_host_us)) as f64 / 1e3;
     info!(total_ms, "every page present; userfaultfd unregistered");
 
-    // Let every vCPU tick once here so the stall across the move is known.
+    let stall = wait_for_ticks(&vm, resume_host_us);
+    let bad = meta.guest_bad + vm.monitor().bad;
+    let mut stats = build_stats(
+        &vm,
+        downtime_us,
+        total_ms,
+        bytes_state,
+        counters,
+        Some(fault_stats),
+        source_stats,
+        stall,
+        bad,
+    );
+    stats.mode = mode.name().into();
+    stats.converged = meta.converged;
+    stats.precopy_rounds = meta.rounds;
+    write_frame(
+        &mut wr,
+        MsgType::Complete,
+        0,
+        &serde_json::to_vec(&stats).unwrap_or_default(),
+    )?;
+    wr.flush().map_err(ProtocolError::Io)?;
+    Ok((vm, stats))
+}
+
+/// Lets every vCPU tick once after `resume_host_us` (bounded), so the stall
+/// across the move is known; returns it in ms.
+fn wait_for_ticks(vm: &Vm, resume_host_us: u64) -> f64 {
     let t = Instant::now();
     while vm
         .monitor()
@@ -218,29 +309,89 @@ pub fn receive(
     {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let monitor = vm.monitor();
-    let stats = build_stats(
-        &vm,
-        downtime_us,
-        total_ms,
-        bytes_state,
-        counters,
-        fault_stats,
-        source_stats,
-        monitor.max_stall_ms(),
-        meta.guest_bad + monitor.bad,
-    );
-    write_frame(
-        &mut wr,
-        MsgType::Complete,
-        0,
-        &serde_json::to_vec(&stats).unwrap_or_default(),
-    )?;
-    wr.flush().map_err(ProtocolError::Io)?;
-    Ok((vm, stats))
+    vm.monitor().max_stall_ms()
 }
 
-fn prepare(hello: &Hello, console: ConsoleOutput) -> Result<(PreparedVm, Arc<UffdRam>), DestError> {
+/// Receives what comes before `State`: pages (pre-copy modes) and, in
+/// hybrid mode, the stale-page `Discard`. Leaves the `State` payload in `buf`.
+fn receive_before_state(
+    rd: &mut impl std::io::Read,
+    buf: &mut Vec<u8>,
+    ram: &GuestRam,
+    uffd: Option<&UffdRam>,
+    mode: MigrationMode,
+    c: &mut PushCounters,
+) -> Result<(), DestError> {
+    let mut pages = Vec::new();
+    loop {
+        let hdr = read_frame(rd, buf)?;
+        match hdr.kind {
+            MsgType::State => return Ok(()),
+            MsgType::Pages if mode != MigrationMode::Postcopy => {
+                c.bytes_wire += (protocol::HEADER_LEN + buf.len()) as u64;
+                let ph = decode_pages(buf, ram.pages(), &mut pages)?;
+                let (first, n) = (ph.first_pfn, u64::from(ph.count));
+                if ph.encoding == PageEncoding::Zero {
+                    c.pages_zero += n;
+                    ram.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
+                    if let Some(u) = uffd {
+                        for p in first..first + n {
+                            u.present.clear(p);
+                        }
+                        u.zero.set_range(first, n);
+                    }
+                } else {
+                    c.pages_pushed += n;
+                    c.bytes_page_data += (buf.len() - PAGES_PREFIX) as u64;
+                    c.bytes_page_raw += pages.len() as u64;
+                    ram.write_at(first * PAGE_SIZE as u64, &pages)?;
+                    if let Some(u) = uffd {
+                        u.present.set_range(first, n);
+                        for p in first..first + n {
+                            u.zero.clear(p);
+                        }
+                    }
+                }
+            }
+            MsgType::Discard if mode == MigrationMode::Hybrid => {
+                let u =
+                    uffd.ok_or_else(|| DestError::Refused("Discard without userfaultfd".into()))?;
+                c.bytes_wire += (protocol::HEADER_LEN + buf.len()) as u64;
+                let words = buf
+                    .chunks_exact(8)
+                    .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
+                for (i, w) in words.enumerate() {
+                    let mut bits = w;
+                    while bits != 0 {
+                        let p = i as u64 * 64 + u64::from(bits.trailing_zeros());
+                        bits &= bits - 1;
+                        if p >= ram.pages() {
+                            return Err(
+                                ProtocolError::BadPages(format!("Discard names page {p}")).into()
+                            );
+                        }
+                        ram.discard(p * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
+                        u.present.clear(p);
+                        u.zero.clear(p);
+                    }
+                }
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other,
+                    expected: "State (or Pages/Discard before it in pre-copy modes)",
+                }
+                .into())
+            }
+        }
+    }
+}
+
+fn prepare(
+    hello: &Hello,
+    mode: MigrationMode,
+    console: ConsoleOutput,
+) -> Result<(PreparedVm, Option<Arc<UffdRam>>), DestError> {
     if !valid_mem_size(hello.mem_size) || hello.page_size as usize != PAGE_SIZE {
         return Err(DestError::Refused(format!(
             "memory size {} with page size {}",
@@ -250,14 +401,21 @@ fn prepare(hello: &Hello, console: ConsoleOutput) -> Result<(PreparedVm, Arc<Uff
     if hello.vcpus == 0 || hello.vcpus > MAX_VCPUS {
         return Err(DestError::Refused(format!("{} vCPUs", hello.vcpus)));
     }
-    if let Some((tag, _)) = hello.options.iter().find(|(t, _)| t & 0x8000 != 0) {
+    if let Some((tag, _)) = hello
+        .options
+        .iter()
+        .find(|(t, _)| t & 0x8000 != 0 && *t != OPT_MODE)
+    {
         return Err(DestError::Refused(format!(
             "unknown critical Hello option {tag:#06x}"
         )));
     }
+    if !mode.lazy() {
+        return Ok((PreparedVm::new(hello.mem_size, hello.vcpus, console)?, None));
+    }
     let prepared = PreparedVm::new_for_postcopy(hello.mem_size, hello.vcpus, console)?;
     let ram = Arc::new(UffdRam::register(prepared.ram())?);
-    Ok((prepared, ram))
+    Ok((prepared, Some(ram)))
 }
 
 fn expect_hello(
@@ -336,8 +494,8 @@ fn install_push(
     rd: &mut impl std::io::Read,
     buf: &mut Vec<u8>,
     ram: &UffdRam,
+    mut c: PushCounters,
 ) -> Result<(PushCounters, serde_json::Value), DestError> {
-    let mut c = PushCounters::default();
     let mut pages = Vec::new();
     loop {
         let hdr = read_frame(rd, buf)?;
@@ -377,7 +535,7 @@ fn build_stats(
     total_ms: f64,
     bytes_state: u64,
     push: PushCounters,
-    fault: FaultStats,
+    fault: Option<FaultStats>,
     source: serde_json::Value,
     guest_stall_ms: f64,
     guest_bad: u64,
@@ -389,6 +547,7 @@ fn build_stats(
             v.to_string()
         }
     };
+    let fault = fault.unwrap_or_else(FaultStats::empty);
     let per_vcpu = fault
         .per_vcpu
         .iter()
@@ -407,7 +566,7 @@ fn build_stats(
     let raw = push.bytes_page_raw + fault.bytes_page_raw;
     let meta = vm.meta();
     MigrationStats {
-        mode: "postcopy".into(),
+        mode: String::new(),
         mem_size: meta.mem_size,
         vcpus: meta.vcpus,
         downtime_us,
@@ -436,5 +595,7 @@ fn build_stats(
         guest_stall_ms,
         guest_bad,
         source,
+        converged: None,
+        precopy_rounds: Vec::new(),
     }
 }

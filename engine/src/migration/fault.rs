@@ -65,6 +65,23 @@ pub struct FaultStats {
     pub bytes_page_raw: u64,
 }
 
+impl FaultStats {
+    /// No faults at all (modes without userfaultfd).
+    pub fn empty() -> Self {
+        Self {
+            pages_demand: 0,
+            prefetch_hits: 0,
+            zero_faults: 0,
+            overall: latency_histogram(),
+            per_vcpu: HashMap::new(),
+            blocktime_us: HashMap::new(),
+            bytes_wire: 0,
+            bytes_page_data: 0,
+            bytes_page_raw: 0,
+        }
+    }
+}
+
 struct Pending {
     since: Instant,
     vcpu: u32,
@@ -78,17 +95,7 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<FaultStats, FaultError> {
     conn.set_nonblocking(true).map_err(ProtocolError::Io)?;
-    let mut st = FaultStats {
-        pages_demand: 0,
-        prefetch_hits: 0,
-        zero_faults: 0,
-        overall: latency_histogram(),
-        per_vcpu: HashMap::new(),
-        blocktime_us: HashMap::new(),
-        bytes_wire: 0,
-        bytes_page_data: 0,
-        bytes_page_raw: 0,
-    };
+    let mut st = FaultStats::empty();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut events = EventBuffer::new(64);
     let mut rx: Vec<u8> = Vec::with_capacity(1 << 20);

@@ -5,11 +5,12 @@
 pub mod bitmap;
 pub mod dest;
 pub mod fault;
+pub mod precopy;
 pub mod source;
 pub mod stats;
 pub mod uffd_ram;
 pub mod wire;
 
 pub use dest::{receive, DestError};
-pub use source::{migrate_postcopy, Outcome, SourceError, SourceOptions};
+pub use source::{migrate, migrate_postcopy, Outcome, SourceError, SourceOptions};
 pub use stats::MigrationStats;

@@ -1,23 +1,34 @@
-//! The source side of a post-copy migration.
+//! The source side of a migration, in all four modes.
 //!
-//! Connect both connections and shake hands while the VM still runs, then
-//! pause, capture the state, send it, and wait for the destination to say
-//! its vCPUs run. From then on the destination owns the VM and the source
-//! is only its page server, until the destination says `Complete`. If
-//! anything fails before `Resumed`, the source resumes its own VM.
+//! Both connections are opened and the handshake done while the VM still
+//! runs. Then, by mode:
+//!
+//! - post-copy: pause, send the state, serve pages until `Complete`;
+//! - stop-and-copy: pause, send every page, send the state;
+//! - pre-copy: with KVM dirty logging on, send every page, then rounds of
+//!   the pages dirtied meanwhile until the estimated stop-and-copy time of
+//!   what is left meets the target or the round limit is hit (reported as
+//!   not converged); pause; send the rest; send the state;
+//! - hybrid: like pre-copy for a few rounds, then pause, tell the destination
+//!   which of its pages went stale (`Discard`), send the state, and serve the
+//!   rest post-copy.
+//!
+//! If anything fails before the destination says `Resumed`, the source
+//! resumes its own VM: the migration failed, the VM did not.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use ferry_page_server::protocol::{
-    self, features, read_frame, write_frame, Hello, HelloAck, MsgType, ProtocolError, Role,
-    PAGE_SIZE, PROTOCOL_VERSION,
+    self, features, read_frame, write_frame, Hello, HelloAck, MigrationMode, MsgType,
+    ProtocolError, Role, OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use ferry_page_server::server::{self, ServerConfig, ServerError};
 use ferry_page_server::source::FileSource;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use super::precopy::{self, PageSender, RoundStats};
 use super::stats::MigrationStats;
 use super::wire::{encode_state, Resumed, StateMeta};
 use crate::console::now_us;
@@ -55,17 +66,29 @@ pub enum SourceError {
 /// Options for a migration out.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
-    /// Page server tuning.
+    /// How the memory moves.
+    pub mode: MigrationMode,
+    /// Page server tuning (post-copy and hybrid).
     pub server: ServerConfig,
     /// Features to ask for.
     pub features: u64,
+    /// Pre-copy: most rounds after the first full pass.
+    pub max_rounds: u32,
+    /// Pre-copy: stop iterating once the rest is estimated to take this long.
+    pub downtime_target: Duration,
+    /// Hybrid: pre-copy rounds after the full pass before switching.
+    pub hybrid_rounds: u32,
 }
 
 impl Default for SourceOptions {
     fn default() -> Self {
         Self {
+            mode: MigrationMode::Postcopy,
             server: ServerConfig::default(),
             features: features::SUPPORTED,
+            max_rounds: 30,
+            downtime_target: Duration::from_millis(50),
+            hybrid_rounds: 2,
         }
     }
 }
@@ -120,15 +143,35 @@ fn handshake(s: &mut TcpStream, hello: &Hello, buf: &mut Vec<u8>) -> Result<Hell
     Ok(ack)
 }
 
-/// Moves `vm` to the destination at `addr` with post-copy. On success the
-/// VM runs there and `vm` is left paused here, to be dropped.
+/// The part of a migration before the destination resumes.
+struct PreSwitch {
+    rounds: Vec<RoundStats>,
+    converged: Option<bool>,
+    /// Hybrid: pages the destination holds current copies of.
+    have: Option<Vec<u64>>,
+    /// Pages dirtied during the last round, not sent yet.
+    pending: Option<Vec<u64>>,
+}
+
+/// Moves `vm` to the destination at `addr` with post-copy.
 pub fn migrate_postcopy(
     vm: &mut Vm,
     addr: &str,
     opts: &SourceOptions,
 ) -> Result<Outcome, SourceError> {
+    let opts = SourceOptions {
+        mode: MigrationMode::Postcopy,
+        ..opts.clone()
+    };
+    migrate(vm, addr, &opts)
+}
+
+/// Moves `vm` to the destination at `addr`. On success the VM runs there
+/// and `vm` is left paused here, to be dropped.
+pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome, SourceError> {
     let meta = vm.meta();
-    let session_id = now_us() ^ u64::from(std::process::id()) << 32;
+    let start_host_us = now_us();
+    let session_id = start_host_us ^ u64::from(std::process::id()) << 32;
     let mut hello = Hello {
         version: PROTOCOL_VERSION,
         role: Role::Control,
@@ -137,49 +180,96 @@ pub fn migrate_postcopy(
         mem_size: meta.mem_size,
         vcpus: meta.vcpus,
         page_size: PAGE_SIZE as u32,
-        options: Vec::new(),
+        options: vec![(OPT_MODE, vec![opts.mode as u8])],
     };
     let mut buf = Vec::new();
-    // Everything up to the pause happens while the guest runs.
     let mut control = connect(addr)?;
     let ack = handshake(&mut control, &hello, &mut buf)?;
     let mut fault = connect(addr)?;
     hello.role = Role::Fault;
     handshake(&mut fault, &hello, &mut buf)?;
-    info!(features = ack.features, "connected to the destination");
-
-    let was_running = vm.is_running();
-    let t0 = Instant::now();
-    let pause_host_us = now_us();
-    let pause = vm.pause()?;
-    let switched = switch_over(vm, &mut control, &mut buf, pause_host_us, pause);
-    let resumed = match switched {
-        Ok(r) => r,
-        Err(e) => {
-            error!("switch-over failed: {e}");
-            if was_running {
-                vm.resume()?;
-            }
-            return Err(SourceError::RolledBack(Box::new(e)));
-        }
-    };
     info!(
-        downtime_us = resumed.downtime_us,
-        "destination runs the VM; serving pages"
+        mode = opts.mode.name(),
+        features = ack.features,
+        "connected to the destination"
     );
 
     let mut cfg = opts.server.clone();
     cfg.lz4 &= ack.features & features::LZ4 != 0;
     cfg.zero_runs &= ack.features & features::ZERO_RUNS != 0;
     let source = FileSource::new(vm.ram().file().clone(), vm.ram().pages());
-    let (server_stats, complete) = server::serve(control, fault, &source, &cfg)?;
-    let mut stats: MigrationStats = protocol::from_json(
-        "Complete",
-        &serde_json::to_vec(&complete).unwrap_or_default(),
-    )?;
+
+    let was_running = vm.is_running();
+    let logging = matches!(opts.mode, MigrationMode::Precopy | MigrationMode::Hybrid);
+    let t0 = Instant::now();
+    let pre = (|| {
+        if logging {
+            if was_running {
+                vm.pause()?;
+            }
+            vm.start_dirty_log()?;
+            if was_running {
+                vm.resume()?;
+            }
+        }
+        let pre = before_pause(vm, &control, &source, &cfg, opts)?;
+        let pause_host_us = now_us();
+        let pause = vm.pause()?;
+        let pre = after_pause(vm, &control, &source, &cfg, opts, pre)?;
+        let resumed = switch_over(
+            vm,
+            &mut control,
+            &mut buf,
+            opts.mode,
+            start_host_us,
+            pause_host_us,
+            pause,
+            &pre,
+        )?;
+        Ok::<_, SourceError>((pre, resumed))
+    })();
+    if logging {
+        if let Err(e) = vm.stop_dirty_log() {
+            warn!("cannot stop dirty logging: {e}");
+        }
+    }
+    let (pre, resumed) = match pre {
+        Ok(r) => r,
+        Err(e) => {
+            error!("migration failed before switch-over: {e}");
+            if was_running {
+                vm.resume()?;
+            }
+            return Err(SourceError::RolledBack(Box::new(e)));
+        }
+    };
+    info!(downtime_us = resumed.downtime_us, "destination runs the VM");
+
+    let (server_stats, complete) = if opts.mode.lazy() {
+        let (s, c) = server::serve_rest(control, fault, &source, &cfg, pre.have.as_deref())?;
+        (serde_json::to_value(s).unwrap_or_default(), c)
+    } else {
+        let hdr = read_frame(&mut control, &mut buf)?;
+        if hdr.kind != MsgType::Complete {
+            return Err(ProtocolError::Unexpected {
+                got: hdr.kind,
+                expected: "Complete",
+            }
+            .into());
+        }
+        (
+            serde_json::Value::Null,
+            protocol::from_json("Complete", &buf)?,
+        )
+    };
+    let mut stats: MigrationStats =
+        serde_json::from_value(complete).map_err(|e| ProtocolError::BadJson {
+            what: "Complete",
+            why: e.to_string(),
+        })?;
     stats.source = serde_json::json!({
         "page_server": server_stats,
-        "switch_over_ms": t0.elapsed().as_secs_f64() * 1e3,
+        "migration_ms": t0.elapsed().as_secs_f64() * 1e3,
     });
     info!(
         total_ms = stats.total_ms,
@@ -188,18 +278,157 @@ pub fn migrate_postcopy(
     Ok(Outcome { stats })
 }
 
+/// Work done while the guest still runs: the pre-copy rounds.
+fn before_pause(
+    vm: &Vm,
+    control: &TcpStream,
+    source: &FileSource,
+    cfg: &ServerConfig,
+    opts: &SourceOptions,
+) -> Result<PreSwitch, SourceError> {
+    let mut pre = PreSwitch {
+        rounds: Vec::new(),
+        converged: None,
+        have: None,
+        pending: None,
+    };
+    if !matches!(opts.mode, MigrationMode::Precopy | MigrationMode::Hybrid) {
+        return Ok(pre);
+    }
+    let limit = match opts.mode {
+        MigrationMode::Hybrid => opts.hybrid_rounds,
+        _ => opts.max_rounds,
+    };
+    let target_ms = opts.downtime_target.as_secs_f64() * 1e3;
+    let mut sender = PageSender::new(control, source, cfg.lz4, cfg.zero_runs);
+    let mut dirty: Option<Vec<u64>> = None;
+    for round in 0..=limit {
+        let before = sender.bytes;
+        let data_before = sender.pages_data;
+        let (sent, ms) = precopy::timed(|| match &dirty {
+            None => sender.send_all(),
+            Some(d) => sender.send_set(d),
+        });
+        let sent = sent?;
+        sender.flush()?;
+        let d = vm.take_dirty_log()?;
+        let dirty_after = precopy::count(&d);
+        // Time per data page this round, applied to what is dirty now.
+        let data_pages = (sender.pages_data - data_before).max(1);
+        let est = dirty_after as f64 * ms / data_pages as f64;
+        info!(
+            round,
+            sent,
+            dirty_after,
+            ms,
+            est_downtime_ms = est,
+            "pre-copy round"
+        );
+        pre.rounds.push(RoundStats {
+            round,
+            pages: sent,
+            bytes: sender.bytes - before,
+            ms,
+            dirty_after,
+            est_downtime_ms: est,
+        });
+        dirty = Some(d);
+        if est <= target_ms {
+            pre.converged = Some(true);
+            break;
+        }
+    }
+    if pre.converged.is_none() {
+        pre.converged = Some(false);
+        if opts.mode == MigrationMode::Precopy {
+            warn!(rounds = limit, target_ms, "pre-copy did not converge: the guest dirties memory faster than the link moves it; finishing with stop-and-copy of the rest");
+        } else {
+            info!("hybrid: switching to post-copy after {limit} pre-copy rounds");
+        }
+    }
+    pre.pending = dirty;
+    Ok(pre)
+}
+
+/// Work done with the guest paused, before the state goes out.
+fn after_pause(
+    vm: &Vm,
+    control: &TcpStream,
+    source: &FileSource,
+    cfg: &ServerConfig,
+    opts: &SourceOptions,
+    mut pre: PreSwitch,
+) -> Result<PreSwitch, SourceError> {
+    let mut sender = PageSender::new(control, source, cfg.lz4, cfg.zero_runs);
+    match opts.mode {
+        MigrationMode::Postcopy => {}
+        MigrationMode::StopAndCopy => {
+            let (sent, ms) = precopy::timed(|| sender.send_all());
+            pre.rounds.push(RoundStats {
+                round: 0,
+                pages: sent?,
+                bytes: sender.bytes,
+                ms,
+                ..Default::default()
+            });
+        }
+        MigrationMode::Precopy => {
+            let dirty = final_dirty(vm, pre.pending.take())?;
+            let (sent, ms) = precopy::timed(|| sender.send_set(&dirty));
+            pre.rounds.push(RoundStats {
+                round: pre.rounds.len() as u32,
+                pages: sent?,
+                bytes: sender.bytes,
+                ms,
+                ..Default::default()
+            });
+        }
+        MigrationMode::Hybrid => {
+            let dirty = final_dirty(vm, pre.pending.take())?;
+            let mut payload = Vec::with_capacity(dirty.len() * 8);
+            for w in &dirty {
+                payload.extend_from_slice(&w.to_le_bytes());
+            }
+            sender.flush()?;
+            let mut c = control;
+            write_frame(&mut c, MsgType::Discard, 0, &payload)?;
+            pre.have = Some(dirty.iter().map(|w| !w).collect());
+        }
+    }
+    sender.flush()?;
+    Ok(pre)
+}
+
+/// What is still to send once paused: the pages dirtied in the last round
+/// (found after it was sent) plus those dirtied since.
+fn final_dirty(vm: &Vm, pending: Option<Vec<u64>>) -> Result<Vec<u64>, SourceError> {
+    let mut dirty = vm.take_dirty_log()?;
+    for (d, p) in dirty.iter_mut().zip(pending.unwrap_or_default()) {
+        *d |= p;
+    }
+    Ok(dirty)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn switch_over(
     vm: &mut Vm,
     control: &mut TcpStream,
     buf: &mut Vec<u8>,
+    mode: MigrationMode,
+    start_host_us: u64,
     pause_host_us: u64,
     pause: Duration,
+    pre: &PreSwitch,
 ) -> Result<Resumed, SourceError> {
     let t = Instant::now();
     let machine = vm.save_state()?;
     let save_us = t.elapsed().as_micros() as u64;
     let monitor = vm.monitor();
     let meta = StateMeta {
+        mode,
+        start_host_us,
+        rounds: pre.rounds.clone(),
+        converged: pre.converged,
         pause_host_us,
         last_ticks: monitor.last_tick.clone(),
         guest_bad: monitor.bad,

@@ -45,7 +45,12 @@ impl LatencySummary {
             mean: (h.mean() * 10.0).round() / 10.0,
             cdf: h
                 .iter_quantiles(2)
-                .map(|v| (v.value_iterated_to(), (v.quantile_iterated_to() * 1e4).round() / 1e4))
+                .map(|v| {
+                    (
+                        v.value_iterated_to(),
+                        (v.quantile_iterated_to() * 1e4).round() / 1e4,
+                    )
+                })
                 .collect(),
         }
     }
@@ -113,6 +118,12 @@ pub struct MigrationStats {
     pub guest_stall_ms: f64,
     /// BAD lines the guest printed (source and destination).
     pub guest_bad: u64,
+    /// Pre-copy modes: whether the downtime target was met.
+    #[serde(default)]
+    pub converged: Option<bool>,
+    /// Pre-copy modes: the rounds (0 is the full pass).
+    #[serde(default)]
+    pub precopy_rounds: Vec<super::precopy::RoundStats>,
     /// The source's own counters.
     pub source: serde_json::Value,
 }

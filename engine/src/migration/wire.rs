@@ -7,11 +7,25 @@ use std::collections::BTreeMap;
 use ferry_page_server::protocol::{self, ProtocolError};
 use serde::{Deserialize, Serialize};
 
+use ferry_page_server::protocol::MigrationMode;
+
+use super::precopy::RoundStats;
 use crate::monitor::LastTick;
 
 /// Context the source sends with the VM state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateMeta {
+    /// How the memory moves.
+    pub mode: MigrationMode,
+    /// Host wall clock when the migration began (connect), µs since the epoch.
+    pub start_host_us: u64,
+    /// Pre-copy rounds (empty for post-copy and stop-and-copy's single pass
+    /// is round 0).
+    #[serde(default)]
+    pub rounds: Vec<RoundStats>,
+    /// Whether pre-copy met its downtime target (None: not pre-copy).
+    #[serde(default)]
+    pub converged: Option<bool>,
     /// Host wall clock when the source began pausing, µs since the epoch.
     pub pause_host_us: u64,
     /// The guest's last tick per vCPU on the source.
@@ -63,12 +77,20 @@ mod tests {
     #[test]
     fn state_payload_round_trip_and_refusals() {
         let meta = StateMeta {
+            mode: MigrationMode::Precopy,
+            start_host_us: 1,
+            rounds: Vec::new(),
+            converged: Some(false),
             pause_host_us: 5,
-            ..Default::default()
+            last_ticks: BTreeMap::new(),
+            guest_bad: 0,
+            pause_us: 0,
+            save_us: 0,
         };
         let p = encode_state(&meta, b"blob");
         let (m, b) = decode_state(&p).unwrap();
         assert_eq!((m.pause_host_us, b), (5, &b"blob"[..]));
+        assert_eq!((m.mode, m.converged), (MigrationMode::Precopy, Some(false)));
         assert!(decode_state(&p[..3]).is_err());
         let mut lie = p.clone();
         lie[0] = 0xff;

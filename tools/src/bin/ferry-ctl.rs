@@ -30,13 +30,16 @@ enum Cmd {
         /// Destination file.
         path: PathBuf,
     },
-    /// Migrate the VM (post-copy) to a `ferry-dest --listen` at TO.
+    /// Migrate the VM to a `ferry-dest --listen` at TO.
     Migrate {
         /// Destination `host:port`.
         to: String,
         /// Also write the statistics (JSON) here.
         #[arg(long)]
         stats_json: Option<PathBuf>,
+        /// postcopy (default), stop-and-copy, precopy or hybrid.
+        #[arg(long)]
+        mode: Option<ferry_page_server::protocol::MigrationMode>,
     },
     /// Stop the VM and its process.
     Quit,
@@ -51,8 +54,13 @@ fn main() -> ExitCode {
         Cmd::Snapshot { path } => ApiRequest::Snapshot {
             path: std::path::absolute(&path).unwrap_or(path),
         },
-        Cmd::Migrate { to, stats_json } => ApiRequest::Migrate {
+        Cmd::Migrate {
             to,
+            stats_json,
+            mode,
+        } => ApiRequest::Migrate {
+            to,
+            mode,
             stats_json: stats_json.map(|p| std::path::absolute(&p).unwrap_or(p)),
         },
         Cmd::Quit => ApiRequest::Quit,

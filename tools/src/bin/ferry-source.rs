@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ferry_engine::migration::SourceOptions;
 use ferry_engine::{api, controller, Vm};
+use ferry_page_server::protocol::MigrationMode;
 use ferry_tools::{console_output, init_tracing, parse_duration, parse_size};
 use tracing::{error, info};
 
@@ -34,9 +36,21 @@ struct Args {
     /// Stop after this long (e.g. 10s); default: until `quit`.
     #[arg(long, value_parser = parse_duration)]
     run_for: Option<std::time::Duration>,
-    /// Migrate the VM (post-copy) to a `ferry-dest --listen` at this address.
+    /// Migrate the VM to a `ferry-dest --listen` at this address.
     #[arg(long)]
     migrate_to: Option<String>,
+    /// How the memory moves: postcopy, stop-and-copy, precopy or hybrid.
+    #[arg(long, default_value = "postcopy")]
+    mode: MigrationMode,
+    /// Pre-copy: most rounds after the first full pass.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Pre-copy: stop iterating once the rest would take this long to copy.
+    #[arg(long, value_parser = parse_duration, default_value = "50ms")]
+    downtime_target: std::time::Duration,
+    /// Hybrid: pre-copy rounds after the full pass before switching to post-copy.
+    #[arg(long, default_value_t = 2)]
+    hybrid_rounds: u32,
     /// With --migrate-to: run this long first (e.g. 3s).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     after: std::time::Duration,
@@ -84,7 +98,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
     if let Some(to) = &args.migrate_to {
         controller::serve(&mut vm, api_rx, Some(args.after));
-        controller::migrate_to(&mut vm, to, args.stats_json.as_deref())?;
+        let opts = SourceOptions {
+            mode: args.mode,
+            max_rounds: args.max_rounds,
+            downtime_target: args.downtime_target,
+            hybrid_rounds: args.hybrid_rounds,
+            ..Default::default()
+        };
+        controller::migrate_to(&mut vm, to, &opts, args.stats_json.as_deref())?;
     } else {
         controller::serve(&mut vm, api_rx, args.run_for);
     }

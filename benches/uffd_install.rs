@@ -1,0 +1,226 @@
+//! userfaultfd page install benchmark on this machine.
+//!
+//! 1. Copy throughput: `UffdRam::install` of every page of fresh guest RAM
+//!    (all pages missing), 1, 16, 64, 256 or 512 pages per `UFFDIO_COPY`.
+//! 2. `UFFDIO_ZEROPAGE`: `UffdRam::install_zero` of every page, one per call.
+//! 3. Fault round trip: a thread reads missing pages one by one; the main
+//!    thread spins on the (non-blocking) userfaultfd, and installs each
+//!    faulting page with `UFFDIO_COPY`, which wakes the thread. Reported as
+//!    the thread's blocked time per page, and the handler's share of it
+//!    (event read → install returned).
+//!
+//! The source buffer is the same (cache-warm) pattern for every call, so the
+//! numbers are the kernel's cost of allocating, filling and mapping shmem
+//! pages, not of reading cold source data.
+//!
+//! `cargo bench -p ferry-engine --bench uffd_install` runs 256 MiB; without
+//! `--bench` (as under `cargo test --benches`) it runs a quick 8 MiB smoke
+//! version (in the smallest guest RAM the engine accepts).
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ferry_engine::layout::{MIN_MEM, PAGE_SIZE};
+use ferry_engine::memory::GuestRam;
+use ferry_engine::migration::uffd_ram::UffdRam;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use userfaultfd::{Event, EventBuffer};
+use vm_memory::{Bytes, GuestAddress};
+
+const BATCHES: [u64; 5] = [1, 16, 64, 256, 512];
+
+/// Fresh guest RAM of at least `bytes`, every page missing under userfaultfd.
+fn fresh(bytes: u64) -> (GuestRam, UffdRam) {
+    let ram = GuestRam::new(bytes.max(MIN_MEM)).expect("guest RAM");
+    let uffd = UffdRam::register(&ram).expect("userfaultfd registration");
+    (ram, uffd)
+}
+
+/// A non-zero source buffer of `pages` pages.
+fn source(pages: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; pages * PAGE_SIZE];
+    for w in buf.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    buf
+}
+
+/// Seconds to install the first `pages` pages `batch` pages per call.
+fn copy_secs(pages: u64, batch: u64, src: &[u8]) -> f64 {
+    let (_ram, uffd) = fresh(pages * PAGE_SIZE as u64);
+    let data = &src[..batch as usize * PAGE_SIZE];
+    let mut installed = 0;
+    let t = Instant::now();
+    let mut pfn = 0;
+    while pfn < pages {
+        let n = batch.min(pages - pfn) as usize;
+        installed += uffd.install(pfn, &data[..n * PAGE_SIZE]).expect("install");
+        pfn += batch;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(installed, pages, "not every page was installed");
+    secs
+}
+
+/// Seconds to zero-install the first `pages` pages, one per call.
+fn zero_secs(pages: u64) -> f64 {
+    let (_ram, uffd) = fresh(pages * PAGE_SIZE as u64);
+    let t = Instant::now();
+    let mut installed = 0;
+    for pfn in 0..pages {
+        installed += u64::from(uffd.install_zero(pfn).expect("install_zero"));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(installed, pages, "not every page was installed");
+    secs
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram")
+}
+
+/// Fault round trips over the first `pages` pages: (thread blocked time,
+/// handler time), both in ns.
+fn fault_round_trip(pages: u64, src: &[u8]) -> (Histogram<u64>, Histogram<u64>) {
+    let (ram, uffd) = fresh(pages * PAGE_SIZE as u64);
+    let page = &src[..PAGE_SIZE];
+    let toucher = {
+        let ram = ram.clone();
+        thread::spawn(move || {
+            let mem = ram.guest_memory();
+            let mut h = histogram();
+            for pfn in 0..pages {
+                let t = Instant::now();
+                let b: u8 = mem
+                    .read_obj(GuestAddress(pfn * PAGE_SIZE as u64))
+                    .expect("guest read");
+                h.record(t.elapsed().as_nanos() as u64).expect("record");
+                std::hint::black_box(b);
+            }
+            h
+        })
+    };
+    let mut handler = histogram();
+    let mut events = EventBuffer::new(16);
+    let mut served = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while served < pages {
+        assert!(Instant::now() < deadline, "fault round trip stalled");
+        let evs = uffd.uffd().read_events(&mut events).expect("read_events");
+        let t = Instant::now();
+        let mut faults = Vec::new();
+        for ev in evs {
+            if let Ok(Event::Pagefault { addr, .. }) = ev {
+                faults.push(addr as usize);
+            }
+        }
+        for addr in faults {
+            let pfn = uffd.pfn_of(addr).expect("fault inside guest RAM");
+            if uffd.install(pfn, page).expect("install") == 1 {
+                handler
+                    .record(t.elapsed().as_nanos() as u64)
+                    .expect("record");
+                served += 1;
+            } else {
+                uffd.wake(pfn);
+            }
+        }
+    }
+    let blocked = toucher.join().expect("toucher thread");
+    (blocked, handler)
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+fn summary(h: &Histogram<u64>) -> serde_json::Value {
+    json!({
+        "n": h.len(),
+        "p50_us": us(h.value_at_quantile(0.5)),
+        "p99_us": us(h.value_at_quantile(0.99)),
+        "max_us": us(h.max()),
+    })
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let (mib, reps) = if full { (256u64, 3) } else { (8, 1) };
+    let pages = mib << 20 >> 12;
+    let src = source(*BATCHES.iter().max().unwrap_or(&1) as usize);
+    println!("uffd install bench: {mib} MiB of missing shmem guest RAM, best of {reps} run(s)\n");
+
+    println!(
+        "{:<22} {:>9} {:>10} {:>12} {:>10}",
+        "install", "secs", "MiB/s", "pages/s", "µs/call"
+    );
+    let mut rows = Vec::new();
+    let row = |name: String, batch: u64, secs: f64| {
+        let mib_s = mib as f64 / secs;
+        let pages_s = pages as f64 / secs;
+        let calls = pages.div_ceil(batch);
+        let us_call = secs * 1e6 / calls as f64;
+        println!("{name:<22} {secs:>9.3} {mib_s:>10.0} {pages_s:>12.0} {us_call:>10.2}");
+        (mib_s, pages_s, us_call)
+    };
+    for batch in BATCHES {
+        let secs = (0..reps)
+            .map(|_| copy_secs(pages, batch, &src))
+            .fold(f64::INFINITY, f64::min);
+        let (mib_s, pages_s, us_call) = row(format!("copy {batch:>3} pages/call"), batch, secs);
+        rows.push(json!({
+            "op": "copy",
+            "pages_per_call": batch,
+            "secs": secs,
+            "mib_s": mib_s,
+            "pages_s": pages_s,
+            "us_per_call": us_call,
+        }));
+    }
+    let secs = (0..reps)
+        .map(|_| zero_secs(pages))
+        .fold(f64::INFINITY, f64::min);
+    let (mib_s, pages_s, us_call) = row("zeropage   1 page/call".into(), 1, secs);
+    rows.push(json!({
+        "op": "zeropage",
+        "pages_per_call": 1,
+        "secs": secs,
+        "mib_s": mib_s,
+        "pages_s": pages_s,
+        "us_per_call": us_call,
+    }));
+
+    let (blocked, handler) = fault_round_trip(pages, &src);
+    println!(
+        "\n{:<34} {:>7} {:>8} {:>8} {:>9}",
+        "fault round trip (1 page, µs)", "n", "p50", "p99", "max"
+    );
+    for (name, h) in [
+        ("touch → resumed (thread blocked)", &blocked),
+        ("event read → page installed", &handler),
+    ] {
+        println!(
+            "{:<34} {:>7} {:>8.2} {:>8.2} {:>9.1}",
+            name,
+            h.len(),
+            us(h.value_at_quantile(0.5)),
+            us(h.value_at_quantile(0.99)),
+            us(h.max())
+        );
+    }
+
+    let line = json!({
+        "bench": "uffd_install",
+        "mib": mib,
+        "reps": reps,
+        "install": rows,
+        "fault_round_trip": summary(&blocked),
+        "fault_handler": summary(&handler),
+    });
+    println!("\n{line}");
+}
