@@ -132,14 +132,30 @@ pub fn handle(vm: &mut Vm, req: &ApiRequest) -> (ApiResponse, bool) {
     }
 }
 
-/// Serves `vm` until a `quit` request, or until `run_for` elapses.
-pub fn serve(vm: &mut Vm, api: Option<Receiver<PendingRequest>>, run_for: Option<Duration>) {
+/// Why [`serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEnd {
+    /// A `quit` request, or the API went away.
+    Quit,
+    /// The VM moved elsewhere (`migrate` succeeded).
+    Migrated,
+    /// `run_for` elapsed.
+    TimeUp,
+}
+
+/// Serves `vm` until a `quit` request, a successful `migrate`, or until
+/// `run_for` elapses.
+pub fn serve(
+    vm: &mut Vm,
+    api: Option<&Receiver<PendingRequest>>,
+    run_for: Option<Duration>,
+) -> ServeEnd {
     let deadline = run_for.map(|d| Instant::now() + d);
     let mut reported_stop = false;
     loop {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             info!("run time elapsed");
-            return;
+            return ServeEnd::TimeUp;
         }
         if !reported_stop {
             if let Some(reason) = vm.stopped_reason() {
@@ -147,20 +163,25 @@ pub fn serve(vm: &mut Vm, api: Option<Receiver<PendingRequest>>, run_for: Option
                 reported_stop = true;
             }
         }
-        let Some(rx) = &api else {
+        let Some(rx) = api else {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok((req, reply)) => {
-                let (resp, quit) = handle(vm, &req);
+                let migrated = matches!(req, ApiRequest::Migrate { .. });
+                let (resp, end) = handle(vm, &req);
                 let _ = reply.send(resp);
-                if quit {
-                    return;
+                if end {
+                    return if migrated {
+                        ServeEnd::Migrated
+                    } else {
+                        ServeEnd::Quit
+                    };
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => return ServeEnd::Quit,
         }
     }
 }

@@ -41,6 +41,8 @@ use crate::vm::{ConsoleOutput, PreparedVm, Vm, VmError, MAX_VCPUS};
 
 /// How long to wait for the source's second connection.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest silence on the control connection before giving up.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for demand answers still in flight after PushDone.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for the guest's first tick after the move, for the stall.
@@ -94,6 +96,10 @@ pub fn receive(
     let (control, peer) = listener.accept().map_err(ProtocolError::Io)?;
     info!(%peer, "incoming migration");
     control.set_nodelay(true).map_err(ProtocolError::Io)?;
+    // A silent peer must not hold this process forever.
+    control
+        .set_read_timeout(Some(FRAME_TIMEOUT))
+        .map_err(ProtocolError::Io)?;
     let mut rd = BufReader::with_capacity(4 << 20, control.try_clone().map_err(ProtocolError::Io)?);
     let mut wr = control;
     let mut buf = Vec::new();

@@ -78,7 +78,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         return Err("give --listen ADDR or --restore FILE".into());
     };
-    controller::serve(&mut vm, api_rx, args.run_for);
+    controller::serve(&mut vm, api_rx.as_ref(), args.run_for);
     if let Some(p) = &args.api {
         let _ = std::fs::remove_file(p);
     }

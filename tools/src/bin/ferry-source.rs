@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ferry_engine::controller::ServeEnd;
 use ferry_engine::migration::SourceOptions;
 use ferry_engine::{api, controller, Vm};
 use ferry_page_server::protocol::MigrationMode;
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
     init_tracing();
     let args = Args::parse();
     match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             error!("{e}");
             eprintln!("ferry-source: {e}");
@@ -75,12 +76,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let mut exit_code = ExitCode::SUCCESS;
     if let Some(path) = &args.write_guest {
         std::fs::write(path, ferry_guest::GUEST_ELF)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         info!(path = %path.display(), bytes = ferry_guest::GUEST_ELF.len(), "guest ELF written");
-        return Ok(());
+        return Ok(exit_code);
     }
     let elf = match &args.kernel {
         Some(p) => std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
@@ -96,21 +98,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
+    let mut moved = false;
     if let Some(to) = &args.migrate_to {
-        controller::serve(&mut vm, api_rx, Some(args.after));
-        let opts = SourceOptions {
-            mode: args.mode,
-            max_rounds: args.max_rounds,
-            downtime_target: args.downtime_target,
-            hybrid_rounds: args.hybrid_rounds,
-            ..Default::default()
-        };
-        controller::migrate_to(&mut vm, to, &opts, args.stats_json.as_deref())?;
-    } else {
-        controller::serve(&mut vm, api_rx, args.run_for);
+        if controller::serve(&mut vm, api_rx.as_ref(), Some(args.after)) == ServeEnd::TimeUp {
+            let opts = SourceOptions {
+                mode: args.mode,
+                max_rounds: args.max_rounds,
+                downtime_target: args.downtime_target,
+                hybrid_rounds: args.hybrid_rounds,
+                ..Default::default()
+            };
+            match controller::migrate_to(&mut vm, to, &opts, args.stats_json.as_deref()) {
+                Ok(_) => moved = true,
+                // A migration that failed before the switch-over resumed the
+                // VM here: keep running it rather than lose it.
+                Err(e) => {
+                    error!("{e}");
+                    eprintln!("ferry-source: {e}; the VM keeps running here");
+                    exit_code = ExitCode::from(3);
+                }
+            }
+        }
+    }
+    if !moved && (args.migrate_to.is_none() || vm.is_running()) {
+        controller::serve(&mut vm, api_rx.as_ref(), args.run_for);
     }
     if let Some(p) = &args.api {
         let _ = std::fs::remove_file(p);
     }
-    Ok(())
+    Ok(exit_code)
 }

@@ -1,0 +1,139 @@
+//! A migration that fails before the switch-over loses nothing: the source
+//! resumes its VM and keeps running it. The destination here is a fake that
+//! speaks the real protocol up to the State frame, then aborts.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+use ferry_page_server::protocol::{
+    read_frame, write_frame, Hello, HelloAck, MsgType, PROTOCOL_VERSION,
+};
+
+/// Accepts both connections, acknowledges both Hellos, waits for the State
+/// (the source is paused by then), and aborts.
+fn aborting_destination(listener: TcpListener) -> std::thread::JoinHandle<bool> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            let h = read_frame(&mut s, &mut buf).unwrap();
+            assert_eq!(h.kind, MsgType::Hello);
+            let hello = Hello::decode(&buf).unwrap();
+            let ack = HelloAck {
+                version: PROTOCOL_VERSION,
+                status: 0,
+                features: 0,
+                session_id: hello.session_id,
+            };
+            write_frame(&mut s, MsgType::HelloAck, 0, &ack.encode()).unwrap();
+            conns.push(s);
+        }
+        let control = &mut conns[0];
+        let got_state = loop {
+            match read_frame(control, &mut buf) {
+                Ok(h) if h.kind == MsgType::State => break true,
+                Ok(_) => continue,
+                Err(_) => break false,
+            }
+        };
+        write_frame(control, MsgType::Abort, 0, b"destination out of memory").unwrap();
+        got_state
+    })
+}
+
+#[test]
+fn failed_switch_over_resumes_the_vm_on_the_source() {
+    let dir = Scratch::new("rollback");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = aborting_destination(listener);
+    let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
+    let _src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            "256M",
+            "--vcpus",
+            "2",
+            "--guest-args",
+            "ws=32M write=80 report_ms=50",
+            "--serial",
+            log.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+            "--migrate-to",
+            &addr,
+            "--after",
+            "1s",
+        ],
+        &dir.path("src.err"),
+    );
+    assert!(fake.join().unwrap(), "the source never sent its state");
+    let err = dir.path("src.err");
+    wait_for(WAIT, "the source to report the failure", || {
+        let e = std::fs::read_to_string(&err).unwrap_or_default();
+        e.contains("the VM was resumed on the source").then_some(())
+    });
+    let aborted_at = read_console(&log).len();
+    // The guest goes on ticking on the source, with nothing lost.
+    let after = wait_for(Duration::from_secs(30), "ticks after the rollback", || {
+        let l = read_console(&log);
+        (l.len() >= aborted_at + 8).then_some(l)
+    });
+    assert!(bad_lines(&after).is_empty(), "{:?}", bad_lines(&after));
+    assert_progress(&after, 2);
+    let status = ctl(&sock, &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+    assert!(std::fs::read_to_string(&err)
+        .unwrap()
+        .contains("destination out of memory"));
+    ctl(&sock, &["quit"]);
+}
+
+/// Garbage on the migration port is refused with a clear error, not a panic.
+#[test]
+fn destination_refuses_garbage_cleanly() {
+    use std::io::Write;
+    let dir = Scratch::new("garbage");
+    for (name, bytes) in [
+        ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        (
+            "huge-frame",
+            [1u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0].to_vec(),
+        ),
+        (
+            "short-hello",
+            [
+                1u8, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'F', b'E', b'R', b'R', b'Y',
+                b'M', b'I', b'G',
+            ]
+            .to_vec(),
+        ),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut dst = spawn(
+            "ferry-dest",
+            &["--listen", &addr],
+            &dir.path(&format!("{name}.err")),
+        );
+        let mut s = wait_for(WAIT, "the destination to listen", || {
+            std::net::TcpStream::connect(&addr).ok()
+        });
+        s.write_all(&bytes).unwrap();
+        drop(s);
+        assert!(
+            !wait_exit(&mut dst, WAIT, "the destination to give up"),
+            "{name}: accepted garbage"
+        );
+        let err = std::fs::read_to_string(dir.path(&format!("{name}.err"))).unwrap();
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert!(
+            err.contains("ferry-dest: "),
+            "{name}: no clear error: {err}"
+        );
+    }
+}
