@@ -1,0 +1,313 @@
+//! `ferry-bench`'s command line, checked into a [`Config`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::ferry::FerryTools;
+use super::matrix::{parse_ints, parse_modes, parse_sizes, Matrix, MatrixError};
+use super::netns::{check_rate, NetError};
+use crate::parse_duration;
+
+/// Errors in the command line (untrusted input).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A matrix option is wrong.
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+    /// A duration is wrong.
+    #[error("--{opt}: {msg}")]
+    Duration {
+        /// The option.
+        opt: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The link rate is wrong.
+    #[error("--link-rate: {0}")]
+    Rate(#[from] NetError),
+    /// A number is out of range.
+    #[error("--{opt} must be in {lo}..={hi}, not {v}")]
+    Range {
+        /// The option.
+        opt: &'static str,
+        /// Lower bound.
+        lo: u64,
+        /// Upper bound.
+        hi: u64,
+        /// Value given.
+        v: u64,
+    },
+    /// A Ferry binary is not next to ferry-bench.
+    #[error("{0} not found next to ferry-bench (build the workspace: cargo build --release)")]
+    Missing(String),
+    /// The executable's own path is unknown.
+    #[error("cannot find ferry-bench's own path: {0}")]
+    Exe(std::io::Error),
+    /// --qemu names a file that does not exist.
+    #[error("--qemu {0}: no such file")]
+    Qemu(String),
+}
+
+/// Benchmark Ferry's migration modes (and QEMU's) for downtime, total time,
+/// guest stall, bytes and fault latency over a matrix of guests.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Args {
+    /// A small matrix that runs in about two minutes: modes
+    /// postcopy,stop-and-copy,precopy, mem 256M,1G, ws 64M, 1 vCPU, 1 repeat
+    /// (other options still override).
+    #[arg(long)]
+    pub quick: bool,
+    /// Modes: postcopy, precopy, stop-and-copy, hybrid [default: postcopy].
+    #[arg(long)]
+    pub modes: Option<String>,
+    /// Guest memory sizes, e.g. 256M,1G,4G [default: 1G].
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Working-set sizes, e.g. 64M,256M [default: 256M].
+    #[arg(long)]
+    pub ws: Option<String>,
+    /// Guest dirty rates in pages/s, 0 = unlimited, e.g. 0,20000 [default: 0].
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// vCPU counts, e.g. 1,2 [default: 1].
+    #[arg(long)]
+    pub vcpus: Option<String>,
+    /// Runs per matrix point [default: 3; --quick: 1].
+    #[arg(long)]
+    pub repeat: Option<u64>,
+    /// How long the guest runs before it is moved [default: 2s; --quick: 1s].
+    #[arg(long)]
+    pub after: Option<String>,
+    /// Give up on a run after this long.
+    #[arg(long, default_value = "180s")]
+    pub timeout: String,
+    /// Output directory [default: results/<UTC timestamp>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Run source and destination in two network namespaces joined by a
+    /// veth pair (created and removed by ferry-bench) instead of loopback.
+    #[arg(long)]
+    pub netns: bool,
+    /// Limit the veth link with tbf, e.g. 1gbit (implies --netns).
+    #[arg(long)]
+    pub link_rate: Option<String>,
+    /// Skip the QEMU peer rows.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// The QEMU binary [default: qemu-system-x86_64 from PATH, if any].
+    #[arg(long)]
+    pub qemu: Option<PathBuf>,
+    /// Passed to ferry-source for precopy/hybrid.
+    #[arg(long)]
+    pub max_rounds: Option<u32>,
+    /// Passed to ferry-source for precopy/hybrid; also QEMU's downtime-limit
+    /// [ferry-source's default: 50ms].
+    #[arg(long)]
+    pub downtime_target: Option<String>,
+    /// Passed to ferry-source for hybrid.
+    #[arg(long)]
+    pub hybrid_rounds: Option<u32>,
+}
+
+/// A checked benchmark configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The matrix.
+    pub matrix: Matrix,
+    /// The guest runs this long before the move.
+    pub after: Duration,
+    /// Per-run limit.
+    pub timeout: Duration,
+    /// Output directory, if given.
+    pub out: Option<PathBuf>,
+    /// Use network namespaces.
+    pub netns: bool,
+    /// tbf rate.
+    pub link_rate: Option<String>,
+    /// The QEMU binary, when QEMU rows are wanted and it is installed.
+    pub qemu: Option<PathBuf>,
+    /// QEMU's downtime-limit.
+    pub qemu_downtime_ms: u64,
+    /// Ferry's binaries and tunables.
+    pub ferry: FerryTools,
+}
+
+fn duration(opt: &'static str, s: &str) -> Result<Duration, CliError> {
+    parse_duration(s).map_err(|msg| CliError::Duration { opt, msg })
+}
+
+/// `qemu-system-x86_64` on PATH.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    })
+}
+
+impl Args {
+    /// Checks everything and finds the binaries in `bin_dir`.
+    pub fn config(&self, bin_dir: &Path) -> Result<Config, CliError> {
+        let q = self.quick;
+        let pick = |v: &Option<String>, normal: &'static str, quick: &'static str| -> String {
+            v.clone()
+                .unwrap_or_else(|| if q { quick } else { normal }.to_string())
+        };
+        let vcpus = parse_ints(
+            "vcpus",
+            &pick(&self.vcpus, "1", "1"),
+            1,
+            ferry_guest::MAX_VCPUS as u64,
+        )?;
+        let repeat = self.repeat.unwrap_or(if q { 1 } else { 3 });
+        if !(1..=100).contains(&repeat) {
+            return Err(CliError::Range {
+                opt: "repeat",
+                lo: 1,
+                hi: 100,
+                v: repeat,
+            });
+        }
+        let matrix = Matrix {
+            modes: parse_modes(&pick(
+                &self.modes,
+                "postcopy",
+                "postcopy,stop-and-copy,precopy",
+            ))?,
+            mem: parse_sizes("mem", &pick(&self.mem, "1G", "256M,1G"), 64 << 20)?,
+            ws: parse_sizes("ws", &pick(&self.ws, "256M", "64M"), 1 << 20)?,
+            rate: parse_ints("rate", &pick(&self.rate, "0", "0"), 0, 1 << 40)?,
+            vcpus: vcpus.into_iter().map(|v| v as u32).collect(),
+            repeat: repeat as u32,
+        };
+        let after = duration("after", &pick(&self.after, "2s", "1s"))?;
+        let timeout = duration("timeout", &self.timeout)?;
+        if timeout < Duration::from_secs(5) {
+            return Err(CliError::Duration {
+                opt: "timeout",
+                msg: "must be at least 5s".into(),
+            });
+        }
+        let target = self
+            .downtime_target
+            .as_deref()
+            .map(|s| duration("downtime-target", s))
+            .transpose()?;
+        if let Some(r) = &self.link_rate {
+            check_rate(r)?;
+        }
+        for (opt, v) in [
+            ("max-rounds", self.max_rounds),
+            ("hybrid-rounds", self.hybrid_rounds),
+        ] {
+            if let Some(v) = v.filter(|v| !(1..=10_000).contains(v)) {
+                return Err(CliError::Range {
+                    opt,
+                    lo: 1,
+                    hi: 10_000,
+                    v: v as u64,
+                });
+            }
+        }
+        let bin = |n: &str| {
+            let p = bin_dir.join(n);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(CliError::Missing(p.display().to_string()))
+            }
+        };
+        let qemu = match (&self.qemu, self.no_qemu) {
+            (_, true) => None,
+            (Some(p), false) if p.is_file() => Some(p.clone()),
+            (Some(p), false) => return Err(CliError::Qemu(p.display().to_string())),
+            (None, false) => find_in_path("qemu-system-x86_64"),
+        };
+        Ok(Config {
+            matrix,
+            after,
+            timeout,
+            out: self.out.clone(),
+            netns: self.netns || self.link_rate.is_some(),
+            link_rate: self.link_rate.clone(),
+            qemu,
+            qemu_downtime_ms: target.map_or(50, |d| d.as_millis().max(1) as u64),
+            ferry: FerryTools {
+                source: bin("ferry-source")?,
+                dest: bin("ferry-dest")?,
+                max_rounds: self.max_rounds,
+                downtime_target: target.map(|d| format!("{}ms", d.as_millis())),
+                hybrid_rounds: self.hybrid_rounds,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bins() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferry-bench-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        for b in ["ferry-source", "ferry-dest"] {
+            std::fs::write(d.join(b), "").unwrap();
+        }
+        d
+    }
+
+    fn cfg(args: &[&str]) -> Result<Config, CliError> {
+        let a = Args::try_parse_from(std::iter::once("ferry-bench").chain(args.iter().copied()))
+            .unwrap();
+        a.config(&bins())
+    }
+
+    #[test]
+    fn quick_and_overrides() {
+        let c = cfg(&["--quick", "--no-qemu"]).unwrap();
+        assert_eq!(c.matrix.modes.len(), 3);
+        assert_eq!(c.matrix.mem, vec![256 << 20, 1 << 30]);
+        assert_eq!(c.matrix.repeat, 1);
+        assert!(c.qemu.is_none());
+        let c = cfg(&[
+            "--quick",
+            "--no-qemu",
+            "--mem",
+            "512M",
+            "--link-rate",
+            "1gbit",
+        ])
+        .unwrap();
+        assert_eq!(c.matrix.mem, vec![512 << 20]);
+        assert!(c.netns);
+        let c = cfg(&["--no-qemu", "--downtime-target", "20ms"]).unwrap();
+        assert_eq!(c.matrix.repeat, 3);
+        assert_eq!(c.qemu_downtime_ms, 20);
+        assert_eq!(c.ferry.downtime_target.as_deref(), Some("20ms"));
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        for (args, want) in [
+            (vec!["--modes", "teleport"], "unknown mode"),
+            (vec!["--mem", "lots"], "--mem"),
+            (vec!["--vcpus", "99"], "--vcpus"),
+            (vec!["--repeat", "0"], "--repeat"),
+            (vec!["--after", "soon"], "--after"),
+            (vec!["--timeout", "1s"], "--timeout"),
+            (vec!["--link-rate", "fast"], "--link-rate"),
+            (vec!["--qemu", "/nonexistent/qemu"], "--qemu"),
+            (vec!["--max-rounds", "0"], "--max-rounds"),
+        ] {
+            let e = cfg(&args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        let e = Args::try_parse_from(["ferry-bench"])
+            .unwrap()
+            .config(Path::new("/nonexistent"));
+        assert!(matches!(e, Err(CliError::Missing(_))));
+    }
+}

@@ -1,0 +1,253 @@
+//! A Ferry run: `ferry-dest --listen` and `ferry-source --migrate-to` as
+//! separate processes; the destination's stats JSON (plus keys only the
+//! source's has) and both serial logs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::matrix::{Mode, RunSpec};
+use super::netns::{Net, Side};
+use super::procs::{listening, tail, wait_until, Child, ProcError};
+use super::record::Outcome;
+use super::serial::read_log;
+
+/// Errors of a Ferry run.
+#[derive(Debug, thiserror::Error)]
+pub enum FerryError {
+    /// A process could not be driven.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// The source failed.
+    #[error("ferry-source exited with {status}: {stderr}")]
+    Source {
+        /// Exit status.
+        status: String,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// The destination exited before it had statistics.
+    #[error("ferry-dest exited with {status} before writing statistics: {stderr}")]
+    Dest {
+        /// Exit status.
+        status: String,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// The stats file was not JSON.
+    #[error("statistics {path} are not valid JSON: {msg}")]
+    Stats {
+        /// The file.
+        path: String,
+        /// Why.
+        msg: String,
+    },
+    /// No free port.
+    #[error("no free TCP port: {0}")]
+    Port(std::io::Error),
+    /// The guest reported no tick on the destination.
+    #[error("the guest did not tick on the destination after the move")]
+    NoDestTicks,
+}
+
+/// How to run Ferry.
+#[derive(Debug, Clone)]
+pub struct FerryTools {
+    /// `ferry-source`.
+    pub source: PathBuf,
+    /// `ferry-dest`.
+    pub dest: PathBuf,
+    /// `--max-rounds` for the pre-copy modes, when given.
+    pub max_rounds: Option<u32>,
+    /// `--downtime-target` for the pre-copy modes, when given.
+    pub downtime_target: Option<String>,
+    /// `--hybrid-rounds` for the hybrid mode, when given.
+    pub hybrid_rounds: Option<u32>,
+}
+
+impl FerryTools {
+    /// The mode flags for `ferry-source`: nothing for post-copy (the
+    /// default, so older binaries work), else `--mode` and the tunables.
+    pub fn mode_args(&self, mode: Mode) -> Vec<String> {
+        let mut a = Vec::new();
+        if mode == Mode::Postcopy {
+            return a;
+        }
+        a.extend(["--mode".to_string(), mode.as_str().to_string()]);
+        if let Some(n) = self.max_rounds.filter(|_| mode != Mode::StopAndCopy) {
+            a.extend(["--max-rounds".into(), n.to_string()]);
+        }
+        if let Some(d) = self
+            .downtime_target
+            .as_ref()
+            .filter(|_| mode != Mode::StopAndCopy)
+        {
+            a.extend(["--downtime-target".into(), d.clone()]);
+        }
+        if let Some(n) = self.hybrid_rounds.filter(|_| mode == Mode::Hybrid) {
+            a.extend(["--hybrid-rounds".into(), n.to_string()]);
+        }
+        a
+    }
+}
+
+fn read_json(path: &Path) -> Option<Result<Value, String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    if text.trim().is_empty() {
+        return None;
+    }
+    Some(serde_json::from_str(&text).map_err(|e| e.to_string()))
+}
+
+/// Asks a Ferry VM to quit through its control API.
+fn quit(sock: &Path) {
+    if let Ok(mut s) = UnixStream::connect(sock) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = s.write_all(b"{\"cmd\":\"quit\"}\n");
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+    }
+}
+
+/// Runs one Ferry migration in `dir`.
+pub fn run(
+    tools: &FerryTools,
+    spec: &RunSpec,
+    net: &Net,
+    index: usize,
+    dir: &Path,
+    after: Duration,
+    timeout: Duration,
+) -> Result<Outcome, FerryError> {
+    let p = &spec.point;
+    let (ip, port) = (
+        net.dest_ip(),
+        net.dest_port(index).map_err(FerryError::Port)?,
+    );
+    let addr = format!("{ip}:{port}");
+    let f = |n: &str| dir.join(n);
+    let path = |n: &str| f(n).display().to_string();
+    let mut cmd = net.command(Side::Dest, &tools.dest);
+    cmd.args(["--listen", &addr, "--serial", &path("dst.log")])
+        .args([
+            "--stats-json",
+            &path("dst.json"),
+            "--api",
+            &path("dst.sock"),
+        ]);
+    let mut dst = Child::spawn(cmd, "ferry-dest", &f("dst.err"))?;
+    let pid = dst.pid();
+    wait_until(Duration::from_secs(20), "ferry-dest to listen", || {
+        if let Ok(Some(_)) = dst.exited() {
+            return Some(false);
+        }
+        listening(pid, ip, port).then_some(true)
+    })?;
+    if let Some(status) = dst.exited()? {
+        return Err(FerryError::Dest {
+            status: status.to_string(),
+            stderr: tail(&f("dst.err"), 3),
+        });
+    }
+    let mut cmd = net.command(Side::Source, &tools.source);
+    cmd.args(["--mem", &p.mem.to_string(), "--vcpus", &p.vcpus.to_string()])
+        .args([
+            "--guest-args",
+            &p.guest_args(),
+            "--serial",
+            &path("src.log"),
+        ])
+        .args([
+            "--migrate-to",
+            &addr,
+            "--after",
+            &format!("{}ms", after.as_millis()),
+        ])
+        .args(["--stats-json", &path("src.json")])
+        .args(tools.mode_args(p.mode));
+    let mut src = Child::spawn(cmd, "ferry-source", &f("src.err"))?;
+    let status = src.wait_exit(timeout)?;
+    if !status.success() {
+        return Err(FerryError::Source {
+            status: status.to_string(),
+            stderr: tail(&f("src.err"), 3),
+        });
+    }
+    let stats = wait_until(Duration::from_secs(30), "ferry-dest's statistics", || {
+        if let Ok(Some(status)) = dst.exited() {
+            if read_json(&f("dst.json")).is_none() {
+                return Some(Err(FerryError::Dest {
+                    status: status.to_string(),
+                    stderr: tail(&f("dst.err"), 3),
+                }));
+            }
+        }
+        read_json(&f("dst.json")).map(|r| {
+            r.map_err(|msg| FerryError::Stats {
+                path: path("dst.json"),
+                msg,
+            })
+        })
+    })??;
+    // Let the moved guest run a little, for the progress plot.
+    let _ = wait_until(Duration::from_millis(1500), "destination ticks", || {
+        (read_log(&f("dst.log"))
+            .ticks
+            .iter()
+            .filter(|t| t.vcpu == 0)
+            .count()
+            >= 12)
+            .then_some(())
+    });
+    quit(&f("dst.sock"));
+    let _ = dst.wait_exit(Duration::from_secs(5));
+    let mut stats = stats;
+    if let (Value::Object(m), Some(Ok(Value::Object(s)))) = (&mut stats, read_json(&f("src.json")))
+    {
+        for (k, v) in s {
+            m.entry(k).or_insert(v);
+        }
+    }
+    let (src_log, dst_log) = (read_log(&f("src.log")), read_log(&f("dst.log")));
+    if dst_log.ticks.is_empty() {
+        return Err(FerryError::NoDestTicks);
+    }
+    Ok(Outcome {
+        stats,
+        src: src_log,
+        dst: dst_log,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_args_only_for_new_modes() {
+        let t = FerryTools {
+            source: "s".into(),
+            dest: "d".into(),
+            max_rounds: Some(10),
+            downtime_target: Some("20ms".into()),
+            hybrid_rounds: Some(3),
+        };
+        assert!(t.mode_args(Mode::Postcopy).is_empty());
+        assert_eq!(t.mode_args(Mode::StopAndCopy), ["--mode", "stop-and-copy"]);
+        assert_eq!(
+            t.mode_args(Mode::Precopy),
+            [
+                "--mode",
+                "precopy",
+                "--max-rounds",
+                "10",
+                "--downtime-target",
+                "20ms"
+            ]
+        );
+        assert_eq!(t.mode_args(Mode::Hybrid).len(), 8);
+    }
+}

@@ -1,0 +1,404 @@
+//! The benchmark matrix: modes × memory sizes × working sets × dirty rates
+//! × vCPUs, each point repeated, plus the QEMU peer's points.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::parse_size;
+
+/// Errors in a matrix description (all from untrusted CLI input).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MatrixError {
+    /// A list option was empty.
+    #[error("--{0} needs at least one value")]
+    Empty(&'static str),
+    /// A mode name is unknown.
+    #[error("unknown mode {0:?}: expected postcopy, precopy, stop-and-copy or hybrid")]
+    Mode(String),
+    /// A value of a list option did not parse.
+    #[error("--{opt}: {msg}")]
+    Value {
+        /// The option.
+        opt: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Every point was filtered out.
+    #[error("no runnable point: every working set is at least as large as the memory size")]
+    NoPoints,
+}
+
+/// How a VM moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// Pause, send state, resume, then fetch pages on demand + push.
+    Postcopy,
+    /// Iterative pre-copy with dirty logging, then a short stop.
+    Precopy,
+    /// Pause, copy everything, resume.
+    StopAndCopy,
+    /// A few pre-copy rounds, then post-copy.
+    Hybrid,
+}
+
+impl Mode {
+    /// Every mode, in table order.
+    pub const ALL: [Mode; 4] = [
+        Mode::Postcopy,
+        Mode::Precopy,
+        Mode::StopAndCopy,
+        Mode::Hybrid,
+    ];
+
+    /// The name used on the command line and in results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Postcopy => "postcopy",
+            Mode::Precopy => "precopy",
+            Mode::StopAndCopy => "stop-and-copy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+
+    /// Modes that the QEMU peer runs too.
+    pub fn qemu_has(self) -> bool {
+        matches!(self, Mode::Postcopy | Mode::Precopy)
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = MatrixError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s.trim())
+            .ok_or_else(|| MatrixError::Mode(s.trim().to_string()))
+    }
+}
+
+/// Who runs the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    /// Ferry's own `ferry-source` / `ferry-dest`.
+    Ferry,
+    /// `qemu-system-x86_64` with the same guest ELF.
+    Qemu,
+}
+
+impl Peer {
+    /// `ferry` or `qemu`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Peer::Ferry => "ferry",
+            Peer::Qemu => "qemu",
+        }
+    }
+}
+
+/// One matrix point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Point {
+    /// Migration mode.
+    pub mode: Mode,
+    /// Guest RAM, bytes.
+    pub mem: u64,
+    /// Working set, bytes.
+    pub ws: u64,
+    /// Dirty-rate limit, pages/s (0 = none).
+    pub rate: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+}
+
+impl Point {
+    /// The guest command line (the VMM adds `cpus=`).
+    pub fn guest_args(&self) -> String {
+        format!(
+            "ws={} pattern=random write=80 rate={} report_ms=50",
+            size_arg(self.ws),
+            self.rate
+        )
+    }
+}
+
+/// One run: a point, a peer, a repetition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSpec {
+    /// Who runs it.
+    pub peer: Peer,
+    /// The point.
+    pub point: Point,
+    /// Repetition index, from 0.
+    pub repeat: u32,
+}
+
+impl RunSpec {
+    /// A short file-name-safe label, e.g. `ferry-postcopy-1G-ws64M-r0-v1-0`.
+    pub fn label(&self) -> String {
+        let p = &self.point;
+        format!(
+            "{}-{}-{}-ws{}-r{}-v{}-{}",
+            self.peer.as_str(),
+            p.mode,
+            size_arg(p.mem),
+            size_arg(p.ws),
+            p.rate,
+            p.vcpus,
+            self.repeat
+        )
+    }
+}
+
+/// A size as a guest/CLI argument: the largest exact unit.
+pub fn size_arg(b: u64) -> String {
+    for (unit, shift) in [("G", 30), ("M", 20), ("K", 10)] {
+        if b >= 1 << shift && b & ((1 << shift) - 1) == 0 {
+            return format!("{}{unit}", b >> shift);
+        }
+    }
+    b.to_string()
+}
+
+/// The whole matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matrix {
+    /// Modes.
+    pub modes: Vec<Mode>,
+    /// Memory sizes.
+    pub mem: Vec<u64>,
+    /// Working-set sizes.
+    pub ws: Vec<u64>,
+    /// Dirty rates.
+    pub rate: Vec<u64>,
+    /// vCPU counts.
+    pub vcpus: Vec<u32>,
+    /// Repetitions per point.
+    pub repeat: u32,
+}
+
+fn split(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn nonempty<T>(opt: &'static str, v: Vec<T>) -> Result<Vec<T>, MatrixError> {
+    if v.is_empty() {
+        Err(MatrixError::Empty(opt))
+    } else {
+        Ok(v)
+    }
+}
+
+/// Parses `postcopy,precopy`; duplicates are dropped.
+pub fn parse_modes(list: &str) -> Result<Vec<Mode>, MatrixError> {
+    let mut out: Vec<Mode> = Vec::new();
+    for m in split(list) {
+        let m: Mode = m.parse()?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    nonempty("modes", out)
+}
+
+/// Parses a list of sizes such as `256M,1G` (each at least `min` bytes).
+pub fn parse_sizes(opt: &'static str, list: &str, min: u64) -> Result<Vec<u64>, MatrixError> {
+    let mut out = Vec::new();
+    for s in split(list) {
+        let v = parse_size(s).map_err(|msg| MatrixError::Value { opt, msg })?;
+        if v < min {
+            return Err(MatrixError::Value {
+                opt,
+                msg: format!("{s:?} is below the minimum {}", size_arg(min)),
+            });
+        }
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    nonempty(opt, out)
+}
+
+/// Parses a list of integers in `lo..=hi`.
+pub fn parse_ints(
+    opt: &'static str,
+    list: &str,
+    lo: u64,
+    hi: u64,
+) -> Result<Vec<u64>, MatrixError> {
+    let mut out = Vec::new();
+    for s in split(list) {
+        let v: u64 = s.parse().map_err(|_| MatrixError::Value {
+            opt,
+            msg: format!("{s:?} is not a whole number"),
+        })?;
+        if !(lo..=hi).contains(&v) {
+            return Err(MatrixError::Value {
+                opt,
+                msg: format!("{v} is outside {lo}..={hi}"),
+            });
+        }
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    nonempty(opt, out)
+}
+
+impl Matrix {
+    /// Every point, in table order; points whose working set does not fit
+    /// in memory are left out.
+    pub fn points(&self) -> Vec<Point> {
+        let mut out = Vec::new();
+        for &mode in &self.modes {
+            for &mem in &self.mem {
+                for &ws in &self.ws {
+                    if ws >= mem {
+                        continue;
+                    }
+                    for &rate in &self.rate {
+                        for &vcpus in &self.vcpus {
+                            out.push(Point {
+                                mode,
+                                mem,
+                                ws,
+                                rate,
+                                vcpus,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every run: Ferry's points, then (with `qemu`) QEMU's points for the
+    /// modes it has, with one vCPU (QEMU does not start this guest's APs),
+    /// each repeated `repeat` times. Runs of one point are adjacent.
+    pub fn runs(&self, qemu: bool) -> Result<Vec<RunSpec>, MatrixError> {
+        let points = self.points();
+        if points.is_empty() {
+            return Err(MatrixError::NoPoints);
+        }
+        let mut out = Vec::new();
+        let mut qemu_points: Vec<Point> = Vec::new();
+        for p in points {
+            for repeat in 0..self.repeat {
+                out.push(RunSpec {
+                    peer: Peer::Ferry,
+                    point: p,
+                    repeat,
+                });
+            }
+            let q = Point { vcpus: 1, ..p };
+            if qemu && p.mode.qemu_has() && !qemu_points.contains(&q) {
+                qemu_points.push(q);
+            }
+        }
+        for q in qemu_points {
+            for repeat in 0..self.repeat {
+                out.push(RunSpec {
+                    peer: Peer::Qemu,
+                    point: q,
+                    repeat,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix() -> Matrix {
+        Matrix {
+            modes: parse_modes("postcopy, stop-and-copy,precopy").unwrap(),
+            mem: parse_sizes("mem", "256M,1G", 64 << 20).unwrap(),
+            ws: parse_sizes("ws", "64M,512M", 1 << 20).unwrap(),
+            rate: parse_ints("rate", "0,20000", 0, u64::MAX).unwrap(),
+            vcpus: parse_ints("vcpus", "1,2", 1, 8)
+                .unwrap()
+                .into_iter()
+                .map(|v| v as u32)
+                .collect(),
+            repeat: 2,
+        }
+    }
+
+    #[test]
+    fn expansion_skips_oversized_working_sets() {
+        let m = matrix();
+        let pts = m.points();
+        // 3 modes × (256M: ws 64M only; 1G: both) × 2 rates × 2 vcpus
+        assert_eq!(pts.len(), 3 * 3 * 2 * 2);
+        assert!(pts.iter().all(|p| p.ws < p.mem));
+        assert_eq!(pts[0].mode, Mode::Postcopy);
+        assert_eq!(
+            pts[0].guest_args(),
+            "ws=64M pattern=random write=80 rate=0 report_ms=50"
+        );
+    }
+
+    #[test]
+    fn runs_add_qemu_rows_with_one_vcpu() {
+        let m = matrix();
+        let runs = m.runs(true).unwrap();
+        let ferry = runs.iter().filter(|r| r.peer == Peer::Ferry).count();
+        let qemu: Vec<_> = runs.iter().filter(|r| r.peer == Peer::Qemu).collect();
+        assert_eq!(ferry, 36 * 2);
+        // postcopy + precopy, 3 (mem, ws) pairs, 2 rates, vcpus collapsed to 1, ×2 repeats
+        assert_eq!(qemu.len(), 2 * 3 * 2 * 2);
+        assert!(qemu
+            .iter()
+            .all(|r| r.point.vcpus == 1 && r.point.mode.qemu_has()));
+        assert_eq!(m.runs(false).unwrap().len(), 72);
+        assert_eq!(runs[0].repeat, 0);
+        assert_eq!(runs[1].repeat, 1);
+        assert_eq!(runs[1].point, runs[0].point);
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        assert_eq!(parse_modes(""), Err(MatrixError::Empty("modes")));
+        assert!(matches!(parse_modes("postcopy,warp"), Err(MatrixError::Mode(m)) if m == "warp"));
+        assert!(parse_sizes("mem", "1Q", 1).is_err());
+        assert!(parse_sizes("mem", "1K", 1 << 20).is_err());
+        assert!(parse_ints("vcpus", "0", 1, 8).is_err());
+        assert!(parse_ints("vcpus", "9", 1, 8).is_err());
+        assert!(parse_ints("rate", "-1", 0, 10).is_err());
+        assert!(parse_ints("rate", "1.5", 0, 10).is_err());
+        let m = Matrix {
+            mem: vec![64 << 20],
+            ws: vec![64 << 20],
+            ..matrix()
+        };
+        assert_eq!(m.runs(true), Err(MatrixError::NoPoints));
+    }
+
+    #[test]
+    fn labels_and_sizes() {
+        assert_eq!(size_arg(1 << 30), "1G");
+        assert_eq!(size_arg(1536 << 20), "1536M");
+        assert_eq!(size_arg(4097), "4097");
+        let r = RunSpec {
+            peer: Peer::Qemu,
+            point: Point {
+                mode: Mode::StopAndCopy,
+                mem: 1 << 30,
+                ws: 64 << 20,
+                rate: 0,
+                vcpus: 1,
+            },
+            repeat: 2,
+        };
+        assert_eq!(r.label(), "qemu-stop-and-copy-1G-ws64M-r0-v1-2");
+    }
+}

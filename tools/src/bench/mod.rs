@@ -1,0 +1,34 @@
+//! `ferry-bench`: the downtime/latency benchmark harness. It runs Ferry's
+//! `ferry-source` and `ferry-dest` (and, where installed, QEMU with the same
+//! guest) over a matrix of modes and guests, and writes `results.json`,
+//! `results.md` and SVG plots.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`cli`] | the command line, checked into a [`cli::Config`] |
+//! | [`matrix`] | modes, points, runs |
+//! | [`runner`] | the run loop, progress bar, output files |
+//! | [`ferry`] | one Ferry migration (two processes) |
+//! | [`qemu`] / [`qmp`] | one QEMU migration, driven over QMP |
+//! | [`netns`] | loopback or two namespaces joined by a veth pair |
+//! | [`procs`] | child processes, timeouts, listening sockets |
+//! | [`serial`] | stamped serial logs: ticks, rounds/s, guest stall |
+//! | [`record`] | `results.json` records |
+//! | [`summary`] | median and min–max |
+//! | [`markdown`] | `results.md` |
+//! | [`svg`] / [`plots`] | hand-made SVG charts, and the benchmark's plots |
+
+pub mod cli;
+pub mod ferry;
+pub mod markdown;
+pub mod matrix;
+pub mod netns;
+pub mod plots;
+pub mod procs;
+pub mod qemu;
+pub mod qmp;
+pub mod record;
+pub mod runner;
+pub mod serial;
+pub mod summary;
+pub mod svg;

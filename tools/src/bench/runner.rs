@@ -1,0 +1,305 @@
+//! Runs the matrix run by run (failures are recorded, not fatal), keeps
+//! `results.json` up to date, then writes `results.md` and the plots.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing::{info, warn};
+
+use super::cli::Config;
+use super::ferry;
+use super::markdown::{self, MarkdownError};
+use super::matrix::{MatrixError, Peer, RunSpec};
+use super::netns::{Net, NetError};
+use super::plots::{self, PlotError};
+use super::qemu::{self, QemuTools};
+use super::record::{self, RecordError, RunRecord};
+use super::serial::read_log;
+
+/// Errors that stop the whole benchmark (a failed run does not).
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The matrix is empty.
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+    /// The namespaces could not be made.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// An output file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// results.json could not be written.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// The table could not be made.
+    #[error(transparent)]
+    Markdown(#[from] MarkdownError),
+    /// A plot could not be drawn.
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+}
+
+/// What a benchmark produced.
+#[derive(Debug)]
+pub struct Report {
+    /// The output directory.
+    pub out: PathBuf,
+    /// The Markdown table.
+    pub markdown: String,
+    /// Runs done / failed.
+    pub runs: usize,
+    /// Runs that failed.
+    pub failed: usize,
+}
+
+/// `YYYYMMDDTHHMMSSZ` for a time in seconds since the epoch (UTC).
+pub fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn write(path: &Path, text: &str) -> Result<(), RunnerError> {
+    std::fs::write(path, text).map_err(|source| RunnerError::Write {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), RunnerError> {
+    std::fs::create_dir_all(path).map_err(|source| RunnerError::Write {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Writes the guest ELF for QEMU with `ferry-source --write-guest`.
+fn write_guest(cfg: &Config, path: &Path) -> Result<(), String> {
+    let out = std::process::Command::new(&cfg.ferry.source)
+        .arg("--write-guest")
+        .arg(path)
+        .output()
+        .map_err(|e| format!("cannot run ferry-source --write-guest: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ferry-source --write-guest failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs the benchmark.
+pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
+    let mut qemu_tools = None;
+    let out = cfg.out.clone().unwrap_or_else(|| {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from("results").join(utc_stamp(secs))
+    });
+    mkdir(&out.join("runs"))?;
+    if let Some(q) = &cfg.qemu {
+        let guest = std::fs::canonicalize(&out)
+            .unwrap_or_else(|_| out.clone())
+            .join("guest.elf");
+        match write_guest(cfg, &guest) {
+            Ok(()) => {
+                qemu_tools = Some(QemuTools {
+                    qemu: q.clone(),
+                    guest,
+                    downtime_limit_ms: cfg.qemu_downtime_ms,
+                    max_rounds: u64::from(cfg.ferry.max_rounds.unwrap_or(30)),
+                })
+            }
+            Err(e) => warn!("no QEMU rows: {e}"),
+        }
+    } else {
+        info!("no QEMU rows (qemu-system-x86_64 not found or --no-qemu)");
+    }
+    let runs = cfg.matrix.runs(qemu_tools.is_some())?;
+    let net = if cfg.netns {
+        Net::namespaces(cfg.link_rate.as_deref())?
+    } else {
+        Net::loopback()
+    };
+    let out_abs = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
+    info!(runs = runs.len(), out = %out.display(), net = %net.describe(), "starting");
+    let bar = ProgressBar::new(runs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut records: Vec<RunRecord> = Vec::new();
+    for (i, spec) in runs.iter().enumerate() {
+        bar.set_message(spec.label());
+        let rel = format!("runs/{i:03}-{}", spec.label());
+        let dir = out_abs.join(&rel);
+        let rec = match mkdir(&dir) {
+            Ok(()) => run_one(cfg, spec, &net, qemu_tools.as_ref(), i, &dir, &rel),
+            Err(e) => {
+                let mut r = RunRecord::new(spec, &net.describe(), &rel);
+                r.error = Some(e.to_string());
+                r
+            }
+        };
+        let line = match &rec.error {
+            None => format!(
+                "{}: downtime {} ms, stall {} ms, total {} ms",
+                spec.label(),
+                rec.num("downtime_us")
+                    .map_or("—".into(), |v| format!("{:.2}", v / 1e3)),
+                rec.num("guest_stall_ms")
+                    .map_or("—".into(), |v| format!("{v:.1}")),
+                rec.num("total_ms")
+                    .map_or("—".into(), |v| format!("{v:.0}")),
+            ),
+            Some(e) => format!(
+                "{}: FAILED: {}",
+                spec.label(),
+                e.chars().take(200).collect::<String>()
+            ),
+        };
+        if bar.is_hidden() {
+            info!("{line}");
+        } else {
+            bar.println(line);
+        }
+        records.push(rec);
+        record::save(&out.join("results.json"), &records)?;
+        bar.inc(1);
+        // Let the previous guests' memory go back to the host.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    bar.finish_and_clear();
+    drop(net);
+    let title = format!(
+        "ferry-bench results ({}, guest runs {} ms before the move)",
+        if cfg.netns {
+            match &cfg.link_rate {
+                Some(r) => format!("two network namespaces, {r} veth"),
+                None => "two network namespaces".into(),
+            }
+        } else {
+            "loopback".into()
+        },
+        cfg.after.as_millis()
+    );
+    let md = markdown::table(&records, &title)?;
+    let md_full = format!(
+        "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`. \
+         Per-run logs and statistics are under `runs/`.\n"
+    );
+    write(&out.join("results.md"), &md_full)?;
+    write_plots(&out, &out_abs, &records)?;
+    Ok(Report {
+        out,
+        markdown: md,
+        runs: records.len(),
+        failed: records.iter().filter(|r| !r.ok()).count(),
+    })
+}
+
+fn run_one(
+    cfg: &Config,
+    spec: &RunSpec,
+    net: &Net,
+    qemu_tools: Option<&QemuTools>,
+    index: usize,
+    dir: &Path,
+    rel: &str,
+) -> RunRecord {
+    let mut rec = RunRecord::new(spec, &net.describe(), rel);
+    let outcome = match (spec.peer, qemu_tools) {
+        (Peer::Ferry, _) => ferry::run(&cfg.ferry, spec, net, index, dir, cfg.after, cfg.timeout)
+            .map_err(|e| e.to_string()),
+        (Peer::Qemu, Some(q)) => {
+            qemu::run(q, spec, net, index, dir, cfg.after, cfg.timeout).map_err(|e| e.to_string())
+        }
+        (Peer::Qemu, None) => Err("QEMU is not available".to_string()),
+    };
+    match outcome {
+        Ok(o) => {
+            if let Err(e) = rec.set_stats(o.stats) {
+                rec.error = Some(e.to_string());
+            }
+        }
+        Err(e) => {
+            warn!(run = %spec.label(), "{e}");
+            rec.error = Some(e);
+        }
+    }
+    rec
+}
+
+fn write_plots(out: &Path, out_abs: &Path, records: &[RunRecord]) -> Result<(), RunnerError> {
+    write(&out.join("fault_cdf.svg"), &plots::cdf_svg(records)?)?;
+    let progress: Vec<plots::Progress> = plots::representatives(records)
+        .into_iter()
+        .filter_map(|r| {
+            let dir = out_abs.join(&r.run_dir);
+            plots::progress(
+                r,
+                &read_log(&dir.join("src.log")),
+                &read_log(&dir.join("dst.log")),
+            )
+        })
+        .collect();
+    write(&out.join("progress.svg"), &plots::progress_svg(&progress)?)?;
+    write(
+        &out.join("downtime_vs_mem.svg"),
+        &plots::metric_vs_mem_svg(
+            records,
+            "downtime_us",
+            1e-3,
+            "Downtime vs memory",
+            "downtime (ms, log scale)",
+        )?,
+    )?;
+    write(
+        &out.join("stall_vs_mem.svg"),
+        &plots::metric_vs_mem_svg(
+            records,
+            "guest_stall_ms",
+            1.0,
+            "Guest stall (max TICK gap) vs memory",
+            "guest stall (ms, log scale)",
+        )?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_796_028_175), "20261130T084255Z");
+    }
+}
