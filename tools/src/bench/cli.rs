@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::ferry::FerryTools;
-use super::matrix::{parse_ints, parse_modes, parse_sizes, Matrix, MatrixError};
+use super::matrix::{parse_ints, parse_modes, parse_sizes, parse_ws, Matrix, MatrixError};
 use super::netns::{check_rate, NetError};
 use crate::parse_duration;
 
@@ -66,7 +66,7 @@ pub struct Args {
     /// Guest memory sizes, e.g. 256M,1G,4G [default: 1G].
     #[arg(long)]
     pub mem: Option<String>,
-    /// Working-set sizes, e.g. 64M,256M [default: 256M].
+    /// Working-set sizes, e.g. 64M,256M, or percentages of memory, e.g. 25% [default: 256M].
     #[arg(long)]
     pub ws: Option<String>,
     /// Guest dirty rates in pages/s, 0 = unlimited, e.g. 0,20000 [default: 0].
@@ -178,7 +178,7 @@ impl Args {
                 "postcopy,stop-and-copy,precopy",
             ))?,
             mem: parse_sizes("mem", &pick(&self.mem, "1G", "256M,1G"), 64 << 20)?,
-            ws: parse_sizes("ws", &pick(&self.ws, "256M", "64M"), 1 << 20)?,
+            ws: parse_ws(&pick(&self.ws, "256M", "64M"))?,
             rate: parse_ints("rate", &pick(&self.rate, "0", "0"), 0, 1 << 40)?,
             vcpus: vcpus.into_iter().map(|v| v as u32).collect(),
             repeat: repeat as u32,

@@ -173,7 +173,7 @@ pub struct Matrix {
     /// Memory sizes.
     pub mem: Vec<u64>,
     /// Working-set sizes.
-    pub ws: Vec<u64>,
+    pub ws: Vec<WsSpec>,
     /// Dirty rates.
     pub rate: Vec<u64>,
     /// vCPU counts.
@@ -224,6 +224,49 @@ pub fn parse_sizes(opt: &'static str, list: &str, min: u64) -> Result<Vec<u64>, 
     nonempty(opt, out)
 }
 
+/// A working-set size: fixed, or a percentage of each guest's memory (so
+/// the touched memory grows with the guest, as in the downtime-vs-memory plot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsSpec {
+    /// This many bytes.
+    Bytes(u64),
+    /// This percentage of guest memory, rounded down to whole MiB.
+    Percent(u64),
+}
+
+impl WsSpec {
+    /// The size for a guest of `mem` bytes.
+    pub fn resolve(self, mem: u64) -> u64 {
+        match self {
+            WsSpec::Bytes(b) => b,
+            WsSpec::Percent(p) => (mem.saturating_mul(p) / 100) & !((1 << 20) - 1),
+        }
+    }
+}
+
+/// Parses a list of working sets: sizes (`64M`) or percentages (`25%`).
+pub fn parse_ws(list: &str) -> Result<Vec<WsSpec>, MatrixError> {
+    let mut out = Vec::new();
+    for s in split(list) {
+        let spec = match s.strip_suffix('%') {
+            Some(p) => match p.parse::<u64>() {
+                Ok(p) if (1..100).contains(&p) => WsSpec::Percent(p),
+                _ => {
+                    return Err(MatrixError::Value {
+                        opt: "ws",
+                        msg: format!("{s:?} is not a percentage between 1% and 99%"),
+                    })
+                }
+            },
+            None => WsSpec::Bytes(parse_sizes("ws", s, 1 << 20)?[0]),
+        };
+        if !out.contains(&spec) {
+            out.push(spec);
+        }
+    }
+    nonempty("ws", out)
+}
+
 /// Parses a list of integers in `lo..=hi`.
 pub fn parse_ints(
     opt: &'static str,
@@ -257,8 +300,9 @@ impl Matrix {
         let mut out = Vec::new();
         for &mode in &self.modes {
             for &mem in &self.mem {
-                for &ws in &self.ws {
-                    if ws >= mem {
+                for spec in &self.ws {
+                    let ws = spec.resolve(mem);
+                    if ws >= mem || ws < 1 << 20 {
                         continue;
                     }
                     for &rate in &self.rate {
@@ -322,7 +366,7 @@ mod tests {
         Matrix {
             modes: parse_modes("postcopy, stop-and-copy,precopy").unwrap(),
             mem: parse_sizes("mem", "256M,1G", 64 << 20).unwrap(),
-            ws: parse_sizes("ws", "64M,512M", 1 << 20).unwrap(),
+            ws: parse_ws("64M,512M").unwrap(),
             rate: parse_ints("rate", "0,20000", 0, u64::MAX).unwrap(),
             vcpus: parse_ints("vcpus", "1,2", 1, 8)
                 .unwrap()
@@ -345,6 +389,17 @@ mod tests {
             pts[0].guest_args(),
             "ws=64M pattern=random write=80 rate=0 report_ms=50"
         );
+    }
+
+    #[test]
+    fn percentage_working_sets_scale_with_memory() {
+        let ws = parse_ws("25%,64M").unwrap();
+        assert_eq!(ws[0].resolve(1 << 30), 256 << 20);
+        assert_eq!(ws[0].resolve(4 << 30), 1 << 30);
+        assert_eq!(ws[1].resolve(4 << 30), 64 << 20);
+        assert!(parse_ws("0%").is_err());
+        assert!(parse_ws("100%").is_err());
+        assert!(parse_ws("x%").is_err());
     }
 
     #[test]
@@ -377,7 +432,7 @@ mod tests {
         assert!(parse_ints("rate", "1.5", 0, 10).is_err());
         let m = Matrix {
             mem: vec![64 << 20],
-            ws: vec![64 << 20],
+            ws: vec![WsSpec::Bytes(64 << 20)],
             ..matrix()
         };
         assert_eq!(m.runs(true), Err(MatrixError::NoPoints));
