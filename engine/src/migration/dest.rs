@@ -30,9 +30,10 @@ use ferry_page_server::protocol::{
 use tracing::{info, warn};
 
 use super::fault::{self, FaultError, FaultStats};
+use super::precopy;
 use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats};
 use super::uffd_ram::{UffdRam, UffdRamError};
-use super::wire::{decode_state, Resumed};
+use super::wire::{decode_state, Resumed, StateMeta};
 use crate::console::now_us;
 use crate::layout::{valid_mem_size, PAGE_SIZE};
 use crate::memory::{GuestRam, MemoryError};
@@ -153,91 +154,29 @@ pub fn receive(
             DestError::Refused("state does not match the Hello".into()),
         ));
     }
-    let Some(ram) = uffd else {
-        // Everything is here already: restore, resume, done.
-        let mut vm = prepared
-            .restore(&machine)
-            .map_err(|e| abort(&mut wr, e.into()))?;
-        vm.seed_monitor(&meta.last_ticks);
-        vm.resume().map_err(|e| abort(&mut wr, e.into()))?;
-        let resume_host_us = now_us();
-        let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
-        let resumed = Resumed {
-            downtime_us,
-            resume_host_us,
-        };
-        write_frame(
-            &mut wr,
-            MsgType::Resumed,
-            0,
-            &serde_json::to_vec(&resumed).unwrap_or_default(),
-        )?;
-        let total_ms = (now_us().saturating_sub(meta.start_host_us)) as f64 / 1e3;
-        info!(
-            downtime_us,
-            total_ms,
-            mode = mode.name(),
-            "vCPUs running on the destination"
-        );
-        let stall = wait_for_ticks(&vm, resume_host_us);
-        let bad = meta.guest_bad + vm.monitor().bad;
-        let mut stats = build_stats(
-            &vm,
-            downtime_us,
-            total_ms,
-            bytes_state,
-            counters,
-            None,
-            serde_json::Value::Null,
-            stall,
-            bad,
-        );
-        stats.mode = mode.name().into();
-        stats.converged = meta.converged;
-        stats.precopy_rounds = meta.rounds;
-        write_frame(
-            &mut wr,
-            MsgType::Complete,
-            0,
-            &serde_json::to_vec(&stats).unwrap_or_default(),
-        )?;
-        wr.flush().map_err(ProtocolError::Io)?;
-        return Ok((vm, stats));
-    };
-
-    // The fault handler must run before anything can touch guest memory.
-    let tids = Arc::new(OnceLock::new());
-    let stop = Arc::new(AtomicBool::new(false));
-    let fault_thread = {
-        let (ram, tids, stop) = (ram.clone(), tids.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("uffd-fault".into())
-            .spawn(move || fault::run(ram, fault_conn, tids, stop))
-            .map_err(|e| {
-                abort(
-                    &mut wr,
-                    DestError::Refused(format!("cannot spawn fault thread: {e}")),
-                )
-            })?
-    };
-    let stop_fault = |stop: &AtomicBool| stop.store(true, Ordering::Release);
-
-    let mut vm = match prepared.restore(&machine) {
-        Ok(vm) => vm,
-        Err(e) => {
-            stop_fault(&stop);
-            return Err(abort(&mut wr, e.into()));
+    // In lazy modes the fault handler must run before anything can touch
+    // guest memory; dropping the handle stops it again on any error.
+    let fault = match &uffd {
+        Some(ram) => {
+            Some(FaultThread::start(ram.clone(), fault_conn).map_err(|e| abort(&mut wr, e))?)
         }
+        None => None,
     };
-    let _ = tids.set(vm.vcpu_tids());
-    vm.seed_monitor(&meta.last_ticks);
-    if let Err(e) = vm.resume() {
-        stop_fault(&stop);
-        return Err(abort(&mut wr, e.into()));
+    let mut vm = prepared
+        .restore(&machine)
+        .map_err(|e| abort(&mut wr, e.into()))?;
+    if let Some(f) = &fault {
+        f.attribute_to(vm.vcpu_tids());
     }
+    vm.seed_monitor(&meta.last_ticks);
+    vm.resume().map_err(|e| abort(&mut wr, e.into()))?;
     let resume_host_us = now_us();
     let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
-    info!(downtime_us, "vCPUs running on the destination");
+    info!(
+        downtime_us,
+        mode = mode.name(),
+        "vCPUs running on the destination"
+    );
     let resumed = Resumed {
         downtime_us,
         resume_host_us,
@@ -251,45 +190,31 @@ pub fn receive(
     wr.flush().map_err(ProtocolError::Io)?;
 
     // From here the VM runs here; errors are reported, the VM is kept.
-    let pushed = install_push(&mut rd, &mut buf, &ram, counters);
-    let result = pushed.and_then(|(counters, source_stats)| {
-        let t = Instant::now();
-        while !ram.complete() {
-            if t.elapsed() > DRAIN_TIMEOUT {
-                let missing = ram.pages() - ram.present.count() - ram.zero.count();
-                return Err(DestError::Incomplete(missing));
-            }
-            std::thread::sleep(Duration::from_micros(200));
+    let (counters, source_stats, fault_stats) = match (uffd, fault) {
+        (Some(ram), Some(fault)) => {
+            let (counters, source_stats, fault_stats) =
+                finish_postcopy(&mut rd, &mut buf, &ram, counters, fault)?;
+            (counters, source_stats, Some(fault_stats))
         }
-        Ok((counters, source_stats))
-    });
-    stop_fault(&stop);
-    let fault_stats = match fault_thread.join() {
-        Ok(r) => r,
-        Err(_) => Err(FaultError::Uffd("fault handler panicked".into())),
+        _ => (counters, serde_json::Value::Null, None),
     };
-    let (counters, source_stats) = result?;
-    let fault_stats = fault_stats?;
-    ram.unregister()?;
     let total_ms = (now_us().saturating_sub(meta.start_host_us)) as f64 / 1e3;
-    info!(total_ms, "every page present; userfaultfd unregistered");
+    info!(total_ms, "every page present");
 
     let stall = wait_for_ticks(&vm, resume_host_us);
-    let bad = meta.guest_bad + vm.monitor().bad;
-    let mut stats = build_stats(
+    let stats = build_stats(
         &vm,
-        downtime_us,
-        total_ms,
+        &meta,
+        Timing {
+            downtime_us,
+            total_ms,
+            guest_stall_ms: stall,
+        },
         bytes_state,
         counters,
-        Some(fault_stats),
+        fault_stats,
         source_stats,
-        stall,
-        bad,
     );
-    stats.mode = mode.name().into();
-    stats.converged = meta.converged;
-    stats.precopy_rounds = meta.rounds;
     write_frame(
         &mut wr,
         MsgType::Complete,
@@ -298,6 +223,100 @@ pub fn receive(
     )?;
     wr.flush().map_err(ProtocolError::Io)?;
     Ok((vm, stats))
+}
+
+/// The demand-fault thread of a lazy migration.
+struct FaultThread {
+    tids: Arc<OnceLock<Vec<i32>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<FaultStats, FaultError>>>,
+}
+
+impl FaultThread {
+    fn start(ram: Arc<UffdRam>, conn: TcpStream) -> Result<Self, DestError> {
+        let tids = Arc::new(OnceLock::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (tids, stop) = (tids.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("uffd-fault".into())
+                .spawn(move || fault::run(ram, conn, tids, stop))
+                .map_err(|e| DestError::Refused(format!("cannot spawn fault thread: {e}")))?
+        };
+        Ok(Self {
+            tids,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Lets faults be attributed to vCPUs by thread id.
+    fn attribute_to(&self, vcpu_tids: Vec<i32>) {
+        let _ = self.tids.set(vcpu_tids);
+    }
+
+    /// Stops the thread and returns what it measured.
+    fn stop(mut self) -> Result<FaultStats, FaultError> {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(FaultError::Uffd("fault handler panicked".into())),
+        }
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Installs the push until `PushDone`, waits for demand answers still in
+/// flight, stops the fault thread and unregisters the RAM.
+fn finish_postcopy(
+    rd: &mut impl std::io::Read,
+    buf: &mut Vec<u8>,
+    ram: &UffdRam,
+    counters: PushCounters,
+    fault: FaultThread,
+) -> Result<(PushCounters, serde_json::Value, FaultStats), DestError> {
+    let pushed = install_push(rd, buf, ram, counters).and_then(|done| {
+        let t = Instant::now();
+        while !ram.complete() {
+            if t.elapsed() > DRAIN_TIMEOUT {
+                let missing = ram.pages() - ram.present.count() - ram.zero.count();
+                return Err(DestError::Incomplete(missing));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(done)
+    });
+    let fault_stats = fault.stop();
+    let (counters, source_stats) = pushed?;
+    let fault_stats = fault_stats?;
+    ram.unregister()?;
+    Ok((counters, source_stats, fault_stats))
+}
+
+/// Times of a migration, as the destination measured them.
+struct Timing {
+    downtime_us: u64,
+    total_ms: f64,
+    guest_stall_ms: f64,
+}
+
+/// The first set bit at or after `from`.
+fn next_set(bits: &[u64], from: u64) -> Option<u64> {
+    let mut w = (from / 64) as usize;
+    let mut word = bits.get(w)? & (!0u64 << (from % 64));
+    while word == 0 {
+        w += 1;
+        word = *bits.get(w)?;
+    }
+    Some(w as u64 * 64 + u64::from(word.trailing_zeros()))
 }
 
 /// Lets every vCPU tick once after `resume_host_us` (bounded), so the stall
@@ -363,23 +382,30 @@ fn receive_before_state(
                 let u =
                     uffd.ok_or_else(|| DestError::Refused("Discard without userfaultfd".into()))?;
                 c.bytes_wire += (protocol::HEADER_LEN + buf.len()) as u64;
-                let words = buf
+                let stale: Vec<u64> = buf
                     .chunks_exact(8)
-                    .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
-                for (i, w) in words.enumerate() {
-                    let mut bits = w;
-                    while bits != 0 {
-                        let p = i as u64 * 64 + u64::from(bits.trailing_zeros());
-                        bits &= bits - 1;
-                        if p >= ram.pages() {
-                            return Err(
-                                ProtocolError::BadPages(format!("Discard names page {p}")).into()
-                            );
-                        }
-                        ram.discard(p * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
-                        u.present.clear(p);
-                        u.zero.clear(p);
+                    .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+                    .collect();
+                // One punch per run of stale pages: the guest is paused.
+                let mut p = 0;
+                while let Some(first) = next_set(&stale, p) {
+                    let mut end = first + 1;
+                    while precopy::bit(&stale, end) {
+                        end += 1;
                     }
+                    if end > ram.pages() {
+                        return Err(ProtocolError::BadPages(format!(
+                            "Discard names page {}",
+                            end - 1
+                        ))
+                        .into());
+                    }
+                    ram.discard(first * PAGE_SIZE as u64, (end - first) * PAGE_SIZE as u64)?;
+                    for q in first..end {
+                        u.present.clear(q);
+                        u.zero.clear(q);
+                    }
+                    p = end;
                 }
             }
             other => {
@@ -534,17 +560,14 @@ fn install_push(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn build_stats(
     vm: &Vm,
-    downtime_us: u64,
-    total_ms: f64,
+    meta: &StateMeta,
+    timing: Timing,
     bytes_state: u64,
     push: PushCounters,
     fault: Option<FaultStats>,
     source: serde_json::Value,
-    guest_stall_ms: f64,
-    guest_bad: u64,
 ) -> MigrationStats {
     let name = |v: u32| {
         if v == u32::MAX {
@@ -570,14 +593,14 @@ fn build_stats(
         .collect();
     let data = push.bytes_page_data + fault.bytes_page_data;
     let raw = push.bytes_page_raw + fault.bytes_page_raw;
-    let meta = vm.meta();
+    let shape = vm.meta();
     MigrationStats {
-        mode: String::new(),
-        mem_size: meta.mem_size,
-        vcpus: meta.vcpus,
-        downtime_us,
-        total_ms,
-        pages_total: meta.mem_size / PAGE_SIZE as u64,
+        mode: meta.mode.name().into(),
+        mem_size: shape.mem_size,
+        vcpus: shape.vcpus,
+        downtime_us: timing.downtime_us,
+        total_ms: timing.total_ms,
+        pages_total: shape.mem_size / PAGE_SIZE as u64,
         pages_demand: fault.pages_demand,
         pages_pushed: push.pages_pushed,
         pages_zero: push.pages_zero,
@@ -598,10 +621,10 @@ fn build_stats(
             total_ms: fault.blocktime_us.values().sum::<u64>() as f64 / 1e3,
             per_vcpu_ms,
         },
-        guest_stall_ms,
-        guest_bad,
+        guest_stall_ms: timing.guest_stall_ms,
+        guest_bad: meta.guest_bad + vm.monitor().bad,
         source,
-        converged: None,
-        precopy_rounds: Vec::new(),
+        converged: meta.converged,
+        precopy_rounds: meta.rounds.clone(),
     }
 }
