@@ -12,6 +12,7 @@ pub mod memory;
 pub mod migration;
 pub mod monitor;
 pub mod snapshot;
+pub mod snapshot_source;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -23,19 +23,26 @@
 //! ```
 //!
 //! Zero pages are not stored. Page `i` means offset `i * 4096` of the memory
-//! file (see `layout`). A restore checks sizes and both CRCs before the VM's
-//! vCPUs are ever created, so a bad file gives an error and no VM at all.
+//! file (see `layout`). An eager restore ([`restore`]) checks sizes and both
+//! CRCs before the VM's vCPUs are ever created, so a bad file gives an error
+//! and no VM at all. A lazy restore ([`restore_lazy`]) checks everything but
+//! the page data's CRC first, runs the VM while its memory arrives through
+//! the post-copy path, and verifies the page data once it is all loaded.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::layout::PAGE_SIZE;
 use crate::memory::{is_zero, GuestRam, MemoryError};
+use crate::migration::{self, DestError, MigrationStats, SourceError, SourceOptions};
+use crate::snapshot_source::SnapshotPages;
 use crate::state::{self, codec, CodecError, MachineState};
 
 /// Magic at the start of a snapshot file.
@@ -237,7 +244,7 @@ fn ms(d: Duration) -> f64 {
 /// An opened, validated snapshot whose memory has not been loaded yet.
 pub struct Snapshot {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     /// The VM state.
     pub state: MachineState,
     bitmap: Vec<u8>,
@@ -352,7 +359,7 @@ impl Snapshot {
         }
         Ok(Self {
             path: p(),
-            file,
+            file: Arc::new(file),
             state,
             bitmap,
             data_at,
@@ -415,7 +422,48 @@ impl Snapshot {
             file_at += len as u64;
             pfn += run;
         }
-        let computed = crc.finalize();
+        self.check_data_crc(crc.finalize())?;
+        Ok(SnapshotStats {
+            file_bytes: self.file_bytes,
+            pages_total: pages,
+            pages_stored: self.data_pages,
+            millis: ms(t.elapsed()),
+        })
+    }
+
+    /// The guest memory this snapshot holds, as a page-server source: stored
+    /// pages come from the file (unverified: see [`Snapshot::verify_memory`]),
+    /// the rest read as zero.
+    pub fn page_source(&self) -> SnapshotPages {
+        SnapshotPages::new(
+            self.file.clone(),
+            &self.bitmap,
+            self.state.meta.mem_size / PAGE_SIZE as u64,
+            self.data_at,
+        )
+    }
+
+    /// Reads the stored page data once, in file order, and checks it against
+    /// the header's data CRC.
+    pub fn verify_memory(&self) -> Result<(), SnapshotError> {
+        let io = |source| SnapshotError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut crc = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        let end = self.data_at + self.data_pages * PAGE_SIZE as u64;
+        let mut at = self.data_at;
+        while at < end {
+            let n = (CHUNK as u64).min(end - at) as usize;
+            self.file.read_exact_at(&mut buf[..n], at).map_err(io)?;
+            crc.update(&buf[..n]);
+            at += n as u64;
+        }
+        self.check_data_crc(crc.finalize())
+    }
+
+    fn check_data_crc(&self, computed: u32) -> Result<(), SnapshotError> {
         if computed != self.data_crc {
             return Err(SnapshotError::Checksum {
                 path: self.path.clone(),
@@ -424,12 +472,7 @@ impl Snapshot {
                 computed,
             });
         }
-        Ok(SnapshotStats {
-            file_bytes: self.file_bytes,
-            pages_total: pages,
-            pages_stored: self.data_pages,
-            millis: ms(t.elapsed()),
-        })
+        Ok(())
     }
 }
 
@@ -442,6 +485,29 @@ pub enum RestoreError {
     /// The VM could not be built.
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
+    /// Lazy restore: the loopback listener could not be set up.
+    #[error("lazy restore: cannot listen on the loopback interface: {0}")]
+    Loopback(#[source] std::io::Error),
+    /// Lazy restore: the thread serving the snapshot's pages could not start
+    /// or panicked.
+    #[error("lazy restore: snapshot page server thread: {0}")]
+    Thread(String),
+    /// Lazy restore: receiving the VM over the loopback post-copy migration
+    /// failed (with the page server's own error, when it has one).
+    #[error("lazy restore failed: {dest}{}", server_note(.server))]
+    Lazy {
+        /// The receiving side's error.
+        dest: DestError,
+        /// The page server's error, if it failed too.
+        server: Option<SourceError>,
+    },
+}
+
+fn server_note(server: &Option<SourceError>) -> String {
+    server
+        .as_ref()
+        .map(|e| format!(" (snapshot page server: {e})"))
+        .unwrap_or_default()
 }
 
 /// Eagerly restores a snapshot into a new, paused VM.
@@ -459,5 +525,83 @@ pub fn restore(
     let mut stats = snap.load_memory(prepared.ram())?;
     let vm = prepared.restore(&snap.state)?;
     stats.millis = ms(t.elapsed());
+    Ok((vm, stats))
+}
+
+/// Lazily restores a snapshot into a new, running VM: the vCPUs run as soon
+/// as the machine state is restored, and the memory follows through the
+/// post-copy path. The snapshot is served by the post-copy page server on a
+/// thread of this process ([`migration::source::migrate_snapshot`] over
+/// [`SnapshotPages`]) to [`migration::receive`] on the calling thread, over
+/// a loopback TCP connection: guest accesses to pages not loaded yet fault
+/// through userfaultfd and are fetched on demand while the rest is pushed.
+///
+/// The file's sizes, header, state and bitmap (and their CRC) are checked
+/// exactly as [`restore`] checks them, before any VM exists. The page data's
+/// CRC cannot be checked before the vCPUs run without reading every page
+/// first, which is what lazy restore avoids: it is verified after the fact,
+/// by one sequential pass over the stored pages once every page is present.
+/// On a mismatch the VM (which has already run on that data) is discarded
+/// and the error is [`SnapshotError::Checksum`] with part `"memory"`. Eager
+/// [`restore`] verifies the data before the VM runs.
+///
+/// The statistics are the migration's: `downtime_us` is the time from the
+/// start of this call until the vCPUs run, `total_ms` until every page is
+/// present; `guest_stall_ms` only covers TICK gaps after the restore.
+pub fn restore_lazy(
+    path: &Path,
+    console: crate::vm::ConsoleOutput,
+) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
+    let start_host_us = crate::console::now_us();
+    let snap = Snapshot::open(path)?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(RestoreError::Loopback)?;
+    let addr = listener
+        .local_addr()
+        .map_err(RestoreError::Loopback)?
+        .to_string();
+    // Both ends are in this process: copying a page is cheaper than
+    // compressing it.
+    let opts = SourceOptions {
+        server: ferry_page_server::server::ServerConfig {
+            lz4: false,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (received, served) = std::thread::scope(|s| {
+        let server = std::thread::Builder::new()
+            .name("snapshot-pages".into())
+            .spawn_scoped(s, || {
+                let r = migration::source::migrate_snapshot(&snap, &addr, &opts, start_host_us);
+                if r.is_err() {
+                    // If `receive` still waits for a connection, one that
+                    // closes at once makes it fail instead of waiting.
+                    let _ = std::net::TcpStream::connect(&addr);
+                }
+                r
+            })
+            .map_err(|e| RestoreError::Thread(e.to_string()))?;
+        let received = migration::receive(&listener, console);
+        let served = server
+            .join()
+            .map_err(|_| RestoreError::Thread("panicked".into()))?;
+        Ok::<_, RestoreError>((received, served))
+    })?;
+    let (vm, stats) = match (received, served) {
+        (Ok((vm, _)), Ok(outcome)) => (vm, outcome.stats),
+        // Every page is present: the VM is whole even though the page
+        // server did not see the end of the session cleanly.
+        (Ok((vm, stats)), Err(e)) => {
+            tracing::warn!("snapshot page server: {e}");
+            (vm, stats)
+        }
+        (Err(dest), server) => {
+            return Err(RestoreError::Lazy {
+                dest,
+                server: server.err(),
+            })
+        }
+    };
+    snap.verify_memory()?;
     Ok((vm, stats))
 }

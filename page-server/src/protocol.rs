@@ -122,6 +122,9 @@ pub enum MsgType {
     /// (little-endian u64 words, bit = page) of pages that changed after
     /// they were sent; the destination drops them and faults them in later.
     Discard = 0x23,
+    /// Destination → source, control: a `Discard` whose `arg` was 1 has been
+    /// applied (the source waits for it while the guest still runs).
+    DiscardDone = 0x24,
     /// Destination → source: every page is present (JSON stats); the source
     /// may release the VM's memory.
     Complete = 0x30,
@@ -141,6 +144,7 @@ impl MsgType {
             PageRequest,
             PushDone,
             Discard,
+            DiscardDone,
             Complete,
             Abort,
         ]
@@ -160,6 +164,7 @@ impl MsgType {
             MsgType::PageRequest => (16, 16),
             MsgType::State | MsgType::Discard => (4, MAX_PAYLOAD),
             MsgType::Resumed | MsgType::PushDone | MsgType::Complete => (0, 1 << 20),
+            MsgType::DiscardDone => (0, 0),
             MsgType::Abort => (0, 4096),
         }
     }

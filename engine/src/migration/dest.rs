@@ -134,6 +134,7 @@ pub fn receive(
     let mut counters = PushCounters::default();
     if let Err(e) = receive_before_state(
         &mut rd,
+        &mut wr,
         &mut buf,
         prepared.ram(),
         uffd.as_deref(),
@@ -341,6 +342,7 @@ fn wait_for_ticks(vm: &Vm, resume_host_us: u64) -> f64 {
 /// hybrid mode, the stale-page `Discard`. Leaves the `State` payload in `buf`.
 fn receive_before_state(
     rd: &mut impl std::io::Read,
+    wr: &mut TcpStream,
     buf: &mut Vec<u8>,
     ram: &GuestRam,
     uffd: Option<&UffdRam>,
@@ -406,6 +408,9 @@ fn receive_before_state(
                         u.zero.clear(q);
                     }
                     p = end;
+                }
+                if hdr.arg == 1 {
+                    write_frame(wr, MsgType::DiscardDone, 0, &[])?;
                 }
             }
             other => {

@@ -166,6 +166,7 @@ mod tests {
                 mode,
                 mem,
                 ws: 64 << 20,
+                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
                 rate: 0,
                 vcpus: 1,
             },

@@ -110,6 +110,8 @@ pub struct Point {
     pub mem: u64,
     /// Working set, bytes.
     pub ws: u64,
+    /// How the working set was asked for (a size or a share of memory).
+    pub ws_spec: WsSpec,
     /// Dirty-rate limit, pages/s (0 = none).
     pub rate: u64,
     /// vCPUs.
@@ -226,7 +228,7 @@ pub fn parse_sizes(opt: &'static str, list: &str, min: u64) -> Result<Vec<u64>, 
 
 /// A working-set size: fixed, or a percentage of each guest's memory (so
 /// the touched memory grows with the guest, as in the downtime-vs-memory plot).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WsSpec {
     /// This many bytes.
     Bytes(u64),
@@ -235,6 +237,14 @@ pub enum WsSpec {
 }
 
 impl WsSpec {
+    /// `64M` or `25%`.
+    pub fn label(self) -> String {
+        match self {
+            WsSpec::Bytes(b) => size_arg(b),
+            WsSpec::Percent(p) => format!("{p}%"),
+        }
+    }
+
     /// The size for a guest of `mem` bytes.
     pub fn resolve(self, mem: u64) -> u64 {
         match self {
@@ -311,6 +321,7 @@ impl Matrix {
                                 mode,
                                 mem,
                                 ws,
+                                ws_spec: *spec,
                                 rate,
                                 vcpus,
                             });
@@ -449,6 +460,7 @@ mod tests {
                 mode: Mode::StopAndCopy,
                 mem: 1 << 30,
                 ws: 64 << 20,
+                ws_spec: WsSpec::Bytes(64 << 20),
                 rate: 0,
                 vcpus: 1,
             },

@@ -229,15 +229,15 @@ pub fn metric_vs_mem_svg(
     let ok: Vec<&RunRecord> = records.iter().filter(|r| r.ok()).collect();
     let (ws, rate, vcpus) = match ok.first() {
         Some(f) => (
-            f.ws_size,
+            f.ws_spec.clone(),
             f.dirty_rate,
             ok.iter().map(|r| r.vcpus).min().unwrap_or(1),
         ),
-        None => (0, 0, 1),
+        None => (String::new(), 0, 1),
     };
     let sel: Vec<&RunRecord> = ok
         .into_iter()
-        .filter(|r| r.ws_size == ws && r.dirty_rate == rate && r.vcpus == vcpus)
+        .filter(|r| r.ws_spec == ws && r.dirty_rate == rate && r.vcpus == vcpus)
         .collect();
     let mut keys: Vec<(bool, Option<Mode>, String, String)> = sel
         .iter()
@@ -301,7 +301,11 @@ pub fn metric_vs_mem_svg(
     let chart = Chart {
         title: format!(
             "{title} (ws {}, dirty rate {}, {vcpus} vCPU)",
-            size_arg(ws),
+            if ws.ends_with('%') {
+                format!("{ws} of memory")
+            } else {
+                ws.clone()
+            },
             if rate == 0 {
                 "unlimited".to_string()
             } else {
@@ -338,6 +342,7 @@ mod tests {
                 mode,
                 mem,
                 ws: 64 << 20,
+                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
                 rate: 0,
                 vcpus: 1,
             },

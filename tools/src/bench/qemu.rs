@@ -363,6 +363,7 @@ mod tests {
                 mode: Mode::Postcopy,
                 mem: 256 << 20,
                 ws: 64 << 20,
+                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
                 rate: 0,
                 vcpus: 1,
             },

@@ -34,6 +34,9 @@ pub struct RunRecord {
     pub mem_size: u64,
     /// Working set, bytes.
     pub ws_size: u64,
+    /// The working set as asked for: `64M`, or `25%` of memory.
+    #[serde(default)]
+    pub ws_spec: String,
     /// Dirty-rate limit, pages/s (0 = none).
     pub dirty_rate: u64,
     /// vCPUs.
@@ -60,6 +63,7 @@ impl RunRecord {
             mode: spec.point.mode.as_str().into(),
             mem_size: spec.point.mem,
             ws_size: spec.point.ws,
+            ws_spec: spec.point.ws_spec.label(),
             dirty_rate: spec.point.rate,
             vcpus: spec.point.vcpus,
             repeat: spec.repeat,
@@ -170,6 +174,7 @@ mod tests {
                 mode: Mode::Postcopy,
                 mem: 1 << 30,
                 ws: 64 << 20,
+                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
                 rate: 0,
                 vcpus: 2,
             },

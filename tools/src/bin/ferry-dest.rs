@@ -17,14 +17,22 @@ struct Args {
     /// Wait for one incoming migration on this address (e.g. 127.0.0.1:7000).
     #[arg(long, conflicts_with = "restore", required_unless_present = "restore")]
     listen: Option<String>,
-    /// Restore this snapshot file (eagerly: all memory is loaded first).
+    /// Restore this snapshot file (eagerly: all memory is loaded first,
+    /// unless --lazy).
     #[arg(long)]
     restore: Option<PathBuf>,
-    /// With --listen: write the migration statistics (JSON) here.
+    /// With --restore: run the VM at once and load its memory afterwards,
+    /// on demand and in the background (post-copy from the file). The page
+    /// data's checksum is verified once all of it is loaded.
+    #[arg(long, requires = "restore")]
+    lazy: bool,
+    /// With --listen or --restore --lazy: write the migration statistics
+    /// (JSON) here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
-    /// Leave the restored VM paused until the API resumes it.
-    #[arg(long)]
+    /// Leave the restored VM paused until the API resumes it (eager restore
+    /// only).
+    #[arg(long, conflicts_with = "lazy")]
     paused: bool,
     /// Where guest console lines go: a file, "-" for stdout, "none".
     #[arg(long)]
@@ -58,6 +66,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         info!(addr, "waiting for an incoming migration");
         let (vm, stats) = migration::receive(&listener, console)?;
+        println!("{}", stats.table());
+        if let Some(p) = &args.stats_json {
+            controller::write_stats(p, &stats)?;
+        }
+        vm
+    } else if let Some(path) = args.restore.as_ref().filter(|_| args.lazy) {
+        let (vm, stats) = snapshot::restore_lazy(path, console)?;
+        info!(path = %path.display(), "snapshot restored lazily");
         println!("{}", stats.table());
         if let Some(p) = &args.stats_json {
             controller::write_stats(p, &stats)?;
