@@ -602,6 +602,8 @@ pub fn restore_lazy(
             })
         }
     };
+    let t = Instant::now();
     snap.verify_memory()?;
+    tracing::info!(millis = ms(t.elapsed()), "snapshot page data verified");
     Ok((vm, stats))
 }
