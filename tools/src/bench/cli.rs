@@ -110,6 +110,10 @@ pub struct Args {
     /// Passed to ferry-source for hybrid.
     #[arg(long)]
     pub hybrid_rounds: Option<u32>,
+    /// Only re-render results.md and the plots of an earlier run directory
+    /// from its results.json; runs nothing.
+    #[arg(long)]
+    pub replot: Option<PathBuf>,
 }
 
 /// A checked benchmark configuration.

@@ -324,7 +324,9 @@ pub fn metric_vs_mem_svg(
         marks: vec![],
         bands: vec![],
         empty_note: "no successful runs".into(),
-        legend: Legend::TopRight,
+        // Slow modes climb to the top right and post-copy hugs the bottom;
+        // small guests leave the top left empty.
+        legend: Legend::TopLeft,
     };
     Ok(chart.render(820.0, 480.0)?)
 }

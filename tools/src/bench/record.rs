@@ -13,6 +13,22 @@ pub enum RecordError {
     /// Stats were not a JSON object.
     #[error("statistics are not a JSON object: {0}")]
     NotObject(String),
+    /// Reading results.json failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// results.json is not what `save` writes.
+    #[error("{path} is not a ferry-bench results file: {why}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's complaint.
+        why: String,
+    },
     /// Writing results.json failed.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -150,6 +166,18 @@ pub struct Outcome {
     pub src: super::serial::SerialLog,
     /// The destination's serial log.
     pub dst: super::serial::SerialLog,
+}
+
+/// Reads a `results.json` written by [`save`].
+pub fn load(path: &std::path::Path) -> Result<Vec<RunRecord>, RecordError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RecordError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| RecordError::Parse {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
 }
 
 /// Writes `results.json` (an array of records, pretty-printed).

@@ -208,19 +208,42 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         },
         cfg.after.as_millis()
     );
-    let md = markdown::table(&records, &title)?;
+    render(&out, &out_abs, &records, &title)
+}
+
+/// Writes `results.md` and the plots for `records`.
+fn render(
+    out: &Path,
+    out_abs: &Path,
+    records: &[RunRecord],
+    title: &str,
+) -> Result<Report, RunnerError> {
+    let md = markdown::table(records, title)?;
     let md_full = format!(
         "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`. \
          Per-run logs and statistics are under `runs/`.\n"
     );
     write(&out.join("results.md"), &md_full)?;
-    write_plots(&out, &out_abs, &records)?;
+    write_plots(out, out_abs, records)?;
     Ok(Report {
-        out,
+        out: out.to_path_buf(),
         markdown: md,
         runs: records.len(),
         failed: records.iter().filter(|r| !r.ok()).count(),
     })
+}
+
+/// Re-renders `results.md` and the plots of an earlier run from its
+/// `results.json` (and the run logs under `runs/`), without running anything.
+pub fn replot(dir: &Path) -> Result<Report, RunnerError> {
+    let records = record::load(&dir.join("results.json"))?;
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    render(
+        dir,
+        &abs,
+        &records,
+        "ferry-bench results (re-rendered from results.json)",
+    )
 }
 
 fn run_one(

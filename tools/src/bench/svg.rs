@@ -188,6 +188,8 @@ pub enum Legend {
     TopRight,
     /// Bottom right inside the plot.
     BottomRight,
+    /// Top left inside the plot.
+    TopLeft,
     /// No legend.
     None,
 }
@@ -393,7 +395,11 @@ impl Chart {
             } else {
                 y0 + 6.0
             };
-            let lx = x0 + pw - lw - 6.0;
+            let lx = if self.legend == Legend::TopLeft {
+                x0 + 6.0
+            } else {
+                x0 + pw - lw - 6.0
+            };
             let _ = writeln!(
                 s,
                 "<rect x=\"{lx:.1}\" y=\"{ly:.1}\" width=\"{lw:.1}\" height=\"{lh:.1}\" fill=\"white\" fill-opacity=\"0.85\" stroke=\"#bbb\"/>"

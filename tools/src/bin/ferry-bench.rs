@@ -10,6 +10,18 @@ use ferry_tools::init_tracing;
 fn main() -> ExitCode {
     init_tracing();
     let args = Args::parse();
+    if let Some(dir) = &args.replot {
+        return match runner::replot(dir) {
+            Ok(report) => {
+                println!("{}", report.markdown);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let bin_dir = match std::env::current_exe() {
         Ok(p) => p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
         Err(e) => {
