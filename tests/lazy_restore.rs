@@ -1,19 +1,11 @@
 //! Lazy snapshot restore (`ferry-dest --restore FILE --lazy`): the VM runs
 //! at once and its memory follows through the post-copy path, served from
-//! the file. Judged by the workload guest like a migration; damaged files
-//! are refused before any VM runs, except for page data, which is verified
-//! once it is all loaded.
+//! the file. Judged by the workload guest like a migration. Damaged files
+//! are covered, eager and lazy alike, in `snapshot_files.rs`.
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
-
 use common::*;
-use ferry_engine::snapshot;
-use ferry_engine::{ConsoleOutput, Vm};
-use ferry_guest::GUEST_ELF;
 
 const GUEST: &str = "ws=256M pattern=random write=80 report_ms=50";
 
@@ -111,122 +103,4 @@ fn lazy_restore_of_a_1g_2_vcpu_write_heavy_guest() {
         n("pages_pushed") + n("pages_demand") >= stored,
         "{stored} stored: {s}"
     );
-}
-
-/// Runs `ferry-dest --restore FILE --lazy` and returns (success, stderr,
-/// console).
-fn try_lazy(dir: &Scratch, file: &Path) -> (bool, String, String) {
-    let console = dir.path("console.log");
-    let _ = std::fs::remove_file(&console);
-    let out = Command::new(bin("ferry-dest"))
-        .args(["--restore", file.to_str().unwrap(), "--lazy"])
-        .args(["--run-for", "2s", "--serial", console.to_str().unwrap()])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        std::fs::read_to_string(&console).unwrap_or_default(),
-    )
-}
-
-#[test]
-fn lazy_restore_refuses_damaged_files_and_catches_bad_page_data() {
-    let dir = Scratch::new("lazy-damaged");
-    let log = dir.path("boot.log");
-    let mut vm = Vm::boot(
-        64 << 20,
-        1,
-        GUEST_ELF,
-        "ws=8M report_ms=50",
-        ConsoleOutput::File(log.clone()),
-    )
-    .unwrap();
-    vm.resume().unwrap();
-    wait_ticks(&log, 1, 2, Duration::from_secs(60));
-    vm.pause().unwrap();
-    let good = dir.path("good.snap");
-    let state = vm.save_state().unwrap();
-    snapshot::write(&good, &state, vm.ram()).unwrap();
-    drop(vm);
-    let bytes = std::fs::read(&good).unwrap();
-
-    let (ok, err, console) = try_lazy(&dir, &good);
-    assert!(ok, "good snapshot failed: {err}");
-    assert!(
-        console.contains("FERRY TICK"),
-        "restored guest did not tick"
-    );
-    assert!(!console.contains("FERRY BAD"), "{console}");
-
-    // Damage outside the page data: refused before any VM runs.
-    let state_len = u64::from_le_bytes(bytes[24..32].try_into().unwrap()) as usize;
-    let refused: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "truncated-in-memory",
-            bytes[..bytes.len() - 4096].to_vec(),
-            "truncated",
-        ),
-        ("empty", Vec::new(), "not a Ferry snapshot"),
-        (
-            "wrong-version",
-            patch(&bytes, 8, &[2, 0, 0, 0]),
-            "version 2 is not supported",
-        ),
-        (
-            "flip-in-header-crc",
-            flip(&bytes, 41),
-            "header/state/bitmap checksum mismatch",
-        ),
-        (
-            "flip-in-state",
-            flip(&bytes, 48 + state_len / 2),
-            "header/state/bitmap checksum mismatch",
-        ),
-        (
-            "flip-in-bitmap",
-            flip(&bytes, 48 + state_len + 10),
-            "header/state/bitmap checksum mismatch",
-        ),
-        (
-            "huge-mem-size",
-            patch(&bytes, 16, &u64::MAX.to_le_bytes()),
-            "memory size",
-        ),
-    ];
-    for (name, data, expect) in refused {
-        let f = dir.path(&format!("{name}.snap"));
-        std::fs::write(&f, &data).unwrap();
-        let (ok, err, console) = try_lazy(&dir, &f);
-        assert!(!ok, "{name}: restore succeeded");
-        assert!(
-            err.contains(expect),
-            "{name}: error {err:?} does not say {expect:?}"
-        );
-        assert!(!err.contains("panicked"), "{name}: panicked: {err}");
-        assert!(console.is_empty(), "{name}: a guest ran: {console}");
-    }
-
-    // Damaged page data: the VM ran, the check after loading catches it.
-    let f = dir.path("flip-in-memory.snap");
-    std::fs::write(&f, flip(&bytes, bytes.len() - 1000)).unwrap();
-    let (ok, err, _) = try_lazy(&dir, &f);
-    assert!(!ok, "flip-in-memory: restore succeeded");
-    assert!(
-        err.contains("memory checksum mismatch"),
-        "flip-in-memory: error {err:?}"
-    );
-    assert!(!err.contains("panicked"), "flip-in-memory: panicked: {err}");
-}
-
-fn patch(b: &[u8], at: usize, with: &[u8]) -> Vec<u8> {
-    let mut v = b.to_vec();
-    v[at..at + with.len()].copy_from_slice(with);
-    v
-}
-
-fn flip(b: &[u8], at: usize) -> Vec<u8> {
-    let mut v = b.to_vec();
-    v[at] ^= 0x04;
-    v
 }

@@ -1,4 +1,7 @@
-//! Damaged snapshot files are refused with a clear error and never start a VM.
+//! Damaged snapshot files are refused with a clear error, eagerly and
+//! lazily restored alike: damage outside the page data is found before any
+//! VM runs; damaged page data is found before an eager restore runs the VM,
+//! and by the check after loading in a lazy one. Never a panic.
 
 mod common;
 
@@ -10,13 +13,14 @@ use ferry_engine::snapshot;
 use ferry_engine::{ConsoleOutput, Vm};
 use ferry_guest::GUEST_ELF;
 
-/// Runs `ferry-dest --restore FILE` and returns (success, stderr, console).
-fn try_restore(dir: &Scratch, file: &std::path::Path) -> (bool, String, String) {
+/// Runs `ferry-dest --restore FILE [--lazy]`; returns (success, stderr, console).
+fn try_restore(dir: &Scratch, file: &std::path::Path, lazy: bool) -> (bool, String, String) {
     let console = dir.path("console.log");
     let _ = std::fs::remove_file(&console);
     let out = Command::new(bin("ferry-dest"))
         .args(["--restore", file.to_str().unwrap(), "--run-for", "2s"])
         .args(["--serial", console.to_str().unwrap()])
+        .args(if lazy { &["--lazy"][..] } else { &[] })
         .output()
         .unwrap();
     (
@@ -26,9 +30,8 @@ fn try_restore(dir: &Scratch, file: &std::path::Path) -> (bool, String, String) 
     )
 }
 
-#[test]
-fn damaged_snapshots_are_refused_with_a_clear_error() {
-    let dir = Scratch::new("damaged");
+/// A snapshot of a small running guest, as bytes.
+fn good_snapshot(dir: &Scratch) -> Vec<u8> {
     let log = dir.path("boot.log");
     let mut vm = Vm::boot(
         64 << 20,
@@ -44,19 +47,17 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
     let good = dir.path("good.snap");
     let state = vm.save_state().unwrap();
     snapshot::write(&good, &state, vm.ram()).unwrap();
-    drop(vm);
-    let bytes = std::fs::read(&good).unwrap();
+    std::fs::read(&good).unwrap()
+}
 
-    // The intact file restores and ticks: the damage below is what fails.
-    let (ok, err, console) = try_restore(&dir, &good);
-    assert!(ok, "good snapshot failed: {err}");
-    assert!(
-        console.contains("FERRY TICK"),
-        "restored guest did not tick"
-    );
-
+#[test]
+fn damaged_snapshots_are_refused_with_a_clear_error() {
+    let dir = Scratch::new("damaged");
+    let bytes = good_snapshot(&dir);
+    let good = dir.path("good.snap");
     let state_len = u64::from_le_bytes(bytes[24..32].try_into().unwrap()) as usize;
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    let checksum = "header/state/bitmap checksum mismatch";
+    let before_any_vm: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "truncated-in-memory",
             bytes[..bytes.len() - 4096].to_vec(),
@@ -79,15 +80,12 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
             patch(&bytes, 0, b"XXXX"),
             "not a Ferry snapshot",
         ),
+        ("flip-in-header-crc", flip(&bytes, 41), checksum),
+        ("flip-in-state", flip(&bytes, 48 + state_len / 2), checksum),
         (
-            "flip-in-state",
-            flip(&bytes, 48 + state_len / 2),
-            "checksum mismatch",
-        ),
-        (
-            "flip-in-memory",
-            flip(&bytes, bytes.len() - 1000),
-            "memory checksum mismatch",
+            "flip-in-bitmap",
+            flip(&bytes, 48 + state_len + 10),
+            checksum,
         ),
         (
             "huge-mem-size",
@@ -95,19 +93,50 @@ fn damaged_snapshots_are_refused_with_a_clear_error() {
             "memory size",
         ),
     ];
-    for (name, data, expect) in cases {
-        let f = dir.path(&format!("{name}.snap"));
-        std::fs::write(&f, &data).unwrap();
-        let (ok, err, console) = try_restore(&dir, &f);
-        assert!(!ok, "{name}: restore succeeded");
+    for lazy in [false, true] {
+        let how = if lazy { "lazy" } else { "eager" };
+        // The intact file restores and ticks: the damage below is what fails.
+        let (ok, err, console) = try_restore(&dir, &good, lazy);
+        assert!(ok, "{how}: good snapshot failed: {err}");
         assert!(
-            err.contains(expect),
-            "{name}: error {err:?} does not say {expect:?}"
+            console.contains("FERRY TICK"),
+            "{how}: restored guest did not tick"
         );
-        assert!(!err.contains("panicked"), "{name}: panicked: {err}");
-        assert!(console.is_empty(), "{name}: a guest ran: {console}");
+        assert!(!console.contains("FERRY BAD"), "{how}: {console}");
+
+        for (name, data, expect) in &before_any_vm {
+            let f = dir.path(&format!("{name}.snap"));
+            std::fs::write(&f, data).unwrap();
+            let (ok, err, console) = try_restore(&dir, &f, lazy);
+            assert!(!ok, "{how} {name}: restore succeeded");
+            assert!(
+                err.contains(expect),
+                "{how} {name}: error {err:?} does not say {expect:?}"
+            );
+            assert!(!err.contains("panicked"), "{how} {name}: panicked: {err}");
+            assert!(console.is_empty(), "{how} {name}: a guest ran: {console}");
+        }
+
+        let f = dir.path("flip-in-memory.snap");
+        std::fs::write(&f, flip(&bytes, bytes.len() - 1000)).unwrap();
+        let (ok, err, console) = try_restore(&dir, &f, lazy);
+        assert!(!ok, "{how} flip-in-memory: restore succeeded");
+        assert!(
+            err.contains("memory checksum mismatch"),
+            "{how} flip-in-memory: {err:?}"
+        );
+        assert!(
+            !err.contains("panicked"),
+            "{how} flip-in-memory: panicked: {err}"
+        );
+        if !lazy {
+            assert!(
+                console.is_empty(),
+                "eager flip-in-memory: a guest ran: {console}"
+            );
+        }
     }
-    let (ok, err, _) = try_restore(&dir, &dir.path("missing.snap"));
+    let (ok, err, _) = try_restore(&dir, &dir.path("missing.snap"), false);
     assert!(!ok && err.contains("No such file"), "{err}");
 }
 

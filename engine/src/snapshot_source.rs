@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use ferry_page_server::source::PageSource;
+use ferry_page_server::source::{check_read, PageSource};
 
 use crate::layout::PAGE_SIZE;
 
@@ -105,19 +105,7 @@ impl PageSource for SnapshotPages {
     }
 
     fn read(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
-        let count = (buf.len() / PAGE_SIZE) as u64;
-        if !buf.len().is_multiple_of(PAGE_SIZE)
-            || pfn.checked_add(count).is_none_or(|e| e > self.pages)
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "read of {} bytes at page {pfn} of a {}-page snapshot",
-                    buf.len(),
-                    self.pages
-                ),
-            ));
-        }
+        let count = check_read(self.pages, pfn, buf.len())?;
         // Stored pages are consecutive in the file, so each run of them is
         // one pread.
         let mut i = 0u64;

@@ -52,25 +52,26 @@ impl FileSource {
     }
 }
 
+/// Checks that a read of `len` bytes at `pfn` is whole pages inside a
+/// source of `pages` pages; returns the page count.
+pub fn check_read(pages: u64, pfn: u64, len: usize) -> io::Result<u64> {
+    let count = (len / PAGE_SIZE) as u64;
+    if !len.is_multiple_of(PAGE_SIZE) || pfn.checked_add(count).is_none_or(|e| e > pages) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("read of {len} bytes at page {pfn} of a {pages}-page source"),
+        ));
+    }
+    Ok(count)
+}
+
 impl PageSource for FileSource {
     fn pages(&self) -> u64 {
         self.pages
     }
 
     fn read(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
-        let count = (buf.len() / PAGE_SIZE) as u64;
-        if !buf.len().is_multiple_of(PAGE_SIZE)
-            || pfn.checked_add(count).is_none_or(|e| e > self.pages)
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "read of {} bytes at page {pfn} of a {}-page source",
-                    buf.len(),
-                    self.pages
-                ),
-            ));
-        }
+        check_read(self.pages, pfn, buf.len())?;
         self.file.read_exact_at(buf, pfn * PAGE_SIZE as u64)
     }
 
