@@ -1,5 +1,6 @@
 //! Ferry's engine: a small KVM VMM, complete VM state capture and restore,
-//! snapshots, and (later) the migration drivers.
+//! snapshots, and the migration drivers (post-copy, stop-and-copy, pre-copy,
+//! hybrid).
 //!
 //! See `docs/architecture.md` for how the pieces fit.
 
