@@ -23,6 +23,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -165,18 +166,21 @@ pub fn serve(
     source: &dyn PageSource,
     cfg: &ServerConfig,
 ) -> Result<(ServerStats, serde_json::Value), ServerError> {
-    serve_rest(control, fault, source, cfg, None)
+    serve_rest(control, fault, source, cfg, None, None)
 }
 
 /// Like [`serve`], when the destination already holds some pages (hybrid
 /// migration: pre-copy rounds first). `have` has one bit per page, set for
 /// pages the push must skip; demand requests are answered for any page.
+/// `sent`, when given, is kept at the number of pages sent so far (for
+/// progress bars).
 pub fn serve_rest(
     control: std::net::TcpStream,
     fault: std::net::TcpStream,
     source: &dyn PageSource,
     cfg: &ServerConfig,
     have: Option<&[u64]>,
+    sent: Option<&AtomicU64>,
 ) -> Result<(ServerStats, serde_json::Value), ServerError> {
     let start = Instant::now();
     let mut poll = Poll::new().map_err(setup("creating the event loop"))?;
@@ -205,7 +209,10 @@ pub fn serve_rest(
         push_done: false,
         fault_closed: None,
         last_demand: None,
+        sent,
+        initial_left: 0,
     };
+    server.initial_left = server.sweep.left;
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
         poll.registry()
             .register(
@@ -538,12 +545,19 @@ struct Server<'a> {
     fault_closed: Option<Instant>,
     /// When the last demand request was read.
     last_demand: Option<Instant>,
+    /// Pages sent so far, published for progress bars.
+    sent: Option<&'a AtomicU64>,
+    /// Pages the push had to send when it started.
+    initial_left: u64,
 }
 
 impl Server<'_> {
     fn run(&mut self, poll: &mut Poll) -> Result<serde_json::Value, ServerError> {
         let mut events = Events::with_capacity(16);
         loop {
+            if let Some(sent) = self.sent {
+                sent.store(self.initial_left - self.sweep.left, Ordering::Relaxed);
+            }
             self.service_faults()?;
             if let Some(complete) = self.service_control()? {
                 return Ok(complete);

@@ -56,6 +56,47 @@ pub fn console_output(arg: Option<&str>) -> ConsoleOutput {
     }
 }
 
+/// Shows a migration's progress on stderr while it runs, when stderr is a
+/// terminal; returns the handle to publish into, and the display thread.
+pub fn migration_progress_bar() -> Option<(
+    std::sync::Arc<ferry_engine::migration::progress::Progress>,
+    std::thread::JoinHandle<()>,
+)> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let progress = std::sync::Arc::new(ferry_engine::migration::progress::Progress::default());
+    let p = progress.clone();
+    let thread = std::thread::spawn(move || {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>20} [{bar:40}] {human_pos}/{human_len} pages, {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let mut phase = String::new();
+        loop {
+            let v = p.view();
+            if v.phase != phase {
+                phase = v.phase.clone();
+                bar.reset();
+                bar.set_message(phase.clone());
+            }
+            bar.set_length(v.total);
+            bar.set_position(v.done.min(v.total));
+            if v.finished {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
+    });
+    Some((progress, thread))
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

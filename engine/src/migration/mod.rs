@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod dest;
 pub mod fault;
 pub mod precopy;
+pub mod progress;
 pub mod source;
 pub mod stats;
 pub mod uffd_ram;

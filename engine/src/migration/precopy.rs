@@ -3,6 +3,7 @@
 
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ferry_page_server::protocol::{self, write_frame, MsgType, ProtocolError, PAGE_SIZE};
@@ -44,6 +45,8 @@ pub struct PageSender<'a> {
     pub pages_data: u64,
     /// Zero pages sent as markers so far.
     pub pages_zero: u64,
+    /// Counts pages sent, for a progress display.
+    pub progress: Option<&'a AtomicU64>,
 }
 
 impl<'a> PageSender<'a> {
@@ -63,6 +66,7 @@ impl<'a> PageSender<'a> {
             bytes: 0,
             pages_data: 0,
             pages_zero: 0,
+            progress: None,
         }
     }
 
@@ -82,9 +86,16 @@ impl<'a> PageSender<'a> {
             payload.extend_from_slice(&[protocol::PageEncoding::Zero as u8, 0, 0, 0]);
             self.frame(&payload)?;
             self.pages_zero += n;
+            self.tick(n);
             p += n;
         }
         Ok(())
+    }
+
+    fn tick(&self, pages: u64) {
+        if let Some(p) = self.progress {
+            p.fetch_add(pages, Ordering::Relaxed);
+        }
     }
 
     /// Sends `count` (≤ 256) contiguous pages from `pfn`.
@@ -97,6 +108,7 @@ impl<'a> PageSender<'a> {
             let payload = protocol::encode_pages(pfn, &self.buf[..len], self.lz4, false);
             self.frame(&payload)?;
             self.pages_data += count;
+            self.tick(count);
             Ok(())
         } else {
             self.zero(pfn, count)

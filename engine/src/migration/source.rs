@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_page_server::protocol::{
@@ -29,10 +30,11 @@ use ferry_page_server::protocol::{
     ProtocolError, Role, OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use ferry_page_server::server::{self, ServerConfig, ServerError};
-use ferry_page_server::source::FileSource;
+use ferry_page_server::source::{FileSource, PageSource};
 use tracing::{error, info, warn};
 
 use super::precopy::{self, PageSender, RoundStats};
+use super::progress::Progress;
 use super::stats::MigrationStats;
 use super::wire::{encode_state, Resumed, StateMeta};
 use crate::console::now_us;
@@ -83,6 +85,8 @@ pub struct SourceOptions {
     pub downtime_target: Duration,
     /// Hybrid: pre-copy rounds after the full pass before switching.
     pub hybrid_rounds: u32,
+    /// Where to publish progress (for a progress bar), if anywhere.
+    pub progress: Option<Arc<Progress>>,
 }
 
 impl Default for SourceOptions {
@@ -94,7 +98,20 @@ impl Default for SourceOptions {
             max_rounds: 30,
             downtime_target: Duration::from_millis(50),
             hybrid_rounds: 2,
+            progress: None,
         }
+    }
+}
+
+impl SourceOptions {
+    fn phase(&self, name: impl Into<String>, total: u64) {
+        if let Some(p) = &self.progress {
+            p.phase(name, total);
+        }
+    }
+
+    fn sent_counter(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        self.progress.as_deref().map(|p| &p.done)
     }
 }
 
@@ -327,7 +344,16 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     info!(downtime_us = resumed.downtime_us, "destination runs the VM");
 
     let (server_stats, complete) = if opts.mode.lazy() {
-        let (s, c) = server::serve_rest(control, fault, &source, &cfg, pre.have.as_deref())?;
+        let have = pre.have.as_deref().map_or(0, precopy::count);
+        opts.phase("post-copy", source.pages() - have.min(source.pages()));
+        let (s, c) = server::serve_rest(
+            control,
+            fault,
+            &source,
+            &cfg,
+            pre.have.as_deref(),
+            opts.sent_counter(),
+        )?;
         (serde_json::to_value(s).unwrap_or_default(), c)
     } else {
         let hdr = read_frame(&mut control, &mut buf)?;
@@ -375,8 +401,11 @@ fn before_pause(
     };
     let target_ms = opts.downtime_target.as_secs_f64() * 1e3;
     let mut sender = PageSender::new(control, source, cfg.lz4, cfg.zero_runs);
+    sender.progress = opts.sent_counter();
     let mut dirty: Option<Vec<u64>> = None;
     for round in 0..=limit {
+        let total = dirty.as_deref().map_or(source.pages(), precopy::count);
+        opts.phase(format!("pre-copy round {round}"), total);
         let before = sender.bytes;
         let data_before = sender.pages_data;
         let (sent, ms) = precopy::timed(|| match &dirty {
@@ -437,9 +466,11 @@ fn after_pause(
     mut pre: PreSwitch,
 ) -> Result<PreSwitch, SourceError> {
     let mut sender = PageSender::new(control, source, cfg.lz4, cfg.zero_runs);
+    sender.progress = opts.sent_counter();
     match opts.mode {
         MigrationMode::Postcopy => {}
         MigrationMode::StopAndCopy => {
+            opts.phase("stop-and-copy", source.pages());
             let (sent, ms) = precopy::timed(|| sender.send_all());
             pre.rounds.push(RoundStats {
                 round: 0,
@@ -451,6 +482,7 @@ fn after_pause(
         }
         MigrationMode::Precopy => {
             let dirty = final_dirty(vm, pre.pending.take())?;
+            opts.phase("pre-copy, paused", precopy::count(&dirty));
             let (sent, ms) = precopy::timed(|| sender.send_set(&dirty));
             pre.rounds.push(RoundStats {
                 round: pre.rounds.len() as u32,

@@ -9,7 +9,9 @@ use ferry_engine::controller::ServeEnd;
 use ferry_engine::migration::SourceOptions;
 use ferry_engine::{api, controller, Vm};
 use ferry_page_server::protocol::MigrationMode;
-use ferry_tools::{console_output, init_tracing, parse_duration, parse_size};
+use ferry_tools::{
+    console_output, init_tracing, migration_progress_bar, parse_duration, parse_size,
+};
 use tracing::{error, info};
 
 /// Run a VM and serve its control API.
@@ -101,14 +103,21 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut moved = false;
     if let Some(to) = &args.migrate_to {
         if controller::serve(&mut vm, api_rx.as_ref(), Some(args.after)) == ServeEnd::TimeUp {
+            let bar = migration_progress_bar();
             let opts = SourceOptions {
                 mode: args.mode,
                 max_rounds: args.max_rounds,
                 downtime_target: args.downtime_target,
                 hybrid_rounds: args.hybrid_rounds,
+                progress: bar.as_ref().map(|(p, _)| p.clone()),
                 ..Default::default()
             };
-            match controller::migrate_to(&mut vm, to, &opts, args.stats_json.as_deref()) {
+            let result = controller::migrate_to(&mut vm, to, &opts, args.stats_json.as_deref());
+            if let Some((p, thread)) = bar {
+                p.finish();
+                let _ = thread.join();
+            }
+            match result {
                 Ok(_) => moved = true,
                 // A migration that failed before the switch-over resumed the
                 // VM here: keep running it rather than lose it.
