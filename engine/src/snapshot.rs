@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_page_server::source::{FileSource, PageSource};
 use serde::Serialize;
 
 use crate::layout::PAGE_SIZE;
@@ -196,8 +197,17 @@ pub fn write(
     let mut data_crc = crc32fast::Hasher::new();
     let mut stored = 0u64;
     let mut buf = vec![0u8; CHUNK];
+    // Holes in the memory file (never-touched RAM) are skipped unread.
+    let pages = FileSource::new(ram.file().clone(), ram.pages());
     let mut offset = 0u64;
     while offset < mem_size {
+        match pages.next_data(offset / PAGE_SIZE as u64) {
+            Some(pfn) => offset = offset.max(pfn * PAGE_SIZE as u64),
+            None => break,
+        }
+        if offset >= mem_size {
+            break;
+        }
         let n = (CHUNK as u64).min(mem_size - offset) as usize;
         ram.read_at(offset, &mut buf[..n])?;
         for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
