@@ -169,7 +169,8 @@ impl Console {
     /// A guest `out` to one of the UART's ports.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Result<(), ConsoleError> {
         let mut uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
-        for &b in data.iter().take(1) {
+        // The 8250's registers are byte-wide; wider accesses use byte 0.
+        if let Some(&b) = data.first() {
             uart.write((port - COM1_BASE) as u8, b)
                 .map_err(|e| ConsoleError::Interrupt(format!("{e:?}")))?;
         }

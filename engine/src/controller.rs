@@ -78,7 +78,8 @@ pub fn status(vm: &Vm) -> Value {
     })
 }
 
-/// Pauses (if needed) and writes a snapshot; the VM stays paused.
+/// Writes a snapshot of the paused VM (a running VM is refused, as in
+/// Firecracker: pause first); the VM stays paused.
 pub fn snapshot_to(vm: &mut Vm, path: &Path) -> Result<Value, ControllerError> {
     if vm.is_running() {
         return Err(VmError::WrongRunState("running; pause it first").into());

@@ -135,9 +135,7 @@ impl GuestRam {
             .write_all_at(buf, offset)
             .map_err(|source| MemoryError::Io { offset, source })
     }
-}
 
-impl GuestRam {
     /// Drops pages from the memory file: they read as zero afterwards, and
     /// fault again under userfaultfd.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
@@ -190,6 +188,17 @@ mod tests {
         assert_eq!(&b, b"ferry");
         assert!(ram.read_at((16 << 20) - 2, &mut b).is_err());
         assert!(ram.read_at(u64::MAX - 1, &mut b).is_err());
+    }
+
+    #[test]
+    fn discarded_pages_read_as_zero() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.write_at(4096, &[7u8; 8192]).unwrap();
+        ram.discard(4096, 4096).unwrap();
+        let mut b = vec![1u8; 8192];
+        ram.read_at(4096, &mut b).unwrap();
+        assert!(is_zero(&b[..4096]) && b[4096..].iter().all(|&x| x == 7));
+        assert!(ram.discard(16 << 20, 4096).is_err());
     }
 
     #[test]
