@@ -137,3 +137,31 @@ fn destination_refuses_garbage_cleanly() {
         );
     }
 }
+
+/// A Hello asking for more memory than this host has is refused before any
+/// VM is built, with a clear error.
+#[test]
+fn destination_refuses_a_guest_larger_than_the_host() {
+    use ferry_page_server::protocol::{features, Role, PAGE_SIZE};
+    let dir = Scratch::new("toolarge");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut dst = spawn("ferry-dest", &["--listen", &addr], &dir.path("dst.err"));
+    let mut s = wait_for(WAIT, "the destination to listen", || {
+        std::net::TcpStream::connect(&addr).ok()
+    });
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Control,
+        session_id: 1,
+        features: features::SUPPORTED,
+        mem_size: 1 << 40,
+        vcpus: 1,
+        page_size: PAGE_SIZE as u32,
+        options: Vec::new(),
+    };
+    write_frame(&mut s, MsgType::Hello, 0, &hello.encode()).unwrap();
+    let mut buf = Vec::new();
+    let err = read_frame(&mut s, &mut buf).unwrap_err().to_string();
+    assert!(err.contains("does not fit this host"), "{err}");
+    assert!(!wait_exit(&mut dst, WAIT, "the destination to give up"));
+}

@@ -424,6 +424,16 @@ fn receive_before_state(
     }
 }
 
+/// Physical RAM of this host, if the system says.
+fn host_memory() -> Option<u64> {
+    use nix::unistd::{sysconf, SysconfVar};
+    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok()??;
+    let size = sysconf(SysconfVar::PAGE_SIZE).ok()??;
+    u64::try_from(pages)
+        .ok()?
+        .checked_mul(u64::try_from(size).ok()?)
+}
+
 fn prepare(
     hello: &Hello,
     mode: MigrationMode,
@@ -434,6 +444,15 @@ fn prepare(
             "memory size {} with page size {}",
             hello.mem_size, hello.page_size
         )));
+    }
+    if let Some(host) = host_memory() {
+        if hello.mem_size > host {
+            return Err(DestError::Refused(format!(
+                "a {} MiB guest does not fit this host's {} MiB of RAM",
+                hello.mem_size >> 20,
+                host >> 20
+            )));
+        }
     }
     if hello.vcpus == 0 || hello.vcpus > MAX_VCPUS {
         return Err(DestError::Refused(format!("{} vCPUs", hello.vcpus)));
