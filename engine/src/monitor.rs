@@ -106,9 +106,14 @@ impl GuestMonitor {
         self.ticks_since_seed = 0;
     }
 
-    /// Longest gap between two consecutive ticks of any vCPU, in ms.
-    pub fn max_stall_ms(&self) -> f64 {
-        self.max_tick_gap_us.values().copied().max().unwrap_or(0) as f64 / 1e3
+    /// Longest gap between two consecutive ticks of any vCPU, in ms; None
+    /// until some vCPU ticked twice (e.g. a guest moved before its first tick).
+    pub fn max_stall_ms(&self) -> Option<f64> {
+        self.max_tick_gap_us
+            .values()
+            .copied()
+            .max()
+            .map(|us| us as f64 / 1e3)
     }
 
     /// Microseconds from VM creation to the first tick.

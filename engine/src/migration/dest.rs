@@ -306,7 +306,7 @@ fn finish_postcopy(
 struct Timing {
     downtime_us: u64,
     total_ms: f64,
-    guest_stall_ms: f64,
+    guest_stall_ms: Option<f64>,
 }
 
 /// The first set bit at or after `from`.
@@ -322,7 +322,7 @@ fn next_set(bits: &[u64], from: u64) -> Option<u64> {
 
 /// Lets every vCPU tick once after `resume_host_us` (bounded), so the stall
 /// across the move is known; returns it in ms.
-fn wait_for_ticks(vm: &Vm, resume_host_us: u64) -> f64 {
+fn wait_for_ticks(vm: &Vm, resume_host_us: u64) -> Option<f64> {
     let t = Instant::now();
     while vm
         .monitor()

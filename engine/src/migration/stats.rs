@@ -114,8 +114,9 @@ pub struct MigrationStats {
     pub fault_latency_us: FaultLatency,
     /// vCPU time blocked on demand faults.
     pub blocktime: Blocktime,
-    /// Longest gap between two guest TICKs across the move, ms.
-    pub guest_stall_ms: f64,
+    /// Longest gap between two guest TICKs across the move, ms (None when
+    /// the guest had not ticked before the move, so no gap spans it).
+    pub guest_stall_ms: Option<f64>,
     /// BAD lines the guest printed (source and destination).
     pub guest_bad: u64,
     /// Pre-copy modes: whether the downtime target was met.
@@ -146,7 +147,10 @@ impl MigrationStats {
             ("total time", format!("{:.1} ms", self.total_ms)),
             (
                 "guest stall (max TICK gap)",
-                format!("{:.1} ms", self.guest_stall_ms),
+                self.guest_stall_ms
+                    .map_or("- (no tick before the move)".into(), |ms| {
+                        format!("{ms:.1} ms")
+                    }),
             ),
             ("guest BAD lines", self.guest_bad.to_string()),
             (
