@@ -1,0 +1,167 @@
+//! Frames: the fixed header, its per-type length bounds, and blocking
+//! read/write helpers.
+
+use std::io::{Read, Write};
+
+use super::{
+    ProtocolError, HEADER_LEN, HELLO_FIXED, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, PAGES_PREFIX,
+    PAGE_SIZE,
+};
+
+/// Frame types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum MsgType {
+    /// Source → destination, first frame on every connection.
+    Hello = 0x01,
+    /// Destination → source, answer to `Hello`.
+    HelloAck = 0x02,
+    /// Source → destination: migration metadata (JSON) + VM state blob.
+    State = 0x10,
+    /// Destination → source: the vCPUs run (JSON timing).
+    Resumed = 0x11,
+    /// Source → destination: a run of pages (push or demand answer).
+    Pages = 0x20,
+    /// Destination → source, fault connection: send these pages now.
+    PageRequest = 0x21,
+    /// Source → destination: every page has been pushed once (JSON stats).
+    PushDone = 0x22,
+    /// Source → destination, control, hybrid mode before `State`: a bitmap
+    /// (little-endian u64 words, bit = page) of pages that changed after
+    /// they were sent; the destination drops them and faults them in later.
+    Discard = 0x23,
+    /// Destination → source, control: a `Discard` whose `arg` was 1 has been
+    /// applied (the source waits for it while the guest still runs).
+    DiscardDone = 0x24,
+    /// Destination → source: every page is present (JSON stats); the source
+    /// may release the VM's memory.
+    Complete = 0x30,
+    /// Either way: give up, with a reason (UTF-8).
+    Abort = 0x7f,
+}
+
+impl MsgType {
+    fn from_u16(v: u16) -> Option<Self> {
+        use MsgType::*;
+        [
+            Hello,
+            HelloAck,
+            State,
+            Resumed,
+            Pages,
+            PageRequest,
+            PushDone,
+            Discard,
+            DiscardDone,
+            Complete,
+            Abort,
+        ]
+        .into_iter()
+        .find(|t| *t as u16 == v)
+    }
+
+    /// Payload bounds for this type.
+    fn bounds(self) -> (usize, usize) {
+        match self {
+            MsgType::Hello => (HELLO_FIXED, HELLO_FIXED + 4096),
+            MsgType::HelloAck => (24, 24),
+            MsgType::Pages => (
+                PAGES_PREFIX,
+                PAGES_PREFIX + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE,
+            ),
+            MsgType::PageRequest => (16, 16),
+            MsgType::State | MsgType::Discard => (4, MAX_PAYLOAD),
+            MsgType::Resumed | MsgType::PushDone | MsgType::Complete => (0, 1 << 20),
+            MsgType::DiscardDone => (0, 0),
+            MsgType::Abort => (0, 4096),
+        }
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Message type.
+    pub kind: MsgType,
+    /// Type-specific flags (none defined yet; must be 0).
+    pub flags: u16,
+    /// Payload length.
+    pub len: u32,
+    /// Request id for demand traffic, otherwise 0.
+    pub arg: u64,
+}
+
+impl FrameHeader {
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..2].copy_from_slice(&(self.kind as u16).to_le_bytes());
+        h[2..4].copy_from_slice(&self.flags.to_le_bytes());
+        h[4..8].copy_from_slice(&self.len.to_le_bytes());
+        h[8..16].copy_from_slice(&self.arg.to_le_bytes());
+        h
+    }
+
+    /// Decodes and bounds-checks a header.
+    pub fn decode(h: &[u8; HEADER_LEN]) -> Result<Self, ProtocolError> {
+        let raw_kind = u16::from_le_bytes([h[0], h[1]]);
+        let kind = MsgType::from_u16(raw_kind).ok_or(ProtocolError::UnknownType(raw_kind))?;
+        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let (min, max) = kind.bounds();
+        if (len as usize) < min || len as usize > max {
+            return Err(ProtocolError::Length {
+                kind,
+                len: len as usize,
+                min,
+                max,
+            });
+        }
+        let mut arg = [0u8; 8];
+        arg.copy_from_slice(&h[8..16]);
+        Ok(Self {
+            kind,
+            flags: u16::from_le_bytes([h[2], h[3]]),
+            len,
+            arg: u64::from_le_bytes(arg),
+        })
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(
+    w: &mut impl Write,
+    kind: MsgType,
+    arg: u64,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
+    let h = FrameHeader {
+        kind,
+        flags: 0,
+        len: payload.len() as u32,
+        arg,
+    };
+    w.write_all(&h.encode())?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Reads one frame into `buf` (resized to the payload); returns its header.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<FrameHeader, ProtocolError> {
+    let mut h = [0u8; HEADER_LEN];
+    if let Err(e) = r.read_exact(&mut h) {
+        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            e.into()
+        });
+    }
+    let hdr = FrameHeader::decode(&h)?;
+    buf.resize(hdr.len as usize, 0);
+    r.read_exact(buf)?;
+    if hdr.kind == MsgType::Abort {
+        return Err(ProtocolError::Aborted(
+            String::from_utf8_lossy(buf).into_owned(),
+        ));
+    }
+    Ok(hdr)
+}

@@ -1,0 +1,334 @@
+//! Ferry's migration wire protocol: framing, handshake and page messages.
+//!
+//! See `docs/protocol.md` for the sequence diagram. Every message is a frame:
+//!
+//! ```text
+//! 0       2       4               8                               16
+//! +-------+-------+---------------+-------------------------------+----------+
+//! | type  | flags | payload len   | arg (request id or sequence)  | payload  |
+//! | u16   | u16   | u32           | u64                           | len bytes|
+//! +-------+-------+---------------+-------------------------------+----------+
+//! ```
+//!
+//! All integers are little-endian. A frame's length is checked against
+//! [`MAX_PAYLOAD`] and the type's own bounds before any payload is read, and
+//! every decoder returns a [`ProtocolError`] naming what was wrong; nothing
+//! here panics on hostile input.
+
+mod frame;
+mod hello;
+mod pages;
+
+pub use frame::{read_frame, write_frame, FrameHeader, MsgType};
+pub use hello::{Hello, HelloAck, MigrationMode, Role, OPT_MODE};
+pub use pages::{
+    append_pages_frame, append_zero_pages_frame, decode_pages, encode_pages, PageEncoding,
+    PageRequest, PagesHeader,
+};
+
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 16;
+/// Size of a guest page on the wire.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages in one `Pages` frame (2 MiB).
+pub const MAX_PAGES_PER_FRAME: u32 = 512;
+/// Bytes before the page data in a `Pages` payload.
+pub const PAGES_PREFIX: usize = 16;
+/// Largest payload accepted: a full raw `Pages` frame, or a state blob.
+pub const MAX_PAYLOAD: usize = 16 << 20;
+/// Magic at the start of a `Hello`.
+pub const HELLO_MAGIC: [u8; 8] = *b"FERRYMIG";
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Bytes of a `Hello` before its options.
+pub(crate) const HELLO_FIXED: usize = 48;
+
+/// Feature bits negotiated in the handshake.
+pub mod features {
+    /// `Pages` frames may be LZ4-compressed.
+    pub const LZ4: u64 = 1 << 0;
+    /// Runs of zero pages are sent as markers without data.
+    pub const ZERO_RUNS: u64 = 1 << 1;
+    /// Reserved: an authentication exchange follows the handshake.
+    pub const AUTH: u64 = 1 << 8;
+    /// Reserved: this connection resumes a session after a cut.
+    pub const RESUME: u64 = 1 << 9;
+    /// Reserved: the destination sends its received-pages bitmap.
+    pub const RECV_BITMAP: u64 = 1 << 10;
+    /// What this build implements.
+    pub const SUPPORTED: u64 = LZ4 | ZERO_RUNS;
+}
+
+/// Why a frame or message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// Transport failure.
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection.
+    #[error("peer closed the connection")]
+    Closed,
+    /// Unknown frame type.
+    #[error("unknown frame type {0:#06x}")]
+    UnknownType(u16),
+    /// Payload length out of bounds for the type.
+    #[error("{kind:?} frame with {len}-byte payload (allowed {min}..={max})")]
+    Length {
+        /// The frame type.
+        kind: MsgType,
+        /// Its payload length.
+        len: usize,
+        /// Least allowed.
+        min: usize,
+        /// Most allowed.
+        max: usize,
+    },
+    /// A frame arrived that the protocol does not allow at this point.
+    #[error("unexpected {got:?} frame, expected {expected}")]
+    Unexpected {
+        /// What arrived.
+        got: MsgType,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The handshake failed.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// A `Pages` frame is malformed.
+    #[error("bad Pages frame: {0}")]
+    BadPages(String),
+    /// The peer aborted.
+    #[error("peer aborted the migration: {0}")]
+    Aborted(String),
+    /// A JSON payload did not parse.
+    #[error("bad {what} payload: {why}")]
+    BadJson {
+        /// Which message.
+        what: &'static str,
+        /// The parser's complaint.
+        why: String,
+    },
+}
+
+/// True when every byte is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(16);
+    let body = words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0);
+    body && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Parses a JSON payload.
+pub fn from_json<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    p: &[u8],
+) -> Result<T, ProtocolError> {
+    serde_json::from_slice(p).map_err(|e| ProtocolError::BadJson {
+        what,
+        why: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_bounds() {
+        let h = FrameHeader {
+            kind: MsgType::PageRequest,
+            flags: 0,
+            len: 16,
+            arg: 42,
+        };
+        assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
+        let mut bad = h.encode();
+        bad[4] = 17;
+        assert!(matches!(
+            FrameHeader::decode(&bad),
+            Err(ProtocolError::Length { .. })
+        ));
+        bad = h.encode();
+        bad[0] = 0x55;
+        assert!(matches!(
+            FrameHeader::decode(&bad),
+            Err(ProtocolError::UnknownType(0x55))
+        ));
+        let mut huge = FrameHeader {
+            kind: MsgType::State,
+            flags: 0,
+            len: u32::MAX,
+            arg: 0,
+        }
+        .encode();
+        assert!(FrameHeader::decode(&huge).is_err());
+        huge[4..8].copy_from_slice(&100u32.to_le_bytes());
+        assert!(FrameHeader::decode(&huge).is_ok());
+    }
+
+    #[test]
+    fn hello_round_trip_and_refusals() {
+        let h = Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Fault,
+            session_id: 7,
+            features: features::SUPPORTED,
+            mem_size: 1 << 30,
+            vcpus: 2,
+            page_size: 4096,
+            options: vec![(0x8001, vec![1, 2, 3])],
+        };
+        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        let mut v2 = h.encode();
+        v2[8] = 2;
+        let e = Hello::decode(&v2).unwrap_err().to_string();
+        assert!(e.contains("version 2"), "{e}");
+        let mut cut = h.encode();
+        cut.pop();
+        assert!(Hello::decode(&cut).is_err());
+        assert!(
+            Hello::decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n-----------------------").is_err()
+        );
+    }
+
+    #[test]
+    fn pages_encodings_round_trip() {
+        let mut out = Vec::new();
+        let zero = vec![0u8; 3 * PAGE_SIZE];
+        let p = encode_pages(10, &zero, true, true);
+        assert_eq!(p.len(), PAGES_PREFIX);
+        let h = decode_pages(&p, 100, &mut out).unwrap();
+        assert_eq!(
+            (h.first_pfn, h.count, h.encoding),
+            (10, 3, PageEncoding::Zero)
+        );
+
+        let text: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 7) as u8).collect();
+        let p = encode_pages(0, &text, true, true);
+        assert!(p.len() < text.len() / 4);
+        assert_eq!(
+            decode_pages(&p, 100, &mut out).unwrap().encoding,
+            PageEncoding::Lz4
+        );
+        assert_eq!(out, text);
+
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let p = encode_pages(99, &random, true, true);
+        assert_eq!(
+            decode_pages(&p, 100, &mut out).unwrap().encoding,
+            PageEncoding::Raw
+        );
+        assert_eq!(out, random);
+        assert!(
+            decode_pages(&p, 99, &mut out).is_err(),
+            "past the end of memory"
+        );
+    }
+
+    #[test]
+    fn appended_frames_match_encode_pages() {
+        let zero = vec![0u8; 2 * PAGE_SIZE];
+        let text: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 7) as u8).collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut scratch = Vec::new();
+        for data in [&zero, &text, &random] {
+            for (lz4, zero_runs) in [(true, true), (false, false), (true, false), (false, true)] {
+                let mut out = Vec::new();
+                append_pages_frame(&mut out, &mut scratch, 9, 5, data, lz4, zero_runs);
+                let mut r = &out[..];
+                let mut payload = Vec::new();
+                let h = read_frame(&mut r, &mut payload).unwrap();
+                assert_eq!((h.kind, h.arg), (MsgType::Pages, 9));
+                assert!(r.is_empty());
+                assert_eq!(payload, encode_pages(5, data, lz4, zero_runs));
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_pages_and_requests_are_refused() {
+        let mut out = Vec::new();
+        let text: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 3) as u8).collect();
+        let good = encode_pages(0, &text, true, false);
+        for cut in 0..good.len() {
+            let _ = decode_pages(&good[..cut], 10, &mut out);
+        }
+        let mut lie = good.clone();
+        lie[8] = 2; // claims two pages
+        assert!(decode_pages(&lie, 10, &mut out).is_err());
+        let mut seed = 1u64;
+        for _ in 0..2000 {
+            let mut b = good.clone();
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let at = (seed >> 33) as usize % b.len();
+            b[at] = (seed >> 17) as u8;
+            let _ = decode_pages(&b, 10, &mut out);
+        }
+        assert!(PageRequest::decode(
+            &PageRequest {
+                pfn: u64::MAX,
+                count: 2,
+                vcpu: 0
+            }
+            .encode(),
+            10
+        )
+        .is_err());
+        assert!(PageRequest::decode(
+            &PageRequest {
+                pfn: 3,
+                count: 0,
+                vcpu: 0
+            }
+            .encode(),
+            10
+        )
+        .is_err());
+        assert!(PageRequest::decode(
+            &PageRequest {
+                pfn: 3,
+                count: 7,
+                vcpu: 0
+            }
+            .encode(),
+            10
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn frames_over_a_stream() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, MsgType::PushDone, 0, b"{}").unwrap();
+        write_frame(&mut wire, MsgType::Abort, 0, b"no room").unwrap();
+        let mut r = &wire[..];
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_frame(&mut r, &mut buf).unwrap().kind,
+            MsgType::PushDone
+        );
+        let e = read_frame(&mut r, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("no room"), "{e}");
+        assert!(matches!(
+            read_frame(&mut r, &mut buf),
+            Err(ProtocolError::Closed)
+        ));
+    }
+}

@@ -1,0 +1,227 @@
+//! Page messages: `Pages` (raw, LZ4 or a zero run) and `PageRequest`.
+
+use super::{
+    is_zero, FrameHeader, MsgType, ProtocolError, MAX_PAGES_PER_FRAME, PAGES_PREFIX, PAGE_SIZE,
+};
+
+/// How the pages of a `Pages` frame are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageEncoding {
+    /// `count * 4096` raw bytes.
+    Raw = 0,
+    /// An LZ4 block that decompresses to `count * 4096` bytes.
+    Lz4 = 1,
+    /// All `count` pages are zero; no data.
+    Zero = 2,
+}
+
+/// The fixed prefix of a `Pages` payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagesHeader {
+    /// First page frame number (memory-file page index).
+    pub first_pfn: u64,
+    /// Pages in the run.
+    pub count: u32,
+    /// Encoding of the data.
+    pub encoding: PageEncoding,
+}
+
+/// Builds a `Pages` payload for `count` pages whose bytes are `data`
+/// (`data.len() == count * 4096`). Zero runs become a marker when
+/// `zero_runs`; LZ4 is used when `lz4` and it makes the frame smaller.
+pub fn encode_pages(first_pfn: u64, data: &[u8], lz4: bool, zero_runs: bool) -> Vec<u8> {
+    let count = (data.len() / PAGE_SIZE) as u32;
+    let mut p = Vec::with_capacity(PAGES_PREFIX + data.len());
+    p.extend_from_slice(&first_pfn.to_le_bytes());
+    p.extend_from_slice(&count.to_le_bytes());
+    if zero_runs && is_zero(data) {
+        p.extend_from_slice(&[PageEncoding::Zero as u8, 0, 0, 0]);
+        return p;
+    }
+    if lz4 {
+        let compressed = lz4_flex::block::compress(data);
+        if compressed.len() < data.len() * 7 / 8 {
+            p.extend_from_slice(&[PageEncoding::Lz4 as u8, 0, 0, 0]);
+            p.extend_from_slice(&compressed);
+            return p;
+        }
+    }
+    p.extend_from_slice(&[PageEncoding::Raw as u8, 0, 0, 0]);
+    p.extend_from_slice(data);
+    p
+}
+
+/// Appends a whole `Pages` frame (header and payload) for the pages in
+/// `data` to `out`, choosing the encoding exactly as [`encode_pages`] does but
+/// without allocating a payload; `scratch` is reused for LZ4 output. Returns
+/// the encoding used.
+pub fn append_pages_frame(
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    arg: u64,
+    first_pfn: u64,
+    data: &[u8],
+    lz4: bool,
+    zero_runs: bool,
+) -> PageEncoding {
+    let count = (data.len() / PAGE_SIZE) as u32;
+    if zero_runs && is_zero(data) {
+        append_zero_pages_frame(out, arg, first_pfn, count);
+        return PageEncoding::Zero;
+    }
+    let (encoding, body) = if lz4 {
+        scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+        match lz4_flex::block::compress_into(data, scratch) {
+            Ok(n) if n < data.len() * 7 / 8 => (PageEncoding::Lz4, &scratch[..n]),
+            _ => (PageEncoding::Raw, data),
+        }
+    } else {
+        (PageEncoding::Raw, data)
+    };
+    append_pages_prefix(out, arg, first_pfn, count, encoding, body.len());
+    out.extend_from_slice(body);
+    encoding
+}
+
+/// Appends a `Pages` frame marking `count` pages from `first_pfn` as zero.
+pub fn append_zero_pages_frame(out: &mut Vec<u8>, arg: u64, first_pfn: u64, count: u32) {
+    append_pages_prefix(out, arg, first_pfn, count, PageEncoding::Zero, 0);
+}
+
+fn append_pages_prefix(
+    out: &mut Vec<u8>,
+    arg: u64,
+    first_pfn: u64,
+    count: u32,
+    encoding: PageEncoding,
+    body_len: usize,
+) {
+    let h = FrameHeader {
+        kind: MsgType::Pages,
+        flags: 0,
+        len: (PAGES_PREFIX + body_len) as u32,
+        arg,
+    };
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&first_pfn.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&[encoding as u8, 0, 0, 0]);
+}
+
+/// Decodes a `Pages` payload. Page data (not for `Zero`) goes into `out`,
+/// resized to `count * 4096`. `mem_pages` bounds the page numbers.
+pub fn decode_pages(
+    payload: &[u8],
+    mem_pages: u64,
+    out: &mut Vec<u8>,
+) -> Result<PagesHeader, ProtocolError> {
+    let bad = |s: String| ProtocolError::BadPages(s);
+    if payload.len() < PAGES_PREFIX {
+        return Err(bad(format!(
+            "{} bytes is shorter than the prefix",
+            payload.len()
+        )));
+    }
+    let mut a8 = [0u8; 8];
+    a8.copy_from_slice(&payload[0..8]);
+    let first_pfn = u64::from_le_bytes(a8);
+    let count = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
+    if count == 0 || count > MAX_PAGES_PER_FRAME {
+        return Err(bad(format!("page count {count}")));
+    }
+    if first_pfn
+        .checked_add(u64::from(count))
+        .is_none_or(|end| end > mem_pages)
+    {
+        return Err(bad(format!(
+            "pages {first_pfn}+{count} are outside the {mem_pages}-page guest"
+        )));
+    }
+    let data = &payload[PAGES_PREFIX..];
+    let size = count as usize * PAGE_SIZE;
+    let encoding = match payload[12] {
+        0 => {
+            if data.len() != size {
+                return Err(bad(format!("{} raw bytes for {count} pages", data.len())));
+            }
+            out.clear();
+            out.extend_from_slice(data);
+            PageEncoding::Raw
+        }
+        1 => {
+            out.resize(size, 0);
+            let n = lz4_flex::block::decompress_into(data, out)
+                .map_err(|e| bad(format!("LZ4: {e}")))?;
+            if n != size {
+                return Err(bad(format!("LZ4 gave {n} bytes for {count} pages")));
+            }
+            PageEncoding::Lz4
+        }
+        2 => {
+            if !data.is_empty() {
+                return Err(bad("zero run with data".into()));
+            }
+            out.clear();
+            PageEncoding::Zero
+        }
+        e => return Err(bad(format!("unknown encoding {e}"))),
+    };
+    Ok(PagesHeader {
+        first_pfn,
+        count,
+        encoding,
+    })
+}
+
+/// A demand request: `count` pages from `pfn`, faulted by `vcpu`
+/// (`u32::MAX` when unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// First page.
+    pub pfn: u64,
+    /// Pages wanted.
+    pub count: u32,
+    /// Faulting vCPU, for the source's statistics.
+    pub vcpu: u32,
+}
+
+impl PageRequest {
+    /// Encodes the payload.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut p = [0u8; 16];
+        p[0..8].copy_from_slice(&self.pfn.to_le_bytes());
+        p[8..12].copy_from_slice(&self.count.to_le_bytes());
+        p[12..16].copy_from_slice(&self.vcpu.to_le_bytes());
+        p
+    }
+
+    /// Decodes and bounds-checks a payload.
+    pub fn decode(p: &[u8], mem_pages: u64) -> Result<Self, ProtocolError> {
+        if p.len() != 16 {
+            return Err(ProtocolError::BadPages(format!(
+                "PageRequest of {} bytes",
+                p.len()
+            )));
+        }
+        let mut a8 = [0u8; 8];
+        a8.copy_from_slice(&p[0..8]);
+        let r = Self {
+            pfn: u64::from_le_bytes(a8),
+            count: u32::from_le_bytes([p[8], p[9], p[10], p[11]]),
+            vcpu: u32::from_le_bytes([p[12], p[13], p[14], p[15]]),
+        };
+        if r.count == 0
+            || r.count > MAX_PAGES_PER_FRAME
+            || r.pfn
+                .checked_add(u64::from(r.count))
+                .is_none_or(|e| e > mem_pages)
+        {
+            return Err(ProtocolError::BadPages(format!(
+                "request for pages {}+{} of a {mem_pages}-page guest",
+                r.pfn, r.count
+            )));
+        }
+        Ok(r)
+    }
+}
