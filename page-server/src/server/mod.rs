@@ -21,21 +21,25 @@
 //! destination's `Complete` arrives there.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
 
 use crate::protocol::{
-    self, FrameHeader, MsgType, PageEncoding, PageRequest, ProtocolError, HEADER_LEN,
-    MAX_PAGES_PER_FRAME, PAGE_SIZE,
+    self, FrameHeader, MsgType, PageEncoding, PageRequest, ProtocolError, MAX_PAGES_PER_FRAME,
+    PAGE_SIZE,
 };
 use crate::source::PageSource;
+
+mod conn;
+mod sweep;
+
+use conn::{Conn, Fill};
+use sweep::Sweep;
 
 const CONTROL: Token = Token(0);
 const FAULT: Token = Token(1);
@@ -246,276 +250,8 @@ pub fn serve_rest(
     result.map(|complete| (stats, complete))
 }
 
-fn setup(what: &'static str) -> impl Fn(io::Error) -> ServerError {
+pub(super) fn setup(what: &'static str) -> impl Fn(io::Error) -> ServerError {
     move |source| ServerError::Setup { what, source }
-}
-
-/// The push sweep: which pages were sent, and where to look next.
-#[derive(Debug)]
-struct Sweep {
-    /// One bit per page, set once the page was sent; the bits past the last
-    /// page are set too.
-    sent: Vec<u64>,
-    pages: u64,
-    left: u64,
-    cursor: u64,
-}
-
-impl Sweep {
-    fn new(pages: u64) -> Self {
-        let words = pages.div_ceil(64) as usize;
-        let mut sent = vec![0u64; words];
-        if !pages.is_multiple_of(64) {
-            if let Some(last) = sent.last_mut() {
-                *last = !0u64 << (pages % 64);
-            }
-        }
-        Self {
-            sent,
-            pages,
-            left: pages,
-            cursor: 0,
-        }
-    }
-
-    fn done(&self) -> bool {
-        self.left == 0
-    }
-
-    fn is_sent(&self, pfn: u64) -> bool {
-        self.sent[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
-    }
-
-    /// Marks `[pfn, pfn + count)` (in bounds) as sent.
-    fn mark(&mut self, pfn: u64, count: u64) {
-        for p in pfn..pfn + count {
-            if !self.is_sent(p) {
-                self.sent[(p / 64) as usize] |= 1 << (p % 64);
-                self.left -= 1;
-            }
-        }
-    }
-
-    /// Marks every page whose bit is set in `bits` as sent.
-    fn mark_all(&mut self, bits: &[u64]) {
-        for (w, &word) in self.sent.iter_mut().zip(bits) {
-            let new = word & !*w;
-            *w |= new;
-            self.left -= u64::from(new.count_ones());
-        }
-    }
-
-    /// Continues the sweep at `pfn` (wrapping past the end).
-    fn jump(&mut self, pfn: u64) {
-        self.cursor = if pfn < self.pages { pfn } else { 0 };
-    }
-
-    /// The first unsent page at or after `from`, without wrapping.
-    fn find_unsent(&self, from: u64) -> Option<u64> {
-        let mut w = (from / 64) as usize;
-        let mut word = !*self.sent.get(w)? & (!0u64 << (from % 64));
-        while word == 0 {
-            w += 1;
-            word = !*self.sent.get(w)?;
-        }
-        Some(w as u64 * 64 + u64::from(word.trailing_zeros()))
-    }
-
-    /// Where the next push frame starts: the first unsent page from the
-    /// cursor on, wrapping around.
-    fn next(&self) -> Option<u64> {
-        if self.done() {
-            return None;
-        }
-        self.find_unsent(self.cursor)
-            .or_else(|| self.find_unsent(0))
-    }
-
-    /// Length of the run of unsent pages at `pfn`, at most `max`.
-    fn unsent_run(&self, pfn: u64, max: u64) -> u64 {
-        let end = pfn.saturating_add(max).min(self.pages);
-        (pfn..end).find(|&p| self.is_sent(p)).unwrap_or(end) - pfn
-    }
-}
-
-/// What a read from a connection gave.
-enum Fill {
-    Data,
-    Blocked,
-    Eof,
-}
-
-/// One connection: its socket, input and output buffers.
-struct Conn {
-    name: &'static str,
-    stream: TcpStream,
-    input: Vec<u8>,
-    in_start: usize,
-    out: Vec<u8>,
-    out_pos: usize,
-    /// Bytes ever queued in `out`.
-    queued: u64,
-    /// Bytes ever written.
-    written: u64,
-    readable: bool,
-    writable: bool,
-    eof: bool,
-}
-
-impl Conn {
-    fn new(
-        name: &'static str,
-        stream: std::net::TcpStream,
-        sndbuf: Option<usize>,
-    ) -> Result<Self, ServerError> {
-        stream
-            .set_nodelay(true)
-            .map_err(setup("setting TCP_NODELAY"))?;
-        stream
-            .set_nonblocking(true)
-            .map_err(setup("setting non-blocking mode"))?;
-        if let Some(size) = sndbuf {
-            set_sndbuf(&stream, size).map_err(setup("setting SO_SNDBUF"))?;
-        }
-        Ok(Self {
-            name,
-            stream: TcpStream::from_std(stream),
-            input: Vec::new(),
-            in_start: 0,
-            out: Vec::new(),
-            out_pos: 0,
-            queued: 0,
-            written: 0,
-            readable: true,
-            writable: true,
-            eof: false,
-        })
-    }
-
-    fn err(&self, source: impl Into<ProtocolError>) -> ServerError {
-        ServerError::Protocol {
-            conn: self.name,
-            source: source.into(),
-        }
-    }
-
-    /// Bytes queued but not yet written.
-    fn pending(&self) -> usize {
-        self.out.len() - self.out_pos
-    }
-
-    /// Notes bytes appended to `out` since `before` (its old length).
-    fn queued_since(&mut self, before: usize) {
-        self.queued += (self.out.len() - before) as u64;
-    }
-
-    /// Writes as much of `out` as the socket takes; returns the byte count.
-    fn flush(&mut self) -> Result<u64, ServerError> {
-        let before = self.written;
-        while self.writable && self.out_pos < self.out.len() {
-            match self.stream.write(&self.out[self.out_pos..]) {
-                Ok(0) => return Err(self.err(io::Error::from(io::ErrorKind::WriteZero))),
-                Ok(n) => {
-                    self.out_pos += n;
-                    self.written += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.err(e)),
-            }
-        }
-        if self.out_pos == self.out.len() {
-            self.out.clear();
-            self.out_pos = 0;
-        } else if self.out_pos > 1 << 20 && self.out_pos * 2 > self.out.len() {
-            self.out.drain(..self.out_pos);
-            self.out_pos = 0;
-        }
-        Ok(self.written - before)
-    }
-
-    /// Reads once from the socket into `input`.
-    fn fill(&mut self) -> Result<Fill, ServerError> {
-        if self.in_start == self.input.len() {
-            self.input.clear();
-            self.in_start = 0;
-        } else if self.in_start > READ_CHUNK {
-            self.input.drain(..self.in_start);
-            self.in_start = 0;
-        }
-        let old = self.input.len();
-        self.input.resize(old + READ_CHUNK, 0);
-        let got = self.stream.read(&mut self.input[old..]);
-        self.input.truncate(old + *got.as_ref().unwrap_or(&0));
-        match got {
-            Ok(0) if self.in_start < self.input.len() => Err(self.err(ProtocolError::Closed)),
-            // A reset is how a peer's close looks when our last answers were
-            // still unread in its socket: treat it like EOF, so the grace
-            // period for `Complete` on the other connection applies.
-            Ok(0) => {
-                self.eof = true;
-                self.readable = false;
-                Ok(Fill::Eof)
-            }
-            Err(e)
-                if e.kind() == io::ErrorKind::ConnectionReset
-                    && self.in_start == self.input.len() =>
-            {
-                self.eof = true;
-                self.readable = false;
-                Ok(Fill::Eof)
-            }
-            Ok(_) => Ok(Fill::Data),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.readable = false;
-                Ok(Fill::Blocked)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Fill::Data),
-            Err(e) => Err(self.err(e)),
-        }
-    }
-
-    /// Takes the next whole frame out of `input`, its payload into `payload`.
-    /// An `Abort` from the peer is an error.
-    fn next_frame(&mut self, payload: &mut Vec<u8>) -> Result<Option<FrameHeader>, ServerError> {
-        let avail = &self.input[self.in_start..];
-        let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
-            return Ok(None);
-        };
-        let hdr = FrameHeader::decode(head).map_err(|e| self.err(e))?;
-        let end = HEADER_LEN + hdr.len as usize;
-        let Some(body) = avail.get(HEADER_LEN..end) else {
-            return Ok(None);
-        };
-        payload.clear();
-        payload.extend_from_slice(body);
-        self.in_start += end;
-        if hdr.kind == MsgType::Abort {
-            let why = String::from_utf8_lossy(payload).into_owned();
-            return Err(self.err(ProtocolError::Aborted(why)));
-        }
-        Ok(Some(hdr))
-    }
-}
-
-fn set_sndbuf(stream: &std::net::TcpStream, size: usize) -> io::Result<()> {
-    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt on a socket owned by `stream`, reading a c_int that
-    // lives for the call, with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// The event loop's state.
@@ -888,60 +624,4 @@ impl Server<'_> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sweep_marks_wraps_and_jumps() {
-        let mut s = Sweep::new(130);
-        assert_eq!(s.next(), Some(0));
-        assert_eq!(s.unsent_run(0, 512), 130);
-        s.mark(0, 10);
-        s.jump(10);
-        assert_eq!(s.next(), Some(10));
-        // A demand request for 100..102 moves the sweep to 102.
-        s.mark(100, 2);
-        s.jump(102);
-        assert_eq!(s.next(), Some(102));
-        assert_eq!(s.unsent_run(102, 512), 28);
-        s.mark(102, 28);
-        s.jump(130);
-        // Wraps around to the first unsent page.
-        assert_eq!(s.next(), Some(10));
-        assert_eq!(s.unsent_run(10, 512), 90);
-        assert_eq!(s.unsent_run(10, 16), 16);
-        s.mark(10, 90);
-        s.mark(10, 90);
-        assert!(s.done());
-        assert_eq!(s.next(), None);
-        assert_eq!(s.left, 0);
-    }
-
-    #[test]
-    fn sweep_skips_pages_the_destination_has() {
-        let mut s = Sweep::new(130);
-        s.mark_all(&[u64::MAX, 0b1010, u64::MAX]);
-        assert_eq!(s.left, 130 - 64 - 2 - 2);
-        assert_eq!(s.next(), Some(64));
-        s.mark(64, 1);
-        assert_eq!(s.next(), Some(66));
-    }
-
-    #[test]
-    fn sweep_edges() {
-        let mut empty = Sweep::new(0);
-        assert!(empty.done());
-        assert_eq!(empty.next(), None);
-        empty.jump(5);
-        let mut s = Sweep::new(64);
-        s.mark(0, 63);
-        s.jump(0);
-        assert_eq!(s.next(), Some(63));
-        assert_eq!(s.unsent_run(63, 512), 1);
-        s.mark(63, 1);
-        assert!(s.done());
-    }
 }
