@@ -19,24 +19,23 @@
 
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_page_server::protocol::{
-    self, decode_pages, features, read_frame, write_frame, Hello, HelloAck, MigrationMode, MsgType,
-    PageEncoding, ProtocolError, Role, OPT_MODE, PAGES_PREFIX, PROTOCOL_VERSION,
+    features, read_frame, write_frame, Hello, HelloAck, MigrationMode, MsgType, ProtocolError,
+    Role, OPT_MODE, PROTOCOL_VERSION,
 };
 use tracing::{info, warn};
 
-use super::fault::{self, FaultError, FaultStats};
-use super::precopy;
+use super::fault::{FaultError, FaultStats, FaultThread};
+use super::install::{install_push, receive_before_state, PushCounters};
 use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats};
 use super::uffd_ram::{UffdRam, UffdRamError};
 use super::wire::{decode_state, Resumed, StateMeta};
 use crate::console::now_us;
 use crate::layout::{valid_mem_size, PAGE_SIZE};
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::MemoryError;
 use crate::state::{self, CodecError};
 use crate::vm::{ConsoleOutput, PreparedVm, Vm, VmError, MAX_VCPUS};
 
@@ -76,16 +75,6 @@ pub enum DestError {
     /// Pages never arrived.
     #[error("{0} pages were still missing {DRAIN_TIMEOUT:?} after the source finished pushing")]
     Incomplete(u64),
-}
-
-/// Counters of the background installer.
-#[derive(Default)]
-struct PushCounters {
-    pages_pushed: u64,
-    pages_zero: u64,
-    bytes_wire: u64,
-    bytes_page_data: u64,
-    bytes_page_raw: u64,
 }
 
 /// Accepts one incoming post-copy migration on `listener` and returns the
@@ -158,9 +147,9 @@ pub fn receive(
     // In lazy modes the fault handler must run before anything can touch
     // guest memory; dropping the handle stops it again on any error.
     let fault = match &uffd {
-        Some(ram) => {
-            Some(FaultThread::start(ram.clone(), fault_conn).map_err(|e| abort(&mut wr, e))?)
-        }
+        Some(ram) => Some(
+            FaultThread::start(ram.clone(), fault_conn).map_err(|e| abort(&mut wr, e.into()))?,
+        ),
         None => None,
     };
     let mut vm = prepared
@@ -226,55 +215,6 @@ pub fn receive(
     Ok((vm, stats))
 }
 
-/// The demand-fault thread of a lazy migration.
-struct FaultThread {
-    tids: Arc<OnceLock<Vec<i32>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<FaultStats, FaultError>>>,
-}
-
-impl FaultThread {
-    fn start(ram: Arc<UffdRam>, conn: TcpStream) -> Result<Self, DestError> {
-        let tids = Arc::new(OnceLock::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (tids, stop) = (tids.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("uffd-fault".into())
-                .spawn(move || fault::run(ram, conn, tids, stop))
-                .map_err(|e| DestError::Refused(format!("cannot spawn fault thread: {e}")))?
-        };
-        Ok(Self {
-            tids,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Lets faults be attributed to vCPUs by thread id.
-    fn attribute_to(&self, vcpu_tids: Vec<i32>) {
-        let _ = self.tids.set(vcpu_tids);
-    }
-
-    /// Stops the thread and returns what it measured.
-    fn stop(mut self) -> Result<FaultStats, FaultError> {
-        self.stop.store(true, Ordering::Release);
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            _ => Err(FaultError::Uffd("fault handler panicked".into())),
-        }
-    }
-}
-
-impl Drop for FaultThread {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Installs the push until `PushDone`, waits for demand answers still in
 /// flight, stops the fault thread and unregisters the RAM.
 fn finish_postcopy(
@@ -309,17 +249,6 @@ struct Timing {
     guest_stall_ms: Option<f64>,
 }
 
-/// The first set bit at or after `from`.
-fn next_set(bits: &[u64], from: u64) -> Option<u64> {
-    let mut w = (from / 64) as usize;
-    let mut word = bits.get(w)? & (!0u64 << (from % 64));
-    while word == 0 {
-        w += 1;
-        word = *bits.get(w)?;
-    }
-    Some(w as u64 * 64 + u64::from(word.trailing_zeros()))
-}
-
 /// Lets every vCPU tick once after `resume_host_us` (bounded), so the stall
 /// across the move is known; returns it in ms.
 fn wait_for_ticks(vm: &Vm, resume_host_us: u64) -> Option<f64> {
@@ -336,92 +265,6 @@ fn wait_for_ticks(vm: &Vm, resume_host_us: u64) -> Option<f64> {
         std::thread::sleep(Duration::from_millis(5));
     }
     vm.monitor().max_stall_ms()
-}
-
-/// Receives what comes before `State`: pages (pre-copy modes) and, in
-/// hybrid mode, the stale-page `Discard`. Leaves the `State` payload in `buf`.
-fn receive_before_state(
-    rd: &mut impl std::io::Read,
-    wr: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    ram: &GuestRam,
-    uffd: Option<&UffdRam>,
-    mode: MigrationMode,
-    c: &mut PushCounters,
-) -> Result<(), DestError> {
-    let mut pages = Vec::new();
-    loop {
-        let hdr = read_frame(rd, buf)?;
-        match hdr.kind {
-            MsgType::State => return Ok(()),
-            MsgType::Pages if mode != MigrationMode::Postcopy => {
-                c.bytes_wire += (protocol::HEADER_LEN + buf.len()) as u64;
-                let ph = decode_pages(buf, ram.pages(), &mut pages)?;
-                let (first, n) = (ph.first_pfn, u64::from(ph.count));
-                if ph.encoding == PageEncoding::Zero {
-                    c.pages_zero += n;
-                    ram.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
-                    if let Some(u) = uffd {
-                        for p in first..first + n {
-                            u.present.clear(p);
-                        }
-                        u.zero.set_range(first, n);
-                    }
-                } else {
-                    c.pages_pushed += n;
-                    c.bytes_page_data += (buf.len() - PAGES_PREFIX) as u64;
-                    c.bytes_page_raw += pages.len() as u64;
-                    ram.write_at(first * PAGE_SIZE as u64, &pages)?;
-                    if let Some(u) = uffd {
-                        u.present.set_range(first, n);
-                        for p in first..first + n {
-                            u.zero.clear(p);
-                        }
-                    }
-                }
-            }
-            MsgType::Discard if mode == MigrationMode::Hybrid => {
-                let u =
-                    uffd.ok_or_else(|| DestError::Refused("Discard without userfaultfd".into()))?;
-                c.bytes_wire += (protocol::HEADER_LEN + buf.len()) as u64;
-                let stale: Vec<u64> = buf
-                    .chunks_exact(8)
-                    .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
-                    .collect();
-                // One punch per run of stale pages: the guest is paused.
-                let mut p = 0;
-                while let Some(first) = next_set(&stale, p) {
-                    let mut end = first + 1;
-                    while precopy::bit(&stale, end) {
-                        end += 1;
-                    }
-                    if end > ram.pages() {
-                        return Err(ProtocolError::BadPages(format!(
-                            "Discard names page {}",
-                            end - 1
-                        ))
-                        .into());
-                    }
-                    ram.discard(first * PAGE_SIZE as u64, (end - first) * PAGE_SIZE as u64)?;
-                    for q in first..end {
-                        u.present.clear(q);
-                        u.zero.clear(q);
-                    }
-                    p = end;
-                }
-                if hdr.arg == 1 {
-                    write_frame(wr, MsgType::DiscardDone, 0, &[])?;
-                }
-            }
-            other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other,
-                    expected: "State (or Pages/Discard before it in pre-copy modes)",
-                }
-                .into())
-            }
-        }
-    }
 }
 
 /// Physical RAM of this host, if the system says.
@@ -542,46 +385,6 @@ fn abort(w: &mut TcpStream, e: DestError) -> DestError {
     let msg = e.to_string();
     let _ = write_frame(w, MsgType::Abort, 0, &msg.as_bytes()[..msg.len().min(4096)]);
     e
-}
-
-/// Installs pushed pages until `PushDone`; returns counters and the
-/// source's stats.
-fn install_push(
-    rd: &mut impl std::io::Read,
-    buf: &mut Vec<u8>,
-    ram: &UffdRam,
-    mut c: PushCounters,
-) -> Result<(PushCounters, serde_json::Value), DestError> {
-    let mut pages = Vec::new();
-    loop {
-        let hdr = read_frame(rd, buf)?;
-        c.bytes_wire += (protocol::HEADER_LEN + buf.len()) as u64;
-        match hdr.kind {
-            MsgType::Pages => {
-                let ph = decode_pages(buf, ram.pages(), &mut pages)?;
-                if ph.encoding == PageEncoding::Zero {
-                    c.pages_zero += u64::from(ph.count);
-                    ram.zero.set_range(ph.first_pfn, u64::from(ph.count));
-                } else {
-                    c.pages_pushed += u64::from(ph.count);
-                    c.bytes_page_data += (buf.len() - PAGES_PREFIX) as u64;
-                    c.bytes_page_raw += pages.len() as u64;
-                    ram.install(ph.first_pfn, &pages)?;
-                }
-            }
-            MsgType::PushDone => {
-                let v = protocol::from_json("PushDone", buf)?;
-                return Ok((c, v));
-            }
-            other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other,
-                    expected: "Pages or PushDone",
-                }
-                .into())
-            }
-        }
-    }
 }
 
 fn build_stats(

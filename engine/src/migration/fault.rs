@@ -38,6 +38,9 @@ pub enum FaultError {
     /// Installing a page failed.
     #[error(transparent)]
     Install(#[from] UffdRamError),
+    /// The thread could not be started.
+    #[error("cannot spawn the fault thread: {0}")]
+    Spawn(#[source] std::io::Error),
     /// Reading the userfaultfd failed.
     #[error("reading userfaultfd: {0}")]
     Uffd(String),
@@ -278,4 +281,53 @@ fn wait_readable(fds: &[i32], timeout_ms: i32) {
     // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()`
     // pollfd structures for the duration of the call.
     unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+}
+
+/// The demand-fault thread of a lazy migration.
+pub(super) struct FaultThread {
+    tids: Arc<OnceLock<Vec<i32>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<FaultStats, FaultError>>>,
+}
+
+impl FaultThread {
+    pub(super) fn start(ram: Arc<UffdRam>, conn: TcpStream) -> Result<Self, FaultError> {
+        let tids = Arc::new(OnceLock::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (tids, stop) = (tids.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("uffd-fault".into())
+                .spawn(move || run(ram, conn, tids, stop))
+                .map_err(FaultError::Spawn)?
+        };
+        Ok(Self {
+            tids,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Lets faults be attributed to vCPUs by thread id.
+    pub(super) fn attribute_to(&self, vcpu_tids: Vec<i32>) {
+        let _ = self.tids.set(vcpu_tids);
+    }
+
+    /// Stops the thread and returns what it measured.
+    pub(super) fn stop(mut self) -> Result<FaultStats, FaultError> {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(FaultError::Uffd("fault handler panicked".into())),
+        }
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -5,8 +5,10 @@
 pub mod bitmap;
 pub mod dest;
 pub mod fault;
+pub mod install;
 pub mod precopy;
 pub mod progress;
+pub mod rounds;
 pub mod source;
 pub mod stats;
 pub mod uffd_ram;
