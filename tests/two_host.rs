@@ -97,48 +97,24 @@ fn move_between(
     src_args: &[&str],
 ) -> serde_json::Value {
     let (mem, vcpus, after) = shape;
-    let vcpus_s = vcpus.to_string();
-    let (dst_log, dst_json, dst_sock) = (
-        dir.path("dst.log"),
-        dir.path("dst.json"),
-        dir.path("dst.sock"),
-    );
     let mut dst = hosts.spawn_in(
         &hosts.b.clone(),
         "ferry-dest",
-        &[
-            "--listen",
-            "10.77.0.2:7000",
-            "--serial",
-            dst_log.to_str().unwrap(),
-            "--stats-json",
-            dst_json.to_str().unwrap(),
-            "--api",
-            dst_sock.to_str().unwrap(),
-        ],
+        &strs(&dest_args(dir, "10.77.0.2:7000")),
         &dir.path("dst.err"),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let src_log = dir.path("src.log");
-    let mut args = vec![
-        "--mem",
-        mem,
-        "--vcpus",
-        &vcpus_s,
-        "--guest-args",
-        guest,
-        "--serial",
-        src_log.to_str().unwrap(),
-        "--migrate-to",
-        "10.77.0.2:7000",
-        "--after",
-        after,
-    ];
-    args.extend_from_slice(src_args);
+    let mut args = source_args(dir, mem, vcpus, guest, "10.77.0.2:7000", after);
+    args.extend(src_args.iter().map(|s| s.to_string()));
+    let (dst_log, dst_json, src_log) = (
+        dir.path("dst.log"),
+        dir.path("dst.json"),
+        dir.path("src.log"),
+    );
     let mut src = hosts.spawn_in(
         &hosts.a.clone(),
         "ferry-source",
-        &args,
+        &strs(&args),
         &dir.path("src.err"),
     );
     assert!(

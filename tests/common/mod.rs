@@ -230,47 +230,24 @@ pub fn migrate(
     vcpus: u32,
     guest: &str,
     after: &str,
-    source_args: &[&str],
+    source_args_extra: &[&str],
 ) -> Move {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let (dst_log, dst_json, dst_sock) = (
+    let _dst = spawn(
+        "ferry-dest",
+        &strs(&dest_args(dir, &addr)),
+        &dir.path("dst.err"),
+    );
+    let mut args = source_args(dir, mem, vcpus, guest, &addr, after);
+    args.extend(source_args_extra.iter().map(|s| s.to_string()));
+    let (dst_log, dst_json, dst_sock, src_log) = (
         dir.path("dst.log"),
         dir.path("dst.json"),
         dir.path("dst.sock"),
+        dir.path("src.log"),
     );
-    let _dst = spawn(
-        "ferry-dest",
-        &[
-            "--listen",
-            &addr,
-            "--serial",
-            dst_log.to_str().unwrap(),
-            "--stats-json",
-            dst_json.to_str().unwrap(),
-            "--api",
-            dst_sock.to_str().unwrap(),
-        ],
-        &dir.path("dst.err"),
-    );
-    let src_log = dir.path("src.log");
-    let vcpus_s = vcpus.to_string();
-    let mut args = vec![
-        "--mem",
-        mem,
-        "--vcpus",
-        &vcpus_s,
-        "--guest-args",
-        guest,
-        "--serial",
-        src_log.to_str().unwrap(),
-        "--migrate-to",
-        &addr,
-        "--after",
-        after,
-    ];
-    args.extend_from_slice(source_args);
-    let mut src = spawn("ferry-source", &args, &dir.path("src.err"));
+    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     assert!(
         wait_exit(&mut src, WAIT, "the source to finish"),
         "source failed: {}",
@@ -287,4 +264,54 @@ pub fn migrate(
         src_log: before,
         dst_log: after_log,
     }
+}
+
+/// `ferry-dest --listen ADDR` with the serial log, stats and API socket in
+/// `dir` (`dst.log`, `dst.json`, `dst.sock`).
+pub fn dest_args(dir: &Scratch, listen: &str) -> Vec<String> {
+    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
+    vec![
+        "--listen".into(),
+        listen.into(),
+        "--serial".into(),
+        p("dst.log"),
+        "--stats-json".into(),
+        p("dst.json"),
+        "--api".into(),
+        p("dst.sock"),
+    ]
+}
+
+/// `ferry-source` running `guest` and migrating to `to` after `after`, its
+/// serial log in `dir/src.log`.
+pub fn source_args(
+    dir: &Scratch,
+    mem: &str,
+    vcpus: u32,
+    guest: &str,
+    to: &str,
+    after: &str,
+) -> Vec<String> {
+    [
+        "--mem",
+        mem,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--guest-args",
+        guest,
+        "--serial",
+        &dir.path("src.log").to_string_lossy(),
+        "--migrate-to",
+        to,
+        "--after",
+        after,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Borrows a list of owned arguments.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
