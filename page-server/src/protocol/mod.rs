@@ -134,6 +134,18 @@ pub fn from_json<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
 
+    /// One page of xorshift noise: incompressible.
+    fn random_page(mut x: u64) -> Vec<u8> {
+        (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn header_round_trip_and_bounds() {
         let h = FrameHeader {
@@ -213,15 +225,7 @@ mod tests {
         );
         assert_eq!(out, text);
 
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let random: Vec<u8> = (0..PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = random_page(0x9e37_79b9_7f4a_7c15);
         let p = encode_pages(99, &random, true, true);
         assert_eq!(
             decode_pages(&p, 100, &mut out).unwrap().encoding,
@@ -238,15 +242,7 @@ mod tests {
     fn appended_frames_match_encode_pages() {
         let zero = vec![0u8; 2 * PAGE_SIZE];
         let text: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i % 7) as u8).collect();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let random: Vec<u8> = (0..PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = random_page(0x2545_f491_4f6c_dd1d);
         let mut scratch = Vec::new();
         for data in [&zero, &text, &random] {
             for (lz4, zero_runs) in [(true, true), (false, false), (true, false), (false, true)] {
