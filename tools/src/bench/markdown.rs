@@ -150,7 +150,7 @@ pub fn table(records: &[RunRecord], title: &str) -> Result<String, MarkdownError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::matrix::{Peer, Point, RunSpec};
+    use crate::bench::matrix::{test_spec, Peer};
 
     fn rec(
         peer: Peer,
@@ -160,18 +160,7 @@ mod tests {
         downtime: u64,
         err: Option<&str>,
     ) -> RunRecord {
-        let spec = RunSpec {
-            peer,
-            point: Point {
-                mode,
-                mem,
-                ws: 64 << 20,
-                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
-                rate: 0,
-                vcpus: 1,
-            },
-            repeat,
-        };
+        let spec = test_spec(peer, mode, mem, repeat);
         let mut r = RunRecord::new(&spec, "loopback", &spec.label());
         r.set_stats(serde_json::json!({
             "downtime_us": downtime, "total_ms": 100.0, "guest_stall_ms": 60.0,

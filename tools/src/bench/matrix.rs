@@ -369,6 +369,23 @@ impl Matrix {
     }
 }
 
+/// A run of a 64 MiB working set, 1 vCPU, no rate limit, for tests.
+#[cfg(test)]
+pub(crate) fn test_spec(peer: Peer, mode: Mode, mem: u64, repeat: u32) -> RunSpec {
+    RunSpec {
+        peer,
+        point: Point {
+            mode,
+            mem,
+            ws: 64 << 20,
+            ws_spec: WsSpec::Bytes(64 << 20),
+            rate: 0,
+            vcpus: 1,
+        },
+        repeat,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

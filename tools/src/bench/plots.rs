@@ -334,22 +334,11 @@ pub fn metric_vs_mem_svg(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::matrix::{Point, RunSpec};
+    use crate::bench::matrix::test_spec;
     use crate::bench::serial::parse_log;
 
     fn rec(peer: Peer, mode: Mode, mem: u64, downtime: Option<u64>) -> RunRecord {
-        let spec = RunSpec {
-            peer,
-            point: Point {
-                mode,
-                mem,
-                ws: 64 << 20,
-                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
-                rate: 0,
-                vcpus: 1,
-            },
-            repeat: 0,
-        };
+        let spec = test_spec(peer, mode, mem, 0);
         let mut r = RunRecord::new(&spec, "loopback", "x");
         let mut s = serde_json::json!({"guest_stall_ms": 60.0,
             "fault_latency_us": {"overall": {"count": 3, "cdf": [[40, 0.3], [90, 0.9], [2000, 1.0]]}}});
