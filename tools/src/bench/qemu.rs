@@ -353,22 +353,11 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::matrix::{Peer, Point};
+    use crate::bench::matrix::{test_spec, Peer};
 
     #[test]
     fn insane_postcopy_downtime_is_dropped() {
-        let spec = RunSpec {
-            peer: Peer::Qemu,
-            point: Point {
-                mode: Mode::Postcopy,
-                mem: 256 << 20,
-                ws: 64 << 20,
-                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
-                rate: 0,
-                vcpus: 1,
-            },
-            repeat: 0,
-        };
+        let spec = test_spec(Peer::Qemu, Mode::Postcopy, 256 << 20, 0);
         let qm = json!({"status": "completed", "total-time": 146, "downtime": 2064224,
             "ram": {"transferred": 79805390, "normal": 19338, "duplicate": 49124, "postcopy-requests": 6}});
         let s = stats_of(&spec, &qm, Some(74.0), 0);

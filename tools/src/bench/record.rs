@@ -192,22 +192,12 @@ pub fn save(path: &std::path::Path, records: &[RunRecord]) -> Result<(), RecordE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::matrix::Point;
+    use crate::bench::matrix::test_spec;
 
     #[test]
     fn flattened_round_trip() {
-        let spec = RunSpec {
-            peer: Peer::Ferry,
-            point: Point {
-                mode: Mode::Postcopy,
-                mem: 1 << 30,
-                ws: 64 << 20,
-                ws_spec: crate::bench::matrix::WsSpec::Bytes(64 << 20),
-                rate: 0,
-                vcpus: 2,
-            },
-            repeat: 1,
-        };
+        let mut spec = test_spec(Peer::Ferry, Mode::Postcopy, 1 << 30, 1);
+        spec.point.vcpus = 2;
         let mut r = RunRecord::new(&spec, "loopback", "runs/x");
         r.set_stats(serde_json::json!({
             "mode": "postcopy", "mem_size": 1, "vcpus": 2, "downtime_us": 1200,
