@@ -277,3 +277,29 @@ fn guest_reports_register_msr_and_timer_faults() {
         );
     }
 }
+
+/// A paused VM prints nothing and makes no progress; resumed, it continues
+/// from where it stopped.
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let dir = Scratch::new("pause");
+    let (mut vm, log) = boot(&dir, "p.log", 128 << 20, 2, "ws=16M report_ms=50");
+    wait_ticks(&log, 2, 3, TICK_WAIT);
+    let took = vm.pause().unwrap();
+    assert!(took < Duration::from_secs(1), "pause took {took:?}");
+    assert!(!vm.is_running());
+    let at_pause = read_console(&log).len();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        read_console(&log).len(),
+        at_pause,
+        "the guest printed while paused"
+    );
+    let before = read_console(&log);
+    vm.resume().unwrap();
+    let after = wait_for(TICK_WAIT, "ticks after resume", || {
+        let l = read_console(&log);
+        (l.len() >= at_pause + 6).then_some(l)
+    });
+    assert_continues(&before, &after[at_pause..], 2);
+}
