@@ -104,3 +104,50 @@ fn lazy_restore_of_a_1g_2_vcpu_write_heavy_guest() {
         "{stored} stored: {s}"
     );
 }
+
+/// Clones: one snapshot restored into two VMs at once (one eagerly, one
+/// lazily) gives two independent guests that both continue from it.
+#[test]
+fn one_snapshot_restores_into_two_running_clones() {
+    let dir = Scratch::new("clones");
+    let (src_log, src_sock) = (dir.path("src.log"), dir.path("src.sock"));
+    let mut src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            "256M",
+            "--vcpus",
+            "1",
+            "--guest-args",
+            "ws=64M pattern=random write=80 report_ms=50",
+            "--serial",
+            src_log.to_str().unwrap(),
+            "--api",
+            src_sock.to_str().unwrap(),
+        ],
+        &dir.path("src.err"),
+    );
+    wait_ticks(&src_log, 1, 3, WAIT);
+    ctl(&src_sock, &["pause"]);
+    let snap = dir.path("template.snap");
+    ctl(&src_sock, &["snapshot", snap.to_str().unwrap()]);
+    let before = read_console(&src_log);
+    ctl(&src_sock, &["quit"]);
+    assert!(wait_exit(&mut src, WAIT, "the source to quit"));
+
+    let mut clones = Vec::new();
+    for (name, lazy) in [("eager", false), ("lazy", true)] {
+        let log = dir.path(&format!("{name}.log"));
+        let mut args = vec!["--restore", snap.to_str().unwrap(), "--run-for", "3s"];
+        args.extend(["--serial", log.to_str().unwrap()]);
+        if lazy {
+            args.push("--lazy");
+        }
+        let clone = spawn("ferry-dest", &args, &dir.path(&format!("{name}.err")));
+        clones.push((clone, log));
+    }
+    for (_, log) in &clones {
+        let after = wait_ticks(log, 1, 4, WAIT);
+        assert_continues(&before, &after, 1);
+    }
+}
