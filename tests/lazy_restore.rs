@@ -12,31 +12,12 @@ const GUEST: &str = "ws=256M pattern=random write=80 report_ms=50";
 #[test]
 fn lazy_restore_of_a_1g_2_vcpu_write_heavy_guest() {
     let dir = Scratch::new("lazy");
-    let (src_log, src_sock) = (dir.path("src.log"), dir.path("src.sock"));
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "1G",
-            "--vcpus",
-            "2",
-            "--guest-args",
-            GUEST,
-            "--serial",
-            src_log.to_str().unwrap(),
-            "--api",
-            src_sock.to_str().unwrap(),
-        ],
-        &dir.path("src.err"),
-    );
     // Past the fill: every vCPU has verified and rewritten pages a while.
-    wait_ticks(&src_log, 2, 5, WAIT);
-    ctl(&src_sock, &["pause"]);
-    let snap = dir.path("vm.snap");
-    let written = ctl(&src_sock, &["snapshot", snap.to_str().unwrap()]);
-    let before = read_console(&src_log);
-    ctl(&src_sock, &["quit"]);
-    assert!(wait_exit(&mut src, WAIT, "the source to quit"));
+    let Snapped {
+        path: snap,
+        answer: written,
+        before,
+    } = snapshot_from_source(&dir, "1G", 2, GUEST, 5);
     eprintln!("snapshot: {written}");
 
     let (dst_log, dst_json, dst_sock) = (
@@ -110,30 +91,15 @@ fn lazy_restore_of_a_1g_2_vcpu_write_heavy_guest() {
 #[test]
 fn one_snapshot_restores_into_two_running_clones() {
     let dir = Scratch::new("clones");
-    let (src_log, src_sock) = (dir.path("src.log"), dir.path("src.sock"));
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "256M",
-            "--vcpus",
-            "1",
-            "--guest-args",
-            "ws=64M pattern=random write=80 report_ms=50",
-            "--serial",
-            src_log.to_str().unwrap(),
-            "--api",
-            src_sock.to_str().unwrap(),
-        ],
-        &dir.path("src.err"),
+    let Snapped {
+        path: snap, before, ..
+    } = snapshot_from_source(
+        &dir,
+        "256M",
+        1,
+        "ws=64M pattern=random write=80 report_ms=50",
+        3,
     );
-    wait_ticks(&src_log, 1, 3, WAIT);
-    ctl(&src_sock, &["pause"]);
-    let snap = dir.path("template.snap");
-    ctl(&src_sock, &["snapshot", snap.to_str().unwrap()]);
-    let before = read_console(&src_log);
-    ctl(&src_sock, &["quit"]);
-    assert!(wait_exit(&mut src, WAIT, "the source to quit"));
 
     let mut clones = Vec::new();
     for (name, lazy) in [("eager", false), ("lazy", true)] {

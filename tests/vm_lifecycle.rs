@@ -141,32 +141,18 @@ fn snapshot_restore_snapshot_gives_the_same_state() {
 #[test]
 fn pause_snapshot_restore_in_a_new_process() {
     let dir = Scratch::new("newproc");
-    let (src_sock, src_log) = (dir.path("src.sock"), dir.path("src.log"));
-    let _src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "256M",
-            "--vcpus",
-            "2",
-            "--guest-args",
-            "ws=64M pattern=random write=80 report_ms=50",
-            "--serial",
-            src_log.to_str().unwrap(),
-            "--api",
-            src_sock.to_str().unwrap(),
-        ],
-        &dir.path("src.err"),
+    let Snapped {
+        path: snap,
+        answer,
+        before,
+    } = snapshot_from_source(
+        &dir,
+        "256M",
+        2,
+        "ws=64M pattern=random write=80 report_ms=50",
+        4,
     );
-    wait_ticks(&src_log, 2, 4, TICK_WAIT);
-    ctl(&src_sock, &["pause"]);
-    let status = ctl(&src_sock, &["status"]);
-    assert_eq!(status["run_state"], "paused");
-    let snap = dir.path("vm.snap");
-    let r = ctl(&src_sock, &["snapshot", snap.to_str().unwrap()]);
-    assert!(r["snapshot"]["pages_stored"].as_u64().unwrap() > 64 * 256 / 2);
-    ctl(&src_sock, &["quit"]);
-    let before = read_console(&src_log);
+    assert!(answer["snapshot"]["pages_stored"].as_u64().unwrap() > 64 * 256 / 2);
 
     let (dst_sock, dst_log) = (dir.path("dst.sock"), dir.path("dst.log"));
     let _dst = spawn(

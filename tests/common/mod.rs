@@ -315,3 +315,56 @@ pub fn source_args(
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
+
+/// A snapshot taken from a guest that ran in `ferry-source`.
+pub struct Snapped {
+    /// The snapshot file (`dir/vm.snap`).
+    pub path: PathBuf,
+    /// The API's answer to `snapshot` (sizes and times).
+    pub answer: serde_json::Value,
+    /// The source's console log up to the pause.
+    pub before: Vec<Logged>,
+}
+
+/// Runs `guest` in `ferry-source` until every vCPU ticked `ticks` times,
+/// pauses it (checked through `status`), snapshots it through the API and
+/// quits the source.
+pub fn snapshot_from_source(
+    dir: &Scratch,
+    mem: &str,
+    vcpus: u32,
+    guest: &str,
+    ticks: usize,
+) -> Snapped {
+    let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
+    let vcpus_s = vcpus.to_string();
+    let mut src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            mem,
+            "--vcpus",
+            &vcpus_s,
+            "--guest-args",
+            guest,
+            "--serial",
+            log.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+        ],
+        &dir.path("src.err"),
+    );
+    wait_ticks(&log, vcpus, ticks, WAIT);
+    ctl(&sock, &["pause"]);
+    assert_eq!(ctl(&sock, &["status"])["run_state"], "paused");
+    let path = dir.path("vm.snap");
+    let answer = ctl(&sock, &["snapshot", path.to_str().unwrap()]);
+    let before = read_console(&log);
+    ctl(&sock, &["quit"]);
+    assert!(wait_exit(&mut src, WAIT, "the source to quit"));
+    Snapped {
+        path,
+        answer,
+        before,
+    }
+}
