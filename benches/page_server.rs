@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
-use ferry_page_server::protocol::{
+use ferry_page_server::{serve, FileSource, ServerConfig, ServerStats};
+use ferry_protocol::{
     decode_pages, read_frame, write_frame, MsgType, PageRequest, HEADER_LEN, PAGE_SIZE,
 };
-use ferry_page_server::{serve, FileSource, ServerConfig, ServerStats};
 use hdrhistogram::Histogram;
 use serde_json::json;
 

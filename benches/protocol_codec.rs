@@ -18,7 +18,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use ferry_page_server::protocol::{
+use ferry_protocol::{
     append_pages_frame, decode_pages, encode_pages, features, FrameHeader, Hello, MsgType,
     PageEncoding, PageRequest, Role, HEADER_LEN, PAGE_SIZE, PROTOCOL_VERSION,
 };

@@ -8,9 +8,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use common::*;
-use ferry_page_server::protocol::{
-    read_frame, write_frame, Hello, HelloAck, MsgType, PROTOCOL_VERSION,
-};
+use ferry_protocol::{read_frame, write_frame, Hello, HelloAck, MsgType, PROTOCOL_VERSION};
 
 /// Accepts both connections, acknowledges both Hellos, waits for the State
 /// (the source is paused by then), and aborts.
@@ -142,7 +140,7 @@ fn destination_refuses_garbage_cleanly() {
 /// VM is built, with a clear error.
 #[test]
 fn destination_refuses_a_guest_larger_than_the_host() {
-    use ferry_page_server::protocol::{features, Role, PAGE_SIZE};
+    use ferry_protocol::{features, Role, PAGE_SIZE};
     let dir = Scratch::new("toolarge");
     let addr = format!("127.0.0.1:{}", free_port());
     let mut dst = spawn("ferry-dest", &["--listen", &addr], &dir.path("dst.err"));

@@ -73,7 +73,7 @@ pub enum ApiRequest {
         stats_json: Option<PathBuf>,
         /// `postcopy` (default), `stop-and-copy`, `precopy` or `hybrid`.
         #[serde(default)]
-        mode: Option<ferry_page_server::protocol::MigrationMode>,
+        mode: Option<ferry_protocol::MigrationMode>,
     },
     /// Stop the VM and the process.
     Quit,

@@ -59,8 +59,13 @@ pub fn migrate_to(
     Ok(serde_json::to_value(&outcome.stats).unwrap_or(Value::Null))
 }
 
+/// Reports what the guest has said, for the API's `status` (under
+/// `"guest"`). Whoever runs the VM and knows its guest supplies it; the
+/// engine itself never reads guest output.
+pub type GuestStatus<'a> = Option<&'a dyn Fn() -> Value>;
+
 /// The VM's status as the API reports it.
-pub fn status(vm: &Vm) -> Value {
+pub fn status(vm: &Vm, guest: GuestStatus<'_>) -> Value {
     let meta = vm.meta();
     let stopped = vm.stopped_reason();
     let run_state = match (&stopped, vm.is_running()) {
@@ -74,7 +79,7 @@ pub fn status(vm: &Vm) -> Value {
         "vcpus": meta.vcpus,
         "mem_size": meta.mem_size,
         "tsc_khz": meta.tsc_khz,
-        "guest": vm.monitor(),
+        "guest": guest.map_or(Value::Null, |g| g()),
     })
 }
 
@@ -93,9 +98,9 @@ pub fn snapshot_to(vm: &mut Vm, path: &Path) -> Result<Value, ControllerError> {
 }
 
 /// Applies one request. Returns the response and whether to quit.
-pub fn handle(vm: &mut Vm, req: &ApiRequest) -> (ApiResponse, bool) {
+pub fn handle(vm: &mut Vm, req: &ApiRequest, guest: GuestStatus<'_>) -> (ApiResponse, bool) {
     let r = match req {
-        ApiRequest::Status => Ok(status(vm)),
+        ApiRequest::Status => Ok(status(vm, guest)),
         ApiRequest::Pause => vm
             .pause()
             .map(|d| json!({ "pause_us": d.as_micros() as u64 }))
@@ -112,7 +117,7 @@ pub fn handle(vm: &mut Vm, req: &ApiRequest) -> (ApiResponse, bool) {
             mode,
         } => {
             let opts = migration::SourceOptions {
-                mode: mode.unwrap_or(ferry_page_server::protocol::MigrationMode::Postcopy),
+                mode: mode.unwrap_or(ferry_protocol::MigrationMode::Postcopy),
                 ..Default::default()
             };
             return match migrate_to(vm, to, &opts, stats_json.as_deref()) {
@@ -150,6 +155,7 @@ pub fn serve(
     vm: &mut Vm,
     api: Option<&Receiver<PendingRequest>>,
     run_for: Option<Duration>,
+    guest: GuestStatus<'_>,
 ) -> ServeEnd {
     let deadline = run_for.map(|d| Instant::now() + d);
     let mut reported_stop = false;
@@ -171,7 +177,7 @@ pub fn serve(
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok((req, reply)) => {
                 let migrated = matches!(req, ApiRequest::Migrate { .. });
-                let (resp, end) = handle(vm, &req);
+                let (resp, end) = handle(vm, &req, guest);
                 let _ = reply.send(resp);
                 if end {
                     return if migrated {

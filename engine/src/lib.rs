@@ -11,7 +11,6 @@ pub mod controller;
 pub mod layout;
 pub mod memory;
 pub mod migration;
-pub mod monitor;
 pub mod snapshot;
 pub mod snapshot_source;
 pub mod state;

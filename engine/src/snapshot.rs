@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_page_server::source::{FileSource, PageSource};
+use ferry_protocol::PageBitmap;
 use serde::Serialize;
 
 use crate::layout::PAGE_SIZE;
@@ -193,7 +194,7 @@ pub fn write(
     let mut out = BufWriter::with_capacity(CHUNK, &file);
     out.seek(SeekFrom::Start(data_at)).map_err(io)?;
 
-    let mut bitmap = vec![0u8; bitmap_len(mem_size) as usize];
+    let stored_pages = PageBitmap::new(mem_size / PAGE_SIZE as u64);
     let mut data_crc = crc32fast::Hasher::new();
     let mut stored = 0u64;
     let mut buf = vec![0u8; CHUNK];
@@ -213,7 +214,7 @@ pub fn write(
         for (i, page) in buf[..n].chunks_exact(PAGE_SIZE).enumerate() {
             if !is_zero(page) {
                 let pfn = offset / PAGE_SIZE as u64 + i as u64;
-                bitmap[(pfn / 8) as usize] |= 1 << (pfn % 8);
+                stored_pages.set(pfn);
                 data_crc.update(page);
                 out.write_all(page).map_err(io)?;
                 stored += 1;
@@ -223,6 +224,8 @@ pub fn write(
     }
     out.flush().map_err(io)?;
     drop(out);
+    let mut bitmap = stored_pages.to_le_bytes();
+    bitmap.truncate(bitmap_len(mem_size) as usize);
     let mut header = Header {
         mem_size,
         state_len: blob.len() as u64,
@@ -257,7 +260,7 @@ pub struct Snapshot {
     file: Arc<File>,
     /// The VM state.
     pub state: MachineState,
-    bitmap: Vec<u8>,
+    stored: PageBitmap,
     data_at: u64,
     data_pages: u64,
     data_crc: u32,
@@ -371,7 +374,8 @@ impl Snapshot {
             path: p(),
             file: Arc::new(file),
             state,
-            bitmap,
+            stored: PageBitmap::from_le_bytes(header.mem_size / PAGE_SIZE as u64, &bitmap)
+                .ok_or_else(|| bad("bitmap size does not match the memory size".into()))?,
             data_at,
             data_pages: header.data_pages,
             data_crc: header.data_crc,
@@ -381,9 +385,7 @@ impl Snapshot {
 
     /// True when page `pfn` (memory-file page index) is stored in the file.
     pub fn has_page(&self, pfn: u64) -> bool {
-        self.bitmap
-            .get((pfn / 8) as usize)
-            .is_some_and(|b| b & (1 << (pfn % 8)) != 0)
+        self.stored.get(pfn)
     }
 
     /// Copies every stored page into `ram` and verifies the data CRC.
@@ -409,20 +411,8 @@ impl Snapshot {
         let mut crc = crc32fast::Hasher::new();
         let mut buf = vec![0u8; CHUNK];
         let mut file_at = self.data_at;
-        let mut pfn = 0u64;
         // Copy each run of stored pages with one read and one write.
-        while pfn < pages {
-            if !self.has_page(pfn) {
-                pfn += 1;
-                continue;
-            }
-            let mut run = 1u64;
-            while pfn + run < pages
-                && self.has_page(pfn + run)
-                && (run as usize + 1) * PAGE_SIZE <= CHUNK
-            {
-                run += 1;
-            }
+        for (pfn, run) in self.stored.runs(0, (CHUNK / PAGE_SIZE) as u64) {
             let len = run as usize * PAGE_SIZE;
             self.file
                 .read_exact_at(&mut buf[..len], file_at)
@@ -430,7 +420,6 @@ impl Snapshot {
             crc.update(&buf[..len]);
             ram.write_at(pfn * PAGE_SIZE as u64, &buf[..len])?;
             file_at += len as u64;
-            pfn += run;
         }
         self.check_data_crc(crc.finalize())?;
         Ok(SnapshotStats {
@@ -445,12 +434,7 @@ impl Snapshot {
     /// pages come from the file (unverified: see [`Snapshot::verify_memory`]),
     /// the rest read as zero.
     pub fn page_source(&self) -> SnapshotPages {
-        SnapshotPages::new(
-            self.file.clone(),
-            &self.bitmap,
-            self.state.meta.mem_size / PAGE_SIZE as u64,
-            self.data_at,
-        )
+        SnapshotPages::new(self.file.clone(), self.stored.clone(), self.data_at)
     }
 
     /// Reads the stored page data once, in file order, and checks it against
@@ -541,7 +525,7 @@ pub fn restore(
 /// Lazily restores a snapshot into a new, running VM: the vCPUs run as soon
 /// as the machine state is restored, and the memory follows through the
 /// post-copy path. The snapshot is served by the post-copy page server on a
-/// thread of this process ([`migration::source::migrate_snapshot`] over
+/// thread of this process ([`migration::migrate_machine`] over
 /// [`SnapshotPages`]) to [`migration::receive`] on the calling thread, over
 /// a loopback TCP connection: guest accesses to pages not loaded yet fault
 /// through userfaultfd and are fetched on demand while the rest is pushed.
@@ -557,7 +541,7 @@ pub fn restore(
 ///
 /// The statistics are the migration's: `downtime_us` is the time from the
 /// start of this call until the vCPUs run, `total_ms` until every page is
-/// present; `guest_stall_ms` only covers TICK gaps after the restore.
+/// present.
 pub fn restore_lazy(
     path: &Path,
     console: crate::vm::ConsoleOutput,
@@ -582,7 +566,13 @@ pub fn restore_lazy(
         let server = std::thread::Builder::new()
             .name("snapshot-pages".into())
             .spawn_scoped(s, || {
-                let r = migration::source::migrate_snapshot(&snap, &addr, &opts, start_host_us);
+                let r = migration::migrate_machine(
+                    &snap.state,
+                    &snap.page_source(),
+                    &addr,
+                    &opts,
+                    start_host_us,
+                );
                 if r.is_err() {
                     // If `receive` still waits for a connection, one that
                     // closes at once makes it fail instead of waiting.

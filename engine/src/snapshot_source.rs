@@ -3,9 +3,9 @@
 //! A snapshot stores only its non-zero pages, in page order, after a bitmap
 //! with one bit per page (see `snapshot`). Stored page `pfn` therefore lives
 //! at `data_at + rank(pfn) * 4096`, where `rank(pfn)` is the number of set
-//! bits below `pfn`. [`SnapshotPages`] keeps the bitmap as 64-bit words plus
-//! the count of set bits before each word, so a rank is one table look-up
-//! and one `count_ones`; pages are read with `pread`.
+//! bits below `pfn`. [`SnapshotPages`] keeps the [`PageBitmap`] plus the
+//! count of set bits before each word, so a rank is one table look-up and
+//! one `count_ones`; pages are read with `pread`.
 
 use std::fs::File;
 use std::io;
@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use ferry_page_server::source::{check_read, PageSource};
+use ferry_protocol::PageBitmap;
 
 use crate::layout::PAGE_SIZE;
 
@@ -21,91 +22,76 @@ use crate::layout::PAGE_SIZE;
 #[derive(Debug, Clone)]
 pub struct SnapshotPages {
     file: Arc<File>,
-    /// Bit `pfn % 64` of word `pfn / 64` is set when page `pfn` is stored;
-    /// no bit past the last page is set.
-    words: Vec<u64>,
-    /// `before[w]`: set bits in `words[..w]`.
+    /// Set for the pages stored in the file.
+    stored: Arc<PageBitmap>,
+    /// `before[w]`: stored pages below page `64 * w`.
     before: Vec<u64>,
-    pages: u64,
     data_at: u64,
 }
 
 impl SnapshotPages {
-    /// A source over `pages` pages whose stored pages are marked in `bitmap`
-    /// (bit `i % 8` of byte `i / 8` for page `i`) and stored in page order
-    /// from byte `data_at` of `file`. Bits past `pages` are ignored.
-    pub fn new(file: Arc<File>, bitmap: &[u8], pages: u64, data_at: u64) -> Self {
-        let mut words: Vec<u64> = bitmap
-            .chunks(8)
-            .map(|c| {
-                let mut w = [0u8; 8];
-                w[..c.len()].copy_from_slice(c);
-                u64::from_le_bytes(w)
-            })
-            .collect();
-        words.resize(pages.div_ceil(64) as usize, 0);
-        if !pages.is_multiple_of(64) {
-            if let Some(last) = words.last_mut() {
-                *last &= !(!0u64 << (pages % 64));
-            }
-        }
-        let mut before = Vec::with_capacity(words.len());
+    /// A source over the pages of `stored`, those set being stored in page
+    /// order from byte `data_at` of `file`.
+    pub fn new(file: Arc<File>, stored: PageBitmap, data_at: u64) -> Self {
+        let words = stored.pages().div_ceil(64) as usize;
+        let mut before = Vec::with_capacity(words);
         let mut n = 0u64;
-        for w in &words {
+        for w in 0..words {
             before.push(n);
-            n += u64::from(w.count_ones());
+            n += u64::from(stored.word(w).count_ones());
         }
         Self {
             file,
-            words,
+            stored: Arc::new(stored),
             before,
-            pages,
             data_at,
         }
     }
 
     /// Pages stored in the file.
     pub fn stored(&self) -> u64 {
-        self.before.last().copied().unwrap_or(0)
-            + self.words.last().map_or(0, |w| u64::from(w.count_ones()))
+        self.rank(self.stored.pages())
     }
 
     /// True when page `pfn` is stored in the file.
     pub fn is_stored(&self, pfn: u64) -> bool {
-        self.words
-            .get((pfn / 64) as usize)
-            .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+        self.stored.get(pfn)
     }
 
     /// Stored pages below `pfn` (`pfn <= pages`): the file index of page
-    /// `pfn` when it is stored.
+    /// `pfn` when it is stored. One table look-up and one `count_ones`.
     pub fn rank(&self, pfn: u64) -> u64 {
+        let pfn = pfn.min(self.stored.pages());
         let w = (pfn / 64) as usize;
-        match (self.before.get(w), self.words.get(w)) {
-            (Some(b), Some(word)) => b + u64::from((word & !(!0u64 << (pfn % 64))).count_ones()),
-            _ => self.stored(),
+        let word = self.stored.word(w) & !(!0u64 << (pfn % 64));
+        match self.before.get(w) {
+            Some(b) => b + u64::from(word.count_ones()),
+            None => self
+                .before
+                .last()
+                .map_or(0, |b| b + u64::from(self.stored.word(w - 1).count_ones())),
         }
     }
 
     /// Length of the run at `pfn` of pages that are all stored or all not,
     /// at most `max`.
     fn run(&self, pfn: u64, max: u64) -> u64 {
-        let stored = self.is_stored(pfn);
-        let mut n = 1;
-        while n < max && self.is_stored(pfn + n) == stored {
-            n += 1;
-        }
-        n
+        let end = if self.is_stored(pfn) {
+            self.stored.next_clear(pfn)
+        } else {
+            self.stored.next_set(pfn)
+        };
+        end.map_or(max, |e| (e - pfn).min(max))
     }
 }
 
 impl PageSource for SnapshotPages {
     fn pages(&self) -> u64 {
-        self.pages
+        self.stored.pages()
     }
 
     fn read(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
-        let count = check_read(self.pages, pfn, buf.len())?;
+        let count = check_read(self.stored.pages(), pfn, buf.len())?;
         // Stored pages are consecutive in the file, so each run of them is
         // one pread.
         let mut i = 0u64;
@@ -125,16 +111,7 @@ impl PageSource for SnapshotPages {
     }
 
     fn next_data(&self, pfn: u64) -> Option<u64> {
-        if pfn >= self.pages {
-            return None;
-        }
-        let mut w = (pfn / 64) as usize;
-        let mut word = self.words.get(w)? & (!0u64 << (pfn % 64));
-        while word == 0 {
-            w += 1;
-            word = *self.words.get(w)?;
-        }
-        Some(w as u64 * 64 + u64::from(word.trailing_zeros()))
+        self.stored.next_set(pfn)
     }
 }
 
@@ -176,7 +153,11 @@ mod tests {
         // A stray bit past the last page must not count.
         let mut bitmap = bitmap_of(304, &set);
         bitmap[37] |= 0x80;
-        let src = SnapshotPages::new(file, &bitmap, pages, 8192);
+        let src = SnapshotPages::new(
+            file,
+            PageBitmap::from_le_bytes(pages, &bitmap).unwrap(),
+            8192,
+        );
         assert_eq!(src.stored(), set.len() as u64);
 
         for pfn in 0..=pages {
@@ -215,7 +196,7 @@ mod tests {
     #[test]
     fn an_empty_snapshot_is_all_zero() {
         let (path, file) = file_with("empty", 4096, 0);
-        let src = SnapshotPages::new(file, &bitmap_of(128, &[]), 128, 4096);
+        let src = SnapshotPages::new(file, PageBitmap::new(128), 4096);
         assert_eq!(
             (src.stored(), src.rank(128), src.next_data(0)),
             (0, 0, None)

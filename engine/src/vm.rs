@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::{
@@ -25,13 +25,13 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
-use crate::console::{now_us, Console, ConsoleError, LineSink, COM1_IRQ};
+use crate::console::{Console, ConsoleError, ConsoleLine, LineSink, COM1_IRQ};
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{GuestRam, MemoryError};
-use crate::monitor::GuestMonitor;
 use crate::state::vm as vm_state;
 use crate::state::{vcpu as vcpu_state, DeviceState, MachineMeta, MachineState};
 use crate::vcpu::{VcpuError, VcpuHandle};
+use ferry_protocol::PageBitmap;
 
 /// Most vCPUs a Ferry VM may have.
 pub const MAX_VCPUS: u32 = 8;
@@ -90,19 +90,42 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// Called with each complete console line. Shared, so that whoever runs
+/// the VM (a tool, a test) can watch its guest without the VMM knowing what
+/// the guest says.
+pub type SharedLineObserver = Arc<dyn Fn(&ConsoleLine) + Send + Sync>;
+
 /// Where the guest's console lines go.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub enum ConsoleOutput {
     /// This process's stdout.
     #[default]
     Stdout,
     /// Appended to a file.
     File(PathBuf),
-    /// Nowhere (the monitor still sees them).
+    /// Nowhere (observers still see them).
     Discard,
+    /// Where the inner output says, and to an observer too.
+    Observed(Box<ConsoleOutput>, SharedLineObserver),
+}
+
+impl std::fmt::Debug for ConsoleOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConsoleOutput::Stdout => f.write_str("Stdout"),
+            ConsoleOutput::File(p) => f.debug_tuple("File").field(p).finish(),
+            ConsoleOutput::Discard => f.write_str("Discard"),
+            ConsoleOutput::Observed(inner, _) => f.debug_tuple("Observed").field(inner).finish(),
+        }
+    }
 }
 
 impl ConsoleOutput {
+    /// The same output, with `observer` also called for each line.
+    pub fn observed(self, observer: SharedLineObserver) -> Self {
+        ConsoleOutput::Observed(Box::new(self), observer)
+    }
+
     fn open(&self) -> Result<Box<dyn Write + Send>, VmError> {
         Ok(match self {
             ConsoleOutput::Stdout => Box::new(std::io::stdout()),
@@ -117,7 +140,20 @@ impl ConsoleOutput {
                         source,
                     })?,
             ),
+            ConsoleOutput::Observed(inner, _) => inner.open()?,
         })
+    }
+
+    /// The observers along the chain.
+    fn observers(&self) -> Vec<SharedLineObserver> {
+        match self {
+            ConsoleOutput::Observed(inner, o) => {
+                let mut v = inner.observers();
+                v.push(o.clone());
+                v
+            }
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -130,7 +166,6 @@ pub struct PreparedVm {
     msr_indices: Vec<u32>,
     console_out: ConsoleOutput,
     tsc_khz: u32,
-    created_us: u64,
 }
 
 impl PreparedVm {
@@ -156,7 +191,6 @@ impl PreparedVm {
         console_out: ConsoleOutput,
         sync_faults: bool,
     ) -> Result<Self, VmError> {
-        let created_us = now_us();
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount(vcpus));
         }
@@ -203,7 +237,6 @@ impl PreparedVm {
             msr_indices,
             console_out,
             tsc_khz,
-            created_us,
         })
     }
 
@@ -290,31 +323,22 @@ impl PreparedVm {
         self.start(console)
     }
 
-    fn new_console(
-        &self,
-        devices: Option<&DeviceState>,
-    ) -> Result<(Arc<Console>, Arc<Mutex<GuestMonitor>>), VmError> {
+    fn new_console(&self, devices: Option<&DeviceState>) -> Result<Arc<Console>, VmError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
         self.fd
             .register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let monitor = Arc::new(Mutex::new(GuestMonitor::new(self.created_us)));
         let mut sink = LineSink::new(self.console_out.open()?);
-        let m = monitor.clone();
-        sink.observe(Box::new(move |line| {
-            m.lock().unwrap_or_else(|p| p.into_inner()).observe(line)
-        }));
-        let console = match devices {
+        for o in self.console_out.observers() {
+            sink.observe(Box::new(move |line| o(line)));
+        }
+        Ok(match devices {
             Some(d) => Console::from_state(irq, sink, &d.serial)?,
             None => Console::new(irq, sink),
-        };
-        Ok((console, monitor))
+        })
     }
 
-    fn start(
-        self,
-        (console, monitor): (Arc<Console>, Arc<Mutex<GuestMonitor>>),
-    ) -> Result<Vm, VmError> {
+    fn start(self, console: Arc<Console>) -> Result<Vm, VmError> {
         let meta = self.meta();
         let msrs = Arc::new(self.msr_indices);
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
@@ -329,7 +353,6 @@ impl PreparedVm {
         Ok(Vm {
             vcpus,
             console,
-            monitor,
             fd: self.fd,
             ram: self.ram,
             _kvm: self.kvm,
@@ -429,7 +452,6 @@ pub struct Vm {
     // the memory they use go away.
     vcpus: Vec<VcpuHandle>,
     console: Arc<Console>,
-    monitor: Arc<Mutex<GuestMonitor>>,
     fd: VmFd,
     ram: GuestRam,
     _kvm: Kvm,
@@ -476,8 +498,8 @@ impl Vm {
     }
 
     /// Returns and clears the pages the guest wrote since the last call: one
-    /// bit per memory-file page, as little-endian `u64` words.
-    pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
+    /// bit per memory-file page.
+    pub fn take_dirty_log(&self) -> Result<PageBitmap, VmError> {
         let mut out = vec![0u64; self.ram.pages().div_ceil(64) as usize];
         for (slot, r) in self.ram.ranges().iter().enumerate() {
             let log = self
@@ -491,7 +513,7 @@ impl Vm {
                 *o |= w;
             }
         }
-        Ok(out)
+        Ok(PageBitmap::from_words(self.ram.pages(), out))
     }
 
     /// True while the vCPUs run.
@@ -499,26 +521,9 @@ impl Vm {
         self.running
     }
 
-    /// A copy of what the guest has reported.
-    pub fn monitor(&self) -> GuestMonitor {
-        self.monitor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
     /// Kernel thread ids of the vCPU threads, by vCPU index.
     pub fn vcpu_tids(&self) -> Vec<i32> {
         self.vcpus.iter().map(|v| v.tid()).collect()
-    }
-
-    /// Seeds the guest monitor with the last ticks seen before a move, so
-    /// stalls across the move are measured.
-    pub fn seed_monitor(&self, last: &std::collections::BTreeMap<u32, crate::monitor::LastTick>) {
-        self.monitor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .seed(last);
     }
 
     /// The first vCPU that the guest stopped, and why.

@@ -1,9 +1,9 @@
-//! Ferry's migration wire protocol ([`protocol`]) and the source-side page
-//! server ([`server`]) that answers demand faults and pushes every other page.
+//! Ferry's source-side page server ([`server`]): it answers demand faults
+//! and pushes every other page of a [`PageSource`]. The wire format it
+//! speaks is the `ferry-protocol` crate's.
 
-pub mod protocol;
 pub mod server;
 pub mod source;
 
-pub use server::{serve, serve_rest, LatencyUs, ServerConfig, ServerError, ServerStats};
+pub use server::{serve, serve_rest, LatencyUs, Resume, ServerConfig, ServerError, ServerStats};
 pub use source::{FileSource, PageSource};

@@ -2,11 +2,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use crate::protocol::PAGE_SIZE;
+use ferry_protocol::PAGE_SIZE;
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
 
 /// Guest memory as the page server sees it: `pages()` pages of 4096 bytes,
 /// numbered by page frame number (pfn = byte offset / 4096).
@@ -79,20 +80,16 @@ impl PageSource for FileSource {
         if pfn >= self.pages {
             return None;
         }
-        let Ok(offset) = libc::off_t::try_from(pfn * PAGE_SIZE as u64) else {
+        let Ok(offset) = i64::try_from(pfn * PAGE_SIZE as u64) else {
             return Some(pfn);
         };
-        // SAFETY: lseek on a descriptor owned by `self.file`, which stays open
-        // for the call; it touches no memory of ours.
-        let at = unsafe { libc::lseek(self.file.as_raw_fd(), offset, libc::SEEK_DATA) };
-        if at < 0 {
+        let at = match lseek(&*self.file, offset, Whence::SeekData) {
+            Ok(at) => at,
             // ENXIO: no data at or after `offset`. Anything else (say, a file
             // system without SEEK_DATA): assume data everywhere.
-            return match io::Error::last_os_error().raw_os_error() {
-                Some(libc::ENXIO) => None,
-                _ => Some(pfn),
-            };
-        }
+            Err(Errno::ENXIO) => return None,
+            Err(_) => return Some(pfn),
+        };
         let data = at as u64 / PAGE_SIZE as u64;
         (data < self.pages).then_some(data.max(pfn))
     }

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use ferry_page_server::protocol::{
-    self, decode_pages, read_frame, write_frame, MsgType, PageEncoding, PageRequest, ProtocolError,
-    PAGE_SIZE,
-};
 use ferry_page_server::{serve, FileSource, PageSource, ServerConfig, ServerError, ServerStats};
+use ferry_protocol::{
+    self as protocol, decode_pages, read_frame, write_frame, MsgType, PageEncoding, PageRequest,
+    ProtocolError, PAGE_SIZE,
+};
 
 type Outcome = Result<(ServerStats, serde_json::Value), ServerError>;
 

@@ -17,65 +17,31 @@
 //! Any failure before the vCPUs resume sends `Abort`, so the source can
 //! resume its own copy of the VM: no VM is lost.
 
-use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_page_server::protocol::{
-    features, read_frame, write_frame, Hello, HelloAck, MigrationMode, MsgType, ProtocolError,
-    Role, OPT_MODE, PROTOCOL_VERSION,
+use ferry_protocol::{
+    decode_state, features, Hello, HelloAck, MigrationMode, MsgType, ProtocolError, Resumed, Role,
+    StateMeta, OPT_MODE, PROTOCOL_VERSION,
 };
 use tracing::{info, warn};
 
-use super::fault::{FaultError, FaultStats, FaultThread};
+use super::error::{DestError, DRAIN_TIMEOUT};
+use super::fault::{FaultStats, FaultThread};
 use super::install::{install_push, receive_before_state, PushCounters};
+use super::link::Link;
 use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats};
-use super::uffd_ram::{UffdRam, UffdRamError};
-use super::wire::{decode_state, Resumed, StateMeta};
+use super::uffd_ram::UffdRam;
 use crate::console::now_us;
 use crate::layout::{valid_mem_size, PAGE_SIZE};
-use crate::memory::MemoryError;
-use crate::state::{self, CodecError};
-use crate::vm::{ConsoleOutput, PreparedVm, Vm, VmError, MAX_VCPUS};
+use crate::state;
+use crate::vm::{ConsoleOutput, PreparedVm, Vm, MAX_VCPUS};
 
 /// How long to wait for the source's second connection.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest silence on the control connection before giving up.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long to wait for demand answers still in flight after PushDone.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long to wait for the guest's first tick after the move, for the stall.
-const TICK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why receiving a VM failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DestError {
-    /// Wire protocol.
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    /// The offered VM is unacceptable.
-    #[error("refused the incoming VM: {0}")]
-    Refused(String),
-    /// Building or restoring the VM.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// The state blob.
-    #[error("incoming state: {0}")]
-    State(#[from] CodecError),
-    /// userfaultfd.
-    #[error(transparent)]
-    Uffd(#[from] UffdRamError),
-    /// The fault handler.
-    #[error("fault handler: {0}")]
-    Fault(#[from] FaultError),
-    /// Writing received pages.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    /// Pages never arrived.
-    #[error("{0} pages were still missing {DRAIN_TIMEOUT:?} after the source finished pushing")]
-    Incomplete(u64),
-}
 
 /// Accepts one incoming post-copy migration on `listener` and returns the
 /// running VM, with the migration's statistics.
@@ -90,76 +56,69 @@ pub fn receive(
     control
         .set_read_timeout(Some(FRAME_TIMEOUT))
         .map_err(ProtocolError::Io)?;
-    let mut rd = BufReader::with_capacity(4 << 20, control.try_clone().map_err(ProtocolError::Io)?);
-    let mut wr = control;
-    let mut buf = Vec::new();
+    let mut ctl = Link::new(control);
 
     // Handshake on the control connection, then prepare the VM at once.
-    let hello = expect_hello(&mut rd, &mut buf, Role::Control, None)?;
-    let mode = hello.mode().map_err(|e| abort(&mut wr, e.into()))?;
+    let hello = expect_hello(&mut ctl, Role::Control, None)?;
+    let mode = hello.mode().map_err(|e| abort(&mut ctl, e.into()))?;
     let (prepared, uffd) = match prepare(&hello, mode, console) {
         Ok(p) => p,
-        Err(e) => return Err(abort(&mut wr, e)),
+        Err(e) => return Err(abort(&mut ctl, e)),
     };
     let accepted = hello.features & features::SUPPORTED;
-    ack(&mut wr, &hello, accepted)?;
+    ack(&mut ctl, &hello, accepted)?;
 
     // The fault connection.
-    let fault_conn = accept_with_timeout(listener).map_err(|e| abort(&mut wr, e))?;
+    let fault_conn = accept_with_timeout(listener).map_err(|e| abort(&mut ctl, e))?;
     fault_conn.set_nodelay(true).map_err(ProtocolError::Io)?;
-    let mut fault_rd = fault_conn.try_clone().map_err(ProtocolError::Io)?;
-    let mut fbuf = Vec::new();
-    let fhello = expect_hello(
-        &mut fault_rd,
-        &mut fbuf,
-        Role::Fault,
-        Some(hello.session_id),
-    )
-    .map_err(|e| abort(&mut wr, e))?;
-    let mut fault_wr = fault_conn.try_clone().map_err(ProtocolError::Io)?;
-    ack(&mut fault_wr, &fhello, accepted)?;
+    let mut fault_link = Link::new(fault_conn);
+    let fhello = expect_hello(&mut fault_link, Role::Fault, Some(hello.session_id))
+        .map_err(|e| abort(&mut ctl, e))?;
+    ack(&mut fault_link, &fhello, accepted)?;
 
     // Pages sent before the state (pre-copy modes), then the state.
     let mut counters = PushCounters::default();
-    if let Err(e) = receive_before_state(
-        &mut rd,
-        &mut wr,
-        &mut buf,
+    let state_payload = match receive_before_state(
+        &mut ctl,
         prepared.ram(),
         uffd.as_deref(),
         mode,
         &mut counters,
     ) {
-        return Err(abort(&mut wr, e));
-    }
-    let bytes_state = buf.len() as u64;
-    let (meta, blob) = decode_state(&buf).map_err(|e| abort(&mut wr, e.into()))?;
-    let machine = state::decode(blob).map_err(|e| abort(&mut wr, e.into()))?;
+        Ok(p) => p,
+        Err(e) => return Err(abort(&mut ctl, e)),
+    };
+    let bytes_state = state_payload.len() as u64;
+    let (meta, blob) = decode_state(&state_payload).map_err(|e| abort(&mut ctl, e.into()))?;
+    let machine = state::decode(blob).map_err(|e| abort(&mut ctl, e.into()))?;
     if machine.meta.mem_size != hello.mem_size
         || machine.meta.vcpus != hello.vcpus
         || meta.mode != mode
     {
         return Err(abort(
-            &mut wr,
+            &mut ctl,
             DestError::Refused("state does not match the Hello".into()),
         ));
     }
     // In lazy modes the fault handler must run before anything can touch
     // guest memory; dropping the handle stops it again on any error.
     let fault = match &uffd {
-        Some(ram) => Some(
-            FaultThread::start(ram.clone(), fault_conn).map_err(|e| abort(&mut wr, e.into()))?,
-        ),
+        Some(ram) => {
+            let (conn, buffered) = fault_link.into_parts();
+            Some(
+                FaultThread::start(ram.clone(), conn, buffered)
+                    .map_err(|e| abort(&mut ctl, e.into()))?,
+            )
+        }
         None => None,
     };
     let mut vm = prepared
         .restore(&machine)
-        .map_err(|e| abort(&mut wr, e.into()))?;
+        .map_err(|e| abort(&mut ctl, e.into()))?;
     if let Some(f) = &fault {
         f.attribute_to(vm.vcpu_tids());
     }
-    vm.seed_monitor(&meta.last_ticks);
-    vm.resume().map_err(|e| abort(&mut wr, e.into()))?;
+    vm.resume().map_err(|e| abort(&mut ctl, e.into()))?;
     let resume_host_us = now_us();
     let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
     info!(
@@ -171,19 +130,17 @@ pub fn receive(
         downtime_us,
         resume_host_us,
     };
-    write_frame(
-        &mut wr,
+    ctl.send(
         MsgType::Resumed,
         0,
         &serde_json::to_vec(&resumed).unwrap_or_default(),
     )?;
-    wr.flush().map_err(ProtocolError::Io)?;
 
     // From here the VM runs here; errors are reported, the VM is kept.
     let (counters, source_stats, fault_stats) = match (uffd, fault) {
         (Some(ram), Some(fault)) => {
             let (counters, source_stats, fault_stats) =
-                finish_postcopy(&mut rd, &mut buf, &ram, counters, fault)?;
+                finish_postcopy(&mut ctl, &ram, counters, fault)?;
             (counters, source_stats, Some(fault_stats))
         }
         _ => (counters, serde_json::Value::Null, None),
@@ -191,40 +148,35 @@ pub fn receive(
     let total_ms = (now_us().saturating_sub(meta.start_host_us)) as f64 / 1e3;
     info!(total_ms, "every page present");
 
-    let stall = wait_for_ticks(&vm, resume_host_us);
     let stats = build_stats(
         &vm,
         &meta,
         Timing {
             downtime_us,
             total_ms,
-            guest_stall_ms: stall,
         },
         bytes_state,
         counters,
         fault_stats,
         source_stats,
     );
-    write_frame(
-        &mut wr,
+    ctl.send(
         MsgType::Complete,
         0,
         &serde_json::to_vec(&stats).unwrap_or_default(),
     )?;
-    wr.flush().map_err(ProtocolError::Io)?;
     Ok((vm, stats))
 }
 
 /// Installs the push until `PushDone`, waits for demand answers still in
 /// flight, stops the fault thread and unregisters the RAM.
 fn finish_postcopy(
-    rd: &mut impl std::io::Read,
-    buf: &mut Vec<u8>,
+    ctl: &mut Link,
     ram: &UffdRam,
     counters: PushCounters,
     fault: FaultThread,
 ) -> Result<(PushCounters, serde_json::Value, FaultStats), DestError> {
-    let pushed = install_push(rd, buf, ram, counters).and_then(|done| {
+    let pushed = install_push(ctl, ram, counters).and_then(|done| {
         let t = Instant::now();
         while !ram.complete() {
             if t.elapsed() > DRAIN_TIMEOUT {
@@ -246,25 +198,6 @@ fn finish_postcopy(
 struct Timing {
     downtime_us: u64,
     total_ms: f64,
-    guest_stall_ms: Option<f64>,
-}
-
-/// Lets every vCPU tick once after `resume_host_us` (bounded), so the stall
-/// across the move is known; returns it in ms.
-fn wait_for_ticks(vm: &Vm, resume_host_us: u64) -> Option<f64> {
-    let t = Instant::now();
-    while vm
-        .monitor()
-        .last_tick
-        .values()
-        .filter(|l| l.host_us >= resume_host_us)
-        .count()
-        < vm.meta().vcpus as usize
-        && t.elapsed() < TICK_TIMEOUT
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    vm.monitor().max_stall_ms()
 }
 
 /// Physical RAM of this host, if the system says.
@@ -317,21 +250,8 @@ fn prepare(
     Ok((prepared, Some(ram)))
 }
 
-fn expect_hello(
-    rd: &mut impl std::io::Read,
-    buf: &mut Vec<u8>,
-    role: Role,
-    session: Option<u64>,
-) -> Result<Hello, DestError> {
-    let hdr = read_frame(rd, buf)?;
-    if hdr.kind != MsgType::Hello {
-        return Err(ProtocolError::Unexpected {
-            got: hdr.kind,
-            expected: "Hello",
-        }
-        .into());
-    }
-    let hello = Hello::decode(buf)?;
+fn expect_hello(link: &mut Link, role: Role, session: Option<u64>) -> Result<Hello, DestError> {
+    let hello = Hello::decode(link.expect(MsgType::Hello, "Hello")?)?;
     if hello.role != role {
         return Err(ProtocolError::Handshake(format!(
             "expected a {role:?} connection, got {:?}",
@@ -347,14 +267,14 @@ fn expect_hello(
     Ok(hello)
 }
 
-fn ack(w: &mut TcpStream, hello: &Hello, features: u64) -> Result<(), DestError> {
+fn ack(link: &mut Link, hello: &Hello, features: u64) -> Result<(), DestError> {
     let a = HelloAck {
         version: PROTOCOL_VERSION,
         status: 0,
         features,
         session_id: hello.session_id,
     };
-    write_frame(w, MsgType::HelloAck, 0, &a.encode())?;
+    link.send(MsgType::HelloAck, 0, &a.encode())?;
     Ok(())
 }
 
@@ -380,10 +300,14 @@ fn accept_with_timeout(listener: &TcpListener) -> Result<TcpStream, DestError> {
 }
 
 /// Tells the source we give up (best effort) and passes the error on.
-fn abort(w: &mut TcpStream, e: DestError) -> DestError {
+fn abort(link: &mut Link, e: DestError) -> DestError {
     warn!("aborting incoming migration: {e}");
     let msg = e.to_string();
-    let _ = write_frame(w, MsgType::Abort, 0, &msg.as_bytes()[..msg.len().min(4096)]);
+    let mut end = msg.len().min(4096);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let _ = link.send(MsgType::Abort, 0, &msg.as_bytes()[..end]);
     e
 }
 
@@ -448,8 +372,6 @@ fn build_stats(
             total_ms: fault.blocktime_us.values().sum::<u64>() as f64 / 1e3,
             per_vcpu_ms,
         },
-        guest_stall_ms: timing.guest_stall_ms,
-        guest_bad: meta.guest_bad + vm.monitor().bad,
         source,
         converged: meta.converged,
         precopy_rounds: meta.rounds.clone(),

@@ -7,17 +7,19 @@
 //! fds) for a short while after any activity before it sleeps in `poll`.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use ferry_page_server::protocol::{
-    decode_pages, FrameHeader, MsgType, PageEncoding, PageRequest, ProtocolError, HEADER_LEN,
+use ferry_protocol::{
+    decode_pages, FrameDecoder, FrameHeader, MsgType, PageEncoding, PageRequest, ProtocolError,
+    HEADER_LEN,
 };
 use hdrhistogram::Histogram;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, warn};
 use userfaultfd::{Event, EventBuffer};
 
@@ -27,7 +29,7 @@ use super::uffd_ram::{UffdRam, UffdRamError};
 /// How long the handler busy-polls after activity before sleeping.
 const SPIN: Duration = Duration::from_micros(200);
 /// Longest sleep in `poll`, so a stop request is noticed.
-const POLL_MS: i32 = 20;
+const POLL_MS: u16 = 20;
 
 /// Errors that end the fault handler.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,7 @@ struct Pending {
 pub fn run(
     ram: Arc<UffdRam>,
     mut conn: TcpStream,
+    buffered: Vec<u8>,
     vcpu_tids: Arc<OnceLock<Vec<i32>>>,
     stop: Arc<AtomicBool>,
 ) -> Result<FaultStats, FaultError> {
@@ -101,8 +104,7 @@ pub fn run(
     let mut st = FaultStats::empty();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut events = EventBuffer::new(64);
-    let mut rx: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut chunk = vec![0u8; 256 * 1024];
+    let mut rx = FrameDecoder::with_bytes(buffered);
     let mut pages = Vec::new();
     let mut last_activity = Instant::now();
     while !stop.load(Ordering::Acquire) {
@@ -167,10 +169,9 @@ pub fn run(
 
         // 2. Answers.
         loop {
-            match conn.read(&mut chunk) {
+            match rx.read_from(&mut conn) {
                 Ok(0) => return Err(ProtocolError::Closed.into()),
                 Ok(n) => {
-                    rx.extend_from_slice(&chunk[..n]);
                     st.bytes_wire += n as u64;
                     active = true;
                 }
@@ -179,18 +180,9 @@ pub fn run(
                 Err(e) => return Err(ProtocolError::Io(e).into()),
             }
         }
-        let mut used = 0;
-        while rx.len() - used >= HEADER_LEN {
-            let h: [u8; HEADER_LEN] = rx[used..used + HEADER_LEN]
-                .try_into()
-                .map_err(|_| ProtocolError::Closed)?;
-            let hdr = FrameHeader::decode(&h)?;
-            let end = used + HEADER_LEN + hdr.len as usize;
-            if rx.len() < end {
-                break;
-            }
-            let payload = &rx[used + HEADER_LEN..end];
-            match hdr.kind {
+        while let Some(frame) = rx.next_frame()? {
+            let payload = frame.payload;
+            match frame.header.kind {
                 MsgType::Pages => {
                     let ph = decode_pages(payload, ram.pages(), &mut pages)?;
                     let mut newly = 0;
@@ -221,12 +213,6 @@ pub fn run(
                         }
                     }
                 }
-                MsgType::Abort => {
-                    return Err(ProtocolError::Aborted(
-                        String::from_utf8_lossy(payload).into_owned(),
-                    )
-                    .into())
-                }
                 other => {
                     return Err(ProtocolError::Unexpected {
                         got: other,
@@ -235,15 +221,13 @@ pub fn run(
                     .into())
                 }
             }
-            used = end;
         }
-        rx.drain(..used);
 
         // 3. Spin briefly after activity, then sleep in poll.
         if active {
             last_activity = Instant::now();
         } else if last_activity.elapsed() > SPIN {
-            wait_readable(&[ram.fd(), conn.as_raw_fd()], POLL_MS);
+            wait_readable(ram.uffd(), &conn, POLL_MS);
         }
     }
     debug!(pending = pending.len(), "fault handler stopping");
@@ -268,19 +252,15 @@ fn write_all_nonblocking(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), Pro
     Ok(())
 }
 
-/// Sleeps until one of `fds` is readable or `timeout_ms` passes.
-fn wait_readable(fds: &[i32], timeout_ms: i32) {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()`
-    // pollfd structures for the duration of the call.
-    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+/// Sleeps until the userfaultfd or the connection is readable, or
+/// `timeout_ms` passes.
+fn wait_readable(uffd: &impl AsFd, conn: &impl AsFd, timeout_ms: u16) {
+    let mut fds = [
+        PollFd::new(uffd.as_fd(), PollFlags::POLLIN),
+        PollFd::new(conn.as_fd(), PollFlags::POLLIN),
+    ];
+    // EINTR or a spurious wake-up only ends the nap early.
+    let _ = poll(&mut fds, PollTimeout::from(timeout_ms));
 }
 
 /// The demand-fault thread of a lazy migration.
@@ -291,14 +271,18 @@ pub(super) struct FaultThread {
 }
 
 impl FaultThread {
-    pub(super) fn start(ram: Arc<UffdRam>, conn: TcpStream) -> Result<Self, FaultError> {
+    pub(super) fn start(
+        ram: Arc<UffdRam>,
+        conn: TcpStream,
+        buffered: Vec<u8>,
+    ) -> Result<Self, FaultError> {
         let tids = Arc::new(OnceLock::new());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (tids, stop) = (tids.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("uffd-fault".into())
-                .spawn(move || run(ram, conn, tids, stop))
+                .spawn(move || run(ram, conn, buffered, tids, stop))
                 .map_err(FaultError::Spawn)?
         };
         Ok(Self {

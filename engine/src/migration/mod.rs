@@ -1,19 +1,24 @@
-//! Live migration: post-copy over userfaultfd, with its wire messages,
-//! destination fault handling and statistics. The wire format itself is in
-//! `ferry_page_server::protocol` (see `docs/protocol.md`).
+//! Live migration in all four modes: the source's sessions, rounds and
+//! switch-over, the destination's receive, install and fault handling, and
+//! the statistics. The wire format is the `ferry-protocol` crate's (see
+//! `docs/protocol.md`).
 
-pub mod bitmap;
 pub mod dest;
+pub mod error;
 pub mod fault;
 pub mod install;
+pub mod link;
+pub mod options;
 pub mod precopy;
 pub mod progress;
 pub mod rounds;
+pub mod session;
 pub mod source;
 pub mod stats;
 pub mod uffd_ram;
-pub mod wire;
 
-pub use dest::{receive, DestError};
-pub use source::{migrate, migrate_postcopy, Outcome, SourceError, SourceOptions};
+pub use dest::receive;
+pub use error::{DestError, SourceError};
+pub use options::SourceOptions;
+pub use source::{migrate, migrate_machine, migrate_postcopy, Outcome};
 pub use stats::MigrationStats;

@@ -6,31 +6,15 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use ferry_page_server::protocol::{self, write_frame, MsgType, ProtocolError, PAGE_SIZE};
 use ferry_page_server::source::PageSource;
-use serde::{Deserialize, Serialize};
+use ferry_protocol::{
+    self as protocol, write_frame, MsgType, PageBitmap, ProtocolError, PAGE_SIZE,
+};
 
 /// Pages per data frame.
 const RUN: u64 = 256;
 /// Pages per zero-run frame.
 const ZERO_RUN: u64 = protocol::MAX_PAGES_PER_FRAME as u64;
-
-/// One pre-copy round, as the source saw it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RoundStats {
-    /// 0 is the full first pass.
-    pub round: u32,
-    /// Pages sent in this round (data and zero).
-    pub pages: u64,
-    /// Bytes written in this round.
-    pub bytes: u64,
-    /// Wall time of the round, ms.
-    pub ms: f64,
-    /// Pages the guest dirtied while the round was sent.
-    pub dirty_after: u64,
-    /// Estimated stop-and-copy time of those pages at this round's rate, ms.
-    pub est_downtime_ms: f64,
-}
 
 /// Writes `Pages` frames on the control connection.
 pub struct PageSender<'a> {
@@ -77,14 +61,14 @@ impl<'a> PageSender<'a> {
     }
 
     fn zero(&mut self, pfn: u64, count: u64) -> Result<(), ProtocolError> {
+        let mut frame = Vec::with_capacity(protocol::HEADER_LEN + protocol::PAGES_PREFIX);
         let mut p = pfn;
         while p < pfn + count {
             let n = (pfn + count - p).min(ZERO_RUN);
-            let mut payload = Vec::with_capacity(protocol::PAGES_PREFIX);
-            payload.extend_from_slice(&p.to_le_bytes());
-            payload.extend_from_slice(&(n as u32).to_le_bytes());
-            payload.extend_from_slice(&[protocol::PageEncoding::Zero as u8, 0, 0, 0]);
-            self.frame(&payload)?;
+            frame.clear();
+            protocol::append_zero_pages_frame(&mut frame, 0, p, n as u32);
+            self.out.write_all(&frame).map_err(ProtocolError::Io)?;
+            self.bytes += frame.len() as u64;
             self.pages_zero += n;
             self.tick(n);
             p += n;
@@ -133,23 +117,12 @@ impl<'a> PageSender<'a> {
         Ok(pages)
     }
 
-    /// Sends the pages set in `bitmap` (one bit per page); returns how many.
-    pub fn send_set(&mut self, bitmap: &[u64]) -> Result<u64, ProtocolError> {
-        let pages = self.source.pages();
+    /// Sends the pages set in `bitmap`; returns how many.
+    pub fn send_set(&mut self, bitmap: &PageBitmap) -> Result<u64, ProtocolError> {
         let mut sent = 0;
-        let mut p = 0;
-        while p < pages {
-            if !bit(bitmap, p) {
-                p += 1;
-                continue;
-            }
-            let mut n = 1;
-            while n < RUN && p + n < pages && bit(bitmap, p + n) {
-                n += 1;
-            }
+        for (p, n) in bitmap.runs(0, RUN) {
             self.run(p, n)?;
             sent += n;
-            p += n;
         }
         Ok(sent)
     }
@@ -158,18 +131,6 @@ impl<'a> PageSender<'a> {
     pub fn flush(&mut self) -> Result<(), ProtocolError> {
         self.out.flush().map_err(ProtocolError::Io)
     }
-}
-
-/// True when page `p` is set in `bitmap`.
-pub fn bit(bitmap: &[u64], p: u64) -> bool {
-    bitmap
-        .get((p / 64) as usize)
-        .is_some_and(|w| w & (1 << (p % 64)) != 0)
-}
-
-/// Number of set pages.
-pub fn count(bitmap: &[u64]) -> u64 {
-    bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
 /// Runs `f` and returns its result with the elapsed milliseconds.

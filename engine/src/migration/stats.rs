@@ -114,17 +114,12 @@ pub struct MigrationStats {
     pub fault_latency_us: FaultLatency,
     /// vCPU time blocked on demand faults.
     pub blocktime: Blocktime,
-    /// Longest gap between two guest TICKs across the move, ms (None when
-    /// the guest had not ticked before the move, so no gap spans it).
-    pub guest_stall_ms: Option<f64>,
-    /// BAD lines the guest printed (source and destination).
-    pub guest_bad: u64,
     /// Pre-copy modes: whether the downtime target was met.
     #[serde(default)]
     pub converged: Option<bool>,
     /// Pre-copy modes: the rounds (0 is the full pass).
     #[serde(default)]
-    pub precopy_rounds: Vec<super::precopy::RoundStats>,
+    pub precopy_rounds: Vec<ferry_protocol::RoundStats>,
     /// The source's own counters.
     pub source: serde_json::Value,
 }
@@ -145,14 +140,6 @@ impl MigrationStats {
                 format!("{:.3} ms", self.downtime_us as f64 / 1e3),
             ),
             ("total time", format!("{:.1} ms", self.total_ms)),
-            (
-                "guest stall (max TICK gap)",
-                self.guest_stall_ms
-                    .map_or("- (no tick before the move)".into(), |ms| {
-                        format!("{ms:.1} ms")
-                    }),
-            ),
-            ("guest BAD lines", self.guest_bad.to_string()),
             (
                 "pages demand / pushed / zero",
                 format!(

@@ -16,9 +16,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use userfaultfd::{Error as UffdLibError, FeatureFlags, Uffd, UffdBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::bitmap::PageBitmap;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
+use ferry_protocol::PageBitmap;
 
 /// Errors from the userfaultfd-backed RAM.
 #[derive(Debug, thiserror::Error)]

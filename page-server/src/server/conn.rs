@@ -1,12 +1,12 @@
 //! One non-blocking connection of the page server, with its buffers.
 
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{self, Write};
 
+use ferry_protocol::{FrameDecoder, FrameHeader, ProtocolError};
 use mio::net::TcpStream;
+use nix::sys::socket::{setsockopt, sockopt};
 
-use super::{setup, ServerError, READ_CHUNK};
-use crate::protocol::{FrameHeader, MsgType, ProtocolError, HEADER_LEN};
+use super::{setup, ServerError};
 
 /// What a read from a connection gave.
 pub(super) enum Fill {
@@ -19,8 +19,7 @@ pub(super) enum Fill {
 pub(super) struct Conn {
     pub(super) name: &'static str,
     pub(super) stream: TcpStream,
-    pub(super) input: Vec<u8>,
-    pub(super) in_start: usize,
+    pub(super) input: FrameDecoder,
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
     /// Bytes ever queued in `out`.
@@ -37,6 +36,7 @@ impl Conn {
         name: &'static str,
         stream: std::net::TcpStream,
         sndbuf: Option<usize>,
+        already_read: Vec<u8>,
     ) -> Result<Self, ServerError> {
         stream
             .set_nodelay(true)
@@ -50,8 +50,7 @@ impl Conn {
         Ok(Self {
             name,
             stream: TcpStream::from_std(stream),
-            input: Vec::new(),
-            in_start: 0,
+            input: FrameDecoder::with_bytes(already_read),
             out: Vec::new(),
             out_pos: 0,
             queued: 0,
@@ -106,19 +105,10 @@ impl Conn {
 
     /// Reads once from the socket into `input`.
     pub(super) fn fill(&mut self) -> Result<Fill, ServerError> {
-        if self.in_start == self.input.len() {
-            self.input.clear();
-            self.in_start = 0;
-        } else if self.in_start > READ_CHUNK {
-            self.input.drain(..self.in_start);
-            self.in_start = 0;
-        }
-        let old = self.input.len();
-        self.input.resize(old + READ_CHUNK, 0);
-        let got = self.stream.read(&mut self.input[old..]);
-        self.input.truncate(old + *got.as_ref().unwrap_or(&0));
+        let got = self.input.read_from(&mut self.stream);
+        let idle = self.input.buffered().is_empty();
         match got {
-            Ok(0) if self.in_start < self.input.len() => Err(self.err(ProtocolError::Closed)),
+            Ok(0) if !idle => Err(self.err(ProtocolError::Closed)),
             // A reset is how a peer's close looks when our last answers were
             // still unread in its socket: treat it like EOF, so the grace
             // period for `Complete` on the other connection applies.
@@ -127,10 +117,7 @@ impl Conn {
                 self.readable = false;
                 Ok(Fill::Eof)
             }
-            Err(e)
-                if e.kind() == io::ErrorKind::ConnectionReset
-                    && self.in_start == self.input.len() =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && idle => {
                 self.eof = true;
                 self.readable = false;
                 Ok(Fill::Eof)
@@ -151,42 +138,19 @@ impl Conn {
         &mut self,
         payload: &mut Vec<u8>,
     ) -> Result<Option<FrameHeader>, ServerError> {
-        let avail = &self.input[self.in_start..];
-        let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
-            return Ok(None);
-        };
-        let hdr = FrameHeader::decode(head).map_err(|e| self.err(e))?;
-        let end = HEADER_LEN + hdr.len as usize;
-        let Some(body) = avail.get(HEADER_LEN..end) else {
-            return Ok(None);
-        };
-        payload.clear();
-        payload.extend_from_slice(body);
-        self.in_start += end;
-        if hdr.kind == MsgType::Abort {
-            let why = String::from_utf8_lossy(payload).into_owned();
-            return Err(self.err(ProtocolError::Aborted(why)));
+        match self.input.next_frame() {
+            Ok(Some(f)) => {
+                payload.clear();
+                payload.extend_from_slice(f.payload);
+                Ok(Some(f.header))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.err(e)),
         }
-        Ok(Some(hdr))
     }
 }
 
 pub(super) fn set_sndbuf(stream: &std::net::TcpStream, size: usize) -> io::Result<()> {
-    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt on a socket owned by `stream`, reading a c_int that
-    // lives for the call, with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let size = usize::try_from(i32::MAX).map_or(size, |max| size.min(max));
+    setsockopt(stream, sockopt::SndBuf, &size).map_err(io::Error::from)
 }

@@ -29,11 +29,11 @@ use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
 
-use crate::protocol::{
-    self, FrameHeader, MsgType, PageEncoding, PageRequest, ProtocolError, MAX_PAGES_PER_FRAME,
-    PAGE_SIZE,
-};
 use crate::source::PageSource;
+use ferry_protocol::{
+    self as protocol, FrameHeader, MsgType, PageBitmap, PageEncoding, PageRequest, ProtocolError,
+    MAX_PAGES_PER_FRAME, PAGE_SIZE,
+};
 
 mod conn;
 mod sweep;
@@ -49,8 +49,6 @@ const FAULT_OUT_LIMIT: usize = 8 << 20;
 /// How long a closed fault connection may wait for `Complete` to show up on
 /// the control connection (the two streams are not ordered on the wire).
 const FAULT_EOF_GRACE: Duration = Duration::from_secs(1);
-/// Bytes asked of the kernel per read.
-const READ_CHUNK: usize = 64 << 10;
 /// Most pages per push frame while demand requests are arriving: a push step
 /// (read, compress, write) is the longest a new request can wait to be read,
 /// so it is kept short during a burst of faults.
@@ -170,27 +168,43 @@ pub fn serve(
     source: &dyn PageSource,
     cfg: &ServerConfig,
 ) -> Result<(ServerStats, serde_json::Value), ServerError> {
-    serve_rest(control, fault, source, cfg, None, None)
+    serve_rest(control, fault, source, cfg, Resume::default())
 }
 
-/// Like [`serve`], when the destination already holds some pages (hybrid
-/// migration: pre-copy rounds first). `have` has one bit per page, set for
-/// pages the push must skip; demand requests are answered for any page.
-/// `sent`, when given, is kept at the number of pages sent so far (for
-/// progress bars).
+/// What [`serve_rest`] starts from besides the two connections.
+#[derive(Debug, Default)]
+pub struct Resume<'a> {
+    /// Pages the destination already holds (hybrid's pre-copy rounds): the
+    /// push skips them.
+    pub have: Option<&'a PageBitmap>,
+    /// Kept at the number of pages sent so far (for progress bars).
+    pub sent: Option<&'a AtomicU64>,
+    /// Bytes the caller already read from `control` past its last frame.
+    pub control_buffered: Vec<u8>,
+    /// The same for `fault`.
+    pub fault_buffered: Vec<u8>,
+}
+
+/// Like [`serve`], from where `resume` says: pages the destination already
+/// holds are not pushed (demand requests are answered for any page).
 pub fn serve_rest(
     control: std::net::TcpStream,
     fault: std::net::TcpStream,
     source: &dyn PageSource,
     cfg: &ServerConfig,
-    have: Option<&[u64]>,
-    sent: Option<&AtomicU64>,
+    resume: Resume<'_>,
 ) -> Result<(ServerStats, serde_json::Value), ServerError> {
+    let Resume {
+        have,
+        sent,
+        control_buffered,
+        fault_buffered,
+    } = resume;
     let start = Instant::now();
     let mut poll = Poll::new().map_err(setup("creating the event loop"))?;
     let mut server = Server {
-        control: Conn::new("control", control, cfg.push_sndbuf)?,
-        fault: Conn::new("fault", fault, None)?,
+        control: Conn::new("control", control, cfg.push_sndbuf, control_buffered)?,
+        fault: Conn::new("fault", fault, None, fault_buffered)?,
         source,
         lz4: cfg.lz4,
         zero_runs: cfg.zero_runs,

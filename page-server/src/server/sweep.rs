@@ -1,11 +1,12 @@
 //! The push sweep: which pages have gone, and where the push goes next.
 
+use ferry_protocol::PageBitmap;
+
 /// The push sweep: which pages were sent, and where to look next.
 #[derive(Debug)]
 pub(super) struct Sweep {
-    /// One bit per page, set once the page was sent; the bits past the last
-    /// page are set too.
-    pub(super) sent: Vec<u64>,
+    /// One bit per page, set once the page was sent.
+    pub(super) sent: PageBitmap,
     pub(super) pages: u64,
     pub(super) left: u64,
     pub(super) cursor: u64,
@@ -13,15 +14,8 @@ pub(super) struct Sweep {
 
 impl Sweep {
     pub(super) fn new(pages: u64) -> Self {
-        let words = pages.div_ceil(64) as usize;
-        let mut sent = vec![0u64; words];
-        if !pages.is_multiple_of(64) {
-            if let Some(last) = sent.last_mut() {
-                *last = !0u64 << (pages % 64);
-            }
-        }
         Self {
-            sent,
+            sent: PageBitmap::new(pages),
             pages,
             left: pages,
             cursor: 0,
@@ -32,43 +26,20 @@ impl Sweep {
         self.left == 0
     }
 
-    pub(super) fn is_sent(&self, pfn: u64) -> bool {
-        self.sent[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
-    }
-
-    /// Marks `[pfn, pfn + count)` (in bounds) as sent.
+    /// Marks `[pfn, pfn + count)` (clipped to the end) as sent.
     pub(super) fn mark(&mut self, pfn: u64, count: u64) {
-        for p in pfn..pfn + count {
-            if !self.is_sent(p) {
-                self.sent[(p / 64) as usize] |= 1 << (p % 64);
-                self.left -= 1;
-            }
-        }
+        self.left -= self.sent.set_range(pfn, count);
     }
 
-    /// Marks every page whose bit is set in `bits` as sent.
-    pub(super) fn mark_all(&mut self, bits: &[u64]) {
-        for (w, &word) in self.sent.iter_mut().zip(bits) {
-            let new = word & !*w;
-            *w |= new;
-            self.left -= u64::from(new.count_ones());
-        }
+    /// Marks every page set in `have` as sent.
+    pub(super) fn mark_all(&mut self, have: &PageBitmap) {
+        self.sent.or_with(have);
+        self.left = self.pages - self.sent.count();
     }
 
     /// Continues the sweep at `pfn` (wrapping past the end).
     pub(super) fn jump(&mut self, pfn: u64) {
         self.cursor = if pfn < self.pages { pfn } else { 0 };
-    }
-
-    /// The first unsent page at or after `from`, without wrapping.
-    pub(super) fn find_unsent(&self, from: u64) -> Option<u64> {
-        let mut w = (from / 64) as usize;
-        let mut word = !*self.sent.get(w)? & (!0u64 << (from % 64));
-        while word == 0 {
-            w += 1;
-            word = !*self.sent.get(w)?;
-        }
-        Some(w as u64 * 64 + u64::from(word.trailing_zeros()))
     }
 
     /// Where the next push frame starts: the first unsent page from the
@@ -77,14 +48,15 @@ impl Sweep {
         if self.done() {
             return None;
         }
-        self.find_unsent(self.cursor)
-            .or_else(|| self.find_unsent(0))
+        self.sent
+            .next_clear(self.cursor)
+            .or_else(|| self.sent.next_clear(0))
     }
 
     /// Length of the run of unsent pages at `pfn`, at most `max`.
     pub(super) fn unsent_run(&self, pfn: u64, max: u64) -> u64 {
         let end = pfn.saturating_add(max).min(self.pages);
-        (pfn..end).find(|&p| self.is_sent(p)).unwrap_or(end) - pfn
+        self.sent.next_set(pfn).map_or(end, |s| s.min(end)) - pfn
     }
 }
 
@@ -121,7 +93,10 @@ mod tests {
     #[test]
     fn sweep_skips_pages_the_destination_has() {
         let mut s = Sweep::new(130);
-        s.mark_all(&[u64::MAX, 0b1010, u64::MAX]);
+        s.mark_all(&PageBitmap::from_words(
+            130,
+            vec![u64::MAX, 0b1010, u64::MAX],
+        ));
         assert_eq!(s.left, 130 - 64 - 2 - 2);
         assert_eq!(s.next(), Some(64));
         s.mark(64, 1);

@@ -39,7 +39,7 @@ enum Cmd {
         stats_json: Option<PathBuf>,
         /// postcopy (default), stop-and-copy, precopy or hybrid.
         #[arg(long)]
-        mode: Option<ferry_page_server::protocol::MigrationMode>,
+        mode: Option<ferry_protocol::MigrationMode>,
     },
     /// Stop the VM and its process.
     Quit,

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_engine::{api, controller, migration, snapshot};
-use ferry_tools::{console_output, init_tracing, parse_duration};
+use ferry_tools::{console_output, init_tracing, monitor, parse_duration};
 use tracing::{error, info};
 
 /// Restore a VM and serve its control API.
@@ -59,7 +59,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let console = console_output(args.serial.as_deref());
+    let (console, monitor) = monitor::watch(console_output(args.serial.as_deref()));
+    let guest = || monitor::status_json(&monitor);
     let api_rx = args.api.as_deref().map(api::serve).transpose()?;
     let mut vm = if let Some(addr) = &args.listen {
         let listener = std::net::TcpListener::bind(addr)
@@ -94,7 +95,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         return Err("give --listen ADDR or --restore FILE".into());
     };
-    controller::serve(&mut vm, api_rx.as_ref(), args.run_for);
+    controller::serve(&mut vm, api_rx.as_ref(), args.run_for, Some(&guest));
     if let Some(p) = &args.api {
         let _ = std::fs::remove_file(p);
     }

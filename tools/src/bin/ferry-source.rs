@@ -8,9 +8,9 @@ use clap::Parser;
 use ferry_engine::controller::ServeEnd;
 use ferry_engine::migration::SourceOptions;
 use ferry_engine::{api, controller, Vm};
-use ferry_page_server::protocol::MigrationMode;
+use ferry_protocol::MigrationMode;
 use ferry_tools::{
-    console_output, init_tracing, migration_progress_bar, parse_duration, parse_size,
+    console_output, init_tracing, migration_progress_bar, monitor, parse_duration, parse_size,
 };
 use tracing::{error, info};
 
@@ -91,18 +91,16 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         None => ferry_guest::GUEST_ELF.to_vec(),
     };
     let api_rx = args.api.as_deref().map(api::serve).transpose()?;
-    let mut vm = Vm::boot(
-        args.mem,
-        args.vcpus,
-        &elf,
-        &args.guest_args,
-        console_output(args.serial.as_deref()),
-    )?;
+    let (console, monitor) = monitor::watch(console_output(args.serial.as_deref()));
+    let guest = || monitor::status_json(&monitor);
+    let mut vm = Vm::boot(args.mem, args.vcpus, &elf, &args.guest_args, console)?;
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
     let mut moved = false;
     if let Some(to) = &args.migrate_to {
-        if controller::serve(&mut vm, api_rx.as_ref(), Some(args.after)) == ServeEnd::TimeUp {
+        if controller::serve(&mut vm, api_rx.as_ref(), Some(args.after), Some(&guest))
+            == ServeEnd::TimeUp
+        {
             let bar = migration_progress_bar();
             let opts = SourceOptions {
                 mode: args.mode,
@@ -130,7 +128,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     }
     if !moved && (args.migrate_to.is_none() || vm.is_running()) {
-        controller::serve(&mut vm, api_rx.as_ref(), args.run_for);
+        controller::serve(&mut vm, api_rx.as_ref(), args.run_for, Some(&guest));
     }
     if let Some(p) = &args.api {
         let _ = std::fs::remove_file(p);

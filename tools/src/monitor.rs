@@ -1,15 +1,18 @@
-//! Watches the guest's console lines: ticks, readiness and BAD reports.
+//! Watches the workload guest's console lines: ticks, readiness and BAD
+//! reports.
 //!
-//! The workload guest is the project's correctness oracle; this is where its
-//! verdict is collected. [`GuestMonitor`] is fed every console line and keeps
-//! what the API, the stats and the tests need.
+//! The workload guest is the project's correctness oracle; the tools that
+//! run it collect its verdict here and show it in the API's `status`. The
+//! engine never reads guest output: [`watch`] attaches a [`GuestMonitor`] to
+//! a console as an observer.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
+use ferry_engine::console::ConsoleLine;
+use ferry_engine::ConsoleOutput;
 use ferry_guest::{parse_line, GuestLine};
 use serde::{Deserialize, Serialize};
-
-use crate::console::ConsoleLine;
 
 /// How many BAD lines are kept verbatim.
 const KEEP_BAD: usize = 16;
@@ -46,8 +49,6 @@ pub struct GuestMonitor {
     pub last_tick: BTreeMap<u32, LastTick>,
     /// Longest host-time gap between consecutive ticks, per vCPU (µs).
     pub max_tick_gap_us: BTreeMap<u32, u64>,
-    /// Ticks seen since the monitor was seeded (0 when never seeded).
-    pub ticks_since_seed: u64,
 }
 
 impl GuestMonitor {
@@ -70,7 +71,6 @@ impl GuestMonitor {
                 ..
             } => {
                 self.ticks += 1;
-                self.ticks_since_seed += 1;
                 self.first_tick_us.get_or_insert(line.host_us);
                 if let Some(prev) = self.last_tick.get(&vcpu) {
                     let gap = line.host_us.saturating_sub(prev.host_us);
@@ -98,14 +98,6 @@ impl GuestMonitor {
         }
     }
 
-    /// Continues from another monitor's last ticks (the source of a move):
-    /// the first tick here is measured against them.
-    pub fn seed(&mut self, last: &BTreeMap<u32, LastTick>) {
-        self.last_tick = last.clone();
-        self.max_tick_gap_us.clear();
-        self.ticks_since_seed = 0;
-    }
-
     /// Longest gap between two consecutive ticks of any vCPU, in ms; None
     /// until some vCPU ticked twice (e.g. a guest moved before its first tick).
     pub fn max_stall_ms(&self) -> Option<f64> {
@@ -121,4 +113,22 @@ impl GuestMonitor {
         self.first_tick_us
             .map(|t| t.saturating_sub(self.created_us))
     }
+}
+
+/// Sends `out`'s lines through a new [`GuestMonitor`] too; returns the
+/// output to give the VM and the monitor to read.
+pub fn watch(out: ConsoleOutput) -> (ConsoleOutput, Arc<Mutex<GuestMonitor>>) {
+    let monitor = Arc::new(Mutex::new(GuestMonitor::new(
+        ferry_engine::console::now_us(),
+    )));
+    let m = monitor.clone();
+    let out = out.observed(Arc::new(move |line: &ConsoleLine| {
+        m.lock().unwrap_or_else(|p| p.into_inner()).observe(line)
+    }));
+    (out, monitor)
+}
+
+/// The monitor's verdict as JSON, for the API's `status`.
+pub fn status_json(monitor: &Mutex<GuestMonitor>) -> serde_json::Value {
+    serde_json::to_value(&*monitor.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default()
 }

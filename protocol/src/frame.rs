@@ -1,7 +1,10 @@
 //! Frames: the fixed header, its per-type length bounds, and blocking
 //! read/write helpers.
 
-use std::io::{Read, Write};
+use std::io::Write;
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{
     ProtocolError, HEADER_LEN, HELLO_FIXED, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, PAGES_PREFIX,
@@ -78,6 +81,16 @@ impl MsgType {
     }
 }
 
+/// The header as it lies on the wire: 16 bytes, little-endian, no padding.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawHeader {
+    kind: U16,
+    flags: U16,
+    len: U32,
+    arg: U64,
+}
+
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -94,19 +107,24 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let raw = RawHeader {
+            kind: U16::new(self.kind as u16),
+            flags: U16::new(self.flags),
+            len: U32::new(self.len),
+            arg: U64::new(self.arg),
+        };
         let mut h = [0u8; HEADER_LEN];
-        h[0..2].copy_from_slice(&(self.kind as u16).to_le_bytes());
-        h[2..4].copy_from_slice(&self.flags.to_le_bytes());
-        h[4..8].copy_from_slice(&self.len.to_le_bytes());
-        h[8..16].copy_from_slice(&self.arg.to_le_bytes());
+        h.copy_from_slice(raw.as_bytes());
         h
     }
 
     /// Decodes and bounds-checks a header.
     pub fn decode(h: &[u8; HEADER_LEN]) -> Result<Self, ProtocolError> {
-        let raw_kind = u16::from_le_bytes([h[0], h[1]]);
+        // A 16-byte array always holds a RawHeader (unaligned, any bits).
+        let raw = RawHeader::read_from_bytes(h).map_err(|_| ProtocolError::Closed)?;
+        let raw_kind = raw.kind.get();
         let kind = MsgType::from_u16(raw_kind).ok_or(ProtocolError::UnknownType(raw_kind))?;
-        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let len = raw.len.get();
         let (min, max) = kind.bounds();
         if (len as usize) < min || len as usize > max {
             return Err(ProtocolError::Length {
@@ -116,13 +134,11 @@ impl FrameHeader {
                 max,
             });
         }
-        let mut arg = [0u8; 8];
-        arg.copy_from_slice(&h[8..16]);
         Ok(Self {
             kind,
-            flags: u16::from_le_bytes([h[2], h[3]]),
+            flags: raw.flags.get(),
             len,
-            arg: u64::from_le_bytes(arg),
+            arg: raw.arg.get(),
         })
     }
 }
@@ -143,25 +159,4 @@ pub fn write_frame(
     w.write_all(&h.encode())?;
     w.write_all(payload)?;
     Ok(())
-}
-
-/// Reads one frame into `buf` (resized to the payload); returns its header.
-pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<FrameHeader, ProtocolError> {
-    let mut h = [0u8; HEADER_LEN];
-    if let Err(e) = r.read_exact(&mut h) {
-        return Err(if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ProtocolError::Closed
-        } else {
-            e.into()
-        });
-    }
-    let hdr = FrameHeader::decode(&h)?;
-    buf.resize(hdr.len as usize, 0);
-    r.read_exact(buf)?;
-    if hdr.kind == MsgType::Abort {
-        return Err(ProtocolError::Aborted(
-            String::from_utf8_lossy(buf).into_owned(),
-        ));
-    }
-    Ok(hdr)
 }

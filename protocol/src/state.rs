@@ -1,25 +1,40 @@
-//! Migration messages that carry JSON, and the State frame layout.
+//! The JSON-carrying messages around the switch-over: `State` (metadata and
+//! the VM state blob) and `Resumed`.
 //!
-//! `State` payload: `meta_len u32 | meta JSON (StateMeta) | state blob`.
+//! `State` payload: `meta_len u32 LE | meta JSON (`[`StateMeta`]`) | state blob`.
+//! The blob is the engine's versioned, checksummed machine state; this crate
+//! only carries it.
 
-use std::collections::BTreeMap;
-
-use ferry_page_server::protocol::{self, ProtocolError};
 use serde::{Deserialize, Serialize};
 
-use ferry_page_server::protocol::MigrationMode;
+use crate::{from_json, MigrationMode, ProtocolError};
 
-use super::precopy::RoundStats;
-use crate::monitor::LastTick;
+/// One pre-copy round, as the source saw it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// 0 is the full first pass.
+    pub round: u32,
+    /// Pages sent in this round (data and zero).
+    pub pages: u64,
+    /// Bytes written in this round.
+    pub bytes: u64,
+    /// Wall time of the round, ms.
+    pub ms: f64,
+    /// Pages the guest dirtied while the round was sent.
+    pub dirty_after: u64,
+    /// Estimated stop-and-copy time of those pages at this round's rate, ms.
+    pub est_downtime_ms: f64,
+}
 
-/// Context the source sends with the VM state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Context the source sends with the VM state. It is about the migration
+/// only; nothing in it depends on what the guest runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateMeta {
     /// How the memory moves.
     pub mode: MigrationMode,
     /// Host wall clock when the migration began (connect), µs since the epoch.
     pub start_host_us: u64,
-    /// Pre-copy rounds (empty for post-copy and stop-and-copy's single pass
+    /// Pre-copy rounds (empty for post-copy; stop-and-copy's single pass
     /// is round 0).
     #[serde(default)]
     pub rounds: Vec<RoundStats>,
@@ -28,10 +43,6 @@ pub struct StateMeta {
     pub converged: Option<bool>,
     /// Host wall clock when the source began pausing, µs since the epoch.
     pub pause_host_us: u64,
-    /// The guest's last tick per vCPU on the source.
-    pub last_ticks: BTreeMap<u32, LastTick>,
-    /// BAD lines the guest printed on the source.
-    pub guest_bad: u64,
     /// Time the source took to pause the vCPUs, µs.
     pub pause_us: u64,
     /// Time the source took to capture the state, µs.
@@ -39,7 +50,7 @@ pub struct StateMeta {
 }
 
 /// The destination's answer once its vCPUs run.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Resumed {
     /// Source pause until destination vCPUs run, µs.
     pub downtime_us: u64,
@@ -67,7 +78,7 @@ pub fn decode_state(p: &[u8]) -> Result<(StateMeta, &[u8]), ProtocolError> {
     let (json, blob) = rest
         .split_at_checked(len)
         .ok_or_else(|| bad(format!("metadata length {len} exceeds the payload")))?;
-    Ok((protocol::from_json("State metadata", json)?, blob))
+    Ok((from_json("State metadata", json)?, blob))
 }
 
 #[cfg(test)]
@@ -79,18 +90,19 @@ mod tests {
         let meta = StateMeta {
             mode: MigrationMode::Precopy,
             start_host_us: 1,
-            rounds: Vec::new(),
+            rounds: vec![RoundStats {
+                round: 0,
+                pages: 9,
+                ..Default::default()
+            }],
             converged: Some(false),
             pause_host_us: 5,
-            last_ticks: BTreeMap::new(),
-            guest_bad: 0,
             pause_us: 0,
             save_us: 0,
         };
         let p = encode_state(&meta, b"blob");
         let (m, b) = decode_state(&p).unwrap();
-        assert_eq!((m.pause_host_us, b), (5, &b"blob"[..]));
-        assert_eq!((m.mode, m.converged), (MigrationMode::Precopy, Some(false)));
+        assert_eq!((&m, b), (&meta, &b"blob"[..]));
         assert!(decode_state(&p[..3]).is_err());
         let mut lie = p.clone();
         lie[0] = 0xff;

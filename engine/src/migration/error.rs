@@ -1,0 +1,70 @@
+//! Why a migration failed, on either side.
+
+use std::time::Duration;
+
+use ferry_page_server::server::ServerError;
+use ferry_protocol::ProtocolError;
+
+use super::fault::FaultError;
+use super::uffd_ram::UffdRamError;
+use crate::memory::MemoryError;
+use crate::state::CodecError;
+use crate::vm::VmError;
+
+/// How long the destination waits for demand answers still in flight after
+/// the source finished pushing.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a migration out failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Address resolution or connection.
+    #[error("cannot reach the destination {addr}: {why}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        why: String,
+    },
+    /// Wire protocol.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Page serving after the switch-over.
+    #[error("page server: {0}")]
+    Server(#[from] ServerError),
+    /// Failed before the destination ran the VM; the VM runs here again.
+    #[error("migration failed before switch-over, the VM was resumed on the source: {0}")]
+    RolledBack(Box<SourceError>),
+}
+
+/// Why receiving a VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// Wire protocol.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The offered VM is unacceptable.
+    #[error("refused the incoming VM: {0}")]
+    Refused(String),
+    /// Building or restoring the VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The state blob.
+    #[error("incoming state: {0}")]
+    State(#[from] CodecError),
+    /// userfaultfd.
+    #[error(transparent)]
+    Uffd(#[from] UffdRamError),
+    /// The fault handler.
+    #[error("fault handler: {0}")]
+    Fault(#[from] FaultError),
+    /// Writing received pages.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Pages never arrived.
+    #[error("{0} pages were still missing {DRAIN_TIMEOUT:?} after the source finished pushing")]
+    Incomplete(u64),
+}

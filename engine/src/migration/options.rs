@@ -1,0 +1,54 @@
+//! How a migration out is run: mode, tuning and progress reporting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_page_server::server::ServerConfig;
+use ferry_protocol::{features, MigrationMode};
+
+use super::progress::Progress;
+
+/// Options for a migration out.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// How the memory moves.
+    pub mode: MigrationMode,
+    /// Page server tuning (post-copy and hybrid).
+    pub server: ServerConfig,
+    /// Features to ask for.
+    pub features: u64,
+    /// Pre-copy: most rounds after the first full pass.
+    pub max_rounds: u32,
+    /// Pre-copy: stop iterating once the rest is estimated to take this long.
+    pub downtime_target: Duration,
+    /// Hybrid: pre-copy rounds after the full pass before switching.
+    pub hybrid_rounds: u32,
+    /// Where to publish progress (for a progress bar), if anywhere.
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            mode: MigrationMode::Postcopy,
+            server: ServerConfig::default(),
+            features: features::SUPPORTED,
+            max_rounds: 30,
+            downtime_target: Duration::from_millis(50),
+            hybrid_rounds: 2,
+            progress: None,
+        }
+    }
+}
+
+impl SourceOptions {
+    pub(super) fn phase(&self, name: impl Into<String>, total: u64) {
+        if let Some(p) = &self.progress {
+            p.phase(name, total);
+        }
+    }
+
+    pub(super) fn sent_counter(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        self.progress.as_deref().map(|p| &p.done)
+    }
+}

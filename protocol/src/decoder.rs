@@ -1,0 +1,248 @@
+//! The one incremental frame decoder: bytes in, whole frames out.
+//!
+//! Every reader of Ferry frames uses it: the page server's non-blocking
+//! connections, the destination's control-connection thread and its fault
+//! thread. Bytes are appended as they arrive ([`FrameDecoder::read_from`] or
+//! [`FrameDecoder::extend`]); [`FrameDecoder::next_frame`] hands out each
+//! complete frame, its header checked by [`FrameHeader::decode`] before the
+//! payload is awaited, so a hostile length never makes it buffer more than
+//! the type allows.
+
+use std::io::{ErrorKind, Read};
+
+use crate::{FrameHeader, MsgType, ProtocolError, HEADER_LEN};
+
+/// Bytes asked of the socket per read when no larger frame is pending.
+const READ_CHUNK: usize = 256 << 10;
+
+/// Buffers a byte stream and splits it into frames.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+    /// Payload length of the frame whose header is at `start`, once known.
+    want: Option<usize>,
+}
+
+/// One complete frame, borrowed from the decoder.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    /// Its checked header.
+    pub header: FrameHeader,
+    /// Exactly `header.len` bytes.
+    pub payload: &'a [u8],
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A decoder that starts with bytes already read from the stream.
+    pub fn with_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            buf: bytes,
+            start: 0,
+            want: None,
+        }
+    }
+
+    /// Bytes received but not yet handed out as frames.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// The bytes not yet handed out, for whoever reads the stream next.
+    pub fn into_buffered(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start);
+        self.buf
+    }
+
+    /// Appends bytes that arrived.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.compact();
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Reads once from `r` into the buffer; returns the byte count (0 at
+    /// end of stream). `WouldBlock` and `Interrupted` come back as errors
+    /// for the caller's loop to handle.
+    pub fn read_from(&mut self, r: &mut impl Read) -> std::io::Result<usize> {
+        self.compact();
+        let pending = self.buf.len() - self.start;
+        let need = self.want.map_or(0, |w| HEADER_LEN + w);
+        let room = READ_CHUNK.max(need.saturating_sub(pending));
+        let old = self.buf.len();
+        self.buf.resize(old + room, 0);
+        let got = r.read(&mut self.buf[old..]);
+        self.buf.truncate(old + *got.as_ref().unwrap_or(&0));
+        got
+    }
+
+    /// The next complete frame, if one is buffered. An `Abort` frame comes
+    /// back as [`ProtocolError::Aborted`] with its reason.
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, ProtocolError> {
+        let avail = &self.buf[self.start..];
+        let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let header = FrameHeader::decode(head)?;
+        let end = HEADER_LEN + header.len as usize;
+        if avail.len() < end {
+            self.want = Some(header.len as usize);
+            return Ok(None);
+        }
+        self.want = None;
+        let at = self.start;
+        self.start += end;
+        let payload = &self.buf[at + HEADER_LEN..at + end];
+        if header.kind == MsgType::Abort {
+            return Err(ProtocolError::Aborted(
+                String::from_utf8_lossy(payload).into_owned(),
+            ));
+        }
+        Ok(Some(Frame { header, payload }))
+    }
+
+    /// Blocks on `r` until a whole frame is buffered and returns it. End of
+    /// stream is [`ProtocolError::Closed`]; a read timeout is an I/O error.
+    pub fn recv(&mut self, r: &mut impl Read) -> Result<Frame<'_>, ProtocolError> {
+        loop {
+            // Two steps so the borrow of a returned frame ends before a read.
+            if self.has_frame()? {
+                return self
+                    .next_frame()?
+                    .ok_or(ProtocolError::Io(ErrorKind::UnexpectedEof.into()));
+            }
+            match self.read_from(r) {
+                Ok(0) => return Err(ProtocolError::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// True when a whole frame is buffered (its header is checked).
+    fn has_frame(&mut self) -> Result<bool, ProtocolError> {
+        let avail = &self.buf[self.start..];
+        let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
+            return Ok(false);
+        };
+        let header = FrameHeader::decode(head)?;
+        Ok(avail.len() >= HEADER_LEN + header.len as usize)
+    }
+
+    /// Drops consumed bytes when that is cheap or needed.
+    fn compact(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > READ_CHUNK && self.start * 2 > self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+/// Reads exactly one frame from a blocking stream that carries nothing
+/// else the caller wants buffered (tests, benches and one-shot clients): its
+/// payload goes into `buf`. The bytes are parsed by [`FrameDecoder`]; end of
+/// stream before a header is [`ProtocolError::Closed`].
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<FrameHeader, ProtocolError> {
+    let mut head = [0u8; HEADER_LEN];
+    if let Err(e) = r.read_exact(&mut head) {
+        return Err(if e.kind() == ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            e.into()
+        });
+    }
+    let len = FrameHeader::decode(&head)?.len as usize;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + len);
+    bytes.extend_from_slice(&head);
+    bytes.resize(HEADER_LEN + len, 0);
+    r.read_exact(&mut bytes[HEADER_LEN..])?;
+    let mut d = FrameDecoder::with_bytes(bytes);
+    let f = d
+        .next_frame()?
+        .ok_or(ProtocolError::Io(ErrorKind::UnexpectedEof.into()))?;
+    buf.clear();
+    buf.extend_from_slice(f.payload);
+    Ok(f.header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::write_frame;
+
+    fn two_frames() -> Vec<u8> {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, MsgType::PushDone, 7, b"{\"a\":1}").unwrap();
+        write_frame(&mut wire, MsgType::Complete, 0, b"{}").unwrap();
+        wire
+    }
+
+    #[test]
+    fn frames_come_out_whole_whatever_the_split() {
+        let wire = two_frames();
+        for split in 0..=wire.len() {
+            let mut d = FrameDecoder::new();
+            d.extend(&wire[..split]);
+            let mut got = Vec::new();
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push((f.header.kind, f.header.arg, f.payload.to_vec()));
+            }
+            d.extend(&wire[split..]);
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push((f.header.kind, f.header.arg, f.payload.to_vec()));
+            }
+            assert_eq!(
+                got,
+                vec![
+                    (MsgType::PushDone, 7, b"{\"a\":1}".to_vec()),
+                    (MsgType::Complete, 0, b"{}".to_vec())
+                ],
+                "split at {split}"
+            );
+            assert!(d.buffered().is_empty());
+        }
+    }
+
+    #[test]
+    fn recv_reads_a_stream_and_reports_its_end() {
+        let wire = two_frames();
+        let mut r = &wire[..];
+        let mut d = FrameDecoder::new();
+        assert_eq!(d.recv(&mut r).unwrap().header.kind, MsgType::PushDone);
+        assert_eq!(d.recv(&mut r).unwrap().payload, b"{}");
+        assert!(matches!(d.recv(&mut r), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn abort_and_bad_headers_are_errors() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, MsgType::Abort, 0, b"no room").unwrap();
+        let mut d = FrameDecoder::with_bytes(wire);
+        let e = d.next_frame().unwrap_err().to_string();
+        assert!(e.contains("no room"), "{e}");
+        let mut d = FrameDecoder::with_bytes(vec![0x55; 16]);
+        assert!(matches!(
+            d.next_frame(),
+            Err(ProtocolError::UnknownType(0x5555))
+        ));
+    }
+
+    #[test]
+    fn leftover_bytes_are_handed_on() {
+        let wire = two_frames();
+        let mut d = FrameDecoder::with_bytes(wire.clone());
+        let first_len = {
+            let f = d.next_frame().unwrap().unwrap();
+            HEADER_LEN + f.payload.len()
+        };
+        assert_eq!(d.into_buffered(), wire[first_len..].to_vec());
+    }
+}
