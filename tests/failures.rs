@@ -112,15 +112,8 @@ fn destination_refuses_garbage_cleanly() {
             .to_vec(),
         ),
     ] {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut dst = spawn(
-            "ferry-dest",
-            &["--listen", &addr],
-            &dir.path(&format!("{name}.err")),
-        );
-        let mut s = wait_for(WAIT, "the destination to listen", || {
-            std::net::TcpStream::connect(&addr).ok()
-        });
+        let (mut dst, addr) = spawn_dest(&dir, name, &[]);
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
         s.write_all(&bytes).unwrap();
         drop(s);
         assert!(
@@ -142,11 +135,8 @@ fn destination_refuses_garbage_cleanly() {
 fn destination_refuses_a_guest_larger_than_the_host() {
     use ferry_protocol::{features, Role, PAGE_SIZE};
     let dir = Scratch::new("toolarge");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut dst = spawn("ferry-dest", &["--listen", &addr], &dir.path("dst.err"));
-    let mut s = wait_for(WAIT, "the destination to listen", || {
-        std::net::TcpStream::connect(&addr).ok()
-    });
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &[]);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
     let hello = Hello {
         version: PROTOCOL_VERSION,
         role: Role::Control,

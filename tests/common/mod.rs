@@ -165,13 +165,42 @@ pub fn assert_progress(log: &[Logged], vcpus: u32) {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Waits until the `ferry-dest` in `p` has written the address it listens
+/// on to `file` (its `--listen-addr-file`) and returns that address. Fails
+/// at once, with its stderr (`err`), if the process exits first.
+pub fn wait_listen_addr(p: &mut Proc, file: &Path, err: &Path) -> String {
+    wait_for(WAIT, &format!("the address in {}", file.display()), || {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            panic!(
+                "ferry-dest exited ({status}) before listening: {}",
+                std::fs::read_to_string(err).unwrap_or_default()
+            );
+        }
+        let addr = std::fs::read_to_string(file).ok()?;
+        addr.parse::<std::net::SocketAddr>()
+            .unwrap_or_else(|e| panic!("{}: {addr:?}: {e}", file.display()));
+        Some(addr)
+    })
+}
+
+/// Starts `ferry-dest --listen 127.0.0.1:0` with `extra` arguments, its
+/// stderr in `dir/<name>.err`, and waits until it listens; returns the
+/// process and the address it bound.
+pub fn spawn_dest(dir: &Scratch, name: &str, extra: &[&str]) -> (Proc, String) {
+    let (file, err) = (
+        dir.path(&format!("{name}.addr")),
+        dir.path(&format!("{name}.err")),
+    );
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--listen-addr-file",
+        file.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let mut p = spawn("ferry-dest", &args, &err);
+    let addr = wait_listen_addr(&mut p, &file, &err);
+    (p, addr)
 }
 
 /// Waits for a process to exit and returns whether it succeeded.
@@ -212,6 +241,114 @@ pub fn assert_continues(before: &[Logged], after: &[Logged], vcpus: u32) {
     }
 }
 
+/// Per vCPU, the host time from its last TICK before a move to its first
+/// TICK after it, in µs.
+pub fn tick_gaps_us(before: &[Logged], after: &[Logged], vcpus: u32) -> Vec<u64> {
+    (0..vcpus)
+        .map(|v| {
+            let last = ticks(before, v).last().expect("ticks before the move").2;
+            let first = ticks(after, v).first().expect("ticks after the move").2;
+            first.saturating_sub(last)
+        })
+        .collect()
+}
+
+/// The guest's stall across a move, from its logs: the largest TICK gap, µs.
+pub fn stall_us(before: &[Logged], after: &[Logged], vcpus: u32) -> u64 {
+    tick_gaps_us(before, after, vcpus)
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+}
+
+/// No vCPU ticks while the VM is paused for the switch-over, so every
+/// vCPU's TICK gap across the move spans the reported downtime (both sides
+/// stamp lines with this host's clock).
+pub fn assert_stall_covers_downtime(
+    before: &[Logged],
+    after: &[Logged],
+    vcpus: u32,
+    stats: &serde_json::Value,
+) {
+    let down = stats["downtime_us"].as_u64().expect("downtime_us");
+    let gaps = tick_gaps_us(before, after, vcpus);
+    assert!(
+        gaps.iter().all(|&g| g >= down),
+        "TICK gaps across the move {gaps:?} µs shorter than the {down} µs downtime"
+    );
+    eprintln!("TICK gaps across the move {gaps:?} µs, downtime {down} µs");
+}
+
+/// Checks the page accounting of a post-copy move (or lazy restore) in the
+/// destination's statistics `s`, against `server`, the page server's own
+/// counters (taken once its push was over, so its `pages_pushed` is final).
+/// What each relation rests on is in `engine/src/migration/{dest,fault,
+/// install}.rs` and the page server's sweep.
+pub fn assert_postcopy_accounting(s: &serde_json::Value, server: &serde_json::Value) {
+    let n = |k: &str| {
+        s[k].as_u64()
+            .unwrap_or_else(|| panic!("stats lack {k}: {s}"))
+    };
+    let server_pushed = server["pages_pushed"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no page-server count in {server}: {s}"));
+    // Every push frame the server sent was received and counted once, as
+    // data or as a zero run.
+    assert_eq!(
+        n("pages_pushed") + n("pages_zero"),
+        server_pushed,
+        "push frames lost or double-counted: {s}"
+    );
+    // The push sends each page at most once, and a page it never pushed
+    // was first sent as a demand answer, which installed it: so every page
+    // is counted at least once. Not exactly once: a page demanded while its
+    // push frame is on the wire is counted by both when the demand answer
+    // lands first.
+    assert!(server_pushed <= n("pages_total"), "{s}");
+    assert!(
+        n("pages_demand") >= n("pages_total") - server_pushed,
+        "pages neither pushed nor demanded: {s}"
+    );
+    // One latency sample per answered request; an answer that finds its
+    // page already pushed counts as a prefetch hit instead of a demand page.
+    let lat = &s["fault_latency_us"];
+    let o = |k: &str| {
+        lat["overall"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("latency lacks {k}: {s}"))
+    };
+    assert!(
+        o("count") >= n("pages_demand") && o("count") - n("pages_demand") <= n("prefetch_hits"),
+        "latency samples vs demand faults: {s}"
+    );
+    if o("count") > 0 {
+        assert!(
+            1 <= o("p50")
+                && o("p50") <= o("p90")
+                && o("p90") <= o("p99")
+                && o("p99") <= o("p999")
+                && o("p999") <= o("max"),
+            "percentiles out of order: {s}"
+        );
+    }
+    let per: u64 = lat["per_vcpu"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no per-vCPU latency: {s}"))
+        .values()
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per, o("count"), "per-vCPU samples do not add up: {s}");
+    // Every data page pushed crossed the wire after the state, compressed
+    // at most by the reported ratio (rounded to 0.01).
+    let ratio = s["compression_ratio"].as_f64().unwrap();
+    let floor = n("bytes_state") as f64 + (n("pages_pushed") * 4096) as f64 / (ratio + 0.005);
+    assert!(
+        n("bytes_wire") as f64 >= floor,
+        "{} bytes on the wire, fewer than the {floor:.0} pushed: {s}",
+        n("bytes_wire")
+    );
+}
+
 /// How long a whole move may take in a test.
 pub const WAIT: Duration = Duration::from_secs(120);
 
@@ -232,13 +369,12 @@ pub fn migrate(
     after: &str,
     source_args_extra: &[&str],
 ) -> Move {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let _dst = spawn(
+    let mut dst = spawn(
         "ferry-dest",
-        &strs(&dest_args(dir, &addr)),
+        &strs(&dest_args(dir, "127.0.0.1")),
         &dir.path("dst.err"),
     );
+    let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
     let mut args = source_args(dir, mem, vcpus, guest, &addr, after);
     args.extend(source_args_extra.iter().map(|s| s.to_string()));
     let (dst_log, dst_json, dst_sock, src_log) = (
@@ -266,13 +402,16 @@ pub fn migrate(
     }
 }
 
-/// `ferry-dest --listen ADDR` with the serial log, stats and API socket in
-/// `dir` (`dst.log`, `dst.json`, `dst.sock`).
-pub fn dest_args(dir: &Scratch, listen: &str) -> Vec<String> {
+/// `ferry-dest --listen IP:0` writing the port it got to `dir/dst.addr`,
+/// with the serial log, stats and API socket in `dir` (`dst.log`,
+/// `dst.json`, `dst.sock`).
+pub fn dest_args(dir: &Scratch, ip: &str) -> Vec<String> {
     let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
     vec![
         "--listen".into(),
-        listen.into(),
+        format!("{ip}:0"),
+        "--listen-addr-file".into(),
+        p("dst.addr"),
         "--serial".into(),
         p("dst.log"),
         "--stats-json".into(),

@@ -7,6 +7,7 @@ use ferry_engine::ConsoleOutput;
 
 pub mod bench;
 pub mod monitor;
+pub mod netns;
 
 /// Parses a byte size such as `4096`, `64K`, `256M`, `1G` or `1GiB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {

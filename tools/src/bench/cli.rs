@@ -53,7 +53,7 @@ pub enum CliError {
 /// Benchmark Ferry's migration modes (and QEMU's) for downtime, total time,
 /// guest stall, bytes and fault latency over a matrix of guests.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 pub struct Args {
     /// A small matrix that runs in about two minutes: modes
     /// postcopy,stop-and-copy,precopy, mem 256M,1G, ws 64M, 1 vCPU, 1 repeat

@@ -22,7 +22,7 @@ pub mod cli;
 pub mod ferry;
 pub mod markdown;
 pub mod matrix;
-pub mod netns;
+pub use crate::netns;
 pub mod plots;
 pub mod procs;
 pub mod qemu;

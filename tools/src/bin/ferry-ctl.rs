@@ -8,7 +8,11 @@ use ferry_engine::api::{self, ApiRequest};
 
 /// Send one command to a running Ferry VM and print the JSON result.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "Send one command to a running Ferry VM's control API and print the JSON answer",
+    long_about = None
+)]
 struct Args {
     /// The VM's API socket.
     #[arg(long)]
@@ -32,7 +36,8 @@ enum Cmd {
     },
     /// Migrate the VM to a `ferry-dest --listen` at TO.
     Migrate {
-        /// Destination `host:port`.
+        /// Destination `host:port` (what `ferry-dest --listen-addr-file`
+        /// wrote, when it listens on port 0).
         to: String,
         /// Also write the statistics (JSON) here.
         #[arg(long)]

@@ -2,7 +2,7 @@
 //! or from a snapshot file (`--restore`), then runs it as an ordinary VM
 //! that can be moved again.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,13 +10,24 @@ use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::{console_output, init_tracing, monitor, parse_duration};
 use tracing::{error, info};
 
-/// Restore a VM and serve its control API.
+/// Receives a VM (an incoming migration, or a snapshot file) and runs it
+/// with a control API.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "Receive a VM from a migrating ferry-source or restore it from a snapshot file, then run it",
+    long_about = None
+)]
 struct Args {
-    /// Wait for one incoming migration on this address (e.g. 127.0.0.1:7000).
+    /// Wait for one incoming migration on this address (e.g. 127.0.0.1:7000;
+    /// port 0 picks a free port, see --listen-addr-file).
     #[arg(long, conflicts_with = "restore", required_unless_present = "restore")]
     listen: Option<String>,
+    /// With --listen: once listening, write the bound address (e.g.
+    /// 127.0.0.1:43210) to this file, atomically (a temporary file renamed
+    /// into place), so a script can wait for it instead of guessing a port.
+    #[arg(long, requires = "listen", conflicts_with = "restore")]
+    listen_addr_file: Option<PathBuf>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long)]
@@ -65,7 +76,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut vm = if let Some(addr) = &args.listen {
         let listener = std::net::TcpListener::bind(addr)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        info!(addr, "waiting for an incoming migration");
+        let bound = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the address bound for {addr}: {e}"))?;
+        info!(%bound, "waiting for an incoming migration");
+        if let Some(p) = &args.listen_addr_file {
+            write_atomically(p, &bound.to_string())
+                .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+        }
         let (vm, stats) = migration::receive(&listener, console)?;
         println!("{}", stats.table());
         if let Some(p) = &args.stats_json {
@@ -100,4 +118,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory
+/// and a rename, so a reader never sees a partial address.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }

@@ -16,7 +16,11 @@ use tracing::{error, info};
 
 /// Run a VM and serve its control API.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "Run a VM (the built-in workload guest by default) with a control API, and migrate it to a ferry-dest",
+    long_about = None
+)]
 struct Args {
     /// Guest RAM, e.g. 256M, 1G, 4G.
     #[arg(long, default_value = "256M", value_parser = parse_size)]

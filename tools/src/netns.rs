@@ -1,6 +1,7 @@
-//! Where the two sides run: loopback, or two network namespaces joined by
-//! a veth pair that ferry-bench creates (and removes), optionally limited
-//! by a tbf qdisc. Traffic never leaves the namespaces it made.
+//! Where the two sides of a move run: loopback, or two network namespaces
+//! joined by a veth pair that this module creates (and removes on drop),
+//! optionally limited by a tbf qdisc. Traffic never leaves the namespaces
+//! it made. Used by ferry-bench and by the two-host integration tests.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -31,14 +32,24 @@ pub enum Side {
     Dest,
 }
 
-const NS_A: &str = "ferrybench-a";
-const NS_B: &str = "ferrybench-b";
-const SUBNET: u8 = 200;
+/// ferry-bench's namespaces, veth pair and subnet.
+const BENCH_TAG: &str = "ferrybench";
+const BENCH_VETH: &str = "fbench";
+const BENCH_SUBNET: u8 = 200;
+
+/// Two namespaces, `<tag>-a` (the source, 10.77.<subnet>.1) and `<tag>-b`
+/// (the destination, 10.77.<subnet>.2).
+#[derive(Debug)]
+struct Pair {
+    a: String,
+    b: String,
+    subnet: u8,
+}
 
 /// The network the runs use.
 #[derive(Debug)]
 pub struct Net {
-    namespaces: bool,
+    namespaces: Option<Pair>,
     rate: Option<String>,
 }
 
@@ -81,8 +92,8 @@ fn run(args: &[&str]) -> Result<(), NetError> {
     }
 }
 
-fn delete_namespaces() {
-    for ns in [NS_A, NS_B] {
+fn delete_namespaces(names: [&str; 2]) {
+    for ns in names {
         let _ = Command::new("ip")
             .args(["netns", "del", ns])
             .stdout(Stdio::null())
@@ -95,7 +106,7 @@ impl Net {
     /// Both sides on 127.0.0.1.
     pub fn loopback() -> Net {
         Net {
-            namespaces: false,
+            namespaces: None,
             rate: None,
         }
     }
@@ -105,23 +116,38 @@ impl Net {
     /// is given. Namespaces left by an earlier, interrupted run are
     /// replaced.
     pub fn namespaces(rate: Option<&str>) -> Result<Net, NetError> {
+        Net::tagged(BENCH_TAG, BENCH_VETH, BENCH_SUBNET, rate)
+    }
+
+    /// Creates `<tag>-a` (10.77.`subnet`.1) and `<tag>-b` (10.77.`subnet`.2)
+    /// joined by the veth pair `<veth>va`/`<veth>vb` (`veth` at most 13
+    /// bytes), with a tbf limit when `rate` is given. Namespaces of the same
+    /// names, left by an earlier run, are replaced; give each concurrent
+    /// user its own tag.
+    pub fn tagged(tag: &str, veth: &str, subnet: u8, rate: Option<&str>) -> Result<Net, NetError> {
         if let Some(r) = rate {
             check_rate(r)?;
         }
-        delete_namespaces();
+        let pair = Pair {
+            a: format!("{tag}-a"),
+            b: format!("{tag}-b"),
+            subnet,
+        };
+        delete_namespaces([&pair.a, &pair.b]);
+        let (a, b) = (pair.a.clone(), pair.b.clone());
+        // From here on, dropping `net` removes whatever was made.
         let net = Net {
-            namespaces: true,
+            namespaces: Some(pair),
             rate: rate.map(str::to_string),
         };
-        run(&["ip", "netns", "add", NS_A])?;
-        run(&["ip", "netns", "add", NS_B])?;
-        let (va, vb) = ("fbenchva", "fbenchvb");
+        run(&["ip", "netns", "add", &a])?;
+        run(&["ip", "netns", "add", &b])?;
+        let (va, vb) = (format!("{veth}va"), format!("{veth}vb"));
         run(&[
-            "ip", "link", "add", va, "netns", NS_A, "type", "veth", "peer", "name", vb, "netns",
-            NS_B,
+            "ip", "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
         ])?;
-        for (ns, dev, host) in [(NS_A, va, 1), (NS_B, vb, 2)] {
-            let ip = format!("10.77.{SUBNET}.{host}/24");
+        for (ns, dev, host) in [(&a, &va, 1), (&b, &vb, 2)] {
+            let ip = format!("10.77.{subnet}.{host}/24");
             run(&["ip", "-n", ns, "addr", "add", &ip, "dev", dev])?;
             run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
             run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
@@ -137,44 +163,48 @@ impl Net {
 
     /// A command that runs `program` on `side`.
     pub fn command(&self, side: Side, program: &Path) -> Command {
-        if self.namespaces {
-            let mut c = Command::new("ip");
-            c.args([
-                "netns",
-                "exec",
-                if side == Side::Source { NS_A } else { NS_B },
-            ]);
-            c.arg(program);
-            c
-        } else {
-            Command::new(program)
+        match &self.namespaces {
+            Some(pair) => {
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    if side == Side::Source {
+                        &pair.a
+                    } else {
+                        &pair.b
+                    },
+                ]);
+                c.arg(program);
+                c
+            }
+            None => Command::new(program),
         }
     }
 
     /// The destination's address.
     pub fn dest_ip(&self) -> Ipv4Addr {
-        if self.namespaces {
-            Ipv4Addr::new(10, 77, SUBNET, 2)
-        } else {
-            Ipv4Addr::LOCALHOST
+        match &self.namespaces {
+            Some(pair) => Ipv4Addr::new(10, 77, pair.subnet, 2),
+            None => Ipv4Addr::LOCALHOST,
         }
     }
 
     /// A port for the destination of run `index`.
     pub fn dest_port(&self, index: usize) -> std::io::Result<u16> {
-        if self.namespaces {
+        if self.namespaces.is_some() {
             Ok(17000 + (index % 20000) as u16)
         } else {
-            super::procs::free_port()
+            crate::bench::procs::free_port()
         }
     }
 
     /// `loopback`, `netns` or `netns 1gbit`.
     pub fn describe(&self) -> String {
         match (&self.namespaces, &self.rate) {
-            (false, _) => "loopback".into(),
-            (true, None) => "netns".into(),
-            (true, Some(r)) => format!("netns {r}"),
+            (None, _) => "loopback".into(),
+            (Some(_), None) => "netns".into(),
+            (Some(_), Some(r)) => format!("netns {r}"),
         }
     }
 }
@@ -182,8 +212,8 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         // Deleting a namespace removes its end of the veth, and so the pair.
-        if self.namespaces {
-            delete_namespaces();
+        if let Some(pair) = &self.namespaces {
+            delete_namespaces([&pair.a, &pair.b]);
         }
     }
 }
