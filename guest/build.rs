@@ -16,6 +16,8 @@ const C_SOURCES: &[&str] = &[
     "src/util.c",
 ];
 const ASM_SOURCES: &[&str] = &["src/boot.S"];
+/// The silent test kernel: one assembler file, linked on its own.
+const SILENT_SOURCE: &str = "src/silent.S";
 const HEADERS: &[&str] = &["src/guest.h"];
 const LINKER_SCRIPT: &str = "src/linker.ld";
 
@@ -69,7 +71,7 @@ fn main() {
         .iter()
         .chain(ASM_SOURCES)
         .chain(HEADERS)
-        .chain(&[LINKER_SCRIPT])
+        .chain(&[LINKER_SCRIPT, SILENT_SOURCE])
     {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -90,8 +92,21 @@ fn main() {
         objects.push(obj);
     }
 
-    let elf = out_dir.join("ferry-guest.elf");
-    run(Command::new(&ld)
+    link(&ld, &crate_dir, &out_dir.join("ferry-guest.elf"), &objects);
+
+    let silent = out_dir.join("silent.o");
+    run(Command::new(&cc)
+        .args(CFLAGS)
+        .arg("-c")
+        .arg(crate_dir.join(SILENT_SOURCE))
+        .arg("-o")
+        .arg(&silent));
+    link(&ld, &crate_dir, &out_dir.join("ferry-silent.elf"), &[silent]);
+}
+
+/// Links `objects` into `elf` at 1 MiB with the guest's linker script.
+fn link(ld: &str, crate_dir: &Path, elf: &Path, objects: &[PathBuf]) {
+    run(Command::new(ld)
         .arg("-T")
         .arg(crate_dir.join(LINKER_SCRIPT))
         .args([
@@ -105,6 +120,6 @@ fn main() {
             "--no-warn-rwx-segments",
         ])
         .arg("-o")
-        .arg(&elf)
-        .args(&objects));
+        .arg(elf)
+        .args(objects));
 }

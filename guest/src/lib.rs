@@ -130,6 +130,11 @@
 /// The guest image (ELF64, PVH note + 64-bit entry).
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-guest.elf"));
 
+/// A PVH kernel that never prints: each vCPU increments one word in every
+/// page of [16 MiB, 32 MiB) forever (`src/silent.S`). For tests of guests
+/// that the workload oracle does not describe; it needs at least 32 MiB.
+pub static SILENT_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferry-silent.elf"));
+
 /// Physical address the image is linked and loaded at.
 pub const LOAD_ADDR: u64 = 0x10_0000;
 

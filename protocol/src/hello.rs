@@ -1,6 +1,9 @@
 //! The handshake: `Hello`, `HelloAck`, connection roles and the migration
 //! mode option.
 
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
 use super::{ProtocolError, HELLO_FIXED, HELLO_MAGIC, PROTOCOL_VERSION};
 
 /// Hello option (critical): the migration mode, one byte ([`MigrationMode`]).
@@ -77,6 +80,40 @@ pub enum Role {
     Fault = 1,
 }
 
+/// The fixed part of a `Hello` as it lies on the wire (48 bytes,
+/// little-endian); options follow as `tag u16 | len u16 | value`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawHello {
+    magic: [u8; 8],
+    version: U32,
+    role: u8,
+    reserved: [u8; 3],
+    session_id: U64,
+    features: U64,
+    mem_size: U64,
+    vcpus: U32,
+    page_size: U32,
+}
+
+/// A `HelloAck` as it lies on the wire (24 bytes).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawHelloAck {
+    version: U32,
+    status: U32,
+    features: U64,
+    session_id: U64,
+}
+
+/// One option's header inside a `Hello`.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawOption {
+    tag: U16,
+    len: U16,
+}
+
 /// The first frame on every connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -116,18 +153,25 @@ impl Hello {
 
     /// Encodes the payload.
     pub fn encode(&self) -> Vec<u8> {
+        let fixed = RawHello {
+            magic: HELLO_MAGIC,
+            version: U32::new(self.version),
+            role: self.role as u8,
+            reserved: [0; 3],
+            session_id: U64::new(self.session_id),
+            features: U64::new(self.features),
+            mem_size: U64::new(self.mem_size),
+            vcpus: U32::new(self.vcpus),
+            page_size: U32::new(self.page_size),
+        };
         let mut p = Vec::with_capacity(HELLO_FIXED);
-        p.extend_from_slice(&HELLO_MAGIC);
-        p.extend_from_slice(&self.version.to_le_bytes());
-        p.extend_from_slice(&[self.role as u8, 0, 0, 0]);
-        p.extend_from_slice(&self.session_id.to_le_bytes());
-        p.extend_from_slice(&self.features.to_le_bytes());
-        p.extend_from_slice(&self.mem_size.to_le_bytes());
-        p.extend_from_slice(&self.vcpus.to_le_bytes());
-        p.extend_from_slice(&self.page_size.to_le_bytes());
+        p.extend_from_slice(fixed.as_bytes());
         for (tag, value) in &self.options {
-            p.extend_from_slice(&tag.to_le_bytes());
-            p.extend_from_slice(&(value.len() as u16).to_le_bytes());
+            let opt = RawOption {
+                tag: U16::new(*tag),
+                len: U16::new(value.len() as u16),
+            };
+            p.extend_from_slice(opt.as_bytes());
             p.extend_from_slice(value);
         }
         p
@@ -136,48 +180,40 @@ impl Hello {
     /// Decodes a payload, refusing other magics and versions.
     pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
         let bad = |s: String| ProtocolError::Handshake(s);
-        if p.len() < HELLO_FIXED || p[0..8] != HELLO_MAGIC {
+        let Ok((fixed, mut rest)) = RawHello::ref_from_prefix(p) else {
+            return Err(bad("not a Ferry migration peer (short Hello)".into()));
+        };
+        if fixed.magic != HELLO_MAGIC {
             return Err(bad("not a Ferry migration peer (bad Hello magic)".into()));
         }
-        let u32_at = |i: usize| u32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&p[i..i + 8]);
-            u64::from_le_bytes(a)
-        };
-        let version = u32_at(8);
+        let version = fixed.version.get();
         if version != PROTOCOL_VERSION {
             return Err(bad(format!(
                 "peer speaks protocol version {version}, this build speaks {PROTOCOL_VERSION}"
             )));
         }
-        let role = match p[12] {
+        let role = match fixed.role {
             0 => Role::Control,
             1 => Role::Fault,
             r => return Err(bad(format!("unknown connection role {r}"))),
         };
         let mut options = Vec::new();
-        let mut at = HELLO_FIXED;
-        while at < p.len() {
-            let hdr = p
-                .get(at..at + 4)
-                .ok_or_else(|| bad("truncated Hello option".into()))?;
-            let tag = u16::from_le_bytes([hdr[0], hdr[1]]);
-            let len = u16::from_le_bytes([hdr[2], hdr[3]]) as usize;
-            let value = p
-                .get(at + 4..at + 4 + len)
-                .ok_or_else(|| bad("truncated Hello option".into()))?;
-            options.push((tag, value.to_vec()));
-            at += 4 + len;
+        while !rest.is_empty() {
+            let truncated = || bad("truncated Hello option".into());
+            let (opt, after) = RawOption::ref_from_prefix(rest).map_err(|_| truncated())?;
+            let len = usize::from(opt.len.get());
+            let value = after.get(..len).ok_or_else(truncated)?;
+            options.push((opt.tag.get(), value.to_vec()));
+            rest = &after[len..];
         }
         Ok(Self {
             version,
             role,
-            session_id: u64_at(16),
-            features: u64_at(24),
-            mem_size: u64_at(32),
-            vcpus: u32_at(40),
-            page_size: u32_at(44),
+            session_id: fixed.session_id.get(),
+            features: fixed.features.get(),
+            mem_size: fixed.mem_size.get(),
+            vcpus: fixed.vcpus.get(),
+            page_size: fixed.page_size.get(),
             options,
         })
     }
@@ -199,31 +235,30 @@ pub struct HelloAck {
 impl HelloAck {
     /// Encodes the payload.
     pub fn encode(&self) -> Vec<u8> {
-        let mut p = Vec::with_capacity(24);
-        p.extend_from_slice(&self.version.to_le_bytes());
-        p.extend_from_slice(&self.status.to_le_bytes());
-        p.extend_from_slice(&self.features.to_le_bytes());
-        p.extend_from_slice(&self.session_id.to_le_bytes());
-        p
+        RawHelloAck {
+            version: U32::new(self.version),
+            status: U32::new(self.status),
+            features: U64::new(self.features),
+            session_id: U64::new(self.session_id),
+        }
+        .as_bytes()
+        .to_vec()
     }
 
     /// Decodes a payload.
     pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
-        if p.len() != 24 {
-            return Err(ProtocolError::Handshake(format!(
-                "HelloAck of {} bytes",
-                p.len()
-            )));
-        }
-        let mut a8 = [0u8; 8];
-        a8.copy_from_slice(&p[8..16]);
-        let features = u64::from_le_bytes(a8);
-        a8.copy_from_slice(&p[16..24]);
+        let raw = RawHelloAck::ref_from_bytes(p).map_err(|_| {
+            ProtocolError::Handshake(format!("HelloAck of {} bytes", p.len()))
+        })?;
         Ok(Self {
-            version: u32::from_le_bytes([p[0], p[1], p[2], p[3]]),
-            status: u32::from_le_bytes([p[4], p[5], p[6], p[7]]),
-            features,
-            session_id: u64::from_le_bytes(a8),
+            version: raw.version.get(),
+            status: raw.status.get(),
+            features: raw.features.get(),
+            session_id: raw.session_id.get(),
         })
     }
 }
+
+// The wire structs are exactly the sizes the protocol documents.
+const _: () = assert!(std::mem::size_of::<RawHello>() == HELLO_FIXED);
+const _: () = assert!(std::mem::size_of::<RawHelloAck>() == 24);

@@ -1,8 +1,42 @@
 //! Page messages: `Pages` (raw, LZ4 or a zero run) and `PageRequest`.
 
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
 use super::{
-    is_zero, FrameHeader, MsgType, ProtocolError, MAX_PAGES_PER_FRAME, PAGES_PREFIX, PAGE_SIZE,
+    is_zero, FrameHeader, MsgType, ProtocolError, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGES_PREFIX,
+    PAGE_SIZE,
 };
+
+/// The `Pages` prefix as it lies on the wire (16 bytes, little-endian).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawPagesPrefix {
+    first_pfn: U64,
+    count: U32,
+    encoding: u8,
+    reserved: [u8; 3],
+}
+
+impl RawPagesPrefix {
+    fn new(first_pfn: u64, count: u32, encoding: PageEncoding) -> Self {
+        Self {
+            first_pfn: U64::new(first_pfn),
+            count: U32::new(count),
+            encoding: encoding as u8,
+            reserved: [0; 3],
+        }
+    }
+}
+
+/// A `PageRequest` payload as it lies on the wire (16 bytes).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawPageRequest {
+    pfn: U64,
+    count: U32,
+    vcpu: U32,
+}
 
 /// How the pages of a `Pages` frame are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,21 +67,20 @@ pub struct PagesHeader {
 pub fn encode_pages(first_pfn: u64, data: &[u8], lz4: bool, zero_runs: bool) -> Vec<u8> {
     let count = (data.len() / PAGE_SIZE) as u32;
     let mut p = Vec::with_capacity(PAGES_PREFIX + data.len());
-    p.extend_from_slice(&first_pfn.to_le_bytes());
-    p.extend_from_slice(&count.to_le_bytes());
+    let prefix = |e| RawPagesPrefix::new(first_pfn, count, e);
     if zero_runs && is_zero(data) {
-        p.extend_from_slice(&[PageEncoding::Zero as u8, 0, 0, 0]);
+        p.extend_from_slice(prefix(PageEncoding::Zero).as_bytes());
         return p;
     }
     if lz4 {
         let compressed = lz4_flex::block::compress(data);
         if compressed.len() < data.len() * 7 / 8 {
-            p.extend_from_slice(&[PageEncoding::Lz4 as u8, 0, 0, 0]);
+            p.extend_from_slice(prefix(PageEncoding::Lz4).as_bytes());
             p.extend_from_slice(&compressed);
             return p;
         }
     }
-    p.extend_from_slice(&[PageEncoding::Raw as u8, 0, 0, 0]);
+    p.extend_from_slice(prefix(PageEncoding::Raw).as_bytes());
     p.extend_from_slice(data);
     p
 }
@@ -104,9 +137,7 @@ fn append_pages_prefix(
         arg,
     };
     out.extend_from_slice(&h.encode());
-    out.extend_from_slice(&first_pfn.to_le_bytes());
-    out.extend_from_slice(&count.to_le_bytes());
-    out.extend_from_slice(&[encoding as u8, 0, 0, 0]);
+    out.extend_from_slice(RawPagesPrefix::new(first_pfn, count, encoding).as_bytes());
 }
 
 /// Decodes a `Pages` payload. Page data (not for `Zero`) goes into `out`,
@@ -117,16 +148,14 @@ pub fn decode_pages(
     out: &mut Vec<u8>,
 ) -> Result<PagesHeader, ProtocolError> {
     let bad = |s: String| ProtocolError::BadPages(s);
-    if payload.len() < PAGES_PREFIX {
+    let Ok((prefix, data)) = RawPagesPrefix::ref_from_prefix(payload) else {
         return Err(bad(format!(
             "{} bytes is shorter than the prefix",
             payload.len()
         )));
-    }
-    let mut a8 = [0u8; 8];
-    a8.copy_from_slice(&payload[0..8]);
-    let first_pfn = u64::from_le_bytes(a8);
-    let count = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
+    };
+    let first_pfn = prefix.first_pfn.get();
+    let count = prefix.count.get();
     if count == 0 || count > MAX_PAGES_PER_FRAME {
         return Err(bad(format!("page count {count}")));
     }
@@ -138,9 +167,8 @@ pub fn decode_pages(
             "pages {first_pfn}+{count} are outside the {mem_pages}-page guest"
         )));
     }
-    let data = &payload[PAGES_PREFIX..];
     let size = count as usize * PAGE_SIZE;
-    let encoding = match payload[12] {
+    let encoding = match prefix.encoding {
         0 => {
             if data.len() != size {
                 return Err(bad(format!("{} raw bytes for {count} pages", data.len())));
@@ -189,27 +217,43 @@ pub struct PageRequest {
 impl PageRequest {
     /// Encodes the payload.
     pub fn encode(&self) -> [u8; 16] {
+        let raw = RawPageRequest {
+            pfn: U64::new(self.pfn),
+            count: U32::new(self.count),
+            vcpu: U32::new(self.vcpu),
+        };
         let mut p = [0u8; 16];
-        p[0..8].copy_from_slice(&self.pfn.to_le_bytes());
-        p[8..12].copy_from_slice(&self.count.to_le_bytes());
-        p[12..16].copy_from_slice(&self.vcpu.to_le_bytes());
+        p.copy_from_slice(raw.as_bytes());
         p
+    }
+
+    /// The whole `PageRequest` frame, header included, with `arg` as its
+    /// request id.
+    pub fn frame(&self, arg: u64) -> [u8; HEADER_LEN + 16] {
+        let h = FrameHeader {
+            kind: MsgType::PageRequest,
+            flags: 0,
+            len: 16,
+            arg,
+        };
+        let mut f = [0u8; HEADER_LEN + 16];
+        f[..HEADER_LEN].copy_from_slice(&h.encode());
+        f[HEADER_LEN..].copy_from_slice(&self.encode());
+        f
     }
 
     /// Decodes and bounds-checks a payload.
     pub fn decode(p: &[u8], mem_pages: u64) -> Result<Self, ProtocolError> {
-        if p.len() != 16 {
+        let Ok(raw) = RawPageRequest::ref_from_bytes(p) else {
             return Err(ProtocolError::BadPages(format!(
                 "PageRequest of {} bytes",
                 p.len()
             )));
-        }
-        let mut a8 = [0u8; 8];
-        a8.copy_from_slice(&p[0..8]);
+        };
         let r = Self {
-            pfn: u64::from_le_bytes(a8),
-            count: u32::from_le_bytes([p[8], p[9], p[10], p[11]]),
-            vcpu: u32::from_le_bytes([p[12], p[13], p[14], p[15]]),
+            pfn: raw.pfn.get(),
+            count: raw.count.get(),
+            vcpu: raw.vcpu.get(),
         };
         if r.count == 0
             || r.count > MAX_PAGES_PER_FRAME

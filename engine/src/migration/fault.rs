@@ -15,8 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
-    decode_pages, FrameDecoder, FrameHeader, MsgType, PageEncoding, PageRequest, ProtocolError,
-    HEADER_LEN,
+    decode_pages, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError,
 };
 use hdrhistogram::Histogram;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -153,15 +152,7 @@ pub fn run(
                     count: 1,
                     vcpu,
                 };
-                let hdr = FrameHeader {
-                    kind: MsgType::PageRequest,
-                    flags: 0,
-                    len: 16,
-                    arg: pfn,
-                };
-                let mut frame = [0u8; HEADER_LEN + 16];
-                frame[..HEADER_LEN].copy_from_slice(&hdr.encode());
-                frame[HEADER_LEN..].copy_from_slice(&req.encode());
+                let frame = req.frame(pfn);
                 write_all_nonblocking(&mut conn, &frame)?;
                 st.bytes_wire += frame.len() as u64;
             }

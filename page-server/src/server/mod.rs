@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::source::PageSource;
 use ferry_protocol::{
-    self as protocol, FrameHeader, MsgType, PageBitmap, PageEncoding, PageRequest, ProtocolError,
+    self as protocol, MsgType, PageBitmap, PageEncoding, PageRequest, ProtocolError,
     MAX_PAGES_PER_FRAME, PAGE_SIZE,
 };
 
@@ -583,14 +583,8 @@ impl Server<'_> {
         debug!(?stats, "push done");
         let json = serde_json::to_vec(&stats).unwrap_or_default();
         let before = self.control.out.len();
-        let h = FrameHeader {
-            kind: MsgType::PushDone,
-            flags: 0,
-            len: json.len() as u32,
-            arg: 0,
-        };
-        self.control.out.extend_from_slice(&h.encode());
-        self.control.out.extend_from_slice(&json);
+        // Writing to a Vec cannot fail.
+        let _ = protocol::write_frame(&mut self.control.out, MsgType::PushDone, 0, &json);
         self.control.queued_since(before);
         self.push_done = true;
     }
