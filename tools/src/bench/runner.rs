@@ -220,7 +220,7 @@ fn render(
 ) -> Result<Report, RunnerError> {
     let md = markdown::table(records, title)?;
     let md_full = format!(
-        "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`. \
+        "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`, `lost_vs_ws.svg`. \
          Per-run logs and statistics are under `runs/`.\n"
     );
     write(&out.join("results.md"), &md_full)?;
@@ -292,26 +292,44 @@ fn write_plots(out: &Path, out_abs: &Path, records: &[RunRecord]) -> Result<(), 
         })
         .collect();
     write(&out.join("progress.svg"), &plots::progress_svg(&progress)?)?;
-    write(
-        &out.join("downtime_vs_mem.svg"),
-        &plots::metric_vs_mem_svg(
-            records,
-            "downtime_us",
-            1e-3,
-            "Downtime vs memory",
-            "downtime (ms, log scale)",
-        )?,
-    )?;
-    write(
-        &out.join("stall_vs_mem.svg"),
-        &plots::metric_vs_mem_svg(
-            records,
-            "guest_stall_ms",
-            1.0,
-            "Guest stall (max TICK gap) vs memory",
-            "guest stall (ms, log scale)",
-        )?,
-    )?;
+    let metrics = [
+        (
+            "downtime_vs_mem.svg",
+            plots::Metric {
+                path: "downtime_us",
+                scale: 1e-3,
+                title: "Downtime vs memory",
+                ylabel: "downtime (ms, log scale)",
+                by: plots::By::Mem,
+                log_y: true,
+            },
+        ),
+        (
+            "stall_vs_mem.svg",
+            plots::Metric {
+                path: "guest_stall_ms",
+                scale: 1.0,
+                title: "Guest stall (max TICK gap) vs memory",
+                ylabel: "guest stall (ms, log scale)",
+                by: plots::By::Mem,
+                log_y: true,
+            },
+        ),
+        (
+            "lost_vs_ws.svg",
+            plots::Metric {
+                path: "guest_lost_ms",
+                scale: 1.0,
+                title: "Guest work lost across the move vs working set",
+                ylabel: "work lost (ms at the steady rate)",
+                by: plots::By::Ws,
+                log_y: false,
+            },
+        ),
+    ];
+    for (file, m) in &metrics {
+        write(&out.join(file), &plots::metric_svg(records, m)?)?;
+    }
     Ok(())
 }
 
