@@ -1,6 +1,7 @@
 //! A Ferry run: `ferry-dest --listen` and `ferry-source --migrate-to` as
 //! separate processes; the destination's stats JSON (plus keys only the
-//! source's has) and both serial logs.
+//! source's has), both serial logs, and the guest figures that ferry-bench
+//! derives from them (as for QEMU: the engine's stats have none).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -13,7 +14,7 @@ use super::matrix::{Mode, RunSpec};
 use super::netns::{Net, Side};
 use super::procs::{listening, tail, wait_until, Child, ProcError};
 use super::record::Outcome;
-use super::serial::read_log;
+use super::serial::{guest_figures, read_log};
 
 /// Errors of a Ferry run.
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +215,9 @@ pub fn run(
     let (src_log, dst_log) = (read_log(&f("src.log")), read_log(&f("dst.log")));
     if dst_log.ticks.is_empty() {
         return Err(FerryError::NoDestTicks);
+    }
+    if let Value::Object(m) = &mut stats {
+        m.extend(guest_figures(&src_log, &dst_log));
     }
     Ok(Outcome {
         stats,

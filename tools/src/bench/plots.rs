@@ -671,16 +671,21 @@ pub fn metric_svg(records: &[RunRecord], m: &Metric) -> Result<String, PlotError
         By::Mem => format!("ws {ws}"),
         By::Ws => "all memory sizes".into(),
     };
+    let mut y = Axis::fit(
+        m.ylabel,
+        m.log_y,
+        series
+            .iter()
+            .flat_map(|s| s.whiskers.iter().flat_map(|w| [w.1, w.3])),
+    );
+    if !m.log_y {
+        // Room for the legend above the data.
+        y.max += (y.max - y.min) * 0.1 * series.len() as f64;
+    }
     let chart = Chart {
         title: format!("{} ({selection}, dirty rate {rate}, {vcpus} vCPU)", m.title),
         x,
-        y: Axis::fit(
-            m.ylabel,
-            m.log_y,
-            series
-                .iter()
-                .flat_map(|s| s.whiskers.iter().flat_map(|w| [w.1, w.3])),
-        ),
+        y,
         series,
         marks: vec![],
         bands: vec![],

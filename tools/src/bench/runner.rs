@@ -15,7 +15,7 @@ use super::netns::{Net, NetError};
 use super::plots::{self, PlotError};
 use super::qemu::{self, QemuTools};
 use super::record::{self, RecordError, RunRecord};
-use super::serial::read_log;
+use super::serial::{guest_figures, read_log};
 
 /// Errors that stop the whole benchmark (a failed run does not).
 #[derive(Debug, thiserror::Error)]
@@ -168,11 +168,13 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         };
         let line = match &rec.error {
             None => format!(
-                "{}: downtime {} ms, stall {} ms, total {} ms",
+                "{}: downtime {} ms, stall {} ms, lost {} ms, total {} ms",
                 spec.label(),
                 rec.num("downtime_us")
                     .map_or("—".into(), |v| format!("{:.2}", v / 1e3)),
                 rec.num("guest_stall_ms")
+                    .map_or("—".into(), |v| format!("{v:.1}")),
+                rec.num("guest_lost_ms")
                     .map_or("—".into(), |v| format!("{v:.1}")),
                 rec.num("total_ms")
                     .map_or("—".into(), |v| format!("{v:.0}")),
@@ -235,9 +237,24 @@ fn render(
 
 /// Re-renders `results.md` and the plots of an earlier run from its
 /// `results.json` (and the run logs under `runs/`), without running anything.
+/// Guest figures that a record lacks (results from before ferry-bench
+/// computed them, e.g. `guest_lost_ms`) are filled in from its logs.
 pub fn replot(dir: &Path) -> Result<Report, RunnerError> {
-    let records = record::load(&dir.join("results.json"))?;
+    let mut records = record::load(&dir.join("results.json"))?;
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    for r in records.iter_mut().filter(|r| r.ok()) {
+        let run = abs.join(&r.run_dir);
+        let (src, dst) = (
+            read_log(&run.join("src.log")),
+            read_log(&run.join("dst.log")),
+        );
+        if dst.ticks.is_empty() {
+            continue;
+        }
+        for (k, v) in guest_figures(&src, &dst) {
+            r.stats.entry(k).or_insert(v);
+        }
+    }
     render(
         dir,
         &abs,
