@@ -16,7 +16,10 @@ use super::netns::{Net, Side};
 use super::procs::{listening, tail, wait_until, Child, ProcError};
 use super::qmp::{Qmp, QmpError};
 use super::record::Outcome;
-use super::serial::{guest_figures, max_stall_ms, now_us, read_log, write_stamped, SerialLog};
+use super::serial::{
+    guest_figures, max_stall_ms, now_us, read_log, settled, write_stamped, SerialLog, SETTLE_LIMIT,
+    STEADY_US,
+};
 
 /// Errors of a QEMU run.
 #[derive(Debug, thiserror::Error)]
@@ -260,8 +263,16 @@ pub fn run(
         Some(json!({"max-bandwidth": 100u64 << 30, "downtime-limit": tools.downtime_limit_ms})),
     )?;
     let src_log = dir.join("src.log");
+    // As long as asked, and long enough that the guest has ticked for the
+    // steady-rate window of `guest_lost_ms` (QEMU's source is moved by us,
+    // so it can wait for ticks rather than guess the set-up time).
     wait_until(timeout, "the guest to tick under QEMU", || {
-        (start.elapsed() >= after && read_log(&src_log).ticks.len() >= 3).then_some(())
+        let log = read_log(&src_log);
+        let steady = log
+            .ticks
+            .first()
+            .is_some_and(|t| now_us().saturating_sub(t.host_us) >= STEADY_US + 100_000);
+        (start.elapsed() >= after && log.ticks.len() >= 3 && steady).then_some(())
     })?;
     src.check_alive("source", dir)?;
     dst.check_alive("destination", dir)?;
@@ -317,8 +328,8 @@ pub fn run(
         }
     };
     let dst_log = dir.join("dst.log");
-    let _ = wait_until(Duration::from_millis(1500), "destination ticks", || {
-        (read_log(&dst_log).ticks.len() >= 12).then_some(())
+    let _ = wait_until(SETTLE_LIMIT, "the guest to settle", || {
+        settled(&src_log, &dst_log, 12).then_some(())
     });
     src.stop(Some(&mut qs));
     dst.stop(Some(&mut qd));

@@ -236,6 +236,18 @@ pub fn lost_work(src: &SerialLog, dst: &SerialLog) -> Option<LostWork> {
     })
 }
 
+/// Has the guest ticked `n` times on the destination (vCPU 0) and got back
+/// to its steady rate (see [`lost_work`])? ferry-bench lets a moved guest
+/// run until then (bounded), for the progress plot and the lost work.
+pub fn settled(src_log: &Path, dst_log: &Path, n: usize) -> bool {
+    let (src, dst) = (read_log(src_log), read_log(dst_log));
+    dst.ticks.iter().filter(|t| t.vcpu == 0).count() >= n
+        && lost_work(&src, &dst).is_some_and(|l| l.recovered)
+}
+
+/// How long a moved guest may take to settle (see [`settled`]).
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The guest figures of a run, as `results.json` keys: `guest_stall_ms`
 /// (the longest TICK gap that ends on the destination: the first one spans
 /// the move), `guest_bad` (BAD lines on either side), `guest_lost_ms` and
