@@ -481,7 +481,10 @@ fn progress_chart(p: &Progress) -> Chart {
         .rates
         .iter()
         .copied()
-        .filter(|(t, _)| *t >= -1.0 && *t <= p.resume_s + 1.5)
+        // Up to the end of the log: a guest slow to get back (post-copy of a
+        // large working set) is shown until it has (ferry-bench waits for
+        // that, up to a few seconds).
+        .filter(|(t, _)| *t >= -1.0 && *t <= p.resume_s + 8.0)
         .map(|(t, r)| (t, r / 1e3))
         .collect();
     let mut x = Axis::fit(
