@@ -101,7 +101,12 @@ fn main() {
         .arg(crate_dir.join(SILENT_SOURCE))
         .arg("-o")
         .arg(&silent));
-    link(&ld, &crate_dir, &out_dir.join("ferry-silent.elf"), &[silent]);
+    link(
+        &ld,
+        &crate_dir,
+        &out_dir.join("ferry-silent.elf"),
+        &[silent],
+    );
 }
 
 /// Links `objects` into `elf` at 1 MiB with the guest's linker script.

@@ -247,9 +247,8 @@ impl HelloAck {
 
     /// Decodes a payload.
     pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
-        let raw = RawHelloAck::ref_from_bytes(p).map_err(|_| {
-            ProtocolError::Handshake(format!("HelloAck of {} bytes", p.len()))
-        })?;
+        let raw = RawHelloAck::ref_from_bytes(p)
+            .map_err(|_| ProtocolError::Handshake(format!("HelloAck of {} bytes", p.len())))?;
         Ok(Self {
             version: raw.version.get(),
             status: raw.status.get(),

@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::ferry::FerryTools;
-use super::matrix::{parse_ints, parse_modes, parse_sizes, parse_ws, Matrix, MatrixError};
+use super::matrix::{
+    parse_ints, parse_modes, parse_sizes, parse_ws, Matrix, MatrixError, Mode, WsSpec,
+};
 use super::netns::{check_rate, NetError};
 use crate::parse_duration;
 
@@ -55,9 +57,10 @@ pub enum CliError {
 #[derive(Parser, Debug)]
 #[command(version)]
 pub struct Args {
-    /// A small matrix that runs in about two minutes: modes
-    /// postcopy,stop-and-copy,precopy, mem 256M,1G, ws 64M, 1 vCPU, 1 repeat
-    /// (other options still override).
+    /// A small matrix that runs in under three minutes: modes
+    /// postcopy,stop-and-copy,precopy, mem 256M,1G, ws 64M, 1 vCPU, 1 repeat,
+    /// plus post-copy of a 2G guest with a 1G working set (other options
+    /// still override; --mem or --ws drop that large point).
     #[arg(long)]
     pub quick: bool,
     /// Modes: postcopy, precopy, stop-and-copy, hybrid [default: postcopy].
@@ -186,6 +189,11 @@ impl Args {
             rate: parse_ints("rate", &pick(&self.rate, "0", "0"), 0, 1 << 40)?,
             vcpus: vcpus.into_iter().map(|v| v as u32).collect(),
             repeat: repeat as u32,
+            extra: if q && self.mem.is_none() && self.ws.is_none() {
+                vec![(Mode::Postcopy, 2 << 30, WsSpec::Bytes(1 << 30))]
+            } else {
+                Vec::new()
+            },
         };
         let after = duration("after", &pick(&self.after, "2s", "1s"))?;
         let timeout = duration("timeout", &self.timeout)?;
@@ -276,6 +284,16 @@ mod tests {
         assert_eq!(c.matrix.mem, vec![256 << 20, 1 << 30]);
         assert_eq!(c.matrix.repeat, 1);
         assert!(c.qemu.is_none());
+        // The large working set: post-copy of 2G with ws 1G (≥ 50%).
+        let big: Vec<_> = c
+            .matrix
+            .points()
+            .into_iter()
+            .filter(|p| p.mem == 2 << 30)
+            .collect();
+        assert_eq!(big.len(), 1);
+        assert_eq!((big[0].mode, big[0].ws), (Mode::Postcopy, 1 << 30));
+        assert_eq!(c.matrix.runs(false).unwrap().len(), 7);
         let c = cfg(&[
             "--quick",
             "--no-qemu",
@@ -286,6 +304,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.matrix.mem, vec![512 << 20]);
+        assert!(c.matrix.extra.is_empty());
         assert!(c.netns);
         let c = cfg(&["--no-qemu", "--downtime-target", "20ms"]).unwrap();
         assert_eq!(c.matrix.repeat, 3);

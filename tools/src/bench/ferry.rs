@@ -1,6 +1,7 @@
 //! A Ferry run: `ferry-dest --listen` and `ferry-source --migrate-to` as
 //! separate processes; the destination's stats JSON (plus keys only the
-//! source's has) and both serial logs.
+//! source's has), both serial logs, and the guest figures that ferry-bench
+//! derives from them (as for QEMU: the engine's stats have none).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -13,7 +14,7 @@ use super::matrix::{Mode, RunSpec};
 use super::netns::{Net, Side};
 use super::procs::{listening, tail, wait_until, Child, ProcError};
 use super::record::Outcome;
-use super::serial::read_log;
+use super::serial::{guest_figures, read_log, settled, SETTLE_LIMIT};
 
 /// Errors of a Ferry run.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +165,7 @@ pub fn run(
             "--migrate-to",
             &addr,
             "--after",
-            &format!("{}ms", after.as_millis()),
+            &format!("{}ms", (after + p.setup_allowance()).as_millis()),
         ])
         .args(["--stats-json", &path("src.json")])
         .args(tools.mode_args(p.mode));
@@ -192,15 +193,10 @@ pub fn run(
             })
         })
     })??;
-    // Let the moved guest run a little, for the progress plot.
-    let _ = wait_until(Duration::from_millis(1500), "destination ticks", || {
-        (read_log(&f("dst.log"))
-            .ticks
-            .iter()
-            .filter(|t| t.vcpu == 0)
-            .count()
-            >= 12)
-            .then_some(())
+    // Let the moved guest run a little and get back to its steady rate,
+    // for the progress plot and the lost work.
+    let _ = wait_until(SETTLE_LIMIT, "the guest to settle", || {
+        settled(&f("src.log"), &f("dst.log"), 12).then_some(())
     });
     quit(&f("dst.sock"));
     let _ = dst.wait_exit(Duration::from_secs(5));
@@ -214,6 +210,9 @@ pub fn run(
     let (src_log, dst_log) = (read_log(&f("src.log")), read_log(&f("dst.log")));
     if dst_log.ticks.is_empty() {
         return Err(FerryError::NoDestTicks);
+    }
+    if let Value::Object(m) = &mut stats {
+        m.extend(guest_figures(&src_log, &dst_log));
     }
     Ok(Outcome {
         stats,

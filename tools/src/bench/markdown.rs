@@ -21,10 +21,11 @@ pub enum MarkdownError {
 }
 
 /// The columns: header, stats path, scale, decimals.
-const COLUMNS: [(&str, &str, f64, usize); 6] = [
+const COLUMNS: [(&str, &str, f64, usize); 7] = [
     ("downtime ms", "downtime_us", 1e-3, 2),
     ("total ms", "total_ms", 1.0, 0),
     ("guest stall ms", "guest_stall_ms", 1.0, 1),
+    ("guest lost ms", "guest_lost_ms", 1.0, 1),
     ("wire MiB", "bytes_wire", 1.0 / (1u64 << 20) as f64, 1),
     ("fault p50 µs", "fault_latency_us/overall/p50", 1.0, 0),
     ("fault p99 µs", "fault_latency_us/overall/p99", 1.0, 0),
@@ -120,7 +121,14 @@ pub fn table(records: &[RunRecord], title: &str) -> Result<String, MarkdownError
         "\nCells are the median over the successful runs, with (min–max) when they differ; \
          — means not measured. Guest stall is the longest gap between two guest TICK lines \
          across the move (host clock; it includes one 50 ms report interval) and is the \
-         number to compare across peers."
+         number to compare across peers. Guest lost is the work the guest lost across the \
+         move, in ms at its steady rate: per vCPU, the rounds it would have done at the rate \
+         of the ~1 s before its last source TICK (the pause), minus the rounds it did, from \
+         the pause until a TICK interval runs at 90% of that rate again; summed over vCPUs \
+         and divided by the summed rate. Both are computed by ferry-bench from the stamped \
+         serial logs, the same way for Ferry and QEMU (`guest_lost_recovered` in \
+         results.json is false where the guest never got back to 90% before the log ended: \
+         then the loss is a lower bound)."
     );
     if records.iter().any(|r| r.peer == "qemu") {
         let _ = writeln!(
@@ -163,7 +171,7 @@ mod tests {
         let spec = test_spec(peer, mode, mem, repeat);
         let mut r = RunRecord::new(&spec, "loopback", &spec.label());
         r.set_stats(serde_json::json!({
-            "downtime_us": downtime, "total_ms": 100.0, "guest_stall_ms": 60.0,
+            "downtime_us": downtime, "total_ms": 100.0, "guest_stall_ms": 60.0, "guest_lost_ms": 12.5,
             "bytes_wire": 64u64 << 20,
             "fault_latency_us": {"overall": {"count": if mode == Mode::Postcopy { 10 } else { 0 }, "p50": 50, "p99": 900}}
         }))
@@ -200,7 +208,7 @@ mod tests {
         assert_eq!(lines.len(), 4, "{t}");
         assert!(
             lines[1].contains(
-                "| postcopy | ferry | 1G | 64M | unlimited | 1 | 3/3 | 1.50 (1.00–3.00) | 100 |"
+                "| postcopy | ferry | 1G | 64M | unlimited | 1 | 3/3 | 1.50 (1.00–3.00) | 100 | 60.0 | 12.5 |"
             ),
             "{t}"
         );

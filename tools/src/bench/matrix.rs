@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::parse_size;
 
@@ -119,6 +120,15 @@ pub struct Point {
 }
 
 impl Point {
+    /// How long the guest needs to write its working set once, before its
+    /// first TICK: Ferry's source moves it `--after` this plus the asked-for
+    /// time, so that the guest ticks for about as long before the move
+    /// whatever its working set (about 2.5 ms/MiB was seen on a busy 2-core
+    /// host; 4 ms/MiB leaves a margin).
+    pub fn setup_allowance(&self) -> Duration {
+        Duration::from_millis((self.ws >> 20) * 4)
+    }
+
     /// The guest command line (the VMM adds `cpus=`).
     pub fn guest_args(&self) -> String {
         format!(
@@ -182,6 +192,10 @@ pub struct Matrix {
     pub vcpus: Vec<u32>,
     /// Repetitions per point.
     pub repeat: u32,
+    /// Extra `(mode, memory, working set)` points outside the cross
+    /// product (each with every dirty rate and vCPU count), e.g. `--quick`'s
+    /// large working set for post-copy.
+    pub extra: Vec<(Mode, u64, WsSpec)>,
 }
 
 fn split(list: &str) -> impl Iterator<Item = &str> {
@@ -307,25 +321,31 @@ impl Matrix {
     /// Every point, in table order; points whose working set does not fit
     /// in memory are left out.
     pub fn points(&self) -> Vec<Point> {
-        let mut out = Vec::new();
+        let mut combos = Vec::new();
         for &mode in &self.modes {
             for &mem in &self.mem {
-                for spec in &self.ws {
-                    let ws = spec.resolve(mem);
-                    if ws >= mem || ws < 1 << 20 {
-                        continue;
-                    }
-                    for &rate in &self.rate {
-                        for &vcpus in &self.vcpus {
-                            out.push(Point {
-                                mode,
-                                mem,
-                                ws,
-                                ws_spec: *spec,
-                                rate,
-                                vcpus,
-                            });
-                        }
+                combos.extend(self.ws.iter().map(|spec| (mode, mem, *spec)));
+            }
+            combos.extend(self.extra.iter().filter(|e| e.0 == mode));
+        }
+        let mut out = Vec::new();
+        for (mode, mem, spec) in combos {
+            let ws = spec.resolve(mem);
+            if ws >= mem || ws < 1 << 20 {
+                continue;
+            }
+            for &rate in &self.rate {
+                for &vcpus in &self.vcpus {
+                    let p = Point {
+                        mode,
+                        mem,
+                        ws,
+                        ws_spec: spec,
+                        rate,
+                        vcpus,
+                    };
+                    if !out.contains(&p) {
+                        out.push(p);
                     }
                 }
             }
@@ -402,6 +422,7 @@ mod tests {
                 .map(|v| v as u32)
                 .collect(),
             repeat: 2,
+            extra: vec![],
         }
     }
 
@@ -417,6 +438,23 @@ mod tests {
             pts[0].guest_args(),
             "ws=64M pattern=random write=80 rate=0 report_ms=50"
         );
+        assert_eq!(pts[0].setup_allowance(), Duration::from_millis(256));
+        // An extra point joins its mode (with every rate and vCPU count);
+        // one already in the product is not repeated.
+        let m = Matrix {
+            extra: vec![
+                (Mode::Postcopy, 2 << 30, WsSpec::Bytes(1 << 30)),
+                (Mode::Postcopy, 1 << 30, WsSpec::Bytes(64 << 20)),
+                (Mode::Hybrid, 2 << 30, WsSpec::Bytes(1 << 30)),
+            ],
+            ..matrix()
+        };
+        let pts2 = m.points();
+        assert_eq!(pts2.len(), pts.len() + 4);
+        assert!(pts2[..16]
+            .iter()
+            .all(|p| p.mode == Mode::Postcopy && (p.mem == 2 << 30) == (p.ws == 1 << 30)));
+        assert_eq!(pts2[12].mem, 2 << 30);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! | [`record`] | `results.json` records |
 //! | [`summary`] | median and min–max |
 //! | [`markdown`] | `results.md` |
-//! | [`svg`] / [`plots`] | hand-made SVG charts, and the benchmark's plots |
+//! | [`plots`] | the benchmark's SVG plots (drawn with `plotters`) |
 
 pub mod cli;
 pub mod ferry;
@@ -31,4 +31,3 @@ pub mod record;
 pub mod runner;
 pub mod serial;
 pub mod summary;
-pub mod svg;

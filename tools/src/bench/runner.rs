@@ -15,7 +15,7 @@ use super::netns::{Net, NetError};
 use super::plots::{self, PlotError};
 use super::qemu::{self, QemuTools};
 use super::record::{self, RecordError, RunRecord};
-use super::serial::read_log;
+use super::serial::{guest_figures, read_log};
 
 /// Errors that stop the whole benchmark (a failed run does not).
 #[derive(Debug, thiserror::Error)]
@@ -168,11 +168,13 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         };
         let line = match &rec.error {
             None => format!(
-                "{}: downtime {} ms, stall {} ms, total {} ms",
+                "{}: downtime {} ms, stall {} ms, lost {} ms, total {} ms",
                 spec.label(),
                 rec.num("downtime_us")
                     .map_or("—".into(), |v| format!("{:.2}", v / 1e3)),
                 rec.num("guest_stall_ms")
+                    .map_or("—".into(), |v| format!("{v:.1}")),
+                rec.num("guest_lost_ms")
                     .map_or("—".into(), |v| format!("{v:.1}")),
                 rec.num("total_ms")
                     .map_or("—".into(), |v| format!("{v:.0}")),
@@ -197,7 +199,8 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     bar.finish_and_clear();
     drop(net);
     let title = format!(
-        "ferry-bench results ({}, guest runs {} ms before the move)",
+        "ferry-bench results ({}, guest runs {} ms before the move, Ferry: plus 4 ms per MiB \
+         of working set to set it up; QEMU: and ≥ 1.1 s after its first TICK)",
         if cfg.netns {
             match &cfg.link_rate {
                 Some(r) => format!("two network namespaces, {r} veth"),
@@ -220,7 +223,7 @@ fn render(
 ) -> Result<Report, RunnerError> {
     let md = markdown::table(records, title)?;
     let md_full = format!(
-        "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`. \
+        "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`, `lost_vs_ws.svg`. \
          Per-run logs and statistics are under `runs/`.\n"
     );
     write(&out.join("results.md"), &md_full)?;
@@ -235,9 +238,24 @@ fn render(
 
 /// Re-renders `results.md` and the plots of an earlier run from its
 /// `results.json` (and the run logs under `runs/`), without running anything.
+/// Guest figures that a record lacks (results from before ferry-bench
+/// computed them, e.g. `guest_lost_ms`) are filled in from its logs.
 pub fn replot(dir: &Path) -> Result<Report, RunnerError> {
-    let records = record::load(&dir.join("results.json"))?;
+    let mut records = record::load(&dir.join("results.json"))?;
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    for r in records.iter_mut().filter(|r| r.ok()) {
+        let run = abs.join(&r.run_dir);
+        let (src, dst) = (
+            read_log(&run.join("src.log")),
+            read_log(&run.join("dst.log")),
+        );
+        if dst.ticks.is_empty() {
+            continue;
+        }
+        for (k, v) in guest_figures(&src, &dst) {
+            r.stats.entry(k).or_insert(v);
+        }
+    }
     render(
         dir,
         &abs,
@@ -292,26 +310,44 @@ fn write_plots(out: &Path, out_abs: &Path, records: &[RunRecord]) -> Result<(), 
         })
         .collect();
     write(&out.join("progress.svg"), &plots::progress_svg(&progress)?)?;
-    write(
-        &out.join("downtime_vs_mem.svg"),
-        &plots::metric_vs_mem_svg(
-            records,
-            "downtime_us",
-            1e-3,
-            "Downtime vs memory",
-            "downtime (ms, log scale)",
-        )?,
-    )?;
-    write(
-        &out.join("stall_vs_mem.svg"),
-        &plots::metric_vs_mem_svg(
-            records,
-            "guest_stall_ms",
-            1.0,
-            "Guest stall (max TICK gap) vs memory",
-            "guest stall (ms, log scale)",
-        )?,
-    )?;
+    let metrics = [
+        (
+            "downtime_vs_mem.svg",
+            plots::Metric {
+                path: "downtime_us",
+                scale: 1e-3,
+                title: "Downtime vs memory",
+                ylabel: "downtime (ms, log scale)",
+                by: plots::By::Mem,
+                log_y: true,
+            },
+        ),
+        (
+            "stall_vs_mem.svg",
+            plots::Metric {
+                path: "guest_stall_ms",
+                scale: 1.0,
+                title: "Guest stall (max TICK gap) vs memory",
+                ylabel: "guest stall (ms, log scale)",
+                by: plots::By::Mem,
+                log_y: true,
+            },
+        ),
+        (
+            "lost_vs_ws.svg",
+            plots::Metric {
+                path: "guest_lost_ms",
+                scale: 1.0,
+                title: "Guest work lost across the move vs working set",
+                ylabel: "work lost (ms at the steady rate)",
+                by: plots::By::Ws,
+                log_y: false,
+            },
+        ),
+    ];
+    for (file, m) in &metrics {
+        write(&out.join(file), &plots::metric_svg(records, m)?)?;
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Guest serial logs with host timestamps (`<secs>.<micros> <text>`, as Ferry
 //! writes them and as the QEMU peer's reader thread writes them): TICKs,
-//! guest progress (rounds per second) and the guest-visible stall.
+//! guest progress (rounds per second), the guest-visible stall and the
+//! guest work lost across the move. ferry-bench derives every guest figure
+//! of a run here, from the logs, the same way for Ferry and for QEMU.
 
 use std::io::Write;
 use std::path::Path;
@@ -145,8 +147,7 @@ pub fn round_rates(ticks: &[Tick]) -> Vec<(u64, f64)> {
 
 /// The guest-visible stall: the longest gap (ms) between consecutive ticks
 /// of any vCPU whose later tick comes at or after `from_us` (the start of
-/// the move), over the source log followed by the destination log. Ferry
-/// computes its `guest_stall_ms` the same way.
+/// the move), over the source log followed by the destination log.
 pub fn max_stall_ms(src: &SerialLog, dst: &SerialLog, from_us: u64) -> Option<f64> {
     let mut vcpus: Vec<u32> = src.ticks.iter().chain(&dst.ticks).map(|t| t.vcpu).collect();
     vcpus.sort_unstable();
@@ -162,6 +163,113 @@ pub fn max_stall_ms(src: &SerialLog, dst: &SerialLog, from_us: u64) -> Option<f6
         })
         .max()
         .map(|us| us as f64 / 1e3)
+}
+
+/// The guest's steady rate is measured over this long before the pause.
+pub const STEADY_US: u64 = 1_000_000;
+
+/// The guest is back once a TICK interval runs at this share of its steady
+/// rate.
+pub const RECOVERED: f64 = 0.9;
+
+/// Guest work lost across a move (see [`lost_work`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LostWork {
+    /// Lost rounds, in ms of steady-rate work.
+    pub ms: f64,
+    /// Every vCPU got back to [`RECOVERED`] of its rate (else the loss is
+    /// counted up to its last TICK, a lower bound).
+    pub recovered: bool,
+}
+
+/// The guest work lost across a move, summed over vCPUs.
+///
+/// For each vCPU that ticked on the source: the pause is its last source
+/// TICK; its steady rate R is the rounds per second over the
+/// [`STEADY_US`] before that TICK; it is back at the start of the first
+/// TICK interval after the pause that runs at ≥ [`RECOVERED`] × R. Its lost
+/// rounds are R × (back − pause) − (rounds done from the pause until
+/// back). The result is Σ lost rounds / Σ R, in ms: the time the whole
+/// guest would need at its steady rate to do the work it lost. vCPUs with
+/// fewer than two source TICKs in the window, or none after the pause,
+/// are left out; `None` when no vCPU is left.
+pub fn lost_work(src: &SerialLog, dst: &SerialLog) -> Option<LostWork> {
+    let mut vcpus: Vec<u32> = src.ticks.iter().map(|t| t.vcpu).collect();
+    vcpus.sort_unstable();
+    vcpus.dedup();
+    let (mut lost, mut rate_sum, mut recovered) = (0.0, 0.0, true);
+    for v in vcpus {
+        let ticks = across(src, dst, v);
+        let n_src = src.ticks.iter().filter(|t| t.vcpu == v).count();
+        let pause = ticks[n_src - 1];
+        let Some(first) = ticks[..n_src]
+            .iter()
+            .find(|t| t.host_us + STEADY_US >= pause.host_us)
+        else {
+            continue;
+        };
+        if first.host_us >= pause.host_us || first.round >= pause.round || ticks.len() == n_src {
+            continue;
+        }
+        let rate =
+            (pause.round - first.round) as f64 * 1e6 / (pause.host_us - first.host_us) as f64;
+        let back = ticks[n_src - 1..].windows(2).find(|w| {
+            let dt = w[1].host_us.saturating_sub(w[0].host_us);
+            dt > 0
+                && (w[1].round.saturating_sub(w[0].round)) as f64 * 1e6 / dt as f64
+                    >= RECOVERED * rate
+        });
+        let end = match back {
+            Some(w) => w[0],
+            None => {
+                recovered = false;
+                ticks[ticks.len() - 1]
+            }
+        };
+        let expected = rate * end.host_us.saturating_sub(pause.host_us) as f64 / 1e6;
+        lost += expected - end.round.saturating_sub(pause.round) as f64;
+        rate_sum += rate;
+    }
+    (rate_sum > 0.0).then(|| LostWork {
+        ms: lost / rate_sum * 1e3,
+        recovered,
+    })
+}
+
+/// Has the guest ticked `n` times on the destination (vCPU 0) and got back
+/// to its steady rate (see [`lost_work`])? ferry-bench lets a moved guest
+/// run until then (bounded), for the progress plot and the lost work.
+pub fn settled(src_log: &Path, dst_log: &Path, n: usize) -> bool {
+    let (src, dst) = (read_log(src_log), read_log(dst_log));
+    dst.ticks.iter().filter(|t| t.vcpu == 0).count() >= n
+        && lost_work(&src, &dst).is_some_and(|l| l.recovered)
+}
+
+/// How long a moved guest may take to settle (see [`settled`]).
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The guest figures of a run, as `results.json` keys: `guest_stall_ms`
+/// (the longest TICK gap that ends on the destination: the first one spans
+/// the move), `guest_bad` (BAD lines on either side), `guest_lost_ms` and
+/// `guest_lost_recovered` (see [`lost_work`]).
+pub fn guest_figures(
+    src: &SerialLog,
+    dst: &SerialLog,
+) -> serde_json::Map<String, serde_json::Value> {
+    let first_dst = dst.ticks.iter().map(|t| t.host_us).min().unwrap_or(0);
+    let lost = lost_work(src, dst);
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "guest_stall_ms".into(),
+        max_stall_ms(src, dst, first_dst).into(),
+    );
+    m.insert("guest_bad".into(), (src.bad.len() + dst.bad.len()).into());
+    m.insert("guest_lost_ms".into(), lost.map(|l| l.ms).into());
+    m.insert(
+        "guest_lost_recovered".into(),
+        lost.map(|l| l.recovered).into(),
+    );
+    m
 }
 
 #[cfg(test)]
@@ -227,6 +335,63 @@ mod tests {
             max_stall_ms(&SerialLog::default(), &SerialLog::default(), 0),
             None
         );
+    }
+
+    /// A log of vCPU `v` ticking every 50 ms from `from_us`: `rates` gives
+    /// the rounds/s of each 50 ms interval; returns the log text and the
+    /// last (time, round).
+    fn ticking(v: u32, from_us: u64, round: u64, rates: &[f64]) -> (String, u64, u64) {
+        let (mut t, mut r, mut out) = (from_us, round, String::new());
+        out.push_str(&stamp(t, &format!("FERRY TICK {v} {r} 1 1 1\n")));
+        for rate in rates {
+            t += 50_000;
+            r += (rate * 0.05).round() as u64;
+            out.push_str(&stamp(t, &format!("FERRY TICK {v} {r} 1 1 1\n")));
+        }
+        (out, t, r)
+    }
+
+    #[test]
+    fn lost_work_of_a_full_stop_and_of_a_slow_period() {
+        // 20000 rounds/s for 2 s on the source.
+        let (src, pause, r0) = ticking(0, 10_000_000, 0, &[20_000.0; 40]);
+        let src = parse_log(&src);
+        // A 500 ms full stop: the next tick comes 550 ms after the last
+        // source tick, with one interval's work (done before the pause).
+        let (dst, _, _) = ticking(0, pause + 550_000, r0 + 1000, &[20_000.0; 20]);
+        let l = lost_work(&src, &parse_log(&dst)).unwrap();
+        assert!((l.ms - 500.0).abs() < 1.0, "{l:?}");
+        assert!(l.recovered);
+        // Back at once, then 1 s at half the rate: 500 ms lost.
+        let mut rates = vec![10_000.0; 20];
+        rates.extend([20_000.0; 10]);
+        let (dst, _, _) = ticking(0, pause, r0, &rates);
+        let l = lost_work(&src, &parse_log(&dst)).unwrap();
+        assert!((l.ms - 500.0).abs() < 1.0, "{l:?}");
+        // Never back above 90%: counted to the end, flagged.
+        let (dst, _, _) = ticking(0, pause + 100_000, r0 + 1000, &[17_000.0; 20]);
+        let l = lost_work(&src, &parse_log(&dst)).unwrap();
+        assert!(!l.recovered && (l.ms - 200.0).abs() < 1.0, "{l:?}");
+        // Without destination ticks there is nothing to measure.
+        assert_eq!(lost_work(&src, &SerialLog::default()), None);
+        assert_eq!(lost_work(&SerialLog::default(), &src), None);
+    }
+
+    #[test]
+    fn lost_work_sums_over_vcpus() {
+        // vCPU 0 at 20000/s stops 500 ms; vCPU 1 at 10000/s loses nothing:
+        // 10000 lost rounds / 30000 rounds/s = 333 ms.
+        let (s0, p0, r0) = ticking(0, 10_000_000, 0, &[20_000.0; 30]);
+        let (s1, p1, r1) = ticking(1, 10_010_000, 0, &[10_000.0; 30]);
+        let (d0, _, _) = ticking(0, p0 + 550_000, r0 + 1000, &[20_000.0; 10]);
+        let (d1, _, _) = ticking(1, p1, r1, &[10_000.0; 10]);
+        let l = lost_work(&parse_log(&(s0 + &s1)), &parse_log(&(d0 + &d1))).unwrap();
+        assert!((l.ms - 1000.0 / 3.0).abs() < 1.0, "{l:?}");
+        let g = guest_figures(&parse_log(&s1), &parse_log(&d1));
+        assert_eq!(g["guest_bad"], 0);
+        assert_eq!(g["guest_stall_ms"], 50.0);
+        assert!(g["guest_lost_ms"].as_f64().unwrap().abs() < 1e-6);
+        assert_eq!(g["guest_lost_recovered"], true);
     }
 
     #[test]
