@@ -117,16 +117,7 @@ fn one_snapshot_restores_into_two_independent_clones() {
     .unwrap();
     vm.resume().unwrap();
     let before = wait_ticks(&log, 1, 3, WAIT);
-    let ws_pa = before
-        .iter()
-        .find_map(|l| {
-            let rest = l.text.strip_prefix("FERRY WS ")?;
-            let pa = rest
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("pa=0x"))?;
-            u64::from_str_radix(pa, 16).ok()
-        })
-        .expect("FERRY WS line");
+    let ws_pa = working_set_pa(&before);
     vm.pause().unwrap();
     let snap = dir.path("vm.snap");
     snapshot::write(&snap, &vm.save_state().unwrap(), vm.ram()).unwrap();

@@ -58,16 +58,7 @@ fn guest_reports_a_page_corrupted_behind_its_back() {
     let (vm, log) = boot(&dir, "c.log", 64 << 20, 1, "ws=256K write=0 report_ms=50");
     let lines = wait_ticks(&log, 1, 2, TICK_WAIT);
     // The guest prints where its working set lives.
-    let ws_pa = lines
-        .iter()
-        .find_map(|l| {
-            let rest = l.text.strip_prefix("FERRY WS ")?;
-            let pa = rest
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("pa=0x"))?;
-            u64::from_str_radix(pa, 16).ok()
-        })
-        .expect("FERRY WS line");
+    let ws_pa = working_set_pa(&lines);
     let target = ws_pa + 5 * PAGE_SIZE as u64;
     let off = gpa_to_file_offset(vm.ram().ranges(), target).unwrap();
     vm.ram().write_at(off + 100, &[0xa5; 8]).unwrap();

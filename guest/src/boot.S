@@ -40,14 +40,7 @@
 
 /* ------------------------------------------------------------ PVH note */
 
-	.section .note.Xen, "a"
-	.balign 4
-	.long	4			/* namesz: "Xen\0" */
-	.long	4			/* descsz */
-	.long	18			/* XEN_ELFNOTE_PHYS32_ENTRY */
-	.asciz	"Xen"
-	.balign 4
-	.long	pvh_entry
+#include "pvh_note.h"
 
 /* ------------------------------------------------------ 32-bit entry */
 

@@ -11,14 +11,7 @@
 #define FIRST	0x1000000
 #define END	0x2000000
 
-	.section .note.Xen, "a"
-	.balign 4
-	.long	4			/* namesz: "Xen\0" */
-	.long	4			/* descsz */
-	.long	18			/* XEN_ELFNOTE_PHYS32_ENTRY */
-	.asciz	"Xen"
-	.balign 4
-	.long	pvh_entry
+#include "pvh_note.h"
 
 	.section .text.boot, "ax"
 	.code32

@@ -284,35 +284,20 @@ mod tests {
             b[at] = (seed >> 17) as u8;
             let _ = decode_pages(&b, 10, &mut out);
         }
-        assert!(PageRequest::decode(
-            &PageRequest {
-                pfn: u64::MAX,
-                count: 2,
-                vcpu: 0
-            }
-            .encode(),
-            10
-        )
-        .is_err());
-        assert!(PageRequest::decode(
-            &PageRequest {
-                pfn: 3,
-                count: 0,
-                vcpu: 0
-            }
-            .encode(),
-            10
-        )
-        .is_err());
-        assert!(PageRequest::decode(
-            &PageRequest {
-                pfn: 3,
-                count: 7,
-                vcpu: 0
-            }
-            .encode(),
-            10
-        )
-        .is_ok());
+        let request = |pfn, count| {
+            PageRequest::decode(
+                &PageRequest {
+                    pfn,
+                    count,
+                    vcpu: 0,
+                }
+                .encode(),
+                10,
+            )
+        };
+        assert!(request(u64::MAX, 2).is_err(), "past the end");
+        assert!(request(3, 0).is_err(), "no pages");
+        assert!(request(3, 8).is_err(), "one past the end");
+        assert_eq!(request(3, 7).unwrap().count, 7);
     }
 }

@@ -84,6 +84,20 @@ pub struct Logged {
     pub text: String,
 }
 
+/// Where the guest's working set starts (guest physical), from its
+/// `FERRY WS ... pa=0x...` line.
+pub fn working_set_pa(log: &[Logged]) -> u64 {
+    log.iter()
+        .find_map(|l| {
+            let rest = l.text.strip_prefix("FERRY WS ")?;
+            let pa = rest
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("pa=0x"))?;
+            u64::from_str_radix(pa, 16).ok()
+        })
+        .expect("FERRY WS line")
+}
+
 /// Reads a console log written by Ferry (`<secs>.<micros> <text>` lines).
 pub fn read_console(path: &Path) -> Vec<Logged> {
     let text = std::fs::read_to_string(path).unwrap_or_default();

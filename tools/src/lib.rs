@@ -49,6 +49,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * scale))
 }
 
+/// The options every VM-running binary shares: where the guest console goes,
+/// the control API socket and how long to run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmIoArgs {
+    /// Where guest console lines go: a file, "-" for stdout, "none".
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Unix socket for the JSON control API.
+    #[arg(long)]
+    pub api: Option<PathBuf>,
+    /// Stop after this long (e.g. 10s); default: until `quit`.
+    #[arg(long, value_parser = parse_duration)]
+    pub run_for: Option<Duration>,
+}
+
 /// Maps `--serial` to a console output: `-` is stdout, `none` discards.
 pub fn console_output(arg: Option<&str>) -> ConsoleOutput {
     match arg {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_engine::{api, controller, migration, snapshot};
-use ferry_tools::{console_output, init_tracing, monitor, parse_duration};
+use ferry_tools::{console_output, init_tracing, monitor, VmIoArgs};
 use tracing::{error, info};
 
 /// Receives a VM (an incoming migration, or a snapshot file) and runs it
@@ -45,15 +45,8 @@ struct Args {
     /// only).
     #[arg(long, conflicts_with = "lazy")]
     paused: bool,
-    /// Where guest console lines go: a file, "-" for stdout, "none".
-    #[arg(long)]
-    serial: Option<String>,
-    /// Unix socket for the JSON control API.
-    #[arg(long)]
-    api: Option<PathBuf>,
-    /// Stop after this long (e.g. 10s); default: until `quit`.
-    #[arg(long, value_parser = parse_duration)]
-    run_for: Option<std::time::Duration>,
+    #[command(flatten)]
+    io: VmIoArgs,
 }
 
 fn main() -> ExitCode {
@@ -70,9 +63,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let (console, monitor) = monitor::watch(console_output(args.serial.as_deref()));
+    let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
-    let api_rx = args.api.as_deref().map(api::serve).transpose()?;
+    let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     let mut vm = if let Some(addr) = &args.listen {
         let listener = std::net::TcpListener::bind(addr)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -113,8 +106,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         return Err("give --listen ADDR or --restore FILE".into());
     };
-    controller::serve(&mut vm, api_rx.as_ref(), args.run_for, Some(&guest));
-    if let Some(p) = &args.api {
+    controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, Some(&guest));
+    if let Some(p) = &args.io.api {
         let _ = std::fs::remove_file(p);
     }
     Ok(())

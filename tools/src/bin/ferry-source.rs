@@ -11,6 +11,7 @@ use ferry_engine::{api, controller, Vm};
 use ferry_protocol::MigrationMode;
 use ferry_tools::{
     console_output, init_tracing, migration_progress_bar, monitor, parse_duration, parse_size,
+    VmIoArgs,
 };
 use tracing::{error, info};
 
@@ -34,15 +35,8 @@ struct Args {
     /// A PVH ELF to boot instead of the built-in workload guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Where guest console lines go: a file, "-" for stdout, "none".
-    #[arg(long)]
-    serial: Option<String>,
-    /// Unix socket for the JSON control API.
-    #[arg(long)]
-    api: Option<PathBuf>,
-    /// Stop after this long (e.g. 10s); default: until `quit`.
-    #[arg(long, value_parser = parse_duration)]
-    run_for: Option<std::time::Duration>,
+    #[command(flatten)]
+    io: VmIoArgs,
     /// Migrate the VM to a `ferry-dest --listen` at this address.
     #[arg(long)]
     migrate_to: Option<String>,
@@ -94,8 +88,8 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Some(p) => std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
         None => ferry_guest::GUEST_ELF.to_vec(),
     };
-    let api_rx = args.api.as_deref().map(api::serve).transpose()?;
-    let (console, monitor) = monitor::watch(console_output(args.serial.as_deref()));
+    let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
+    let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
     let mut vm = Vm::boot(args.mem, args.vcpus, &elf, &args.guest_args, console)?;
     vm.resume()?;
@@ -132,9 +126,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     }
     if !moved && (args.migrate_to.is_none() || vm.is_running()) {
-        controller::serve(&mut vm, api_rx.as_ref(), args.run_for, Some(&guest));
+        controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, Some(&guest));
     }
-    if let Some(p) = &args.api {
+    if let Some(p) = &args.io.api {
         let _ = std::fs::remove_file(p);
     }
     Ok(exit_code)
