@@ -9,15 +9,17 @@ cd "$(dirname "$0")/.."
 cargo build --release -q --bins
 B=target/release
 D=$(mktemp -d /tmp/ferry-demo.XXXXXX)
-PORT=${FERRY_DEMO_PORT:-47000}
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
-$B/ferry-dest --listen "127.0.0.1:$PORT" --serial "$D/dst.log" --api "$D/dst.sock" \
+# Port 0: the kernel picks a free port; ferry-dest writes it to a file.
+$B/ferry-dest --listen 127.0.0.1:0 --listen-addr-file "$D/dst.addr" \
+  --serial "$D/dst.log" --api "$D/dst.sock" \
   --stats-json "$D/stats.json" >"$D/dst.out" 2>"$D/dst.err" &
-sleep 0.3
-echo "== ferry-source: 1 GiB, 2 vCPUs, ws=256M random write=80; migrating after 3 s"
+for _ in $(seq 100); do [ -s "$D/dst.addr" ] && break; sleep 0.05; done
+ADDR=$(cat "$D/dst.addr")
+echo "== ferry-source: 1 GiB, 2 vCPUs, ws=256M random write=80; migrating to $ADDR after 3 s"
 $B/ferry-source --mem 1G --vcpus 2 --guest-args "ws=256M pattern=random write=80 report_ms=100" \
-  --serial "$D/src.log" --migrate-to "127.0.0.1:$PORT" --after 3s 2>"$D/src.err"
+  --serial "$D/src.log" --migrate-to "$ADDR" --after 3s 2>"$D/src.err"
 echo
 echo "== last guest ticks on the source:"
 grep "FERRY TICK" "$D/src.log" | tail -n 2
@@ -26,5 +28,7 @@ echo "== first guest ticks on the destination (rounds continue):"
 grep "FERRY TICK" "$D/dst.log" | head -n 2
 echo "== destination status:"
 $B/ferry-ctl --api "$D/dst.sock" status | grep -E '"(run_state|bad|ticks)"'
+echo "== what the guest saw across the move (from the two serial logs):"
+$B/ferry-ctl guest-report "$D/src.log" "$D/dst.log"
 $B/ferry-ctl --api "$D/dst.sock" quit >/dev/null
 echo "== stats JSON: $D/stats.json   logs: $D"

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ferry_engine::api::{self, ApiRequest};
+use ferry_tools::bench::serial;
 
 /// Send one command to a running Ferry VM and print the JSON result.
 #[derive(Parser, Debug)]
@@ -14,9 +15,9 @@ use ferry_engine::api::{self, ApiRequest};
     long_about = None
 )]
 struct Args {
-    /// The VM's API socket.
+    /// The VM's API socket (for the commands that talk to a VM).
     #[arg(long)]
-    api: PathBuf,
+    api: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -48,6 +49,15 @@ enum Cmd {
     },
     /// Stop the VM and its process.
     Quit,
+    /// What the workload guest saw across a move, from the two serial logs
+    /// (no VM needed): the longest TICK gap, BAD lines, and the guest work
+    /// lost until it is back at 90% of its rate (JSON).
+    GuestReport {
+        /// The source's `--serial` log.
+        src_log: PathBuf,
+        /// The destination's `--serial` log.
+        dst_log: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,8 +79,21 @@ fn main() -> ExitCode {
             stats_json: stats_json.map(|p| std::path::absolute(&p).unwrap_or(p)),
         },
         Cmd::Quit => ApiRequest::Quit,
+        Cmd::GuestReport { src_log, dst_log } => {
+            let figures =
+                serial::guest_figures(&serial::read_log(&src_log), &serial::read_log(&dst_log));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&figures).unwrap_or_default()
+            );
+            return ExitCode::SUCCESS;
+        }
     };
-    match api::call(&args.api, &req) {
+    let Some(sock) = args.api else {
+        eprintln!("ferry-ctl: this command needs --api SOCKET");
+        return ExitCode::FAILURE;
+    };
+    match api::call(&sock, &req) {
         Ok(v) => {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             ExitCode::SUCCESS
