@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tracing::{error, info};
 
+use std::sync::Arc;
+
 use crate::api::{ApiRequest, ApiResponse, PendingRequest};
+use crate::migration::progress::Progress;
 use crate::vm::{Vm, VmError};
 use crate::{migration, snapshot};
 
@@ -23,6 +26,9 @@ pub enum ControllerError {
     /// Migrating out failed.
     #[error(transparent)]
     Migrate(#[from] migration::SourceError),
+    /// The VM must not run here (see [`ServeContext::hold`]).
+    #[error("refused: {0}")]
+    Held(String),
     /// Writing the statistics failed.
     #[error("cannot write statistics to {path}: {source}")]
     Stats {
@@ -43,15 +49,52 @@ pub fn write_stats(path: &Path, stats: &migration::MigrationStats) -> Result<(),
     })
 }
 
-/// Migrates the VM out; on success it runs elsewhere and this process
-/// should end.
+/// What the serving loop knows besides the VM itself.
+#[derive(Default)]
+pub struct ServeContext<'a> {
+    /// Reports what the guest has said, for `status` (under `"guest"`).
+    /// Whoever runs the VM and knows its guest supplies it; the engine
+    /// itself never reads guest output.
+    pub guest: Option<&'a dyn Fn() -> Value>,
+    /// The last (or current) migration's progress, for `status`.
+    pub migration: Option<Arc<Progress>>,
+    /// Options for a `migrate` request (its `mode` overrides).
+    pub migrate_defaults: migration::SourceOptions,
+    /// Why the VM must not be resumed here, if it must not: it was
+    /// committed to a destination that may run it, or it lacks pages.
+    pub hold: Option<String>,
+}
+
+/// Migrates the VM out, answering `status` requests on `api` meanwhile
+/// (other requests are refused as busy); on success it runs elsewhere and
+/// this process should end. On [`migration::SourceError::Stranded`] the VM
+/// stays paused and `ctx.hold` says why it must not run here.
 pub fn migrate_to(
     vm: &mut Vm,
     to: &str,
     opts: &migration::SourceOptions,
     stats_json: Option<&Path>,
+    api: Option<&Receiver<PendingRequest>>,
+    ctx: &mut ServeContext<'_>,
 ) -> Result<Value, ControllerError> {
-    let outcome = migration::migrate(vm, to, opts)?;
+    let progress = opts.progress.clone().unwrap_or_default();
+    let opts = migration::SourceOptions {
+        progress: Some(progress.clone()),
+        ..opts.clone()
+    };
+    ctx.migration = Some(progress.clone());
+    let outcome = answer_while(api, ctx.guest, &progress, || {
+        migration::migrate(vm, to, &opts)
+    });
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            if matches!(e, migration::SourceError::Stranded(_)) {
+                ctx.hold = Some(e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
     println!("{}", outcome.stats.table());
     if let Some(p) = stats_json {
         write_stats(p, &outcome.stats)?;
@@ -59,13 +102,45 @@ pub fn migrate_to(
     Ok(serde_json::to_value(&outcome.stats).unwrap_or(Value::Null))
 }
 
-/// Reports what the guest has said, for the API's `status` (under
-/// `"guest"`). Whoever runs the VM and knows its guest supplies it; the
-/// engine itself never reads guest output.
-pub type GuestStatus<'a> = Option<&'a dyn Fn() -> Value>;
+/// Runs `work` on a helper thread while this thread answers `status`
+/// requests on `api` with the migration's progress (anything else is
+/// refused as busy).
+pub fn answer_while<T: Send>(
+    api: Option<&Receiver<PendingRequest>>,
+    guest: Option<&dyn Fn() -> Value>,
+    progress: &Progress,
+    work: impl FnOnce() -> T + Send,
+) -> T {
+    std::thread::scope(|s| {
+        let job = s.spawn(work);
+        while !job.is_finished() {
+            let Some(rx) = api else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok((ApiRequest::Status, reply)) => {
+                    let _ = reply.send(ApiResponse::ok(json!({
+                        "run_state": "migrating",
+                        "migration": progress.report(),
+                        "guest": guest.map_or(Value::Null, |g| g()),
+                    })));
+                }
+                Ok((_, reply)) => {
+                    let _ = reply.send(ApiResponse::err("busy: a migration is in progress"));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        match job.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    })
+}
 
 /// The VM's status as the API reports it.
-pub fn status(vm: &Vm, guest: GuestStatus<'_>) -> Value {
+pub fn status(vm: &Vm, ctx: &ServeContext<'_>) -> Value {
     let meta = vm.meta();
     let stopped = vm.stopped_reason();
     let run_state = match (&stopped, vm.is_running()) {
@@ -76,10 +151,12 @@ pub fn status(vm: &Vm, guest: GuestStatus<'_>) -> Value {
     json!({
         "run_state": run_state,
         "stopped_reason": stopped,
+        "held": ctx.hold,
         "vcpus": meta.vcpus,
         "mem_size": meta.mem_size,
         "tsc_khz": meta.tsc_khz,
-        "guest": guest.map_or(Value::Null, |g| g()),
+        "guest": ctx.guest.map_or(Value::Null, |g| g()),
+        "migration": ctx.migration.as_ref().map(|p| p.report()),
     })
 }
 
@@ -98,17 +175,25 @@ pub fn snapshot_to(vm: &mut Vm, path: &Path) -> Result<Value, ControllerError> {
 }
 
 /// Applies one request. Returns the response and whether to quit.
-pub fn handle(vm: &mut Vm, req: &ApiRequest, guest: GuestStatus<'_>) -> (ApiResponse, bool) {
+pub fn handle(
+    vm: &mut Vm,
+    req: &ApiRequest,
+    api: Option<&Receiver<PendingRequest>>,
+    ctx: &mut ServeContext<'_>,
+) -> (ApiResponse, bool) {
     let r = match req {
-        ApiRequest::Status => Ok(status(vm, guest)),
+        ApiRequest::Status => Ok(status(vm, ctx)),
         ApiRequest::Pause => vm
             .pause()
             .map(|d| json!({ "pause_us": d.as_micros() as u64 }))
             .map_err(ControllerError::from),
-        ApiRequest::Resume => vm
-            .resume()
-            .map(|_| json!({}))
-            .map_err(ControllerError::from),
+        ApiRequest::Resume => match &ctx.hold {
+            Some(why) => Err(ControllerError::Held(why.clone())),
+            None => vm
+                .resume()
+                .map(|_| json!({}))
+                .map_err(ControllerError::from),
+        },
         ApiRequest::Snapshot { path } => snapshot_to(vm, path),
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
         ApiRequest::Migrate {
@@ -116,11 +201,14 @@ pub fn handle(vm: &mut Vm, req: &ApiRequest, guest: GuestStatus<'_>) -> (ApiResp
             stats_json,
             mode,
         } => {
-            let opts = migration::SourceOptions {
-                mode: mode.unwrap_or(ferry_protocol::MigrationMode::Postcopy),
-                ..Default::default()
-            };
-            return match migrate_to(vm, to, &opts, stats_json.as_deref()) {
+            if let Some(why) = &ctx.hold {
+                return (ApiResponse::err(ControllerError::Held(why.clone())), false);
+            }
+            let mut opts = ctx.migrate_defaults.clone();
+            if let Some(m) = mode {
+                opts.mode = *m;
+            }
+            return match migrate_to(vm, to, &opts, stats_json.as_deref(), api, ctx) {
                 Ok(v) => (ApiResponse::ok(v), true),
                 Err(e) => {
                     error!("migration failed: {e}");
@@ -155,7 +243,7 @@ pub fn serve(
     vm: &mut Vm,
     api: Option<&Receiver<PendingRequest>>,
     run_for: Option<Duration>,
-    guest: GuestStatus<'_>,
+    ctx: &mut ServeContext<'_>,
 ) -> ServeEnd {
     let deadline = run_for.map(|d| Instant::now() + d);
     let mut reported_stop = false;
@@ -177,7 +265,7 @@ pub fn serve(
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok((req, reply)) => {
                 let migrated = matches!(req, ApiRequest::Migrate { .. });
-                let (resp, end) = handle(vm, &req, guest);
+                let (resp, end) = handle(vm, &req, api, ctx);
                 let _ = reply.send(resp);
                 if end {
                     return if migrated {

@@ -566,27 +566,33 @@ pub fn restore_lazy(
         let server = std::thread::Builder::new()
             .name("snapshot-pages".into())
             .spawn_scoped(s, || {
-                let r = migration::migrate_machine(
+                migration::migrate_machine(
                     &snap.state,
                     &snap.page_source(),
                     &addr,
                     &opts,
                     start_host_us,
-                );
-                if r.is_err() {
-                    // If `receive` still waits for a connection, one that
-                    // closes at once makes it fail instead of waiting.
-                    let _ = std::net::TcpStream::connect(&addr);
-                }
-                r
+                )
             })
             .map_err(|e| RestoreError::Thread(e.to_string()))?;
-        let received = migration::receive(&listener, console);
+        // Both ends are in this process: a failure is not a lost network
+        // link, so recovery gets only a short window.
+        let dest_opts = migration::DestOptions {
+            recovery_window: Duration::from_secs(2),
+            accept_timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let received = migration::receive(&listener, console, &dest_opts);
         let served = server
             .join()
             .map_err(|_| RestoreError::Thread("panicked".into()))?;
         Ok::<_, RestoreError>((received, served))
     })?;
+    let received = received.and_then(|r| match (r.failure, r.stats) {
+        (None, Some(stats)) => Ok((r.vm, stats)),
+        (Some(e), _) => Err(e),
+        (None, None) => Err(DestError::Refused("no statistics".into())),
+    });
     let (vm, stats) = match (received, served) {
         (Ok((vm, _)), Ok(outcome)) => (vm, outcome.stats),
         // Every page is present: the VM is whole even though the page

@@ -358,6 +358,7 @@ impl PreparedVm {
             _kvm: self.kvm,
             meta,
             running: false,
+            keep_alive: Vec::new(),
         })
     }
 }
@@ -457,9 +458,19 @@ pub struct Vm {
     _kvm: Kvm,
     meta: MachineMeta,
     running: bool,
+    /// Things that must outlive the vCPU threads (a destination's
+    /// userfaultfd: closing it while a vCPU could still fault would let the
+    /// kernel fill the fault with a zero page).
+    keep_alive: Vec<Box<dyn Send>>,
 }
 
 impl Vm {
+    /// Keeps `thing` until the VM is dropped, released only after every
+    /// vCPU thread has ended.
+    pub fn keep_alive(&mut self, thing: Box<dyn Send>) {
+        self.keep_alive.push(thing);
+    }
+
     /// Creates and boots a VM, leaving it paused.
     pub fn boot(
         mem_size: u64,

@@ -403,6 +403,7 @@ fn without_lz4_or_zero_runs_every_page_is_raw() {
         zero_runs: false,
         push_pages: 64,
         push_sndbuf: None,
+        ..Default::default()
     };
     let (mut control, _fault, outcome) = start(FileSource::new(file, pages), cfg);
     let pushed = read_push(control.try_clone().unwrap(), Arc::new(image), pages);

@@ -22,6 +22,8 @@ pub struct FrameDecoder {
     start: usize,
     /// Payload length of the frame whose header is at `start`, once known.
     want: Option<usize>,
+    /// Where the last frame handed out starts, and its header.
+    last: Option<(usize, FrameHeader)>,
 }
 
 /// One complete frame, borrowed from the decoder.
@@ -45,6 +47,7 @@ impl FrameDecoder {
             buf: bytes,
             start: 0,
             want: None,
+            last: None,
         }
     }
 
@@ -96,6 +99,7 @@ impl FrameDecoder {
         self.want = None;
         let at = self.start;
         self.start += end;
+        self.last = Some((at, header));
         let payload = &self.buf[at + HEADER_LEN..at + end];
         if header.kind == MsgType::Abort {
             return Err(ProtocolError::Aborted(
@@ -103,6 +107,16 @@ impl FrameDecoder {
             ));
         }
         Ok(Some(Frame { header, payload }))
+    }
+
+    /// The frame that [`FrameDecoder::next_frame`] or
+    /// [`FrameDecoder::recv`] handed out last, again (until more is read).
+    pub fn last_frame(&self) -> Option<Frame<'_>> {
+        let (at, header) = self.last?;
+        Some(Frame {
+            header,
+            payload: &self.buf[at + HEADER_LEN..at + HEADER_LEN + header.len as usize],
+        })
     }
 
     /// Blocks on `r` until a whole frame is buffered and returns it. End of
@@ -136,6 +150,7 @@ impl FrameDecoder {
 
     /// Drops consumed bytes when that is cheap or needed.
     fn compact(&mut self) {
+        self.last = None;
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;

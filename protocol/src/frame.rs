@@ -21,8 +21,14 @@ pub enum MsgType {
     HelloAck = 0x02,
     /// Source → destination: migration metadata (JSON) + VM state blob.
     State = 0x10,
-    /// Destination → source: the vCPUs run (JSON timing).
+    /// Destination → source: the vCPUs run (JSON timing), after `Commit`.
     Resumed = 0x11,
+    /// Destination → source: the state is restored, the vCPUs are ready
+    /// but do not run until `Commit` (JSON timing).
+    Ready = 0x12,
+    /// Source → destination: the switch-over is decided; from the moment
+    /// the source writes it, it never runs its own copy again.
+    Commit = 0x13,
     /// Source → destination: a run of pages (push or demand answer).
     Pages = 0x20,
     /// Destination → source, fault connection: send these pages now.
@@ -36,9 +42,16 @@ pub enum MsgType {
     /// Destination → source, control: a `Discard` whose `arg` was 1 has been
     /// applied (the source waits for it while the guest still runs).
     DiscardDone = 0x24,
+    /// Destination → source, control, after a recovery handshake: the pages
+    /// it already holds (a [`crate::PageBitmap`] as little-endian words).
+    RecvBitmap = 0x25,
     /// Destination → source: every page is present (JSON stats); the source
     /// may release the VM's memory.
     Complete = 0x30,
+    /// Either way, control: "still here" when nothing else was sent for a
+    /// while; a side that hears nothing for its peer timeout deems the link
+    /// dead.
+    Ping = 0x40,
     /// Either way: give up, with a reason (UTF-8).
     Abort = 0x7f,
 }
@@ -51,12 +64,16 @@ impl MsgType {
             HelloAck,
             State,
             Resumed,
+            Ready,
+            Commit,
             Pages,
             PageRequest,
             PushDone,
             Discard,
             DiscardDone,
+            RecvBitmap,
             Complete,
+            Ping,
             Abort,
         ]
         .into_iter()
@@ -73,9 +90,11 @@ impl MsgType {
                 PAGES_PREFIX + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE,
             ),
             MsgType::PageRequest => (16, 16),
-            MsgType::State | MsgType::Discard => (4, MAX_PAYLOAD),
-            MsgType::Resumed | MsgType::PushDone | MsgType::Complete => (0, 1 << 20),
-            MsgType::DiscardDone => (0, 0),
+            MsgType::State | MsgType::Discard | MsgType::RecvBitmap => (4, MAX_PAYLOAD),
+            MsgType::Resumed | MsgType::Ready | MsgType::PushDone | MsgType::Complete => {
+                (0, 1 << 20)
+            }
+            MsgType::DiscardDone | MsgType::Commit | MsgType::Ping => (0, 0),
             MsgType::Abort => (0, 4096),
         }
     }

@@ -46,8 +46,9 @@ pub const PAGES_PREFIX: usize = 16;
 pub const MAX_PAYLOAD: usize = 16 << 20;
 /// Magic at the start of a `Hello`.
 pub const HELLO_MAGIC: [u8; 8] = *b"FERRYMIG";
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks (2: the two-phase switch-over
+/// `Ready`/`Commit`, heartbeats and session recovery).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Bytes of a `Hello` before its options.
 pub(crate) const HELLO_FIXED: usize = 48;
 
@@ -59,12 +60,48 @@ pub mod features {
     pub const ZERO_RUNS: u64 = 1 << 1;
     /// Reserved: an authentication exchange follows the handshake.
     pub const AUTH: u64 = 1 << 8;
-    /// Reserved: this connection resumes a session after a cut.
+    /// This connection resumes an existing session after a cut: its
+    /// `Hello` names the session, and the `HelloAck` status says what the
+    /// destination holds of it ([`super::ResumeStatus`]).
     pub const RESUME: u64 = 1 << 9;
-    /// Reserved: the destination sends its received-pages bitmap.
+    /// After a resume handshake the destination sends `RecvBitmap`.
     pub const RECV_BITMAP: u64 = 1 << 10;
     /// What this build implements.
-    pub const SUPPORTED: u64 = LZ4 | ZERO_RUNS;
+    /// (`RESUME` is not negotiated: it marks a connection that resumes.)
+    pub const SUPPORTED: u64 = LZ4 | ZERO_RUNS | RECV_BITMAP;
+}
+
+/// What a destination holds of a session that a resuming source names,
+/// as the `HelloAck` status of a resume handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ResumeStatus {
+    /// A new session, accepted (not a resume).
+    Accepted = 0,
+    /// No such session here: it was never prepared, or it was discarded
+    /// before any `Commit`. The destination will never run it.
+    UnknownSession = 1,
+    /// Restored and waiting for `Commit`; the VM has not run here.
+    Prepared = 2,
+    /// Committed and running; a lazy move continues (`RecvBitmap` follows).
+    Running = 3,
+    /// Every page arrived; `Complete` follows.
+    Completed = 4,
+}
+
+impl ResumeStatus {
+    /// Decodes a `HelloAck` status.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        [
+            Self::Accepted,
+            Self::UnknownSession,
+            Self::Prepared,
+            Self::Running,
+            Self::Completed,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
+    }
 }
 
 /// Why a frame or message was refused.
@@ -201,9 +238,9 @@ mod tests {
         };
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         let mut v2 = h.encode();
-        v2[8] = 2;
+        v2[8] = 99;
         let e = Hello::decode(&v2).unwrap_err().to_string();
-        assert!(e.contains("version 2"), "{e}");
+        assert!(e.contains("version 99"), "{e}");
         let mut cut = h.encode();
         cut.pop();
         assert!(Hello::decode(&cut).is_err());

@@ -64,6 +64,22 @@ pub struct VmIoArgs {
     pub run_for: Option<Duration>,
 }
 
+/// How a side of a migration treats its peer: the `--peer-timeout` and
+/// `--recovery-window` flags both binaries share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LinkArgs {
+    /// A peer that sends nothing for this long (not even a heartbeat) is
+    /// gone: before the switch-over commits the move rolls back; after it,
+    /// recovery starts.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub peer_timeout: Duration,
+    /// After the switch-over, how long a lost peer is waited for and
+    /// reconnected to (with backoff) before the move is declared stranded;
+    /// a stranded VM stays paused and never runs on missing pages or twice.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub recovery_window: Duration,
+}
+
 /// Maps `--serial` to a console output: `-` is stdout, `none` discards.
 pub fn console_output(arg: Option<&str>) -> ConsoleOutput {
     match arg {

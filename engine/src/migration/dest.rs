@@ -1,80 +1,123 @@
-//! The destination side of a post-copy migration.
+//! The destination side of a migration, in all four modes.
 //!
 //! ```text
-//! accept control conn, Hello ──► PreparedVm::new + register userfaultfd   (before the
-//! accept fault conn, Hello         (RAM mapped, vCPU fds created)           state arrives)
-//! State ──► fault thread up ──► restore ──► resume ──► Resumed{downtime}
-//! control conn: Pages (push) ──► install in batches; Zero runs only recorded
-//! fault conn:   fault thread: uffd fault ─► PageRequest ─► Pages ─► UFFDIO_COPY
-//! PushDone ──► wait until every page is present or zero ──► unregister ──► Complete
+//! accept control conn, Hello ──► PreparedVm::new (+ userfaultfd in lazy modes)
+//! accept fault conn, Hello (same session id, else refused)
+//! [Pages / Discard before the state: pre-copy modes]
+//! State ──► restore (vCPUs do not run) ──► Ready
+//! Commit ──► vCPUs run ──► Resumed                      (the switch-over)
+//! lazy: push installed, faults answered ──► every page present ──► Complete
 //! ```
 //!
-//! Pre-copy, stop-and-copy and hybrid send pages before the state; they are
-//! written straight into the memory file (the VM is not running yet).
-//! Hybrid then drops the pages the source reports stale (`Discard`) and
-//! continues as post-copy; the other two are complete once the state is in.
+//! The rules that keep exactly one copy of the VM running (see
+//! `docs/protocol.md`, "Failures"):
 //!
-//! Any failure before the vCPUs resume sends `Abort`, so the source can
-//! resume its own copy of the VM: no VM is lost.
+//! - Before `Ready` is sent, any failure aborts: nothing ran here.
+//! - Between `Ready` and `Commit` the VM is restored but paused. A lost link
+//!   is waited out for the recovery window: a source that reconnects with
+//!   the session id learns "prepared" and sends `Commit` again. When the
+//!   window ends the VM is discarded; it never ran, and a source asking
+//!   later hears "unknown session", which lets it resume its own copy.
+//! - After `Commit` the VM is this side's. A lost link (either connection,
+//!   or a silent peer) is waited out: vCPUs that touch a missing page wait
+//!   in their fault, the userfaultfd and every received page are kept, and
+//!   the listener takes the source's reconnection. The source learns which
+//!   pages are here (`RecvBitmap`) and the move continues. When the window
+//!   ends the VM is paused and kept, with the error: it never runs on a
+//!   page it does not have.
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
-    decode_state, features, Hello, HelloAck, MigrationMode, MsgType, ProtocolError, Resumed, Role,
-    StateMeta, OPT_MODE, PROTOCOL_VERSION,
+    decode_state, features, Hello, HelloAck, MigrationMode, MsgType, PageBitmap, ProtocolError,
+    ResumeStatus, Resumed, Role, StateMeta, OPT_MODE, PROTOCOL_VERSION,
 };
 use tracing::{info, warn};
 
 use super::error::{DestError, DRAIN_TIMEOUT};
 use super::fault::{FaultStats, FaultThread};
 use super::install::{install_push, receive_before_state, PushCounters};
-use super::link::Link;
-use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats};
+use super::link::{is_link_failure, Heartbeat, Link};
+use super::progress::{Progress, Stage};
+use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats, Recovery};
 use super::uffd_ram::UffdRam;
 use crate::console::now_us;
 use crate::layout::{valid_mem_size, PAGE_SIZE};
 use crate::state;
 use crate::vm::{ConsoleOutput, PreparedVm, Vm, MAX_VCPUS};
 
-/// How long to wait for the source's second connection.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest silence on the control connection before giving up.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may take to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the installer looks up from a quiet control connection.
+const POLL: Duration = Duration::from_millis(50);
 
-/// Accepts one incoming post-copy migration on `listener` and returns the
-/// running VM, with the migration's statistics.
+/// How the destination waits for its peer.
+#[derive(Debug, Clone)]
+pub struct DestOptions {
+    /// A source that sends nothing for this long is gone.
+    pub peer_timeout: Duration,
+    /// How long a lost source is waited for after `Ready`.
+    pub recovery_window: Duration,
+    /// Where to publish the stage, for the API's `status`.
+    pub progress: Option<Arc<Progress>>,
+    /// How long to wait for a session to begin (None: for ever).
+    pub accept_timeout: Option<Duration>,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        Self {
+            peer_timeout: Duration::from_secs(5),
+            recovery_window: Duration::from_secs(60),
+            progress: None,
+            accept_timeout: None,
+        }
+    }
+}
+
+impl DestOptions {
+    fn stage(&self, s: Stage) {
+        if let Some(p) = &self.progress {
+            p.stage(s);
+        }
+    }
+}
+
+/// What [`receive`] gives back.
+pub struct Received {
+    /// The VM, running; or paused when `failure` is set.
+    pub vm: Vm,
+    /// The migration's statistics (None when it did not complete).
+    pub stats: Option<MigrationStats>,
+    /// Why the move could not complete after `Commit`. The VM is kept,
+    /// paused, and never runs on a page it does not have.
+    pub failure: Option<DestError>,
+}
+
+/// Accepts one incoming migration on `listener` and returns the VM. An
+/// error means no VM ever ran here.
 pub fn receive(
     listener: &TcpListener,
     console: ConsoleOutput,
-) -> Result<(Vm, MigrationStats), DestError> {
-    let (control, peer) = listener.accept().map_err(ProtocolError::Io)?;
-    info!(%peer, "incoming migration");
-    control.set_nodelay(true).map_err(ProtocolError::Io)?;
-    // A silent peer must not hold this process forever.
-    control
-        .set_read_timeout(Some(FRAME_TIMEOUT))
-        .map_err(ProtocolError::Io)?;
-    let mut ctl = Link::new(control);
-
-    // Handshake on the control connection, then prepare the VM at once.
-    let hello = expect_hello(&mut ctl, Role::Control, None)?;
-    let mode = hello.mode().map_err(|e| abort(&mut ctl, e.into()))?;
+    opts: &DestOptions,
+) -> Result<Received, DestError> {
+    let (mut ctl, hello) = accept_new(listener, opts)?;
+    opts.stage(Stage::Precopy);
+    let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
     let (prepared, uffd) = match prepare(&hello, mode, console) {
         Ok(p) => p,
-        Err(e) => return Err(abort(&mut ctl, e)),
+        Err(e) => return Err(abort(&ctl, e)),
     };
     let accepted = hello.features & features::SUPPORTED;
-    ack(&mut ctl, &hello, accepted)?;
-
-    // The fault connection.
-    let fault_conn = accept_with_timeout(listener).map_err(|e| abort(&mut ctl, e))?;
-    fault_conn.set_nodelay(true).map_err(ProtocolError::Io)?;
-    let mut fault_link = Link::new(fault_conn);
-    let fhello = expect_hello(&mut fault_link, Role::Fault, Some(hello.session_id))
-        .map_err(|e| abort(&mut ctl, e))?;
-    ack(&mut fault_link, &fhello, accepted)?;
+    ack(&ctl, &hello, accepted, ResumeStatus::Accepted)?;
+    let session = hello.session_id;
+    let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 6;
+    let (fault_link, fhello) =
+        accept_role(listener, opts, Role::Fault, session, deadline).map_err(|e| abort(&ctl, e))?;
+    ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
+    let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 
     // Pages sent before the state (pre-copy modes), then the state.
     let mut counters = PushCounters::default();
@@ -86,68 +129,109 @@ pub fn receive(
         &mut counters,
     ) {
         Ok(p) => p,
-        Err(e) => return Err(abort(&mut ctl, e)),
+        Err(e) => return Err(abort(&ctl, e)),
     };
+    opts.stage(Stage::Switching);
     let bytes_state = state_payload.len() as u64;
-    let (meta, blob) = decode_state(&state_payload).map_err(|e| abort(&mut ctl, e.into()))?;
-    let machine = state::decode(blob).map_err(|e| abort(&mut ctl, e.into()))?;
+    let (meta, blob) = decode_state(&state_payload).map_err(|e| abort(&ctl, e.into()))?;
+    let machine = state::decode(blob).map_err(|e| abort(&ctl, e.into()))?;
     if machine.meta.mem_size != hello.mem_size
         || machine.meta.vcpus != hello.vcpus
         || meta.mode != mode
     {
         return Err(abort(
-            &mut ctl,
+            &ctl,
             DestError::Refused("state does not match the Hello".into()),
         ));
     }
     // In lazy modes the fault handler must run before anything can touch
     // guest memory; dropping the handle stops it again on any error.
+    let (fault_conn, fault_buffered) = fault_link.into_parts();
+    let mut fault_spare = None;
     let fault = match &uffd {
-        Some(ram) => {
-            let (conn, buffered) = fault_link.into_parts();
-            Some(
-                FaultThread::start(ram.clone(), conn, buffered)
-                    .map_err(|e| abort(&mut ctl, e.into()))?,
+        Some(ram) => Some(
+            FaultThread::start(
+                ram.clone(),
+                fault_conn,
+                fault_buffered,
+                ctl.stream.try_clone().ok(),
             )
+            .map_err(|e| abort(&ctl, e.into()))?,
+        ),
+        None => {
+            fault_spare = Some(fault_conn);
+            None
         }
-        None => None,
     };
+    let restore_t = Instant::now();
     let mut vm = prepared
         .restore(&machine)
-        .map_err(|e| abort(&mut ctl, e.into()))?;
+        .map_err(|e| abort(&ctl, e.into()))?;
     if let Some(f) = &fault {
         f.attribute_to(vm.vcpu_tids());
     }
-    vm.resume().map_err(|e| abort(&mut ctl, e.into()))?;
+    let ready = serde_json::json!({ "restore_us": restore_t.elapsed().as_micros() as u64 });
+    ctl.send(MsgType::Ready, 0, ready.to_string().as_bytes())?;
+
+    // Prepared: the VM runs only when `Commit` arrives.
+    let mut recovery = Recovery::default();
+    let commit_wait = wait_for_commit(listener, opts, &mut ctl, &mut beat, session, &mut recovery);
+    if let Err(e) = commit_wait {
+        warn!("the switch-over did not commit; the VM is discarded here: {e}");
+        return Err(e);
+    }
+    drop(fault_spare);
+    if let Some(ram) = &uffd {
+        // The userfaultfd must outlive every vCPU thread.
+        vm.keep_alive(Box::new(ram.clone()));
+    }
+    vm.resume()?;
     let resume_host_us = now_us();
     let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
     info!(
         downtime_us,
         mode = mode.name(),
-        "vCPUs running on the destination"
+        "committed: vCPUs running on the destination"
     );
+    opts.stage(if mode.lazy() {
+        Stage::Postcopy
+    } else {
+        Stage::Completed
+    });
     let resumed = Resumed {
         downtime_us,
         resume_host_us,
     };
-    ctl.send(
-        MsgType::Resumed,
-        0,
-        &serde_json::to_vec(&resumed).unwrap_or_default(),
-    )?;
-
-    // From here the VM runs here; errors are reported, the VM is kept.
-    let (counters, source_stats, fault_stats) = match (uffd, fault) {
-        (Some(ram), Some(fault)) => {
-            let (counters, source_stats, fault_stats) =
-                finish_postcopy(&mut ctl, &ram, counters, fault)?;
-            (counters, source_stats, Some(fault_stats))
+    let resumed = serde_json::to_vec(&resumed).unwrap_or_default();
+    // From here the VM is this side's: a lost link is recovered, never fatal.
+    let sent = ctl.send(MsgType::Resumed, 0, &resumed);
+    let mut session_state = Session {
+        listener,
+        opts,
+        session,
+        ctl,
+        beat,
+        recovery,
+    };
+    if let Err(e) = sent {
+        if !is_link_failure(&e) {
+            return Ok(session_state.strand(vm, e.into()));
         }
+        if let Err(e) = session_state.recover(None, ResumeStatus::Running) {
+            return Ok(session_state.strand(vm, e));
+        }
+    }
+
+    let (counters, source_stats, fault_stats) = match (uffd, fault) {
+        (Some(ram), Some(fault)) => match session_state.finish_postcopy(&ram, counters, fault) {
+            Ok((c, s, f)) => (c, s, Some(f)),
+            Err(e) => return Ok(session_state.strand(vm, e)),
+        },
         _ => (counters, serde_json::Value::Null, None),
     };
     let total_ms = (now_us().saturating_sub(meta.start_host_us)) as f64 / 1e3;
     info!(total_ms, "every page present");
-
+    opts.stage(Stage::Completed);
     let stats = build_stats(
         &vm,
         &meta,
@@ -159,39 +243,227 @@ pub fn receive(
         counters,
         fault_stats,
         source_stats,
+        session_state.recovery.clone(),
     );
-    ctl.send(
-        MsgType::Complete,
-        0,
-        &serde_json::to_vec(&stats).unwrap_or_default(),
-    )?;
-    Ok((vm, stats))
+    let complete = serde_json::to_vec(&stats).unwrap_or_default();
+    session_state.send_complete(&complete);
+    Ok(Received {
+        vm,
+        stats: Some(stats),
+        failure: None,
+    })
 }
 
-/// Installs the push until `PushDone`, waits for demand answers still in
-/// flight, stops the fault thread and unregisters the RAM.
-fn finish_postcopy(
+/// Waits for `Commit` on the control link. A lost link before it is waited
+/// out for the recovery window (a source that wrote `Commit` reconnects and
+/// writes it again); an `Abort`, or the window's end, is an error.
+fn wait_for_commit(
+    listener: &TcpListener,
+    opts: &DestOptions,
     ctl: &mut Link,
-    ram: &UffdRam,
-    counters: PushCounters,
-    fault: FaultThread,
-) -> Result<(PushCounters, serde_json::Value, FaultStats), DestError> {
-    let pushed = install_push(ctl, ram, counters).and_then(|done| {
+    beat: &mut Heartbeat,
+    session: u64,
+    recovery: &mut Recovery,
+) -> Result<(), DestError> {
+    loop {
+        let got = ctl.recv().map(|f| f.header.kind);
+        match got {
+            Ok(MsgType::Commit) => return Ok(()),
+            Ok(other) => {
+                return Err(abort(
+                    ctl,
+                    ProtocolError::Unexpected {
+                        got: other,
+                        expected: "Commit",
+                    }
+                    .into(),
+                ))
+            }
+            Err(e) if is_link_failure(&e) => {
+                warn!("link lost before Commit: {e}; waiting for the source to settle it");
+                let t = Instant::now();
+                let deadline = t + opts.recovery_window;
+                let (new_ctl, new_fault) =
+                    accept_resume(listener, opts, session, deadline, ResumeStatus::Prepared)?;
+                // Nothing goes on the fault connection before the VM runs.
+                drop(new_fault);
+                *ctl = new_ctl;
+                *beat = ctl.heartbeat(opts.peer_timeout / 4);
+                recovery.count += 1;
+                recovery.ms += t.elapsed().as_secs_f64() * 1e3;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A committed session on this side: what recovery needs.
+struct Session<'a> {
+    listener: &'a TcpListener,
+    opts: &'a DestOptions,
+    session: u64,
+    ctl: Link,
+    beat: Heartbeat,
+    recovery: Recovery,
+}
+
+impl Session<'_> {
+    /// Installs the push until `PushDone`, then waits for the last demand
+    /// answers; a lost link on the way is recovered and the move goes on.
+    fn finish_postcopy(
+        &mut self,
+        ram: &Arc<UffdRam>,
+        mut counters: PushCounters,
+        fault: FaultThread,
+    ) -> Result<(PushCounters, serde_json::Value, FaultStats), DestError> {
+        let mut source_stats = serde_json::Value::Null;
+        loop {
+            let attempt = self.push_then_drain(ram, &mut counters, &fault);
+            match attempt {
+                Ok(s) => {
+                    source_stats = s.unwrap_or(source_stats);
+                    break;
+                }
+                Err(DestError::Protocol(e)) if is_link_failure(&e) => {
+                    self.recover(Some((&fault, ram)), ResumeStatus::Running)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let fault_stats = fault.stop()?;
+        ram.unregister()?;
+        Ok((counters, source_stats, fault_stats))
+    }
+
+    /// One connection's worth of the push and the drain after it: returns
+    /// the source's stats from `PushDone` once every page is present.
+    fn push_then_drain(
+        &mut self,
+        ram: &UffdRam,
+        counters: &mut PushCounters,
+        fault: &FaultThread,
+    ) -> Result<Option<serde_json::Value>, DestError> {
+        let source = install_push(&mut self.ctl, ram, counters)?;
         let t = Instant::now();
+        let mut last_heard = Instant::now();
         while !ram.complete() {
+            if fault.is_down() {
+                return Err(ProtocolError::Closed.into());
+            }
+            if fault.has_ended() {
+                return Err(DestError::Refused("the fault handler ended".into()));
+            }
             if t.elapsed() > DRAIN_TIMEOUT {
                 let missing = ram.pages() - ram.present.count() - ram.zero.count();
                 return Err(DestError::Incomplete(missing));
             }
-            std::thread::sleep(Duration::from_micros(200));
+            if let Some(f) = self.ctl.poll(POLL, &mut last_heard)? {
+                return Err(ProtocolError::Unexpected {
+                    got: f.header.kind,
+                    expected: "nothing but Ping after PushDone",
+                }
+                .into());
+            }
         }
-        Ok(done)
-    });
-    let fault_stats = fault.stop();
-    let (counters, source_stats) = pushed?;
-    let fault_stats = fault_stats?;
-    ram.unregister()?;
-    Ok((counters, source_stats, fault_stats))
+        Ok(Some(source))
+    }
+
+    /// Waits for the source to come back after a lost link, for at most the
+    /// recovery window, and resumes the session on its new connections:
+    /// `RecvBitmap` tells it which pages are here (lazy modes), and the
+    /// fault thread asks again for every page still pending.
+    fn recover(
+        &mut self,
+        fault: Option<(&FaultThread, &Arc<UffdRam>)>,
+        status: ResumeStatus,
+    ) -> Result<(), DestError> {
+        let t = Instant::now();
+        if let Some((f, _)) = fault {
+            f.mark_down();
+        }
+        self.ctl.shutdown();
+        self.opts.stage(Stage::Recovering);
+        warn!(
+            window = ?self.opts.recovery_window,
+            "link to the source lost; the VM waits for it to reconnect"
+        );
+        let deadline = t + self.opts.recovery_window;
+        let (ctl, fault_link) =
+            accept_resume(self.listener, self.opts, self.session, deadline, status)?;
+        self.ctl = ctl;
+        self.beat = self.ctl.heartbeat(self.opts.peer_timeout / 4);
+        if let Some((f, ram)) = fault {
+            let have = PageBitmap::new(ram.pages());
+            have.or_with(&ram.present);
+            have.or_with(&ram.zero);
+            self.ctl.send(MsgType::RecvBitmap, 0, &have.to_le_bytes())?;
+            let (conn, buffered) = fault_link.into_parts();
+            f.reconnect(conn, buffered, self.ctl.stream.try_clone().ok());
+        }
+        self.recovery.count += 1;
+        self.recovery.ms += t.elapsed().as_secs_f64() * 1e3;
+        if let Some(p) = &self.opts.progress {
+            p.recoveries.store(
+                u64::from(self.recovery.count),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        self.opts.stage(Stage::Postcopy);
+        info!(
+            recoveries = self.recovery.count,
+            ms = t.elapsed().as_millis() as u64,
+            "source reconnected; the move continues"
+        );
+        Ok(())
+    }
+
+    /// Sends `Complete`. If the link is gone, a source that reconnects
+    /// within the window is told the move completed and gets it again.
+    fn send_complete(&mut self, complete: &[u8]) {
+        loop {
+            match self.ctl.send(MsgType::Complete, 0, complete) {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!("cannot send Complete: {e}; waiting for the source to ask again");
+                    let deadline = Instant::now() + self.opts.recovery_window;
+                    match accept_resume(
+                        self.listener,
+                        self.opts,
+                        self.session,
+                        deadline,
+                        ResumeStatus::Completed,
+                    ) {
+                        Ok((ctl, _)) => self.ctl = ctl,
+                        Err(e) => {
+                            warn!("the source never asked again: {e}; every page is here");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The move cannot complete: pause the VM and keep it, with the reason.
+    fn strand(&mut self, mut vm: Vm, e: DestError) -> Received {
+        if let Err(pe) = vm.pause() {
+            // vCPUs blocked on missing pages stay blocked: the userfaultfd
+            // lives as long as the VM.
+            warn!("pausing the stranded VM: {pe}");
+        }
+        tracing::error!(
+            "the move could not complete: {e}; the VM is kept here, paused, \
+             and will not run on pages it does not have"
+        );
+        if let Some(p) = &self.opts.progress {
+            p.fail(e.to_string());
+        }
+        Received {
+            vm,
+            stats: None,
+            failure: Some(e),
+        }
+    }
 }
 
 /// Times of a migration, as the destination measured them.
@@ -250,27 +522,130 @@ fn prepare(
     Ok((prepared, Some(ram)))
 }
 
-fn expect_hello(link: &mut Link, role: Role, session: Option<u64>) -> Result<Hello, DestError> {
-    let hello = Hello::decode(link.expect(MsgType::Hello, "Hello")?)?;
-    if hello.role != role {
-        return Err(ProtocolError::Handshake(format!(
-            "expected a {role:?} connection, got {:?}",
-            hello.role
-        ))
-        .into());
+/// Accepts one connection and reads its `Hello` (bounded in time). `None`
+/// when nothing arrived before `deadline`.
+fn accept_hello(
+    listener: &TcpListener,
+    opts: &DestOptions,
+    deadline: Option<Instant>,
+) -> Result<Option<(Link, Hello)>, DestError> {
+    loop {
+        let Some(conn) = accept_until(listener, deadline)? else {
+            return Ok(None);
+        };
+        let peer = conn.peer_addr().ok();
+        let mut link = Link::new(conn, HELLO_TIMEOUT.min(opts.peer_timeout))?;
+        let hello = link.expect(MsgType::Hello, "Hello").and_then(Hello::decode);
+        match hello {
+            Ok(h) => {
+                link.set_peer_timeout(opts.peer_timeout)?;
+                return Ok(Some((link, h)));
+            }
+            Err(e) => {
+                warn!(?peer, "refused a connection: {e}");
+                let _ = link.send(MsgType::Abort, 0, e.to_string().as_bytes());
+            }
+        }
     }
-    if session.is_some_and(|s| s != hello.session_id) {
-        return Err(
-            ProtocolError::Handshake("fault connection names another session".into()).into(),
-        );
-    }
-    Ok(hello)
 }
 
-fn ack(link: &mut Link, hello: &Hello, features: u64) -> Result<(), DestError> {
+/// Waits for the control connection of a new session. Stray connections
+/// (garbage, resumes of sessions this side does not hold) are answered
+/// and dropped; they never end the wait.
+fn accept_new(listener: &TcpListener, opts: &DestOptions) -> Result<(Link, Hello), DestError> {
+    let deadline = opts.accept_timeout.map(|t| Instant::now() + t);
+    loop {
+        let Some((link, hello)) = accept_hello(listener, opts, deadline)? else {
+            return Err(DestError::Refused("no migration arrived".into()));
+        };
+        if hello.features & features::RESUME != 0 {
+            warn!(
+                session = hello.session_id,
+                "a source asks to resume a session this side does not hold"
+            );
+            let _ = ack(&link, &hello, 0, ResumeStatus::UnknownSession);
+            continue;
+        }
+        if hello.role != Role::Control {
+            warn!("refused a {:?} connection with no session", hello.role);
+            let _ = link.send(MsgType::Abort, 0, b"no session is open");
+            continue;
+        }
+        info!(peer = ?link.stream.peer_addr().ok(), "incoming migration");
+        return Ok((link, hello));
+    }
+}
+
+/// Waits for a connection of `role` in `session`; others are refused and
+/// logged, and never replace it.
+fn accept_role(
+    listener: &TcpListener,
+    opts: &DestOptions,
+    role: Role,
+    session: u64,
+    deadline: Instant,
+) -> Result<(Link, Hello), DestError> {
+    loop {
+        let Some((link, hello)) = accept_hello(listener, opts, Some(deadline))? else {
+            return Err(DestError::Refused(format!(
+                "the {role:?} connection of the session never came"
+            )));
+        };
+        if hello.role == role && hello.session_id == session {
+            return Ok((link, hello));
+        }
+        warn!(
+            session = hello.session_id,
+            role = ?hello.role,
+            "refused a connection that is not this session's {role:?} connection"
+        );
+        let _ = ack(&link, &hello, 0, ResumeStatus::UnknownSession);
+    }
+}
+
+/// Waits until `deadline` for the source of `session` to reconnect both
+/// connections with resume `Hello`s; answers each with `status`.
+fn accept_resume(
+    listener: &TcpListener,
+    opts: &DestOptions,
+    session: u64,
+    deadline: Instant,
+    status: ResumeStatus,
+) -> Result<(Link, Link), DestError> {
+    loop {
+        let Some((ctl, hello)) = accept_hello(listener, opts, Some(deadline))? else {
+            return Err(DestError::RecoveryTimeout(opts.recovery_window));
+        };
+        let ours = hello.session_id == session && hello.features & features::RESUME != 0;
+        if !ours || hello.role != Role::Control {
+            warn!(
+                session = hello.session_id,
+                "refused a connection while waiting for session {session} to resume"
+            );
+            let _ = ack(&ctl, &hello, 0, ResumeStatus::UnknownSession);
+            continue;
+        }
+        let accepted = hello.features & features::SUPPORTED;
+        ack(&ctl, &hello, accepted, status)?;
+        let fault = match accept_role(listener, opts, Role::Fault, session, deadline) {
+            Ok((f, fh)) => {
+                ack(&f, &fh, accepted, status)?;
+                f
+            }
+            Err(e) => {
+                warn!("the resumed session's fault connection never came: {e}");
+                continue;
+            }
+        };
+        info!(session, ?status, "source reconnected to the session");
+        return Ok((ctl, fault));
+    }
+}
+
+fn ack(link: &Link, hello: &Hello, features: u64, status: ResumeStatus) -> Result<(), DestError> {
     let a = HelloAck {
         version: PROTOCOL_VERSION,
-        status: 0,
+        status: status as u32,
         features,
         session_id: hello.session_id,
     };
@@ -278,29 +653,36 @@ fn ack(link: &mut Link, hello: &Hello, features: u64) -> Result<(), DestError> {
     Ok(())
 }
 
-fn accept_with_timeout(listener: &TcpListener) -> Result<TcpStream, DestError> {
+/// Accepts one connection, waiting at most until `deadline` (forever when
+/// `None`).
+fn accept_until(
+    listener: &TcpListener,
+    deadline: Option<Instant>,
+) -> Result<Option<TcpStream>, DestError> {
     listener.set_nonblocking(true).map_err(ProtocolError::Io)?;
-    let t = Instant::now();
-    let r = loop {
+    let r: Result<Option<TcpStream>, DestError> = loop {
         match listener.accept() {
-            Ok((s, _)) => break Ok(s),
+            Ok((s, _)) => break Ok(Some(s)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if t.elapsed() > ACCEPT_TIMEOUT {
-                    break Err(DestError::Refused("the fault connection never came".into()));
+                if deadline.is_some_and(|d| Instant::now() > d) {
+                    break Ok(None);
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(2));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => break Err(ProtocolError::Io(e).into()),
         }
     };
     listener.set_nonblocking(false).map_err(ProtocolError::Io)?;
     let s = r?;
-    s.set_nonblocking(false).map_err(ProtocolError::Io)?;
+    if let Some(s) = &s {
+        s.set_nonblocking(false).map_err(ProtocolError::Io)?;
+    }
     Ok(s)
 }
 
 /// Tells the source we give up (best effort) and passes the error on.
-fn abort(link: &mut Link, e: DestError) -> DestError {
+fn abort(link: &Link, e: DestError) -> DestError {
     warn!("aborting incoming migration: {e}");
     let msg = e.to_string();
     let mut end = msg.len().min(4096);
@@ -311,6 +693,7 @@ fn abort(link: &mut Link, e: DestError) -> DestError {
     e
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_stats(
     vm: &Vm,
     meta: &StateMeta,
@@ -319,6 +702,7 @@ fn build_stats(
     push: PushCounters,
     fault: Option<FaultStats>,
     source: serde_json::Value,
+    recovery: Recovery,
 ) -> MigrationStats {
     let name = |v: u32| {
         if v == u32::MAX {
@@ -372,6 +756,8 @@ fn build_stats(
             total_ms: fault.blocktime_us.values().sum::<u64>() as f64 / 1e3,
             per_vcpu_ms,
         },
+        recoveries: recovery.count,
+        recovery_ms: recovery.ms,
         source,
         converged: meta.converged,
         precopy_rounds: meta.rounds.clone(),

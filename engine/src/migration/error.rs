@@ -35,6 +35,15 @@ pub enum SourceError {
     /// Page serving after the switch-over.
     #[error("page server: {0}")]
     Server(#[from] ServerError),
+    /// After `Commit` the destination could not be reached within the
+    /// recovery window, or it lost the VM after running it. The VM stays
+    /// paused here with all its memory; it is not resumed, because the
+    /// destination may run it.
+    #[error("the move is stranded after the switch-over, the VM stays paused here: {0}")]
+    Stranded(String),
+    /// The destination does not hold the session being resumed.
+    #[error("the destination does not hold this session")]
+    Unknown,
     /// Failed before the destination ran the VM; the VM runs here again.
     #[error("migration failed before switch-over, the VM was resumed on the source: {0}")]
     RolledBack(Box<SourceError>),
@@ -64,6 +73,9 @@ pub enum DestError {
     /// Writing received pages.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The source did not come back within the recovery window.
+    #[error("the source did not reconnect within the recovery window ({0:?})")]
+    RecoveryTimeout(Duration),
     /// Pages never arrived.
     #[error("{0} pages were still missing {DRAIN_TIMEOUT:?} after the source finished pushing")]
     Incomplete(u64),

@@ -5,13 +5,20 @@
 //! between threads. On this host a blocking uffd read costs ~60 µs per fault
 //! and a polling one ~20 µs, so the loop spins (non-blocking reads of both
 //! fds) for a short while after any activity before it sleeps in `poll`.
+//!
+//! The connection can be lost and replaced (post-copy recovery). Losing it
+//! never ends the thread and never releases the userfaultfd: faults keep
+//! being read and recorded as pending (the vCPUs that took them simply
+//! wait), the link is marked down so the receive thread starts recovery,
+//! and once a new connection is handed over every pending request is sent
+//! again on it.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
@@ -22,6 +29,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, warn};
 use userfaultfd::{Event, EventBuffer};
 
+use super::link::is_link_failure;
 use super::stats::latency_histogram;
 use super::uffd_ram::{UffdRam, UffdRamError};
 
@@ -91,23 +99,86 @@ struct Pending {
     vcpu: u32,
 }
 
-/// Runs the fault handler until `stop` is set; returns what it measured.
-pub fn run(
-    ram: Arc<UffdRam>,
-    mut conn: TcpStream,
-    buffered: Vec<u8>,
-    vcpu_tids: Arc<OnceLock<Vec<i32>>>,
-    stop: Arc<AtomicBool>,
-) -> Result<FaultStats, FaultError> {
-    conn.set_nonblocking(true).map_err(ProtocolError::Io)?;
+/// What the fault thread shares with its owner.
+#[derive(Default)]
+struct Shared {
+    tids: OnceLock<Vec<i32>>,
+    stop: AtomicBool,
+    /// Set when the connection failed; cleared when a new one is taken.
+    down: AtomicBool,
+    /// The replacement connection, when recovery found one.
+    next: Mutex<Option<(TcpStream, Vec<u8>)>>,
+    /// Shut down when the fault connection fails, so the receive thread
+    /// (blocked on it) notices at once.
+    control: Mutex<Option<TcpStream>>,
+}
+
+/// The connection side of the fault loop.
+struct Conn {
+    stream: TcpStream,
+    rx: FrameDecoder,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, buffered: Vec<u8>) -> Result<Self, ProtocolError> {
+        stream.set_nonblocking(true)?;
+        Ok(Self {
+            stream,
+            rx: FrameDecoder::with_bytes(buffered),
+        })
+    }
+}
+
+fn send_request(
+    conn: &mut Conn,
+    pfn: u64,
+    vcpu: u32,
+    st: &mut FaultStats,
+) -> Result<(), ProtocolError> {
+    let frame = PageRequest {
+        pfn,
+        count: 1,
+        vcpu,
+    }
+    .frame(pfn);
+    write_all_nonblocking(&mut conn.stream, &frame)?;
+    st.bytes_wire += frame.len() as u64;
+    Ok(())
+}
+
+/// Runs the fault handler until stopped; returns what it measured.
+fn run(ram: Arc<UffdRam>, first: Conn, shared: Arc<Shared>) -> Result<FaultStats, FaultError> {
+    let mut conn = Some(first);
     let mut st = FaultStats::empty();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut events = EventBuffer::new(64);
-    let mut rx = FrameDecoder::with_bytes(buffered);
     let mut pages = Vec::new();
     let mut last_activity = Instant::now();
-    while !stop.load(Ordering::Acquire) {
+    while !shared.stop.load(Ordering::Acquire) {
         let mut active = false;
+
+        // 0. The owner gave up on the connection (the control connection
+        // failed): drop it. A replacement: ask again for everything pending.
+        if conn.is_some() && shared.down.load(Ordering::Acquire) {
+            conn = None;
+        }
+        if conn.is_none() {
+            let next = shared.next.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((stream, buffered)) = next {
+                let mut c = Conn::new(stream, buffered)?;
+                let again: Vec<(u64, u32)> = pending.iter().map(|(p, w)| (*p, w.vcpu)).collect();
+                let sent = again
+                    .iter()
+                    .try_for_each(|&(pfn, vcpu)| send_request(&mut c, pfn, vcpu, &mut st));
+                if sent.is_ok() {
+                    debug!(requests = again.len(), "fault connection replaced");
+                    shared.down.store(false, Ordering::Release);
+                    conn = Some(c);
+                } else {
+                    link_lost(&shared, "the new fault connection failed at once");
+                }
+            }
+        }
 
         // 1. New faults.
         let evs = ram
@@ -129,7 +200,8 @@ pub fn run(
                 warn!(addr = format_args!("{addr:#x}"), "fault outside guest RAM");
                 continue;
             };
-            let vcpu = vcpu_tids
+            let vcpu = shared
+                .tids
                 .get()
                 .and_then(|t| t.iter().position(|&x| x == tid))
                 .map_or(u32::MAX, |i| i as u32);
@@ -147,70 +219,24 @@ pub fn run(
                     since: Instant::now(),
                     vcpu,
                 });
-                let req = PageRequest {
-                    pfn,
-                    count: 1,
-                    vcpu,
-                };
-                let frame = req.frame(pfn);
-                write_all_nonblocking(&mut conn, &frame)?;
-                st.bytes_wire += frame.len() as u64;
+                if let Some(c) = conn.as_mut() {
+                    if let Err(e) = send_request(c, pfn, vcpu, &mut st) {
+                        conn = None;
+                        link_lost(&shared, &e.to_string());
+                    }
+                }
             }
         }
 
         // 2. Answers.
-        loop {
-            match rx.read_from(&mut conn) {
-                Ok(0) => return Err(ProtocolError::Closed.into()),
-                Ok(n) => {
-                    st.bytes_wire += n as u64;
-                    active = true;
+        if let Some(c) = conn.as_mut() {
+            match receive(c, &ram, &mut pending, &mut pages, &mut st) {
+                Ok(got) => active |= got,
+                Err(FaultError::Protocol(e)) if is_link_failure(&e) => {
+                    conn = None;
+                    link_lost(&shared, &e.to_string());
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(ProtocolError::Io(e).into()),
-            }
-        }
-        while let Some(frame) = rx.next_frame()? {
-            let payload = frame.payload;
-            match frame.header.kind {
-                MsgType::Pages => {
-                    let ph = decode_pages(payload, ram.pages(), &mut pages)?;
-                    let mut newly = 0;
-                    if ph.encoding == PageEncoding::Zero {
-                        for p in ph.first_pfn..ph.first_pfn + u64::from(ph.count) {
-                            newly += u64::from(ram.install_zero(p)?);
-                        }
-                    } else {
-                        st.bytes_page_data += payload.len() as u64 - 16;
-                        st.bytes_page_raw += pages.len() as u64;
-                        newly = ram.install(ph.first_pfn, &pages)?;
-                    }
-                    for p in ph.first_pfn..ph.first_pfn + u64::from(ph.count) {
-                        if let Some(w) = pending.remove(&p) {
-                            let us = w.since.elapsed().as_micros() as u64;
-                            let _ = st.overall.record(us.max(1));
-                            let _ = st
-                                .per_vcpu
-                                .entry(w.vcpu)
-                                .or_insert_with(latency_histogram)
-                                .record(us.max(1));
-                            *st.blocktime_us.entry(w.vcpu).or_default() += us;
-                            if newly == 0 {
-                                st.prefetch_hits += 1;
-                            } else {
-                                st.pages_demand += 1;
-                            }
-                        }
-                    }
-                }
-                other => {
-                    return Err(ProtocolError::Unexpected {
-                        got: other,
-                        expected: "Pages on the fault connection",
-                    }
-                    .into())
-                }
+                Err(e) => return Err(e),
             }
         }
 
@@ -218,11 +244,92 @@ pub fn run(
         if active {
             last_activity = Instant::now();
         } else if last_activity.elapsed() > SPIN {
-            wait_readable(ram.uffd(), &conn, POLL_MS);
+            wait_readable(ram.uffd(), conn.as_ref().map(|c| &c.stream), POLL_MS);
         }
     }
     debug!(pending = pending.len(), "fault handler stopping");
     Ok(st)
+}
+
+/// Marks the link down and wakes the receive thread.
+fn link_lost(shared: &Shared, why: &str) {
+    warn!("fault connection lost: {why}; faults wait for recovery");
+    shared.down.store(true, Ordering::Release);
+    if let Some(c) = shared
+        .control
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads what arrived on the fault connection and installs the answers;
+/// returns whether anything arrived.
+fn receive(
+    c: &mut Conn,
+    ram: &UffdRam,
+    pending: &mut HashMap<u64, Pending>,
+    pages: &mut Vec<u8>,
+    st: &mut FaultStats,
+) -> Result<bool, FaultError> {
+    let mut active = false;
+    loop {
+        match c.rx.read_from(&mut c.stream) {
+            Ok(0) => return Err(ProtocolError::Closed.into()),
+            Ok(n) => {
+                st.bytes_wire += n as u64;
+                active = true;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProtocolError::Io(e).into()),
+        }
+    }
+    while let Some(frame) = c.rx.next_frame()? {
+        let payload = frame.payload;
+        match frame.header.kind {
+            MsgType::Pages => {
+                let ph = decode_pages(payload, ram.pages(), pages)?;
+                let mut newly = 0;
+                if ph.encoding == PageEncoding::Zero {
+                    for p in ph.first_pfn..ph.first_pfn + u64::from(ph.count) {
+                        newly += u64::from(ram.install_zero(p)?);
+                    }
+                } else {
+                    st.bytes_page_data += payload.len() as u64 - 16;
+                    st.bytes_page_raw += pages.len() as u64;
+                    newly = ram.install(ph.first_pfn, pages)?;
+                }
+                for p in ph.first_pfn..ph.first_pfn + u64::from(ph.count) {
+                    if let Some(w) = pending.remove(&p) {
+                        let us = w.since.elapsed().as_micros() as u64;
+                        let _ = st.overall.record(us.max(1));
+                        let _ = st
+                            .per_vcpu
+                            .entry(w.vcpu)
+                            .or_insert_with(latency_histogram)
+                            .record(us.max(1));
+                        *st.blocktime_us.entry(w.vcpu).or_default() += us;
+                        if newly == 0 {
+                            st.prefetch_hits += 1;
+                        } else {
+                            st.pages_demand += 1;
+                        }
+                    }
+                }
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other,
+                    expected: "Pages on the fault connection",
+                }
+                .into())
+            }
+        }
+    }
+    Ok(active)
 }
 
 fn write_all_nonblocking(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), ProtocolError> {
@@ -245,52 +352,85 @@ fn write_all_nonblocking(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), Pro
 
 /// Sleeps until the userfaultfd or the connection is readable, or
 /// `timeout_ms` passes.
-fn wait_readable(uffd: &impl AsFd, conn: &impl AsFd, timeout_ms: u16) {
-    let mut fds = [
-        PollFd::new(uffd.as_fd(), PollFlags::POLLIN),
-        PollFd::new(conn.as_fd(), PollFlags::POLLIN),
-    ];
+fn wait_readable(uffd: &impl AsFd, conn: Option<&TcpStream>, timeout_ms: u16) {
+    let mut fds = vec![PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
+    if let Some(c) = conn {
+        fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+    }
     // EINTR or a spurious wake-up only ends the nap early.
     let _ = poll(&mut fds, PollTimeout::from(timeout_ms));
 }
 
 /// The demand-fault thread of a lazy migration.
 pub(super) struct FaultThread {
-    tids: Arc<OnceLock<Vec<i32>>>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<Result<FaultStats, FaultError>>>,
 }
 
 impl FaultThread {
+    /// Starts the thread on the fault connection (and the bytes already
+    /// read from it). `control` is shut down whenever the fault connection
+    /// fails, so the thread reading it notices too.
     pub(super) fn start(
         ram: Arc<UffdRam>,
         conn: TcpStream,
         buffered: Vec<u8>,
+        control: Option<TcpStream>,
     ) -> Result<Self, FaultError> {
-        let tids = Arc::new(OnceLock::new());
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            control: Mutex::new(control),
+            ..Shared::default()
+        });
+        let first = Conn::new(conn, buffered)?;
         let thread = {
-            let (tids, stop) = (tids.clone(), stop.clone());
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("uffd-fault".into())
-                .spawn(move || run(ram, conn, buffered, tids, stop))
+                .spawn(move || run(ram, first, shared))
                 .map_err(FaultError::Spawn)?
         };
         Ok(Self {
-            tids,
-            stop,
+            shared,
             thread: Some(thread),
         })
     }
 
     /// Lets faults be attributed to vCPUs by thread id.
     pub(super) fn attribute_to(&self, vcpu_tids: Vec<i32>) {
-        let _ = self.tids.set(vcpu_tids);
+        let _ = self.shared.tids.set(vcpu_tids);
+    }
+
+    /// True while the fault connection is lost and not yet replaced.
+    pub(super) fn is_down(&self) -> bool {
+        self.shared.down.load(Ordering::Acquire)
+    }
+
+    /// Gives up on the current connection (the control connection failed):
+    /// faults wait until [`FaultThread::reconnect`].
+    pub(super) fn mark_down(&self) {
+        self.shared.down.store(true, Ordering::Release);
+        *self.shared.next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Hands the thread a new fault connection (after a resume handshake)
+    /// and a new control connection to shut down on failure.
+    pub(super) fn reconnect(&self, conn: TcpStream, buffered: Vec<u8>, control: Option<TcpStream>) {
+        *self
+            .shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = control;
+        *self.shared.next.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn, buffered));
+    }
+
+    /// True when the thread ended (an error it could not wait out).
+    pub(super) fn has_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Stops the thread and returns what it measured.
     pub(super) fn stop(mut self) -> Result<FaultStats, FaultError> {
-        self.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             _ => Err(FaultError::Uffd("fault handler panicked".into())),
@@ -300,7 +440,7 @@ impl FaultThread {
 
 impl Drop for FaultThread {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -35,7 +35,7 @@ pub(super) fn receive_before_state(
 ) -> Result<Vec<u8>, DestError> {
     let mut pages = Vec::new();
     loop {
-        let frame = ctl.rx.recv(&mut ctl.stream)?;
+        let frame = ctl.recv()?;
         let payload = frame.payload;
         match frame.header.kind {
             MsgType::State => return Ok(payload.to_vec()),
@@ -98,13 +98,13 @@ pub(super) fn receive_before_state(
     }
 }
 
-/// Installs pushed pages until `PushDone`; returns counters and the
-/// source's stats.
+/// Installs pushed pages until `PushDone`, counting them into `c`; returns
+/// the source's stats from `PushDone`.
 pub(super) fn install_push(
     ctl: &mut Link,
     ram: &UffdRam,
-    mut c: PushCounters,
-) -> Result<(PushCounters, serde_json::Value), DestError> {
+    c: &mut PushCounters,
+) -> Result<serde_json::Value, DestError> {
     let mut pages = Vec::new();
     loop {
         let frame = ctl.recv()?;
@@ -124,8 +124,7 @@ pub(super) fn install_push(
                 }
             }
             MsgType::PushDone => {
-                let v = from_json("PushDone", payload)?;
-                return Ok((c, v));
+                return Ok(from_json("PushDone", payload)?);
             }
             other => {
                 return Err(ProtocolError::Unexpected {

@@ -3,6 +3,7 @@
 //! the statistics. The wire format is the `ferry-protocol` crate's (see
 //! `docs/protocol.md`).
 
+pub mod committed;
 pub mod dest;
 pub mod error;
 pub mod fault;
@@ -17,7 +18,7 @@ pub mod source;
 pub mod stats;
 pub mod uffd_ram;
 
-pub use dest::receive;
+pub use dest::{receive, DestOptions, Received};
 pub use error::{DestError, SourceError};
 pub use options::SourceOptions;
 pub use source::{migrate, migrate_machine, migrate_postcopy, Outcome};

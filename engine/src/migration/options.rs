@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_page_server::server::ServerConfig;
 use ferry_protocol::{features, MigrationMode};
 
-use super::progress::Progress;
+use super::progress::{Progress, Stage};
 
 /// Options for a migration out.
 #[derive(Debug, Clone)]
@@ -25,6 +25,10 @@ pub struct SourceOptions {
     pub hybrid_rounds: u32,
     /// Where to publish progress (for a progress bar), if anywhere.
     pub progress: Option<Arc<Progress>>,
+    /// After `Commit`, how long to keep reconnecting to a lost destination
+    /// before the move is declared stranded (the VM stays paused here,
+    /// with its memory). The peer timeout is `server.peer_timeout`.
+    pub recovery_window: Duration,
 }
 
 impl Default for SourceOptions {
@@ -37,6 +41,7 @@ impl Default for SourceOptions {
             downtime_target: Duration::from_millis(50),
             hybrid_rounds: 2,
             progress: None,
+            recovery_window: Duration::from_secs(60),
         }
     }
 }
@@ -45,6 +50,12 @@ impl SourceOptions {
     pub(super) fn phase(&self, name: impl Into<String>, total: u64) {
         if let Some(p) = &self.progress {
             p.phase(name, total);
+        }
+    }
+
+    pub(super) fn stage(&self, stage: Stage) {
+        if let Some(p) = &self.progress {
+            p.stage(stage);
         }
     }
 

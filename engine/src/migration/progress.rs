@@ -1,8 +1,35 @@
-//! Live progress of a migration, for progress bars: what phase it is in and
-//! how many of that phase's pages have gone.
+//! Live progress of a migration, for progress bars and the API's `status`:
+//! its stage, the current phase and how many of that phase's pages have
+//! gone, and how many times it recovered from a lost link.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// Where a migration is, as the API reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Nothing started yet.
+    #[default]
+    Idle,
+    /// Pages move while the guest runs (pre-copy rounds), or the
+    /// destination receives them.
+    Precopy,
+    /// The guest is paused and the switch-over (`State`, `Ready`,
+    /// `Commit`) is under way.
+    Switching,
+    /// The destination runs the guest; pages still move.
+    Postcopy,
+    /// A link was lost after `Commit`: both sides wait and reconnect.
+    Recovering,
+    /// Every page arrived.
+    Completed,
+    /// It ended without completing (see `error`).
+    Failed,
+}
 
 /// Shared between the migrating thread (writer) and a display (reader).
 #[derive(Debug, Default)]
@@ -12,6 +39,11 @@ pub struct Progress {
     pub done: AtomicU64,
     total: AtomicU64,
     finished: AtomicBool,
+    stage: Mutex<Stage>,
+    error: Mutex<Option<String>>,
+    /// Links lost and recovered after `Commit`.
+    pub recoveries: AtomicU64,
+    started: OnceLock<Instant>,
 }
 
 /// A consistent-enough reading of [`Progress`].
@@ -38,6 +70,42 @@ impl Progress {
     /// Marks the end of the migration.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::Release);
+    }
+
+    /// Enters `stage` (the first call starts the clock for the rate).
+    pub fn stage(&self, stage: Stage) {
+        self.started.get_or_init(Instant::now);
+        *self.stage.lock().unwrap_or_else(|p| p.into_inner()) = stage;
+    }
+
+    /// The current stage.
+    pub fn current_stage(&self) -> Stage {
+        *self.stage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the migration failed, with why.
+    pub fn fail(&self, why: impl Into<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.into());
+        self.stage(Stage::Failed);
+    }
+
+    /// What the API's `status` shows: stage, phase, pages done and left in
+    /// it, its rate, recoveries and the error, if any.
+    pub fn report(&self) -> serde_json::Value {
+        let v = self.view();
+        let secs = self
+            .started
+            .get()
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        serde_json::json!({
+            "stage": self.current_stage(),
+            "phase": v.phase,
+            "pages_done": v.done,
+            "pages_left": v.total.saturating_sub(v.done),
+            "pages_per_s": if secs > 0.0 { (v.done as f64 / secs).round() } else { 0.0 },
+            "recoveries": self.recoveries.load(Ordering::Relaxed),
+            "error": *self.error.lock().unwrap_or_else(|p| p.into_inner()),
+        })
     }
 
     /// Reads the current state.

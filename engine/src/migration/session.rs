@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ferry_page_server::server::ServerConfig;
 use ferry_protocol::{
-    encode_state, features, from_json, Hello, HelloAck, MigrationMode, MsgType, ProtocolError,
-    Resumed, Role, StateMeta, OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION,
+    encode_state, features, Hello, HelloAck, MigrationMode, MsgType, ProtocolError, ResumeStatus,
+    Role, StateMeta, OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use tracing::info;
 
@@ -24,6 +24,22 @@ pub(super) struct Session {
     pub(super) control: Link,
     pub(super) fault: Link,
     pub(super) ack: HelloAck,
+    /// What identifies the session to the destination (and to a resume).
+    pub(super) hello: Hello,
+}
+
+/// A session id from the OS's random number source: unguessable, so only
+/// the source that opened a session can resume it.
+fn random_session_id() -> Result<u64, SourceError> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| SourceError::Connect {
+            addr: "/dev/urandom".into(),
+            why: format!("no random session id: {e}"),
+        })?;
+    Ok(u64::from_le_bytes(b))
 }
 
 fn connect(addr: &str) -> Result<TcpStream, SourceError> {
@@ -48,17 +64,23 @@ fn connect(addr: &str) -> Result<TcpStream, SourceError> {
     Err(fail(last))
 }
 
-fn handshake(link: &mut Link, hello: &Hello) -> Result<HelloAck, SourceError> {
+/// Sends `hello` and reads the `HelloAck`; returns it with the status it
+/// carries (anything but `Accepted` only answers a resume).
+fn handshake(link: &mut Link, hello: &Hello) -> Result<(HelloAck, ResumeStatus), SourceError> {
     link.send(MsgType::Hello, 0, &hello.encode())?;
     let ack = HelloAck::decode(link.expect(MsgType::HelloAck, "HelloAck")?)?;
-    if ack.status != 0 || ack.session_id != hello.session_id {
-        return Err(ProtocolError::Handshake(format!(
-            "destination refused (status {})",
-            ack.status
-        ))
-        .into());
+    let status = ResumeStatus::from_u32(ack.status);
+    let resume = hello.features & features::RESUME != 0;
+    match status {
+        Some(s)
+            if ack.session_id == hello.session_id && (resume || s == ResumeStatus::Accepted) =>
+        {
+            Ok((ack, s))
+        }
+        _ => Err(
+            ProtocolError::Handshake(format!("destination refused (status {})", ack.status)).into(),
+        ),
     }
-    Ok(ack)
 }
 
 /// Connects the control and then the fault connection to `addr` and does
@@ -68,34 +90,68 @@ pub(super) fn open_session(
     mode: MigrationMode,
     features: u64,
     meta: MachineMeta,
-    start_host_us: u64,
+    peer_timeout: Duration,
 ) -> Result<Session, SourceError> {
-    let session_id = start_host_us ^ u64::from(std::process::id()) << 32;
-    let mut hello = Hello {
+    let hello = Hello {
         version: PROTOCOL_VERSION,
         role: Role::Control,
-        session_id,
-        features,
+        session_id: random_session_id()?,
+        features: features & !features::RESUME,
         mem_size: meta.mem_size,
         vcpus: meta.vcpus,
         page_size: PAGE_SIZE as u32,
         options: vec![(OPT_MODE, vec![mode as u8])],
     };
-    let mut control = Link::new(connect(addr)?);
-    let ack = handshake(&mut control, &hello)?;
-    let mut fault = Link::new(connect(addr)?);
-    hello.role = Role::Fault;
-    handshake(&mut fault, &hello)?;
+    let (session, _) = connect_both(addr, hello, peer_timeout)?;
     info!(
         mode = mode.name(),
-        features = ack.features,
+        features = session.ack.features,
         "connected to the destination"
     );
-    Ok(Session {
-        control,
-        fault,
-        ack,
-    })
+    Ok(session)
+}
+
+/// Reconnects to the session `first` opened, after a lost link: both
+/// connections say `RESUME`, and the destination's answer says what it
+/// holds. `UnknownSession` comes back without a fault connection.
+pub(super) fn resume_session(
+    addr: &str,
+    first: &Hello,
+    peer_timeout: Duration,
+) -> Result<(Option<Session>, ResumeStatus), SourceError> {
+    let mut hello = first.clone();
+    hello.role = Role::Control;
+    hello.features |= features::RESUME;
+    match connect_both(addr, hello, peer_timeout) {
+        Ok((s, status)) => Ok((Some(s), status)),
+        Err(SourceError::Unknown) => Ok((None, ResumeStatus::UnknownSession)),
+        Err(e) => Err(e),
+    }
+}
+
+fn connect_both(
+    addr: &str,
+    mut hello: Hello,
+    peer_timeout: Duration,
+) -> Result<(Session, ResumeStatus), SourceError> {
+    let mut control = Link::new(connect(addr)?, peer_timeout)?;
+    let (ack, status) = handshake(&mut control, &hello)?;
+    if status == ResumeStatus::UnknownSession {
+        return Err(SourceError::Unknown);
+    }
+    let mut fault = Link::new(connect(addr)?, peer_timeout)?;
+    hello.role = Role::Fault;
+    handshake(&mut fault, &hello)?;
+    hello.role = Role::Control;
+    Ok((
+        Session {
+            control,
+            fault,
+            ack,
+            hello,
+        },
+        status,
+    ))
 }
 
 /// The page server settings, limited to what the destination accepted.
@@ -106,15 +162,16 @@ pub(super) fn negotiated(server: &ServerConfig, ack: &HelloAck) -> ServerConfig 
     cfg
 }
 
-/// Sends `State` and waits for the destination's `Resumed`.
+/// Sends `State` and waits for the destination's `Ready`: it restored the
+/// VM, which does not run until `Commit`.
 pub(super) fn send_state(
     control: &mut Link,
     meta: &StateMeta,
     blob: &[u8],
-) -> Result<Resumed, SourceError> {
+) -> Result<(), SourceError> {
     control.send(MsgType::State, 0, &encode_state(meta, blob))?;
-    let payload = control.expect(MsgType::Resumed, "Resumed")?;
-    Ok(from_json("Resumed", payload)?)
+    control.expect(MsgType::Ready, "Ready")?;
+    Ok(())
 }
 
 /// The destination's statistics from its `Complete`, with ours added.

@@ -13,8 +13,12 @@
 //!   which of its pages went stale (`Discard`), send the state, and serve the
 //!   rest post-copy.
 //!
-//! If anything fails before the destination says `Resumed`, the source
-//! resumes its own VM: the migration failed, the VM did not.
+//! The switch-over is a commit both sides agree on: the destination restores
+//! the state and answers `Ready` without running it; the source writes
+//! `Commit`, and from that moment never runs its own copy again. Anything
+//! that fails before `Commit` is written rolls back: the source resumes its
+//! VM (the destination, which never ran it, discards it). After `Commit`,
+//! [`super::committed`] finishes the move through lost links.
 //!
 //! [`migrate_machine`] is the post-copy source for a VM that is not running
 //! anywhere: a machine state and a source of its pages (lazy restore gives
@@ -22,13 +26,14 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_page_server::server::{self, Resume};
 use ferry_page_server::source::{FileSource, PageSource};
-use ferry_protocol::{from_json, MigrationMode, MsgType, StateMeta};
+use ferry_protocol::{MigrationMode, MsgType, StateMeta};
 use tracing::{error, info, warn};
 
+use super::committed::{Committed, End};
 use super::error::SourceError;
 use super::options::SourceOptions;
+use super::progress::Stage;
 use super::rounds::{after_pause, before_pause, PreSwitch};
 use super::session::{final_stats, negotiated, open_session, send_state, Session};
 use super::stats::MigrationStats;
@@ -57,14 +62,24 @@ pub fn migrate_postcopy(
 }
 
 /// Moves `vm` to the destination at `addr`. On success the VM runs there
-/// and `vm` is left paused here, to be dropped.
+/// and `vm` is left paused here, to be dropped. On
+/// [`SourceError::RolledBack`] it runs here again; on
+/// [`SourceError::Stranded`] it stays paused here with its memory, because
+/// the destination may run it.
 pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome, SourceError> {
     let start_host_us = now_us();
+    opts.stage(Stage::Precopy);
+    let peer_timeout = opts.server.peer_timeout;
     let Session {
         mut control,
         fault,
         ack,
-    } = open_session(addr, opts.mode, opts.features, vm.meta(), start_host_us)?;
+        hello,
+    } = open_session(addr, opts.mode, opts.features, vm.meta(), peer_timeout).inspect_err(|e| {
+        if let Some(p) = &opts.progress {
+            p.fail(e.to_string());
+        }
+    })?;
     let cfg = negotiated(&opts.server, &ack);
     let source = FileSource::new(vm.ram().file().clone(), vm.ram().pages());
 
@@ -83,9 +98,10 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         }
         let pre = before_pause(vm, &mut control, &source, &cfg, opts)?;
         let pause_host_us = now_us();
+        opts.stage(Stage::Switching);
         let pause = vm.pause()?;
         let pre = after_pause(vm, &mut control, &source, &cfg, opts, pre)?;
-        let resumed = switch_over(
+        send_machine_state(
             vm,
             &mut control,
             opts.mode,
@@ -94,48 +110,66 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
             pause,
             &pre,
         )?;
-        Ok::<_, SourceError>((pre, resumed))
+        Ok::<_, SourceError>(pre)
     })();
     if logging {
         if let Err(e) = vm.stop_dirty_log() {
             warn!("cannot stop dirty logging: {e}");
         }
     }
-    let (pre, resumed) = match pre {
+    let pre = match pre {
         Ok(r) => r,
         Err(e) => {
             error!("migration failed before switch-over: {e}");
             if was_running {
                 vm.resume()?;
             }
+            if let Some(p) = &opts.progress {
+                p.fail(e.to_string());
+            }
             return Err(SourceError::RolledBack(Box::new(e)));
         }
     };
-    info!(downtime_us = resumed.downtime_us, "destination runs the VM");
 
-    let (server_stats, complete) = if opts.mode.lazy() {
-        let have = pre.have.as_ref().map_or(0, |h| h.count());
-        opts.phase("post-copy", source.pages() - have.min(source.pages()));
-        let (control, control_buffered) = control.into_parts();
-        let (fault, fault_buffered) = fault.into_parts();
-        let (s, c) = server::serve_rest(
-            control,
-            fault,
-            &source,
-            &cfg,
-            Resume {
-                have: pre.have.as_ref(),
-                sent: opts.sent_counter(),
-                control_buffered,
-                fault_buffered,
-            },
-        )?;
-        (serde_json::to_value(s).unwrap_or_default(), c)
-    } else {
-        let payload = control.expect(MsgType::Complete, "Complete")?;
-        (serde_json::Value::Null, from_json("Complete", payload)?)
+    // The commit point: once `Commit` is written, this copy never runs again.
+    let commit_sent = match control.send(MsgType::Commit, 0, &[]) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("writing Commit failed ({e}); settling the outcome with the destination");
+            false
+        }
     };
-    let stats = final_stats(complete, server_stats, t0)?;
+    info!("switch-over committed");
+    let mut committed = Committed::new(addr, hello, opts, cfg, &source, opts.mode.lazy());
+    let end = committed.run(Some((control, fault)), commit_sent, pre.have);
+    let (complete, server_stats) = match end {
+        Ok(End::Complete { complete, server }) => (complete, server),
+        Ok(End::Unknown {
+            resumed_seen: false,
+        }) => {
+            // The destination never ran it and never will: this copy is the VM.
+            warn!("the destination discarded the VM before running it; resuming it here");
+            if was_running {
+                vm.resume()?;
+            }
+            let e = SourceError::Unknown;
+            if let Some(p) = &opts.progress {
+                p.fail(e.to_string());
+            }
+            return Err(SourceError::RolledBack(Box::new(e)));
+        }
+        Ok(End::Unknown { resumed_seen: true }) => {
+            return Err(stranded(
+                opts,
+                SourceError::Stranded("the destination lost the VM after running it".into()),
+            ))
+        }
+        Err(e) => return Err(stranded(opts, e)),
+    };
+    let mut stats = final_stats(complete, server_stats, t0)?;
+    stats.source["recoveries"] = committed.recovery.count.into();
+    stats.source["recovery_ms"] = committed.recovery.ms.into();
+    opts.stage(Stage::Completed);
     info!(
         total_ms = stats.total_ms,
         "migration complete; releasing source memory"
@@ -143,7 +177,22 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     Ok(Outcome { stats })
 }
 
-fn switch_over(
+/// A committed move that cannot finish: the VM stays paused here.
+fn stranded(opts: &SourceOptions, e: SourceError) -> SourceError {
+    let e = match e {
+        SourceError::Stranded(_) => e,
+        other => SourceError::Stranded(other.to_string()),
+    };
+    error!("{e}");
+    if let Some(p) = &opts.progress {
+        p.fail(e.to_string());
+    }
+    e
+}
+
+/// Captures the paused VM's state and sends it; returns once the
+/// destination says `Ready`.
+fn send_machine_state(
     vm: &mut Vm,
     control: &mut super::link::Link,
     mode: MigrationMode,
@@ -151,7 +200,7 @@ fn switch_over(
     pause_host_us: u64,
     pause: Duration,
     pre: &PreSwitch,
-) -> Result<ferry_protocol::Resumed, SourceError> {
+) -> Result<(), SourceError> {
     let t = Instant::now();
     let machine = vm.save_state()?;
     let save_us = t.elapsed().as_micros() as u64;
@@ -169,8 +218,8 @@ fn switch_over(
 
 /// Serves a VM that runs nowhere, given as its machine state and a source
 /// of its pages, to the destination at `addr` as a post-copy migration: the
-/// same handshake, then `State`, then, once the destination runs the VM, the
-/// page server until `Complete`. Returns the destination's statistics.
+/// same handshake and commit, then the page server until `Complete`.
+/// Returns the destination's statistics.
 ///
 /// `start_host_us` (µs since the epoch) is when the caller began; it is
 /// sent as both the start and the pause time, so the destination's
@@ -190,7 +239,14 @@ pub fn migrate_machine(
         mut control,
         fault,
         ack,
-    } = open_session(addr, mode, opts.features, machine.meta, start_host_us)?;
+        hello,
+    } = open_session(
+        addr,
+        mode,
+        opts.features,
+        machine.meta,
+        opts.server.peer_timeout,
+    )?;
     let cfg = negotiated(&opts.server, &ack);
     let t0 = Instant::now();
     let meta = StateMeta {
@@ -202,26 +258,14 @@ pub fn migrate_machine(
         pause_us: 0,
         save_us: 0,
     };
-    let resumed = send_state(&mut control, &meta, &state::encode(machine))?;
-    info!(downtime_us = resumed.downtime_us, "destination runs the VM");
-    let (control, control_buffered) = control.into_parts();
-    let (fault, fault_buffered) = fault.into_parts();
-    let (server_stats, complete) = server::serve_rest(
-        control,
-        fault,
-        pages,
-        &cfg,
-        Resume {
-            control_buffered,
-            fault_buffered,
-            ..Resume::default()
-        },
-    )?;
-    let stats = final_stats(
-        complete,
-        serde_json::to_value(server_stats).unwrap_or_default(),
-        t0,
-    )?;
+    send_state(&mut control, &meta, &state::encode(machine))?;
+    let commit_sent = control.send(MsgType::Commit, 0, &[]).is_ok();
+    let mut committed = Committed::new(addr, hello, opts, cfg, pages, true);
+    let (complete, server) = match committed.run(Some((control, fault)), commit_sent, None)? {
+        End::Complete { complete, server } => (complete, server),
+        End::Unknown { .. } => return Err(SourceError::Unknown),
+    };
+    let stats = final_stats(complete, server, t0)?;
     info!(total_ms = stats.total_ms, "every page served");
     Ok(Outcome { stats })
 }

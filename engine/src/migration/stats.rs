@@ -114,6 +114,12 @@ pub struct MigrationStats {
     pub fault_latency_us: FaultLatency,
     /// vCPU time blocked on demand faults.
     pub blocktime: Blocktime,
+    /// Links lost after `Commit` and recovered.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// Time spent waiting for those recoveries, ms.
+    #[serde(default)]
+    pub recovery_ms: f64,
     /// Pre-copy modes: whether the downtime target was met.
     #[serde(default)]
     pub converged: Option<bool>,
@@ -122,6 +128,15 @@ pub struct MigrationStats {
     pub precopy_rounds: Vec<ferry_protocol::RoundStats>,
     /// The source's own counters.
     pub source: serde_json::Value,
+}
+
+/// Recoveries of a session after `Commit`, as one side counted them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recovery {
+    /// How many.
+    pub count: u32,
+    /// Time from losing the link until the move continued, summed, ms.
+    pub ms: f64,
 }
 
 impl MigrationStats {
@@ -156,6 +171,10 @@ impl MigrationStats {
                 format!("{:.1} MiB", mib(self.bytes_wire)),
             ),
             ("state blob", format!("{} bytes", self.bytes_state)),
+            (
+                "recoveries",
+                format!("{} ({:.0} ms)", self.recoveries, self.recovery_ms),
+            ),
             (
                 "compression ratio",
                 format!("{:.2}", self.compression_ratio),

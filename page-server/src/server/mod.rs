@@ -72,6 +72,10 @@ pub struct ServerConfig {
     /// fault connection this bounds how much bulk data sits queued ahead of a
     /// demand answer.
     pub push_sndbuf: Option<usize>,
+    /// A destination that sends nothing on the control connection for this
+    /// long (not even `Ping`) is gone; the server also sends `Ping` after a
+    /// quarter of it without other output.
+    pub peer_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +85,7 @@ impl Default for ServerConfig {
             zero_runs: true,
             push_pages: 256,
             push_sndbuf: None,
+            peer_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -229,6 +234,10 @@ pub fn serve_rest(
         last_demand: None,
         sent,
         initial_left: 0,
+        peer_timeout: cfg.peer_timeout,
+        ping_every: cfg.peer_timeout / 4,
+        last_control_rx: start,
+        last_control_tx: start,
     };
     server.initial_left = server.sweep.left;
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
@@ -262,6 +271,20 @@ pub fn serve_rest(
         }
     }
     result.map(|complete| (stats, complete))
+}
+
+impl ServerError {
+    /// True when a connection was lost (closed, reset, timed out, or the
+    /// peer went silent): the session may be resumed on new connections.
+    pub fn is_link_failure(&self) -> bool {
+        matches!(
+            self,
+            ServerError::Protocol {
+                source: ProtocolError::Closed | ProtocolError::Io(_),
+                ..
+            }
+        )
+    }
 }
 
 pub(super) fn setup(what: &'static str) -> impl Fn(io::Error) -> ServerError {
@@ -299,6 +322,12 @@ struct Server<'a> {
     sent: Option<&'a AtomicU64>,
     /// Pages the push had to send when it started.
     initial_left: u64,
+    /// Silence limit on the control connection, and the ping interval.
+    peer_timeout: Duration,
+    ping_every: Duration,
+    /// When the control connection last delivered or took bytes.
+    last_control_rx: Instant,
+    last_control_tx: Instant,
 }
 
 impl Server<'_> {
@@ -338,6 +367,8 @@ impl Server<'_> {
                 }
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
+            let wake = self.keep_alive()?;
+            timeout = Some(timeout.map_or(wake, |t| t.min(wake)));
             if let Err(e) = poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(setup("waiting for events")(e));
@@ -376,6 +407,31 @@ impl Server<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// Sends `Ping` when the control connection was quiet for a while, and
+    /// fails when the destination was silent for the peer timeout. Returns
+    /// how long the event loop may sleep before this needs another look.
+    fn keep_alive(&mut self) -> Result<Duration, ServerError> {
+        let silent = self.last_control_rx.elapsed();
+        if silent > self.peer_timeout {
+            return Err(self.control.err(ProtocolError::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("destination silent for {silent:?}"),
+            ))));
+        }
+        if self.last_control_tx.elapsed() >= self.ping_every && self.control.pending() == 0 {
+            let before = self.control.out.len();
+            // Writing to a Vec cannot fail.
+            let _ = protocol::write_frame(&mut self.control.out, MsgType::Ping, 0, &[]);
+            self.control.queued_since(before);
+            self.flush_control()?;
+        }
+        let ping_in = self
+            .ping_every
+            .saturating_sub(self.last_control_tx.elapsed());
+        let dead_in = self.peer_timeout.saturating_sub(silent);
+        Ok(ping_in.min(dead_in).max(Duration::from_millis(1)))
     }
 
     /// Too many answer bytes are waiting to be written to read requests.
@@ -452,7 +508,11 @@ impl Server<'_> {
     }
 
     fn flush_control(&mut self) -> Result<(), ServerError> {
-        self.stats.bytes_wire += self.control.flush()?;
+        let n = self.control.flush()?;
+        if n > 0 {
+            self.last_control_tx = Instant::now();
+        }
+        self.stats.bytes_wire += n;
         Ok(())
     }
 
@@ -461,6 +521,9 @@ impl Server<'_> {
         self.flush_control()?;
         loop {
             if let Some(hdr) = self.control.next_frame(&mut self.payload)? {
+                if hdr.kind == MsgType::Ping {
+                    continue;
+                }
                 if hdr.kind != MsgType::Complete {
                     return Err(self.control.err(ProtocolError::Unexpected {
                         got: hdr.kind,
@@ -478,7 +541,7 @@ impl Server<'_> {
                 return Ok(None);
             }
             match self.control.fill()? {
-                Fill::Data => {}
+                Fill::Data => self.last_control_rx = Instant::now(),
                 Fill::Blocked => return Ok(None),
                 Fill::Eof => return Err(self.control.err(ProtocolError::Closed)),
             }

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use ferry_engine::controller::ServeContext;
+use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
-use ferry_tools::{console_output, init_tracing, monitor, VmIoArgs};
+use ferry_tools::{console_output, init_tracing, monitor, LinkArgs, VmIoArgs};
 use tracing::{error, info};
 
 /// Receives a VM (an incoming migration, or a snapshot file) and runs it
@@ -47,6 +49,8 @@ struct Args {
     paused: bool,
     #[command(flatten)]
     io: VmIoArgs,
+    #[command(flatten)]
+    link: LinkArgs,
 }
 
 fn main() -> ExitCode {
@@ -66,6 +70,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
+    let mut ctx = ServeContext {
+        guest: Some(&guest),
+        ..Default::default()
+    };
     let mut vm = if let Some(addr) = &args.listen {
         let listener = std::net::TcpListener::bind(addr)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -77,12 +85,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             write_atomically(p, &bound.to_string())
                 .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         }
-        let (vm, stats) = migration::receive(&listener, console)?;
-        println!("{}", stats.table());
-        if let Some(p) = &args.stats_json {
-            controller::write_stats(p, &stats)?;
+        let progress = std::sync::Arc::new(Progress::default());
+        let opts = migration::DestOptions {
+            peer_timeout: args.link.peer_timeout,
+            recovery_window: args.link.recovery_window,
+            progress: Some(progress.clone()),
+            accept_timeout: None,
+        };
+        ctx.migration = Some(progress.clone());
+        let received = controller::answer_while(api_rx.as_ref(), ctx.guest, &progress, || {
+            migration::receive(&listener, console, &opts)
+        })?;
+        if let Some(stats) = &received.stats {
+            println!("{}", stats.table());
+            if let Some(p) = &args.stats_json {
+                controller::write_stats(p, stats)?;
+            }
         }
-        vm
+        if let Some(e) = &received.failure {
+            eprintln!("ferry-dest: {e}; the VM is kept here, paused");
+            ctx.hold = Some(format!("the move did not complete: {e}"));
+        }
+        received.vm
     } else if let Some(path) = args.restore.as_ref().filter(|_| args.lazy) {
         let (vm, stats) = snapshot::restore_lazy(path, console)?;
         info!(path = %path.display(), "snapshot restored lazily");
@@ -106,7 +130,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         return Err("give --listen ADDR or --restore FILE".into());
     };
-    controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, Some(&guest));
+    controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx);
     if let Some(p) = &args.io.api {
         let _ = std::fs::remove_file(p);
     }

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferry_engine::controller::ServeEnd;
+use ferry_engine::controller::{ServeContext, ServeEnd};
 use ferry_engine::migration::SourceOptions;
 use ferry_engine::{api, controller, Vm};
+use ferry_page_server::ServerConfig;
 use ferry_protocol::MigrationMode;
 use ferry_tools::{
     console_output, init_tracing, migration_progress_bar, monitor, parse_duration, parse_size,
-    VmIoArgs,
+    LinkArgs, VmIoArgs,
 };
 use tracing::{error, info};
 
@@ -37,6 +38,8 @@ struct Args {
     kernel: Option<PathBuf>,
     #[command(flatten)]
     io: VmIoArgs,
+    #[command(flatten)]
+    link: LinkArgs,
     /// Migrate the VM to a `ferry-dest --listen` at this address.
     #[arg(long)]
     migrate_to: Option<String>,
@@ -94,39 +97,64 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut vm = Vm::boot(args.mem, args.vcpus, &elf, &args.guest_args, console)?;
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
+    let defaults = SourceOptions {
+        mode: args.mode,
+        max_rounds: args.max_rounds,
+        downtime_target: args.downtime_target,
+        hybrid_rounds: args.hybrid_rounds,
+        recovery_window: args.link.recovery_window,
+        server: ServerConfig {
+            peer_timeout: args.link.peer_timeout,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut ctx = ServeContext {
+        guest: Some(&guest),
+        migrate_defaults: defaults.clone(),
+        ..Default::default()
+    };
     let mut moved = false;
     if let Some(to) = &args.migrate_to {
-        if controller::serve(&mut vm, api_rx.as_ref(), Some(args.after), Some(&guest))
+        if controller::serve(&mut vm, api_rx.as_ref(), Some(args.after), &mut ctx)
             == ServeEnd::TimeUp
         {
             let bar = migration_progress_bar();
             let opts = SourceOptions {
-                mode: args.mode,
-                max_rounds: args.max_rounds,
-                downtime_target: args.downtime_target,
-                hybrid_rounds: args.hybrid_rounds,
                 progress: bar.as_ref().map(|(p, _)| p.clone()),
-                ..Default::default()
+                ..defaults
             };
-            let result = controller::migrate_to(&mut vm, to, &opts, args.stats_json.as_deref());
+            let result = controller::migrate_to(
+                &mut vm,
+                to,
+                &opts,
+                args.stats_json.as_deref(),
+                api_rx.as_ref(),
+                &mut ctx,
+            );
             if let Some((p, thread)) = bar {
                 p.finish();
                 let _ = thread.join();
             }
             match result {
                 Ok(_) => moved = true,
-                // A migration that failed before the switch-over resumed the
-                // VM here: keep running it rather than lose it.
                 Err(e) => {
                     error!("{e}");
-                    eprintln!("ferry-source: {e}; the VM keeps running here");
                     exit_code = ExitCode::from(3);
+                    if ctx.hold.is_some() {
+                        // Committed but not finished: the destination may
+                        // run the VM, so it must not run here, and its
+                        // memory must stay for a recovery.
+                        eprintln!("ferry-source: {e}; the VM stays paused here with its memory");
+                    } else {
+                        eprintln!("ferry-source: {e}; the VM keeps running here");
+                    }
                 }
             }
         }
     }
-    if !moved && (args.migrate_to.is_none() || vm.is_running()) {
-        controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, Some(&guest));
+    if !moved {
+        controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx);
     }
     if let Some(p) = &args.io.api {
         let _ = std::fs::remove_file(p);
