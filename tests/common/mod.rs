@@ -2,6 +2,8 @@
 //! reading the guest's timestamped console log, and waiting for the guest.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -113,7 +113,8 @@ pub fn receive(
     let accepted = hello.features & features::SUPPORTED;
     ack(&ctl, &hello, accepted, ResumeStatus::Accepted)?;
     let session = hello.session_id;
-    let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 6;
+    // The source opens the fault connection right after the control one.
+    let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 2;
     let (fault_link, fhello) =
         accept_role(listener, opts, Role::Fault, session, deadline).map_err(|e| abort(&ctl, e))?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
@@ -418,11 +419,17 @@ impl Session<'_> {
     }
 
     /// Sends `Complete`. If the link is gone, a source that reconnects
-    /// within the window is told the move completed and gets it again.
+    /// within the window is told the move completed and gets it again. A
+    /// `Complete` that was written can still be lost on the way, so for the
+    /// recovery window a thread keeps answering the session's resumes with
+    /// it (the source holds the VM's memory until it hears it).
     fn send_complete(&mut self, complete: &[u8]) {
         loop {
             match self.ctl.send(MsgType::Complete, 0, complete) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.linger(complete.to_vec());
+                    return;
+                }
                 Err(e) => {
                     warn!("cannot send Complete: {e}; waiting for the source to ask again");
                     let deadline = Instant::now() + self.opts.recovery_window;
@@ -442,6 +449,26 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Answers resumes of this completed session with `Complete` until the
+    /// recovery window ends, on a thread of its own.
+    fn linger(&self, complete: Vec<u8>) {
+        let Ok(listener) = self.listener.try_clone() else {
+            return;
+        };
+        let (opts, session) = (self.opts.clone(), self.session);
+        let deadline = Instant::now() + opts.recovery_window;
+        let _ = std::thread::Builder::new()
+            .name("completed-session".into())
+            .spawn(move || {
+                while let Ok((ctl, _)) =
+                    accept_resume(&listener, &opts, session, deadline, ResumeStatus::Completed)
+                {
+                    info!("a source asked again after Complete; answering it");
+                    let _ = ctl.send(MsgType::Complete, 0, &complete);
+                }
+            });
     }
 
     /// The move cannot complete: pause the VM and keep it, with the reason.
