@@ -138,7 +138,10 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
             recoveries = stats["source"]["recoveries"].as_u64().unwrap();
             let status = ctl(&dir.path("dst.sock"), &["status"]);
             assert_eq!(status["run_state"], "running", "{name}: {status}");
-            assert_eq!(status["migration"]["stage"], "completed", "{name}: {status}");
+            assert_eq!(
+                status["migration"]["stage"], "completed",
+                "{name}: {status}"
+            );
             let dst_log = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
             assert_continues(&src_log, &dst_log, 1);
             ctl(&dir.path("dst.sock"), &["quit"]);
@@ -182,7 +185,11 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
     }
     for log in ["src.log", "dst.log"] {
         let l = read_console(&dir.path(log));
-        assert!(bad_lines(&l).is_empty(), "{name}: {log}: {:?}", bad_lines(&l));
+        assert!(
+            bad_lines(&l).is_empty(),
+            "{name}: {log}: {:?}",
+            bad_lines(&l)
+        );
     }
     Seen {
         outcome,

@@ -94,7 +94,11 @@ impl Proxy {
                             }
                             let control = Arc::new(AtomicBool::new(false));
                             for (from, to, dir) in [
-                                (client.try_clone().unwrap(), server.try_clone().unwrap(), Dir::ToDest),
+                                (
+                                    client.try_clone().unwrap(),
+                                    server.try_clone().unwrap(),
+                                    Dir::ToDest,
+                                ),
                                 (server, client.try_clone().unwrap(), Dir::ToSource),
                             ] {
                                 let (state, fired, control) =
@@ -191,7 +195,10 @@ fn pump(
             let is_control = control.load(Ordering::Acquire);
             let mut st = state.lock().unwrap();
             let n = {
-                let e = st.seen.iter_mut().find(|(d, k, _)| *d == dir && *k == h.kind);
+                let e = st
+                    .seen
+                    .iter_mut()
+                    .find(|(d, k, _)| *d == dir && *k == h.kind);
                 match e {
                     Some(e) => {
                         e.2 += 1;
