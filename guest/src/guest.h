@@ -215,6 +215,7 @@ struct config {
 	int x2apic;       /* -1 = use it if CPUID has it, 0 = use xAPIC MMIO */
 	u32 inject;       /* INJECT_* */
 	bool tsc_khz_given;
+	bool stream;      /* stream=1: print the STREAM byte stream, no workload */
 };
 
 enum { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD };
