@@ -114,7 +114,13 @@
 //! memory. Per vCPU, `seq` counts from 0 without gaps, `payload` is
 //! [`stream_payload`]`(vcpu, seq)` and `sum` is [`stream_sum`] over the
 //! payloads of lines `0..=seq`: so the stream the host receives is fully
-//! known in advance, and a byte lost or doubled anywhere shows.
+//! known in advance, and a byte lost or doubled anywhere shows. In this
+//! mode the guest also enables the UART's THR-empty interrupt (its line
+//! stays masked) and reads IIR after every byte, which must report it: a
+//! port read that reached the UART twice (a VM restored from a state saved
+//! before KVM completed the `in`, so it runs the `in` again) finds none,
+//! and the next `STREAM` line is followed by
+//! `FERRY BAD uart thre_missed=<n> vcpu=<v> seq=<seq>`.
 //!
 //! `WS` lines (one per physically contiguous run of working-set pages,
 //! after `BOOT`) say where the working set lives: working-set page
@@ -134,6 +140,7 @@
 //! FERRY BAD irq vec=<n> vcpu=<n>
 //! FERRY BAD cmdline <key>
 //! FERRY BAD start_info|memmap|mm|tsc_khz ...
+//! FERRY BAD uart thre_missed=<n> vcpu=<n> seq=<n>      (stream=1 only, see above)
 //! ```
 
 /// The guest image (ELF64, PVH note + 64-bit entry).

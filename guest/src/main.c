@@ -330,11 +330,13 @@ static void regcheck_round(struct worker *w, u64 spin)
 /*
  * stream=1: instead of the workload, each vCPU prints the deterministic
  * line stream `FERRY STREAM <vcpu> <seq> <payload> 0x<sum>` as fast as it
- * can; every byte is one `out` to the UART (one port I/O exit), preceded
- * by an `in` of the line status.  The payload of line `seq` depends on
- * (vcpu, seq) only, and `sum` is FNV-1a over the payloads of lines 0..=seq,
- * so a byte lost or doubled anywhere in the stream is caught by the host.
- * guest/src/lib.rs has the reference (`stream_payload`, `stream_sum`).
+ * can; every byte is one `out` to the UART (one port I/O exit), between
+ * an `in` of the line status and an `in` of IIR that must find the byte's
+ * THR-empty interrupt.  The payload of line `seq` depends on (vcpu, seq)
+ * only, and `sum` is FNV-1a over the payloads of lines 0..=seq, so the
+ * host catches a byte lost or doubled anywhere in the stream; the guest
+ * catches a port read done twice (`FERRY BAD uart`).  guest/src/lib.rs has
+ * the reference (`stream_payload`, `stream_sum`).
  */
 #define STREAM_MAX_PAYLOAD 48
 #define FNV_OFFSET 0xcbf29ce484222325ULL
@@ -362,6 +364,9 @@ static __attribute__((noreturn)) void stream(u32 idx)
 		for (size_t i = 0; i < len; i++)
 			sum = (sum ^ (u8)payload[i]) * FNV_PRIME;
 		kprintf("FERRY STREAM %u %lu %s 0x%lx\n", idx, seq, payload, sum);
+		u64 missed = __atomic_exchange_n(&thre_missed, 0, __ATOMIC_RELAXED);
+		if (missed)
+			bad("FERRY BAD uart thre_missed=%lu vcpu=%u seq=%lu\n", missed, idx, seq);
 	}
 }
 
@@ -425,6 +430,8 @@ void guest_main(u32 idx, u64 start_info_pa)
 		cpu_detect_features();
 		start_info_read(start_info_pa, cmdline, sizeof(cmdline));
 		parse_cmdline(cmdline);
+		if (cfg.stream)
+			uart_check_thre();
 		if (cfg.avx == 0)
 			have_avx = false;
 		if (cfg.x2apic == 0)
