@@ -9,14 +9,15 @@
 //!
 //! A pause can also land right after an I/O exit. KVM finishes a port I/O
 //! or MMIO access (the value of an `in` lands in RAX, RIP moves past the
-//! instruction) only on the next KVM_RUN: until then the registers still
-//! point at the instruction, and a state saved now would run it again
-//! where it is restored (a UART byte printed twice). So before a vCPU
-//! reports itself paused it re-enters KVM_RUN once with `immediate_exit`
-//! set, which completes the access and returns EINTR without running the
-//! guest (what KVM's API documentation asks of a VMM, and what KVM's own
-//! selftests do before saving state). Every pause does this, so a paused
-//! vCPU's state is always consistent and saveable.
+//! instruction) only on the next KVM_RUN: until then the registers may
+//! still point at the instruction, and a state saved now would run it again
+//! where it is restored (a UART byte printed twice, a register read that
+//! has side effects done twice). So before a vCPU reports itself paused it
+//! re-enters KVM_RUN once with `immediate_exit` set, which completes the
+//! access and returns EINTR without running the guest (what KVM's API
+//! documentation asks of a VMM, and what KVM's own selftests do before
+//! saving state). Every pause does this, so a paused vCPU's state is
+//! always consistent and saveable.
 //!
 //! Each command carries a tag that its reply echoes; the handle drops
 //! replies whose tag is not the one it waits for, so an answer that comes
@@ -469,10 +470,14 @@ impl VcpuThread {
         }
     }
 
-    /// Records why this vCPU cannot run any more.
+    /// Records why this vCPU cannot run any more (the first reason stays:
+    /// later failures usually follow from it).
     fn stop(&mut self, reason: String) {
         error!(vcpu = self.index, "{reason}");
-        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
         self.console.flush();
     }
 
