@@ -9,10 +9,17 @@
 //! VMs a guest moved through, one after the other) must be exactly that
 //! stream: every line whole, `seq` up by one per vCPU, no gap, no repeat.
 //!
-//! Without the completion of pending I/O, a state saved right after an
-//! `out` exit has RIP still on the `out`, and the VM restored from it prints
-//! that byte again; without the partial line in the device state, the line
-//! straddling the move loses its head.
+//! In this mode the guest also checks, after every byte, that reading IIR
+//! finds the byte's THR-empty interrupt (a read that takes it): a read done
+//! twice finds none and the guest prints `FERRY BAD uart ...`.
+//!
+//! Without the completion of pending I/O, a state saved right after an I/O
+//! exit still has RIP on the instruction, and the VM restored from it runs
+//! it again: on hardware-assisted KVM an `out` exit leaves RIP there, and
+//! the byte is printed twice; where KVM emulates port I/O (PVM, this
+//! project's development host) an `out` completes before the exit but an
+//! `in` does not, and the IIR read happens twice. Without the partial line
+//! in the device state, the line straddling the move loses its head.
 
 mod common;
 
@@ -341,9 +348,11 @@ fn move_in_process(vm: &Vm, state: &MachineState, log: &Path) -> Vm {
 }
 
 /// 500 pause → save → resume cycles at random short intervals, every
-/// other one moving the VM into a new one in this process: the console log is
-/// still exactly the guest's stream, and every saved partial line is the
-/// beginning of the next line due.
+/// other one moving the VM into a new one in this process: the console log
+/// is still exactly the guest's stream, and every saved partial line is the
+/// beginning of the next line due. (The moves are what make an incomplete
+/// saved state visible: resumed in the same VM, KVM would still complete
+/// the access.)
 #[test]
 fn pause_save_resume_cycles_never_double_or_lose_a_byte() {
     let dir = Scratch::new("pending-io");
