@@ -6,6 +6,13 @@
 //! destination process on the same host can be merged and the guest-visible
 //! stall of a migration measured from them. Observers see each line as it
 //! completes; the VM uses one to count `FERRY TICK` and `FERRY BAD` lines.
+//!
+//! A line is output only once it is complete, so the bytes of the line
+//! the guest is printing when the VM pauses are still in the console. They
+//! belong to the device state ([`Console::save`]): a VM restored from that
+//! state gets them back ([`LineSink::resume_line`]) and prints the line
+//! whole when the guest finishes it, while the VM it was moved from never
+//! prints them. So a line that straddles a move is neither cut nor doubled.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
@@ -21,8 +28,9 @@ pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_PORTS: u16 = 8;
 /// GSI of COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
-/// Longest line kept; longer output is split so a runaway guest cannot grow it.
-const MAX_LINE: usize = 4096;
+/// Longest line kept; longer output is split so a runaway guest cannot grow
+/// it. A partial line is therefore always shorter than this.
+pub const MAX_LINE: usize = 4096;
 
 /// Errors from the console device.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +86,24 @@ impl LineSink {
     /// Adds an observer called for each completed line.
     pub fn observe(&mut self, observer: LineObserver) {
         self.observers.push(observer);
+    }
+
+    /// The bytes of the line being printed, not yet output.
+    pub fn partial_line(&self) -> &[u8] {
+        &self.partial
+    }
+
+    /// Continues a line another console had begun (its
+    /// [`Self::partial_line`], e.g. from a saved state): the guest's next
+    /// bytes complete it. At most [`MAX_LINE`]` - 1` bytes are taken, and
+    /// line ends are dropped, as [`Write::write`] would have done.
+    pub fn resume_line(&mut self, partial: &[u8]) {
+        self.partial = partial
+            .iter()
+            .copied()
+            .filter(|b| !matches!(b, b'\n' | b'\r'))
+            .take(MAX_LINE - 1)
+            .collect();
     }
 
     fn finish_line(&mut self) {
@@ -190,7 +216,15 @@ impl Console {
         self.uart.lock().unwrap_or_else(|p| p.into_inner()).state()
     }
 
-    /// Flushes a partial line to the output (used when the VM stops).
+    /// The UART's registers and the bytes of the line it has not output
+    /// yet, taken together: the console's part of a saved state.
+    pub fn save(&self) -> (SerialState, Vec<u8>) {
+        let uart = self.uart.lock().unwrap_or_else(|p| p.into_inner());
+        (uart.state(), uart.writer().partial_line().to_vec())
+    }
+
+    /// Flushes the output (used when the VM stops). A partial line stays
+    /// unwritten: it is output when complete, or goes with a saved state.
     pub fn flush(&self) {
         let _ = self
             .uart
@@ -230,6 +264,43 @@ mod tests {
         let (stamp, rest) = text.trim_end().split_once(' ').unwrap();
         assert!(stamp.contains('.') && stamp.len() > 10, "{stamp}");
         assert_eq!(rest, "FERRY TICK 0 1 2");
+    }
+
+    #[test]
+    fn a_partial_line_moves_with_the_saved_state() {
+        let (a, b) = (Shared::default(), Shared::default());
+        let src = Console::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            LineSink::new(Box::new(a.clone())),
+        );
+        for c in b"one\nFERRY TI" {
+            src.pio_write(COM1_BASE, &[*c]).unwrap();
+        }
+        let (serial, line) = src.save();
+        assert_eq!(line, b"FERRY TI");
+        let mut sink = LineSink::new(Box::new(b.clone()));
+        sink.resume_line(&line);
+        let dst =
+            Console::from_state(EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink, &serial).unwrap();
+        for c in b"CK 0 1\n" {
+            dst.pio_write(COM1_BASE, &[*c]).unwrap();
+        }
+        // The source never outputs the moved bytes, not even when dropped.
+        src.flush();
+        drop(src);
+        let text = |s: &Shared| String::from_utf8(s.0.lock().unwrap().clone()).unwrap();
+        assert!(text(&a).ends_with(" one\n"), "{:?}", text(&a));
+        assert!(text(&b).ends_with(" FERRY TICK 0 1\n"), "{:?}", text(&b));
+        assert_eq!(text(&b).lines().count(), 1);
+    }
+
+    #[test]
+    fn a_resumed_line_is_bounded_and_has_no_line_end() {
+        let mut sink = LineSink::new(Box::new(Shared::default()));
+        sink.resume_line(&[b'x'; 3 * MAX_LINE]);
+        assert_eq!(sink.partial_line().len(), MAX_LINE - 1);
+        sink.resume_line(b"a\nb\rc");
+        assert_eq!(sink.partial_line(), b"abc");
     }
 
     #[test]

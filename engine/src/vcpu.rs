@@ -6,14 +6,30 @@
 //! signal whose handler sets `kvm_run.immediate_exit`: if the signal lands
 //! inside KVM_RUN, the ioctl returns EINTR; if it lands just before, the
 //! flag makes the next KVM_RUN return EINTR at once, so no kick is lost.
-//! KVM completes any pending port I/O before honouring `immediate_exit`,
-//! so a vCPU paused this way has a consistent, saveable state.
+//!
+//! A pause can also land right after an I/O exit. KVM finishes a port I/O
+//! or MMIO access (the value of an `in` lands in RAX, RIP moves past the
+//! instruction) only on the next KVM_RUN: until then the registers may
+//! still point at the instruction, and a state saved now would run it again
+//! where it is restored (a UART byte printed twice, a register read that
+//! has side effects done twice). So before a vCPU reports itself paused it
+//! re-enters KVM_RUN once with `immediate_exit` set, which completes the
+//! access and returns EINTR without running the guest (what KVM's API
+//! documentation asks of a VMM, and what KVM's own selftests do before
+//! saving state). Every pause does this, so a paused vCPU's state is
+//! always consistent and saveable.
+//!
+//! Each command carries a tag that its reply echoes; the handle drops
+//! replies whose tag is not the one it waits for, so an answer that comes
+//! after its waiter gave up can never answer a later command.
 
 use std::cell::Cell;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -26,6 +42,10 @@ use crate::state::VcpuState;
 
 /// How long the controller waits for a vCPU to answer a command.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most KVM_RUN calls spent completing one pending access. One is the norm;
+/// string I/O and MMIO split across pages may need userspace a few more
+/// times.
+const MAX_COMPLETION_RUNS: u32 = 16;
 
 /// Errors from vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +79,16 @@ pub enum VcpuError {
         /// Why.
         reason: String,
     },
+    /// [`VcpuHandle::wait_paused`] without a [`VcpuHandle::request_pause`].
+    #[error("vCPU {0}: waited for a pause that was never requested")]
+    NoPauseRequested(u32),
+    /// The thread answered with a reply of the wrong kind.
+    #[error("vCPU {0} answered a command with the wrong reply")]
+    WrongReply(u32),
 }
 
 /// What the controller can ask of a vCPU thread.
+#[derive(Debug)]
 pub enum VcpuCommand {
     /// Leave KVM_RUN and wait for further commands.
     Pause,
@@ -81,6 +108,37 @@ pub enum VcpuReply {
     Resumed,
     /// The captured state.
     Saved(Box<Result<VcpuState, vcpu_state::VcpuStateError>>),
+}
+
+/// A command or reply with its tag: a reply carries its command's tag.
+pub type Tagged<T> = (u64, T);
+
+/// Why [`await_reply`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaitError {
+    /// No reply with the wanted tag within the timeout.
+    Timeout,
+    /// The other end is gone.
+    Disconnected,
+}
+
+/// Receives from `rx` until the reply tagged `want` arrives, within
+/// `timeout`. Replies with other tags are dropped: they answer commands
+/// whose waiter already gave up (a timeout), and must not answer this one.
+fn await_reply<T>(rx: &Receiver<Tagged<T>>, want: u64, timeout: Duration) -> Result<T, WaitError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((tag, reply)) if tag == want => return Ok(reply),
+            Ok((tag, _)) if tag < want => {
+                debug!(tag, want, "dropping the late reply to an earlier command");
+            }
+            Ok((tag, _)) => warn!(tag, want, "dropping a reply to a command not yet sent"),
+            Err(RecvTimeoutError::Timeout) => return Err(WaitError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => return Err(WaitError::Disconnected),
+        }
+    }
 }
 
 thread_local! {
@@ -118,10 +176,14 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct VcpuHandle {
     index: u32,
     thread: Option<JoinHandle<()>>,
-    commands: Sender<VcpuCommand>,
-    replies: Receiver<VcpuReply>,
+    commands: Sender<Tagged<VcpuCommand>>,
+    replies: Receiver<Tagged<VcpuReply>>,
     stopped: Arc<Mutex<Option<String>>>,
     tid: i32,
+    /// Tag of the last command sent; tags start at 1.
+    last_tag: AtomicU64,
+    /// Tag of the pause [`Self::request_pause`] asked for, 0 if none.
+    pause_tag: AtomicU64,
 }
 
 impl VcpuHandle {
@@ -144,6 +206,7 @@ impl VcpuHandle {
             commands: cmd_rx,
             replies: reply_tx,
             stopped: stopped.clone(),
+            pending: None,
         };
         let (tid_tx, tid_rx) = channel();
         let thread = std::thread::Builder::new()
@@ -161,6 +224,8 @@ impl VcpuHandle {
             replies: reply_rx,
             stopped,
             tid,
+            last_tag: AtomicU64::new(0),
+            pause_tag: AtomicU64::new(0),
         })
     }
 
@@ -177,10 +242,13 @@ impl VcpuHandle {
             .clone()
     }
 
-    fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
+    /// Sends `cmd`; returns the tag its reply will carry.
+    fn send(&self, cmd: VcpuCommand) -> Result<u64, VcpuError> {
+        let tag = self.last_tag.fetch_add(1, Ordering::Relaxed) + 1;
         self.commands
-            .send(cmd)
-            .map_err(|_| VcpuError::Gone(self.index))
+            .send((tag, cmd))
+            .map_err(|_| VcpuError::Gone(self.index))?;
+        Ok(tag)
     }
 
     fn kick(&self) {
@@ -190,55 +258,60 @@ impl VcpuHandle {
         }
     }
 
-    fn reply(&self) -> Result<VcpuReply, VcpuError> {
-        self.replies
-            .recv_timeout(REPLY_TIMEOUT)
-            .map_err(|e| match e {
-                RecvTimeoutError::Timeout => VcpuError::Timeout(self.index),
-                RecvTimeoutError::Disconnected => VcpuError::Gone(self.index),
-            })
+    /// Waits for the reply to the command tagged `tag`.
+    fn reply(&self, tag: u64) -> Result<VcpuReply, VcpuError> {
+        await_reply(&self.replies, tag, REPLY_TIMEOUT).map_err(|e| match e {
+            WaitError::Timeout => VcpuError::Timeout(self.index),
+            WaitError::Disconnected => VcpuError::Gone(self.index),
+        })
     }
 
     /// Asks the vCPU to pause, without waiting. Pair with [`Self::wait_paused`].
     pub fn request_pause(&self) -> Result<(), VcpuError> {
-        self.send(VcpuCommand::Pause)?;
+        let tag = self.send(VcpuCommand::Pause)?;
+        self.pause_tag.store(tag, Ordering::Relaxed);
         self.kick();
         Ok(())
     }
 
-    /// Waits until a requested pause took effect.
+    /// Waits until a requested pause took effect: the vCPU is out of
+    /// KVM_RUN and any I/O it exited for is complete.
     pub fn wait_paused(&self) -> Result<(), VcpuError> {
-        match self.reply()? {
+        let tag = self.pause_tag.swap(0, Ordering::Relaxed);
+        if tag == 0 {
+            return Err(VcpuError::NoPauseRequested(self.index));
+        }
+        match self.reply(tag)? {
             VcpuReply::Paused => Ok(()),
-            _ => Err(VcpuError::Gone(self.index)),
+            _ => Err(VcpuError::WrongReply(self.index)),
         }
     }
 
     /// Resumes the vCPU.
     pub fn resume(&self) -> Result<(), VcpuError> {
-        self.send(VcpuCommand::Resume)?;
-        match self.reply()? {
+        let tag = self.send(VcpuCommand::Resume)?;
+        match self.reply(tag)? {
             VcpuReply::Resumed => Ok(()),
-            _ => Err(VcpuError::Gone(self.index)),
+            _ => Err(VcpuError::WrongReply(self.index)),
         }
     }
 
     /// Captures the state of the paused vCPU.
     pub fn save(&self) -> Result<VcpuState, VcpuError> {
-        self.send(VcpuCommand::Save)?;
-        match self.reply()? {
+        let tag = self.send(VcpuCommand::Save)?;
+        match self.reply(tag)? {
             VcpuReply::Saved(r) => (*r).map_err(|source| VcpuError::State {
                 index: self.index,
                 source,
             }),
-            _ => Err(VcpuError::Gone(self.index)),
+            _ => Err(VcpuError::WrongReply(self.index)),
         }
     }
 }
 
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
-        let _ = self.commands.send(VcpuCommand::Exit);
+        let _ = self.send(VcpuCommand::Exit);
         self.kick();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -251,9 +324,84 @@ struct VcpuThread {
     fd: VcpuFd,
     console: Arc<Console>,
     msr_indices: Arc<Vec<u32>>,
-    commands: Receiver<VcpuCommand>,
-    replies: Sender<VcpuReply>,
+    commands: Receiver<Tagged<VcpuCommand>>,
+    replies: Sender<Tagged<VcpuReply>>,
     stopped: Arc<Mutex<Option<String>>>,
+    /// The access of the last exit, until a KVM_RUN has completed it.
+    pending: Option<PendingIo>,
+}
+
+/// An I/O access KVM completes only on the next KVM_RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingIo {
+    PortIn(u16),
+    PortOut(u16),
+    MmioRead(u64),
+    MmioWrite(u64),
+}
+
+impl fmt::Display for PendingIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PendingIo::PortIn(p) => write!(f, "port read from {p:#x}"),
+            PendingIo::PortOut(p) => write!(f, "port write to {p:#x}"),
+            PendingIo::MmioRead(a) => write!(f, "MMIO read from {a:#x}"),
+            PendingIo::MmioWrite(a) => write!(f, "MMIO write to {a:#x}"),
+        }
+    }
+}
+
+/// What serving one exit came to.
+enum Served {
+    /// Nothing left to do.
+    Done,
+    /// An access served here that KVM completes on the next KVM_RUN.
+    Io(PendingIo),
+    /// KVM could not emulate an instruction; the caller adds the RIP.
+    InternalError,
+    /// The vCPU cannot go on.
+    Stop(String),
+}
+
+/// Serves one exit: device accesses go to the console (or nowhere).
+fn serve_exit(console: &Console, exit: VcpuExit<'_>) -> Served {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            if Console::claims(port) {
+                if let Err(e) = console.pio_write(port, data) {
+                    warn!("console: {e}");
+                }
+            } else {
+                trace!(port, ?data, "unhandled port write");
+            }
+            Served::Io(PendingIo::PortOut(port))
+        }
+        VcpuExit::IoIn(port, data) => {
+            if Console::claims(port) {
+                console.pio_read(port, data);
+            } else {
+                data.fill(0xff);
+            }
+            Served::Io(PendingIo::PortIn(port))
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO read");
+            data.fill(0);
+            Served::Io(PendingIo::MmioRead(addr))
+        }
+        VcpuExit::MmioWrite(addr, _) => {
+            debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO write");
+            Served::Io(PendingIo::MmioWrite(addr))
+        }
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Served::Done,
+        VcpuExit::Shutdown => Served::Stop("guest shut down (triple fault)".into()),
+        VcpuExit::FailEntry(reason, cpu) => Served::Stop(format!(
+            "KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+        )),
+        VcpuExit::InternalError => Served::InternalError,
+        VcpuExit::SystemEvent(kind, _) => Served::Stop(format!("guest system event {kind}")),
+        other => Served::Stop(format!("unexpected vCPU exit {other:?}")),
+    }
 }
 
 /// What the run loop should do after one exit.
@@ -271,10 +419,11 @@ impl VcpuThread {
     }
 
     /// Handles one command; returns false when the thread must end.
-    fn command(&mut self, cmd: VcpuCommand, running: &mut bool) -> bool {
+    fn command(&mut self, tag: u64, cmd: VcpuCommand, running: &mut bool) -> bool {
         let reply = match cmd {
             VcpuCommand::Pause => {
                 *running = false;
+                self.complete_pending_io();
                 VcpuReply::Paused
             }
             VcpuCommand::Resume => {
@@ -282,11 +431,17 @@ impl VcpuThread {
                 VcpuReply::Resumed
             }
             VcpuCommand::Save => {
-                VcpuReply::Saved(Box::new(vcpu_state::save(&self.fd, &self.msr_indices)))
+                // A paused vCPU has nothing pending; this only matters if
+                // completing it failed, and then the state is refused.
+                self.complete_pending_io();
+                VcpuReply::Saved(Box::new(match self.pending {
+                    None => vcpu_state::save(&self.fd, &self.msr_indices),
+                    Some(io) => Err(vcpu_state::VcpuStateError::IncompleteIo(io.to_string())),
+                }))
             }
             VcpuCommand::Exit => return false,
         };
-        self.replies.send(reply).is_ok()
+        self.replies.send((tag, reply)).is_ok()
     }
 
     fn serve(&mut self) {
@@ -294,8 +449,8 @@ impl VcpuThread {
         loop {
             if !running {
                 match self.commands.recv() {
-                    Ok(cmd) => {
-                        if !self.command(cmd, &mut running) {
+                    Ok((tag, cmd)) => {
+                        if !self.command(tag, cmd, &mut running) {
                             return;
                         }
                     }
@@ -303,72 +458,167 @@ impl VcpuThread {
                 }
                 continue;
             }
-            let next = self.run_once();
-            if let Next::Stop(reason) = next {
-                error!(vcpu = self.index, "{reason}");
-                *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-                self.console.flush();
+            if let Next::Stop(reason) = self.run_once() {
+                self.stop(reason);
                 running = false;
             }
-            while let Ok(cmd) = self.commands.try_recv() {
-                if !self.command(cmd, &mut running) {
+            while let Ok((tag, cmd)) = self.commands.try_recv() {
+                if !self.command(tag, cmd, &mut running) {
                     return;
                 }
             }
         }
     }
 
+    /// Records why this vCPU cannot run any more (the first reason stays:
+    /// later failures usually follow from it).
+    fn stop(&mut self, reason: String) {
+        error!(vcpu = self.index, "{reason}");
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+        self.console.flush();
+    }
+
     fn run_once(&mut self) -> Next {
-        let exit = match self.fd.run() {
-            Ok(exit) => exit,
+        let served = match self.fd.run() {
+            Ok(exit) => serve_exit(&self.console, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                return Next::Continue;
+                Served::Done
             }
             Err(e) => return Next::Stop(format!("KVM_RUN failed: {e}")),
         };
-        match exit {
-            VcpuExit::IoOut(port, data) => {
-                if Console::claims(port) {
-                    if let Err(e) = self.console.pio_write(port, data) {
-                        warn!("console: {e}");
-                    }
-                } else {
-                    trace!(port, ?data, "unhandled port write");
-                }
+        self.settle(served)
+    }
+
+    /// Records what a KVM_RUN that returned came to. KVM_RUN first
+    /// completes the previous access, so whatever was pending is done.
+    fn settle(&mut self, served: Served) -> Next {
+        self.pending = None;
+        match served {
+            Served::Done => Next::Continue,
+            Served::Io(io) => {
+                self.pending = Some(io);
                 Next::Continue
             }
-            VcpuExit::IoIn(port, data) => {
-                if Console::claims(port) {
-                    self.console.pio_read(port, data);
-                } else {
-                    data.fill(0xff);
-                }
-                Next::Continue
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO read");
-                data.fill(0);
-                Next::Continue
-            }
-            VcpuExit::MmioWrite(addr, _) => {
-                debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO write");
-                Next::Continue
-            }
-            VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
-            VcpuExit::Shutdown => Next::Stop("guest shut down (triple fault)".into()),
-            VcpuExit::FailEntry(reason, cpu) => Next::Stop(format!(
-                "KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
-            )),
-            VcpuExit::InternalError => {
+            Served::InternalError => {
                 let regs = self.fd.get_regs().ok();
                 Next::Stop(format!(
                     "KVM internal error (emulation failure) at rip {:#x}",
                     regs.map(|r| r.rip).unwrap_or(0)
                 ))
             }
-            VcpuExit::SystemEvent(kind, _) => Next::Stop(format!("guest system event {kind}")),
-            other => Next::Stop(format!("unexpected vCPU exit {other:?}")),
+            Served::Stop(reason) => Next::Stop(reason),
         }
+    }
+
+    /// Completes the access of the last exit, if it has one, without
+    /// running the guest: KVM_RUN with `immediate_exit` set finishes it
+    /// (an `in` value lands in RAX, RIP moves on) and then returns EINTR.
+    /// Should finishing it need userspace again (string I/O, an access
+    /// split across pages), the new exit is served and the step repeated.
+    /// A failure stops the vCPU, and its state is then refused.
+    fn complete_pending_io(&mut self) {
+        let mut runs = 0;
+        while let Some(io) = self.pending {
+            if runs == MAX_COMPLETION_RUNS {
+                self.stop(format!(
+                    "{io} still incomplete after {runs} KVM_RUN calls; state not consistent"
+                ));
+                return;
+            }
+            runs += 1;
+            self.fd.set_kvm_immediate_exit(1);
+            let result = self.fd.run();
+            let next = match result {
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.pending = None;
+                    Next::Continue
+                }
+                // Not entered; the access is still pending. Try again.
+                Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
+                Err(e) => Next::Stop(format!("KVM_RUN to complete a {io} failed: {e}")),
+                Ok(exit) => {
+                    let served = serve_exit(&self.console, exit);
+                    self.settle(served)
+                }
+            };
+            self.fd.set_kvm_immediate_exit(0);
+            if let Next::Stop(reason) = next {
+                self.stop(reason);
+                return;
+            }
+        }
+        if runs > 0 {
+            trace!(vcpu = self.index, runs, "completed a pending access");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHORT: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn the_reply_with_the_wanted_tag_is_returned() {
+        let (tx, rx) = channel();
+        tx.send((7, "seven")).unwrap();
+        assert_eq!(await_reply(&rx, 7, SHORT), Ok("seven"));
+    }
+
+    #[test]
+    fn late_replies_to_earlier_commands_are_dropped() {
+        let (tx, rx) = channel();
+        // Replies to commands 3 and 4 came after their waiters timed out.
+        tx.send((3, "paused")).unwrap();
+        tx.send((4, "saved")).unwrap();
+        tx.send((5, "resumed")).unwrap();
+        assert_eq!(await_reply(&rx, 5, SHORT), Ok("resumed"));
+        // Nothing stale is left to answer the next command.
+        assert_eq!(await_reply(&rx, 6, SHORT), Err(WaitError::Timeout));
+    }
+
+    #[test]
+    fn a_reply_after_a_timeout_never_answers_the_next_command() {
+        let (tx, rx) = channel::<Tagged<&str>>();
+        // Command 1 times out; its reply only comes afterwards.
+        assert_eq!(await_reply(&rx, 1, SHORT), Err(WaitError::Timeout));
+        tx.send((1, "paused")).unwrap();
+        // Command 2 must not take it: it times out too...
+        assert_eq!(await_reply(&rx, 2, SHORT), Err(WaitError::Timeout));
+        // ...and takes its own reply when that comes.
+        tx.send((1, "paused again")).unwrap();
+        tx.send((2, "resumed")).unwrap();
+        assert_eq!(await_reply(&rx, 2, SHORT), Ok("resumed"));
+    }
+
+    #[test]
+    fn stale_replies_do_not_extend_the_wait_forever() {
+        let (tx, rx) = channel();
+        let feeder = std::thread::spawn(move || {
+            for _ in 0..40 {
+                if tx.send((1, "stale")).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let t = Instant::now();
+        assert_eq!(await_reply(&rx, 2, SHORT), Err(WaitError::Timeout));
+        assert!(t.elapsed() < SHORT * 4, "waited {:?}", t.elapsed());
+        drop(rx);
+        feeder.join().unwrap();
+    }
+
+    #[test]
+    fn a_gone_thread_is_reported() {
+        let (tx, rx) = channel::<Tagged<&str>>();
+        tx.send((1, "stale")).unwrap();
+        drop(tx);
+        assert_eq!(await_reply(&rx, 2, SHORT), Err(WaitError::Disconnected));
     }
 }

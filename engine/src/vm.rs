@@ -332,6 +332,10 @@ impl PreparedVm {
         for o in self.console_out.observers() {
             sink.observe(Box::new(move |line| o(line)));
         }
+        if let Some(d) = devices {
+            // The line the guest was printing when the state was saved.
+            sink.resume_line(&d.serial_line);
+        }
         Ok(match devices {
             Some(d) => Console::from_state(irq, sink, &d.serial)?,
             None => Console::new(irq, sink),
@@ -571,8 +575,10 @@ impl Vm {
         }
         // Devices first: anything they raised is then already in the
         // irqchip state captured below, so no interrupt is lost.
+        let (serial, serial_line) = self.console.save();
         let devices = DeviceState {
-            serial: self.console.state(),
+            serial,
+            serial_line,
         };
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {

@@ -215,6 +215,7 @@ struct config {
 	int x2apic;       /* -1 = use it if CPUID has it, 0 = use xAPIC MMIO */
 	u32 inject;       /* INJECT_* */
 	bool tsc_khz_given;
+	bool stream;      /* stream=1: print the STREAM byte stream, no workload */
 };
 
 enum { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD };
@@ -240,6 +241,9 @@ extern bool have_x2apic, have_avx, have_rdtscp;
 /* ------------------------------------------------------------ console.c */
 
 void uart_init(void);
+/* stream=1: check every byte's THR-empty interrupt; misses are counted. */
+void uart_check_thre(void);
+extern volatile u64 thre_missed;
 /* Print this CPU's queued ring-3 lines (timer interrupt). */
 void console_drain(u32 idx);
 void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

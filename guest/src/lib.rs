@@ -66,6 +66,7 @@
 //! | `avx=0` | don't use AVX even if CPUID has it | auto |
 //! | `x2apic=0` | drive the LAPIC through xAPIC MMIO even if x2APIC exists | auto |
 //! | `inject=page\|reg\|msr\|timer` | self-test: vCPU 0 injects one fault at its 3rd report | none |
+//! | `stream=1` | no workload: every vCPU prints the `STREAM` byte stream (below) | 0 |
 //!
 //! The working set is clamped to free RAM (after the image, page tables
 //! and the generation array) and split evenly: vCPU `v` owns pages
@@ -105,7 +106,21 @@
 //! FERRY TICK <vcpu> <round> <tsc> <timer_irqs> <pages_verified>
 //! FERRY INJECT <what> vcpu=<n>
 //! FERRY BAD <what> <detail...>
+//! FERRY STREAM <vcpu> <seq> <payload> 0x<sum>
 //! ```
+//!
+//! `STREAM` lines (only with `stream=1`) come as fast as the vCPU can print
+//! them, one port I/O exit per byte: a test of the VMM's I/O path, not of
+//! memory. Per vCPU, `seq` counts from 0 without gaps, `payload` is
+//! [`stream_payload`]`(vcpu, seq)` and `sum` is [`stream_sum`] over the
+//! payloads of lines `0..=seq`: so the stream the host receives is fully
+//! known in advance, and a byte lost or doubled anywhere shows. In this
+//! mode the guest also enables the UART's THR-empty interrupt (its line
+//! stays masked) and reads IIR after every byte, which must report it: a
+//! port read that reached the UART twice (a VM restored from a state saved
+//! before KVM completed the `in`, so it runs the `in` again) finds none,
+//! and the next `STREAM` line is followed by
+//! `FERRY BAD uart thre_missed=<n> vcpu=<v> seq=<seq>`.
 //!
 //! `WS` lines (one per physically contiguous run of working-set pages,
 //! after `BOOT`) say where the working set lives: working-set page
@@ -125,6 +140,7 @@
 //! FERRY BAD irq vec=<n> vcpu=<n>
 //! FERRY BAD cmdline <key>
 //! FERRY BAD start_info|memmap|mm|tsc_khz ...
+//! FERRY BAD uart thre_missed=<n> vcpu=<n> seq=<n>      (stream=1 only, see above)
 //! ```
 
 /// The guest image (ELF64, PVH note + 64-bit entry).
@@ -206,8 +222,60 @@ pub enum GuestLine {
         /// The rest of the line.
         detail: String,
     },
+    /// `FERRY STREAM ...`: one line of the `stream=1` byte stream.
+    Stream {
+        /// vCPU index.
+        vcpu: u32,
+        /// Line number in this vCPU's stream, from 0.
+        seq: u64,
+        /// The line's payload.
+        payload: String,
+        /// [`stream_sum`] over the payloads of lines `0..=seq`.
+        sum: u64,
+    },
     /// Anything else (including `FERRY INJECT` and malformed `FERRY` lines).
     Other(String),
+}
+
+/// Longest `STREAM` payload, in bytes.
+pub const STREAM_MAX_PAYLOAD: u64 = 48;
+
+/// The `STREAM` checksum before any payload byte (FNV-1a's offset basis).
+pub const STREAM_SUM_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// splitmix64's finaliser, as the guest computes it.
+fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The payload of line `seq` of `vcpu`'s `STREAM` (1 to
+/// [`STREAM_MAX_PAYLOAD`] letters and digits), as the guest makes it.
+pub fn stream_payload(vcpu: u32, seq: u64) -> String {
+    const ALPHABET: &[u8; 62] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let h = mix64((u64::from(vcpu) << 56) ^ seq);
+    let len = 1 + h % STREAM_MAX_PAYLOAD;
+    (0..len)
+        .map(|i| char::from(ALPHABET[(mix64(h.wrapping_add(i)) % 62) as usize]))
+        .collect()
+}
+
+/// The running `STREAM` checksum `sum` continued over `payload` (FNV-1a 64).
+pub fn stream_sum(sum: u64, payload: &[u8]) -> u64 {
+    payload.iter().fold(sum, |s, &b| {
+        (s ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Line `seq` of `vcpu`'s stream given `sum`, the checksum after line
+/// `seq - 1` ([`STREAM_SUM_START`] for line 0): the exact text and the new
+/// checksum.
+pub fn stream_line(vcpu: u32, seq: u64, sum: u64) -> (String, u64) {
+    let payload = stream_payload(vcpu, seq);
+    let sum = stream_sum(sum, payload.as_bytes());
+    (format!("FERRY STREAM {vcpu} {seq} {payload} {sum:#x}"), sum)
 }
 
 impl GuestLine {
@@ -289,6 +357,15 @@ fn parse_ferry(rest: &str) -> Option<GuestLine> {
                 tsc: tsc.parse().ok()?,
                 timer_irqs: irqs.parse().ok()?,
                 pages_verified: verified.parse().ok()?,
+            }),
+            _ => None,
+        },
+        "STREAM" => match args {
+            [vcpu, seq, payload, sum] => Some(GuestLine::Stream {
+                vcpu: vcpu.parse().ok()?,
+                seq: seq.parse().ok()?,
+                payload: payload.to_string(),
+                sum: u64::from_str_radix(sum.strip_prefix("0x")?, 16).ok()?,
             }),
             _ => None,
         },
@@ -413,6 +490,40 @@ mod tests {
     }
 
     #[test]
+    fn stream() {
+        let (l0, s0) = stream_line(1, 0, STREAM_SUM_START);
+        let (l1, s1) = stream_line(1, 1, s0);
+        for (l, seq, sum) in [(&l0, 0, s0), (&l1, 1, s1)] {
+            assert_eq!(
+                parse_line(l),
+                GuestLine::Stream {
+                    vcpu: 1,
+                    seq,
+                    payload: stream_payload(1, seq),
+                    sum
+                },
+                "{l}"
+            );
+        }
+        assert_ne!(stream_payload(0, 5), stream_payload(1, 5));
+        for seq in 0..1000 {
+            let p = stream_payload(0, seq);
+            assert!((1..=STREAM_MAX_PAYLOAD as usize).contains(&p.len()));
+            assert!(p.bytes().all(|b| b.is_ascii_alphanumeric()));
+        }
+        // FNV-1a 64 test vector.
+        assert_eq!(stream_sum(STREAM_SUM_START, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert!(matches!(
+            parse_line("FERRY STREAM 0 1 abc 12"),
+            GuestLine::Other(_)
+        ));
+        assert!(matches!(
+            parse_line("FERRY STREAM 0 1 abc"),
+            GuestLine::Other(_)
+        ));
+    }
+
+    #[test]
     fn bad() {
         let l = parse_line(
             "FERRY BAD page 0 gen=77 word=7 want=0xf46b1270e3674592 got=0xf46b1270e3676592 \
@@ -479,6 +590,7 @@ mod tests {
             "READY",
             "BAD",
             "WS",
+            "STREAM",
             "=",
             "cpus=",
             "pa=0x",

@@ -108,6 +108,10 @@ static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
 		ok = parse_u64(v, vlen, &n);
 		if (ok)
 			cfg.seed = n;
+	} else if (str_eq_n(k, klen, "stream")) {
+		ok = parse_u64(v, vlen, &n) && n <= 1;
+		if (ok)
+			cfg.stream = n == 1;
 	}
 	/* Unknown keys are ignored. */
 	if (!ok) {
@@ -321,10 +325,57 @@ static void regcheck_round(struct worker *w, u64 spin)
 			bad("FERRY BAD reg %s vcpu=%u round=%lu\n", names[i], w->idx, w->round);
 }
 
+/* ------------------------------------------------------------- stream */
+
+/*
+ * stream=1: instead of the workload, each vCPU prints the deterministic
+ * line stream `FERRY STREAM <vcpu> <seq> <payload> 0x<sum>` as fast as it
+ * can; every byte is one `out` to the UART (one port I/O exit), between
+ * an `in` of the line status and an `in` of IIR that must find the byte's
+ * THR-empty interrupt.  The payload of line `seq` depends on (vcpu, seq)
+ * only, and `sum` is FNV-1a over the payloads of lines 0..=seq, so the
+ * host catches a byte lost or doubled anywhere in the stream; the guest
+ * catches a port read done twice (`FERRY BAD uart`).  guest/src/lib.rs has
+ * the reference (`stream_payload`, `stream_sum`).
+ */
+#define STREAM_MAX_PAYLOAD 48
+#define FNV_OFFSET 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+
+static size_t stream_payload(u32 idx, u64 seq, char *out)
+{
+	static const char alphabet[] =
+		"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+	u64 h = mix64(((u64)idx << 56) ^ seq);
+	size_t len = 1 + (size_t)(h % STREAM_MAX_PAYLOAD);
+	for (size_t i = 0; i < len; i++)
+		out[i] = alphabet[mix64(h + i) % 62];
+	out[len] = 0;
+	return len;
+}
+
+static __attribute__((noreturn)) void stream(u32 idx)
+{
+	char payload[STREAM_MAX_PAYLOAD + 1];
+	u64 sum = FNV_OFFSET;
+	kprintf("FERRY READY %u\n", idx);
+	for (u64 seq = 0;; seq++) {
+		size_t len = stream_payload(idx, seq, payload);
+		for (size_t i = 0; i < len; i++)
+			sum = (sum ^ (u8)payload[i]) * FNV_PRIME;
+		kprintf("FERRY STREAM %u %lu %s 0x%lx\n", idx, seq, payload, sum);
+		u64 missed = __atomic_exchange_n(&thre_missed, 0, __ATOMIC_RELAXED);
+		if (missed)
+			bad("FERRY BAD uart thre_missed=%lu vcpu=%u seq=%lu\n", missed, idx, seq);
+	}
+}
+
 /* The workload, in ring 3. */
 static __attribute__((noreturn)) void workload(u64 idx64)
 {
 	u32 idx = (u32)idx64;
+	if (cfg.stream)
+		stream(idx);
 	struct worker w = { .idx = idx };
 	w.pages = mem.ws_pages / cfg.cpus;
 	w.first = idx * w.pages;
@@ -379,6 +430,8 @@ void guest_main(u32 idx, u64 start_info_pa)
 		cpu_detect_features();
 		start_info_read(start_info_pa, cmdline, sizeof(cmdline));
 		parse_cmdline(cmdline);
+		if (cfg.stream)
+			uart_check_thre();
 		if (cfg.avx == 0)
 			have_avx = false;
 		if (cfg.x2apic == 0)

@@ -14,6 +14,11 @@
 //! structure's size. The CRC-32 covers every byte before it. A tag with bit
 //! 15 set is optional: a reader that does not know it skips it; any other
 //! unknown tag is an error. The decoder never panics on any input.
+//!
+//! Versions: 1 is the original layout. 2 adds the mandatory
+//! [`Tag::SerialLine`] section (the console line being printed at the
+//! pause). This build writes 2 and reads both; a version 1 blob decodes
+//! with an empty line.
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
 use vm_superio::serial::SerialState;
@@ -23,8 +28,15 @@ use super::{DeviceState, MachineMeta, MachineState, VcpuState, VmState};
 
 /// Magic at the start of every state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"FERRYST\0";
-/// Version written by this build; the only one it reads.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+/// Version written by this build.
+pub const STATE_FORMAT_VERSION: u32 = 2;
+/// Oldest version this build reads.
+pub const MIN_STATE_FORMAT_VERSION: u32 = 1;
+/// First version with [`Tag::SerialLine`].
+const SERIAL_LINE_SINCE: u32 = 2;
+/// Longest [`Tag::SerialLine`] payload: a partial console line is always
+/// shorter than the console's longest line.
+pub const MAX_SERIAL_LINE: usize = crate::console::MAX_LINE - 1;
 const HEADER_LEN: usize = 24;
 /// Sanity bound on a whole blob (a few KiB per vCPU in practice).
 pub const MAX_STATE_LEN: usize = 16 << 20;
@@ -69,9 +81,12 @@ pub enum Tag {
     Events = 0x0209,
     /// COM1 registers and receive FIFO.
     Serial = 0x0300,
+    /// The console line COM1 had begun printing: its raw bytes, at most
+    /// [`MAX_SERIAL_LINE`], no line ends. Since version 2.
+    SerialLine = 0x0301,
 }
 
-const ALL_TAGS: [Tag; 17] = [
+const ALL_TAGS: [Tag; 18] = [
     Tag::Meta,
     Tag::Pit2,
     Tag::Clock,
@@ -89,6 +104,7 @@ const ALL_TAGS: [Tag; 17] = [
     Tag::Msrs,
     Tag::Events,
     Tag::Serial,
+    Tag::SerialLine,
 ];
 
 impl Tag {
@@ -107,7 +123,7 @@ pub enum CodecError {
     #[error("not a Ferry state blob (bad magic)")]
     BadMagic,
     /// Written by another format version.
-    #[error("state format version {found} is not supported (this build reads version {STATE_FORMAT_VERSION})")]
+    #[error("state format version {found} is not supported (this build reads versions {MIN_STATE_FORMAT_VERSION} to {STATE_FORMAT_VERSION})")]
     Version {
         /// The version in the blob.
         found: u32,
@@ -185,6 +201,12 @@ impl Writer {
 
 /// Encodes `state` into a blob.
 pub fn encode(state: &MachineState) -> Vec<u8> {
+    encode_as(state, STATE_FORMAT_VERSION)
+}
+
+/// Encodes `state` in the layout of `version` (older layouts leave out
+/// what they cannot hold).
+fn encode_as(state: &MachineState, version: u32) -> Vec<u8> {
     let mut w = Writer {
         buf: vec![0; HEADER_LEN],
         count: 0,
@@ -214,10 +236,13 @@ pub fn encode(state: &MachineState) -> Vec<u8> {
         w.section(Tag::Events, i, v.events.as_bytes());
     }
     w.section(Tag::Serial, 0, &encode_serial(&state.devices.serial));
+    if version >= SERIAL_LINE_SINCE {
+        w.section(Tag::SerialLine, 0, &state.devices.serial_line);
+    }
 
     let body_len = (w.buf.len() - HEADER_LEN) as u64;
     w.buf[0..8].copy_from_slice(&STATE_MAGIC);
-    w.buf[8..12].copy_from_slice(&STATE_FORMAT_VERSION.to_le_bytes());
+    w.buf[8..12].copy_from_slice(&version.to_le_bytes());
     w.buf[12..16].copy_from_slice(&w.count.to_le_bytes());
     w.buf[16..24].copy_from_slice(&body_len.to_le_bytes());
     let crc = crc32fast::hash(&w.buf);
@@ -269,6 +294,18 @@ fn decode_serial(p: &[u8]) -> Result<SerialState, CodecError> {
     })
 }
 
+fn decode_serial_line(p: &[u8]) -> Result<Vec<u8>, CodecError> {
+    if p.len() > MAX_SERIAL_LINE || p.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return Err(CodecError::SectionSize {
+            tag: Tag::SerialLine,
+            instance: 0,
+            len: p.len(),
+            expected: format!("at most {MAX_SERIAL_LINE} bytes, no line ends"),
+        });
+    }
+    Ok(p.to_vec())
+}
+
 fn le_u32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
@@ -284,8 +321,8 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 /// Where each section's payload lies, keyed by (tag, instance).
 type SectionMap<'a> = std::collections::BTreeMap<(u16, u16), &'a [u8]>;
 
-/// Checks the framing of a blob and returns its sections.
-fn sections(blob: &[u8]) -> Result<SectionMap<'_>, CodecError> {
+/// Checks the framing of a blob and returns its version and sections.
+fn sections(blob: &[u8]) -> Result<(u32, SectionMap<'_>), CodecError> {
     if blob.len() < 8 || blob[0..8] != STATE_MAGIC {
         return Err(CodecError::BadMagic);
     }
@@ -296,7 +333,7 @@ fn sections(blob: &[u8]) -> Result<SectionMap<'_>, CodecError> {
         });
     }
     let version = le_u32(blob, 8);
-    if version != STATE_FORMAT_VERSION {
+    if !(MIN_STATE_FORMAT_VERSION..=STATE_FORMAT_VERSION).contains(&version) {
         return Err(CodecError::Version { found: version });
     }
     let count = le_u32(blob, 12);
@@ -339,6 +376,9 @@ fn sections(blob: &[u8]) -> Result<SectionMap<'_>, CodecError> {
             })?;
         at += 8 + len;
         match Tag::from_u16(tag) {
+            Some(Tag::SerialLine) if version < SERIAL_LINE_SINCE => {
+                return Err(CodecError::UnknownTag(tag));
+            }
             Some(t) => {
                 if map.insert((tag, instance), payload).is_some() {
                     return Err(CodecError::Duplicate { tag: t, instance });
@@ -354,7 +394,7 @@ fn sections(blob: &[u8]) -> Result<SectionMap<'_>, CodecError> {
             body.len() - at
         )));
     }
-    Ok(map)
+    Ok((version, map))
 }
 
 fn get<'a>(map: &SectionMap<'a>, tag: Tag, instance: u16) -> Result<&'a [u8], CodecError> {
@@ -406,7 +446,7 @@ fn array<T: FromBytes + Clone>(
 
 /// Reads only the machine shape, e.g. to size a VM before restoring into it.
 pub fn decode_meta(blob: &[u8]) -> Result<MachineMeta, CodecError> {
-    meta(&sections(blob)?)
+    meta(&sections(blob)?.1)
 }
 
 fn meta(map: &SectionMap<'_>) -> Result<MachineMeta, CodecError> {
@@ -438,7 +478,7 @@ fn meta(map: &SectionMap<'_>) -> Result<MachineMeta, CodecError> {
 
 /// Decodes and fully validates a blob.
 pub fn decode(blob: &[u8]) -> Result<MachineState, CodecError> {
-    let map = sections(blob)?;
+    let (version, map) = sections(blob)?;
     let meta = meta(&map)?;
     for &(tag, instance) in map.keys() {
         let t = Tag::from_u16(tag).ok_or(CodecError::UnknownTag(tag))?;
@@ -482,18 +522,26 @@ pub fn decode(blob: &[u8]) -> Result<MachineState, CodecError> {
         });
     }
     let serial = decode_serial(get(&map, Tag::Serial, 0)?)?;
+    let serial_line = if version >= SERIAL_LINE_SINCE {
+        decode_serial_line(get(&map, Tag::SerialLine, 0)?)?
+    } else {
+        Vec::new()
+    };
     Ok(MachineState {
         meta,
         vm,
         vcpus,
-        devices: DeviceState { serial },
+        devices: DeviceState {
+            serial,
+            serial_line,
+        },
     })
 }
 
 /// Names the sections whose payloads differ between two blobs, e.g.
 /// `["Clock", "Msrs[0]"]`. Both blobs must be valid.
 pub fn differing_sections(a: &[u8], b: &[u8]) -> Result<Vec<String>, CodecError> {
-    let (sa, sb) = (sections(a)?, sections(b)?);
+    let (sa, sb) = (sections(a)?.1, sections(b)?.1);
     let mut out = Vec::new();
     for (key, pa) in &sa {
         if sb.get(key) != Some(pa) {
@@ -564,8 +612,102 @@ mod tests {
                     in_buffer: vec![1, 2, 3],
                     ..Default::default()
                 },
+                serial_line: b"FERRY TI".to_vec(),
             },
         }
+    }
+
+    /// Rewrites a blob's header and checksum after its body was edited.
+    fn reseal(mut b: Vec<u8>, version: u32, count: u32) -> Vec<u8> {
+        b.truncate(b.len() - 4);
+        let body = (b.len() - HEADER_LEN) as u64;
+        b[8..12].copy_from_slice(&version.to_le_bytes());
+        b[12..16].copy_from_slice(&count.to_le_bytes());
+        b[16..24].copy_from_slice(&body.to_le_bytes());
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// `sample()`'s blob with its SerialLine section (the last) replaced.
+    fn with_line(line: &[u8]) -> Vec<u8> {
+        let mut s = sample();
+        s.devices.serial_line.clear();
+        let mut b = encode(&s);
+        // Drop the CRC and the empty section's 8-byte header, then append
+        // the section by hand so no encoder-side bound applies.
+        b.truncate(b.len() - 4 - 8);
+        b.extend_from_slice(&(Tag::SerialLine as u16).to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&(line.len() as u32).to_le_bytes());
+        b.extend_from_slice(line);
+        b.extend_from_slice(&[0; 4]);
+        let count = le_u32(&b, 12);
+        reseal(b, STATE_FORMAT_VERSION, count)
+    }
+
+    #[test]
+    fn the_partial_console_line_round_trips() {
+        let back = decode(&encode(&sample())).unwrap();
+        assert_eq!(back.devices.serial_line, b"FERRY TI");
+        let longest = vec![b'x'; MAX_SERIAL_LINE];
+        assert_eq!(
+            decode(&with_line(&longest)).unwrap().devices.serial_line,
+            longest
+        );
+        assert!(decode(&with_line(b""))
+            .unwrap()
+            .devices
+            .serial_line
+            .is_empty());
+    }
+
+    #[test]
+    fn a_bad_partial_console_line_is_refused() {
+        for line in [&vec![b'x'; MAX_SERIAL_LINE + 1][..], b"ab\ncd", b"\r"] {
+            assert!(
+                matches!(
+                    decode(&with_line(line)),
+                    Err(CodecError::SectionSize {
+                        tag: Tag::SerialLine,
+                        ..
+                    })
+                ),
+                "{} bytes",
+                line.len()
+            );
+        }
+        // Version 2 requires the section.
+        let v1_body = encode_as(&sample(), 1);
+        let count = le_u32(&v1_body, 12);
+        assert_eq!(
+            decode(&reseal(v1_body, 2, count)).err(),
+            Some(CodecError::Missing {
+                tag: Tag::SerialLine,
+                instance: 0
+            })
+        );
+    }
+
+    #[test]
+    fn version_1_blobs_still_decode() {
+        let v1 = encode_as(&sample(), 1);
+        assert_eq!(le_u32(&v1, 8), 1);
+        let back = decode(&v1).unwrap();
+        assert!(back.devices.serial_line.is_empty());
+        assert_eq!(back.devices.serial.in_buffer, vec![1, 2, 3]);
+        assert_eq!(back.vcpus[1].regs.rip, 0x1234);
+        // Re-encoded, it is a version 2 blob of the same machine.
+        let again = decode(&encode(&back)).unwrap();
+        assert_eq!(encode_as(&again, 1), v1);
+        // A version 1 blob cannot carry the section a version 1 reader
+        // would refuse.
+        let v2 = encode(&sample());
+        let count = le_u32(&v2, 12);
+        assert_eq!(
+            decode(&reseal(v2, 1, count)).err(),
+            Some(CodecError::UnknownTag(Tag::SerialLine as u16))
+        );
     }
 
     #[test]
@@ -597,6 +739,8 @@ mod tests {
         let mut blob = encode(&sample());
         blob[8] = 9;
         assert_eq!(decode(&blob).err(), Some(CodecError::Version { found: 9 }));
+        blob[8] = 0;
+        assert_eq!(decode(&blob).err(), Some(CodecError::Version { found: 0 }));
         assert_eq!(
             decode(b"NOTFERRY-and-more-bytes-here----").err(),
             Some(CodecError::BadMagic)

@@ -95,6 +95,10 @@ pub struct VmState {
 pub struct DeviceState {
     /// COM1.
     pub serial: SerialState,
+    /// The bytes of the console line COM1's output had begun but not
+    /// finished (never output by the VM they were saved from), shorter
+    /// than [`crate::console::MAX_LINE`] and without line ends.
+    pub serial_line: Vec<u8>,
 }
 
 /// Everything needed to resume a paused VM, given its memory.

@@ -42,6 +42,10 @@ pub enum VcpuStateError {
     /// A list did not fit KVM's fixed-size array.
     #[error("too many {0} entries for KVM")]
     TooMany(&'static str),
+    /// The vCPU exited for an I/O access that KVM could not complete, so
+    /// its registers are not consistent and must not be saved.
+    #[error("the vCPU's last exit, a {0}, could not be completed; its state is not consistent")]
+    IncompleteIo(String),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
