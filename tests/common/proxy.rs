@@ -171,10 +171,7 @@ fn pump(
     let mut first = true;
     loop {
         // Forward every whole frame buffered.
-        loop {
-            let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
-                break;
-            };
+        while let Some(head) = buf.first_chunk::<HEADER_LEN>() {
             let Ok(h) = FrameHeader::decode(head) else {
                 // Not a frame: pass the bytes on untouched.
                 if to.write_all(&buf).is_err() {
