@@ -49,7 +49,8 @@ fn source(dir: &Scratch, to: &str, mem: &str, guest: &str) -> Proc {
             "--migrate-to",
             to,
             "--after",
-            "2s",
+            // The guest writes its whole working set before it ticks.
+            if mem == "2G" { "5s" } else { "2s" },
             "--peer-timeout",
             "2s",
             "--recovery-window",

@@ -55,7 +55,7 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Creates `size` bytes of zeroed guest RAM.
+    /// Creates `size` bytes of zeroed guest RAM in an anonymous memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         if !layout::valid_mem_size(size) {
             return Err(MemoryError::InvalidSize(size));
@@ -65,7 +65,26 @@ impl GuestRam {
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
         )
         .map_err(|e| MemoryError::CreateFile(e.into()))?;
-        let file = File::from(fd);
+        Self::from_file(File::from(fd), size)
+    }
+
+    /// Creates `size` bytes of zeroed guest RAM in a new file at `path`
+    /// (tmpfs or hugetlbfs), which outlives this process: after a crash the
+    /// memory is still there to be served. An existing file is refused.
+    pub fn in_file(size: u64, path: &std::path::Path) -> Result<Self, MemoryError> {
+        if !layout::valid_mem_size(size) {
+            return Err(MemoryError::InvalidSize(size));
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(MemoryError::CreateFile)?;
+        Self::from_file(file, size)
+    }
+
+    fn from_file(file: File, size: u64) -> Result<Self, MemoryError> {
         file.set_len(size).map_err(MemoryError::CreateFile)?;
         let file = Arc::new(file);
         let ranges = layout::ram_ranges(size);

@@ -171,7 +171,23 @@ pub struct PreparedVm {
 impl PreparedVm {
     /// Creates the VM, its RAM and its vCPUs.
     pub fn new(mem_size: u64, vcpus: u32, console_out: ConsoleOutput) -> Result<Self, VmError> {
-        Self::create(mem_size, vcpus, console_out, false)
+        Self::create(GuestRam::new(mem_size)?, vcpus, console_out, false)
+    }
+
+    /// Like [`Self::new`], with guest RAM in a new file at `path` that
+    /// outlives the process (see [`GuestRam::in_file`]).
+    pub fn new_in_file(
+        mem_size: u64,
+        vcpus: u32,
+        console_out: ConsoleOutput,
+        path: &std::path::Path,
+    ) -> Result<Self, VmError> {
+        Self::create(
+            GuestRam::in_file(mem_size, path)?,
+            vcpus,
+            console_out,
+            false,
+        )
     }
 
     /// Like [`Self::new`], for a VM whose memory will arrive through
@@ -182,11 +198,11 @@ impl PreparedVm {
         vcpus: u32,
         console_out: ConsoleOutput,
     ) -> Result<Self, VmError> {
-        Self::create(mem_size, vcpus, console_out, true)
+        Self::create(GuestRam::new(mem_size)?, vcpus, console_out, true)
     }
 
     fn create(
-        mem_size: u64,
+        ram: GuestRam,
         vcpus: u32,
         console_out: ConsoleOutput,
         sync_faults: bool,
@@ -200,7 +216,6 @@ impl PreparedVm {
             return Err(VmError::VcpuCount(vcpus));
         }
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let ram = GuestRam::new(mem_size)?;
         set_memory_slots(&fd, &ram, 0)?;
         if sync_faults {
             enable_sync_faults(&fd);

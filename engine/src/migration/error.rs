@@ -41,6 +41,9 @@ pub enum SourceError {
     /// destination may run it.
     #[error("the move is stranded after the switch-over, the VM stays paused here: {0}")]
     Stranded(String),
+    /// The session record could not be written or read.
+    #[error(transparent)]
+    Record(#[from] super::record::RecordError),
     /// The destination does not hold the session being resumed.
     #[error("the destination does not hold this session")]
     Unknown,

@@ -29,6 +29,9 @@ pub struct SourceOptions {
     /// before the move is declared stranded (the VM stays paused here,
     /// with its memory). The peer timeout is `server.peer_timeout`.
     pub recovery_window: Duration,
+    /// Where to write the session record before `Commit`, so that the move
+    /// can be finished after this process dies (with guest RAM in a file).
+    pub session_record: Option<std::path::PathBuf>,
 }
 
 impl Default for SourceOptions {
@@ -42,6 +45,7 @@ impl Default for SourceOptions {
             hybrid_rounds: 2,
             progress: None,
             recovery_window: Duration::from_secs(60),
+            session_record: None,
         }
     }
 }

@@ -34,6 +34,7 @@ use super::committed::{Committed, End};
 use super::error::SourceError;
 use super::options::SourceOptions;
 use super::progress::Stage;
+use super::record::SessionRecord;
 use super::rounds::{after_pause, before_pause, PreSwitch};
 use super::session::{final_stats, negotiated, open_session, send_state, Session};
 use super::stats::MigrationStats;
@@ -132,6 +133,16 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     };
 
     // The commit point: once `Commit` is written, this copy never runs again.
+    if let Some(path) = &opts.session_record {
+        // Before Commit: a crash after it must find the record.
+        if let Err(e) = SessionRecord::of(addr, &hello, opts.mode).write(path) {
+            error!("cannot write the session record: {e}");
+            if was_running {
+                vm.resume()?;
+            }
+            return Err(SourceError::RolledBack(Box::new(SourceError::Record(e))));
+        }
+    }
     let commit_sent = match control.send(MsgType::Commit, 0, &[]) {
         Ok(()) => true,
         Err(e) => {
@@ -267,5 +278,44 @@ pub fn migrate_machine(
     };
     let stats = final_stats(complete, server, t0)?;
     info!(total_ms = stats.total_ms, "every page served");
+    Ok(Outcome { stats })
+}
+
+/// Finishes a committed move whose source process died: `record` names
+/// the session and `pages` is the guest RAM file it left. Reconnects to
+/// the destination, serves what it still lacks and returns its statistics
+/// once it says `Complete`.
+pub fn finish_after_crash(
+    record: &SessionRecord,
+    pages: &dyn PageSource,
+    opts: &SourceOptions,
+) -> Result<Outcome, SourceError> {
+    if pages.pages() * ferry_protocol::PAGE_SIZE as u64 != record.mem_size {
+        return Err(SourceError::Stranded(format!(
+            "the memory file holds {} pages, the session {} bytes",
+            pages.pages(),
+            record.mem_size
+        )));
+    }
+    let t0 = Instant::now();
+    let mut committed = Committed::new(
+        &record.addr,
+        record.hello(),
+        opts,
+        opts.server.clone(),
+        pages,
+        record.mode.lazy(),
+    );
+    let (complete, server) = match committed.run(None, false, None)? {
+        End::Complete { complete, server } => (complete, server),
+        End::Unknown { .. } => {
+            return Err(SourceError::Stranded(
+                "the destination does not hold the session".into(),
+            ))
+        }
+    };
+    let mut stats = final_stats(complete, server, t0)?;
+    stats.source["recoveries"] = committed.recovery.count.into();
+    stats.source["recovery_ms"] = committed.recovery.ms.into();
     Ok(Outcome { stats })
 }

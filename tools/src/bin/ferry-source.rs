@@ -1,14 +1,15 @@
 //! `ferry-source`: runs a VM (the built-in workload guest by default) with a
 //! control API, and migrates it out (`--migrate-to`, or the API's `migrate`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_engine::controller::{ServeContext, ServeEnd};
-use ferry_engine::migration::SourceOptions;
-use ferry_engine::{api, controller, Vm};
-use ferry_page_server::ServerConfig;
+use ferry_engine::migration::record::SessionRecord;
+use ferry_engine::migration::{self, SourceOptions};
+use ferry_engine::{api, controller, PreparedVm, Vm};
+use ferry_page_server::{FileSource, ServerConfig};
 use ferry_protocol::MigrationMode;
 use ferry_tools::{
     console_output, init_tracing, migration_progress_bar, monitor, parse_duration, parse_size,
@@ -64,6 +65,17 @@ struct Args {
     /// Write the built-in guest ELF to this file and exit.
     #[arg(long)]
     write_guest: Option<PathBuf>,
+    /// Keep guest RAM in this new file (on tmpfs such as /dev/shm, or
+    /// hugetlbfs) instead of anonymous memory, with a session record
+    /// beside it (FILE.session) once a move commits: if this process dies
+    /// after the switch-over, `--resume FILE` finishes the move.
+    #[arg(long, conflicts_with = "resume")]
+    mem_file: Option<PathBuf>,
+    /// Finish the committed move of a source that died: serve the guest
+    /// RAM it left in FILE (its --mem-file) to the destination named in
+    /// FILE.session, then remove both files.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +99,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         info!(path = %path.display(), bytes = ferry_guest::GUEST_ELF.len(), "guest ELF written");
         return Ok(exit_code);
     }
+    if let Some(mem_file) = &args.resume {
+        return resume_crashed(&args, mem_file);
+    }
     let elf = match &args.kernel {
         Some(p) => std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
         None => ferry_guest::GUEST_ELF.to_vec(),
@@ -94,7 +109,12 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
-    let mut vm = Vm::boot(args.mem, args.vcpus, &elf, &args.guest_args, console)?;
+    let mut vm = match &args.mem_file {
+        Some(path) => PreparedVm::new_in_file(args.mem, args.vcpus, console, path)
+            .map_err(|e| format!("guest RAM in {}: {e}", path.display()))?
+            .boot(&elf, &args.guest_args)?,
+        None => Vm::boot(args.mem, args.vcpus, &elf, &args.guest_args, console)?,
+    };
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
     let defaults = SourceOptions {
@@ -103,6 +123,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         downtime_target: args.downtime_target,
         hybrid_rounds: args.hybrid_rounds,
         recovery_window: args.link.recovery_window,
+        session_record: args.mem_file.as_deref().map(SessionRecord::path_for),
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
             ..Default::default()
@@ -156,8 +177,57 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if !moved {
         controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx);
     }
+    if let Some(path) = &args.mem_file {
+        if ctx.hold.is_some() {
+            // A committed move that did not finish: keep the memory and the
+            // record for `--resume`.
+            eprintln!(
+                "ferry-source: guest RAM and session record kept in {} for --resume",
+                path.display()
+            );
+        } else {
+            let _ = std::fs::remove_file(SessionRecord::path_for(path));
+            let _ = std::fs::remove_file(path);
+        }
+    }
     if let Some(p) = &args.io.api {
         let _ = std::fs::remove_file(p);
     }
     Ok(exit_code)
+}
+
+/// `--resume FILE`: finishes the committed move a dead source left behind.
+fn resume_crashed(args: &Args, mem_file: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let record_path = SessionRecord::path_for(mem_file);
+    let record = SessionRecord::read(&record_path)?;
+    let file = std::fs::File::open(mem_file)
+        .map_err(|e| format!("cannot open the memory file {}: {e}", mem_file.display()))?;
+    let len = file.metadata()?.len();
+    if len != record.mem_size {
+        return Err(format!(
+            "{} holds {len} bytes but the session moves {}",
+            mem_file.display(),
+            record.mem_size
+        )
+        .into());
+    }
+    let pages = FileSource::new(std::sync::Arc::new(file), len / 4096);
+    let opts = SourceOptions {
+        recovery_window: args.link.recovery_window,
+        server: ServerConfig {
+            peer_timeout: args.link.peer_timeout,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    info!(addr = %record.addr, session = record.session_id, "finishing the move of a source that died");
+    let outcome = migration::finish_after_crash(&record, &pages, &opts)?;
+    println!("{}", outcome.stats.table());
+    if let Some(p) = &args.stats_json {
+        controller::write_stats(p, &outcome.stats)?;
+    }
+    std::fs::remove_file(&record_path)?;
+    std::fs::remove_file(mem_file)?;
+    info!("move finished; memory file and session record removed");
+    Ok(ExitCode::SUCCESS)
 }
