@@ -227,3 +227,134 @@ fn when_the_window_runs_out_the_vm_waits_paused() {
         dst.0.try_wait().unwrap()
     });
 }
+
+/// Polls `ferry-ctl status` on `sock` until `stage` is the migration stage.
+fn wait_stage(sock: &std::path::Path, stage: &str) -> serde_json::Value {
+    wait_for(WAIT, stage, || {
+        let out = std::process::Command::new(bin("ferry-ctl"))
+            .args(["--api", sock.to_str().unwrap(), "status"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["migration"]["stage"] == stage).then_some(v)
+    })
+}
+
+/// The link dies for longer than the source's recovery window: the source
+/// declares the move stranded and keeps the VM paused (it refuses to resume
+/// it: the destination may run it). `ferry-ctl recover ADDR` on the source,
+/// naming the destination's direct address, finishes the move.
+#[test]
+fn the_source_recovers_a_stranded_move_on_request() {
+    let dir = Scratch::new("src-recover");
+    let (mut dst, addr) = dest(&dir, "60s");
+    let proxy = Proxy::start(&addr, Vec::new());
+    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
+    let mut src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            "2G",
+            "--guest-args",
+            "ws=1G pattern=random write=80 report_ms=20",
+            "--serial",
+            &p("src.log"),
+            "--api",
+            &p("src.sock"),
+            "--migrate-to",
+            &proxy.addr,
+            "--after",
+            "5s",
+            "--peer-timeout",
+            "1s",
+            "--recovery-window",
+            "2s",
+        ],
+        &dir.path("src.err"),
+    );
+    let sock = dir.path("src.sock");
+    wait_stage(&sock, "postcopy");
+    drop(proxy);
+    let s = wait_stage(&sock, "failed");
+    assert_eq!(s["run_state"], "paused", "{s}");
+    assert!(s["held"].is_string(), "{s}");
+    let out = std::process::Command::new(bin("ferry-ctl"))
+        .args(["--api", sock.to_str().unwrap(), "resume"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a committed VM resumed on the source"
+    );
+    let r = ctl(&sock, &["recover", &addr]);
+    assert!(r["recoveries"].as_u64().unwrap() >= 1, "{r}");
+    assert!(wait_exit(&mut src, WAIT, "the source to finish"));
+    let dst_log = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &dst_log, 1);
+    assert!(bad_lines(&dst_log).is_empty());
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+}
+
+/// The destination's window runs out while the source is down (killed,
+/// with its RAM in a file). The operator asks the destination to recover,
+/// then restarts the source with `--resume`: the move completes.
+#[test]
+fn the_destination_recovers_a_stranded_move_on_request() {
+    let dir = Scratch::new("dst-recover");
+    let (mut dst, addr) = dest(&dir, "2s");
+    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
+    let mem_file = format!("/dev/shm/ferry-test-dstrec-{}", std::process::id());
+    let _ = std::fs::remove_file(&mem_file);
+    let mut src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            "2G",
+            "--guest-args",
+            "ws=1G pattern=random write=80 report_ms=20",
+            "--mem-file",
+            &mem_file,
+            "--serial",
+            &p("src.log"),
+            "--api",
+            &p("src.sock"),
+            "--migrate-to",
+            &addr,
+            "--after",
+            "5s",
+        ],
+        &dir.path("src.err"),
+    );
+    wait_stage(&dir.path("src.sock"), "postcopy");
+    src.0.kill().unwrap();
+    let _ = src.0.wait();
+    let dsock = dir.path("dst.sock");
+    let s = wait_stage(&dsock, "failed");
+    assert_eq!(s["run_state"], "paused", "{s}");
+    // Recover on the destination (it waits another window, 2 s) while the
+    // source is restarted from its memory file.
+    let mut resumed = spawn(
+        "ferry-source",
+        &["--resume", &mem_file, "--recovery-window", "30s"],
+        &dir.path("resumed.err"),
+    );
+    let r = ctl(&dsock, &["recover"]);
+    let ok = wait_exit(&mut resumed, WAIT, "the resumed source to finish");
+    let _ = std::fs::remove_file(&mem_file);
+    let _ = std::fs::remove_file(format!("{mem_file}.session"));
+    assert!(
+        ok,
+        "{}",
+        std::fs::read_to_string(dir.path("resumed.err")).unwrap_or_default()
+    );
+    assert!(r["recoveries"].as_u64().unwrap() >= 1, "{r}");
+    let s = ctl(&dsock, &["status"]);
+    assert_eq!(s["run_state"], "running", "{s}");
+    assert!(s["held"].is_null(), "{s}");
+    let dst_log = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &dst_log, 1);
+    assert!(bad_lines(&dst_log).is_empty());
+    ctl(&dsock, &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+}

@@ -75,6 +75,15 @@ pub enum ApiRequest {
         #[serde(default)]
         mode: Option<ferry_protocol::MigrationMode>,
     },
+    /// Try a stranded move again: on the source, reconnect to the
+    /// destination (at `to`, if it moved; else where it was); on the
+    /// destination, wait for the source's reconnection for another
+    /// recovery window.
+    Recover {
+        /// The destination's address, when it changed (source side only).
+        #[serde(default)]
+        to: Option<String>,
+    },
     /// Stop the VM and the process.
     Quit,
 }

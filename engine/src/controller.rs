@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::api::{ApiRequest, ApiResponse, PendingRequest};
 use crate::migration::progress::Progress;
+use crate::migration::record::SessionRecord;
 use crate::vm::{Vm, VmError};
 use crate::{migration, snapshot};
 
@@ -63,7 +64,16 @@ pub struct ServeContext<'a> {
     /// Why the VM must not be resumed here, if it must not: it was
     /// committed to a destination that may run it, or it lacks pages.
     pub hold: Option<String>,
+    /// Source side: the stranded session, for a `recover` request.
+    pub stranded: Option<SessionRecord>,
+    /// Destination side: tries a stranded move again (see
+    /// [`migration::DestMove::recover`]); for a `recover` request.
+    pub recover_hook: Option<RecoverHook<'a>>,
 }
+
+/// How a destination tries a stranded move again.
+pub type RecoverHook<'a> =
+    Box<dyn FnMut(&mut Vm) -> Result<migration::MigrationStats, String> + Send + 'a>;
 
 /// Migrates the VM out, answering `status` requests on `api` meanwhile
 /// (other requests are refused as busy); on success it runs elsewhere and
@@ -89,8 +99,9 @@ pub fn migrate_to(
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            if matches!(e, migration::SourceError::Stranded(_)) {
+            if let migration::SourceError::Stranded { record, .. } = &e {
                 ctx.hold = Some(e.to_string());
+                ctx.stranded = record.as_deref().cloned();
             }
             return Err(e.into());
         }
@@ -196,6 +207,7 @@ pub fn handle(
         },
         ApiRequest::Snapshot { path } => snapshot_to(vm, path),
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
+        ApiRequest::Recover { to } => return recover(vm, to.as_deref(), api, ctx),
         ApiRequest::Migrate {
             to,
             stats_json,
@@ -221,6 +233,66 @@ pub fn handle(
         Ok(v) => (ApiResponse::ok(v), false),
         Err(e) => {
             error!("{req:?} failed: {e}");
+            (ApiResponse::err(e), false)
+        }
+    }
+}
+
+/// Applies a `recover` request; returns the response and whether to quit
+/// (a source whose move then completed).
+fn recover(
+    vm: &mut Vm,
+    to: Option<&str>,
+    api: Option<&Receiver<PendingRequest>>,
+    ctx: &mut ServeContext<'_>,
+) -> (ApiResponse, bool) {
+    let progress = Arc::new(Progress::default());
+    ctx.migration = Some(progress.clone());
+    if let Some(mut record) = ctx.stranded.clone() {
+        if let Some(to) = to {
+            record.addr = to.to_string();
+        }
+        let opts = migration::SourceOptions {
+            progress: Some(progress.clone()),
+            ..ctx.migrate_defaults.clone()
+        };
+        let pages = ferry_page_server::FileSource::new(vm.ram().file().clone(), vm.ram().pages());
+        let r = answer_while(api, ctx.guest, &progress, || {
+            migration::finish_after_crash(&record, &pages, &opts)
+        });
+        return match r {
+            Ok(outcome) => {
+                progress.stage(migration::progress::Stage::Completed);
+                ctx.hold = None;
+                ctx.stranded = None;
+                println!("{}", outcome.stats.table());
+                (ApiResponse::ok(json!(outcome.stats)), true)
+            }
+            Err(e) => {
+                progress.fail(e.to_string());
+                error!("recovery failed: {e}");
+                (ApiResponse::err(e), false)
+            }
+        };
+    }
+    let Some(hook) = ctx.recover_hook.as_mut() else {
+        return (
+            ApiResponse::err("there is no stranded move to recover"),
+            false,
+        );
+    };
+    progress.stage(migration::progress::Stage::Recovering);
+    let r = answer_while(api, ctx.guest, &progress, || hook(vm));
+    match r {
+        Ok(stats) => {
+            progress.stage(migration::progress::Stage::Completed);
+            ctx.hold = None;
+            ctx.recover_hook = None;
+            (ApiResponse::ok(json!(stats)), false)
+        }
+        Err(e) => {
+            progress.fail(e.clone());
+            error!("recovery failed: {e}");
             (ApiResponse::err(e), false)
         }
     }
@@ -264,7 +336,8 @@ pub fn serve(
         };
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok((req, reply)) => {
-                let migrated = matches!(req, ApiRequest::Migrate { .. });
+                let migrated =
+                    matches!(req, ApiRequest::Migrate { .. } | ApiRequest::Recover { .. });
                 let (resp, end) = handle(vm, &req, api, ctx);
                 let _ = reply.send(resp);
                 if end {

@@ -562,6 +562,13 @@ pub fn restore_lazy(
         },
         ..Default::default()
     };
+    // Both ends are in this process: a failure is not a lost network link,
+    // so recovery gets only a short window.
+    let dest_opts = migration::DestOptions {
+        recovery_window: Duration::from_secs(2),
+        accept_timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
+    };
     let (received, served) = std::thread::scope(|s| {
         let server = std::thread::Builder::new()
             .name("snapshot-pages".into())
@@ -575,24 +582,18 @@ pub fn restore_lazy(
                 )
             })
             .map_err(|e| RestoreError::Thread(e.to_string()))?;
-        // Both ends are in this process: a failure is not a lost network
-        // link, so recovery gets only a short window.
-        let dest_opts = migration::DestOptions {
-            recovery_window: Duration::from_secs(2),
-            accept_timeout: Some(Duration::from_secs(10)),
-            ..Default::default()
-        };
-        let received = migration::receive(&listener, console, &dest_opts);
+        let received = migration::receive(&listener, console, &dest_opts).and_then(|r| {
+            match (r.failure, r.stats) {
+                (None, Some(stats)) => Ok((r.vm, stats)),
+                (Some(e), _) => Err(e),
+                (None, None) => Err(DestError::Refused("no statistics".into())),
+            }
+        });
         let served = server
             .join()
             .map_err(|_| RestoreError::Thread("panicked".into()))?;
         Ok::<_, RestoreError>((received, served))
     })?;
-    let received = received.and_then(|r| match (r.failure, r.stats) {
-        (None, Some(stats)) => Ok((r.vm, stats)),
-        (Some(e), _) => Err(e),
-        (None, None) => Err(DestError::Refused("no statistics".into())),
-    });
     let (vm, stats) = match (received, served) {
         (Ok((vm, _)), Ok(outcome)) => (vm, outcome.stats),
         // Every page is present: the VM is whole even though the page

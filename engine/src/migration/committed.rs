@@ -228,7 +228,7 @@ impl<'a> Committed<'a> {
             std::thread::sleep(wait.min(deadline.saturating_duration_since(Instant::now())));
             wait = (wait * 2).min(BACKOFF_MAX);
         }
-        Err(SourceError::Stranded(format!(
+        Err(SourceError::stranded(format!(
             "no way back to the destination within {:?} (last: {last_error})",
             self.opts.recovery_window
         )))

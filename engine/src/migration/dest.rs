@@ -86,7 +86,7 @@ impl DestOptions {
 }
 
 /// What [`receive`] gives back.
-pub struct Received {
+pub struct Received<'a> {
     /// The VM, running; or paused when `failure` is set.
     pub vm: Vm,
     /// The migration's statistics (None when it did not complete).
@@ -94,15 +94,17 @@ pub struct Received {
     /// Why the move could not complete after `Commit`. The VM is kept,
     /// paused, and never runs on a page it does not have.
     pub failure: Option<DestError>,
+    /// With `failure`: the move, to try again ([`DestMove::recover`]).
+    pub resume: Option<DestMove<'a>>,
 }
 
 /// Accepts one incoming migration on `listener` and returns the VM. An
 /// error means no VM ever ran here.
-pub fn receive(
-    listener: &TcpListener,
+pub fn receive<'a>(
+    listener: &'a TcpListener,
     console: ConsoleOutput,
-    opts: &DestOptions,
-) -> Result<Received, DestError> {
+    opts: &'a DestOptions,
+) -> Result<Received<'a>, DestError> {
     let (mut ctl, hello) = accept_new(listener, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
@@ -173,6 +175,7 @@ pub fn receive(
     }
     let ready = serde_json::json!({ "restore_us": restore_t.elapsed().as_micros() as u64 });
     ctl.send(MsgType::Ready, 0, ready.to_string().as_bytes())?;
+    let ready_at = Instant::now();
 
     // Prepared: the VM runs only when `Commit` arrives.
     let mut recovery = Recovery::default();
@@ -181,6 +184,8 @@ pub fn receive(
         warn!("the switch-over did not commit; the VM is discarded here: {e}");
         return Err(e);
     }
+    // What the two-phase switch-over adds to the downtime: one round trip.
+    let commit_wait_us = ready_at.elapsed().as_micros() as u64;
     drop(fault_spare);
     if let Some(ram) = &uffd {
         // The userfaultfd must outlive every vCPU thread.
@@ -206,53 +211,138 @@ pub fn receive(
     let resumed = serde_json::to_vec(&resumed).unwrap_or_default();
     // From here the VM is this side's: a lost link is recovered, never fatal.
     let sent = ctl.send(MsgType::Resumed, 0, &resumed);
-    let mut session_state = Session {
-        listener,
-        opts,
-        session,
-        ctl,
-        beat,
-        recovery,
+    let mut mv = DestMove {
+        session: Session {
+            listener,
+            opts,
+            window: opts.recovery_window,
+            session,
+            ctl,
+            beat,
+            recovery,
+        },
+        uffd: uffd.zip(fault),
+        counters,
+        source_stats: serde_json::Value::Null,
+        meta,
+        bytes_state,
+        downtime_us,
+        commit_wait_us,
+        resumed_lost: false,
     };
     if let Err(e) = sent {
         if !is_link_failure(&e) {
-            return Ok(session_state.strand(vm, e.into()));
+            return Ok(mv.strand(vm, e.into()));
         }
-        if let Err(e) = session_state.recover(None, ResumeStatus::Running) {
-            return Ok(session_state.strand(vm, e));
+        mv.resumed_lost = true;
+    }
+    match mv.finish(&vm) {
+        Ok(stats) => Ok(Received {
+            vm,
+            stats: Some(stats),
+            failure: None,
+            resume: None,
+        }),
+        Err(e) => Ok(mv.strand(vm, e)),
+    }
+}
+
+/// A committed move on the destination: everything needed to finish it,
+/// or to try again after it was stranded (`ferry-ctl recover`).
+pub struct DestMove<'a> {
+    session: Session<'a>,
+    /// Lazy modes: the RAM behind userfaultfd and its fault thread.
+    uffd: Option<(Arc<UffdRam>, FaultThread)>,
+    counters: PushCounters,
+    source_stats: serde_json::Value,
+    meta: StateMeta,
+    bytes_state: u64,
+    downtime_us: u64,
+    commit_wait_us: u64,
+    /// `Resumed` could not be sent: the link must be recovered first.
+    resumed_lost: bool,
+}
+
+impl DestMove<'_> {
+    /// Drives the move to `Complete`, through lost links.
+    fn finish(&mut self, vm: &Vm) -> Result<MigrationStats, DestError> {
+        if self.resumed_lost {
+            let fault = self.uffd.as_ref().map(|(r, f)| (f, r));
+            self.session.recover(fault, ResumeStatus::Running)?;
+            self.resumed_lost = false;
         }
+        if let Some((ram, fault)) = &self.uffd {
+            self.source_stats = self
+                .session
+                .finish_postcopy(ram, &mut self.counters, fault)?;
+        }
+        let fault_stats = match self.uffd.take() {
+            Some((ram, fault)) => {
+                let f = fault.stop()?;
+                ram.unregister()?;
+                Some(f)
+            }
+            None => None,
+        };
+        let total_ms = (now_us().saturating_sub(self.meta.start_host_us)) as f64 / 1e3;
+        info!(total_ms, "every page present");
+        self.session.opts.stage(Stage::Completed);
+        let stats = build_stats(
+            vm,
+            &self.meta,
+            Timing {
+                downtime_us: self.downtime_us,
+                total_ms,
+                commit_wait_us: self.commit_wait_us,
+            },
+            self.bytes_state,
+            std::mem::take(&mut self.counters),
+            fault_stats,
+            std::mem::take(&mut self.source_stats),
+            self.session.recovery.clone(),
+        );
+        let complete = serde_json::to_vec(&stats).unwrap_or_default();
+        self.session.send_complete(&complete);
+        Ok(stats)
     }
 
-    let (counters, source_stats, fault_stats) = match (uffd, fault) {
-        (Some(ram), Some(fault)) => match session_state.finish_postcopy(&ram, counters, fault) {
-            Ok((c, s, f)) => (c, s, Some(f)),
-            Err(e) => return Ok(session_state.strand(vm, e)),
-        },
-        _ => (counters, serde_json::Value::Null, None),
-    };
-    let total_ms = (now_us().saturating_sub(meta.start_host_us)) as f64 / 1e3;
-    info!(total_ms, "every page present");
-    opts.stage(Stage::Completed);
-    let stats = build_stats(
-        &vm,
-        &meta,
-        Timing {
-            downtime_us,
-            total_ms,
-        },
-        bytes_state,
-        counters,
-        fault_stats,
-        source_stats,
-        session_state.recovery.clone(),
-    );
-    let complete = serde_json::to_vec(&stats).unwrap_or_default();
-    session_state.send_complete(&complete);
-    Ok(Received {
-        vm,
-        stats: Some(stats),
-        failure: None,
-    })
+    /// Tries again after the move was stranded: waits up to `window` for
+    /// the source to reconnect, resumes the VM (vCPUs on missing pages wait
+    /// in their faults) and finishes the move.
+    pub fn recover(&mut self, vm: &mut Vm, window: Duration) -> Result<MigrationStats, DestError> {
+        self.session.window = window;
+        let fault = self.uffd.as_ref().map(|(r, f)| (f, r));
+        self.session.recover(fault, ResumeStatus::Running)?;
+        self.resumed_lost = false;
+        vm.resume()?;
+        self.finish(vm)
+    }
+
+    /// The move cannot complete now: pause the VM and keep it, with the
+    /// reason, and this move to try again.
+    fn strand<'a>(self, mut vm: Vm, e: DestError) -> Received<'a>
+    where
+        Self: 'a,
+    {
+        if let Err(pe) = vm.pause() {
+            // vCPUs blocked on missing pages stay blocked: the userfaultfd
+            // lives as long as the VM.
+            warn!("pausing the stranded VM: {pe}");
+        }
+        tracing::error!(
+            "the move could not complete: {e}; the VM is kept here, paused, \
+             and will not run on pages it does not have"
+        );
+        if let Some(p) = &self.session.opts.progress {
+            p.fail(e.to_string());
+        }
+        Received {
+            vm,
+            stats: None,
+            failure: Some(e),
+            resume: Some(self),
+        }
+    }
 }
 
 /// Waits for `Commit` on the control link. A lost link before it is waited
@@ -302,6 +392,9 @@ fn wait_for_commit(
 struct Session<'a> {
     listener: &'a TcpListener,
     opts: &'a DestOptions,
+    /// How long a lost source is waited for (the options', or what an
+    /// operator's `recover` asked for).
+    window: Duration,
     session: u64,
     ctl: Link,
     beat: Heartbeat,
@@ -314,26 +407,18 @@ impl Session<'_> {
     fn finish_postcopy(
         &mut self,
         ram: &Arc<UffdRam>,
-        mut counters: PushCounters,
-        fault: FaultThread,
-    ) -> Result<(PushCounters, serde_json::Value, FaultStats), DestError> {
-        let mut source_stats = serde_json::Value::Null;
+        counters: &mut PushCounters,
+        fault: &FaultThread,
+    ) -> Result<serde_json::Value, DestError> {
         loop {
-            let attempt = self.push_then_drain(ram, &mut counters, &fault);
-            match attempt {
-                Ok(s) => {
-                    source_stats = s.unwrap_or(source_stats);
-                    break;
-                }
+            match self.push_then_drain(ram, counters, fault) {
+                Ok(s) => return Ok(s.unwrap_or_default()),
                 Err(DestError::Protocol(e)) if is_link_failure(&e) => {
-                    self.recover(Some((&fault, ram)), ResumeStatus::Running)?;
+                    self.recover(Some((fault, ram)), ResumeStatus::Running)?;
                 }
                 Err(e) => return Err(e),
             }
         }
-        let fault_stats = fault.stop()?;
-        ram.unregister()?;
-        Ok((counters, source_stats, fault_stats))
     }
 
     /// One connection's worth of the push and the drain after it: returns
@@ -385,10 +470,10 @@ impl Session<'_> {
         self.ctl.shutdown();
         self.opts.stage(Stage::Recovering);
         warn!(
-            window = ?self.opts.recovery_window,
+            window = ?self.window,
             "link to the source lost; the VM waits for it to reconnect"
         );
-        let deadline = t + self.opts.recovery_window;
+        let deadline = t + self.window;
         let (ctl, fault_link) =
             accept_resume(self.listener, self.opts, self.session, deadline, status)?;
         self.ctl = ctl;
@@ -470,33 +555,13 @@ impl Session<'_> {
                 }
             });
     }
-
-    /// The move cannot complete: pause the VM and keep it, with the reason.
-    fn strand(&mut self, mut vm: Vm, e: DestError) -> Received {
-        if let Err(pe) = vm.pause() {
-            // vCPUs blocked on missing pages stay blocked: the userfaultfd
-            // lives as long as the VM.
-            warn!("pausing the stranded VM: {pe}");
-        }
-        tracing::error!(
-            "the move could not complete: {e}; the VM is kept here, paused, \
-             and will not run on pages it does not have"
-        );
-        if let Some(p) = &self.opts.progress {
-            p.fail(e.to_string());
-        }
-        Received {
-            vm,
-            stats: None,
-            failure: Some(e),
-        }
-    }
 }
 
 /// Times of a migration, as the destination measured them.
 struct Timing {
     downtime_us: u64,
     total_ms: f64,
+    commit_wait_us: u64,
 }
 
 /// Physical RAM of this host, if the system says.
@@ -639,9 +704,10 @@ fn accept_resume(
     deadline: Instant,
     status: ResumeStatus,
 ) -> Result<(Link, Link), DestError> {
+    let window = deadline.saturating_duration_since(Instant::now());
     loop {
         let Some((ctl, hello)) = accept_hello(listener, opts, Some(deadline))? else {
-            return Err(DestError::RecoveryTimeout(opts.recovery_window));
+            return Err(DestError::RecoveryTimeout(window));
         };
         let ours = hello.session_id == session && hello.features & features::RESUME != 0;
         if !ours || hello.role != Role::Control {
@@ -761,6 +827,7 @@ fn build_stats(
         mem_size: shape.mem_size,
         vcpus: shape.vcpus,
         downtime_us: timing.downtime_us,
+        commit_wait_us: timing.commit_wait_us,
         total_ms: timing.total_ms,
         pages_total: shape.mem_size / PAGE_SIZE as u64,
         pages_demand: fault.pages_demand,

@@ -39,8 +39,13 @@ pub enum SourceError {
     /// recovery window, or it lost the VM after running it. The VM stays
     /// paused here with all its memory; it is not resumed, because the
     /// destination may run it.
-    #[error("the move is stranded after the switch-over, the VM stays paused here: {0}")]
-    Stranded(String),
+    #[error("the move is stranded after the switch-over, the VM stays paused here: {why}")]
+    Stranded {
+        /// Why.
+        why: String,
+        /// The session, to try again (`ferry-ctl recover`).
+        record: Option<Box<super::record::SessionRecord>>,
+    },
     /// The session record could not be written or read.
     #[error(transparent)]
     Record(#[from] super::record::RecordError),
@@ -50,6 +55,16 @@ pub enum SourceError {
     /// Failed before the destination ran the VM; the VM runs here again.
     #[error("migration failed before switch-over, the VM was resumed on the source: {0}")]
     RolledBack(Box<SourceError>),
+}
+
+impl SourceError {
+    /// A stranded move, without its session record (yet).
+    pub fn stranded(why: impl Into<String>) -> Self {
+        SourceError::Stranded {
+            why: why.into(),
+            record: None,
+        }
+    }
 }
 
 /// Why receiving a VM failed.

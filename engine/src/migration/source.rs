@@ -151,6 +151,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         }
     };
     info!("switch-over committed");
+    let record = SessionRecord::of(addr, &hello, opts.mode);
     let mut committed = Committed::new(addr, hello, opts, cfg, &source, opts.mode.lazy());
     let end = committed.run(Some((control, fault)), commit_sent, pre.have);
     let (complete, server_stats) = match end {
@@ -172,10 +173,11 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         Ok(End::Unknown { resumed_seen: true }) => {
             return Err(stranded(
                 opts,
-                SourceError::Stranded("the destination lost the VM after running it".into()),
+                SourceError::stranded("the destination lost the VM after running it"),
+                record,
             ))
         }
-        Err(e) => return Err(stranded(opts, e)),
+        Err(e) => return Err(stranded(opts, e, record)),
     };
     let mut stats = final_stats(complete, server_stats, t0)?;
     stats.source["recoveries"] = committed.recovery.count.into();
@@ -189,10 +191,14 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
 }
 
 /// A committed move that cannot finish: the VM stays paused here.
-fn stranded(opts: &SourceOptions, e: SourceError) -> SourceError {
-    let e = match e {
-        SourceError::Stranded(_) => e,
-        other => SourceError::Stranded(other.to_string()),
+fn stranded(opts: &SourceOptions, e: SourceError, record: SessionRecord) -> SourceError {
+    let why = match e {
+        SourceError::Stranded { why, .. } => why,
+        other => other.to_string(),
+    };
+    let e = SourceError::Stranded {
+        why,
+        record: Some(Box::new(record)),
     };
     error!("{e}");
     if let Some(p) = &opts.progress {
@@ -291,7 +297,7 @@ pub fn finish_after_crash(
     opts: &SourceOptions,
 ) -> Result<Outcome, SourceError> {
     if pages.pages() * ferry_protocol::PAGE_SIZE as u64 != record.mem_size {
-        return Err(SourceError::Stranded(format!(
+        return Err(SourceError::stranded(format!(
             "the memory file holds {} pages, the session {} bytes",
             pages.pages(),
             record.mem_size
@@ -309,8 +315,8 @@ pub fn finish_after_crash(
     let (complete, server) = match committed.run(None, false, None)? {
         End::Complete { complete, server } => (complete, server),
         End::Unknown { .. } => {
-            return Err(SourceError::Stranded(
-                "the destination does not hold the session".into(),
+            return Err(SourceError::stranded(
+                "the destination does not hold the session",
             ))
         }
     };

@@ -90,6 +90,10 @@ pub struct MigrationStats {
     pub vcpus: u32,
     /// Source pause until destination vCPUs run.
     pub downtime_us: u64,
+    /// Part of the downtime spent between `Ready` and `Commit` (the
+    /// switch-over's extra round trip; recoveries before `Commit` included).
+    #[serde(default)]
+    pub commit_wait_us: u64,
     /// Source pause until every page is present on the destination.
     pub total_ms: f64,
     /// Guest pages.
@@ -153,6 +157,10 @@ impl MigrationStats {
             (
                 "downtime",
                 format!("{:.3} ms", self.downtime_us as f64 / 1e3),
+            ),
+            (
+                "of which Ready → Commit",
+                format!("{:.3} ms", self.commit_wait_us as f64 / 1e3),
             ),
             ("total time", format!("{:.1} ms", self.total_ms)),
             (

@@ -47,6 +47,13 @@ enum Cmd {
         #[arg(long)]
         mode: Option<ferry_protocol::MigrationMode>,
     },
+    /// Try a stranded move again. On the source: reconnect to the
+    /// destination, at ADDR if it moved. On the destination: wait for the
+    /// source for another recovery window.
+    Recover {
+        /// The destination's new address (source side).
+        addr: Option<String>,
+    },
     /// Stop the VM and its process.
     Quit,
     /// What the workload guest saw across a move, from the two serial logs
@@ -79,6 +86,7 @@ fn main() -> ExitCode {
             stats_json: stats_json.map(|p| std::path::absolute(&p).unwrap_or(p)),
         },
         Cmd::Quit => ApiRequest::Quit,
+        Cmd::Recover { addr } => ApiRequest::Recover { to: addr },
         Cmd::GuestReport { src_log, dst_log } => {
             let figures =
                 serial::guest_figures(&serial::read_log(&src_log), &serial::read_log(&dst_log));

@@ -70,31 +70,29 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
+    // The listener outlives the move: a stranded move can be recovered on
+    // it later (`ferry-ctl recover`).
+    let listener = args.listen.as_deref().map(listen).transpose()?;
+    let progress = std::sync::Arc::new(Progress::default());
+    let opts = migration::DestOptions {
+        peer_timeout: args.link.peer_timeout,
+        recovery_window: args.link.recovery_window,
+        progress: Some(progress.clone()),
+        accept_timeout: None,
+    };
     let mut ctx = ServeContext {
         guest: Some(&guest),
         ..Default::default()
     };
-    let mut vm = if let Some(addr) = &args.listen {
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| format!("cannot read the address bound for {addr}: {e}"))?;
-        info!(%bound, "waiting for an incoming migration");
+    let mut vm = if let Some(listener) = &listener {
         if let Some(p) = &args.listen_addr_file {
+            let bound = listener.local_addr()?;
             write_atomically(p, &bound.to_string())
                 .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         }
-        let progress = std::sync::Arc::new(Progress::default());
-        let opts = migration::DestOptions {
-            peer_timeout: args.link.peer_timeout,
-            recovery_window: args.link.recovery_window,
-            progress: Some(progress.clone()),
-            accept_timeout: None,
-        };
         ctx.migration = Some(progress.clone());
         let received = controller::answer_while(api_rx.as_ref(), ctx.guest, &progress, || {
-            migration::receive(&listener, console, &opts)
+            migration::receive(listener, console, &opts)
         })?;
         if let Some(stats) = &received.stats {
             println!("{}", stats.table());
@@ -105,6 +103,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(e) = &received.failure {
             eprintln!("ferry-dest: {e}; the VM is kept here, paused");
             ctx.hold = Some(format!("the move did not complete: {e}"));
+        }
+        if let Some(mut mv) = received.resume {
+            let (window, stats_json) = (args.link.recovery_window, args.stats_json.clone());
+            ctx.recover_hook = Some(Box::new(move |vm| {
+                let stats = mv.recover(vm, window).map_err(|e| e.to_string())?;
+                println!("{}", stats.table());
+                if let Some(p) = &stats_json {
+                    controller::write_stats(p, &stats).map_err(|e| e.to_string())?;
+                }
+                Ok(stats)
+            }));
         }
         received.vm
     } else if let Some(path) = args.restore.as_ref().filter(|_| args.lazy) {
@@ -135,6 +144,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Binds the migration listener.
+fn listen(addr: &str) -> Result<std::net::TcpListener, String> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the address bound for {addr}: {e}"))?;
+    info!(%bound, "waiting for an incoming migration");
+    Ok(listener)
 }
 
 /// Writes `text` to `path` through a temporary file in the same directory

@@ -174,8 +174,12 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
     }
-    if !moved {
-        controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx);
+    if !moved
+        && controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx)
+            == ServeEnd::Migrated
+    {
+        // A `migrate` or `recover` request finished a move.
+        exit_code = ExitCode::SUCCESS;
     }
     if let Some(path) = &args.mem_file {
         if ctx.hold.is_some() {
