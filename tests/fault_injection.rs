@@ -35,7 +35,9 @@ struct Seen {
     recoveries: u64,
 }
 
-const PEER_TIMEOUT: &str = "2s";
+/// Cuts close the sockets, so they are noticed at once; the peer timeout
+/// only guards against a slow, loaded host being taken for a dead one.
+const PEER_TIMEOUT: &str = "5s";
 const DEST_WINDOW: &str = "4s";
 const SOURCE_WINDOW: &str = "15s";
 
@@ -128,7 +130,11 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(proxy.fired() >= 1, "{name}: the cut never fired");
+    assert!(
+        proxy.fired() >= 1,
+        "{name}: the cut never fired ({outcome:?})\n{}",
+        errs()
+    );
     let src_log = read_console(&dir.path("src.log"));
     let mut recoveries = 0;
     match outcome {
