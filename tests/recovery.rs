@@ -12,51 +12,30 @@ use common::*;
 const GUEST: &str = "ws=256M pattern=random write=80 report_ms=20";
 
 fn dest(dir: &Scratch, window: &str) -> (Proc, String) {
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    spawn_dest(
-        dir,
-        "dst",
-        &[
-            "--serial",
-            &p("dst.log"),
-            "--stats-json",
-            &p("dst.json"),
-            "--api",
-            &p("dst.sock"),
-            "--peer-timeout",
-            "2s",
-            "--recovery-window",
-            window,
-        ],
-    )
+    spawn_linked_dest(dir, ("2s", window))
 }
 
 fn source(dir: &Scratch, to: &str, mem: &str, guest: &str) -> Proc {
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            mem,
-            "--guest-args",
-            guest,
-            "--serial",
-            &p("src.log"),
-            "--api",
-            &p("src.sock"),
-            "--stats-json",
-            &p("src.json"),
-            "--migrate-to",
-            to,
-            "--after",
-            "2s",
-            "--peer-timeout",
-            "2s",
-            "--recovery-window",
-            "30s",
-        ],
-        &dir.path("src.err"),
-    )
+    spawn_linked_source(dir, (mem, guest), to, "2s", ("2s", "30s"), &[])
+}
+
+/// Starts a slow post-copy move of a 2 GiB guest with a 1 GiB working set
+/// through a proxy that cuts nothing, the destination waiting `window` for
+/// a lost source; returns once the source says post-copy runs, with the
+/// destination, the proxy and the source.
+fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc) {
+    let (dst, addr) = dest(dir, window);
+    let proxy = Proxy::start(&addr, Vec::new());
+    let src = source(
+        dir,
+        &proxy.addr,
+        "2G",
+        "ws=1G pattern=random write=80 report_ms=20",
+    );
+    wait_status(&dir.path("src.sock"), "post-copy to start", |v| {
+        v["migration"]["stage"] == "postcopy"
+    });
+    (dst, proxy, src)
 }
 
 /// A small deterministic generator, so a failing draw can be replayed.
@@ -127,24 +106,9 @@ fn twenty_random_cuts_all_recover() {
 #[test]
 fn a_silent_destination_is_noticed_within_the_peer_timeout() {
     let dir = Scratch::new("sigstop");
-    let (mut dst, addr) = dest(&dir, "30s");
     // A slow push: the stop lands while pages still move.
-    let proxy = Proxy::start(&addr, Vec::new());
-    let mut src = source(
-        &dir,
-        &proxy.addr,
-        "2G",
-        "ws=1G pattern=random write=80 report_ms=20",
-    );
+    let (mut dst, _proxy, mut src) = start_postcopy(&dir, "30s");
     let sock = dir.path("src.sock");
-    wait_for(WAIT, "post-copy to start", || {
-        let s = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", sock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&s.stdout).ok()?;
-        (v["migration"]["stage"] == "postcopy").then_some(())
-    });
     let pid = nix::unistd::Pid::from_raw(dst.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let stopped = Instant::now();
@@ -172,33 +136,12 @@ fn a_silent_destination_is_noticed_within_the_peer_timeout() {
 #[test]
 fn when_the_window_runs_out_the_vm_waits_paused() {
     let dir = Scratch::new("window");
-    let (mut dst, addr) = dest(&dir, "3s");
-    let proxy = Proxy::start(&addr, Vec::new());
-    let mut src = source(
-        &dir,
-        &proxy.addr,
-        "2G",
-        "ws=1G pattern=random write=80 report_ms=20",
-    );
-    let sock = dir.path("src.sock");
-    wait_for(WAIT, "post-copy to start", || {
-        let s = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", sock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&s.stdout).ok()?;
-        (v["migration"]["stage"] == "postcopy").then_some(())
-    });
+    let (mut dst, _proxy, mut src) = start_postcopy(&dir, "3s");
     src.0.kill().unwrap();
     let _ = src.0.wait();
     let dsock = dir.path("dst.sock");
-    let status = wait_for(WAIT, "the destination to give up waiting", || {
-        let out = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", dsock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["migration"]["stage"] == "failed").then_some(v)
+    let status = wait_status(&dsock, "the destination to give up waiting", |v| {
+        v["migration"]["stage"] == "failed"
     });
     assert_eq!(status["run_state"], "paused", "{status}");
     let why = status["migration"]["error"].as_str().unwrap();
