@@ -12,8 +12,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::FromRawFd;
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +25,10 @@ use ferry_protocol::{
 };
 use hdrhistogram::Histogram;
 use serde_json::json;
+
+#[path = "../page-server/tests/support/mod.rs"]
+mod support;
+use support::{loopback_connections, memfd_of_pages};
 
 const MIB: f64 = (1 << 20) as f64;
 
@@ -52,13 +55,7 @@ impl Kind {
 
 /// A memfd of `pages` pages filled with `kind`.
 fn guest(pages: u64, kind: Kind) -> Arc<File> {
-    // SAFETY: memfd_create with a NUL-terminated name; it returns a new
-    // descriptor or -1 and touches no other memory.
-    let fd = unsafe { libc::memfd_create(c"ferry-bench".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(pages * PAGE_SIZE as u64).unwrap();
+    let file = memfd_of_pages(c"ferry-bench", pages);
     if kind != Kind::Hole {
         let chunk_pages = 256u64;
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -108,12 +105,7 @@ struct Session {
 }
 
 fn start(file: Arc<File>, pages: u64) -> Session {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let control = TcpStream::connect(addr).unwrap();
-    let (src_control, _) = listener.accept().unwrap();
-    let fault = TcpStream::connect(addr).unwrap();
-    let (src_fault, _) = listener.accept().unwrap();
+    let [(control, src_control), (fault, src_fault)] = loopback_connections();
     fault.set_nodelay(true).unwrap();
     let server = thread::spawn(move || {
         let source = FileSource::new(file, pages);

@@ -130,6 +130,32 @@ fn encoding_name(e: PageEncoding) -> &'static str {
     }
 }
 
+/// Times `encode` of `msg`, and `decode` of the bytes it gives: the
+/// `NAME::encode` and `NAME::decode` rows.
+fn time_codec<M, B, D>(
+    t: Timing,
+    name: &str,
+    msg: &M,
+    encode: impl Fn(&M) -> B,
+    decode: impl Fn(&B) -> D,
+) -> [(String, f64); 2] {
+    let bytes = encode(msg);
+    [
+        (
+            format!("{name}::encode"),
+            time_ns(t, || {
+                black_box(encode(black_box(msg)));
+            }),
+        ),
+        (
+            format!("{name}::decode"),
+            time_ns(t, || {
+                black_box(decode(black_box(&bytes)));
+            }),
+        ),
+    ]
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let t = if full {
@@ -252,44 +278,16 @@ fn main() {
     );
     assert_eq!(Hello::decode(&hello_bytes).expect("hello"), hello);
 
-    let small: Vec<(&str, f64)> = vec![
-        (
-            "FrameHeader::encode",
-            time_ns(t, || {
-                black_box(black_box(&header).encode());
-            }),
-        ),
-        (
-            "FrameHeader::decode",
-            time_ns(t, || {
-                black_box(FrameHeader::decode(black_box(&header_bytes)).ok());
-            }),
-        ),
-        (
-            "PageRequest::encode",
-            time_ns(t, || {
-                black_box(black_box(&req).encode());
-            }),
-        ),
-        (
-            "PageRequest::decode",
-            time_ns(t, || {
-                black_box(PageRequest::decode(black_box(&req_bytes), MEM_PAGES).ok());
-            }),
-        ),
-        (
-            "Hello::encode",
-            time_ns(t, || {
-                black_box(black_box(&hello).encode());
-            }),
-        ),
-        (
-            "Hello::decode",
-            time_ns(t, || {
-                black_box(Hello::decode(black_box(&hello_bytes)).ok());
-            }),
-        ),
-    ];
+    let small: Vec<(String, f64)> = [
+        time_codec(t, "FrameHeader", &header, FrameHeader::encode, |b| {
+            FrameHeader::decode(b).ok()
+        }),
+        time_codec(t, "PageRequest", &req, PageRequest::encode, |b| {
+            PageRequest::decode(b, MEM_PAGES).ok()
+        }),
+        time_codec(t, "Hello", &hello, Hello::encode, |b| Hello::decode(b).ok()),
+    ]
+    .concat();
     println!("\n{:<22} {:>8}", "message", "ns/op");
     for (name, ns) in &small {
         println!("{name:<22} {ns:>8.1}");

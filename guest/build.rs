@@ -82,31 +82,35 @@ fn main() {
             .file_name()
             .expect("file name")
             .to_string_lossy();
-        let obj = out_dir.join(format!("{stem}.o"));
-        run(Command::new(&cc)
-            .args(CFLAGS)
-            .arg("-c")
-            .arg(crate_dir.join(src))
-            .arg("-o")
-            .arg(&obj));
-        objects.push(obj);
+        objects.push(compile(
+            &cc,
+            &crate_dir,
+            src,
+            &out_dir.join(format!("{stem}.o")),
+        ));
     }
 
     link(&ld, &crate_dir, &out_dir.join("ferry-guest.elf"), &objects);
 
-    let silent = out_dir.join("silent.o");
-    run(Command::new(&cc)
-        .args(CFLAGS)
-        .arg("-c")
-        .arg(crate_dir.join(SILENT_SOURCE))
-        .arg("-o")
-        .arg(&silent));
+    let silent = compile(&cc, &crate_dir, SILENT_SOURCE, &out_dir.join("silent.o"));
     link(
         &ld,
         &crate_dir,
         &out_dir.join("ferry-silent.elf"),
         &[silent],
     );
+}
+
+/// Compiles `src` (relative to the crate) into the object `obj`; returns
+/// `obj`.
+fn compile(cc: &str, crate_dir: &Path, src: &str, obj: &Path) -> PathBuf {
+    run(Command::new(cc)
+        .args(CFLAGS)
+        .arg("-c")
+        .arg(crate_dir.join(src))
+        .arg("-o")
+        .arg(obj));
+    obj.to_path_buf()
 }
 
 /// Links `objects` into `elf` at 1 MiB with the guest's linker script.

@@ -50,25 +50,12 @@ fn failed_switch_over_resumes_the_vm_on_the_source() {
     let addr = listener.local_addr().unwrap().to_string();
     let fake = aborting_destination(listener);
     let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
-    let _src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "256M",
-            "--vcpus",
-            "2",
-            "--guest-args",
-            "ws=32M write=80 report_ms=50",
-            "--serial",
-            log.to_str().unwrap(),
-            "--api",
-            sock.to_str().unwrap(),
-            "--migrate-to",
-            &addr,
-            "--after",
-            "1s",
-        ],
-        &dir.path("src.err"),
+    let _src = spawn_guest_source(
+        &dir,
+        "256M",
+        2,
+        "ws=32M write=80 report_ms=50",
+        &["--migrate-to", &addr, "--after", "1s"],
     );
     assert!(fake.join().unwrap(), "the source never sent its state");
     let err = dir.path("src.err");
@@ -78,10 +65,12 @@ fn failed_switch_over_resumes_the_vm_on_the_source() {
     });
     let aborted_at = read_console(&log).len();
     // The guest goes on ticking on the source, with nothing lost.
-    let after = wait_for(Duration::from_secs(30), "ticks after the rollback", || {
-        let l = read_console(&log);
-        (l.len() >= aborted_at + 8).then_some(l)
-    });
+    let after = wait_lines(
+        &log,
+        aborted_at + 8,
+        Duration::from_secs(30),
+        "ticks after the rollback",
+    );
     assert!(bad_lines(&after).is_empty(), "{:?}", bad_lines(&after));
     assert_progress(&after, 2);
     let status = ctl(&sock, &["status"]);
@@ -99,19 +88,7 @@ fn failed_switch_over_resumes_the_vm_on_the_source() {
 fn destination_refuses_garbage_and_keeps_listening() {
     use std::io::Write;
     let dir = Scratch::new("garbage");
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    let (mut dst, addr) = spawn_dest(
-        &dir,
-        "dst",
-        &[
-            "--serial",
-            &p("dst.log"),
-            "--stats-json",
-            &p("dst.json"),
-            "--api",
-            &p("dst.sock"),
-        ],
-    );
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
     for (name, bytes, why) in [
         (
             "http",

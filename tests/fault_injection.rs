@@ -49,51 +49,15 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
         .collect::<String>();
     let dir = Scratch::new(&format!("fi-{name}"));
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    let (mut dst, dst_addr) = spawn_dest(
-        &dir,
-        "dst",
-        &[
-            "--serial",
-            &p("dst.log"),
-            "--stats-json",
-            &p("dst.json"),
-            "--api",
-            &p("dst.sock"),
-            "--peer-timeout",
-            PEER_TIMEOUT,
-            "--recovery-window",
-            DEST_WINDOW,
-        ],
-    );
+    let (mut dst, dst_addr) = spawn_linked_dest(&dir, (PEER_TIMEOUT, DEST_WINDOW));
     let proxy = Proxy::start(&dst_addr, cuts.clone());
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            mem,
-            "--guest-args",
-            guest,
-            "--serial",
-            &p("src.log"),
-            "--api",
-            &p("src.sock"),
-            "--stats-json",
-            &p("src.json"),
-            "--migrate-to",
-            &proxy.addr,
-            "--after",
-            "1500ms",
-            "--mode",
-            mode,
-            "--max-rounds",
-            "3",
-            "--peer-timeout",
-            PEER_TIMEOUT,
-            "--recovery-window",
-            SOURCE_WINDOW,
-        ],
-        &dir.path("src.err"),
+    let mut src = spawn_linked_source(
+        &dir,
+        (mem, guest),
+        &proxy.addr,
+        "1500ms",
+        (PEER_TIMEOUT, SOURCE_WINDOW),
+        &["--mode", mode, "--max-rounds", "3"],
     );
     let errs = || {
         format!(
@@ -112,11 +76,7 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
             break Expect::Moved;
         }
         if dir.path("src.sock").exists() {
-            let out = std::process::Command::new(bin("ferry-ctl"))
-                .args(["--api", &p("src.sock"), "status"])
-                .output()
-                .unwrap();
-            if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            if let Some(s) = try_status(&dir.path("src.sock")) {
                 let failed = s["migration"]["stage"] == "failed";
                 if failed && s["run_state"] == "running" {
                     break Expect::RolledBack;
@@ -178,10 +138,12 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
             );
             // The source's VM keeps going, from where it was.
             let n = src_log.len();
-            let after = wait_for(WAIT, "ticks after the rollback", || {
-                let l = read_console(&dir.path("src.log"));
-                (l.len() >= n + 5).then_some(l)
-            });
+            let after = wait_lines(
+                &dir.path("src.log"),
+                n + 5,
+                WAIT,
+                "ticks after the rollback",
+            );
             assert_progress(&after, 1);
             ctl(&dir.path("src.sock"), &["quit"]);
             // Exit code 3: the migration failed, the VM ran on here.
@@ -227,9 +189,37 @@ fn common_cuts() -> Vec<(Cut, Expect)> {
     ]
 }
 
-fn matrix(mode: &str, extra: Vec<(Cut, Expect)>) {
+/// The cut points that only `mode` passes, and what each must lead to.
+fn mode_cuts(mode: &str) -> Vec<(Cut, Expect)> {
+    use Dir::*;
+    use Expect::*;
+    use MsgType::*;
+    match mode {
+        "postcopy" => vec![
+            (Cut::Before(ToDest, Pages, 1), Moved),
+            (Cut::AtByte(ToDest, 5 << 20), Moved),
+            (Cut::AtByte(ToDest, 20 << 20), Moved),
+            (Cut::Before(ToDest, PushDone, 1), Moved),
+            (Cut::After(ToDest, PushDone, 1), Moved),
+        ],
+        "stop-and-copy" | "precopy" => vec![
+            (Cut::Before(ToDest, Pages, 1), RolledBack),
+            (Cut::AtByte(ToDest, 10 << 20), RolledBack),
+        ],
+        "hybrid" => vec![
+            (Cut::Before(ToDest, Discard, 1), RolledBack),
+            (Cut::Before(ToSource, DiscardDone, 1), RolledBack),
+            (Cut::After(ToDest, PushDone, 1), Moved),
+        ],
+        other => panic!("no cuts for mode {other}"),
+    }
+}
+
+/// Runs every cut of [`common_cuts`] and [`mode_cuts`] in `mode`, checks
+/// each outcome and prints the table.
+fn matrix(mode: &str) {
     let mut table = Vec::new();
-    for (cut, expect) in common_cuts().into_iter().chain(extra) {
+    for (cut, expect) in common_cuts().into_iter().chain(mode_cuts(mode)) {
         let seen = run_case(mode, vec![cut], GUEST, "256M");
         assert_eq!(seen.outcome, expect, "{mode} {cut:?}");
         table.push(format!(
@@ -245,60 +235,20 @@ fn matrix(mode: &str, extra: Vec<(Cut, Expect)>) {
 
 #[test]
 fn cuts_in_postcopy() {
-    use Dir::*;
-    use Expect::*;
-    use MsgType::*;
-    matrix(
-        "postcopy",
-        vec![
-            (Cut::Before(ToDest, Pages, 1), Moved),
-            (Cut::AtByte(ToDest, 5 << 20), Moved),
-            (Cut::AtByte(ToDest, 20 << 20), Moved),
-            (Cut::Before(ToDest, PushDone, 1), Moved),
-            (Cut::After(ToDest, PushDone, 1), Moved),
-        ],
-    );
+    matrix("postcopy");
 }
 
 #[test]
 fn cuts_in_stop_and_copy() {
-    use Dir::*;
-    use Expect::*;
-    use MsgType::*;
-    matrix(
-        "stop-and-copy",
-        vec![
-            (Cut::Before(ToDest, Pages, 1), RolledBack),
-            (Cut::AtByte(ToDest, 10 << 20), RolledBack),
-        ],
-    );
+    matrix("stop-and-copy");
 }
 
 #[test]
 fn cuts_in_precopy() {
-    use Dir::*;
-    use Expect::*;
-    use MsgType::*;
-    matrix(
-        "precopy",
-        vec![
-            (Cut::Before(ToDest, Pages, 1), RolledBack),
-            (Cut::AtByte(ToDest, 10 << 20), RolledBack),
-        ],
-    );
+    matrix("precopy");
 }
 
 #[test]
 fn cuts_in_hybrid() {
-    use Dir::*;
-    use Expect::*;
-    use MsgType::*;
-    matrix(
-        "hybrid",
-        vec![
-            (Cut::Before(ToDest, Discard, 1), RolledBack),
-            (Cut::Before(ToSource, DiscardDone, 1), RolledBack),
-            (Cut::After(ToDest, PushDone, 1), Moved),
-        ],
-    );
+    matrix("hybrid");
 }

@@ -12,18 +12,7 @@ fn silent_kernel_moves(mode: &str) {
     let dir = Scratch::new(&format!("silent-{mode}"));
     let kernel = dir.path("silent.elf");
     std::fs::write(&kernel, ferry_guest::SILENT_ELF).unwrap();
-    let (mut dst, addr) = spawn_dest(
-        &dir,
-        "dst",
-        &[
-            "--serial",
-            dir.path("dst.log").to_str().unwrap(),
-            "--stats-json",
-            dir.path("dst.json").to_str().unwrap(),
-            "--api",
-            dir.path("dst.sock").to_str().unwrap(),
-        ],
-    );
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
     let mut src = spawn(
         "ferry-source",
         &[

@@ -9,7 +9,6 @@ use common::*;
 use ferry_engine::layout::{gpa_to_file_offset, PAGE_SIZE};
 use ferry_engine::snapshot;
 use ferry_engine::{ConsoleOutput, Vm};
-use ferry_guest::GUEST_ELF;
 
 const GUEST: &str = "ws=256M pattern=random write=80 report_ms=50";
 
@@ -29,20 +28,11 @@ fn lazy_restore_of_a_1g_2_vcpu_write_heavy_guest() {
         dir.path("dst.json"),
         dir.path("dst.sock"),
     );
-    let _dst = spawn(
-        "ferry-dest",
-        &[
-            "--restore",
-            snap.to_str().unwrap(),
-            "--lazy",
-            "--stats-json",
-            dst_json.to_str().unwrap(),
-            "--serial",
-            dst_log.to_str().unwrap(),
-            "--api",
-            dst_sock.to_str().unwrap(),
-        ],
-        &dir.path("dst.err"),
+    let _dst = spawn_restore(
+        &dir,
+        "dst",
+        &snap,
+        &["--lazy", "--stats-json", dst_json.to_str().unwrap()],
     );
     let s = wait_stats(&dst_json, WAIT);
     eprintln!("lazy restore stats: {s}");
@@ -107,15 +97,7 @@ fn one_snapshot_restores_into_two_independent_clones() {
     // A read-only working set: the guest verifies its pages and never
     // rewrites them, so a changed page stays changed until it is checked.
     let log = dir.path("orig.log");
-    let mut vm = Vm::boot(
-        64 << 20,
-        1,
-        GUEST_ELF,
-        "ws=256K write=0 report_ms=50",
-        ConsoleOutput::File(log.clone()),
-    )
-    .unwrap();
-    vm.resume().unwrap();
+    let mut vm = boot_guest(64 << 20, 1, "ws=256K write=0 report_ms=50", &log);
     let before = wait_ticks(&log, 1, 3, WAIT);
     let ws_pa = working_set_pa(&before);
     vm.pause().unwrap();
@@ -159,10 +141,7 @@ fn one_snapshot_restores_into_two_independent_clones() {
     // Change it in A only; A's guest reports exactly that change (and then
     // repairs the page, so one change is reported once).
     a.ram().write_at(off + 96, &mark.to_le_bytes()).unwrap();
-    let a_bad = wait_for(WAIT, "clone A to report the changed page", || {
-        let b = bad_lines(&read_console(&a_log));
-        (!b.is_empty()).then_some(b)
-    });
+    let a_bad = wait_bad(&a_log, WAIT, "clone A to report the changed page");
     assert!(
         a_bad[0].starts_with("FERRY BAD page")
             && a_bad[0].contains(" word=12 ")

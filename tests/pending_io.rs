@@ -23,7 +23,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -31,7 +31,7 @@ use ferry_engine::memory::is_zero;
 use ferry_engine::snapshot::Snapshot;
 use ferry_engine::state::MachineState;
 use ferry_engine::{ConsoleOutput, PreparedVm, Vm};
-use ferry_guest::{parse_line, stream_line, GuestLine, GUEST_ELF, STREAM_SUM_START};
+use ferry_guest::{parse_line, stream_line, GuestLine, STREAM_SUM_START};
 
 const MEM: u64 = 32 << 20;
 const MEM_ARG: &str = "32M";
@@ -185,24 +185,28 @@ impl StreamCheck {
         (0..self.vcpus).any(|v| self.expected(v).0.as_bytes().starts_with(partial))
     }
 
+    /// The sum of what `weigh` gives each fault.
+    fn sum_faults(&self, weigh: impl Fn(&Fault) -> usize) -> usize {
+        self.faults.iter().map(weigh).sum()
+    }
+
+    /// How many faults `is` holds for.
+    fn count_faults(&self, is: impl Fn(&Fault) -> bool) -> usize {
+        self.sum_faults(|f| usize::from(is(f)))
+    }
+
     fn doubled_bytes(&self) -> usize {
-        self.faults
-            .iter()
-            .map(|f| match f {
-                Fault::Doubled { bytes, .. } => *bytes,
-                _ => 0,
-            })
-            .sum()
+        self.sum_faults(|f| match f {
+            Fault::Doubled { bytes, .. } => *bytes,
+            _ => 0,
+        })
     }
 
     fn lost_bytes(&self) -> usize {
-        self.faults
-            .iter()
-            .map(|f| match f {
-                Fault::Lost { bytes, .. } => *bytes,
-                _ => 0,
-            })
-            .sum()
+        self.sum_faults(|f| match f {
+            Fault::Lost { bytes, .. } => *bytes,
+            _ => 0,
+        })
     }
 
     fn summary(&self) -> String {
@@ -214,22 +218,10 @@ impl StreamCheck {
             self.faults.len(),
             self.doubled_bytes(),
             self.lost_bytes(),
-            self.faults
-                .iter()
-                .filter(|f| matches!(f, Fault::Gap { .. }))
-                .count(),
-            self.faults
-                .iter()
-                .filter(|f| matches!(f, Fault::Repeat { .. }))
-                .count(),
-            self.faults
-                .iter()
-                .filter(|f| matches!(f, Fault::Bad(_)))
-                .count(),
-            self.faults
-                .iter()
-                .filter(|f| matches!(f, Fault::Garbage(_)))
-                .count(),
+            self.count_faults(|f| matches!(f, Fault::Gap { .. })),
+            self.count_faults(|f| matches!(f, Fault::Repeat { .. })),
+            self.count_faults(|f| matches!(f, Fault::Bad(_))),
+            self.count_faults(|f| matches!(f, Fault::Garbage(_))),
         )
     }
 
@@ -357,15 +349,7 @@ fn move_in_process(vm: &Vm, state: &MachineState, log: &Path) -> Vm {
 fn pause_save_resume_cycles_never_double_or_lose_a_byte() {
     let dir = Scratch::new("pending-io");
     let log = dir.path("stream.log");
-    let mut vm = Vm::boot(
-        MEM,
-        VCPUS,
-        GUEST_ELF,
-        GUEST,
-        ConsoleOutput::File(log.clone()),
-    )
-    .unwrap();
-    vm.resume().unwrap();
+    let mut vm = boot_guest(MEM, VCPUS, GUEST, &log);
     wait_stream(&log, 20);
     let mut rng = Rng::from_clock();
     let (mut moves, mut straddling) = (0, 0);
@@ -409,6 +393,27 @@ fn pause_save_resume_cycles_never_double_or_lose_a_byte() {
     );
 }
 
+/// Starts `ferry-source` on the stream guest and waits for its stream;
+/// returns the process, the list of logs the stream runs through (its log
+/// so far) and its API socket.
+fn start_streaming(dir: &Scratch) -> (Proc, Vec<PathBuf>, PathBuf) {
+    let p = spawn_guest_source(dir, MEM_ARG, VCPUS, GUEST, &[]);
+    let log = dir.path("src.log");
+    wait_stream(&log, 20);
+    (p, vec![log], dir.path("src.sock"))
+}
+
+/// Quits the last VM of a run of hops (behind `sock`, in `proc`) and checks
+/// that `logs`, one after the other, are exactly the stream.
+fn finish_hops(sock: &Path, proc: &mut Proc, logs: &[PathBuf], hops: &str, what: &str) {
+    ctl(sock, &["quit"]);
+    assert!(wait_exit(proc, WAIT, "the last VM's process to quit"));
+    let all: Vec<Vec<Logged>> = logs.iter().map(|l| read_console(l)).collect();
+    let check = check_stream(all.iter().map(|l| &l[..]));
+    eprintln!("{HOPS} {hops}: {}", check.summary());
+    check.assert_exact(what, 60);
+}
+
 /// Pauses the VM behind `sock` and snapshots it to `path` until the
 /// snapshot holds a partial console line (almost always the first time);
 /// returns its bytes.
@@ -434,26 +439,7 @@ fn snapshot_mid_line(sock: &Path, path: &Path, rng: &mut Rng) -> Vec<u8> {
 fn the_stream_is_whole_across_snapshots_restored_in_new_processes() {
     let dir = Scratch::new("pending-io-snap");
     let mut rng = Rng::from_clock();
-    let (src_log, src_sock) = (dir.path("src.log"), dir.path("src.sock"));
-    let vcpus = VCPUS.to_string();
-    let mut proc = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            MEM_ARG,
-            "--vcpus",
-            &vcpus,
-            "--guest-args",
-            GUEST,
-            "--serial",
-            src_log.to_str().unwrap(),
-            "--api",
-            src_sock.to_str().unwrap(),
-        ],
-        &dir.path("src.err"),
-    );
-    wait_stream(&src_log, 20);
-    let (mut logs, mut sock) = (vec![src_log], src_sock);
+    let (mut proc, mut logs, mut sock) = start_streaming(&dir);
     for hop in 1..=HOPS {
         let snap = dir.path(&format!("hop{hop}.snap"));
         let partial = snapshot_mid_line(&sock, &snap, &mut rng);
@@ -472,18 +458,7 @@ fn the_stream_is_whole_across_snapshots_restored_in_new_processes() {
             dir.path(&format!("hop{hop}.log")),
             dir.path(&format!("hop{hop}.sock")),
         );
-        proc = spawn(
-            "ferry-dest",
-            &[
-                "--restore",
-                snap.to_str().unwrap(),
-                "--serial",
-                log.to_str().unwrap(),
-                "--api",
-                next_sock.to_str().unwrap(),
-            ],
-            &dir.path(&format!("hop{hop}.err")),
-        );
+        proc = spawn_restore(&dir, &format!("hop{hop}"), &snap, &[]);
         let after = wait_stream(&log, 20);
         assert!(
             after[0].text.as_bytes().starts_with(&partial),
@@ -495,12 +470,13 @@ fn the_stream_is_whole_across_snapshots_restored_in_new_processes() {
         logs.push(log);
         sock = next_sock;
     }
-    ctl(&sock, &["quit"]);
-    assert!(wait_exit(&mut proc, WAIT, "the last VM's process to quit"));
-    let all: Vec<Vec<Logged>> = logs.iter().map(|l| read_console(l)).collect();
-    let check = check_stream(all.iter().map(|l| &l[..]));
-    eprintln!("{HOPS} snapshot hops: {}", check.summary());
-    check.assert_exact("across the snapshots", 60);
+    finish_hops(
+        &sock,
+        &mut proc,
+        &logs,
+        "snapshot hops",
+        "across the snapshots",
+    );
 }
 
 /// A guest migrated from `ferry-source` through [`HOPS`] `ferry-dest`s in
@@ -509,42 +485,14 @@ fn the_stream_is_whole_across_snapshots_restored_in_new_processes() {
 #[test]
 fn the_stream_is_whole_across_migrations() {
     let dir = Scratch::new("pending-io-migrate");
-    let (src_log, src_sock) = (dir.path("src.log"), dir.path("src.sock"));
-    let vcpus = VCPUS.to_string();
-    let mut from = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            MEM_ARG,
-            "--vcpus",
-            &vcpus,
-            "--guest-args",
-            GUEST,
-            "--serial",
-            src_log.to_str().unwrap(),
-            "--api",
-            src_sock.to_str().unwrap(),
-        ],
-        &dir.path("src.err"),
-    );
-    wait_stream(&src_log, 20);
-    let (mut logs, mut sock) = (vec![src_log], src_sock);
+    let (mut from, mut logs, mut sock) = start_streaming(&dir);
     for hop in 1..=HOPS {
         let name = format!("hop{hop}");
         let (log, next_sock) = (
             dir.path(&format!("{name}.log")),
             dir.path(&format!("{name}.sock")),
         );
-        let (to, addr) = spawn_dest(
-            &dir,
-            &name,
-            &[
-                "--serial",
-                log.to_str().unwrap(),
-                "--api",
-                next_sock.to_str().unwrap(),
-            ],
-        );
+        let (to, addr) = spawn_dest(&dir, &name, &strs(&console_args(&dir, &name, &[])));
         let answer = ctl(&sock, &["migrate", &addr]);
         assert!(
             wait_exit(&mut from, WAIT, "the migrated VM's old process to end"),
@@ -554,12 +502,13 @@ fn the_stream_is_whole_across_migrations() {
         logs.push(log);
         (from, sock) = (to, next_sock);
     }
-    ctl(&sock, &["quit"]);
-    assert!(wait_exit(&mut from, WAIT, "the last VM's process to quit"));
-    let all: Vec<Vec<Logged>> = logs.iter().map(|l| read_console(l)).collect();
-    let check = check_stream(all.iter().map(|l| &l[..]));
-    eprintln!("{HOPS} migrations: {}", check.summary());
-    check.assert_exact("across the migrations", 60);
+    finish_hops(
+        &sock,
+        &mut from,
+        &logs,
+        "migrations",
+        "across the migrations",
+    );
 }
 
 #[test]

@@ -82,45 +82,14 @@ fn ping_pong_three_hops() {
     let mut dests = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3 {
-        let (log, sock, json) = (
-            dir.path(&format!("hop{i}.log")),
-            dir.path(&format!("hop{i}.sock")),
-            dir.path(&format!("hop{i}.json")),
-        );
-        let (dst, addr) = spawn_dest(
-            &dir,
-            &format!("hop{i}"),
-            &[
-                "--serial",
-                log.to_str().unwrap(),
-                "--api",
-                sock.to_str().unwrap(),
-                "--stats-json",
-                json.to_str().unwrap(),
-            ],
-        );
+        let name = format!("hop{i}");
+        let (dst, addr) = spawn_dest(&dir, &name, &strs(&io_args(&dir, &name, &[])));
         dests.push(dst);
         addrs.push(addr);
     }
     let src_log = dir.path("src.log");
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "512M",
-            "--vcpus",
-            "2",
-            "--guest-args",
-            guest,
-            "--serial",
-            src_log.to_str().unwrap(),
-            "--migrate-to",
-            &addrs[0],
-            "--after",
-            "1s",
-        ],
-        &dir.path("src.err"),
-    );
+    let args = source_args(&dir, "512M", 2, guest, &addrs[0], "1s");
+    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     assert!(
         wait_exit(&mut src, WAIT, "hop 0"),
         "{}",

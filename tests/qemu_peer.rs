@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use ferry_guest::{parse_line, GuestLine, GUEST_ELF};
+use ferry_tools::bench::qemu::MACHINE_ARGS;
 
 #[test]
 fn guest_elf_ticks_under_qemu_microvm() {
@@ -19,16 +20,8 @@ fn guest_elf_ticks_under_qemu_microvm() {
     let serial = dir.path("serial.log");
     let _qemu = Proc(
         Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,x-option-roms=off",
-                "-accel",
-                "kvm",
-                "-cpu",
-                "qemu64",
-                "-m",
-                "256",
-            ])
+            .args(MACHINE_ARGS)
+            .args(["-m", "256"])
             .args(["-kernel", elf.to_str().unwrap()])
             .args(["-append", "ws=32M report_ms=50"])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])

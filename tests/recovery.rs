@@ -12,52 +12,32 @@ use common::*;
 const GUEST: &str = "ws=256M pattern=random write=80 report_ms=20";
 
 fn dest(dir: &Scratch, window: &str) -> (Proc, String) {
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    spawn_dest(
-        dir,
-        "dst",
-        &[
-            "--serial",
-            &p("dst.log"),
-            "--stats-json",
-            &p("dst.json"),
-            "--api",
-            &p("dst.sock"),
-            "--peer-timeout",
-            "2s",
-            "--recovery-window",
-            window,
-        ],
-    )
+    spawn_linked_dest(dir, ("2s", window))
 }
 
 fn source(dir: &Scratch, to: &str, mem: &str, guest: &str) -> Proc {
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            mem,
-            "--guest-args",
-            guest,
-            "--serial",
-            &p("src.log"),
-            "--api",
-            &p("src.sock"),
-            "--stats-json",
-            &p("src.json"),
-            "--migrate-to",
-            to,
-            "--after",
-            // The guest writes its whole working set before it ticks.
-            if mem == "2G" { "5s" } else { "2s" },
-            "--peer-timeout",
-            "2s",
-            "--recovery-window",
-            "30s",
-        ],
-        &dir.path("src.err"),
-    )
+    // The guest writes its whole working set before it ticks.
+    let after = if mem == "2G" { "5s" } else { "2s" };
+    spawn_linked_source(dir, (mem, guest), to, after, ("2s", "30s"), &[])
+}
+
+/// Starts a slow post-copy move of a 2 GiB guest with a 1 GiB working set
+/// through a proxy that cuts nothing, the destination waiting `window` for
+/// a lost source; returns once the source says post-copy runs, with the
+/// destination, the proxy and the source.
+fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc) {
+    let (dst, addr) = dest(dir, window);
+    let proxy = Proxy::start(&addr, Vec::new());
+    let src = source(
+        dir,
+        &proxy.addr,
+        "2G",
+        "ws=1G pattern=random write=80 report_ms=20",
+    );
+    wait_status(&dir.path("src.sock"), "post-copy to start", |v| {
+        v["migration"]["stage"] == "postcopy"
+    });
+    (dst, proxy, src)
 }
 
 /// A small deterministic generator, so a failing draw can be replayed.
@@ -128,24 +108,9 @@ fn twenty_random_cuts_all_recover() {
 #[test]
 fn a_silent_destination_is_noticed_within_the_peer_timeout() {
     let dir = Scratch::new("sigstop");
-    let (mut dst, addr) = dest(&dir, "30s");
     // A slow push: the stop lands while pages still move.
-    let proxy = Proxy::start(&addr, Vec::new());
-    let mut src = source(
-        &dir,
-        &proxy.addr,
-        "2G",
-        "ws=1G pattern=random write=80 report_ms=20",
-    );
+    let (mut dst, _proxy, mut src) = start_postcopy(&dir, "30s");
     let sock = dir.path("src.sock");
-    wait_for(WAIT, "post-copy to start", || {
-        let s = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", sock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&s.stdout).ok()?;
-        (v["migration"]["stage"] == "postcopy").then_some(())
-    });
     let pid = nix::unistd::Pid::from_raw(dst.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let stopped = Instant::now();
@@ -173,33 +138,12 @@ fn a_silent_destination_is_noticed_within_the_peer_timeout() {
 #[test]
 fn when_the_window_runs_out_the_vm_waits_paused() {
     let dir = Scratch::new("window");
-    let (mut dst, addr) = dest(&dir, "3s");
-    let proxy = Proxy::start(&addr, Vec::new());
-    let mut src = source(
-        &dir,
-        &proxy.addr,
-        "2G",
-        "ws=1G pattern=random write=80 report_ms=20",
-    );
-    let sock = dir.path("src.sock");
-    wait_for(WAIT, "post-copy to start", || {
-        let s = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", sock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&s.stdout).ok()?;
-        (v["migration"]["stage"] == "postcopy").then_some(())
-    });
+    let (mut dst, _proxy, mut src) = start_postcopy(&dir, "3s");
     src.0.kill().unwrap();
     let _ = src.0.wait();
     let dsock = dir.path("dst.sock");
-    let status = wait_for(WAIT, "the destination to give up waiting", || {
-        let out = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", dsock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["migration"]["stage"] == "failed").then_some(v)
+    let status = wait_status(&dsock, "the destination to give up waiting", |v| {
+        v["migration"]["stage"] == "failed"
     });
     assert_eq!(status["run_state"], "paused", "{status}");
     let why = status["migration"]["error"].as_str().unwrap();
@@ -228,16 +172,9 @@ fn when_the_window_runs_out_the_vm_waits_paused() {
     });
 }
 
-/// Polls `ferry-ctl status` on `sock` until `stage` is the migration stage.
+/// Waits until the migration stage in `sock`'s status is `stage`.
 fn wait_stage(sock: &std::path::Path, stage: &str) -> serde_json::Value {
-    wait_for(WAIT, stage, || {
-        let out = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", sock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["migration"]["stage"] == stage).then_some(v)
-    })
+    wait_status(sock, stage, |v| v["migration"]["stage"] == stage)
 }
 
 /// The link dies for longer than the source's recovery window: the source
@@ -249,28 +186,13 @@ fn the_source_recovers_a_stranded_move_on_request() {
     let dir = Scratch::new("src-recover");
     let (mut dst, addr) = dest(&dir, "60s");
     let proxy = Proxy::start(&addr, Vec::new());
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "2G",
-            "--guest-args",
-            "ws=1G pattern=random write=80 report_ms=20",
-            "--serial",
-            &p("src.log"),
-            "--api",
-            &p("src.sock"),
-            "--migrate-to",
-            &proxy.addr,
-            "--after",
-            "5s",
-            "--peer-timeout",
-            "1s",
-            "--recovery-window",
-            "2s",
-        ],
-        &dir.path("src.err"),
+    let mut src = spawn_linked_source(
+        &dir,
+        ("2G", "ws=1G pattern=random write=80 report_ms=20"),
+        &proxy.addr,
+        "5s",
+        ("1s", "2s"),
+        &[],
     );
     let sock = dir.path("src.sock");
     wait_stage(&sock, "postcopy");
@@ -303,28 +225,15 @@ fn the_source_recovers_a_stranded_move_on_request() {
 fn the_destination_recovers_a_stranded_move_on_request() {
     let dir = Scratch::new("dst-recover");
     let (mut dst, addr) = dest(&dir, "2s");
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
     let mem_file = format!("/dev/shm/ferry-test-dstrec-{}", std::process::id());
     let _ = std::fs::remove_file(&mem_file);
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "2G",
-            "--guest-args",
-            "ws=1G pattern=random write=80 report_ms=20",
-            "--mem-file",
-            &mem_file,
-            "--serial",
-            &p("src.log"),
-            "--api",
-            &p("src.sock"),
-            "--migrate-to",
-            &addr,
-            "--after",
-            "5s",
-        ],
-        &dir.path("src.err"),
+    let mut src = spawn_linked_source(
+        &dir,
+        ("2G", "ws=1G pattern=random write=80 report_ms=20"),
+        &addr,
+        "5s",
+        ("5s", "60s"),
+        &["--mem-file", &mem_file],
     );
     wait_stage(&dir.path("src.sock"), "postcopy");
     src.0.kill().unwrap();

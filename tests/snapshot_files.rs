@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use ferry_engine::snapshot;
-use ferry_engine::{ConsoleOutput, Vm};
-use ferry_guest::GUEST_ELF;
 
 /// Runs `ferry-dest --restore FILE [--lazy]`; returns (success, stderr, console).
 fn try_restore(dir: &Scratch, file: &std::path::Path, lazy: bool) -> (bool, String, String) {
@@ -33,15 +31,7 @@ fn try_restore(dir: &Scratch, file: &std::path::Path, lazy: bool) -> (bool, Stri
 /// A snapshot of a small running guest, as bytes.
 fn good_snapshot(dir: &Scratch) -> Vec<u8> {
     let log = dir.path("boot.log");
-    let mut vm = Vm::boot(
-        64 << 20,
-        1,
-        GUEST_ELF,
-        "ws=8M report_ms=50",
-        ConsoleOutput::File(log.clone()),
-    )
-    .unwrap();
-    vm.resume().unwrap();
+    let mut vm = boot_guest(64 << 20, 1, "ws=8M report_ms=50", &log);
     wait_ticks(&log, 1, 2, Duration::from_secs(60));
     vm.pause().unwrap();
     let good = dir.path("good.snap");

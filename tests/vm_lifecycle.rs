@@ -10,22 +10,21 @@ use ferry_engine::layout::{gpa_to_file_offset, PAGE_SIZE};
 use ferry_engine::snapshot;
 use ferry_engine::state::{self, codec, MachineState};
 use ferry_engine::{ConsoleOutput, Vm};
-use ferry_guest::GUEST_ELF;
 
 const TICK_WAIT: Duration = Duration::from_secs(60);
 
 fn boot(dir: &Scratch, name: &str, mem: u64, vcpus: u32, args: &str) -> (Vm, std::path::PathBuf) {
     let log = dir.path(name);
-    let mut vm = Vm::boot(
-        mem,
-        vcpus,
-        GUEST_ELF,
-        args,
-        ConsoleOutput::File(log.clone()),
-    )
-    .unwrap();
-    vm.resume().unwrap();
-    (vm, log)
+    (boot_guest(mem, vcpus, args, &log), log)
+}
+
+/// Boots a 128 MiB, 2-vCPU guest with `args`, lets every vCPU tick `n`
+/// times and pauses it.
+fn boot_ticked_and_paused(dir: &Scratch, name: &str, args: &str, n: usize) -> Vm {
+    let (mut vm, log) = boot(dir, name, 128 << 20, 2, args);
+    wait_ticks(&log, 2, n, TICK_WAIT);
+    vm.pause().unwrap();
+    vm
 }
 
 #[test]
@@ -62,10 +61,7 @@ fn guest_reports_a_page_corrupted_behind_its_back() {
     let target = ws_pa + 5 * PAGE_SIZE as u64;
     let off = gpa_to_file_offset(vm.ram().ranges(), target).unwrap();
     vm.ram().write_at(off + 100, &[0xa5; 8]).unwrap();
-    let bad = wait_for(TICK_WAIT, "a BAD page report", || {
-        let b = bad_lines(&read_console(&log));
-        (!b.is_empty()).then_some(b)
-    });
+    let bad = wait_bad(&log, TICK_WAIT, "a BAD page report");
     assert!(bad[0].starts_with("FERRY BAD page"), "{bad:?}");
 }
 
@@ -96,9 +92,7 @@ fn without_clocks(s: &MachineState) -> Vec<u8> {
 #[test]
 fn snapshot_restore_snapshot_gives_the_same_state() {
     let dir = Scratch::new("same");
-    let (mut vm, log) = boot(&dir, "a.log", 128 << 20, 2, "ws=32M report_ms=50");
-    wait_ticks(&log, 2, 3, TICK_WAIT);
-    vm.pause().unwrap();
+    let vm = boot_ticked_and_paused(&dir, "a.log", "ws=32M report_ms=50", 3);
     let first = vm.save_state().unwrap();
     let snap = dir.path("vm.snap");
     snapshot::write(&snap, &first, vm.ram()).unwrap();
@@ -144,18 +138,7 @@ fn pause_snapshot_restore_in_a_new_process() {
     assert!(answer["snapshot"]["pages_stored"].as_u64().unwrap() > 64 * 256 / 2);
 
     let (dst_sock, dst_log) = (dir.path("dst.sock"), dir.path("dst.log"));
-    let _dst = spawn(
-        "ferry-dest",
-        &[
-            "--restore",
-            snap.to_str().unwrap(),
-            "--serial",
-            dst_log.to_str().unwrap(),
-            "--api",
-            dst_sock.to_str().unwrap(),
-        ],
-        &dir.path("dst.err"),
-    );
+    let _dst = spawn_restore(&dir, "dst", &snap, &[]);
     let after = wait_ticks(&dst_log, 2, 4, TICK_WAIT);
     assert_progress(&after, 2);
     for v in 0..2 {
@@ -182,9 +165,7 @@ fn pause_snapshot_restore_in_a_new_process() {
 #[test]
 fn dirty_log_names_every_page_the_guest_changed() {
     let dir = Scratch::new("dirty");
-    let (mut vm, log) = boot(&dir, "d.log", 128 << 20, 2, "ws=32M write=80 report_ms=50");
-    wait_ticks(&log, 2, 2, TICK_WAIT);
-    vm.pause().unwrap();
+    let mut vm = boot_ticked_and_paused(&dir, "d.log", "ws=32M write=80 report_ms=50", 2);
     let size = vm.ram().size() as usize;
     let mut before = vec![0u8; size];
     vm.ram().read_at(0, &mut before).unwrap();
@@ -242,10 +223,7 @@ fn guest_reports_register_msr_and_timer_faults() {
             1,
             &format!("ws=1M report_ms=50 inject={kind}"),
         );
-        let bad = wait_for(TICK_WAIT, &format!("BAD {kind}"), || {
-            let b = bad_lines(&read_console(&log));
-            (!b.is_empty()).then_some(b)
-        });
+        let bad = wait_bad(&log, TICK_WAIT, &format!("BAD {kind}"));
         assert!(
             bad[0].starts_with(&format!("FERRY BAD {kind}")),
             "{kind}: {bad:?}"
@@ -272,9 +250,6 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     );
     let before = read_console(&log);
     vm.resume().unwrap();
-    let after = wait_for(TICK_WAIT, "ticks after resume", || {
-        let l = read_console(&log);
-        (l.len() >= at_pause + 6).then_some(l)
-    });
+    let after = wait_lines(&log, at_pause + 6, TICK_WAIT, "ticks after resume");
     assert_continues(&before, &after[at_pause..], 2);
 }

@@ -50,6 +50,19 @@ static bool parse_size(const char *v, size_t len, u64 *out)
 	return true;
 }
 
+/* Sets *out to the index of v among the n names; false if it is none. */
+static bool parse_name(const char *v, size_t vlen, const char *const *names, u32 n, u32 *out)
+{
+	bool ok = false;
+	for (u32 i = 0; i < n; i++) {
+		if (str_eq_n(v, vlen, names[i])) {
+			*out = i;
+			ok = true;
+		}
+	}
+	return ok;
+}
+
 static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
 {
 	u64 n;
@@ -63,13 +76,7 @@ static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
 		if (ok)
 			cfg.ws_bytes = n;
 	} else if (str_eq_n(k, klen, "pattern")) {
-		ok = false;
-		for (u32 i = 0; i < 3; i++) {
-			if (str_eq_n(v, vlen, pattern_names[i])) {
-				cfg.pattern = i;
-				ok = true;
-			}
-		}
+		ok = parse_name(v, vlen, pattern_names, 3, &cfg.pattern);
 	} else if (str_eq_n(k, klen, "write")) {
 		ok = parse_u64(v, vlen, &n) && n <= 100;
 		if (ok)
@@ -97,13 +104,7 @@ static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
 		if (ok)
 			cfg.x2apic = (int)n;
 	} else if (str_eq_n(k, klen, "inject")) {
-		ok = false;
-		for (u32 i = 0; i < 5; i++) {
-			if (str_eq_n(v, vlen, inject_names[i])) {
-				cfg.inject = i;
-				ok = true;
-			}
-		}
+		ok = parse_name(v, vlen, inject_names, 5, &cfg.inject);
 	} else if (str_eq_n(k, klen, "seed")) {
 		ok = parse_u64(v, vlen, &n);
 		if (ok)

@@ -2,8 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::FromRawFd;
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -16,18 +15,15 @@ use ferry_protocol::{
     ProtocolError, PAGE_SIZE,
 };
 
+mod support;
+use support::{loopback_connections, memfd_of_pages};
+
 type Outcome = Result<(ServerStats, serde_json::Value), ServerError>;
 
 /// A memfd of `pages` pages with `fill(pfn)` written to every page that
 /// returns `Some`; the others stay holes. Returns the file and its contents.
 fn memfd(pages: u64, fill: impl Fn(u64) -> Option<Vec<u8>>) -> (Arc<File>, Vec<u8>) {
-    // SAFETY: memfd_create with a NUL-terminated name; it returns a new
-    // descriptor or -1, and touches no other memory.
-    let fd = unsafe { libc::memfd_create(c"ferry-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(pages * PAGE_SIZE as u64).unwrap();
+    let file = memfd_of_pages(c"ferry-test", pages);
     let mut image = vec![0u8; pages as usize * PAGE_SIZE];
     for pfn in 0..pages {
         if let Some(page) = fill(pfn) {
@@ -80,12 +76,7 @@ fn start(
     source: impl PageSource + 'static,
     cfg: ServerConfig,
 ) -> (TcpStream, TcpStream, mpsc::Receiver<Outcome>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dest_control = TcpStream::connect(addr).unwrap();
-    let (control, _) = listener.accept().unwrap();
-    let dest_fault = TcpStream::connect(addr).unwrap();
-    let (fault, _) = listener.accept().unwrap();
+    let [(dest_control, control), (dest_fault, fault)] = loopback_connections();
     for s in [&dest_control, &dest_fault] {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_nodelay(true).unwrap();
@@ -497,41 +488,50 @@ fn is_protocol(e: &ServerError, conn: &str, f: impl Fn(&ProtocolError) -> bool) 
     matches!(e, ServerError::Protocol { conn: c, source } if *c == conn && f(source))
 }
 
+/// Runs [`hostile`] with `attack` and checks that the server failed with a
+/// protocol error on `conn` that `is` accepts.
+#[track_caller]
+fn assert_refused(
+    conn: &str,
+    attack: impl FnOnce(&mut TcpStream, &mut TcpStream),
+    is: impl Fn(&ProtocolError) -> bool,
+) {
+    let e = hostile(attack);
+    assert!(is_protocol(&e, conn, is), "{e}");
+}
+
 #[test]
 fn hostile_fault_connection_is_an_error() {
-    let e = hostile(|_, f| f.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap());
-    assert!(
-        is_protocol(&e, "fault", |p| matches!(p, ProtocolError::UnknownType(_))),
-        "{e}"
+    assert_refused(
+        "fault",
+        |_, f| f.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap(),
+        |p| matches!(p, ProtocolError::UnknownType(_)),
     );
 
-    let e = hostile(|_, f| f.write_all(&request(63, 2)).unwrap());
-    assert!(
-        is_protocol(&e, "fault", |p| matches!(p, ProtocolError::BadPages(_))),
-        "{e}"
+    assert_refused(
+        "fault",
+        |_, f| f.write_all(&request(63, 2)).unwrap(),
+        |p| matches!(p, ProtocolError::BadPages(_)),
     );
 
-    let e = hostile(|_, f| f.write_all(&request(u64::MAX - 1, 512)).unwrap());
-    assert!(
-        is_protocol(&e, "fault", |p| matches!(p, ProtocolError::BadPages(_))),
-        "{e}"
+    assert_refused(
+        "fault",
+        |_, f| f.write_all(&request(u64::MAX - 1, 512)).unwrap(),
+        |p| matches!(p, ProtocolError::BadPages(_)),
     );
 
     let mut long = request(0, 1);
     long[4] = 17; // a 17-byte PageRequest
-    let e = hostile(|_, f| f.write_all(&long).unwrap());
-    assert!(
-        is_protocol(&e, "fault", |p| matches!(p, ProtocolError::Length { .. })),
-        "{e}"
+    assert_refused(
+        "fault",
+        |_, f| f.write_all(&long).unwrap(),
+        |p| matches!(p, ProtocolError::Length { .. }),
     );
 
-    let e = hostile(|_, f| f.write_all(&frame(MsgType::Complete, 0, b"{}")).unwrap());
-    assert!(
-        is_protocol(&e, "fault", |p| matches!(
-            p,
-            ProtocolError::Unexpected { .. }
-        )),
-        "{e}"
+    assert_refused(
+        "fault",
+        |_, f| f.write_all(&frame(MsgType::Complete, 0, b"{}")).unwrap(),
+        |p| matches!(p, ProtocolError::Unexpected { .. }),
     );
 
     let e = hostile(|_, f| {
@@ -541,79 +541,66 @@ fn hostile_fault_connection_is_an_error() {
     assert!(e.to_string().contains("out of memory"), "{e}");
 
     // A frame cut short by the peer closing the connection.
-    let e = hostile(|_, f| {
-        f.write_all(&request(0, 1)[..20]).unwrap();
-        f.shutdown(std::net::Shutdown::Write).unwrap();
-    });
-    assert!(
-        is_protocol(&e, "fault", |p| matches!(p, ProtocolError::Closed)),
-        "{e}"
+    assert_refused(
+        "fault",
+        |_, f| {
+            f.write_all(&request(0, 1)[..20]).unwrap();
+            f.shutdown(std::net::Shutdown::Write).unwrap();
+        },
+        |p| matches!(p, ProtocolError::Closed),
     );
 
     // The fault connection closes and no Complete follows.
-    let e = hostile(|_, f| f.shutdown(std::net::Shutdown::Write).unwrap());
-    assert!(
-        is_protocol(&e, "fault", |p| matches!(p, ProtocolError::Closed)),
-        "{e}"
+    assert_refused(
+        "fault",
+        |_, f| f.shutdown(std::net::Shutdown::Write).unwrap(),
+        |p| matches!(p, ProtocolError::Closed),
     );
 }
 
 #[test]
 fn hostile_control_connection_is_an_error() {
-    let e = hostile(|c, _| c.write_all(&[0xff; 40]).unwrap());
-    assert!(
-        is_protocol(&e, "control", |p| matches!(
-            p,
-            ProtocolError::UnknownType(_)
-        )),
-        "{e}"
+    assert_refused(
+        "control",
+        |c, _| c.write_all(&[0xff; 40]).unwrap(),
+        |p| matches!(p, ProtocolError::UnknownType(_)),
     );
 
-    let e = hostile(|c, _| c.write_all(&request(0, 1)).unwrap());
-    assert!(
-        is_protocol(&e, "control", |p| matches!(
-            p,
-            ProtocolError::Unexpected { .. }
-        )),
-        "{e}"
+    assert_refused(
+        "control",
+        |c, _| c.write_all(&request(0, 1)).unwrap(),
+        |p| matches!(p, ProtocolError::Unexpected { .. }),
     );
 
-    let e = hostile(|c, _| {
-        c.write_all(&frame(MsgType::Abort, 0, b"disk full"))
-            .unwrap()
-    });
-    assert!(
-        is_protocol(
-            &e,
-            "control",
-            |p| matches!(p, ProtocolError::Aborted(w) if w == "disk full")
-        ),
-        "{e}"
+    assert_refused(
+        "control",
+        |c, _| {
+            c.write_all(&frame(MsgType::Abort, 0, b"disk full"))
+                .unwrap()
+        },
+        |p| matches!(p, ProtocolError::Aborted(w) if w == "disk full"),
     );
 
-    let e = hostile(|c, _| {
-        c.write_all(&frame(MsgType::Complete, 0, b"{not json"))
-            .unwrap()
-    });
-    assert!(
-        is_protocol(&e, "control", |p| matches!(
-            p,
-            ProtocolError::BadJson { .. }
-        )),
-        "{e}"
+    assert_refused(
+        "control",
+        |c, _| {
+            c.write_all(&frame(MsgType::Complete, 0, b"{not json"))
+                .unwrap()
+        },
+        |p| matches!(p, ProtocolError::BadJson { .. }),
     );
 
     let mut huge = frame(MsgType::Complete, 0, b"");
     huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-    let e = hostile(|c, _| c.write_all(&huge).unwrap());
-    assert!(
-        is_protocol(&e, "control", |p| matches!(p, ProtocolError::Length { .. })),
-        "{e}"
+    assert_refused(
+        "control",
+        |c, _| c.write_all(&huge).unwrap(),
+        |p| matches!(p, ProtocolError::Length { .. }),
     );
 
-    let e = hostile(|c, _| c.shutdown(std::net::Shutdown::Write).unwrap());
-    assert!(
-        is_protocol(&e, "control", |p| matches!(p, ProtocolError::Closed)),
-        "{e}"
+    assert_refused(
+        "control",
+        |c, _| c.shutdown(std::net::Shutdown::Write).unwrap(),
+        |p| matches!(p, ProtocolError::Closed),
     );
 }

@@ -78,6 +78,78 @@ pub fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `ferry-ctl --api SOCK status`, or None while it cannot answer (the
+/// socket not there yet, the process gone).
+pub fn try_status(sock: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(bin("ferry-ctl"))
+        .arg("--api")
+        .arg(sock)
+        .arg("status")
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls `ferry-ctl status` on `sock` until `done` holds for the answer,
+/// and returns that answer.
+pub fn wait_status(
+    sock: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    wait_for(WAIT, what, || try_status(sock).filter(|s| done(s)))
+}
+
+/// `--serial NAME.log --api NAME.sock` in `dir` (where a `ferry-source` or
+/// `ferry-dest` prints the guest's console and takes API calls), then
+/// `extra`.
+pub fn console_args(dir: &Scratch, name: &str, extra: &[&str]) -> Vec<String> {
+    let p = |ext: &str| {
+        dir.path(&format!("{name}.{ext}"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut args = vec!["--serial".into(), p("log"), "--api".into(), p("sock")];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// [`console_args`] with the statistics in `dir/NAME.json` too.
+pub fn io_args(dir: &Scratch, name: &str, extra: &[&str]) -> Vec<String> {
+    let json = dir.path(&format!("{name}.json"));
+    let mut args = console_args(dir, name, &["--stats-json", json.to_str().unwrap()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts `ferry-dest --restore SNAP` with `extra` arguments, its console
+/// and API socket named `name` in `dir` ([`console_args`]) and its stderr in
+/// `dir/NAME.err`.
+pub fn spawn_restore(dir: &Scratch, name: &str, snap: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec!["--restore", snap.to_str().unwrap()];
+    args.extend(extra);
+    spawn(
+        "ferry-dest",
+        &strs(&console_args(dir, name, &args)),
+        &dir.path(&format!("{name}.err")),
+    )
+}
+
+/// Boots the workload guest with `args` in a VM in this process, its
+/// console in `log`, and lets it run.
+pub fn boot_guest(mem: u64, vcpus: u32, args: &str, log: &Path) -> ferry_engine::Vm {
+    let mut vm = ferry_engine::Vm::boot(
+        mem,
+        vcpus,
+        ferry_guest::GUEST_ELF,
+        args,
+        ferry_engine::ConsoleOutput::File(log.into()),
+    )
+    .unwrap();
+    vm.resume().unwrap();
+    vm
+}
+
 /// One console line: host time (µs) and the parsed guest line.
 #[derive(Debug, Clone)]
 pub struct Logged {
@@ -165,6 +237,23 @@ pub fn wait_ticks(path: &Path, vcpus: u32, n: usize, timeout: Duration) -> Vec<L
     )
 }
 
+/// Waits until the console log in `path` holds at least `n` lines.
+pub fn wait_lines(path: &Path, n: usize, timeout: Duration, what: &str) -> Vec<Logged> {
+    wait_for(timeout, what, || {
+        let l = read_console(path);
+        (l.len() >= n).then_some(l)
+    })
+}
+
+/// Waits until the guest whose console log is `path` reports something
+/// wrong, and returns its BAD lines.
+pub fn wait_bad(path: &Path, timeout: Duration, what: &str) -> Vec<String> {
+    wait_for(timeout, what, || {
+        let b = bad_lines(&read_console(path));
+        (!b.is_empty()).then_some(b)
+    })
+}
+
 /// Asserts that rounds and timer interrupts strictly grow across a log.
 pub fn assert_progress(log: &[Logged], vcpus: u32) {
     for v in 0..vcpus {
@@ -217,6 +306,52 @@ pub fn spawn_dest(dir: &Scratch, name: &str, extra: &[&str]) -> (Proc, String) {
     let mut p = spawn("ferry-dest", &args, &err);
     let addr = wait_listen_addr(&mut p, &file, &err);
     (p, addr)
+}
+
+/// Starts `ferry-dest` ([`spawn_dest`], named `dst`) with [`io_args`] and a
+/// peer timeout and recovery window: `link` is `(--peer-timeout,
+/// --recovery-window)`.
+pub fn spawn_linked_dest(dir: &Scratch, link: (&str, &str)) -> (Proc, String) {
+    let args = io_args(
+        dir,
+        "dst",
+        &["--peer-timeout", link.0, "--recovery-window", link.1],
+    );
+    spawn_dest(dir, "dst", &strs(&args))
+}
+
+/// Starts `ferry-source` running `guest` in `mem` and moving it to `to`
+/// after `after`, with [`io_args`] named `src` (stderr in `src.err`), a peer
+/// timeout and recovery window (`link`, as for [`spawn_linked_dest`]) and
+/// `extra` arguments.
+pub fn spawn_linked_source(
+    dir: &Scratch,
+    (mem, guest): (&str, &str),
+    to: &str,
+    after: &str,
+    link: (&str, &str),
+    extra: &[&str],
+) -> Proc {
+    let mut args = vec![
+        "--mem",
+        mem,
+        "--guest-args",
+        guest,
+        "--migrate-to",
+        to,
+        "--after",
+        after,
+        "--peer-timeout",
+        link.0,
+        "--recovery-window",
+        link.1,
+    ];
+    args.extend(extra);
+    spawn(
+        "ferry-source",
+        &strs(&io_args(dir, "src", &args)),
+        &dir.path("src.err"),
+    )
 }
 
 /// Waits for a process to exit and returns whether it succeeded.
@@ -422,19 +557,17 @@ pub fn migrate(
 /// with the serial log, stats and API socket in `dir` (`dst.log`,
 /// `dst.json`, `dst.sock`).
 pub fn dest_args(dir: &Scratch, ip: &str) -> Vec<String> {
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    vec![
-        "--listen".into(),
-        format!("{ip}:0"),
-        "--listen-addr-file".into(),
-        p("dst.addr"),
-        "--serial".into(),
-        p("dst.log"),
-        "--stats-json".into(),
-        p("dst.json"),
-        "--api".into(),
-        p("dst.sock"),
-    ]
+    let addr = dir.path("dst.addr");
+    io_args(
+        dir,
+        "dst",
+        &[
+            "--listen",
+            &format!("{ip}:0"),
+            "--listen-addr-file",
+            addr.to_str().unwrap(),
+        ],
+    )
 }
 
 /// `ferry-source` running `guest` and migrating to `to` after `after`, its
@@ -466,6 +599,26 @@ pub fn source_args(
     .collect()
 }
 
+/// Starts `ferry-source` running `guest`, with `extra` arguments, its
+/// console, API socket and stderr in `dir` (`src.log`, `src.sock`,
+/// `src.err`).
+pub fn spawn_guest_source(
+    dir: &Scratch,
+    mem: &str,
+    vcpus: u32,
+    guest: &str,
+    extra: &[&str],
+) -> Proc {
+    let vcpus = vcpus.to_string();
+    let mut args = vec!["--mem", mem, "--vcpus", &vcpus, "--guest-args", guest];
+    args.extend(extra);
+    spawn(
+        "ferry-source",
+        &strs(&console_args(dir, "src", &args)),
+        &dir.path("src.err"),
+    )
+}
+
 /// Borrows a list of owned arguments.
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -492,23 +645,7 @@ pub fn snapshot_from_source(
     ticks: usize,
 ) -> Snapped {
     let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
-    let vcpus_s = vcpus.to_string();
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            mem,
-            "--vcpus",
-            &vcpus_s,
-            "--guest-args",
-            guest,
-            "--serial",
-            log.to_str().unwrap(),
-            "--api",
-            sock.to_str().unwrap(),
-        ],
-        &dir.path("src.err"),
-    );
+    let mut src = spawn_guest_source(dir, mem, vcpus, guest, &[]);
     wait_ticks(&log, vcpus, ticks, WAIT);
     ctl(&sock, &["pause"]);
     assert_eq!(ctl(&sock, &["status"])["run_state"], "paused");

@@ -361,29 +361,24 @@ impl Matrix {
         if points.is_empty() {
             return Err(MatrixError::NoPoints);
         }
+        let repeated = |peer: Peer, point: Point| {
+            (0..self.repeat).map(move |repeat| RunSpec {
+                peer,
+                point,
+                repeat,
+            })
+        };
         let mut out = Vec::new();
         let mut qemu_points: Vec<Point> = Vec::new();
         for p in points {
-            for repeat in 0..self.repeat {
-                out.push(RunSpec {
-                    peer: Peer::Ferry,
-                    point: p,
-                    repeat,
-                });
-            }
+            out.extend(repeated(Peer::Ferry, p));
             let q = Point { vcpus: 1, ..p };
             if qemu && p.mode.qemu_has() && !qemu_points.contains(&q) {
                 qemu_points.push(q);
             }
         }
         for q in qemu_points {
-            for repeat in 0..self.repeat {
-                out.push(RunSpec {
-                    peer: Peer::Qemu,
-                    point: q,
-                    repeat,
-                });
-            }
+            out.extend(repeated(Peer::Qemu, q));
         }
         Ok(out)
     }

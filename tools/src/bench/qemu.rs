@@ -21,6 +21,18 @@ use super::serial::{
     STEADY_US,
 };
 
+/// The machine every QEMU run of the workload guest uses: a microvm
+/// without option ROMs, on KVM, with a qemu64 CPU (`-cpu host` does not
+/// start on a PVM host).
+pub const MACHINE_ARGS: [&str; 6] = [
+    "-M",
+    "microvm,x-option-roms=off",
+    "-accel",
+    "kvm",
+    "-cpu",
+    "qemu64",
+];
+
 /// Errors of a QEMU run.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -90,36 +102,29 @@ impl Vm {
         let p = &spec.point;
         let name = if side == Side::Source { "src" } else { "dst" };
         let mut cmd = net.command(side, &tools.qemu);
-        cmd.args([
-            "-M",
-            "microvm,x-option-roms=off",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "qemu64",
-        ])
-        .args([
-            "-m",
-            &format!("{}M", p.mem >> 20),
-            "-smp",
-            &p.vcpus.to_string(),
-        ])
-        .arg("-kernel")
-        .arg(&tools.guest)
-        .args(["-append", &format!("{} cpus={}", p.guest_args(), p.vcpus)])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            dir.join(format!("{name}.qmp")).display()
-        ));
+        cmd.args(MACHINE_ARGS)
+            .args([
+                "-m",
+                &format!("{}M", p.mem >> 20),
+                "-smp",
+                &p.vcpus.to_string(),
+            ])
+            .arg("-kernel")
+            .arg(&tools.guest)
+            .args(["-append", &format!("{} cpus={}", p.guest_args(), p.vcpus)])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join(format!("{name}.qmp")).display()
+            ));
         if let Some(uri) = incoming {
             cmd.args(["-incoming", uri]);
         }

@@ -7,13 +7,9 @@ use clap::{Parser, Subcommand};
 use ferry_engine::api::{self, ApiRequest};
 use ferry_tools::bench::serial;
 
-/// Send one command to a running Ferry VM and print the JSON result.
+/// Send one command to a running Ferry VM's control API and print the JSON answer
 #[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Send one command to a running Ferry VM's control API and print the JSON answer",
-    long_about = None
-)]
+#[command(version, long_about = None)]
 struct Args {
     /// The VM's API socket (for the commands that talk to a VM).
     #[arg(long)]

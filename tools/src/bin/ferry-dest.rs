@@ -12,14 +12,10 @@ use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::{console_output, init_tracing, monitor, LinkArgs, VmIoArgs};
 use tracing::{error, info};
 
-/// Receives a VM (an incoming migration, or a snapshot file) and runs it
-/// with a control API.
+/// Receive a VM from a migrating ferry-source or restore it from a snapshot
+/// file, then run it
 #[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Receive a VM from a migrating ferry-source or restore it from a snapshot file, then run it",
-    long_about = None
-)]
+#[command(version, long_about = None)]
 struct Args {
     /// Wait for one incoming migration on this address (e.g. 127.0.0.1:7000;
     /// port 0 picks a free port, see --listen-addr-file).

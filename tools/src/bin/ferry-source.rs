@@ -17,13 +17,10 @@ use ferry_tools::{
 };
 use tracing::{error, info};
 
-/// Run a VM and serve its control API.
+/// Run a VM (the built-in workload guest by default) with a control API,
+/// and migrate it to a ferry-dest
 #[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Run a VM (the built-in workload guest by default) with a control API, and migrate it to a ferry-dest",
-    long_about = None
-)]
+#[command(version, long_about = None)]
 struct Args {
     /// Guest RAM, e.g. 256M, 1G, 4G.
     #[arg(long, default_value = "256M", value_parser = parse_size)]
