@@ -125,11 +125,16 @@ fn a_silent_destination_is_noticed_within_the_peer_timeout() {
     assert!(wait_exit(&mut src, WAIT, "the source to finish"));
     let s = wait_stats(&dir.path("dst.json"), WAIT);
     assert!(s["recoveries"].as_u64().unwrap() >= 1, "{s}");
+    assert_moved_and_quit(&dir, &mut dst);
+}
+
+/// The guest continued on the destination with no BAD; then it is quit.
+fn assert_moved_and_quit(dir: &Scratch, dst: &mut Proc) {
     let dst_log = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
     assert_continues(&read_console(&dir.path("src.log")), &dst_log, 1);
     assert!(bad_lines(&dst_log).is_empty());
     ctl(&dir.path("dst.sock"), &["quit"]);
-    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+    assert!(wait_exit(dst, WAIT, "the destination to quit"));
 }
 
 /// The source is killed for good during post-copy. When the recovery
@@ -211,11 +216,7 @@ fn the_source_recovers_a_stranded_move_on_request() {
     let r = ctl(&sock, &["recover", &addr]);
     assert!(r["recoveries"].as_u64().unwrap() >= 1, "{r}");
     assert!(wait_exit(&mut src, WAIT, "the source to finish"));
-    let dst_log = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
-    assert_continues(&read_console(&dir.path("src.log")), &dst_log, 1);
-    assert!(bad_lines(&dst_log).is_empty());
-    ctl(&dir.path("dst.sock"), &["quit"]);
-    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+    assert_moved_and_quit(&dir, &mut dst);
 }
 
 /// The destination's window runs out while the source is down (killed,

@@ -205,14 +205,7 @@ impl<'a> Committed<'a> {
                     let next = self.resumed(s.control, s.fault, status);
                     match next {
                         Ok(step) => {
-                            self.recovery.count += 1;
-                            self.recovery.ms += t.elapsed().as_secs_f64() * 1e3;
-                            if let Some(p) = &self.opts.progress {
-                                p.recoveries.store(
-                                    u64::from(self.recovery.count),
-                                    std::sync::atomic::Ordering::Relaxed,
-                                );
-                            }
+                            self.recovery.record(t, self.opts.progress.as_deref());
                             info!(
                                 ?status,
                                 ms = t.elapsed().as_millis() as u64,

@@ -380,8 +380,7 @@ fn wait_for_commit(
                 drop(new_fault);
                 *ctl = new_ctl;
                 *beat = ctl.heartbeat(opts.peer_timeout / 4);
-                recovery.count += 1;
-                recovery.ms += t.elapsed().as_secs_f64() * 1e3;
+                recovery.record(t, opts.progress.as_deref());
             }
             Err(e) => return Err(e.into()),
         }
@@ -486,14 +485,7 @@ impl Session<'_> {
             let (conn, buffered) = fault_link.into_parts();
             f.reconnect(conn, buffered, self.ctl.stream.try_clone().ok());
         }
-        self.recovery.count += 1;
-        self.recovery.ms += t.elapsed().as_secs_f64() * 1e3;
-        if let Some(p) = &self.opts.progress {
-            p.recoveries.store(
-                u64::from(self.recovery.count),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
+        self.recovery.record(t, self.opts.progress.as_deref());
         self.opts.stage(Stage::Postcopy);
         info!(
             recoveries = self.recovery.count,

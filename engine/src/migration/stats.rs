@@ -143,6 +143,22 @@ pub struct Recovery {
     pub ms: f64,
 }
 
+impl Recovery {
+    /// Counts one recovery that began at `since`, and publishes the count.
+    pub fn record(
+        &mut self,
+        since: std::time::Instant,
+        progress: Option<&super::progress::Progress>,
+    ) {
+        self.count += 1;
+        self.ms += since.elapsed().as_secs_f64() * 1e3;
+        if let Some(p) = progress {
+            p.recoveries
+                .store(u64::from(self.count), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 impl MigrationStats {
     /// A table for people.
     pub fn table(&self) -> String {
