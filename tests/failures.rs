@@ -163,3 +163,66 @@ fn destination_refuses_a_guest_larger_than_the_host() {
     assert!(err.contains("does not fit this host"), "{err}");
     assert!(!wait_exit(&mut dst, WAIT, "the destination to give up"));
 }
+
+/// 200 hostile connections at once (half of them silent and held open, the
+/// rest garbage, hand-built Hellos that resume sessions this side does not
+/// hold, fault connections with no session, or closed at once) are all
+/// refused, and a real migration right after them goes through.
+#[test]
+fn two_hundred_hostile_connections_then_a_real_migration() {
+    use ferry_protocol::{features, Role, PAGE_SIZE};
+    use std::io::Write;
+    let dir = Scratch::new("flood");
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
+    let mut held = Vec::new();
+    for i in 0..200u64 {
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+            continue;
+        };
+        let hello = |role, features| Hello {
+            version: PROTOCOL_VERSION,
+            role,
+            session_id: 0xbad0_0000 + i,
+            features,
+            mem_size: 256 << 20,
+            vcpus: 1,
+            page_size: PAGE_SIZE as u32,
+            options: Vec::new(),
+        };
+        match i % 8 {
+            0..=3 => held.push(s), // silent
+            4 => {
+                let _ = s.write_all(b"\x00\x01garbage garbage garbage garbage");
+            }
+            5 => {
+                let h = hello(Role::Control, features::RESUME);
+                let _ = write_frame(&mut s, MsgType::Hello, 0, &h.encode());
+            }
+            6 => {
+                let h = hello(Role::Fault, 0);
+                let _ = write_frame(&mut s, MsgType::Hello, 0, &h.encode());
+            }
+            _ => drop(s),
+        }
+    }
+    assert!(held.len() >= 90, "only {} silent connections", held.len());
+    let args = source_args(&dir, "256M", 1, "ws=32M report_ms=50", &addr, "1s");
+    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "{}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    drop(held);
+    wait_stats(&dir.path("dst.json"), WAIT);
+    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.matches("refused a connection").count() >= 50,
+        "the hostile connections were not refused: {err}"
+    );
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+}

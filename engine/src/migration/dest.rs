@@ -26,7 +26,7 @@
 //!   ends the VM is paused and kept, with the error: it never runs on a
 //!   page it does not have.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ use ferry_protocol::{
 };
 use tracing::{info, warn};
 
+use super::acceptor::{Acceptor, HELLO_TIMEOUT};
 use super::error::{DestError, DRAIN_TIMEOUT};
 use super::fault::{FaultStats, FaultThread};
 use super::install::{install_push, receive_before_state, PushCounters};
@@ -48,8 +49,6 @@ use crate::layout::{valid_mem_size, PAGE_SIZE};
 use crate::state;
 use crate::vm::{ConsoleOutput, PreparedVm, Vm, MAX_VCPUS};
 
-/// How long a connection may take to send its `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the installer looks up from a quiet control connection.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -105,7 +104,8 @@ pub fn receive<'a>(
     console: ConsoleOutput,
     opts: &'a DestOptions,
 ) -> Result<Received<'a>, DestError> {
-    let (mut ctl, hello) = accept_new(listener, opts)?;
+    let acceptor = Acceptor::new(listener, opts.peer_timeout)?;
+    let (mut ctl, hello) = accept_new(&acceptor, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
     let (prepared, uffd) = match prepare(&hello, mode, console) {
@@ -118,7 +118,7 @@ pub fn receive<'a>(
     // The source opens the fault connection right after the control one.
     let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 2;
     let (fault_link, fhello) =
-        accept_role(listener, opts, Role::Fault, session, deadline).map_err(|e| abort(&ctl, e))?;
+        accept_role(&acceptor, Role::Fault, session, deadline).map_err(|e| abort(&ctl, e))?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
     let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 
@@ -179,7 +179,7 @@ pub fn receive<'a>(
 
     // Prepared: the VM runs only when `Commit` arrives.
     let mut recovery = Recovery::default();
-    let commit_wait = wait_for_commit(listener, opts, &mut ctl, &mut beat, session, &mut recovery);
+    let commit_wait = wait_for_commit(&acceptor, opts, &mut ctl, &mut beat, session, &mut recovery);
     if let Err(e) = commit_wait {
         warn!("the switch-over did not commit; the VM is discarded here: {e}");
         return Err(e);
@@ -213,7 +213,7 @@ pub fn receive<'a>(
     let sent = ctl.send(MsgType::Resumed, 0, &resumed);
     let mut mv = DestMove {
         session: Session {
-            listener,
+            acceptor,
             opts,
             window: opts.recovery_window,
             session,
@@ -349,7 +349,7 @@ impl DestMove<'_> {
 /// out for the recovery window (a source that wrote `Commit` reconnects and
 /// writes it again); an `Abort`, or the window's end, is an error.
 fn wait_for_commit(
-    listener: &TcpListener,
+    acceptor: &Acceptor,
     opts: &DestOptions,
     ctl: &mut Link,
     beat: &mut Heartbeat,
@@ -375,7 +375,7 @@ fn wait_for_commit(
                 let t = Instant::now();
                 let deadline = t + opts.recovery_window;
                 let (new_ctl, new_fault) =
-                    accept_resume(listener, opts, session, deadline, ResumeStatus::Prepared)?;
+                    accept_resume(acceptor, session, deadline, ResumeStatus::Prepared)?;
                 // Nothing goes on the fault connection before the VM runs.
                 drop(new_fault);
                 *ctl = new_ctl;
@@ -389,7 +389,7 @@ fn wait_for_commit(
 
 /// A committed session on this side: what recovery needs.
 struct Session<'a> {
-    listener: &'a TcpListener,
+    acceptor: Acceptor,
     opts: &'a DestOptions,
     /// How long a lost source is waited for (the options', or what an
     /// operator's `recover` asked for).
@@ -473,8 +473,7 @@ impl Session<'_> {
             "link to the source lost; the VM waits for it to reconnect"
         );
         let deadline = t + self.window;
-        let (ctl, fault_link) =
-            accept_resume(self.listener, self.opts, self.session, deadline, status)?;
+        let (ctl, fault_link) = accept_resume(&self.acceptor, self.session, deadline, status)?;
         self.ctl = ctl;
         self.beat = self.ctl.heartbeat(self.opts.peer_timeout / 4);
         if let Some((f, ram)) = fault {
@@ -511,8 +510,7 @@ impl Session<'_> {
                     warn!("cannot send Complete: {e}; waiting for the source to ask again");
                     let deadline = Instant::now() + self.opts.recovery_window;
                     match accept_resume(
-                        self.listener,
-                        self.opts,
+                        &self.acceptor,
                         self.session,
                         deadline,
                         ResumeStatus::Completed,
@@ -531,16 +529,13 @@ impl Session<'_> {
     /// Answers resumes of this completed session with `Complete` until the
     /// recovery window ends, on a thread of its own.
     fn linger(&self, complete: Vec<u8>) {
-        let Ok(listener) = self.listener.try_clone() else {
-            return;
-        };
-        let (opts, session) = (self.opts.clone(), self.session);
-        let deadline = Instant::now() + opts.recovery_window;
+        let (acceptor, session) = (self.acceptor.clone(), self.session);
+        let deadline = Instant::now() + self.window;
         let _ = std::thread::Builder::new()
             .name("completed-session".into())
             .spawn(move || {
                 while let Ok((ctl, _)) =
-                    accept_resume(&listener, &opts, session, deadline, ResumeStatus::Completed)
+                    accept_resume(&acceptor, session, deadline, ResumeStatus::Completed)
                 {
                     info!("a source asked again after Complete; answering it");
                     let _ = ctl.send(MsgType::Complete, 0, &complete);
@@ -606,40 +601,13 @@ fn prepare(
     Ok((prepared, Some(ram)))
 }
 
-/// Accepts one connection and reads its `Hello` (bounded in time). `None`
-/// when nothing arrived before `deadline`.
-fn accept_hello(
-    listener: &TcpListener,
-    opts: &DestOptions,
-    deadline: Option<Instant>,
-) -> Result<Option<(Link, Hello)>, DestError> {
-    loop {
-        let Some(conn) = accept_until(listener, deadline)? else {
-            return Ok(None);
-        };
-        let peer = conn.peer_addr().ok();
-        let mut link = Link::new(conn, HELLO_TIMEOUT.min(opts.peer_timeout))?;
-        let hello = link.expect(MsgType::Hello, "Hello").and_then(Hello::decode);
-        match hello {
-            Ok(h) => {
-                link.set_peer_timeout(opts.peer_timeout)?;
-                return Ok(Some((link, h)));
-            }
-            Err(e) => {
-                warn!(?peer, "refused a connection: {e}");
-                let _ = link.send(MsgType::Abort, 0, e.to_string().as_bytes());
-            }
-        }
-    }
-}
-
 /// Waits for the control connection of a new session. Stray connections
 /// (garbage, resumes of sessions this side does not hold) are answered
 /// and dropped; they never end the wait.
-fn accept_new(listener: &TcpListener, opts: &DestOptions) -> Result<(Link, Hello), DestError> {
+fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), DestError> {
     let deadline = opts.accept_timeout.map(|t| Instant::now() + t);
     loop {
-        let Some((link, hello)) = accept_hello(listener, opts, deadline)? else {
+        let Some((link, hello)) = acceptor.next_hello(deadline)? else {
             return Err(DestError::Refused("no migration arrived".into()));
         };
         if hello.features & features::RESUME != 0 {
@@ -663,14 +631,13 @@ fn accept_new(listener: &TcpListener, opts: &DestOptions) -> Result<(Link, Hello
 /// Waits for a connection of `role` in `session`; others are refused and
 /// logged, and never replace it.
 fn accept_role(
-    listener: &TcpListener,
-    opts: &DestOptions,
+    acceptor: &Acceptor,
     role: Role,
     session: u64,
     deadline: Instant,
 ) -> Result<(Link, Hello), DestError> {
     loop {
-        let Some((link, hello)) = accept_hello(listener, opts, Some(deadline))? else {
+        let Some((link, hello)) = acceptor.next_hello(Some(deadline))? else {
             return Err(DestError::Refused(format!(
                 "the {role:?} connection of the session never came"
             )));
@@ -690,15 +657,14 @@ fn accept_role(
 /// Waits until `deadline` for the source of `session` to reconnect both
 /// connections with resume `Hello`s; answers each with `status`.
 fn accept_resume(
-    listener: &TcpListener,
-    opts: &DestOptions,
+    acceptor: &Acceptor,
     session: u64,
     deadline: Instant,
     status: ResumeStatus,
 ) -> Result<(Link, Link), DestError> {
     let window = deadline.saturating_duration_since(Instant::now());
     loop {
-        let Some((ctl, hello)) = accept_hello(listener, opts, Some(deadline))? else {
+        let Some((ctl, hello)) = acceptor.next_hello(Some(deadline))? else {
             return Err(DestError::RecoveryTimeout(window));
         };
         let ours = hello.session_id == session && hello.features & features::RESUME != 0;
@@ -712,7 +678,7 @@ fn accept_resume(
         }
         let accepted = hello.features & features::SUPPORTED;
         ack(&ctl, &hello, accepted, status)?;
-        let fault = match accept_role(listener, opts, Role::Fault, session, deadline) {
+        let fault = match accept_role(acceptor, Role::Fault, session, deadline) {
             Ok((f, fh)) => {
                 ack(&f, &fh, accepted, status)?;
                 f
@@ -736,34 +702,6 @@ fn ack(link: &Link, hello: &Hello, features: u64, status: ResumeStatus) -> Resul
     };
     link.send(MsgType::HelloAck, 0, &a.encode())?;
     Ok(())
-}
-
-/// Accepts one connection, waiting at most until `deadline` (forever when
-/// `None`).
-fn accept_until(
-    listener: &TcpListener,
-    deadline: Option<Instant>,
-) -> Result<Option<TcpStream>, DestError> {
-    listener.set_nonblocking(true).map_err(ProtocolError::Io)?;
-    let r: Result<Option<TcpStream>, DestError> = loop {
-        match listener.accept() {
-            Ok((s, _)) => break Ok(Some(s)),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if deadline.is_some_and(|d| Instant::now() > d) {
-                    break Ok(None);
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(ProtocolError::Io(e).into()),
-        }
-    };
-    listener.set_nonblocking(false).map_err(ProtocolError::Io)?;
-    let s = r?;
-    if let Some(s) = &s {
-        s.set_nonblocking(false).map_err(ProtocolError::Io)?;
-    }
-    Ok(s)
 }
 
 /// Tells the source we give up (best effort) and passes the error on.

@@ -3,6 +3,7 @@
 //! the statistics. The wire format is the `ferry-protocol` crate's (see
 //! `docs/protocol.md`).
 
+pub mod acceptor;
 pub mod committed;
 pub mod dest;
 pub mod error;

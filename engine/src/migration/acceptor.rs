@@ -1,0 +1,150 @@
+//! [`Acceptor`]: the destination's listener, hardened against strangers.
+//!
+//! Every accepted connection gets its `Hello` read on a handshake thread of
+//! its own, with a deadline, so a peer that connects and sends nothing (or
+//! sends slowly) holds up nobody: the next connection is accepted at once.
+//! At most [`MAX_HANDSHAKES`] handshakes run at a time; while that many
+//! run, new connections wait in the kernel's backlog until a slot frees. A connection whose first frame is not a valid
+//! `Hello` is answered with `Abort` naming the problem and closed. Only
+//! parsed `Hello`s reach the caller, which decides whether they belong to
+//! the session it waits for.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_protocol::{Hello, MsgType, ProtocolError};
+use tracing::warn;
+
+use super::link::Link;
+
+/// Handshakes in flight at most; more connections wait in the backlog.
+pub const MAX_HANDSHAKES: usize = 64;
+/// How long a connection may take to send its `Hello` (a source sends it
+/// as soon as it is connected).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A listener whose connections are handshaken concurrently.
+#[derive(Clone)]
+pub struct Acceptor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    listener: TcpListener,
+    done_tx: Mutex<Sender<(Link, Hello)>>,
+    done_rx: Mutex<Receiver<(Link, Hello)>>,
+    in_flight: Arc<AtomicUsize>,
+    peer_timeout: Duration,
+}
+
+impl Acceptor {
+    /// Accepts on (a duplicate of) `listener`; sessions then use
+    /// `peer_timeout` on the links it hands out.
+    pub fn new(listener: &TcpListener, peer_timeout: Duration) -> Result<Self, ProtocolError> {
+        let listener = listener.try_clone()?;
+        listener.set_nonblocking(true)?;
+        let (tx, rx) = channel();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                listener,
+                done_tx: Mutex::new(tx),
+                done_rx: Mutex::new(rx),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                peer_timeout,
+            }),
+        })
+    }
+
+    /// The next connection that sent a valid `Hello`, waiting until
+    /// `deadline` (for ever when `None`).
+    pub fn next_hello(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(Link, Hello)>, ProtocolError> {
+        let rx = self.inner.done_rx.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Ok(done) = rx.try_recv() {
+                return Ok(Some(done));
+            }
+            let full = self.inner.in_flight.load(Ordering::Acquire) >= MAX_HANDSHAKES;
+            let accepted = if full {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            } else {
+                self.inner.listener.accept()
+            };
+            match accepted {
+                Ok((conn, _)) => self.start(conn),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() > d) {
+                        return Ok(None);
+                    }
+                    match rx.recv_timeout(Duration::from_millis(2)) {
+                        Ok(done) => return Ok(Some(done)),
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Out of descriptors and the like: back off, keep listening.
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Reads `conn`'s `Hello` on a thread of its own, if a slot is free.
+    fn start(&self, conn: TcpStream) {
+        let peer = conn.peer_addr().ok();
+        let in_flight = self.inner.in_flight.clone();
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let tx = self
+            .inner
+            .done_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let peer_timeout = self.inner.peer_timeout;
+        let spawned = std::thread::Builder::new()
+            .name("handshake".into())
+            .spawn(move || {
+                if let Some(done) = handshake(conn, peer_timeout) {
+                    let _ = tx.send(done);
+                }
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+            warn!(?peer, "refused a connection: no thread for its handshake");
+        }
+    }
+}
+
+/// Reads one `Hello` within [`HELLO_TIMEOUT`]; answers anything else with
+/// `Abort` and logs it.
+fn handshake(conn: TcpStream, peer_timeout: Duration) -> Option<(Link, Hello)> {
+    let peer = conn.peer_addr().ok();
+    if conn.set_nonblocking(false).is_err() {
+        return None;
+    }
+    let mut link = match Link::new(conn, HELLO_TIMEOUT.min(peer_timeout)) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(?peer, "refused a connection: {e}");
+            return None;
+        }
+    };
+    let hello = link.expect(MsgType::Hello, "Hello").and_then(Hello::decode);
+    match hello {
+        Ok(h) if link.set_peer_timeout(peer_timeout).is_ok() => Some((link, h)),
+        Ok(_) => None,
+        Err(e) => {
+            warn!(?peer, "refused a connection: {e}");
+            let _ = link.send(MsgType::Abort, 0, e.to_string().as_bytes());
+            None
+        }
+    }
+}
