@@ -51,6 +51,8 @@ pub const HELLO_MAGIC: [u8; 8] = *b"FERRYMIG";
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Bytes of a `Hello` before its options.
 pub(crate) const HELLO_FIXED: usize = 48;
+/// Most bytes of options a `Hello` may carry.
+pub(crate) const MAX_HELLO_OPTIONS: usize = 4096;
 
 /// Feature bits negotiated in the handshake.
 pub mod features {
