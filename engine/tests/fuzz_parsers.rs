@@ -423,7 +423,7 @@ fn fuzz(mut t: Target) {
                     .unwrap_or_default();
                 let f = save(t.name, seed, iter, &data);
                 panic!(
-                    "{}: input {iter} (seed {seed}) panicked: {msg}\n  input saved to {}\n  replay: FERRY_FUZZ_REPLAY={} cargo test --release -p ferry-engine --test fuzz_parsers {} -- --nocapture",
+                    "{}: input {iter} (seed {seed}) panicked: {msg}\n  input saved to {}\n  replay: FERRY_FUZZ_REPLAY={} cargo test --release -p ferry-engine --test fuzz_parsers fuzz_{} -- --exact --nocapture",
                     t.name,
                     f.display(),
                     f.display(),
@@ -434,7 +434,7 @@ fn fuzz(mut t: Target) {
         if max > limit {
             let f = save(t.name, seed, iter, &data);
             panic!(
-                "{}: input {iter} (seed {seed}, {} bytes) made a {max}-byte allocation, limit {limit} (result {r:?})\n  input saved to {}\n  replay: FERRY_FUZZ_REPLAY={} cargo test --release -p ferry-engine --test fuzz_parsers {} -- --nocapture",
+                "{}: input {iter} (seed {seed}, {} bytes) made a {max}-byte allocation, limit {limit} (result {r:?})\n  input saved to {}\n  replay: FERRY_FUZZ_REPLAY={} cargo test --release -p ferry-engine --test fuzz_parsers fuzz_{} -- --exact --nocapture",
                 t.name,
                 data.len(),
                 f.display(),
