@@ -7,8 +7,8 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{
-    ProtocolError, HEADER_LEN, HELLO_FIXED, MAX_PAGES_PER_FRAME, MAX_PAYLOAD, PAGES_PREFIX,
-    PAGE_SIZE,
+    ProtocolError, HEADER_LEN, HELLO_FIXED, MAX_HELLO_OPTIONS, MAX_PAGES_PER_FRAME, MAX_PAYLOAD,
+    PAGES_PREFIX, PAGE_SIZE,
 };
 
 /// Frame types.
@@ -83,7 +83,7 @@ impl MsgType {
     /// Payload bounds for this type.
     fn bounds(self) -> (usize, usize) {
         match self {
-            MsgType::Hello => (HELLO_FIXED, HELLO_FIXED + 4096),
+            MsgType::Hello => (HELLO_FIXED, HELLO_FIXED + MAX_HELLO_OPTIONS),
             MsgType::HelloAck => (24, 24),
             MsgType::Pages => (
                 PAGES_PREFIX,

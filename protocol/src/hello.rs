@@ -4,7 +4,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::{ProtocolError, HELLO_FIXED, HELLO_MAGIC, PROTOCOL_VERSION};
+use super::{ProtocolError, HELLO_FIXED, HELLO_MAGIC, MAX_HELLO_OPTIONS, PROTOCOL_VERSION};
 
 /// Hello option (critical): the migration mode, one byte ([`MigrationMode`]).
 pub const OPT_MODE: u16 = 0x8001;
@@ -197,6 +197,14 @@ impl Hello {
             1 => Role::Fault,
             r => return Err(bad(format!("unknown connection role {r}"))),
         };
+        // The frame bound, again: each 4-byte empty option becomes a
+        // 32-byte entry, so unbounded options would cost 8x their size.
+        if rest.len() > MAX_HELLO_OPTIONS {
+            return Err(bad(format!(
+                "{} bytes of Hello options (at most {MAX_HELLO_OPTIONS})",
+                rest.len()
+            )));
+        }
         let mut options = Vec::new();
         while !rest.is_empty() {
             let truncated = || bad("truncated Hello option".into());

@@ -51,6 +51,8 @@ pub const HELLO_MAGIC: [u8; 8] = *b"FERRYMIG";
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Bytes of a `Hello` before its options.
 pub(crate) const HELLO_FIXED: usize = 48;
+/// Most bytes of options a `Hello` may carry.
+pub(crate) const MAX_HELLO_OPTIONS: usize = 4096;
 
 /// Feature bits negotiated in the handshake.
 pub mod features {
@@ -247,6 +249,14 @@ mod tests {
         assert!(
             Hello::decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n-----------------------").is_err()
         );
+        // Options past the frame bound are refused, not turned into entries.
+        let mut many = h.encode();
+        many.truncate(HELLO_FIXED);
+        many.resize(HELLO_FIXED + MAX_HELLO_OPTIONS + 4, 0);
+        let e = Hello::decode(&many).unwrap_err().to_string();
+        assert!(e.contains("bytes of Hello options"), "{e}");
+        many.truncate(HELLO_FIXED + MAX_HELLO_OPTIONS);
+        assert_eq!(Hello::decode(&many).unwrap().options.len(), 1024);
     }
 
     #[test]

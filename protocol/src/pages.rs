@@ -174,10 +174,14 @@ pub fn decode_pages(
                 return Err(bad(format!("{} raw bytes for {count} pages", data.len())));
             }
             out.clear();
+            // Exactly the checked size: a reused buffer must not double
+            // past the largest frame.
+            out.reserve_exact(size);
             out.extend_from_slice(data);
             PageEncoding::Raw
         }
         1 => {
+            out.reserve_exact(size.saturating_sub(out.len()));
             out.resize(size, 0);
             let n = lz4_flex::block::decompress_into(data, out)
                 .map_err(|e| bad(format!("LZ4: {e}")))?;

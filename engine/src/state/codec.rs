@@ -501,7 +501,9 @@ pub fn decode(blob: &[u8]) -> Result<MachineState, CodecError> {
         pic_slave: fixed(&map, Tag::PicSlave, 0)?,
         ioapic: fixed(&map, Tag::Ioapic, 0)?,
     };
-    let mut vcpus = Vec::with_capacity(meta.vcpus as usize);
+    // Grown as sections are found: a small blob may claim 64 vCPUs and
+    // carry none, and each entry is some 5 KiB.
+    let mut vcpus = Vec::new();
     for i in 0..meta.vcpus as u16 {
         vcpus.push(VcpuState {
             cpuid: array::<kvm_cpuid_entry2>(
