@@ -226,3 +226,41 @@ fn two_hundred_hostile_connections_then_a_real_migration() {
     ctl(&dir.path("dst.sock"), &["quit"]);
     assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
 }
+
+/// Without TLS, `ferry-dest` listens only on loopback: any other address
+/// needs `--insecure`, and the error says why.
+#[test]
+fn destination_refuses_a_public_listen_address_without_insecure() {
+    let dir = Scratch::new("insecure");
+    let mut dst = spawn(
+        "ferry-dest",
+        &["--listen", "0.0.0.0:0"],
+        &dir.path("dst.err"),
+    );
+    let st = wait_for(WAIT, "ferry-dest to refuse", || dst.0.try_wait().unwrap());
+    assert!(!st.success());
+    let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert!(err.contains("needs --insecure"), "{err}");
+    let (mut ok, _) = spawn_dest(&dir, "ok", &["--insecure"]);
+    assert!(
+        ok.0.try_wait().unwrap().is_none(),
+        "loopback with --insecure"
+    );
+    let _ = ok.0.kill();
+}
+
+/// The control API socket is the owner's alone (mode 0600).
+#[test]
+fn api_socket_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Scratch::new("apimode");
+    let (mut dst, _) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
+    let sock = dir.path("dst.sock");
+    let mode = wait_for(WAIT, "the API socket", || {
+        std::fs::metadata(&sock)
+            .ok()
+            .map(|m| m.permissions().mode())
+    });
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let _ = dst.0.kill();
+}

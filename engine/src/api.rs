@@ -137,7 +137,13 @@ pub fn serve(path: &Path) -> Result<Receiver<PendingRequest>, ApiError> {
     if path.exists() {
         std::fs::remove_file(path).map_err(sock_err)?;
     }
-    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    // Owner-only from the start (0600), as Firecracker and Cloud Hypervisor
+    // do: the socket is full control of the VM. The umask is set around the
+    // bind rather than chmod after it, so there is no window.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(sock_err)?;
     let (tx, rx) = channel();
     std::thread::Builder::new()
         .name("api".into())

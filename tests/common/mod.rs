@@ -555,19 +555,21 @@ pub fn migrate(
 
 /// `ferry-dest --listen IP:0` writing the port it got to `dir/dst.addr`,
 /// with the serial log, stats and API socket in `dir` (`dst.log`,
-/// `dst.json`, `dst.sock`).
+/// `dst.json`, `dst.sock`). An address off loopback takes `--insecure`:
+/// the tests' namespaces carry plain TCP.
 pub fn dest_args(dir: &Scratch, ip: &str) -> Vec<String> {
     let addr = dir.path("dst.addr");
-    io_args(
-        dir,
-        "dst",
-        &[
-            "--listen",
-            &format!("{ip}:0"),
-            "--listen-addr-file",
-            addr.to_str().unwrap(),
-        ],
-    )
+    let listen = format!("{ip}:0");
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--listen-addr-file",
+        addr.to_str().unwrap(),
+    ];
+    if !ip.starts_with("127.") {
+        args.push("--insecure");
+    }
+    io_args(dir, "dst", &args)
 }
 
 /// `ferry-source` running `guest` and migrating to `to` after `after`, its

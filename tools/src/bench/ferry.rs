@@ -132,13 +132,20 @@ pub fn run(
     let f = |n: &str| dir.join(n);
     let path = |n: &str| f(n).display().to_string();
     let mut cmd = net.command(Side::Dest, &tools.dest);
-    cmd.args(["--listen", &addr, "--serial", &path("dst.log")])
-        .args([
-            "--stats-json",
-            &path("dst.json"),
-            "--api",
-            &path("dst.sock"),
-        ]);
+    // The bench's namespaces carry plain TCP on purpose (no TLS yet).
+    cmd.args([
+        "--listen",
+        &addr,
+        "--insecure",
+        "--serial",
+        &path("dst.log"),
+    ])
+    .args([
+        "--stats-json",
+        &path("dst.json"),
+        "--api",
+        &path("dst.sock"),
+    ]);
     let mut dst = Child::spawn(cmd, "ferry-dest", &f("dst.err"))?;
     let pid = dst.pid();
     wait_until(Duration::from_secs(20), "ferry-dest to listen", || {

@@ -10,7 +10,7 @@ use ferry_engine::controller::ServeContext;
 use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::{console_output, init_tracing, monitor, LinkArgs, VmIoArgs};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Receive a VM from a migrating ferry-source or restore it from a snapshot
 /// file, then run it
@@ -26,6 +26,12 @@ struct Args {
     /// into place), so a script can wait for it instead of guessing a port.
     #[arg(long, requires = "listen", conflicts_with = "restore")]
     listen_addr_file: Option<PathBuf>,
+    /// Allow --listen on an address other than loopback. Migration traffic
+    /// is then unauthenticated and unencrypted: anyone who reaches the port
+    /// can hand this host a VM, and anyone on the path can read guest
+    /// memory. Use only on a network you trust.
+    #[arg(long, requires = "listen")]
+    insecure: bool,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long)]
@@ -68,7 +74,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     // The listener outlives the move: a stranded move can be recovered on
     // it later (`ferry-ctl recover`).
-    let listener = args.listen.as_deref().map(listen).transpose()?;
+    let listener = args
+        .listen
+        .as_deref()
+        .map(|a| listen(a, args.insecure))
+        .transpose()?;
     let progress = std::sync::Arc::new(Progress::default());
     let opts = migration::DestOptions {
         peer_timeout: args.link.peer_timeout,
@@ -142,8 +152,20 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Binds the migration listener.
-fn listen(addr: &str) -> Result<std::net::TcpListener, String> {
+/// Binds the migration listener: loopback only, unless `insecure`.
+fn listen(addr: &str, insecure: bool) -> Result<std::net::TcpListener, String> {
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<std::net::SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve --listen {addr}: {e}"))?
+        .collect();
+    if !insecure && resolved.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(format!(
+            "refusing to listen on {addr}: migration traffic is unauthenticated and \
+             unencrypted, so off loopback it needs --insecure"
+        ));
+    }
+    warn!("migration traffic on {addr} is unauthenticated and unencrypted");
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener
