@@ -553,6 +553,11 @@ pub fn restore_lazy(
         .local_addr()
         .map_err(RestoreError::Loopback)?
         .to_string();
+    // The loopback port is open to every local process for as long as the
+    // restore runs: both ends share a random session id, so the destination
+    // takes no other session (a stranger's connection is refused).
+    let session_id =
+        migration::session::random_session_id().map_err(|e| RestoreError::Thread(e.to_string()))?;
     // Both ends are in this process: copying a page is cheaper than
     // compressing it.
     let opts = SourceOptions {
@@ -560,6 +565,7 @@ pub fn restore_lazy(
             lz4: false,
             ..Default::default()
         },
+        session_id: Some(session_id),
         ..Default::default()
     };
     // Both ends are in this process: a failure is not a lost network link,
@@ -567,6 +573,7 @@ pub fn restore_lazy(
     let dest_opts = migration::DestOptions {
         recovery_window: Duration::from_secs(2),
         accept_timeout: Some(Duration::from_secs(10)),
+        expect_session: Some(session_id),
         ..Default::default()
     };
     let (received, served) = std::thread::scope(|s| {

@@ -63,6 +63,9 @@ pub struct DestOptions {
     pub progress: Option<Arc<Progress>>,
     /// How long to wait for a session to begin (None: for ever).
     pub accept_timeout: Option<Duration>,
+    /// Accept only this session id (an in-process lazy restore, whose
+    /// source shares it); any other `Hello` is refused.
+    pub expect_session: Option<u64>,
 }
 
 impl Default for DestOptions {
@@ -72,6 +75,7 @@ impl Default for DestOptions {
             recovery_window: Duration::from_secs(60),
             progress: None,
             accept_timeout: None,
+            expect_session: None,
         }
     }
 }
@@ -621,6 +625,14 @@ fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), 
         if hello.role != Role::Control {
             warn!("refused a {:?} connection with no session", hello.role);
             let _ = link.send(MsgType::Abort, 0, b"no session is open");
+            continue;
+        }
+        if opts.expect_session.is_some_and(|s| s != hello.session_id) {
+            warn!(
+                session = hello.session_id,
+                "refused a session this side does not expect"
+            );
+            let _ = link.send(MsgType::Abort, 0, b"unexpected session");
             continue;
         }
         info!(peer = ?link.stream.peer_addr().ok(), "incoming migration");

@@ -32,6 +32,9 @@ pub struct SourceOptions {
     /// Where to write the session record before `Commit`, so that the move
     /// can be finished after this process dies (with guest RAM in a file).
     pub session_record: Option<std::path::PathBuf>,
+    /// Use this session id instead of a fresh random one: the destination
+    /// was told to expect it (an in-process lazy restore).
+    pub session_id: Option<u64>,
 }
 
 impl Default for SourceOptions {
@@ -46,6 +49,7 @@ impl Default for SourceOptions {
             progress: None,
             recovery_window: Duration::from_secs(60),
             session_record: None,
+            session_id: None,
         }
     }
 }

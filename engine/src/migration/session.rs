@@ -30,7 +30,7 @@ pub(super) struct Session {
 
 /// A session id from the OS's random number source: unguessable, so only
 /// the source that opened a session can resume it.
-fn random_session_id() -> Result<u64, SourceError> {
+pub fn random_session_id() -> Result<u64, SourceError> {
     use std::io::Read;
     let mut b = [0u8; 8];
     std::fs::File::open("/dev/urandom")
@@ -91,11 +91,16 @@ pub(super) fn open_session(
     features: u64,
     meta: MachineMeta,
     peer_timeout: Duration,
+    session_id: Option<u64>,
 ) -> Result<Session, SourceError> {
+    let session_id = match session_id {
+        Some(id) => id,
+        None => random_session_id()?,
+    };
     let hello = Hello {
         version: PROTOCOL_VERSION,
         role: Role::Control,
-        session_id: random_session_id()?,
+        session_id,
         features: features & !features::RESUME,
         mem_size: meta.mem_size,
         vcpus: meta.vcpus,

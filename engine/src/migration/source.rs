@@ -76,7 +76,15 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         fault,
         ack,
         hello,
-    } = open_session(addr, opts.mode, opts.features, vm.meta(), peer_timeout).inspect_err(|e| {
+    } = open_session(
+        addr,
+        opts.mode,
+        opts.features,
+        vm.meta(),
+        peer_timeout,
+        opts.session_id,
+    )
+    .inspect_err(|e| {
         if let Some(p) = &opts.progress {
             p.fail(e.to_string());
         }
@@ -263,6 +271,7 @@ pub fn migrate_machine(
         opts.features,
         machine.meta,
         opts.server.peer_timeout,
+        opts.session_id,
     )?;
     let cfg = negotiated(&opts.server, &ack);
     let t0 = Instant::now();

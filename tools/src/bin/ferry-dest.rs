@@ -84,7 +84,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         peer_timeout: args.link.peer_timeout,
         recovery_window: args.link.recovery_window,
         progress: Some(progress.clone()),
-        accept_timeout: None,
+        ..Default::default()
     };
     let mut ctx = ServeContext {
         guest: Some(&guest),
