@@ -121,17 +121,7 @@ fn destination_refuses_garbage_and_keeps_listening() {
         );
     }
     // The real migration still gets through.
-    let args = source_args(&dir, "256M", 1, "ws=32M report_ms=50", &addr, "1s");
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "{}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    wait_stats(&dir.path("dst.json"), WAIT);
-    let before = read_console(&dir.path("src.log"));
-    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
-    assert_continues(&before, &after, 1);
+    migrate_through(&dir, &addr);
     let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(err.matches("refused a connection").count(), 3, "{err}");
@@ -206,17 +196,8 @@ fn two_hundred_hostile_connections_then_a_real_migration() {
         }
     }
     assert!(held.len() >= 90, "only {} silent connections", held.len());
-    let args = source_args(&dir, "256M", 1, "ws=32M report_ms=50", &addr, "1s");
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "{}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
+    migrate_through(&dir, &addr);
     drop(held);
-    wait_stats(&dir.path("dst.json"), WAIT);
-    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
-    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
     let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
     assert!(!err.contains("panicked"), "{err}");
     assert!(
@@ -263,4 +244,19 @@ fn api_socket_is_owner_only() {
     });
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let _ = dst.0.kill();
+}
+
+/// A real migration to the destination at `addr` (whose logs are in `dir`)
+/// goes through: the source finishes and the guest continues there.
+fn migrate_through(dir: &Scratch, addr: &str) {
+    let args = source_args(dir, "256M", 1, "ws=32M report_ms=50", addr, "1s");
+    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "{}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    wait_stats(&dir.path("dst.json"), WAIT);
+    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
 }
