@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use ferry_engine::ConsoleOutput;
 
+pub mod archive;
 pub mod bench;
 pub mod monitor;
 pub mod netns;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ferry_engine::api::{self, ApiRequest};
+use ferry_tools::archive;
 use ferry_tools::bench::serial;
 
 /// Send one command to a running Ferry VM's control API and print the JSON answer
@@ -52,6 +53,13 @@ enum Cmd {
     },
     /// Stop the VM and its process.
     Quit,
+    /// Export the VM as one archive file (a tar with a descriptor and its
+    /// snapshot): pauses it if it runs and leaves it paused (quit it for a
+    /// cold move; resume it to keep it, and the archive is then a copy).
+    Export {
+        /// The archive to write.
+        file: PathBuf,
+    },
     /// What the workload guest saw across a move, from the two serial logs
     /// (no VM needed): the longest TICK gap, BAD lines, and the guest work
     /// lost until it is back at 90% of its rate (JSON).
@@ -83,6 +91,22 @@ fn main() -> ExitCode {
         },
         Cmd::Quit => ApiRequest::Quit,
         Cmd::Recover { addr } => ApiRequest::Recover { to: addr },
+        Cmd::Export { file } => {
+            let Some(sock) = args.api else {
+                eprintln!("ferry-ctl: export needs --api SOCKET");
+                return ExitCode::FAILURE;
+            };
+            return match export(&sock, &file) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferry-ctl: export: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Cmd::GuestReport { src_log, dst_log } => {
             let figures =
                 serial::guest_figures(&serial::read_log(&src_log), &serial::read_log(&dst_log));
@@ -107,4 +131,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Pauses the VM behind `sock` (if it runs), snapshots it and writes the
+/// archive `file`; the VM stays paused.
+fn export(sock: &std::path::Path, file: &std::path::Path) -> Result<serde_json::Value, String> {
+    let file = std::path::absolute(file).map_err(|e| e.to_string())?;
+    let status = api::call(sock, &ApiRequest::Status).map_err(|e| e.to_string())?;
+    if status["run_state"] == "running" {
+        api::call(sock, &ApiRequest::Pause).map_err(|e| e.to_string())?;
+    }
+    let mut snap = file.as_os_str().to_owned();
+    snap.push(".snap.tmp");
+    let snap = PathBuf::from(snap);
+    api::call(sock, &ApiRequest::Snapshot { path: snap.clone() }).map_err(|e| e.to_string())?;
+    let vm = archive::VmConfig {
+        mem_size: status["mem_size"].as_u64().unwrap_or(0),
+        vcpus: status["vcpus"].as_u64().unwrap_or(0) as u32,
+        devices: Vec::new(),
+    };
+    let written = archive::write(&file, vm, &snap);
+    let _ = std::fs::remove_file(&snap);
+    let desc = written.map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({ "file": file, "descriptor": desc, "vm": "paused" }))
 }

@@ -9,7 +9,7 @@ use clap::Parser;
 use ferry_engine::controller::ServeContext;
 use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
-use ferry_tools::{console_output, init_tracing, monitor, LinkArgs, VmIoArgs};
+use ferry_tools::{archive, console_output, init_tracing, monitor, LinkArgs, VmIoArgs};
 use tracing::{error, info, warn};
 
 /// Receive a VM from a migrating ferry-source or restore it from a snapshot
@@ -19,7 +19,11 @@ use tracing::{error, info, warn};
 struct Args {
     /// Wait for one incoming migration on this address (e.g. 127.0.0.1:7000;
     /// port 0 picks a free port, see --listen-addr-file).
-    #[arg(long, conflicts_with = "restore", required_unless_present = "restore")]
+    #[arg(
+        long,
+        conflicts_with = "restore",
+        required_unless_present_any = ["restore", "import"]
+    )]
     listen: Option<String>,
     /// With --listen: once listening, write the bound address (e.g.
     /// 127.0.0.1:43210) to this file, atomically (a temporary file renamed
@@ -34,12 +38,17 @@ struct Args {
     insecure: bool,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "import")]
     restore: Option<PathBuf>,
+    /// Import a VM archive written by `ferry-ctl export` (its descriptor,
+    /// member names, sizes and SHA-256 sums are checked before any VM is
+    /// built), then restore it as --restore would (eagerly, or --lazy).
+    #[arg(long, conflicts_with = "listen")]
+    import: Option<PathBuf>,
     /// With --restore: run the VM at once and load its memory afterwards,
     /// on demand and in the background (post-copy from the file). The page
     /// data's checksum is verified once all of it is loaded.
-    #[arg(long, requires = "restore")]
+    #[arg(long)]
     lazy: bool,
     /// With --listen or --restore --lazy: write the migration statistics
     /// (JSON) here.
@@ -90,6 +99,20 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         guest: Some(&guest),
         ..Default::default()
     };
+    // An archive is checked and unpacked first; its snapshot is then
+    // restored like --restore's (and removed once the VM no longer needs it).
+    let unpacked = args
+        .import
+        .as_deref()
+        .map(|f| archive::unpack(f, &std::env::temp_dir()))
+        .transpose()?;
+    if let Some(u) = &unpacked {
+        info!(vm = ?u.descriptor.vm, "archive verified");
+    }
+    let restore = unpacked
+        .as_ref()
+        .map(|u| u.snapshot())
+        .or(args.restore.clone());
     let mut vm = if let Some(listener) = &listener {
         if let Some(p) = &args.listen_addr_file {
             let bound = listener.local_addr()?;
@@ -122,7 +145,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }));
         }
         received.vm
-    } else if let Some(path) = args.restore.as_ref().filter(|_| args.lazy) {
+    } else if let Some(path) = restore.as_ref().filter(|_| args.lazy) {
         let (vm, stats) = snapshot::restore_lazy(path, console)?;
         info!(path = %path.display(), "snapshot restored lazily");
         println!("{}", stats.table());
@@ -130,7 +153,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             controller::write_stats(p, &stats)?;
         }
         vm
-    } else if let Some(path) = &args.restore {
+    } else if let Some(path) = &restore {
         let (mut vm, stats) = snapshot::restore(path, console)?;
         info!(
             path = %path.display(),
@@ -143,8 +166,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         vm
     } else {
-        return Err("give --listen ADDR or --restore FILE".into());
+        return Err("give --listen ADDR, --restore FILE or --import FILE".into());
     };
+    // Eager restore copied every page, and lazy restore returns once every
+    // page is present: the unpacked snapshot is no longer needed.
+    drop(unpacked);
     controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx);
     if let Some(p) = &args.io.api {
         let _ = std::fs::remove_file(p);

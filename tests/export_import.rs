@@ -1,0 +1,184 @@
+//! A VM as one portable file: `ferry-ctl export` writes an archive (a tar
+//! with a descriptor and the snapshot), `ferry-dest --import` checks it and
+//! restores it elsewhere. Damaged or foreign archives start no VM.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+/// Runs a guest in `ferry-source`, exports it, quits it; returns the
+/// archive and the source's console log.
+fn export_a_guest(dir: &Scratch) -> (std::path::PathBuf, Vec<Logged>) {
+    let mut src = spawn_guest_source(
+        dir,
+        "256M",
+        2,
+        "ws=32M pattern=random write=80 report_ms=50",
+        &[],
+    );
+    wait_ticks(&dir.path("src.log"), 2, 3, WAIT);
+    let file = dir.path("vm.ferry");
+    let out = std::process::Command::new(bin("ferry-ctl"))
+        .args(["--api", dir.path("src.sock").to_str().unwrap(), "export"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The descriptor's checksum is the snapshot's real SHA-256.
+    let m = &v["descriptor"]["members"][0];
+    assert_eq!(m["name"], "vm.snap", "{v}");
+    assert_eq!(v["descriptor"]["vm"]["mem_size"], 256u64 << 20, "{v}");
+    assert_eq!(v["descriptor"]["vm"]["vcpus"], 2, "{v}");
+    let snap = member_bytes(&file, "vm.snap");
+    assert_eq!(snap.len() as u64, m["size"].as_u64().unwrap());
+    let sum: String = Sha256::digest(&snap)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(m["sha256"], sum.as_str());
+    let sock = dir.path("src.sock");
+    assert_eq!(ctl(&sock, &["status"])["run_state"], "paused");
+    let log = read_console(&dir.path("src.log"));
+    ctl(&sock, &["quit"]);
+    assert!(wait_exit(&mut src, WAIT, "the source to quit"));
+    (file, log)
+}
+
+/// One member's bytes, read with the tar crate.
+fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(std::fs::File::open(archive).unwrap());
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some(name) {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v).unwrap();
+            return v;
+        }
+    }
+    panic!("no {name} in {}", archive.display());
+}
+
+#[test]
+fn export_then_import_eagerly_and_lazily() {
+    let dir = Scratch::new("export");
+    let (file, before) = export_a_guest(&dir);
+    for (name, lazy) in [("eager", false), ("lazy", true)] {
+        let mut args = vec!["--import", file.to_str().unwrap()];
+        if lazy {
+            args.push("--lazy");
+        }
+        let mut dst = spawn(
+            "ferry-dest",
+            &strs(&console_args(&dir, name, &args)),
+            &dir.path(&format!("{name}.err")),
+        );
+        let after = wait_ticks(&dir.path(&format!("{name}.log")), 2, 3, WAIT);
+        assert_continues(&before, &after, 2);
+        ctl(&dir.path(&format!("{name}.sock")), &["quit"]);
+        assert!(wait_exit(&mut dst, WAIT, "the import to quit"));
+    }
+}
+
+/// Writes a tar archive of `members` (name, bytes) to `path`, names
+/// written raw (so `..` and `/` can be put in).
+fn write_tar(path: &Path, members: &[(&str, &[u8])]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in members {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.finish().unwrap();
+}
+
+/// Writes one damaged archive to the path it is given.
+type MakeArchive<'a> = Box<dyn Fn(&Path) + 'a>;
+
+#[test]
+fn damaged_and_foreign_archives_start_no_vm() {
+    let dir = Scratch::new("badarchive");
+    let (file, _) = export_a_guest(&dir);
+    let good = std::fs::read(&file).unwrap();
+    let desc = member_bytes(&file, "ferry-vm.json");
+    let snap = member_bytes(&file, "vm.snap");
+    let mut flipped = snap.clone();
+    let at = flipped.len() - 5000;
+    flipped[at] ^= 0x40;
+    let mut v: serde_json::Value = serde_json::from_slice(&desc).unwrap();
+    v["version"] = 99.into();
+    let v99 = serde_json::to_vec(&v).unwrap();
+    let cases: Vec<(&str, MakeArchive, &str)> = vec![
+        (
+            "truncated",
+            Box::new(|p: &Path| std::fs::write(p, &good[..good.len() / 2]).unwrap()),
+            "cut short",
+        ),
+        (
+            "checksum",
+            Box::new(|p: &Path| write_tar(p, &[("ferry-vm.json", &desc), ("vm.snap", &flipped)])),
+            "checksum mismatch",
+        ),
+        (
+            "missing",
+            Box::new(|p: &Path| write_tar(p, &[("ferry-vm.json", &desc)])),
+            "is missing",
+        ),
+        (
+            "version",
+            Box::new(|p: &Path| write_tar(p, &[("ferry-vm.json", &v99), ("vm.snap", &snap)])),
+            "archive version 99",
+        ),
+        (
+            "tar-slip",
+            Box::new(|p: &Path| write_tar(p, &[("ferry-vm.json", &desc), ("../vm.snap", &snap)])),
+            "escapes the target directory",
+        ),
+        (
+            "foreign",
+            Box::new(|p: &Path| write_tar(p, &[("README", b"hello")])),
+            "not a Ferry VM archive",
+        ),
+        (
+            "garbage",
+            Box::new(|p: &Path| std::fs::write(p, vec![0x5a; 3000]).unwrap()),
+            "not a tar archive",
+        ),
+    ];
+    for (name, make, why) in cases {
+        let path = dir.path(&format!("{name}.ferry"));
+        make(&path);
+        let mut dst = spawn(
+            "ferry-dest",
+            &strs(&console_args(
+                &dir,
+                name,
+                &["--import", path.to_str().unwrap()],
+            )),
+            &dir.path(&format!("{name}.err")),
+        );
+        let st = wait_for(WAIT, "the import to fail", || dst.0.try_wait().unwrap());
+        assert!(!st.success(), "{name}: imported");
+        let err = std::fs::read_to_string(dir.path(&format!("{name}.err"))).unwrap();
+        assert!(err.contains(why), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert!(
+            read_console(&dir.path(&format!("{name}.log"))).is_empty(),
+            "{name}: a VM ran"
+        );
+        // Nothing escaped next to the work directory.
+        assert!(!std::env::temp_dir().join("vm.snap").exists(), "{name}");
+    }
+}
