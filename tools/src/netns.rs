@@ -182,6 +182,30 @@ impl Net {
         }
     }
 
+    /// Moves the calling thread into `side`'s namespace (network namespaces
+    /// are per thread), for a thread that talks across the link itself.
+    /// On loopback it does nothing.
+    pub fn enter(&self, side: Side) -> std::io::Result<()> {
+        let Some(pair) = &self.namespaces else {
+            return Ok(());
+        };
+        let name = if side == Side::Source {
+            &pair.a
+        } else {
+            &pair.b
+        };
+        let ns = std::fs::File::open(format!("/var/run/netns/{name}"))?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+    }
+
+    /// The source's address.
+    pub fn source_ip(&self) -> Ipv4Addr {
+        match &self.namespaces {
+            Some(pair) => Ipv4Addr::new(10, 77, pair.subnet, 1),
+            None => Ipv4Addr::LOCALHOST,
+        }
+    }
+
     /// The destination's address.
     pub fn dest_ip(&self) -> Ipv4Addr {
         match &self.namespaces {
