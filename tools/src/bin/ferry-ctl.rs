@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ferry_engine::api::{self, ApiRequest};
 use ferry_tools::bench::serial;
+use ferry_tools::templates;
 
 /// Send one command to a running Ferry VM's control API and print the JSON answer
 #[derive(Parser, Debug)]
@@ -52,6 +53,21 @@ enum Cmd {
     },
     /// Stop the VM and its process.
     Quit,
+    /// Make template NAME from the VM: pause it if it runs, snapshot it
+    /// into DIR/NAME.snap (read-only), resume it.
+    Template {
+        /// The template's name (no '/' or '..').
+        name: String,
+        /// Default: $FERRY_TEMPLATE_DIR, else /var/lib/ferry/templates.
+        #[arg(long)]
+        template_dir: Option<PathBuf>,
+    },
+    /// List the templates (JSON: name, path, size, mtime); no VM needed.
+    Templates {
+        /// Default: $FERRY_TEMPLATE_DIR, else /var/lib/ferry/templates.
+        #[arg(long)]
+        template_dir: Option<PathBuf>,
+    },
     /// What the workload guest saw across a move, from the two serial logs
     /// (no VM needed): the longest TICK gap, BAD lines, and the guest work
     /// lost until it is back at 90% of its rate (JSON).
@@ -83,6 +99,18 @@ fn main() -> ExitCode {
         },
         Cmd::Quit => ApiRequest::Quit,
         Cmd::Recover { addr } => ApiRequest::Recover { to: addr },
+        Cmd::Template { name, template_dir } => {
+            let Some(sock) = args.api.as_deref() else {
+                eprintln!("ferry-ctl: this command needs --api SOCKET");
+                return ExitCode::FAILURE;
+            };
+            let dir = templates::resolve_dir(template_dir.as_deref());
+            return print_result(templates::create(sock, &dir, &name));
+        }
+        Cmd::Templates { template_dir } => {
+            let dir = templates::resolve_dir(template_dir.as_deref());
+            return print_result(templates::list(&dir));
+        }
         Cmd::GuestReport { src_log, dst_log } => {
             let figures =
                 serial::guest_figures(&serial::read_log(&src_log), &serial::read_log(&dst_log));
@@ -98,6 +126,20 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     match api::call(&sock, &req) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry-ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a JSON answer, or the error on stderr.
+fn print_result(r: Result<serde_json::Value, String>) -> ExitCode {
+    match r {
         Ok(v) => {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             ExitCode::SUCCESS
