@@ -7,8 +7,10 @@ use ferry_engine::ConsoleOutput;
 
 pub mod archive;
 pub mod bench;
+pub mod hooks;
 pub mod monitor;
 pub mod netns;
+pub mod templates;
 
 /// Parses a byte size such as `4096`, `64K`, `256M`, `1G` or `1GiB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {

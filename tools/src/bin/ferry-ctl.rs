@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use ferry_engine::api::{self, ApiRequest};
 use ferry_tools::archive;
 use ferry_tools::bench::serial;
+use ferry_tools::templates;
 
 /// Send one command to a running Ferry VM's control API and print the JSON answer
 #[derive(Parser, Debug)]
@@ -60,6 +61,21 @@ enum Cmd {
         /// The archive to write.
         file: PathBuf,
     },
+    /// Make template NAME from the VM: pause it if it runs, snapshot it
+    /// into DIR/NAME.snap (read-only), resume it.
+    Template {
+        /// The template's name (no '/' or '..').
+        name: String,
+        /// Default: $FERRY_TEMPLATE_DIR, else /var/lib/ferry/templates.
+        #[arg(long)]
+        template_dir: Option<PathBuf>,
+    },
+    /// List the templates (JSON: name, path, size, mtime); no VM needed.
+    Templates {
+        /// Default: $FERRY_TEMPLATE_DIR, else /var/lib/ferry/templates.
+        #[arg(long)]
+        template_dir: Option<PathBuf>,
+    },
     /// What the workload guest saw across a move, from the two serial logs
     /// (no VM needed): the longest TICK gap, BAD lines, and the guest work
     /// lost until it is back at 90% of its rate (JSON).
@@ -92,20 +108,23 @@ fn main() -> ExitCode {
         Cmd::Quit => ApiRequest::Quit,
         Cmd::Recover { addr } => ApiRequest::Recover { to: addr },
         Cmd::Export { file } => {
-            let Some(sock) = args.api else {
+            let Some(sock) = args.api.as_deref() else {
                 eprintln!("ferry-ctl: export needs --api SOCKET");
                 return ExitCode::FAILURE;
             };
-            return match export(&sock, &file) {
-                Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ferry-ctl: export: {e}");
-                    ExitCode::FAILURE
-                }
+            return print_result(export(sock, &file).map_err(|e| format!("export: {e}")));
+        }
+        Cmd::Template { name, template_dir } => {
+            let Some(sock) = args.api.as_deref() else {
+                eprintln!("ferry-ctl: this command needs --api SOCKET");
+                return ExitCode::FAILURE;
             };
+            let dir = templates::resolve_dir(template_dir.as_deref());
+            return print_result(templates::create(sock, &dir, &name));
+        }
+        Cmd::Templates { template_dir } => {
+            let dir = templates::resolve_dir(template_dir.as_deref());
+            return print_result(templates::list(&dir));
         }
         Cmd::GuestReport { src_log, dst_log } => {
             let figures =
@@ -154,4 +173,18 @@ fn export(sock: &std::path::Path, file: &std::path::Path) -> Result<serde_json::
     let _ = std::fs::remove_file(&snap);
     let desc = written.map_err(|e| e.to_string())?;
     Ok(serde_json::json!({ "file": file, "descriptor": desc, "vm": "paused" }))
+}
+
+/// Prints a JSON answer, or the error on stderr.
+fn print_result(r: Result<serde_json::Value, String>) -> ExitCode {
+    match r {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry-ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

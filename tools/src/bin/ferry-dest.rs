@@ -9,7 +9,8 @@ use clap::Parser;
 use ferry_engine::controller::ServeContext;
 use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
-use ferry_tools::{archive, console_output, init_tracing, monitor, LinkArgs, VmIoArgs};
+use ferry_tools::hooks::{HookArgs, Shape};
+use ferry_tools::{archive, console_output, init_tracing, monitor, templates, LinkArgs, VmIoArgs};
 use tracing::{error, info, warn};
 
 /// Receive a VM from a migrating ferry-source or restore it from a snapshot
@@ -21,8 +22,8 @@ struct Args {
     /// port 0 picks a free port, see --listen-addr-file).
     #[arg(
         long,
-        conflicts_with = "restore",
-        required_unless_present_any = ["restore", "import"]
+        conflicts_with = "snapshot_file",
+        required_unless_present = "snapshot_file"
     )]
     listen: Option<String>,
     /// With --listen: once listening, write the bound address (e.g.
@@ -38,17 +39,25 @@ struct Args {
     insecure: bool,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
-    #[arg(long, conflicts_with = "import")]
+    #[arg(long, group = "snapshot_file")]
     restore: Option<PathBuf>,
     /// Import a VM archive written by `ferry-ctl export` (its descriptor,
     /// member names, sizes and SHA-256 sums are checked before any VM is
     /// built), then restore it as --restore would (eagerly, or --lazy).
-    #[arg(long, conflicts_with = "listen")]
+    #[arg(long, group = "snapshot_file")]
     import: Option<PathBuf>,
-    /// With --restore: run the VM at once and load its memory afterwards,
-    /// on demand and in the background (post-copy from the file). The page
-    /// data's checksum is verified once all of it is loaded.
-    #[arg(long)]
+    /// Start a clone of template NAME: --restore TEMPLATE_DIR/NAME.snap.
+    #[arg(long, group = "snapshot_file")]
+    from_template: Option<String>,
+    /// With --from-template. Default: $FERRY_TEMPLATE_DIR, else
+    /// /var/lib/ferry/templates.
+    #[arg(long, requires = "from_template")]
+    template_dir: Option<PathBuf>,
+    /// With --restore, --import or --from-template: run the VM at once and
+    /// load its memory afterwards, on demand and in the background
+    /// (post-copy from the file). The page data's checksum is verified once
+    /// all of it is loaded.
+    #[arg(long, requires = "snapshot_file")]
     lazy: bool,
     /// With --listen or --restore --lazy: write the migration statistics
     /// (JSON) here.
@@ -62,6 +71,8 @@ struct Args {
     io: VmIoArgs,
     #[command(flatten)]
     link: LinkArgs,
+    #[command(flatten)]
+    hook: HookArgs,
 }
 
 fn main() -> ExitCode {
@@ -77,7 +88,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(name) = &args.from_template {
+        let dir = templates::resolve_dir(args.template_dir.as_deref());
+        args.restore = Some(templates::path_of(&dir, name)?);
+    }
+    let hooks = args.hook.hooks(args.stats_json.as_deref());
+    let shape = |vm: &ferry_engine::Vm| Shape {
+        mem: vm.meta().mem_size,
+        vcpus: vm.meta().vcpus,
+    };
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
@@ -120,15 +140,25 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         }
         ctx.migration = Some(progress.clone());
+        let watch = hooks.watch_resumed(progress.clone());
         let received = controller::answer_while(api_rx.as_ref(), ctx.guest, &progress, || {
             migration::receive(listener, console, &opts)
-        })?;
+        });
+        let received = match received {
+            Ok(r) => r,
+            Err(e) => {
+                watch.finish(&hooks, false, None);
+                return Err(e.into());
+            }
+        };
         if let Some(stats) = &received.stats {
             println!("{}", stats.table());
             if let Some(p) = &args.stats_json {
                 controller::write_stats(p, stats)?;
             }
         }
+        let done = received.stats.is_some() && received.failure.is_none();
+        watch.finish(&hooks, done, Some(shape(&received.vm)));
         if let Some(e) = &received.failure {
             eprintln!("ferry-dest: {e}; the VM is kept here, paused");
             ctx.hold = Some(format!("the move did not complete: {e}"));
@@ -152,6 +182,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(p) = &args.stats_json {
             controller::write_stats(p, &stats)?;
         }
+        // The engine publishes no stage for a lazy restore: both hooks run
+        // once all memory is loaded.
+        hooks.fire_both(shape(&vm));
         vm
     } else if let Some(path) = &restore {
         let (mut vm, stats) = snapshot::restore(path, console)?;
@@ -163,6 +196,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
         if !args.paused {
             vm.resume()?;
+            hooks.fire_both(shape(&vm));
         }
         vm
     } else {
