@@ -62,15 +62,9 @@ fn a_stopped_vm_moves_as_a_file_between_two_hosts() {
     wait_ticks(&dir.path("src.log"), 1, 3, WAIT);
     // Host A: export, then stop the VM for good (a cold move).
     let exported = dir.path("exported.ferry");
-    let out = std::process::Command::new(bin("ferry-ctl"))
-        .args(["--api", dir.path("src.sock").to_str().unwrap(), "export"])
-        .arg(&exported)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    ctl(
+        &dir.path("src.sock"),
+        &["export", exported.to_str().unwrap()],
     );
     let before = read_console(&dir.path("src.log"));
     ctl(&dir.path("src.sock"), &["quit"]);

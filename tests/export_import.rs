@@ -21,17 +21,7 @@ fn export_a_guest(dir: &Scratch) -> (std::path::PathBuf, Vec<Logged>) {
     );
     wait_ticks(&dir.path("src.log"), 2, 3, WAIT);
     let file = dir.path("vm.ferry");
-    let out = std::process::Command::new(bin("ferry-ctl"))
-        .args(["--api", dir.path("src.sock").to_str().unwrap(), "export"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = ctl(&dir.path("src.sock"), &["export", file.to_str().unwrap()]);
     // The descriptor's checksum is the snapshot's real SHA-256.
     let m = &v["descriptor"]["members"][0];
     assert_eq!(m["name"], "vm.snap", "{v}");

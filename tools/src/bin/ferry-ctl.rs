@@ -140,16 +140,7 @@ fn main() -> ExitCode {
         eprintln!("ferry-ctl: this command needs --api SOCKET");
         return ExitCode::FAILURE;
     };
-    match api::call(&sock, &req) {
-        Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("ferry-ctl: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    print_result(api::call(&sock, &req).map_err(|e| e.to_string()))
 }
 
 /// Pauses the VM behind `sock` (if it runs), snapshots it and writes the
