@@ -141,3 +141,38 @@ fn postcopy_between_two_namespaces_over_1gbit() {
     );
     eprintln!("two-host stats: {stats}");
 }
+
+/// `--max-bandwidth` caps the post-copy push within 10% over an uncapped
+/// two-namespace link (the link itself allows 1 Gbit/s here; the cap asks
+/// for 400 Mbit/s).
+#[test]
+fn max_bandwidth_caps_the_push_within_ten_percent() {
+    let dir = Scratch::new("bwcap");
+    let net = two_hosts(&format!("fw{}", std::process::id() % 10000), "1gbit");
+    let guest = "ws=64M pattern=random write=80 report_ms=50";
+    let stats = move_between(
+        &net,
+        &dir,
+        ("512M", 1, "2s"),
+        guest,
+        &["--max-bandwidth", "400mbit"],
+    );
+    // The source's own counters, as of PushDone: bytes on both connections
+    // minus the demand answers (page, prefix and header each) is the push.
+    let src = &stats["source"];
+    let wire = src["bytes_wire"].as_u64().unwrap();
+    let demand = src["pages_demand"].as_u64().unwrap() * (4096 + 32);
+    let push_s = src["push_ms"].as_f64().unwrap() / 1e3;
+    let rate = (wire - demand.min(wire)) as f64 / push_s;
+    let cap = 400e6 / 8.0;
+    eprintln!(
+        "push {:.1} MB/s against a cap of {:.1} MB/s ({:.1} MB in {push_s:.2} s)",
+        rate / 1e6,
+        cap / 1e6,
+        (wire - demand.min(wire)) as f64 / 1e6
+    );
+    assert!(
+        rate <= cap * 1.1 && rate >= cap * 0.9,
+        "push at {rate:.0} B/s, cap {cap:.0} B/s: {stats}"
+    );
+}

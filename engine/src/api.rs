@@ -74,6 +74,10 @@ pub enum ApiRequest {
         /// `postcopy` (default), `stop-and-copy`, `precopy` or `hybrid`.
         #[serde(default)]
         mode: Option<ferry_protocol::MigrationMode>,
+        /// Cap on the background push, bytes per second (demand answers
+        /// are never capped).
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
     },
     /// Try a stranded move again: on the source, reconnect to the
     /// destination (at `to`, if it moved; else where it was); on the

@@ -212,6 +212,7 @@ pub fn handle(
             to,
             stats_json,
             mode,
+            max_bandwidth,
         } => {
             if let Some(why) = &ctx.hold {
                 return (ApiResponse::err(ControllerError::Held(why.clone())), false);
@@ -219,6 +220,9 @@ pub fn handle(
             let mut opts = ctx.migrate_defaults.clone();
             if let Some(m) = mode {
                 opts.mode = *m;
+            }
+            if let Some(b) = max_bandwidth {
+                opts.server.max_bandwidth = Some(*b);
             }
             return match migrate_to(vm, to, &opts, stats_json.as_deref(), api, ctx) {
                 Ok(v) => (ApiResponse::ok(v), true),

@@ -1212,6 +1212,7 @@ fn fuzz_api_request() {
             to: "10.0.0.2:7000".into(),
             stats_json: Some("/tmp/s.json".into()),
             mode: Some(MigrationMode::Hybrid),
+            max_bandwidth: Some(25 << 20),
         },
         ApiRequest::Recover {
             to: Some("[::1]:7001".into()),

@@ -2,6 +2,7 @@
 //! and pushes every other page of a [`PageSource`]. The wire format it
 //! speaks is the `ferry-protocol` crate's.
 
+pub mod pacer;
 pub mod server;
 pub mod source;
 

@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use ferry_page_server::pacer::Pacer;
 use ferry_page_server::source::PageSource;
 use ferry_protocol::{
     self as protocol, write_frame, MsgType, PageBitmap, ProtocolError, PAGE_SIZE,
@@ -31,6 +32,8 @@ pub struct PageSender<'a> {
     pub pages_zero: u64,
     /// Counts pages sent, for a progress display.
     pub progress: Option<&'a AtomicU64>,
+    /// The bandwidth cap, if any.
+    pub pacer: Option<Pacer>,
 }
 
 impl<'a> PageSender<'a> {
@@ -51,13 +54,23 @@ impl<'a> PageSender<'a> {
             pages_data: 0,
             pages_zero: 0,
             progress: None,
+            pacer: None,
         }
     }
 
     fn frame(&mut self, payload: &[u8]) -> Result<(), ProtocolError> {
         write_frame(&mut self.out, MsgType::Pages, 0, payload)?;
-        self.bytes += (protocol::HEADER_LEN + payload.len()) as u64;
+        self.sent_bytes((protocol::HEADER_LEN + payload.len()) as u64);
         Ok(())
+    }
+
+    /// Counts bytes written, and keeps to the bandwidth cap.
+    fn sent_bytes(&mut self, n: u64) {
+        self.bytes += n;
+        if let Some(p) = self.pacer.as_mut() {
+            p.sent(n);
+            p.pace();
+        }
     }
 
     fn zero(&mut self, pfn: u64, count: u64) -> Result<(), ProtocolError> {
@@ -68,7 +81,7 @@ impl<'a> PageSender<'a> {
             frame.clear();
             protocol::append_zero_pages_frame(&mut frame, 0, p, n as u32);
             self.out.write_all(&frame).map_err(ProtocolError::Io)?;
-            self.bytes += frame.len() as u64;
+            self.sent_bytes(frame.len() as u64);
             self.pages_zero += n;
             self.tick(n);
             p += n;

@@ -49,6 +49,7 @@ pub(super) fn before_pause(
     let target_ms = opts.downtime_target.as_secs_f64() * 1e3;
     let mut sender = PageSender::new(&control.stream, source, cfg.lz4, cfg.zero_runs);
     sender.progress = opts.sent_counter();
+    sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
     let mut dirty: Option<PageBitmap> = None;
     for round in 0..=limit {
         let total = dirty.as_ref().map_or(source.pages(), PageBitmap::count);
@@ -115,6 +116,7 @@ pub(super) fn after_pause(
 ) -> Result<PreSwitch, SourceError> {
     let mut sender = PageSender::new(&control.stream, source, cfg.lz4, cfg.zero_runs);
     sender.progress = opts.sent_counter();
+    sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
     match opts.mode {
         MigrationMode::Postcopy => {}
         MigrationMode::StopAndCopy => {

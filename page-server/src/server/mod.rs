@@ -29,6 +29,7 @@ use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
 
+use crate::pacer::Pacer;
 use crate::source::PageSource;
 use ferry_protocol::{
     self as protocol, MsgType, PageBitmap, PageEncoding, PageRequest, ProtocolError,
@@ -76,6 +77,9 @@ pub struct ServerConfig {
     /// long (not even `Ping`) is gone; the server also sends `Ping` after a
     /// quarter of it without other output.
     pub peer_timeout: Duration,
+    /// Caps the background push at this many bytes per second (demand
+    /// answers are never capped).
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             push_pages: 256,
             push_sndbuf: None,
             peer_timeout: Duration::from_secs(5),
+            max_bandwidth: None,
         }
     }
 }
@@ -238,6 +243,7 @@ pub fn serve_rest(
         ping_every: cfg.peer_timeout / 4,
         last_control_rx: start,
         last_control_tx: start,
+        pacer: cfg.max_bandwidth.map(Pacer::new),
     };
     server.initial_left = server.sweep.left;
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
@@ -328,6 +334,8 @@ struct Server<'a> {
     /// When the control connection last delivered or took bytes.
     last_control_rx: Instant,
     last_control_tx: Instant,
+    /// The push's bandwidth cap, if any.
+    pacer: Option<Pacer>,
 }
 
 impl Server<'_> {
@@ -342,8 +350,16 @@ impl Server<'_> {
                 return Ok(complete);
             }
             let mut timeout = None;
-            if !self.sweep.done() && self.control.pending() == 0 {
+            let hold = self.pacer.as_ref().map_or(Duration::ZERO, Pacer::wait);
+            if !self.sweep.done() && self.control.pending() == 0 && !hold.is_zero() {
+                // Over the bandwidth cap: demand answers go on, the push waits.
+                timeout = Some(hold);
+            } else if !self.sweep.done() && self.control.pending() == 0 {
+                let before = self.control.queued;
                 self.push_step()?;
+                if let Some(p) = self.pacer.as_mut() {
+                    p.sent(self.control.queued - before);
+                }
                 if self.sweep.done() {
                     self.queue_push_done();
                 }

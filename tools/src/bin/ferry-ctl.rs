@@ -44,6 +44,10 @@ enum Cmd {
         /// postcopy (default), stop-and-copy, precopy or hybrid.
         #[arg(long)]
         mode: Option<ferry_protocol::MigrationMode>,
+        /// Cap the background push, e.g. 200mbit or 25M (bytes/s); demand
+        /// answers are never capped.
+        #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
+        max_bandwidth: Option<u64>,
     },
     /// Try a stranded move again. On the source: reconnect to the
     /// destination, at ADDR if it moved. On the destination: wait for the
@@ -100,9 +104,11 @@ fn main() -> ExitCode {
             to,
             stats_json,
             mode,
+            max_bandwidth,
         } => ApiRequest::Migrate {
             to,
             mode,
+            max_bandwidth,
             stats_json: stats_json.map(|p| std::path::absolute(&p).unwrap_or(p)),
         },
         Cmd::Quit => ApiRequest::Quit,

@@ -56,6 +56,10 @@ struct Args {
     /// With --migrate-to: run this long first (e.g. 3s).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     after: std::time::Duration,
+    /// Cap the background push (pre-copy rounds and the post-copy push),
+    /// e.g. 200mbit or 25M (bytes/s); demand answers are never capped.
+    #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
+    max_bandwidth: Option<u64>,
     /// Write the migration statistics (JSON) here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
@@ -123,6 +127,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         session_record: args.mem_file.as_deref().map(SessionRecord::path_for),
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
+            max_bandwidth: args.max_bandwidth,
             ..Default::default()
         },
         ..Default::default()
