@@ -34,9 +34,16 @@ fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc) {
         "2G",
         "ws=1G pattern=random write=80 report_ms=20",
     );
-    wait_status(&dir.path("src.sock"), "post-copy to start", |v| {
+    // While post-copy runs, the source's status reports it: the stage, pages
+    // left, and the bytes sent so far.
+    let v = wait_status(&dir.path("src.sock"), "post-copy to start", |v| {
         v["migration"]["stage"] == "postcopy"
     });
+    assert_eq!(v["run_state"], "migrating", "{v}");
+    let m = &v["migration"];
+    assert!(m["bytes_sent"].as_u64().unwrap() > 0, "{v}");
+    assert!(m["pages_left"].as_u64().is_some(), "{v}");
+    assert_eq!(m["recoveries"], 0, "{v}");
     (dst, proxy, src)
 }
 

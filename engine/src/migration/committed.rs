@@ -136,6 +136,7 @@ impl<'a> Committed<'a> {
                         Resume {
                             have: have.as_ref(),
                             sent: self.opts.sent_counter(),
+                            sent_bytes: self.opts.bytes_counter(),
                             control_buffered,
                             fault_buffered,
                         },

@@ -67,6 +67,10 @@ impl SourceOptions {
         }
     }
 
+    pub(super) fn bytes_counter(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        self.progress.as_deref().map(|p| &p.bytes)
+    }
+
     pub(super) fn sent_counter(&self) -> Option<&std::sync::atomic::AtomicU64> {
         self.progress.as_deref().map(|p| &p.done)
     }

@@ -34,6 +34,8 @@ pub struct PageSender<'a> {
     pub progress: Option<&'a AtomicU64>,
     /// The bandwidth cap, if any.
     pub pacer: Option<Pacer>,
+    /// Counts bytes written, for a progress display.
+    pub bytes_progress: Option<&'a AtomicU64>,
 }
 
 impl<'a> PageSender<'a> {
@@ -55,6 +57,7 @@ impl<'a> PageSender<'a> {
             pages_zero: 0,
             progress: None,
             pacer: None,
+            bytes_progress: None,
         }
     }
 
@@ -67,6 +70,9 @@ impl<'a> PageSender<'a> {
     /// Counts bytes written, and keeps to the bandwidth cap.
     fn sent_bytes(&mut self, n: u64) {
         self.bytes += n;
+        if let Some(b) = self.bytes_progress {
+            b.fetch_add(n, Ordering::Relaxed);
+        }
         if let Some(p) = self.pacer.as_mut() {
             p.sent(n);
             p.pace();

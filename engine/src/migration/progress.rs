@@ -43,6 +43,8 @@ pub struct Progress {
     error: Mutex<Option<String>>,
     /// Links lost and recovered after `Commit`.
     pub recoveries: AtomicU64,
+    /// Bytes sent to the destination so far, all phases.
+    pub bytes: AtomicU64,
     started: OnceLock<Instant>,
 }
 
@@ -103,6 +105,12 @@ impl Progress {
             "pages_done": v.done,
             "pages_left": v.total.saturating_sub(v.done),
             "pages_per_s": if secs > 0.0 { (v.done as f64 / secs).round() } else { 0.0 },
+            "bytes_sent": self.bytes.load(Ordering::Relaxed),
+            "bytes_per_s": if secs > 0.0 {
+                (self.bytes.load(Ordering::Relaxed) as f64 / secs).round()
+            } else {
+                0.0
+            },
             "recoveries": self.recoveries.load(Ordering::Relaxed),
             "error": *self.error.lock().unwrap_or_else(|p| p.into_inner()),
         })

@@ -50,6 +50,7 @@ pub(super) fn before_pause(
     let mut sender = PageSender::new(&control.stream, source, cfg.lz4, cfg.zero_runs);
     sender.progress = opts.sent_counter();
     sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
+    sender.bytes_progress = opts.bytes_counter();
     let mut dirty: Option<PageBitmap> = None;
     for round in 0..=limit {
         let total = dirty.as_ref().map_or(source.pages(), PageBitmap::count);
@@ -117,6 +118,7 @@ pub(super) fn after_pause(
     let mut sender = PageSender::new(&control.stream, source, cfg.lz4, cfg.zero_runs);
     sender.progress = opts.sent_counter();
     sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
+    sender.bytes_progress = opts.bytes_counter();
     match opts.mode {
         MigrationMode::Postcopy => {}
         MigrationMode::StopAndCopy => {

@@ -189,6 +189,8 @@ pub struct Resume<'a> {
     pub have: Option<&'a PageBitmap>,
     /// Kept at the number of pages sent so far (for progress bars).
     pub sent: Option<&'a AtomicU64>,
+    /// Kept at its value at the start plus the bytes sent since.
+    pub sent_bytes: Option<&'a AtomicU64>,
     /// Bytes the caller already read from `control` past its last frame.
     pub control_buffered: Vec<u8>,
     /// The same for `fault`.
@@ -207,6 +209,7 @@ pub fn serve_rest(
     let Resume {
         have,
         sent,
+        sent_bytes,
         control_buffered,
         fault_buffered,
     } = resume;
@@ -238,6 +241,7 @@ pub fn serve_rest(
         fault_closed: None,
         last_demand: None,
         sent,
+        sent_bytes: sent_bytes.map(|b| (b, b.load(Ordering::Relaxed))),
         initial_left: 0,
         peer_timeout: cfg.peer_timeout,
         ping_every: cfg.peer_timeout / 4,
@@ -326,6 +330,8 @@ struct Server<'a> {
     last_demand: Option<Instant>,
     /// Pages sent so far, published for progress bars.
     sent: Option<&'a AtomicU64>,
+    /// Bytes sent, published, and its value when this server started.
+    sent_bytes: Option<(&'a AtomicU64, u64)>,
     /// Pages the push had to send when it started.
     initial_left: u64,
     /// Silence limit on the control connection, and the ping interval.
@@ -344,6 +350,9 @@ impl Server<'_> {
         loop {
             if let Some(sent) = self.sent {
                 sent.store(self.initial_left - self.sweep.left, Ordering::Relaxed);
+            }
+            if let Some((bytes, base)) = self.sent_bytes {
+                bytes.store(base + self.stats.bytes_wire, Ordering::Relaxed);
             }
             self.service_faults()?;
             if let Some(complete) = self.service_control()? {
