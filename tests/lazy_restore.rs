@@ -167,3 +167,66 @@ fn one_snapshot_restores_into_two_independent_clones() {
         "one change, one report"
     );
 }
+
+/// Record and replay (REAP): the first lazy restore of a snapshot records
+/// the pages its guest faulted on, in order, beside the snapshot; the
+/// second restore reads that list and pushes those pages first. Both
+/// continue with no BAD. (How many faults the replay saves depends on how
+/// far the guest's accesses follow the first run's; it is printed, and
+/// measured in the closing note, not asserted.)
+#[test]
+fn a_second_lazy_restore_replays_the_first_ones_working_set() {
+    let dir = Scratch::new("replay");
+    let Snapped {
+        path: snap, before, ..
+    } = snapshot_from_source(
+        &dir,
+        "1G",
+        1,
+        "ws=256M pattern=random write=80 report_ms=50",
+        3,
+    );
+    let replay = std::path::PathBuf::from(format!("{}.replay", snap.display()));
+    assert!(!replay.exists());
+    let mut demand = Vec::new();
+    for name in ["first", "second"] {
+        let json = dir.path(&format!("{name}.json"));
+        let mut dst = spawn_restore(
+            &dir,
+            name,
+            &snap,
+            &["--lazy", "--stats-json", json.to_str().unwrap()],
+        );
+        let s = wait_stats(&json, WAIT);
+        let after = wait_ticks(&dir.path(&format!("{name}.log")), 1, 3, WAIT);
+        assert_continues(&before, &after, 1);
+        demand.push(s["pages_demand"].as_u64().unwrap());
+        ctl(&dir.path(&format!("{name}.sock")), &["quit"]);
+        assert!(wait_exit(&mut dst, WAIT, "the restore to quit"));
+        let err = std::fs::read_to_string(dir.path(&format!("{name}.err"))).unwrap();
+        if name == "first" {
+            // The list names every page the guest asked for, in order (the
+            // server may not have read the last requests before Complete).
+            let b = std::fs::read(&replay).expect("no replay list was recorded");
+            assert_eq!(&b[..8], b"FERRYRPL");
+            let listed = u32::from_le_bytes(b[12..16].try_into().unwrap()) as u64;
+            let asked = s["source"]["page_server"]["requests"].as_u64().unwrap();
+            assert!(
+                listed >= asked && asked > 0,
+                "{listed} listed, {asked} asked: {s}"
+            );
+            assert!(!err.contains("recorded pages first"), "{err}");
+        } else {
+            let listed =
+                u32::from_le_bytes(std::fs::read(&replay).unwrap()[12..16].try_into().unwrap());
+            assert!(
+                err.contains(&format!("pushing {listed} recorded pages first")),
+                "{err}"
+            );
+        }
+    }
+    eprintln!(
+        "demand faults: first restore {}, second (replayed) {}",
+        demand[0], demand[1]
+    );
+}

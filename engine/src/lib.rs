@@ -12,6 +12,7 @@ pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod snapshot;
+pub mod snapshot_replay;
 pub mod snapshot_source;
 pub mod state;
 pub mod vcpu;

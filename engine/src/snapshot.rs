@@ -553,6 +553,21 @@ pub fn restore_lazy(
         .local_addr()
         .map_err(RestoreError::Loopback)?
         .to_string();
+    // The pages an earlier lazy restore of this snapshot faulted on go
+    // first; the first restore records them.
+    let pages = snap.state.meta.mem_size / PAGE_SIZE as u64;
+    let replay_path = crate::snapshot_replay::path_for(path);
+    let replay = crate::snapshot_replay::read(&replay_path, pages).unwrap_or_else(|e| {
+        tracing::warn!(path = %replay_path.display(), "ignoring the replay list: {e}");
+        None
+    });
+    if let Some(r) = &replay {
+        tracing::info!(
+            path = %replay_path.display(),
+            "pushing {} recorded pages first",
+            r.len()
+        );
+    }
     // The loopback port is open to every local process for as long as the
     // restore runs: both ends share a random session id, so the destination
     // takes no other session (a stranger's connection is refused).
@@ -566,6 +581,7 @@ pub fn restore_lazy(
             ..Default::default()
         },
         session_id: Some(session_id),
+        push_first: replay.clone().unwrap_or_default(),
         ..Default::default()
     };
     // Both ends are in this process: a failure is not a lost network link,
@@ -602,7 +618,13 @@ pub fn restore_lazy(
         Ok::<_, RestoreError>((received, served))
     })?;
     let (vm, stats) = match (received, served) {
-        (Ok((vm, _)), Ok(outcome)) => (vm, outcome.stats),
+        // The page server's view (with its counters), and the fault order
+        // that only this side saw.
+        (Ok((vm, mine)), Ok(outcome)) => {
+            let mut stats = outcome.stats;
+            stats.demand_order = mine.demand_order;
+            (vm, stats)
+        }
         // Every page is present: the VM is whole even though the page
         // server did not see the end of the session cleanly.
         (Ok((vm, stats)), Err(e)) => {
@@ -619,5 +641,17 @@ pub fn restore_lazy(
     let t = Instant::now();
     snap.verify_memory()?;
     tracing::info!(millis = ms(t.elapsed()), "snapshot page data verified");
+    if replay.is_none() && !stats.demand_order.is_empty() {
+        match crate::snapshot_replay::write(&replay_path, &stats.demand_order) {
+            Ok(()) => tracing::info!(
+                pages = stats.demand_order.len(),
+                path = %replay_path.display(),
+                "recorded the restore's working set for the next restore"
+            ),
+            Err(e) => {
+                tracing::warn!(path = %replay_path.display(), "cannot record the replay list: {e}")
+            }
+        }
+    }
     Ok((vm, stats))
 }

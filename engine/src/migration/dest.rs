@@ -746,7 +746,8 @@ fn build_stats(
             v.to_string()
         }
     };
-    let fault = fault.unwrap_or_else(FaultStats::empty);
+    let mut fault = fault.unwrap_or_else(FaultStats::empty);
+    let demand_order = std::mem::take(&mut fault.demand_order);
     let per_vcpu = fault
         .per_vcpu
         .iter()
@@ -794,6 +795,7 @@ fn build_stats(
         },
         recoveries: recovery.count,
         recovery_ms: recovery.ms,
+        demand_order,
         source,
         converged: meta.converged,
         precopy_rounds: meta.rounds.clone(),

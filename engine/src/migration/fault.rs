@@ -75,6 +75,8 @@ pub struct FaultStats {
     pub bytes_page_data: u64,
     /// Uncompressed bytes of data pages received.
     pub bytes_page_raw: u64,
+    /// Pages asked for over the network, in the order of their first fault.
+    pub demand_order: Vec<u64>,
 }
 
 impl FaultStats {
@@ -90,6 +92,7 @@ impl FaultStats {
             bytes_wire: 0,
             bytes_page_data: 0,
             bytes_page_raw: 0,
+            demand_order: Vec::new(),
         }
     }
 }
@@ -219,6 +222,7 @@ fn run(ram: Arc<UffdRam>, first: Conn, shared: Arc<Shared>) -> Result<FaultStats
                     since: Instant::now(),
                     vcpu,
                 });
+                st.demand_order.push(pfn);
                 if let Some(c) = conn.as_mut() {
                     if let Err(e) = send_request(c, pfn, vcpu, &mut st) {
                         conn = None;

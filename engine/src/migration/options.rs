@@ -35,6 +35,9 @@ pub struct SourceOptions {
     /// Use this session id instead of a fresh random one: the destination
     /// was told to expect it (an in-process lazy restore).
     pub session_id: Option<u64>,
+    /// Pages to push before the rest, in order (a lazy restore's recorded
+    /// working set).
+    pub push_first: Vec<u64>,
 }
 
 impl Default for SourceOptions {
@@ -50,6 +53,7 @@ impl Default for SourceOptions {
             recovery_window: Duration::from_secs(60),
             session_record: None,
             session_id: None,
+            push_first: Vec::new(),
         }
     }
 }

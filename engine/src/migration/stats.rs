@@ -132,6 +132,10 @@ pub struct MigrationStats {
     pub precopy_rounds: Vec<ferry_protocol::RoundStats>,
     /// The source's own counters.
     pub source: serde_json::Value,
+    /// Pages faulted over the network, in order (not in the JSON: a lazy
+    /// restore records them as the snapshot's replay list).
+    #[serde(skip)]
+    pub demand_order: Vec<u64>,
 }
 
 /// Recoveries of a session after `Commit`, as one side counted them.

@@ -191,6 +191,9 @@ pub struct Resume<'a> {
     pub sent: Option<&'a AtomicU64>,
     /// Kept at its value at the start plus the bytes sent since.
     pub sent_bytes: Option<&'a AtomicU64>,
+    /// Pages to push first, in this order (e.g. the working set a previous
+    /// restore of the same snapshot faulted on), before the sweep.
+    pub first: &'a [u64],
     /// Bytes the caller already read from `control` past its last frame.
     pub control_buffered: Vec<u8>,
     /// The same for `fault`.
@@ -210,6 +213,7 @@ pub fn serve_rest(
         have,
         sent,
         sent_bytes,
+        first,
         control_buffered,
         fault_buffered,
     } = resume;
@@ -248,6 +252,7 @@ pub fn serve_rest(
         last_control_rx: start,
         last_control_tx: start,
         pacer: cfg.max_bandwidth.map(Pacer::new),
+        first: first.iter().copied().collect(),
     };
     server.initial_left = server.sweep.left;
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
@@ -342,6 +347,8 @@ struct Server<'a> {
     last_control_tx: Instant,
     /// The push's bandwidth cap, if any.
     pacer: Option<Pacer>,
+    /// Pages to push before the sweep, in order.
+    first: VecDeque<u64>,
 }
 
 impl Server<'_> {
@@ -432,6 +439,16 @@ impl Server<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// The next page of the push-first list not sent yet.
+    fn next_first(&mut self) -> Option<u64> {
+        while let Some(p) = self.first.pop_front() {
+            if p < self.sweep.pages && !self.sweep.sent.get(p) {
+                return Some(p);
+            }
+        }
+        None
     }
 
     /// Sends `Ping` when the control connection was quiet for a while, and
@@ -577,10 +594,18 @@ impl Server<'_> {
     /// cursor, at most `push_pages` pages of data (fewer just after a demand
     /// request) or 512 pages of hole.
     fn push_step(&mut self) -> Result<(), ServerError> {
-        let Some(pfn) = self.sweep.next() else {
-            return Ok(());
+        // Pages asked to go first (a restore's recorded working set), one
+        // at a time; then the sweep.
+        let (pfn, run, sweeping) = match self.next_first() {
+            Some(p) => (p, 1, false),
+            None => {
+                let Some(pfn) = self.sweep.next() else {
+                    return Ok(());
+                };
+                let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
+                (pfn, run, true)
+            }
         };
-        let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
         let before = self.control.out.len();
         let mut n = run.min(self.push_pages);
         if self.last_demand.is_some_and(|t| t.elapsed() < DEMAND_QUIET) {
@@ -642,7 +667,9 @@ impl Server<'_> {
         let pushed = self.stats.pages_pushed;
         self.stats.pages_pushed += n;
         self.sweep.mark(pfn, n);
-        self.sweep.jump(pfn + n);
+        if sweeping {
+            self.sweep.jump(pfn + n);
+        }
         if pushed / PROGRESS_PAGES != self.stats.pages_pushed / PROGRESS_PAGES {
             debug!(
                 pushed = self.stats.pages_pushed,
