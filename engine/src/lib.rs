@@ -11,6 +11,7 @@ pub mod controller;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod os;
 pub mod snapshot;
 pub mod snapshot_replay;
 pub mod snapshot_source;

@@ -69,7 +69,8 @@ pub fn read(path: &Path, pages: u64) -> Result<Option<Vec<u64>>, String> {
 }
 
 /// Writes `pfns` (at most [`MAX_PAGES`] of them) as the list at `path`,
-/// through a temporary file and a rename.
+/// replacing it whole (clones of one template may record at once: the last
+/// one wins, never a mix).
 pub fn write(path: &Path, pfns: &[u64]) -> std::io::Result<()> {
     let pfns = &pfns[..pfns.len().min(MAX_PAGES as usize)];
     let mut b = Vec::with_capacity(20 + pfns.len() * 8);
@@ -81,13 +82,7 @@ pub fn write(path: &Path, pfns: &[u64]) -> std::io::Result<()> {
     }
     let crc = crc32fast::hash(&b);
     b.extend_from_slice(&crc.to_le_bytes());
-    // Clones of one template may record at once: each writes its own
-    // temporary file, and the last rename wins whole.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, &b)?;
-    std::fs::rename(&tmp, path)
+    crate::os::write_atomically(path, &b)
 }
 
 #[cfg(test)]

@@ -110,20 +110,18 @@ pub enum Outcome {
 /// A VM id for `FERRY_VM_ID` when none was given: 16 hex digits from
 /// /dev/urandom (falling back to the time and pid).
 pub fn generated_vm_id() -> String {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_ok();
-    if !ok {
+    let id = ferry_engine::os::random_u64().unwrap_or_else(|_| {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        b = (t ^ u64::from(std::process::id()) << 32).to_le_bytes();
-    }
+        t ^ u64::from(std::process::id()) << 32
+    });
     format!(
         "vm-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        id.to_le_bytes()
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
     )
 }
 

@@ -8,7 +8,6 @@
 //! the memory file's pages to the destination through the ordinary resume
 //! handshake, and removes both files once the destination says `Complete`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ferry_protocol::{Hello, MigrationMode, Role, OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION};
@@ -92,18 +91,11 @@ impl SessionRecord {
 
     /// Writes the record to `path` (a temporary file, synced, renamed).
     pub fn write(&self, path: &Path) -> Result<(), RecordError> {
-        let io = |source| RecordError::Io {
+        let json = serde_json::to_vec_pretty(self).unwrap_or_default();
+        crate::os::write_atomically(path, &json).map_err(|source| RecordError::Io {
             path: path.to_path_buf(),
             source,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default())
-            .map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        })
     }
 
     /// Reads and checks the record at `path`.

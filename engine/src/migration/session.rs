@@ -31,15 +31,10 @@ pub(super) struct Session {
 /// A session id from the OS's random number source: unguessable, so only
 /// the source that opened a session can resume it.
 pub fn random_session_id() -> Result<u64, SourceError> {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| SourceError::Connect {
-            addr: "/dev/urandom".into(),
-            why: format!("no random session id: {e}"),
-        })?;
-    Ok(u64::from_le_bytes(b))
+    crate::os::random_u64().map_err(|e| SourceError::Connect {
+        addr: "/dev/urandom".into(),
+        why: format!("no random session id: {e}"),
+    })
 }
 
 fn connect(addr: &str) -> Result<TcpStream, SourceError> {

@@ -2,7 +2,7 @@
 //! or from a snapshot file (`--restore`), then runs it as an ordinary VM
 //! that can be moved again.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -136,7 +136,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut vm = if let Some(listener) = &listener {
         if let Some(p) = &args.listen_addr_file {
             let bound = listener.local_addr()?;
-            write_atomically(p, &bound.to_string())
+            ferry_engine::os::write_atomically(p, bound.to_string().as_bytes())
                 .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
         }
         ctx.migration = Some(progress.clone());
@@ -233,14 +233,4 @@ fn listen(addr: &str, insecure: bool) -> Result<std::net::TcpListener, String> {
         .map_err(|e| format!("cannot read the address bound for {addr}: {e}"))?;
     info!(%bound, "waiting for an incoming migration");
     Ok(listener)
-}
-
-/// Writes `text` to `path` through a temporary file in the same directory
-/// and a rename, so a reader never sees a partial address.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
