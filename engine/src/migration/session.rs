@@ -13,7 +13,7 @@ use tracing::info;
 
 use super::error::SourceError;
 use super::link::Link;
-use super::stats::MigrationStats;
+use super::stats::{MigrationStats, Recovery};
 use crate::state::MachineMeta;
 
 /// How long connecting to the destination may take.
@@ -179,6 +179,7 @@ pub(super) fn final_stats(
     complete: serde_json::Value,
     server_stats: serde_json::Value,
     t0: Instant,
+    recovery: &Recovery,
 ) -> Result<MigrationStats, SourceError> {
     let mut stats: MigrationStats =
         serde_json::from_value(complete).map_err(|e| ProtocolError::BadJson {
@@ -188,6 +189,8 @@ pub(super) fn final_stats(
     stats.source = serde_json::json!({
         "page_server": server_stats,
         "migration_ms": t0.elapsed().as_secs_f64() * 1e3,
+        "recoveries": recovery.count,
+        "recovery_ms": recovery.ms,
     });
     Ok(stats)
 }

@@ -187,9 +187,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         }
         Err(e) => return Err(stranded(opts, e, record)),
     };
-    let mut stats = final_stats(complete, server_stats, t0)?;
-    stats.source["recoveries"] = committed.recovery.count.into();
-    stats.source["recovery_ms"] = committed.recovery.ms.into();
+    let stats = final_stats(complete, server_stats, t0, &committed.recovery)?;
     opts.stage(Stage::Completed);
     info!(
         total_ms = stats.total_ms,
@@ -291,7 +289,7 @@ pub fn migrate_machine(
         End::Complete { complete, server } => (complete, server),
         End::Unknown { .. } => return Err(SourceError::Unknown),
     };
-    let stats = final_stats(complete, server, t0)?;
+    let stats = final_stats(complete, server, t0, &committed.recovery)?;
     info!(total_ms = stats.total_ms, "every page served");
     Ok(Outcome { stats })
 }
@@ -329,8 +327,6 @@ pub fn finish_after_crash(
             ))
         }
     };
-    let mut stats = final_stats(complete, server, t0)?;
-    stats.source["recoveries"] = committed.recovery.count.into();
-    stats.source["recovery_ms"] = committed.recovery.ms.into();
+    let stats = final_stats(complete, server, t0, &committed.recovery)?;
     Ok(Outcome { stats })
 }
