@@ -16,10 +16,13 @@
 //! | [`record`] | `results.json` records |
 //! | [`summary`] | median and min–max |
 //! | [`markdown`] | `results.md` |
+//! | [`goals`] | `results.md`'s post-copy goals: Ferry vs QEMU vs the wire |
+//! | [`wire`] | the wire's bulk TCP rate, measured in the same run |
 //! | [`plots`] | the benchmark's SVG plots (drawn with `plotters`) |
 
 pub mod cli;
 pub mod ferry;
+pub mod goals;
 pub mod markdown;
 pub mod matrix;
 pub use crate::netns;
@@ -31,3 +34,4 @@ pub mod record;
 pub mod runner;
 pub mod serial;
 pub mod summary;
+pub mod wire;

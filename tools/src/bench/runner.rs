@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::cli::Config;
 use super::ferry;
+use super::goals;
 use super::markdown::{self, MarkdownError};
 use super::matrix::{MatrixError, Peer, RunSpec};
 use super::netns::{Net, NetError};
@@ -16,6 +17,7 @@ use super::plots::{self, PlotError};
 use super::qemu::{self, QemuTools};
 use super::record::{self, RecordError, RunRecord};
 use super::serial::{guest_figures, read_log};
+use super::wire::{self, WireFigure};
 
 /// Errors that stop the whole benchmark (a failed run does not).
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +149,22 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     };
     let out_abs = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
     info!(runs = runs.len(), out = %out.display(), net = %net.describe(), "starting");
+    let pinned = cfg.matrix.pin.contains(&true);
+    let wire = match wire::measure(&net, pinned) {
+        Ok(w) => {
+            info!(
+                gb_per_s = format!("{:.2}", w.bytes_per_s / 1e9),
+                "the wire's bulk TCP rate"
+            );
+            let text = serde_json::to_string_pretty(&w).unwrap_or_default();
+            write(&out.join("wire.json"), &text)?;
+            Some(w)
+        }
+        Err(e) => {
+            warn!("the wire was not measured: {e}");
+            None
+        }
+    };
     let bar = ProgressBar::new(runs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -211,7 +229,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         },
         cfg.after.as_millis()
     );
-    render(&out, &out_abs, &records, &title)
+    render(&out, &out_abs, &records, wire.as_ref(), &title)
 }
 
 /// Writes `results.md` and the plots for `records`.
@@ -219,9 +237,10 @@ fn render(
     out: &Path,
     out_abs: &Path,
     records: &[RunRecord],
+    wire: Option<&WireFigure>,
     title: &str,
 ) -> Result<Report, RunnerError> {
-    let md = markdown::table(records, title)?;
+    let md = markdown::table(records, title)? + &goals::section(records, wire);
     let md_full = format!(
         "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`, `lost_vs_ws.svg`. \
          Per-run logs and statistics are under `runs/`.\n"
@@ -256,10 +275,14 @@ pub fn replot(dir: &Path) -> Result<Report, RunnerError> {
             r.stats.entry(k).or_insert(v);
         }
     }
+    let wire: Option<WireFigure> = std::fs::read_to_string(dir.join("wire.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
     render(
         dir,
         &abs,
         &records,
+        wire.as_ref(),
         "ferry-bench results (re-rendered from results.json)",
     )
 }
