@@ -117,6 +117,12 @@ pub struct Args {
     /// QEMU's alike): off, on, or both (every point twice) [default: off].
     #[arg(long)]
     pub pin: Option<String>,
+    /// Instead of migrations: snapshot a guest per memory size and working
+    /// set, then restore it lazily: once recording its working set
+    /// (`--replay record`), then --repeat times each plainly and replayed.
+    /// Writes restore.md and restore.json.
+    #[arg(long)]
+    pub restore: bool,
     /// Only re-render results.md and the plots of an earlier run directory
     /// from its results.json; runs nothing.
     #[arg(long)]

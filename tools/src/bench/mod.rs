@@ -14,6 +14,7 @@
 //! | [`procs`] | child processes, timeouts, listening sockets |
 //! | [`serial`] | stamped serial logs: ticks, rounds/s, guest stall |
 //! | [`record`] | `results.json` records |
+//! | [`restore`] | `--restore`: lazy restore plain, recording and replayed |
 //! | [`summary`] | median and min–max |
 //! | [`markdown`] | `results.md` |
 //! | [`goals`] | `results.md`'s post-copy goals: Ferry vs QEMU vs the wire |
@@ -31,6 +32,7 @@ pub mod procs;
 pub mod qemu;
 pub mod qmp;
 pub mod record;
+pub mod restore;
 pub mod runner;
 pub mod serial;
 pub mod summary;

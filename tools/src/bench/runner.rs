@@ -16,6 +16,7 @@ use super::netns::{Net, NetError};
 use super::plots::{self, PlotError};
 use super::qemu::{self, QemuTools};
 use super::record::{self, RecordError, RunRecord};
+use super::restore;
 use super::serial::{guest_figures, read_log};
 use super::wire::{self, WireFigure};
 
@@ -113,15 +114,28 @@ fn write_guest(cfg: &Config, path: &Path) -> Result<(), String> {
     }
 }
 
-/// Runs the benchmark.
-pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
-    let mut qemu_tools = None;
-    let out = cfg.out.clone().unwrap_or_else(|| {
+/// The output directory: `cfg.out`, or `results/<UTC timestamp>`.
+fn out_dir(cfg: &Config) -> PathBuf {
+    cfg.out.clone().unwrap_or_else(|| {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         PathBuf::from("results").join(utc_stamp(secs))
-    });
+    })
+}
+
+/// Runs `--restore` (see [`restore`]) into the output directory.
+pub fn run_restore(cfg: &Config) -> Result<String, Box<dyn std::error::Error>> {
+    let out = out_dir(cfg);
+    mkdir(&out)?;
+    let out = std::fs::canonicalize(&out)?;
+    Ok(restore::run(cfg, &out)?)
+}
+
+/// Runs the benchmark.
+pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
+    let mut qemu_tools = None;
+    let out = out_dir(cfg);
     mkdir(&out.join("runs"))?;
     if let Some(q) = &cfg.qemu {
         let guest = std::fs::canonicalize(&out)
