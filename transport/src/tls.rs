@@ -136,12 +136,15 @@ impl TlsStream {
                 match tls.reader().read(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    // The socket ended without close_notify. Ferry's frames
+                    // carry their own lengths, so a cut inside a frame is
+                    // still an error to the frame decoder; at a frame
+                    // boundary this is the end, as on plain TCP.
+                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
                     Err(e) => return Err(e),
                 }
                 if self.eof.load(Ordering::Acquire) {
-                    // The peer closed without close_notify and nothing is
-                    // buffered.
-                    return Err(ErrorKind::UnexpectedEof.into());
+                    return Ok(0);
                 }
                 match tls.read_tls(&mut &self.sock) {
                     Ok(0) => self.eof.store(true, Ordering::Release),
