@@ -654,11 +654,12 @@ fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), 
             let _ = link.send(MsgType::Abort, 0, b"unexpected session");
             continue;
         }
-        info!(
-            peer = ?link.stream.peer_addr().ok(),
-            tls = link.stream.is_tls(),
-            "incoming migration"
-        );
+        let over = if link.stream.is_tls() {
+            "mutual TLS"
+        } else {
+            "plain TCP"
+        };
+        info!(peer = ?link.stream.peer_addr().ok(), "incoming migration over {over}");
         return Ok((link, hello));
     }
 }
