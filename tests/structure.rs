@@ -85,7 +85,12 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn only_the_protocol_crate_lays_out_frames() {
-    for dir in ["engine/src", "page-server/src", "transport/src", "tools/src"] {
+    for dir in [
+        "engine/src",
+        "page-server/src",
+        "transport/src",
+        "tools/src",
+    ] {
         for f in rust_files(&root().join(dir)) {
             let text = std::fs::read_to_string(&f).unwrap();
             for needle in ["FrameHeader {", "FrameHeader::decode", "HELLO_MAGIC"] {
