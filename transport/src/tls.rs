@@ -27,18 +27,33 @@ use rustls::Connection;
 
 /// Ciphertext a session may queue before a write waits for the socket.
 pub(crate) const BUFFER_LIMIT: usize = 256 << 10;
+/// Ciphertext read from the socket per `read` (rustls itself would read at
+/// most 4 KiB at a time: a system call per quarter record).
+const READ_CHUNK: usize = 256 << 10;
+
+/// The session and the ciphertext read from the socket but not yet handed
+/// to it.
+#[derive(Debug)]
+struct State {
+    tls: Connection,
+    cin: Vec<u8>,
+    cin_start: usize,
+    cin_end: usize,
+    /// The socket reached its end (no more ciphertext will come).
+    eof: bool,
+    /// The peer closed the session (close_notify).
+    closed: bool,
+}
 
 /// A TLS session over TCP, past its handshake.
 #[derive(Debug)]
 pub struct TlsStream {
     sock: TcpStream,
-    tls: Mutex<Connection>,
+    state: Mutex<State>,
     nonblocking: AtomicBool,
     /// Timeouts in nanoseconds; 0 is none.
     read_timeout: AtomicU64,
     write_timeout: AtomicU64,
-    /// The socket reached its end (no more ciphertext will come).
-    eof: AtomicBool,
     peer_cert: Option<Vec<u8>>,
 }
 
@@ -53,11 +68,17 @@ impl TlsStream {
             .map(|c| c.as_ref().to_vec());
         Ok(Self {
             sock,
-            tls: Mutex::new(tls),
+            state: Mutex::new(State {
+                tls,
+                cin: vec![0; READ_CHUNK],
+                cin_start: 0,
+                cin_end: 0,
+                eof: false,
+                closed: false,
+            }),
             nonblocking: AtomicBool::new(false),
             read_timeout: AtomicU64::new(0),
             write_timeout: AtomicU64::new(0),
-            eof: AtomicBool::new(false),
             peer_cert,
         })
     }
@@ -91,11 +112,11 @@ impl TlsStream {
 
     /// Ciphertext is queued that the socket has not taken yet.
     pub fn wants_write(&self) -> bool {
-        self.lock().wants_write()
+        self.lock().tls.wants_write()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.tls.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn is_nonblocking(&self) -> bool {
@@ -131,44 +152,82 @@ impl TlsStream {
         }
         let deadline = Self::deadline(&self.read_timeout);
         loop {
-            {
-                let mut tls = self.lock();
-                match tls.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    // The socket ended without close_notify. Ferry's frames
-                    // carry their own lengths, so a cut inside a frame is
-                    // still an error to the frame decoder; at a frame
-                    // boundary this is the end, as on plain TCP.
-                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
-                    Err(e) => return Err(e),
-                }
-                if self.eof.load(Ordering::Acquire) {
-                    return Ok(0);
-                }
-                match tls.read_tls(&mut &self.sock) {
-                    Ok(0) => self.eof.store(true, Ordering::Release),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        drop(tls);
-                        if self.is_nonblocking() {
-                            return Err(e);
-                        }
-                        wait(&self.sock, PollFlags::POLLIN, deadline)?;
-                        continue;
+            let mut st = self.lock();
+            let n = self.decrypt_buffered(&mut st, buf)?;
+            // The socket ended without close_notify. Ferry's frames carry
+            // their own lengths, so a cut inside a frame is still an error
+            // to the frame decoder; at a frame boundary this is the end,
+            // as on plain TCP.
+            if n > 0 || st.closed || st.eof {
+                return Ok(n);
+            }
+            // Everything buffered is consumed: read more ciphertext.
+            let got = {
+                let st = &mut *st;
+                st.cin_start = 0;
+                st.cin_end = 0;
+                (&self.sock).read(&mut st.cin)
+            };
+            match got {
+                Ok(0) => st.eof = true,
+                Ok(n) => st.cin_end = n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // Never wait holding the session: a writer needs it.
+                    drop(st);
+                    if self.is_nonblocking() {
+                        return Err(e);
                     }
-                    Err(e) => return Err(e),
+                    wait(&self.sock, PollFlags::POLLIN, deadline)?;
                 }
-                if let Err(e) = tls.process_new_packets() {
-                    // Tell the peer (best effort): the alert is queued.
-                    let _ = self.send_queued(&mut tls);
-                    return Err(io::Error::new(ErrorKind::InvalidData, e));
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Fills `buf` with plaintext from what is already here: decrypted
+    /// records first, then the ciphertext read but not yet decrypted. No
+    /// system call but the answers the session may owe (alerts).
+    fn decrypt_buffered(&self, st: &mut State, buf: &mut [u8]) -> io::Result<usize> {
+        let mut filled = 0;
+        loop {
+            match st.tls.reader().read(&mut buf[filled..]) {
+                Ok(0) => {
+                    st.closed = true;
+                    return Ok(filled);
                 }
-                // Key updates and alerts the session wants to answer.
-                if tls.wants_write() {
-                    self.send_queued(&mut tls)?;
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        return Ok(filled);
+                    }
                 }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) if filled > 0 => {
+                    tracing::debug!("TLS read after {filled} bytes: {e}");
+                    return Ok(filled);
+                }
+                Err(e) => return Err(e),
+            }
+            if st.cin_start == st.cin_end {
+                return Ok(filled);
+            }
+            let fed = st.tls.read_tls(&mut &st.cin[st.cin_start..st.cin_end])?;
+            if fed == 0 {
+                return Err(io::Error::new(
+                    ErrorKind::InvalidData,
+                    "TLS record buffer full",
+                ));
+            }
+            st.cin_start += fed;
+            if let Err(e) = st.tls.process_new_packets() {
+                // Tell the peer (best effort): the alert is queued.
+                let _ = self.send_queued(&mut st.tls);
+                return Err(io::Error::new(ErrorKind::InvalidData, e));
+            }
+            // Key updates and alerts the session wants to answer.
+            if st.tls.wants_write() {
+                self.send_queued(&mut st.tls)?;
             }
         }
     }
@@ -180,19 +239,20 @@ impl TlsStream {
         }
         let deadline = Self::deadline(&self.write_timeout);
         loop {
-            let mut tls = self.lock();
-            self.send_queued(&mut tls)?;
+            let mut st = self.lock();
+            let tls = &mut st.tls;
+            self.send_queued(tls)?;
             let n = tls.writer().write(buf)?;
             if n > 0 {
-                let all_out = self.send_queued(&mut tls)?;
-                drop(tls);
+                let all_out = self.send_queued(tls)?;
+                drop(st);
                 if !all_out && !self.is_nonblocking() {
                     self.flush_until(deadline)?;
                 }
                 return Ok(n);
             }
             // The session's queue is full and the socket takes nothing.
-            drop(tls);
+            drop(st);
             if self.is_nonblocking() {
                 return Err(ErrorKind::WouldBlock.into());
             }
@@ -208,7 +268,7 @@ impl TlsStream {
 
     fn flush_until(&self, deadline: Option<Instant>) -> io::Result<()> {
         loop {
-            if self.send_queued(&mut self.lock())? {
+            if self.send_queued(&mut self.lock().tls)? {
                 return Ok(());
             }
             if self.is_nonblocking() {
