@@ -189,9 +189,8 @@ pub enum ServerError {
 /// the final statistics and the `Complete` frame's JSON payload.
 ///
 /// `control` and `fault` are the session's two connections (plain TCP or
-/// TLS), past the
-/// handshake (and, on `control`, the `State`). They are switched to
-/// non-blocking mode with `TCP_NODELAY` and closed on return.
+/// TLS), past the handshake (and, on `control`, the `State`). They are
+/// switched to non-blocking mode with `TCP_NODELAY` and closed on return.
 pub fn serve(
     control: impl Into<Stream>,
     fault: impl Into<Stream>,
