@@ -40,11 +40,17 @@ fn run(name: &str, (server, client): (Conn, Conn), mib: usize) {
     }
     w.join().unwrap();
     let s = t.elapsed().as_secs_f64();
-    println!("{name}: {mib} MiB in {s:.3} s = {:.2} GB/s", (mib << 20) as f64 / s / 1e9);
+    println!(
+        "{name}: {mib} MiB in {s:.3} s = {:.2} GB/s",
+        (mib << 20) as f64 / s / 1e9
+    );
 }
 
 fn main() {
-    let mib: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1024);
+    let mib: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1024);
     let dir = std::env::temp_dir().join(format!("ferry-tput-{}", std::process::id()));
     certs::generate(&dir, &[]).unwrap();
     let f = |who: &str| TlsFiles {
