@@ -32,6 +32,7 @@ fn workspace_closure(krate: &str) -> BTreeSet<String> {
     let dirs: BTreeMap<&str, &str> = [
         ("ferry-guest", "guest"),
         ("ferry-protocol", "protocol"),
+        ("ferry-transport", "transport"),
         ("ferry-page-server", "page-server"),
         ("ferry-engine", "engine"),
         ("ferry-tools", "tools"),
@@ -55,11 +56,15 @@ fn the_vmm_does_not_depend_on_the_workload_guest() {
     let engine = workspace_closure("ferry-engine");
     assert!(!engine.contains("ferry-guest"), "{engine:?}");
     assert!(engine.contains("ferry-protocol"), "{engine:?}");
-    // Dependencies point one way: protocol <- page-server <- engine <- tools.
+    assert!(engine.contains("ferry-transport"), "{engine:?}");
+    // Dependencies point one way: protocol, transport <- page-server <-
+    // engine <- tools; the wire format and the connections know nothing of
+    // each other.
     assert!(workspace_closure("ferry-protocol").is_empty());
+    assert!(workspace_closure("ferry-transport").is_empty());
     assert_eq!(
         workspace_closure("ferry-page-server"),
-        BTreeSet::from(["ferry-protocol".to_string()])
+        BTreeSet::from(["ferry-protocol".to_string(), "ferry-transport".to_string()])
     );
     assert!(workspace_closure("ferry-tools").contains("ferry-guest"));
 }
@@ -80,7 +85,12 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn only_the_protocol_crate_lays_out_frames() {
-    for dir in ["engine/src", "page-server/src", "tools/src"] {
+    for dir in [
+        "engine/src",
+        "page-server/src",
+        "transport/src",
+        "tools/src",
+    ] {
         for f in rust_files(&root().join(dir)) {
             let text = std::fs::read_to_string(&f).unwrap();
             for needle in ["FrameHeader {", "FrameHeader::decode", "HELLO_MAGIC"] {

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Commands: `status`, `pause`, `resume`, `snapshot` (`path`),
-//! `migrate` (`to`, optional `stats_json` and `mode`), `quit`.
+//! `migrate` (`to`, optional `stats_json`, `mode`, `max_bandwidth` and
+//! `tls_cert`/`tls_key`/`tls_ca`/`tls_server_name`), `quit`.
 //! Requests are untrusted: malformed or oversized lines get an error
 //! response, never a panic, and the connection stays usable.
 
@@ -78,6 +79,20 @@ pub enum ApiRequest {
         /// are never capped).
         #[serde(default)]
         max_bandwidth: Option<u64>,
+        /// Mutual TLS: this side's certificate (PEM file). All three of
+        /// `tls_cert`, `tls_key` and `tls_ca` or none.
+        #[serde(default)]
+        tls_cert: Option<PathBuf>,
+        /// Mutual TLS: its private key (PEM file).
+        #[serde(default)]
+        tls_key: Option<PathBuf>,
+        /// Mutual TLS: the CA that signed the destination (PEM file).
+        #[serde(default)]
+        tls_ca: Option<PathBuf>,
+        /// Mutual TLS: the name the destination's certificate must carry
+        /// (default: the host part of `to`).
+        #[serde(default)]
+        tls_server_name: Option<String>,
     },
     /// Try a stranded move again: on the source, reconnect to the
     /// destination (at `to`, if it moved; else where it was); on the

@@ -1,6 +1,6 @@
 //! Serves one VM: applies API requests to it until told to quit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ pub enum ControllerError {
     /// Migrating out failed.
     #[error(transparent)]
     Migrate(#[from] migration::SourceError),
+    /// The TLS settings of a `migrate` request are incomplete or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The VM must not run here (see [`ServeContext::hold`]).
     #[error("refused: {0}")]
     Held(String),
@@ -213,11 +216,20 @@ pub fn handle(
             stats_json,
             mode,
             max_bandwidth,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            tls_server_name,
         } => {
             if let Some(why) = &ctx.hold {
                 return (ApiResponse::err(ControllerError::Held(why.clone())), false);
             }
             let mut opts = ctx.migrate_defaults.clone();
+            match client_tls(tls_cert, tls_key, tls_ca, tls_server_name) {
+                Ok(Some(tls)) => opts.tls = Some(tls),
+                Ok(None) => {}
+                Err(e) => return (ApiResponse::err(e), false),
+            }
             if let Some(m) = mode {
                 opts.mode = *m;
             }
@@ -239,6 +251,31 @@ pub fn handle(
             error!("{req:?} failed: {e}");
             (ApiResponse::err(e), false)
         }
+    }
+}
+
+/// The TLS settings of a `migrate` request: all three files or none.
+fn client_tls(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    ca: &Option<PathBuf>,
+    server_name: &Option<String>,
+) -> Result<Option<ferry_transport::ClientTls>, ControllerError> {
+    match (cert, key, ca) {
+        (None, None, None) if server_name.is_none() => Ok(None),
+        (Some(cert), Some(key), Some(ca)) => {
+            let files = ferry_transport::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            };
+            ferry_transport::ClientTls::load(&files, server_name.clone())
+                .map(Some)
+                .map_err(|e| ControllerError::Tls(e.to_string()))
+        }
+        _ => Err(ControllerError::Tls(
+            "give all of tls_cert, tls_key and tls_ca, or none".into(),
+        )),
     }
 }
 

@@ -1213,6 +1213,10 @@ fn fuzz_api_request() {
             stats_json: Some("/tmp/s.json".into()),
             mode: Some(MigrationMode::Hybrid),
             max_bandwidth: Some(25 << 20),
+            tls_cert: Some("/etc/ferry/source.pem".into()),
+            tls_key: Some("/etc/ferry/source.key".into()),
+            tls_ca: Some("/etc/ferry/ca.pem".into()),
+            tls_server_name: Some("dest".into()),
         },
         ApiRequest::Recover {
             to: Some("[::1]:7001".into()),

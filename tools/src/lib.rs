@@ -83,6 +83,33 @@ pub struct LinkArgs {
     pub recovery_window: Duration,
 }
 
+/// Mutual TLS on the migration connections (the same flags on
+/// `ferry-source` and `ferry-dest`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This side's certificate (PEM). With --tls-key and --tls-ca, every
+    /// migration connection runs mutual TLS (TLS 1.3, AES-GCM).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate (PEM) the peer's certificate must be signed by.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The three files, when TLS is on.
+    pub fn files(&self) -> Option<ferry_transport::TlsFiles> {
+        Some(ferry_transport::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
+        })
+    }
+}
+
 /// Maps `--serial` to a console output: `-` is stdout, `none` discards.
 pub fn console_output(arg: Option<&str>) -> ConsoleOutput {
     match arg {

@@ -1,13 +1,18 @@
 //! [`Acceptor`]: the destination's listener, hardened against strangers.
 //!
-//! Every accepted connection gets its `Hello` read on a handshake thread of
-//! its own, with a deadline, so a peer that connects and sends nothing (or
+//! Every accepted connection gets its TLS handshake (when the listener has
+//! TLS settings) and then its `Hello` read on a handshake thread of its
+//! own, both within one deadline, so a peer that connects and sends nothing (or
 //! sends slowly) holds up nobody: the next connection is accepted at once.
 //! At most [`MAX_HANDSHAKES`] handshakes run at a time; while that many
 //! run, new connections wait in the kernel's backlog until a slot frees. A connection whose first frame is not a valid
-//! `Hello` is answered with `Abort` naming the problem and closed. Only
-//! parsed `Hello`s reach the caller, which decides whether they belong to
-//! the session it waits for.
+//! `Hello` is answered with `Abort` naming the problem and closed. A peer
+//! that fails the TLS handshake (no TLS at all, a certificate the CA did
+//! not sign, a name not allowed) gets nothing from Ferry, not even an
+//! `Abort`: the refusal is logged with its reason and the connection
+//! closed, before any `Hello` is read. Only parsed `Hello`s, from
+//! authenticated peers when TLS is on, reach the caller, which decides
+//! whether they belong to the session it waits for.
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{Hello, MsgType, ProtocolError};
-use tracing::warn;
+use ferry_transport::{Conn, ServerTls};
+use tracing::{debug, warn};
 
 use super::link::Link;
 
@@ -38,12 +44,18 @@ struct Inner {
     done_rx: Mutex<Receiver<(Link, Hello)>>,
     in_flight: Arc<AtomicUsize>,
     peer_timeout: Duration,
+    tls: Option<ServerTls>,
 }
 
 impl Acceptor {
     /// Accepts on (a duplicate of) `listener`; sessions then use
-    /// `peer_timeout` on the links it hands out.
-    pub fn new(listener: &TcpListener, peer_timeout: Duration) -> Result<Self, ProtocolError> {
+    /// `peer_timeout` on the links it hands out. With `tls`, every
+    /// connection must complete a mutual TLS handshake first.
+    pub fn new(
+        listener: &TcpListener,
+        peer_timeout: Duration,
+        tls: Option<ServerTls>,
+    ) -> Result<Self, ProtocolError> {
         let listener = listener.try_clone()?;
         listener.set_nonblocking(true)?;
         let (tx, rx) = channel();
@@ -54,6 +66,7 @@ impl Acceptor {
                 done_rx: Mutex::new(rx),
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 peer_timeout,
+                tls,
             }),
         })
     }
@@ -108,10 +121,11 @@ impl Acceptor {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let peer_timeout = self.inner.peer_timeout;
+        let tls = self.inner.tls.clone();
         let spawned = std::thread::Builder::new()
             .name("handshake".into())
             .spawn(move || {
-                if let Some(done) = handshake(conn, peer_timeout) {
+                if let Some(done) = handshake(conn, peer_timeout, tls.as_ref()) {
                     let _ = tx.send(done);
                 }
                 in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -123,14 +137,40 @@ impl Acceptor {
     }
 }
 
-/// Reads one `Hello` within [`HELLO_TIMEOUT`]; answers anything else with
-/// `Abort` and logs it.
-fn handshake(conn: TcpStream, peer_timeout: Duration) -> Option<(Link, Hello)> {
+/// Runs the TLS handshake (with `tls`) and reads one `Hello`, all within
+/// [`HELLO_TIMEOUT`]. A failed TLS handshake is logged and closed; any
+/// other first frame is answered with `Abort` and logged.
+fn handshake(
+    conn: TcpStream,
+    peer_timeout: Duration,
+    tls: Option<&ServerTls>,
+) -> Option<(Link, Hello)> {
     let peer = conn.peer_addr().ok();
-    if conn.set_nonblocking(false).is_err() {
-        return None;
-    }
-    let mut link = match Link::new(conn, HELLO_TIMEOUT.min(peer_timeout)) {
+    let limit = HELLO_TIMEOUT.min(peer_timeout);
+    let deadline = Instant::now() + limit;
+    let conn = match tls {
+        Some(tls) => match tls.accept(conn, deadline) {
+            Ok(c) => {
+                debug!(?peer, "TLS peer authenticated");
+                c
+            }
+            Err(e) => {
+                warn!(?peer, "refused a connection before its Hello: {e}");
+                return None;
+            }
+        },
+        None => {
+            if conn.set_nonblocking(false).is_err() {
+                return None;
+            }
+            Conn::Plain(conn)
+        }
+    };
+    // What is left of the deadline is the Hello's.
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let mut link = match Link::new(conn, left) {
         Ok(l) => l,
         Err(e) => {
             warn!(?peer, "refused a connection: {e}");

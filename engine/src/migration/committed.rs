@@ -197,7 +197,12 @@ impl<'a> Committed<'a> {
         let mut wait = BACKOFF_FIRST;
         let mut last_error = String::from("no attempt");
         while Instant::now() < deadline {
-            match resume_session(self.addr, &self.hello, self.cfg.peer_timeout) {
+            match resume_session(
+                self.addr,
+                &self.hello,
+                self.cfg.peer_timeout,
+                self.opts.tls.as_ref(),
+            ) {
                 Ok((None, _)) => {
                     warn!("the destination does not hold the session");
                     return Ok(None);

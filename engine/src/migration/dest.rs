@@ -66,6 +66,10 @@ pub struct DestOptions {
     /// Accept only this session id (an in-process lazy restore, whose
     /// source shares it); any other `Hello` is refused.
     pub expect_session: Option<u64>,
+    /// Mutual TLS on every connection (None: plain TCP). The fault
+    /// connection and every reconnection must then come from the control
+    /// connection's certificate.
+    pub tls: Option<ferry_transport::ServerTls>,
 }
 
 impl Default for DestOptions {
@@ -76,6 +80,7 @@ impl Default for DestOptions {
             progress: None,
             accept_timeout: None,
             expect_session: None,
+            tls: None,
         }
     }
 }
@@ -108,7 +113,7 @@ pub fn receive<'a>(
     console: ConsoleOutput,
     opts: &'a DestOptions,
 ) -> Result<Received<'a>, DestError> {
-    let acceptor = Acceptor::new(listener, opts.peer_timeout)?;
+    let acceptor = Acceptor::new(listener, opts.peer_timeout, opts.tls.clone())?;
     let (mut ctl, hello) = accept_new(&acceptor, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
@@ -119,10 +124,12 @@ pub fn receive<'a>(
     let accepted = hello.features & features::SUPPORTED;
     ack(&ctl, &hello, accepted, ResumeStatus::Accepted)?;
     let session = hello.session_id;
+    // Who the session's peer is: every later connection must be it.
+    let peer = Peer(ctl.peer_certificate().map(<[u8]>::to_vec));
     // The source opens the fault connection right after the control one.
     let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 2;
-    let (fault_link, fhello) =
-        accept_role(&acceptor, Role::Fault, session, deadline).map_err(|e| abort(&ctl, e))?;
+    let (fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
+        .map_err(|e| abort(&ctl, e))?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
     let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 
@@ -183,7 +190,14 @@ pub fn receive<'a>(
 
     // Prepared: the VM runs only when `Commit` arrives.
     let mut recovery = Recovery::default();
-    let commit_wait = wait_for_commit(&acceptor, opts, &mut ctl, &mut beat, session, &mut recovery);
+    let commit_wait = wait_for_commit(
+        &acceptor,
+        opts,
+        &mut ctl,
+        &mut beat,
+        (session, &peer),
+        &mut recovery,
+    );
     if let Err(e) = commit_wait {
         warn!("the switch-over did not commit; the VM is discarded here: {e}");
         return Err(e);
@@ -221,6 +235,7 @@ pub fn receive<'a>(
             opts,
             window: opts.recovery_window,
             session,
+            peer,
             ctl,
             beat,
             recovery,
@@ -357,7 +372,7 @@ fn wait_for_commit(
     opts: &DestOptions,
     ctl: &mut Link,
     beat: &mut Heartbeat,
-    session: u64,
+    (session, peer): (u64, &Peer),
     recovery: &mut Recovery,
 ) -> Result<(), DestError> {
     loop {
@@ -379,7 +394,7 @@ fn wait_for_commit(
                 let t = Instant::now();
                 let deadline = t + opts.recovery_window;
                 let (new_ctl, new_fault) =
-                    accept_resume(acceptor, session, deadline, ResumeStatus::Prepared)?;
+                    accept_resume(acceptor, session, peer, deadline, ResumeStatus::Prepared)?;
                 // Nothing goes on the fault connection before the VM runs.
                 drop(new_fault);
                 *ctl = new_ctl;
@@ -399,6 +414,8 @@ struct Session<'a> {
     /// operator's `recover` asked for).
     window: Duration,
     session: u64,
+    /// The certificate the session's connections come with (TLS).
+    peer: Peer,
     ctl: Link,
     beat: Heartbeat,
     recovery: Recovery,
@@ -477,7 +494,8 @@ impl Session<'_> {
             "link to the source lost; the VM waits for it to reconnect"
         );
         let deadline = t + self.window;
-        let (ctl, fault_link) = accept_resume(&self.acceptor, self.session, deadline, status)?;
+        let (ctl, fault_link) =
+            accept_resume(&self.acceptor, self.session, &self.peer, deadline, status)?;
         self.ctl = ctl;
         self.beat = self.ctl.heartbeat(self.opts.peer_timeout / 4);
         if let Some((f, ram)) = fault {
@@ -516,6 +534,7 @@ impl Session<'_> {
                     match accept_resume(
                         &self.acceptor,
                         self.session,
+                        &self.peer,
                         deadline,
                         ResumeStatus::Completed,
                     ) {
@@ -533,13 +552,13 @@ impl Session<'_> {
     /// Answers resumes of this completed session with `Complete` until the
     /// recovery window ends, on a thread of its own.
     fn linger(&self, complete: Vec<u8>) {
-        let (acceptor, session) = (self.acceptor.clone(), self.session);
+        let (acceptor, session, peer) = (self.acceptor.clone(), self.session, self.peer.clone());
         let deadline = Instant::now() + self.window;
         let _ = std::thread::Builder::new()
             .name("completed-session".into())
             .spawn(move || {
                 while let Ok((ctl, _)) =
-                    accept_resume(&acceptor, session, deadline, ResumeStatus::Completed)
+                    accept_resume(&acceptor, session, &peer, deadline, ResumeStatus::Completed)
                 {
                     info!("a source asked again after Complete; answering it");
                     let _ = ctl.send(MsgType::Complete, 0, &complete);
@@ -635,17 +654,34 @@ fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), 
             let _ = link.send(MsgType::Abort, 0, b"unexpected session");
             continue;
         }
-        info!(peer = ?link.stream.peer_addr().ok(), "incoming migration");
+        let over = if link.stream.is_tls() {
+            "mutual TLS"
+        } else {
+            "plain TCP"
+        };
+        info!(peer = ?link.stream.peer_addr().ok(), "incoming migration over {over}");
         return Ok((link, hello));
     }
 }
 
-/// Waits for a connection of `role` in `session`; others are refused and
-/// logged, and never replace it.
+/// The certificate of a session's peer (None without TLS).
+#[derive(Clone, PartialEq, Eq)]
+struct Peer(Option<Vec<u8>>);
+
+impl Peer {
+    /// True when `link` comes from this peer: the same certificate.
+    fn is(&self, link: &Link) -> bool {
+        self.0.as_deref() == link.peer_certificate()
+    }
+}
+
+/// Waits for a connection of `role` in `session`, from `peer`; others are
+/// refused and logged, and never replace it.
 fn accept_role(
     acceptor: &Acceptor,
     role: Role,
     session: u64,
+    peer: &Peer,
     deadline: Instant,
 ) -> Result<(Link, Hello), DestError> {
     loop {
@@ -655,7 +691,16 @@ fn accept_role(
             )));
         };
         if hello.role == role && hello.session_id == session {
-            return Ok((link, hello));
+            if peer.is(&link) {
+                return Ok((link, hello));
+            }
+            warn!(
+                session,
+                role = ?hello.role,
+                "refused a connection naming this session from another certificate"
+            );
+            let _ = ack(&link, &hello, 0, ResumeStatus::UnknownSession);
+            continue;
         }
         warn!(
             session = hello.session_id,
@@ -667,10 +712,12 @@ fn accept_role(
 }
 
 /// Waits until `deadline` for the source of `session` to reconnect both
-/// connections with resume `Hello`s; answers each with `status`.
+/// connections with resume `Hello`s, from `peer`'s certificate; answers
+/// each with `status`.
 fn accept_resume(
     acceptor: &Acceptor,
     session: u64,
+    peer: &Peer,
     deadline: Instant,
     status: ResumeStatus,
 ) -> Result<(Link, Link), DestError> {
@@ -679,7 +726,8 @@ fn accept_resume(
         let Some((ctl, hello)) = acceptor.next_hello(Some(deadline))? else {
             return Err(DestError::RecoveryTimeout(window));
         };
-        let ours = hello.session_id == session && hello.features & features::RESUME != 0;
+        let ours =
+            hello.session_id == session && hello.features & features::RESUME != 0 && peer.is(&ctl);
         if !ours || hello.role != Role::Control {
             warn!(
                 session = hello.session_id,
@@ -690,7 +738,7 @@ fn accept_resume(
         }
         let accepted = hello.features & features::SUPPORTED;
         ack(&ctl, &hello, accepted, status)?;
-        let fault = match accept_role(acceptor, Role::Fault, session, deadline) {
+        let fault = match accept_role(acceptor, Role::Fault, session, peer, deadline) {
             Ok((f, fh)) => {
                 ack(&f, &fh, accepted, status)?;
                 f

@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
-use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,6 +23,7 @@ use std::time::{Duration, Instant};
 use ferry_protocol::{
     decode_pages, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError,
 };
+use ferry_transport::Conn as Stream;
 use hdrhistogram::Histogram;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, warn};
@@ -110,20 +110,22 @@ struct Shared {
     /// Set when the connection failed; cleared when a new one is taken.
     down: AtomicBool,
     /// The replacement connection, when recovery found one.
-    next: Mutex<Option<(TcpStream, Vec<u8>)>>,
+    next: Mutex<Option<(Stream, Vec<u8>)>>,
     /// Shut down when the fault connection fails, so the receive thread
     /// (blocked on it) notices at once.
-    control: Mutex<Option<TcpStream>>,
+    control: Mutex<Option<Stream>>,
 }
 
-/// The connection side of the fault loop.
+/// The connection side of the fault loop (non-blocking; under TLS every
+/// read drains the socket until `WouldBlock`, so no decrypted bytes wait
+/// unseen behind a `poll`).
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     rx: FrameDecoder,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, buffered: Vec<u8>) -> Result<Self, ProtocolError> {
+    fn new(stream: Stream, buffered: Vec<u8>) -> Result<Self, ProtocolError> {
         stream.set_nonblocking(true)?;
         Ok(Self {
             stream,
@@ -144,7 +146,7 @@ fn send_request(
         vcpu,
     }
     .frame(pfn);
-    write_all_nonblocking(&mut conn.stream, &frame)?;
+    write_all_nonblocking(&conn.stream, &frame)?;
     st.bytes_wire += frame.len() as u64;
     Ok(())
 }
@@ -280,7 +282,7 @@ fn receive(
 ) -> Result<bool, FaultError> {
     let mut active = false;
     loop {
-        match c.rx.read_from(&mut c.stream) {
+        match c.rx.read_from(&mut &c.stream) {
             Ok(0) => return Err(ProtocolError::Closed.into()),
             Ok(n) => {
                 st.bytes_wire += n as u64;
@@ -336,7 +338,7 @@ fn receive(
     Ok(active)
 }
 
-fn write_all_nonblocking(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), ProtocolError> {
+fn write_all_nonblocking(mut conn: &Stream, mut buf: &[u8]) -> Result<(), ProtocolError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !buf.is_empty() {
         match conn.write(buf) {
@@ -351,12 +353,24 @@ fn write_all_nonblocking(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), Pro
             Err(e) => return Err(ProtocolError::Io(e)),
         }
     }
-    Ok(())
+    // TLS: the request's ciphertext may still wait in the session.
+    loop {
+        match conn.flush() {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                if Instant::now() > deadline {
+                    return Err(ProtocolError::Io(e));
+                }
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(ProtocolError::Io(e)),
+        }
+    }
 }
 
 /// Sleeps until the userfaultfd or the connection is readable, or
 /// `timeout_ms` passes.
-fn wait_readable(uffd: &impl AsFd, conn: Option<&TcpStream>, timeout_ms: u16) {
+fn wait_readable(uffd: &impl AsFd, conn: Option<&Stream>, timeout_ms: u16) {
     let mut fds = vec![PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
     if let Some(c) = conn {
         fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
@@ -377,9 +391,9 @@ impl FaultThread {
     /// fails, so the thread reading it notices too.
     pub(super) fn start(
         ram: Arc<UffdRam>,
-        conn: TcpStream,
+        conn: Stream,
         buffered: Vec<u8>,
-        control: Option<TcpStream>,
+        control: Option<Stream>,
     ) -> Result<Self, FaultError> {
         let shared = Arc::new(Shared {
             control: Mutex::new(control),
@@ -418,7 +432,7 @@ impl FaultThread {
 
     /// Hands the thread a new fault connection (after a resume handshake)
     /// and a new control connection to shut down on failure.
-    pub(super) fn reconnect(&self, conn: TcpStream, buffered: Vec<u8>, control: Option<TcpStream>) {
+    pub(super) fn reconnect(&self, conn: Stream, buffered: Vec<u8>, control: Option<Stream>) {
         *self
             .shared
             .control

@@ -12,23 +12,24 @@
 //! within the timeout while a slow but live one is not.
 
 use std::io::{ErrorKind, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{write_frame, Frame, FrameDecoder, MsgType, ProtocolError};
+use ferry_transport::Conn;
 
 /// A connection and the frames buffered from it.
 #[derive(Debug)]
 pub struct Link {
-    /// The socket (blocking), for reading.
-    pub stream: TcpStream,
+    /// The connection (blocking; plain TCP or TLS), for reading.
+    pub stream: Conn,
     /// What has been read from it and not yet handed out.
     pub rx: FrameDecoder,
     /// The writing half, shared with a heartbeat so frames never interleave.
-    writer: Arc<Mutex<TcpStream>>,
+    writer: Arc<Mutex<Conn>>,
     /// No bytes for this long means the peer is gone.
     peer_timeout: Duration,
 }
@@ -36,7 +37,8 @@ pub struct Link {
 impl Link {
     /// A link over `stream` with `peer_timeout` as its read and write
     /// timeout; nothing read yet.
-    pub fn new(stream: TcpStream, peer_timeout: Duration) -> Result<Self, ProtocolError> {
+    pub fn new(stream: impl Into<Conn>, peer_timeout: Duration) -> Result<Self, ProtocolError> {
+        let stream = stream.into();
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(peer_timeout))?;
         stream.set_write_timeout(Some(peer_timeout))?;
@@ -60,6 +62,11 @@ impl Link {
     /// The peer timeout this link enforces.
     pub fn peer_timeout(&self) -> Duration {
         self.peer_timeout
+    }
+
+    /// The peer's certificate (DER) on a TLS link: who is at the other end.
+    pub fn peer_certificate(&self) -> Option<&[u8]> {
+        self.stream.peer_certificate()
     }
 
     /// Writes one frame and flushes it.
@@ -148,7 +155,7 @@ impl Link {
     }
 
     /// The socket and the bytes read from it but not yet decoded.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+    pub fn into_parts(self) -> (Conn, Vec<u8>) {
         (self.stream, self.rx.into_buffered())
     }
 }
@@ -167,7 +174,7 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn start(writer: Arc<Mutex<TcpStream>>, interval: Duration) -> Self {
+    fn start(writer: Arc<Mutex<Conn>>, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -182,7 +189,10 @@ impl Heartbeat {
                     }
                     last = Instant::now();
                     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                    if write_frame(&mut *w, MsgType::Ping, 0, &[]).is_err() {
+                    if write_frame(&mut *w, MsgType::Ping, 0, &[])
+                        .and_then(|()| w.flush().map_err(Into::into))
+                        .is_err()
+                    {
                         // The reader of this link will notice too.
                         return;
                     }

@@ -40,6 +40,9 @@ pub struct SourceOptions {
     /// recorded working set). Makes a post-copy move a hybrid one with a
     /// single pre-copy pass over these pages.
     pub prefetch: Vec<u64>,
+    /// Mutual TLS on both connections (None: plain TCP). Every
+    /// reconnection after a lost link runs the handshake again.
+    pub tls: Option<ferry_transport::ClientTls>,
 }
 
 impl Default for SourceOptions {
@@ -56,6 +59,7 @@ impl Default for SourceOptions {
             session_record: None,
             session_id: None,
             prefetch: Vec::new(),
+            tls: None,
         }
     }
 }

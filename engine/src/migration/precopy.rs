@@ -2,7 +2,6 @@
 //! the pages KVM's dirty log says changed since.
 
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -19,7 +18,7 @@ const ZERO_RUN: u64 = protocol::MAX_PAGES_PER_FRAME as u64;
 
 /// Writes `Pages` frames on the control connection.
 pub struct PageSender<'a> {
-    out: BufWriter<&'a TcpStream>,
+    out: BufWriter<&'a ferry_transport::Conn>,
     source: &'a dyn PageSource,
     lz4: bool,
     zero_runs: bool,
@@ -41,7 +40,7 @@ pub struct PageSender<'a> {
 impl<'a> PageSender<'a> {
     /// A sender over `conn`.
     pub fn new(
-        conn: &'a TcpStream,
+        conn: &'a ferry_transport::Conn,
         source: &'a dyn PageSource,
         lz4: bool,
         zero_runs: bool,

@@ -9,6 +9,7 @@ use ferry_protocol::{
     encode_state, features, Hello, HelloAck, MigrationMode, MsgType, ProtocolError, ResumeStatus,
     Role, StateMeta, OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION,
 };
+use ferry_transport::{ClientTls, Conn};
 use tracing::info;
 
 use super::error::SourceError;
@@ -37,7 +38,23 @@ pub fn random_session_id() -> Result<u64, SourceError> {
     })
 }
 
-fn connect(addr: &str) -> Result<TcpStream, SourceError> {
+/// Connects to `addr`, then runs the TLS handshake when `tls` is given
+/// (checking the destination's certificate against the CA and the name).
+fn connect(addr: &str, tls: Option<&ClientTls>) -> Result<Conn, SourceError> {
+    let fail = |why: String| SourceError::Connect {
+        addr: addr.to_string(),
+        why,
+    };
+    let tcp = connect_tcp(addr)?;
+    let Some(tls) = tls else {
+        return Ok(Conn::Plain(tcp));
+    };
+    let name = tls.name_for(addr);
+    tls.connect(tcp, &name, std::time::Instant::now() + CONNECT_TIMEOUT)
+        .map_err(|e| fail(format!("{e} (destination name {name:?})")))
+}
+
+fn connect_tcp(addr: &str) -> Result<TcpStream, SourceError> {
     let fail = |why: String| SourceError::Connect {
         addr: addr.to_string(),
         why,
@@ -87,6 +104,7 @@ pub(super) fn open_session(
     meta: MachineMeta,
     peer_timeout: Duration,
     session_id: Option<u64>,
+    tls: Option<&ClientTls>,
 ) -> Result<Session, SourceError> {
     let session_id = match session_id {
         Some(id) => id,
@@ -102,9 +120,10 @@ pub(super) fn open_session(
         page_size: PAGE_SIZE as u32,
         options: vec![(OPT_MODE, vec![mode as u8])],
     };
-    let (session, _) = connect_both(addr, hello, peer_timeout)?;
+    let (session, _) = connect_both(addr, hello, peer_timeout, tls)?;
     info!(
         mode = mode.name(),
+        tls = tls.is_some(),
         features = session.ack.features,
         "connected to the destination"
     );
@@ -118,11 +137,12 @@ pub(super) fn resume_session(
     addr: &str,
     first: &Hello,
     peer_timeout: Duration,
+    tls: Option<&ClientTls>,
 ) -> Result<(Option<Session>, ResumeStatus), SourceError> {
     let mut hello = first.clone();
     hello.role = Role::Control;
     hello.features |= features::RESUME;
-    match connect_both(addr, hello, peer_timeout) {
+    match connect_both(addr, hello, peer_timeout, tls) {
         Ok((s, status)) => Ok((Some(s), status)),
         Err(SourceError::Unknown) => Ok((None, ResumeStatus::UnknownSession)),
         Err(e) => Err(e),
@@ -133,13 +153,14 @@ fn connect_both(
     addr: &str,
     mut hello: Hello,
     peer_timeout: Duration,
+    tls: Option<&ClientTls>,
 ) -> Result<(Session, ResumeStatus), SourceError> {
-    let mut control = Link::new(connect(addr)?, peer_timeout)?;
+    let mut control = Link::new(connect(addr, tls)?, peer_timeout)?;
     let (ack, status) = handshake(&mut control, &hello)?;
     if status == ResumeStatus::UnknownSession {
         return Err(SourceError::Unknown);
     }
-    let mut fault = Link::new(connect(addr)?, peer_timeout)?;
+    let mut fault = Link::new(connect(addr, tls)?, peer_timeout)?;
     hello.role = Role::Fault;
     handshake(&mut fault, &hello)?;
     hello.role = Role::Control;

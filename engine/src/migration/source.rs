@@ -84,6 +84,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         vm.meta(),
         peer_timeout,
         opts.session_id,
+        opts.tls.as_ref(),
     )
     .inspect_err(|e| {
         if let Some(p) = &opts.progress {
@@ -276,6 +277,7 @@ pub fn migrate_machine(
         machine.meta,
         opts.server.peer_timeout,
         opts.session_id,
+        opts.tls.as_ref(),
     )?;
     let cfg = negotiated(&opts.server, &ack);
     let t0 = Instant::now();

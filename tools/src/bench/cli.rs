@@ -117,6 +117,12 @@ pub struct Args {
     /// QEMU's alike): off, on, or both (every point twice) [default: off].
     #[arg(long)]
     pub pin: Option<String>,
+    /// Also run every Ferry point over mutual TLS (certificates made with
+    /// `gen-certs` in the output directory), alternating with the plain
+    /// runs, and add a TLS cost section: push throughput TLS ÷ plain and
+    /// the demand-fault p50 difference.
+    #[arg(long)]
+    pub tls: bool,
     /// Instead of migrations: snapshot a guest per memory size and working
     /// set, then restore it lazily: once recording its working set
     /// (`--replay record`), then --repeat times each plainly and replayed.
@@ -150,6 +156,8 @@ pub struct Config {
     pub qemu_downtime_ms: u64,
     /// Ferry's binaries and tunables.
     pub ferry: FerryTools,
+    /// Every Ferry run also over mutual TLS.
+    pub tls: bool,
 }
 
 fn duration(opt: &'static str, s: &str) -> Result<Duration, CliError> {
@@ -264,7 +272,9 @@ impl Args {
                 max_rounds: self.max_rounds,
                 downtime_target: target.map(|d| format!("{}ms", d.as_millis())),
                 hybrid_rounds: self.hybrid_rounds,
+                tls_certs: None,
             },
+            tls: self.tls,
         })
     }
 }
@@ -304,7 +314,7 @@ mod tests {
             .collect();
         assert_eq!(big.len(), 1);
         assert_eq!((big[0].mode, big[0].ws), (Mode::Postcopy, 1 << 30));
-        assert_eq!(c.matrix.runs(false).unwrap().len(), 7);
+        assert_eq!(c.matrix.runs(false, false).unwrap().len(), 7);
         let c = cfg(&[
             "--quick",
             "--no-qemu",

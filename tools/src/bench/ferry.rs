@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::matrix::{Mode, RunSpec};
+use super::matrix::{Mode, Peer, RunSpec};
 use super::netns::{Net, Side};
 use super::procs::{listening, tail, wait_until, Child, ProcError};
 use super::record::Outcome;
@@ -49,6 +49,9 @@ pub enum FerryError {
     /// No free port.
     #[error("no free TCP port: {0}")]
     Port(std::io::Error),
+    /// A TLS run without certificates.
+    #[error("no certificates for the TLS runs")]
+    NoCerts,
     /// The guest reported no tick on the destination.
     #[error("the guest did not tick on the destination after the move")]
     NoDestTicks,
@@ -67,6 +70,8 @@ pub struct FerryTools {
     pub downtime_target: Option<String>,
     /// `--hybrid-rounds` for the hybrid mode, when given.
     pub hybrid_rounds: Option<u32>,
+    /// Where `gen-certs` wrote the certificates for the TLS runs.
+    pub tls_certs: Option<PathBuf>,
 }
 
 impl FerryTools {
@@ -131,21 +136,39 @@ pub fn run(
     let addr = format!("{ip}:{port}");
     let f = |n: &str| dir.join(n);
     let path = |n: &str| f(n).display().to_string();
+    let tls = match (spec.peer, &tools.tls_certs) {
+        (Peer::FerryTls, Some(d)) => Some(d),
+        (Peer::FerryTls, None) => return Err(FerryError::NoCerts),
+        _ => None,
+    };
+    let tls_args = |who: &str| -> Vec<String> {
+        let Some(d) = tls else { return Vec::new() };
+        let p = |f: String| d.join(f).display().to_string();
+        vec![
+            "--tls-cert".into(),
+            p(format!("{who}.pem")),
+            "--tls-key".into(),
+            p(format!("{who}.key")),
+            "--tls-ca".into(),
+            p("ca.pem".into()),
+        ]
+    };
     let mut cmd = net.command_on(Side::Dest, &tools.dest, p.cpu(Side::Dest));
-    // The bench's namespaces carry plain TCP on purpose (no TLS yet).
-    cmd.args([
-        "--listen",
-        &addr,
-        "--insecure",
-        "--serial",
-        &path("dst.log"),
-    ])
-    .args([
-        "--stats-json",
-        &path("dst.json"),
-        "--api",
-        &path("dst.sock"),
-    ]);
+    // Plain runs: the bench's namespaces carry plain TCP on purpose.
+    cmd.args(["--listen", &addr, "--serial", &path("dst.log")])
+        .args(if tls.is_some() {
+            let mut a = tls_args("dest");
+            a.extend(["--tls-allow".into(), "source".into()]);
+            a
+        } else {
+            vec!["--insecure".into()]
+        })
+        .args([
+            "--stats-json",
+            &path("dst.json"),
+            "--api",
+            &path("dst.sock"),
+        ]);
     let mut dst = Child::spawn(cmd, "ferry-dest", &f("dst.err"))?;
     let pid = dst.pid();
     wait_until(Duration::from_secs(20), "ferry-dest to listen", || {
@@ -175,7 +198,12 @@ pub fn run(
             &format!("{}ms", (after + p.setup_allowance()).as_millis()),
         ])
         .args(["--stats-json", &path("src.json")])
-        .args(tools.mode_args(p.mode));
+        .args(tools.mode_args(p.mode))
+        .args(tls_args("source"));
+    if tls.is_some() {
+        // The certificate names `dest` (and the namespaces' address).
+        cmd.args(["--tls-server-name", "dest"]);
+    }
     let mut src = Child::spawn(cmd, "ferry-source", &f("src.err"))?;
     let status = src.wait_exit(timeout)?;
     if !status.success() {
@@ -240,6 +268,7 @@ mod tests {
             max_rounds: Some(10),
             downtime_target: Some("20ms".into()),
             hybrid_rounds: Some(3),
+            tls_certs: None,
         };
         assert!(t.mode_args(Mode::Postcopy).is_empty());
         assert_eq!(t.mode_args(Mode::StopAndCopy), ["--mode", "stop-and-copy"]);

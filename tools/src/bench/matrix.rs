@@ -90,6 +90,8 @@ pub enum Peer {
     Ferry,
     /// `qemu-system-x86_64` with the same guest ELF.
     Qemu,
+    /// Ferry with mutual TLS on both connections (`--tls`).
+    FerryTls,
 }
 
 impl Peer {
@@ -98,6 +100,7 @@ impl Peer {
         match self {
             Peer::Ferry => "ferry",
             Peer::Qemu => "qemu",
+            Peer::FerryTls => "ferry-tls",
         }
     }
 }
@@ -383,8 +386,10 @@ impl Matrix {
 
     /// Every run: Ferry's points, then (with `qemu`) QEMU's points for the
     /// modes it has, with one vCPU (QEMU does not start this guest's APs),
-    /// each repeated `repeat` times. Runs of one point are adjacent.
-    pub fn runs(&self, qemu: bool) -> Result<Vec<RunSpec>, MatrixError> {
+    /// each repeated `repeat` times. Runs of one point are adjacent. With
+    /// `tls`, every Ferry run is followed by the same run over mutual TLS
+    /// (alternating, so both see the same host conditions).
+    pub fn runs(&self, qemu: bool, tls: bool) -> Result<Vec<RunSpec>, MatrixError> {
         let points = self.points();
         if points.is_empty() {
             return Err(MatrixError::NoPoints);
@@ -399,7 +404,17 @@ impl Matrix {
         let mut out = Vec::new();
         let mut qemu_points: Vec<Point> = Vec::new();
         for p in points {
-            out.extend(repeated(Peer::Ferry, p));
+            if tls {
+                for r in repeated(Peer::Ferry, p) {
+                    out.push(r);
+                    out.push(RunSpec {
+                        peer: Peer::FerryTls,
+                        ..r
+                    });
+                }
+            } else {
+                out.extend(repeated(Peer::Ferry, p));
+            }
             let q = Point { vcpus: 1, ..p };
             if qemu && p.mode.qemu_has() && !qemu_points.contains(&q) {
                 qemu_points.push(q);
@@ -496,7 +511,7 @@ mod tests {
     #[test]
     fn runs_add_qemu_rows_with_one_vcpu() {
         let m = matrix();
-        let runs = m.runs(true).unwrap();
+        let runs = m.runs(true, false).unwrap();
         let ferry = runs.iter().filter(|r| r.peer == Peer::Ferry).count();
         let qemu: Vec<_> = runs.iter().filter(|r| r.peer == Peer::Qemu).collect();
         assert_eq!(ferry, 36 * 2);
@@ -505,7 +520,13 @@ mod tests {
         assert!(qemu
             .iter()
             .all(|r| r.point.vcpus == 1 && r.point.mode.qemu_has()));
-        assert_eq!(m.runs(false).unwrap().len(), 72);
+        assert_eq!(m.runs(false, false).unwrap().len(), 72);
+        let tls = m.runs(false, true).unwrap();
+        assert_eq!(tls.len(), 144);
+        assert!(tls.chunks(2).all(|p| p[0].peer == Peer::Ferry
+            && p[1].peer == Peer::FerryTls
+            && p[0].point == p[1].point
+            && p[0].repeat == p[1].repeat));
         assert_eq!(runs[0].repeat, 0);
         assert_eq!(runs[1].repeat, 1);
         assert_eq!(runs[1].point, runs[0].point);
@@ -526,7 +547,7 @@ mod tests {
             ws: vec![WsSpec::Bytes(64 << 20)],
             ..matrix()
         };
-        assert_eq!(m.runs(true), Err(MatrixError::NoPoints));
+        assert_eq!(m.runs(true, false), Err(MatrixError::NoPoints));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! | [`markdown`] | `results.md` |
 //! | [`goals`] | `results.md`'s post-copy goals: Ferry vs QEMU vs the wire |
 //! | [`wire`] | the wire's bulk TCP rate, measured in the same run |
+//! | [`tls_cost`] | `results.md`'s TLS cost: TLS ÷ plain push rate, fault p50 delta |
 //! | [`plots`] | the benchmark's SVG plots (drawn with `plotters`) |
 
 pub mod cli;
@@ -36,4 +37,5 @@ pub mod restore;
 pub mod runner;
 pub mod serial;
 pub mod summary;
+pub mod tls_cost;
 pub mod wire;

@@ -165,6 +165,7 @@ impl RunRecord {
         let peer = match self.peer.as_str() {
             "ferry" => Peer::Ferry,
             "qemu" => Peer::Qemu,
+            "ferry-tls" => Peer::FerryTls,
             _ => return None,
         };
         Some((mode, peer))

@@ -18,6 +18,7 @@ use super::qemu::{self, QemuTools};
 use super::record::{self, RecordError, RunRecord};
 use super::restore;
 use super::serial::{guest_figures, read_log};
+use super::tls_cost;
 use super::wire::{self, WireFigure};
 
 /// Errors that stop the whole benchmark (a failed run does not).
@@ -46,6 +47,9 @@ pub enum RunnerError {
     /// A plot could not be drawn.
     #[error(transparent)]
     Plot(#[from] PlotError),
+    /// The TLS runs' certificates could not be made.
+    #[error("certificates for --tls: {0}")]
+    Certs(String),
 }
 
 /// What a benchmark produced.
@@ -155,13 +159,25 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     } else {
         info!("no QEMU rows (qemu-system-x86_64 not found or --no-qemu)");
     }
-    let runs = cfg.matrix.runs(qemu_tools.is_some())?;
+    let runs = cfg.matrix.runs(qemu_tools.is_some(), cfg.tls)?;
     let net = if cfg.netns {
         Net::namespaces(cfg.link_rate.as_deref())?
     } else {
         Net::loopback()
     };
     let out_abs = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
+    let mut with_certs;
+    let cfg = if cfg.tls {
+        // A CA and both peers' certificates, for this run only.
+        let dir = out_abs.join("certs");
+        ferry_transport::certs::generate(&dir, &[net.dest_ip().to_string()])
+            .map_err(RunnerError::Certs)?;
+        with_certs = cfg.clone();
+        with_certs.ferry.tls_certs = Some(dir);
+        &with_certs
+    } else {
+        cfg
+    };
     info!(runs = runs.len(), out = %out.display(), net = %net.describe(), "starting");
     let pinned = cfg.matrix.pin.contains(&true);
     let wire = match wire::measure(&net, pinned) {
@@ -254,7 +270,9 @@ fn render(
     wire: Option<&WireFigure>,
     title: &str,
 ) -> Result<Report, RunnerError> {
-    let md = markdown::table(records, title)? + &goals::section(records, wire);
+    let md = markdown::table(records, title)?
+        + &goals::section(records, wire)
+        + &tls_cost::section(records);
     let md_full = format!(
         "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`, `lost_vs_ws.svg`. \
          Per-run logs and statistics are under `runs/`.\n"
@@ -312,8 +330,10 @@ fn run_one(
 ) -> RunRecord {
     let mut rec = RunRecord::new(spec, &net.describe(), rel);
     let outcome = match (spec.peer, qemu_tools) {
-        (Peer::Ferry, _) => ferry::run(&cfg.ferry, spec, net, index, dir, cfg.after, cfg.timeout)
-            .map_err(|e| e.to_string()),
+        (Peer::Ferry | Peer::FerryTls, _) => {
+            ferry::run(&cfg.ferry, spec, net, index, dir, cfg.after, cfg.timeout)
+                .map_err(|e| e.to_string())
+        }
         (Peer::Qemu, Some(q)) => {
             qemu::run(q, spec, net, index, dir, cfg.after, cfg.timeout).map_err(|e| e.to_string())
         }

@@ -48,6 +48,32 @@ enum Cmd {
         /// answers are never capped.
         #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
         max_bandwidth: Option<u64>,
+        /// Mutual TLS: the source's certificate (PEM), with --tls-key and
+        /// --tls-ca.
+        #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<PathBuf>,
+        /// Mutual TLS: its private key (PEM).
+        #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+        tls_key: Option<PathBuf>,
+        /// Mutual TLS: the CA that signed the destination (PEM).
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_ca: Option<PathBuf>,
+        /// Mutual TLS: the name the destination's certificate must carry
+        /// (default: the host part of TO).
+        #[arg(long, requires = "tls_cert")]
+        tls_server_name: Option<String>,
+    },
+    /// Write a CA and two peer certificates for tests and demos into DIR:
+    /// ca.pem, dest.pem + dest.key (names dest, localhost, 127.0.0.1, ::1
+    /// and each --san), source.pem + source.key (name source). Keys are
+    /// mode 0600. No VM needed.
+    GenCerts {
+        /// Where to write them (created if missing; files are replaced).
+        dir: PathBuf,
+        /// Another name (DNS name or IP address) for the destination's
+        /// certificate, e.g. its address on the migration network.
+        #[arg(long, value_name = "NAME")]
+        san: Vec<String>,
     },
     /// Try a stranded move again. On the source: reconnect to the
     /// destination, at ADDR if it moved. On the destination: wait for the
@@ -105,12 +131,36 @@ fn main() -> ExitCode {
             stats_json,
             mode,
             max_bandwidth,
-        } => ApiRequest::Migrate {
-            to,
-            mode,
-            max_bandwidth,
-            stats_json: stats_json.map(|p| std::path::absolute(&p).unwrap_or(p)),
-        },
+            tls_cert,
+            tls_key,
+            tls_ca,
+            tls_server_name,
+        } => {
+            let abs = |p: Option<PathBuf>| p.map(|p| std::path::absolute(&p).unwrap_or(p));
+            ApiRequest::Migrate {
+                to,
+                mode,
+                max_bandwidth,
+                stats_json: abs(stats_json),
+                tls_cert: abs(tls_cert),
+                tls_key: abs(tls_key),
+                tls_ca: abs(tls_ca),
+                tls_server_name,
+            }
+        }
+        Cmd::GenCerts { dir, san } => {
+            return print_result(ferry_transport::certs::generate(&dir, &san).map(|g| {
+                serde_json::json!({
+                    "ca": g.ca,
+                    "dest": { "cert": g.dest.0, "key": g.dest.1, "names": g.dest_names },
+                    "source": {
+                        "cert": g.source.0,
+                        "key": g.source.1,
+                        "names": [ferry_transport::certs::SOURCE_NAME],
+                    },
+                })
+            }));
+        }
         Cmd::Quit => ApiRequest::Quit,
         Cmd::Recover { addr } => ApiRequest::Recover { to: addr },
         Cmd::Export { file } => {

@@ -10,7 +10,9 @@ use ferry_engine::controller::ServeContext;
 use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::hooks::{HookArgs, Shape};
-use ferry_tools::{archive, console_output, init_tracing, monitor, templates, LinkArgs, VmIoArgs};
+use ferry_tools::{
+    archive, console_output, init_tracing, monitor, templates, LinkArgs, TlsArgs, VmIoArgs,
+};
 use tracing::{error, info, warn};
 
 /// Receive a VM from a migrating ferry-source or restore it from a snapshot
@@ -31,12 +33,20 @@ struct Args {
     /// into place), so a script can wait for it instead of guessing a port.
     #[arg(long, requires = "listen", conflicts_with = "restore")]
     listen_addr_file: Option<PathBuf>,
-    /// Allow --listen on an address other than loopback. Migration traffic
-    /// is then unauthenticated and unencrypted: anyone who reaches the port
-    /// can hand this host a VM, and anyone on the path can read guest
-    /// memory. Use only on a network you trust.
+    /// Allow --listen without TLS on an address other than loopback.
+    /// Migration traffic is then unauthenticated and unencrypted: anyone
+    /// who reaches the port can hand this host a VM, and anyone on the path
+    /// can read guest memory. Use only on a network you trust. With
+    /// --tls-* any address may be used without it.
     #[arg(long, requires = "listen")]
     insecure: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// With --tls-*: a source's certificate must name NAME (a DNS name or
+    /// IP address among its subject alternative names) to send a VM here.
+    /// Repeatable; without it any certificate signed by --tls-ca may.
+    #[arg(long = "tls-allow", value_name = "NAME", requires = "tls_cert")]
+    tls_allow: Vec<String>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long, group = "snapshot_file")]
@@ -119,16 +129,24 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     // The listener outlives the move: a stranded move can be recovered on
     // it later (`ferry-ctl recover`).
+    let tls = match args.tls.files() {
+        Some(files) => Some(ferry_transport::ServerTls::load(
+            &files,
+            args.tls_allow.clone(),
+        )?),
+        None => None,
+    };
     let listener = args
         .listen
         .as_deref()
-        .map(|a| listen(a, args.insecure))
+        .map(|a| listen(a, args.insecure, tls.as_ref()))
         .transpose()?;
     let progress = std::sync::Arc::new(Progress::default());
     let opts = migration::DestOptions {
         peer_timeout: args.link.peer_timeout,
         recovery_window: args.link.recovery_window,
         progress: Some(progress.clone()),
+        tls,
         ..Default::default()
     };
     let mut ctx = ServeContext {
@@ -228,20 +246,35 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Binds the migration listener: loopback only, unless `insecure`.
-fn listen(addr: &str, insecure: bool) -> Result<std::net::TcpListener, String> {
+/// Binds the migration listener: any address with TLS; without it,
+/// loopback only, unless `insecure`.
+fn listen(
+    addr: &str,
+    insecure: bool,
+    tls: Option<&ferry_transport::ServerTls>,
+) -> Result<std::net::TcpListener, String> {
     use std::net::ToSocketAddrs;
     let resolved: Vec<std::net::SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve --listen {addr}: {e}"))?
         .collect();
-    if !insecure && resolved.iter().any(|a| !a.ip().is_loopback()) {
-        return Err(format!(
-            "refusing to listen on {addr}: migration traffic is unauthenticated and \
-             unencrypted, so off loopback it needs --insecure"
-        ));
+    match tls {
+        Some(tls) if tls.allowed().is_empty() => warn!(
+            "mutual TLS on {addr}: any source with a certificate signed by --tls-ca \
+             may send a VM (no --tls-allow)"
+        ),
+        Some(tls) => info!(allowed = ?tls.allowed(), "mutual TLS on {addr}"),
+        None => {
+            if !insecure && resolved.iter().any(|a| !a.ip().is_loopback()) {
+                return Err(format!(
+                    "refusing to listen on {addr}: without --tls-cert/--tls-key/--tls-ca \
+                     migration traffic is unauthenticated and unencrypted, so off \
+                     loopback it needs --insecure"
+                ));
+            }
+            warn!("migration traffic on {addr} is unauthenticated and unencrypted");
+        }
     }
-    warn!("migration traffic on {addr} is unauthenticated and unencrypted");
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener

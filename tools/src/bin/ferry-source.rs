@@ -13,7 +13,7 @@ use ferry_page_server::{FileSource, ServerConfig};
 use ferry_protocol::MigrationMode;
 use ferry_tools::{
     console_output, init_tracing, migration_progress_bar, monitor, parse_duration, parse_size,
-    LinkArgs, VmIoArgs,
+    LinkArgs, TlsArgs, VmIoArgs,
 };
 use tracing::{error, info};
 
@@ -38,6 +38,12 @@ struct Args {
     io: VmIoArgs,
     #[command(flatten)]
     link: LinkArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// With --tls-*: the name the destination's certificate must carry
+    /// (default: the host part of the destination's address).
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    tls_server_name: Option<String>,
     /// Migrate the VM to a `ferry-dest --listen` at this address.
     #[arg(long)]
     migrate_to: Option<String>,
@@ -118,6 +124,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
+    let tls = client_tls(&args)?;
     let defaults = SourceOptions {
         mode: args.mode,
         max_rounds: args.max_rounds,
@@ -125,6 +132,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         hybrid_rounds: args.hybrid_rounds,
         recovery_window: args.link.recovery_window,
         session_record: args.mem_file.as_deref().map(SessionRecord::path_for),
+        tls,
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
             max_bandwidth: args.max_bandwidth,
@@ -202,6 +210,15 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(exit_code)
 }
 
+/// The source's TLS settings from `--tls-*`, when given.
+fn client_tls(args: &Args) -> Result<Option<ferry_transport::ClientTls>, String> {
+    args.tls
+        .files()
+        .map(|f| ferry_transport::ClientTls::load(&f, args.tls_server_name.clone()))
+        .transpose()
+        .map_err(|e| e.to_string())
+}
+
 /// `--resume FILE`: finishes the committed move a dead source left behind.
 fn resume_crashed(args: &Args, mem_file: &Path) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let record_path = SessionRecord::path_for(mem_file);
@@ -220,6 +237,7 @@ fn resume_crashed(args: &Args, mem_file: &Path) -> Result<ExitCode, Box<dyn std:
     let pages = FileSource::new(std::sync::Arc::new(file), len / 4096);
     let opts = SourceOptions {
         recovery_window: args.link.recovery_window,
+        tls: client_tls(args)?,
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
             ..Default::default()
