@@ -66,6 +66,10 @@ pub struct DestOptions {
     /// Accept only this session id (an in-process lazy restore, whose
     /// source shares it); any other `Hello` is refused.
     pub expect_session: Option<u64>,
+    /// `--disk` given here: the `i`-th replaces the moved VM's `i`-th
+    /// disk (another path to the same storage, or a copy for a clone).
+    /// Empty: the disks are opened where the state says (shared storage).
+    pub disk_overrides: Vec<crate::devices::DiskConfig>,
 }
 
 impl Default for DestOptions {
@@ -76,6 +80,7 @@ impl Default for DestOptions {
             progress: None,
             accept_timeout: None,
             expect_session: None,
+            disk_overrides: Vec::new(),
         }
     }
 }
@@ -141,7 +146,9 @@ pub fn receive<'a>(
     opts.stage(Stage::Switching);
     let bytes_state = state_payload.len() as u64;
     let (meta, blob) = decode_state(&state_payload).map_err(|e| abort(&ctl, e.into()))?;
-    let machine = state::decode(blob).map_err(|e| abort(&ctl, e.into()))?;
+    let mut machine = state::decode(blob).map_err(|e| abort(&ctl, e.into()))?;
+    crate::devices::override_disks(&mut machine.devices.virtio, &opts.disk_overrides)
+        .map_err(|e| abort(&ctl, DestError::Refused(e)))?;
     if machine.meta.mem_size != hello.mem_size
         || machine.meta.vcpus != hello.vcpus
         || meta.mode != mode

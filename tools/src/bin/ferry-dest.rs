@@ -109,7 +109,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| listen(a, args.insecure))
         .transpose()?;
     let progress = std::sync::Arc::new(Progress::default());
+    let disks = args.io.disks()?;
     let opts = migration::DestOptions {
+        disk_overrides: disks.clone(),
         peer_timeout: args.link.peer_timeout,
         recovery_window: args.link.recovery_window,
         progress: Some(progress.clone()),
@@ -176,7 +178,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         received.vm
     } else if let Some(path) = restore.as_ref().filter(|_| args.lazy) {
-        let (vm, stats) = snapshot::restore_lazy(path, console)?;
+        let (vm, stats) = snapshot::restore_lazy_with(path, console, &disks)?;
         info!(path = %path.display(), "snapshot restored lazily");
         println!("{}", stats.table());
         if let Some(p) = &args.stats_json {
@@ -187,7 +189,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         hooks.fire_both(shape(&vm));
         vm
     } else if let Some(path) = &restore {
-        let (mut vm, stats) = snapshot::restore(path, console)?;
+        let (mut vm, stats) = snapshot::restore_with(path, console, &disks)?;
         info!(
             path = %path.display(),
             millis = stats.millis,
