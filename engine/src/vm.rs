@@ -639,7 +639,13 @@ impl Vm {
         }
         self.running = false;
         // No vCPU can make a request now: finish the ones made, flush.
-        self.bus.drain()?;
+        if !self.bus.is_empty() {
+            let drained = self.bus.drain()?;
+            info!(
+                requests = drained,
+                "devices drained: every request made is complete and flushed"
+            );
+        }
         Ok(t.elapsed())
     }
 

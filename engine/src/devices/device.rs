@@ -43,13 +43,15 @@ impl Shared {
     }
 
     /// Serves queue `index` with the lock held; raises the interrupt if
-    /// anything completed.
-    fn serve(&self, t: &mut MmioTransport, index: usize) {
-        if t.process(index, &self.mem, &self.dirty) > 0 {
+    /// anything completed. Returns how many requests completed.
+    fn serve(&self, t: &mut MmioTransport, index: usize) -> u32 {
+        let n = t.process(index, &self.mem, &self.dirty);
+        if n > 0 {
             if let Err(e) = self.irq.write(1) {
                 warn!("virtio interrupt: {e}");
             }
         }
+        n
     }
 }
 
@@ -133,21 +135,25 @@ impl VirtioMmioDevice {
     }
 
     /// Serves what is pending, flushes, and stops serving until
-    /// [`Self::resume`]. Call with the vCPUs stopped.
-    pub fn drain(&self) -> Result<(), DeviceError> {
+    /// [`Self::resume`]. Call with the vCPUs stopped. Returns how many
+    /// requests the drain itself completed (made available by the guest
+    /// but not yet picked up by the I/O thread).
+    pub fn drain(&self) -> Result<u32, DeviceError> {
         let mut t = self.shared.lock();
         if !t.activated() {
             // Never ran here (a restored device before its first resume):
             // nothing can be in flight, and there is no file to touch.
             t.set_paused(true);
-            return Ok(());
+            return Ok(0);
         }
         t.set_paused(false);
+        let mut n = 0;
         for i in 0..t.queue_count() {
-            self.shared.serve(&mut t, i);
+            n += self.shared.serve(&mut t, i);
         }
         t.set_paused(true);
-        t.flush()
+        t.flush()?;
+        Ok(n)
     }
 
     /// Opens the backend if needed and serves again.
@@ -206,7 +212,7 @@ fn io_thread(shared: Arc<Shared>, epoll: Epoll, evts: Vec<EventFd>) {
             if let Some(e) = evts.get(i) {
                 let _ = e.read();
                 let mut t = shared.lock();
-                shared.serve(&mut t, i);
+                let _ = shared.serve(&mut t, i);
             }
         }
     }

@@ -213,9 +213,10 @@ impl MmioBus {
         }
     }
 
-    /// Drains every device (see [`VirtioMmioDevice::drain`]).
-    pub fn drain(&self) -> Result<(), DeviceError> {
-        self.devices.iter().try_for_each(|d| d.drain())
+    /// Drains every device (see [`VirtioMmioDevice::drain`]); returns how
+    /// many requests the drain completed.
+    pub fn drain(&self) -> Result<u32, DeviceError> {
+        self.devices.iter().try_fold(0, |n, d| Ok(n + d.drain()?))
     }
 
     /// Resumes every device (see [`VirtioMmioDevice::resume`]).
