@@ -707,6 +707,7 @@ fn machine(vcpus: u32) -> MachineState {
                         path: format!("/srv/disk{i}.img").into(),
                         readonly: i == 1,
                         serial: format!("ferry{i}"),
+                        latency_us: 0,
                     }),
                 })
                 .collect(),

@@ -18,6 +18,12 @@ pub struct DiskConfig {
     /// What `VIRTIO_BLK_T_GET_ID` answers: printable ASCII, at most
     /// [`MAX_SERIAL`] bytes.
     pub serial: String,
+    /// Emulated service latency: the device's I/O thread waits this long
+    /// (µs) after a notification before it serves the queue, so requests
+    /// stay in flight longer (tests of the drain at a pause, demos). A
+    /// property of this host's device, not of the guest: it is not saved
+    /// in the VM state.
+    pub latency_us: u64,
 }
 
 impl DiskConfig {
@@ -27,11 +33,12 @@ impl DiskConfig {
             path: path.into(),
             readonly: false,
             serial: serial.to_string(),
+            latency_us: 0,
         }
     }
 
-    /// Parses `PATH[,readonly][,serial=ID]`; the serial defaults to
-    /// `ferry<index>`.
+    /// Parses `PATH[,readonly][,serial=ID][,latency_us=N]`; the serial
+    /// defaults to `ferry<index>`.
     pub fn parse(spec: &str, index: usize) -> Result<Self, String> {
         let mut parts = spec.split(',');
         let path = parts.next().unwrap_or_default();
@@ -43,9 +50,13 @@ impl DiskConfig {
             match p.split_once('=') {
                 None if p == "readonly" || p == "ro" => disk.readonly = true,
                 Some(("serial", s)) => disk.serial = s.to_string(),
+                Some(("latency_us", n)) if n.parse::<u64>().is_ok_and(|n| n <= 1_000_000) => {
+                    disk.latency_us = n.parse().unwrap_or(0)
+                }
                 _ => {
                     return Err(format!(
-                        "--disk {spec:?}: unknown option {p:?} (expected readonly or serial=ID)"
+                        "--disk {spec:?}: unknown option {p:?} (expected readonly, serial=ID \
+                         or latency_us=N up to 1000000)"
                     ))
                 }
             }
@@ -91,5 +102,7 @@ mod tests {
         assert!(DiskConfig::parse("/x,what", 0).is_err());
         assert!(DiskConfig::parse("/x,serial=123456789012345678901", 0).is_err());
         assert!(DiskConfig::parse("/x,serial=a b", 0).is_err());
+        assert_eq!(DiskConfig::parse("/x,latency_us=500", 0).unwrap().latency_us, 500);
+        assert!(DiskConfig::parse("/x,latency_us=soon", 0).is_err());
     }
 }

@@ -16,6 +16,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tracing::{debug, warn};
 use vm_memory::GuestMemoryMmap;
@@ -69,6 +70,7 @@ impl VirtioMmioDevice {
     /// device from now on.
     pub fn start(
         name: String,
+        latency: Duration,
         transport: MmioTransport,
         mem: GuestMemoryMmap,
         dirty: Arc<DirtyLog>,
@@ -107,7 +109,7 @@ impl VirtioMmioDevice {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || io_thread(s, epoll, evts))
+            .spawn(move || io_thread(s, epoll, evts, latency))
             .map_err(DeviceError::Spawn)?;
         Ok(Self {
             shared,
@@ -191,7 +193,7 @@ impl Drop for VirtioMmioDevice {
     }
 }
 
-fn io_thread(shared: Arc<Shared>, epoll: Epoll, evts: Vec<EventFd>) {
+fn io_thread(shared: Arc<Shared>, epoll: Epoll, evts: Vec<EventFd>, latency: Duration) {
     let mut events = vec![EpollEvent::default(); evts.len() + 1];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -211,6 +213,11 @@ fn io_thread(shared: Arc<Shared>, epoll: Epoll, evts: Vec<EventFd>) {
             let i = data as usize;
             if let Some(e) = evts.get(i) {
                 let _ = e.read();
+                if !latency.is_zero() {
+                    std::thread::sleep(latency);
+                    // Notifications that came meanwhile are served now too.
+                    let _ = e.read();
+                }
                 let mut t = shared.lock();
                 let _ = shared.serve(&mut t, i);
             }

@@ -163,8 +163,12 @@ impl MmioBus {
                     })?;
                 evts.push(e);
             }
+            let latency = match transport.backend().config() {
+                VirtioBackendConfig::Blk(d) => std::time::Duration::from_micros(d.latency_us),
+            };
             devices.push(VirtioMmioDevice::start(
                 format!("virtio{slot}"),
+                latency,
                 transport,
                 mem.clone(),
                 dirty.clone(),

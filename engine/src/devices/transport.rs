@@ -250,6 +250,10 @@ impl MmioTransport {
         if !q.ready() {
             return 0;
         }
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let avail = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).ok();
+            tracing::trace!(queue = index, ?avail, next_avail = q.next_avail(), "serving");
+        }
         let (done, broken) = self.backend.process(index, q, mem, dirty);
         let used_ring = (q.used_ring(), 6 + 8 * u64::from(q.size()));
         if let Some(why) = broken {

@@ -151,6 +151,7 @@ pub fn decode(p: &[u8]) -> Result<VirtioState, String> {
                 path,
                 readonly,
                 serial,
+                latency_us: 0,
             };
             d.validate()?;
             VirtioBackendConfig::Blk(d)
@@ -200,6 +201,7 @@ pub(crate) fn sample() -> VirtioState {
             path: "/var/lib/disk.img".into(),
             readonly: false,
             serial: "ferry0".into(),
+            latency_us: 0,
         }),
     }
 }
