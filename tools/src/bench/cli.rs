@@ -113,6 +113,12 @@ pub struct Args {
     /// Passed to ferry-source for hybrid.
     #[arg(long)]
     pub hybrid_rounds: Option<u32>,
+    /// Give each Ferry VM a virtio-blk disk (a new raw file in its run
+    /// directory, on the same path for both sides: shared storage) and run
+    /// the guest's disk workload, so the downtime figures include the
+    /// device drain and the device state. QEMU rows have no disk.
+    #[arg(long)]
+    pub disk: bool,
     /// Only re-render results.md and the plots of an earlier run directory
     /// from its results.json; runs nothing.
     #[arg(long)]
@@ -253,6 +259,7 @@ impl Args {
                 max_rounds: self.max_rounds,
                 downtime_target: target.map(|d| format!("{}ms", d.as_millis())),
                 hybrid_rounds: self.hybrid_rounds,
+                disk: self.disk,
             },
         })
     }

@@ -49,6 +49,9 @@ pub enum FerryError {
     /// No free port.
     #[error("no free TCP port: {0}")]
     Port(std::io::Error),
+    /// The run's disk file could not be made.
+    #[error("cannot create the bench disk {0}")]
+    Disk(String),
     /// The guest reported no tick on the destination.
     #[error("the guest did not tick on the destination after the move")]
     NoDestTicks,
@@ -67,7 +70,12 @@ pub struct FerryTools {
     pub downtime_target: Option<String>,
     /// `--hybrid-rounds` for the hybrid mode, when given.
     pub hybrid_rounds: Option<u32>,
+    /// Run with a shared virtio-blk disk and the guest's disk workload.
+    pub disk: bool,
 }
+
+/// Size of the bench's disk: the guest's disk workload uses 1 MiB of it.
+const BENCH_DISK_BYTES: u64 = 64 << 20;
 
 impl FerryTools {
     /// The mode flags for `ferry-source`: nothing for post-copy (the
@@ -161,10 +169,19 @@ pub fn run(
         });
     }
     let mut cmd = net.command(Side::Source, &tools.source);
+    let mut guest_args = p.guest_args();
+    if tools.disk {
+        let disk = f("disk.img");
+        std::fs::File::create(&disk)
+            .and_then(|d| d.set_len(BENCH_DISK_BYTES))
+            .map_err(|e| FerryError::Disk(format!("{}: {e}", disk.display())))?;
+        cmd.args(["--disk", &path("disk.img")]);
+        guest_args.push_str(" disk=1");
+    }
     cmd.args(["--mem", &p.mem.to_string(), "--vcpus", &p.vcpus.to_string()])
         .args([
             "--guest-args",
-            &p.guest_args(),
+            &guest_args,
             "--serial",
             &path("src.log"),
         ])
@@ -235,6 +252,7 @@ mod tests {
     #[test]
     fn mode_args_only_for_new_modes() {
         let t = FerryTools {
+            disk: false,
             source: "s".into(),
             dest: "d".into(),
             max_rounds: Some(10),
