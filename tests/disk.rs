@@ -27,7 +27,9 @@ fn new_disk(path: &Path) {
 /// The generations of the guest's final `DISKGEN` lines, once `DISKEND`
 /// came; None before, or when a block's line is not in `log`.
 fn final_gens(log: &[Logged]) -> Option<Vec<u32>> {
-    let end = log.iter().rposition(|l| matches!(l.line, GuestLine::DiskEnd { .. }))?;
+    let end = log
+        .iter()
+        .rposition(|l| matches!(l.line, GuestLine::DiskEnd { .. }))?;
     let GuestLine::DiskEnd { errors, blocks, .. } = log[end].line else {
         unreachable!()
     };
@@ -54,7 +56,10 @@ fn wait_disk_end(path: &Path) -> (Vec<Logged>, Vec<u32>) {
         let log = read_console(path);
         let bad = bad_lines(&log);
         assert!(bad.is_empty(), "guest reported BAD: {bad:?}");
-        if log.iter().any(|l| matches!(l.line, GuestLine::DiskEnd { .. })) {
+        if log
+            .iter()
+            .any(|l| matches!(l.line, GuestLine::DiskEnd { .. }))
+        {
             let g = final_gens(&log).unwrap_or_default();
             return (log, g);
         }
@@ -74,7 +79,11 @@ fn wait_disk_end(path: &Path) -> (Vec<Logged>, Vec<u32>) {
 
 /// Every block of the disk file holds the generation the guest last wrote.
 fn check_disk_file(path: &Path, gens: &[u32]) {
-    assert!(!gens.is_empty(), "no generations to check {}", path.display());
+    assert!(
+        !gens.is_empty(),
+        "no generations to check {}",
+        path.display()
+    );
     let data = std::fs::read(path).unwrap();
     for (b, &g) in gens.iter().enumerate() {
         let got = &data[b * DISK_BLOCK..(b + 1) * DISK_BLOCK];
@@ -339,7 +348,10 @@ fn snapshot_restore_keeps_disk_state_and_a_clone_gets_its_own_disk() {
     assert!(wait_exit(&mut src, WAIT, "the source to quit"));
     let before = read_console(&log);
     let snap_ops = disk_reports(&before).last().unwrap().0;
-    assert!(final_gens(&before).is_none(), "the guest finished too early");
+    assert!(
+        final_gens(&before).is_none(),
+        "the guest finished too early"
+    );
 
     // The clone, on its own copy: the original file is not touched.
     let mut clone = spawn_restore(

@@ -18,9 +18,9 @@ use std::os::unix::fs::FileExt;
 use serde_json::json;
 use tracing::{debug, info, warn};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
-    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
@@ -137,9 +137,7 @@ impl Blk {
         dirty: &DirtyLog,
     ) -> u32 {
         let status = match descs.last() {
-            Some(d) if !broken && d.is_write_only() && d.len() >= 1 && descs.len() >= 2 => {
-                d.addr()
-            }
+            Some(d) if !broken && d.is_write_only() && d.len() >= 1 && descs.len() >= 2 => d.addr(),
             _ => {
                 self.stats.malformed += 1;
                 debug!(
@@ -195,7 +193,11 @@ impl Blk {
         let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         let sector = u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default());
         for d in data {
-            if !mem.check_range(d.addr(), d.len() as usize, vm_memory::Permissions::ReadWrite) {
+            if !mem.check_range(
+                d.addr(),
+                d.len() as usize,
+                vm_memory::Permissions::ReadWrite,
+            ) {
                 return Err(ioerr(format!(
                     "buffer {:#x}+{} is not guest RAM",
                     d.addr().0,
@@ -220,11 +222,15 @@ impl Blk {
                     return Err(ioerr("a data buffer has the wrong direction"));
                 }
                 let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-                let start = sector.checked_mul(SECTOR).ok_or_else(|| ioerr("sector overflows"))?;
-                if total % SECTOR != 0 {
+                let start = sector
+                    .checked_mul(SECTOR)
+                    .ok_or_else(|| ioerr("sector overflows"))?;
+                if !total.is_multiple_of(SECTOR) {
                     return Err(ioerr(format!("length {total} is not whole sectors")));
                 }
-                let end = start.checked_add(total).ok_or_else(|| ioerr("range overflows"))?;
+                let end = start
+                    .checked_add(total)
+                    .ok_or_else(|| ioerr("range overflows"))?;
                 if end > self.capacity * SECTOR {
                     return Err(ioerr(format!(
                         "sectors {sector}..{} beyond the disk's {}",
@@ -378,7 +384,10 @@ impl VirtioBackend for Blk {
     fn stats(&self) -> serde_json::Value {
         let s = self.stats;
         if s.malformed > 0 && s.malformed % 1000 == 1 {
-            warn!(malformed = s.malformed, "the guest keeps sending malformed virtio-blk chains");
+            warn!(
+                malformed = s.malformed,
+                "the guest keeps sending malformed virtio-blk chains"
+            );
         }
         json!({
             "kind": "blk",

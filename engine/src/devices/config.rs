@@ -61,7 +61,8 @@ impl DiskConfig {
                 }
             }
         }
-        disk.validate().map_err(|e| format!("--disk {spec:?}: {e}"))?;
+        disk.validate()
+            .map_err(|e| format!("--disk {spec:?}: {e}"))?;
         Ok(disk)
     }
 
@@ -102,7 +103,12 @@ mod tests {
         assert!(DiskConfig::parse("/x,what", 0).is_err());
         assert!(DiskConfig::parse("/x,serial=123456789012345678901", 0).is_err());
         assert!(DiskConfig::parse("/x,serial=a b", 0).is_err());
-        assert_eq!(DiskConfig::parse("/x,latency_us=500", 0).unwrap().latency_us, 500);
+        assert_eq!(
+            DiskConfig::parse("/x,latency_us=500", 0)
+                .unwrap()
+                .latency_us,
+            500
+        );
         assert!(DiskConfig::parse("/x,latency_us=soon", 0).is_err());
     }
 }

@@ -155,7 +155,8 @@ impl MmioBus {
             let mut evts = Vec::new();
             for q in 0..transport.queue_count() {
                 let e = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-                let addr = IoEventAddress::Mmio(mmio_base(slot) + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+                let addr =
+                    IoEventAddress::Mmio(mmio_base(slot) + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
                 vm.register_ioevent(&e, &addr, q as u32)
                     .map_err(|source| DeviceError::Kvm {
                         what: "KVM_IOEVENTFD",
@@ -246,12 +247,10 @@ impl MmioBus {
 
 /// Applies `--disk` overrides given at a restore: the `i`-th replaces the
 /// configuration of the `i`-th disk. More overrides than disks is an error.
-pub fn override_disks(
-    devices: &mut [VirtioState],
-    overrides: &[DiskConfig],
-) -> Result<(), String> {
-    let mut disks = devices.iter_mut().filter_map(|d| match &mut d.backend {
-        VirtioBackendConfig::Blk(c) => Some(c),
+pub fn override_disks(devices: &mut [VirtioState], overrides: &[DiskConfig]) -> Result<(), String> {
+    // Every backend is a disk for now; other kinds will be skipped here.
+    let mut disks = devices.iter_mut().map(|d| match &mut d.backend {
+        VirtioBackendConfig::Blk(c) => c,
     });
     for o in overrides {
         let d = disks.next().ok_or_else(|| {

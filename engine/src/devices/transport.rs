@@ -7,13 +7,13 @@
 //! ignored, a bad queue configuration leaves the queue unusable and the
 //! device reports `DEVICE_NEEDS_RESET`; nothing panics.
 
+use tracing::warn;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use tracing::warn;
 use vm_memory::GuestMemoryMmap;
 
 use super::dirty::DirtyLog;
@@ -147,16 +147,24 @@ impl MmioTransport {
                 )));
             }
             let q = if qs.ready {
-                Queue::try_from(*qs)
-                    .map_err(|e| DeviceError::State(format!("queue {i}: {e}")))?
+                Queue::try_from(*qs).map_err(|e| DeviceError::State(format!("queue {i}: {e}")))?
             } else {
                 // A queue the driver has not finished setting up: keep
                 // what it wrote so far where it is valid.
                 let mut q = Queue::new(m).map_err(|e| DeviceError::Queue(format!("{e}")))?;
                 let _ = q.try_set_size(qs.size);
-                q.set_desc_table_address(Some(qs.desc_table as u32), Some((qs.desc_table >> 32) as u32));
-                q.set_avail_ring_address(Some(qs.avail_ring as u32), Some((qs.avail_ring >> 32) as u32));
-                q.set_used_ring_address(Some(qs.used_ring as u32), Some((qs.used_ring >> 32) as u32));
+                q.set_desc_table_address(
+                    Some(qs.desc_table as u32),
+                    Some((qs.desc_table >> 32) as u32),
+                );
+                q.set_avail_ring_address(
+                    Some(qs.avail_ring as u32),
+                    Some((qs.avail_ring >> 32) as u32),
+                );
+                q.set_used_ring_address(
+                    Some(qs.used_ring as u32),
+                    Some((qs.used_ring >> 32) as u32),
+                );
                 q.set_next_avail(qs.next_avail);
                 q.set_next_used(qs.next_used);
                 q
@@ -252,7 +260,12 @@ impl MmioTransport {
         }
         if tracing::enabled!(tracing::Level::TRACE) {
             let avail = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire).ok();
-            tracing::trace!(queue = index, ?avail, next_avail = q.next_avail(), "serving");
+            tracing::trace!(
+                queue = index,
+                ?avail,
+                next_avail = q.next_avail(),
+                "serving"
+            );
         }
         let (done, broken) = self.backend.process(index, q, mem, dirty);
         let used_ring = (q.used_ring(), 6 + 8 * u64::from(q.size()));
@@ -275,7 +288,7 @@ impl MmioTransport {
                 .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -310,7 +323,7 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return WriteEffect::None;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return WriteEffect::None;
         }
         let v = u32::from_le_bytes(bytes);
@@ -320,19 +333,16 @@ impl MmioTransport {
         match offset as u32 {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            VIRTIO_MMIO_DRIVER_FEATURES => {
-                if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => {
-                            self.driver_features =
-                                (self.driver_features & !0xffff_ffff) | u64::from(v)
-                        }
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
+            VIRTIO_MMIO_DRIVER_FEATURES if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
                     }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
                 }
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
@@ -360,10 +370,8 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_USED_HIGH if configurable => {
                 self.queues[sel].set_used_ring_address(None, Some(v))
             }
-            VIRTIO_MMIO_QUEUE_NOTIFY => {
-                if (v as usize) < self.queues.len() {
-                    return WriteEffect::Notify(v as usize);
-                }
+            VIRTIO_MMIO_QUEUE_NOTIFY if (v as usize) < self.queues.len() => {
+                return WriteEffect::Notify(v as usize);
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => self.set_status(v),

@@ -552,9 +552,10 @@ pub fn decode(blob: &[u8]) -> Result<MachineState, CodecError> {
         let Some(p) = map.get(&(Tag::Virtio as u16, slot)) else {
             break;
         };
-        virtio.push(super::devices_codec::decode(p).map_err(|e| {
-            CodecError::Inconsistent(format!("virtio device {slot}: {e}"))
-        })?);
+        virtio.push(
+            super::devices_codec::decode(p)
+                .map_err(|e| CodecError::Inconsistent(format!("virtio device {slot}: {e}")))?,
+        );
     }
     let slots = map.keys().filter(|k| k.0 == Tag::Virtio as u16).count();
     if slots != virtio.len() {

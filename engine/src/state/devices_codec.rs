@@ -75,7 +75,10 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.b.len() < n {
-            return Err(format!("truncated: {n} bytes needed, {} left", self.b.len()));
+            return Err(format!(
+                "truncated: {n} bytes needed, {} left",
+                self.b.len()
+            ));
         }
         let (h, t) = self.b.split_at(n);
         self.b = t;

@@ -179,12 +179,7 @@ pub fn run(
         guest_args.push_str(" disk=1");
     }
     cmd.args(["--mem", &p.mem.to_string(), "--vcpus", &p.vcpus.to_string()])
-        .args([
-            "--guest-args",
-            &guest_args,
-            "--serial",
-            &path("src.log"),
-        ])
+        .args(["--guest-args", &guest_args, "--serial", &path("src.log")])
         .args([
             "--migrate-to",
             &addr,
