@@ -379,3 +379,44 @@ fn snapshot_restore_keeps_disk_state_and_a_clone_gets_its_own_disk() {
     check_disk_file(&disk, &gens);
     ctl(&dir.path("again.sock"), &["quit"]);
 }
+
+/// A destination that cannot open the disk refuses the move before the
+/// switch-over: the source keeps running its VM, disk workload included.
+#[test]
+fn a_destination_without_the_disk_refuses_and_the_source_keeps_the_vm() {
+    let dir = Scratch::new("disk-missing");
+    let disk = dir.path("d.img");
+    new_disk(&disk);
+    let missing = dir.path("no-such-dir/d.img");
+    let mut dargs = dest_args(&dir, "127.0.0.1");
+    dargs.extend(["--disk".to_string(), missing.display().to_string()]);
+    let mut dst = spawn("ferry-dest", &strs(&dargs), &dir.path("dst.err"));
+    let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
+    let guest = "ws=16M report_ms=50 disk=1";
+    let mut args = source_args(&dir, "256M", 1, guest, &addr, "1s");
+    let sock = dir.path("src.sock");
+    args.extend(
+        ["--disk", disk.to_str().unwrap(), "--api", sock.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let _src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    wait_for(WAIT, "the source to give up the move", || {
+        std::fs::read_to_string(dir.path("src.err"))
+            .ok()
+            .filter(|e| e.contains("keeps running here"))
+    });
+    let status = wait_for(WAIT, "the destination to give up", || dst.0.try_wait().unwrap());
+    assert!(!status.success(), "the destination took a VM without its disk");
+    let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert!(err.contains("cannot open disk"), "{err}");
+    let ops = |log: &[Logged]| disk_reports(log).last().map(|r| r.0).unwrap_or(0);
+    let at_failure = ops(&read_console(&dir.path("src.log")));
+    wait_for(WAIT, "more disk ops on the source", || {
+        let log = read_console(&dir.path("src.log"));
+        assert!(bad_lines(&log).is_empty(), "{:?}", bad_lines(&log));
+        (ops(&log) > at_failure).then_some(())
+    });
+    assert_eq!(ctl(&sock, &["status"])["run_state"], "running");
+    ctl(&sock, &["quit"]);
+}

@@ -335,6 +335,18 @@ impl VirtioBackend for Blk {
         self.open()
     }
 
+    fn check(&self) -> Result<(), DeviceError> {
+        OpenOptions::new()
+            .read(true)
+            .write(!self.config.readonly)
+            .open(&self.config.path)
+            .map(drop)
+            .map_err(|source| DeviceError::Open {
+                path: self.config.path.clone(),
+                source,
+            })
+    }
+
     fn process(
         &mut self,
         _index: usize,

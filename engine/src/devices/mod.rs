@@ -144,7 +144,11 @@ impl MmioBus {
                     t.activate_backend()?;
                     t
                 }
-                DeviceSpec::Restored(s) => MmioTransport::from_state(backend(&s.backend), s)?,
+                DeviceSpec::Restored(s) => {
+                    let t = MmioTransport::from_state(backend(&s.backend), s)?;
+                    t.check_backend()?;
+                    t
+                }
             };
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
             vm.register_irqfd(&irq, VIRTIO_FIRST_GSI + slot as u32)

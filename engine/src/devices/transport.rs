@@ -44,6 +44,13 @@ pub trait VirtioBackend: Send {
     /// the VM starts running, so a migration destination opens it only
     /// after the switch-over committed.
     fn activate(&mut self) -> Result<(), DeviceError>;
+    /// Checks, without keeping anything open, that [`Self::activate`]
+    /// would find its backend (a restore checks this before the VM may
+    /// run, so a missing disk refuses the move instead of failing after
+    /// its commit).
+    fn check(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// Serves every request available on queue `index`; returns how many
     /// were completed (put in the used ring), and why the queue cannot be
     /// served any more if it cannot (the device then needs a reset).
@@ -233,6 +240,11 @@ impl MmioTransport {
         self.backend.activate()?;
         self.activated = true;
         Ok(())
+    }
+
+    /// See [`VirtioBackend::check`].
+    pub fn check_backend(&self) -> Result<(), DeviceError> {
+        self.backend.check()
     }
 
     /// True once the backend was opened.
