@@ -396,9 +396,14 @@ fn a_destination_without_the_disk_refuses_and_the_source_keeps_the_vm() {
     let mut args = source_args(&dir, "256M", 1, guest, &addr, "1s");
     let sock = dir.path("src.sock");
     args.extend(
-        ["--disk", disk.to_str().unwrap(), "--api", sock.to_str().unwrap()]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "--disk",
+            disk.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     let _src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     wait_for(WAIT, "the source to give up the move", || {
@@ -406,8 +411,13 @@ fn a_destination_without_the_disk_refuses_and_the_source_keeps_the_vm() {
             .ok()
             .filter(|e| e.contains("keeps running here"))
     });
-    let status = wait_for(WAIT, "the destination to give up", || dst.0.try_wait().unwrap());
-    assert!(!status.success(), "the destination took a VM without its disk");
+    let status = wait_for(WAIT, "the destination to give up", || {
+        dst.0.try_wait().unwrap()
+    });
+    assert!(
+        !status.success(),
+        "the destination took a VM without its disk"
+    );
     let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
     assert!(err.contains("cannot open disk"), "{err}");
     let ops = |log: &[Logged]| disk_reports(log).last().map(|r| r.0).unwrap_or(0);
