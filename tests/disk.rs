@@ -373,6 +373,22 @@ fn snapshot_restore_keeps_disk_state_and_a_clone_gets_its_own_disk() {
         "the clone wrote to the original disk"
     );
 
+    // A lazy restore (memory loaded on demand) of the same snapshot, on a
+    // copy of its own too.
+    let lazy_disk = dir.path("lazy.img");
+    std::fs::write(&lazy_disk, &pristine).unwrap();
+    let mut lazy = spawn_restore(
+        &dir,
+        "lazy",
+        &snap,
+        &["--lazy", "--disk", lazy_disk.to_str().unwrap()],
+    );
+    let (_, lazy_gens) = wait_disk_end(&dir.path("lazy.log"));
+    check_disk_file(&lazy_disk, &lazy_gens);
+    ctl(&dir.path("lazy.sock"), &["quit"]);
+    assert!(wait_exit(&mut lazy, WAIT, "the lazy clone to quit"));
+    assert!(std::fs::read(&disk).unwrap() == pristine);
+
     // The same snapshot on the original disk (the path in the state).
     let _again = spawn_restore(&dir, "again", &snap, &[]);
     let (_, gens) = wait_disk_end(&dir.path("again.log"));

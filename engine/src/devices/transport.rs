@@ -14,7 +14,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::dirty::DirtyLog;
 use super::DeviceError;
@@ -67,6 +67,25 @@ pub trait VirtioBackend: Send {
     fn config(&self) -> VirtioBackendConfig;
     /// Counters for the API's status.
     fn stats(&self) -> serde_json::Value;
+}
+
+/// Sets the low or high half of one of a queue's ring addresses. A value
+/// the queue refuses (misaligned) is ignored, silently: this runs on a
+/// vCPU thread, which must not log on a guest's behalf.
+fn set_ring_half(q: &mut Queue, reg: u32, v: u32) {
+    let half = |old: u64| match reg & 4 {
+        0 => (old & !0xffff_ffff) | u64::from(v),
+        _ => (old & 0xffff_ffff) | (u64::from(v) << 32),
+    };
+    let _ = match reg & !4 {
+        VIRTIO_MMIO_QUEUE_DESC_LOW => {
+            q.try_set_desc_table_address(GuestAddress(half(q.desc_table())))
+        }
+        VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+            q.try_set_avail_ring_address(GuestAddress(half(q.avail_ring())))
+        }
+        _ => q.try_set_used_ring_address(GuestAddress(half(q.used_ring()))),
+    };
 }
 
 /// What a register write asks of the device beyond the register file.
@@ -358,29 +377,24 @@ impl MmioTransport {
                 }
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
-            VIRTIO_MMIO_QUEUE_NUM if configurable => self.queues[sel].set_size(v as u16),
+            VIRTIO_MMIO_QUEUE_NUM if configurable => {
+                // An invalid size is ignored (the queue keeps its size).
+                let _ = self.queues[sel].try_set_size(v as u16);
+            }
             VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(q) = self.queues.get_mut(sel) {
                     q.set_ready(v == 1);
                 }
             }
-            VIRTIO_MMIO_QUEUE_DESC_LOW if configurable => {
-                self.queues[sel].set_desc_table_address(Some(v), None)
-            }
-            VIRTIO_MMIO_QUEUE_DESC_HIGH if configurable => {
-                self.queues[sel].set_desc_table_address(None, Some(v))
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW if configurable => {
-                self.queues[sel].set_avail_ring_address(Some(v), None)
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configurable => {
-                self.queues[sel].set_avail_ring_address(None, Some(v))
-            }
-            VIRTIO_MMIO_QUEUE_USED_LOW if configurable => {
-                self.queues[sel].set_used_ring_address(Some(v), None)
-            }
-            VIRTIO_MMIO_QUEUE_USED_HIGH if configurable => {
-                self.queues[sel].set_used_ring_address(None, Some(v))
+            VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH
+                if configurable =>
+            {
+                set_ring_half(&mut self.queues[sel], offset as u32, v)
             }
             VIRTIO_MMIO_QUEUE_NOTIFY if (v as usize) < self.queues.len() => {
                 return WriteEffect::Notify(v as usize);
