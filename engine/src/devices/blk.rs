@@ -336,15 +336,18 @@ impl VirtioBackend for Blk {
     }
 
     fn check(&self) -> Result<(), DeviceError> {
-        OpenOptions::new()
-            .read(true)
-            .write(!self.config.readonly)
-            .open(&self.config.path)
-            .map(drop)
-            .map_err(|source| DeviceError::Open {
-                path: self.config.path.clone(),
-                source,
-            })
+        // access(2), not open(2): nothing on this side holds the file
+        // before the move commits.
+        use nix::unistd::{access, AccessFlags};
+        let mode = if self.config.readonly {
+            AccessFlags::R_OK
+        } else {
+            AccessFlags::R_OK | AccessFlags::W_OK
+        };
+        access(&self.config.path, mode).map_err(|e| DeviceError::Open {
+            path: self.config.path.clone(),
+            source: std::io::Error::from(e),
+        })
     }
 
     fn process(

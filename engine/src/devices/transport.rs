@@ -44,8 +44,8 @@ pub trait VirtioBackend: Send {
     /// the VM starts running, so a migration destination opens it only
     /// after the switch-over committed.
     fn activate(&mut self) -> Result<(), DeviceError>;
-    /// Checks, without keeping anything open, that [`Self::activate`]
-    /// would find its backend (a restore checks this before the VM may
+    /// Checks, without opening anything, that [`Self::activate`] would
+    /// find its backend (a restore checks this before the VM may
     /// run, so a missing disk refuses the move instead of failing after
     /// its commit).
     fn check(&self) -> Result<(), DeviceError> {
