@@ -139,7 +139,7 @@ pub fn run(
     let addr = format!("{ip}:{port}");
     let f = |n: &str| dir.join(n);
     let path = |n: &str| f(n).display().to_string();
-    let mut cmd = net.command(Side::Dest, &tools.dest);
+    let mut cmd = net.command_on(Side::Dest, &tools.dest, p.cpu(Side::Dest));
     // The bench's namespaces carry plain TCP on purpose (no TLS yet).
     cmd.args([
         "--listen",
@@ -168,7 +168,7 @@ pub fn run(
             stderr: tail(&f("dst.err"), 3),
         });
     }
-    let mut cmd = net.command(Side::Source, &tools.source);
+    let mut cmd = net.command_on(Side::Source, &tools.source, p.cpu(Side::Source));
     let mut guest_args = p.guest_args();
     if tools.disk {
         let disk = f("disk.img");
