@@ -493,3 +493,63 @@ fn a_destination_without_the_disk_refuses_and_the_source_keeps_the_vm() {
     assert_eq!(ctl(&sock, &["status"])["run_state"], "running");
     ctl(&sock, &["quit"]);
 }
+
+/// The disk keeps working across three hops (source → hop0 → hop1 →
+/// hop2, post-copy, pre-copy, post-copy): a restored device is drained,
+/// saved and moved again like a booted one.
+#[test]
+fn shared_disk_survives_three_hops() {
+    let dir = Scratch::new("disk-hops");
+    let disk = dir.path("shared.img");
+    new_disk(&disk);
+    let mut dests = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let name = format!("hop{i}");
+        let (dst, addr) = spawn_dest(&dir, &name, &strs(&io_args(&dir, &name, &[])));
+        dests.push(dst);
+        addrs.push(addr);
+    }
+    let guest = "ws=32M report_ms=50 disk=1 disk_batch=8 disk_ops=600000";
+    let mut args = source_args(&dir, "256M", 1, guest, &addrs[0], "1s");
+    args.extend(["--disk".to_string(), disk.display().to_string()]);
+    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    assert!(
+        wait_exit(&mut src, WAIT, "hop 0"),
+        "{}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let mut whole = read_console(&dir.path("src.log"));
+    let modes = ["precopy", "postcopy"];
+    for i in 0..3 {
+        let log_path = dir.path(&format!("hop{i}.log"));
+        wait_stats(&dir.path(&format!("hop{i}.json")), WAIT);
+        let sock = dir.path(&format!("hop{i}.sock"));
+        if i < 2 {
+            // Some disk work here first.
+            let start = disk_reports(&whole).last().map(|r| r.0).unwrap_or(0);
+            wait_for(WAIT, "disk ops on this hop", || {
+                let log = read_console(&log_path);
+                assert!(bad_lines(&log).is_empty(), "{:?}", bad_lines(&log));
+                assert!(final_gens(&log).is_none(), "finished before the last hop");
+                disk_reports(&log)
+                    .last()
+                    .filter(|r| r.0 > start + 1000)
+                    .map(|_| ())
+            });
+            ctl(&sock, &["migrate", &addrs[i + 1], "--mode", modes[i]]);
+            assert!(
+                wait_exit(&mut dests[i], WAIT, "hop to exit"),
+                "hop {i} did not exit cleanly"
+            );
+            whole.extend(read_console(&log_path));
+        } else {
+            let (log, _) = wait_disk_end(&log_path);
+            whole.extend(log);
+            let gens = final_gens(&whole).expect("a DISKGEN line is missing");
+            check_disk_file(&disk, &gens);
+            ctl(&sock, &["quit"]);
+        }
+    }
+    assert!(bad_lines(&whole).is_empty(), "{:?}", bad_lines(&whole));
+}
