@@ -553,3 +553,55 @@ fn shared_disk_survives_three_hops() {
     }
     assert!(bad_lines(&whole).is_empty(), "{:?}", bad_lines(&whole));
 }
+
+/// Clones of a template with a writable disk must each get their own copy:
+/// without `--disk` the clone is refused, with it it runs on its copy.
+#[test]
+fn template_clones_need_their_own_disk() {
+    let dir = Scratch::new("disk-template");
+    let disk = dir.path("d.img");
+    new_disk(&disk);
+    let td = dir.path("templates");
+    std::fs::create_dir_all(&td).unwrap();
+    let td = td.to_str().unwrap();
+    let sock = dir.path("src.sock");
+    let _src = spawn_guest_source(
+        &dir,
+        "256M",
+        1,
+        "ws=16M report_ms=50 disk=1 disk_ops=100000",
+        &["--disk", disk.to_str().unwrap()],
+    );
+    wait_for(WAIT, "disk ops", || {
+        disk_reports(&read_console(&dir.path("src.log")))
+            .last()
+            .filter(|r| r.0 > 0)
+            .map(|_| ())
+    });
+    ctl(&sock, &["template", "base", "--template-dir", td]);
+    ctl(&sock, &["quit"]);
+    let from = ["--from-template", "base", "--template-dir", td];
+    let mut refused = spawn(
+        "ferry-dest",
+        &strs(&console_args(&dir, "c0", &from)),
+        &dir.path("c0.err"),
+    );
+    let status = wait_for(WAIT, "the clone to be refused", || {
+        refused.0.try_wait().unwrap()
+    });
+    assert!(!status.success());
+    let err = std::fs::read_to_string(dir.path("c0.err")).unwrap();
+    assert!(err.contains("own copy"), "{err}");
+    let copy = dir.path("c1.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    let mut args = from.to_vec();
+    args.extend(["--disk", copy.to_str().unwrap()]);
+    let _clone = spawn(
+        "ferry-dest",
+        &strs(&console_args(&dir, "c1", &args)),
+        &dir.path("c1.err"),
+    );
+    let (_, gens) = wait_disk_end(&dir.path("c1.log"));
+    check_disk_file(&copy, &gens);
+    ctl(&dir.path("c1.sock"), &["quit"]);
+}

@@ -107,7 +107,9 @@ fn main() -> ExitCode {
 fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(name) = &args.from_template {
         let dir = templates::resolve_dir(args.template_dir.as_deref());
-        args.restore = Some(templates::path_of(&dir, name)?);
+        let path = templates::path_of(&dir, name)?;
+        check_clone_disks(&path, args.io.disk.len())?;
+        args.restore = Some(path);
     }
     let hooks = args.hook.hooks(args.stats_json.as_deref());
     let shape = |vm: &ferry_engine::Vm| Shape {
@@ -228,6 +230,32 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Clones of a template are many VMs from one state: a writable disk of
+/// the template needs a `--disk` per clone (its own copy), or the clones
+/// would all write one file.
+fn check_clone_disks(template: &std::path::Path, given: usize) -> Result<(), String> {
+    let snap = ferry_engine::snapshot::Snapshot::open(template).map_err(|e| e.to_string())?;
+    let writable = snap
+        .state
+        .devices
+        .virtio
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| match &d.backend {
+            ferry_engine::state::VirtioBackendConfig::Blk(c) => (!c.readonly).then_some(i),
+        })
+        .filter(|&i| i >= given)
+        .collect::<Vec<_>>();
+    if writable.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the template has a writable disk ({} of them without --disk); give each clone its \
+         own copy with --disk PATH, or clones would share one file",
+        writable.len()
+    ))
 }
 
 /// Binds the migration listener: loopback only, unless `insecure`.
