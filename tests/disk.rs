@@ -51,7 +51,11 @@ fn final_gens(log: &[Logged]) -> Option<Vec<u32>> {
 
 /// Waits for `DISKEND` in the console log at `path` (no BAD meanwhile).
 fn wait_disk_end(path: &Path) -> (Vec<Logged>, Vec<u32>) {
-    let end = std::time::Instant::now() + WAIT;
+    wait_disk_end_within(path, WAIT)
+}
+
+fn wait_disk_end_within(path: &Path, wait: std::time::Duration) -> (Vec<Logged>, Vec<u32>) {
+    let end = std::time::Instant::now() + wait;
     loop {
         let log = read_console(path);
         let bad = bad_lines(&log);
@@ -499,6 +503,8 @@ fn a_destination_without_the_disk_refuses_and_the_source_keeps_the_vm() {
 /// saved and moved again like a booted one.
 #[test]
 fn shared_disk_survives_three_hops() {
+    // Enough disk work to outlast two hops of any length here; the last
+    // hop waits for the end.
     let dir = Scratch::new("disk-hops");
     let disk = dir.path("shared.img");
     new_disk(&disk);
@@ -510,7 +516,7 @@ fn shared_disk_survives_three_hops() {
         dests.push(dst);
         addrs.push(addr);
     }
-    let guest = "ws=32M report_ms=50 disk=1 disk_batch=8 disk_ops=600000";
+    let guest = "ws=32M report_ms=50 disk=1 disk_batch=8 disk_ops=2000000";
     let mut args = source_args(&dir, "256M", 1, guest, &addrs[0], "1s");
     args.extend(["--disk".to_string(), disk.display().to_string()]);
     let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
@@ -544,7 +550,7 @@ fn shared_disk_survives_three_hops() {
             );
             whole.extend(read_console(&log_path));
         } else {
-            let (log, _) = wait_disk_end(&log_path);
+            let (log, _) = wait_disk_end_within(&log_path, WAIT * 4);
             whole.extend(log);
             let gens = final_gens(&whole).expect("a DISKGEN line is missing");
             check_disk_file(&disk, &gens);
@@ -578,7 +584,12 @@ fn template_clones_need_their_own_disk() {
             .filter(|r| r.0 > 0)
             .map(|_| ())
     });
+    // Paused first, so the VM stays paused after the template is made and
+    // the disk copied below is the disk at the template.
+    ctl(&sock, &["pause"]);
     ctl(&sock, &["template", "base", "--template-dir", td]);
+    let copy = dir.path("c1.img");
+    std::fs::copy(&disk, &copy).unwrap();
     ctl(&sock, &["quit"]);
     let from = ["--from-template", "base", "--template-dir", td];
     let mut refused = spawn(
@@ -592,8 +603,6 @@ fn template_clones_need_their_own_disk() {
     assert!(!status.success());
     let err = std::fs::read_to_string(dir.path("c0.err")).unwrap();
     assert!(err.contains("own copy"), "{err}");
-    let copy = dir.path("c1.img");
-    std::fs::copy(&disk, &copy).unwrap();
     let mut args = from.to_vec();
     args.extend(["--disk", copy.to_str().unwrap()]);
     let _clone = spawn(
