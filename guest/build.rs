@@ -14,6 +14,7 @@ const C_SOURCES: &[&str] = &[
     "src/mm.c",
     "src/console.c",
     "src/util.c",
+    "src/disk.c",
 ];
 const ASM_SOURCES: &[&str] = &["src/boot.S"];
 /// The silent test kernel: one assembler file, linked on its own.

@@ -171,6 +171,7 @@ pub fn status(vm: &Vm, ctx: &ServeContext<'_>) -> Value {
         "tsc_khz": meta.tsc_khz,
         "guest": ctx.guest.map_or(Value::Null, |g| g()),
         "migration": ctx.migration.as_ref().map(|p| p.report()),
+        "devices": vm.device_stats(),
     })
 }
 

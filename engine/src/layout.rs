@@ -10,7 +10,8 @@
 //! 0x0010_0000  | guest ELF image ...      |  HIMEM_START
 //!     ...      | RAM                      |
 //! min(mem,3G)  +--------------------------+
-//!              | MMIO hole (IOAPIC, LAPIC)|
+//!              | MMIO hole: virtio-mmio   |  VIRTIO_MMIO_BASE (0xfe000000), 4 KiB each
+//!              | devices, IOAPIC, LAPIC   |
 //! 0x1_0000_0000+--------------------------+
 //!              | RAM above 4 GiB          |  when mem > 3 GiB
 //!              +--------------------------+
@@ -39,6 +40,16 @@ pub const HIGH_RAM_START: u64 = 4 << 30;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Base of the local APIC MMIO window.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// The first virtio-mmio device's registers; device `i` is at
+/// `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE`, interrupt GSI
+/// `VIRTIO_FIRST_GSI + i`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xfe00_0000;
+/// Bytes of one virtio-mmio device window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Most virtio-mmio devices a VM may have.
+pub const MAX_VIRTIO_DEVICES: usize = 8;
+/// GSI (IOAPIC pin) of the first virtio-mmio device.
+pub const VIRTIO_FIRST_GSI: u32 = 10;
 /// KVM needs three pages for the TSS below 4 GiB, inside the MMIO hole.
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// Smallest guest accepted: room for boot structures, the image and a working set.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod boot;
 pub mod console;
 pub mod controller;
+pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod migration;

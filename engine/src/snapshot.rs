@@ -486,6 +486,9 @@ pub enum RestoreError {
     /// or panicked.
     #[error("lazy restore: snapshot page server thread: {0}")]
     Thread(String),
+    /// `--disk` overrides that do not fit the saved VM.
+    #[error("{0}")]
+    Disk(String),
     /// Lazy restore: receiving the VM over the loopback post-copy migration
     /// failed (with the page server's own error, when it has one).
     #[error("lazy restore failed: {dest}{}", server_note(.server))]
@@ -535,8 +538,20 @@ pub fn restore(
     path: &Path,
     console: crate::vm::ConsoleOutput,
 ) -> Result<(crate::vm::Vm, SnapshotStats), RestoreError> {
+    restore_with(path, console, &[])
+}
+
+/// [`restore`], with `--disk` overrides: the `i`-th replaces the saved
+/// VM's `i`-th disk (a clone given its own copy of the disk).
+pub fn restore_with(
+    path: &Path,
+    console: crate::vm::ConsoleOutput,
+    disks: &[crate::devices::DiskConfig],
+) -> Result<(crate::vm::Vm, SnapshotStats), RestoreError> {
     let t = Instant::now();
-    let snap = Snapshot::open(path)?;
+    let mut snap = Snapshot::open(path)?;
+    crate::devices::override_disks(&mut snap.state.devices.virtio, disks)
+        .map_err(RestoreError::Disk)?;
     let meta = snap.state.meta;
     let prepared = crate::vm::PreparedVm::new(meta.mem_size, meta.vcpus, console)?;
     let mut stats = snap.load_memory(prepared.ram())?;
@@ -569,6 +584,16 @@ pub fn restore_lazy(
     path: &Path,
     console: crate::vm::ConsoleOutput,
     replay_mode: Replay,
+) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
+    restore_lazy_with(path, console, replay_mode, &[])
+}
+
+/// [`restore_lazy`], with `--disk` overrides (see [`restore_with`]).
+pub fn restore_lazy_with(
+    path: &Path,
+    console: crate::vm::ConsoleOutput,
+    replay_mode: Replay,
+    disks: &[crate::devices::DiskConfig],
 ) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
     let start_host_us = crate::console::now_us();
     let snap = Snapshot::open(path)?;
@@ -622,6 +647,7 @@ pub fn restore_lazy(
         recovery_window: Duration::from_secs(2),
         accept_timeout: Some(Duration::from_secs(10)),
         expect_session: Some(session_id),
+        disk_overrides: disks.to_vec(),
         ..Default::default()
     };
     let (received, served) = std::thread::scope(|s| {

@@ -37,6 +37,7 @@ use tracing::{debug, error, trace, warn};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::console::Console;
+use crate::devices::MmioBus;
 use crate::state::vcpu as vcpu_state;
 use crate::state::VcpuState;
 
@@ -192,6 +193,7 @@ impl VcpuHandle {
         index: u32,
         fd: VcpuFd,
         console: Arc<Console>,
+        bus: Arc<MmioBus>,
         msr_indices: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         install_kick_handler()?;
@@ -202,6 +204,7 @@ impl VcpuHandle {
             index,
             fd,
             console,
+            bus,
             msr_indices,
             commands: cmd_rx,
             replies: reply_tx,
@@ -323,6 +326,7 @@ struct VcpuThread {
     index: u32,
     fd: VcpuFd,
     console: Arc<Console>,
+    bus: Arc<MmioBus>,
     msr_indices: Arc<Vec<u32>>,
     commands: Receiver<Tagged<VcpuCommand>>,
     replies: Sender<Tagged<VcpuReply>>,
@@ -363,8 +367,10 @@ enum Served {
     Stop(String),
 }
 
-/// Serves one exit: device accesses go to the console (or nowhere).
-fn serve_exit(console: &Console, exit: VcpuExit<'_>) -> Served {
+/// Serves one exit: port accesses go to the console, MMIO accesses to the
+/// virtio-mmio bus (register accesses only: queue work is the devices'
+/// I/O threads'), anything else nowhere.
+fn serve_exit(console: &Console, bus: &MmioBus, exit: VcpuExit<'_>) -> Served {
     match exit {
         VcpuExit::IoOut(port, data) => {
             if Console::claims(port) {
@@ -385,12 +391,16 @@ fn serve_exit(console: &Console, exit: VcpuExit<'_>) -> Served {
             Served::Io(PendingIo::PortIn(port))
         }
         VcpuExit::MmioRead(addr, data) => {
-            debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO read");
-            data.fill(0);
+            if !bus.read(addr, data) {
+                debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO read");
+                data.fill(0);
+            }
             Served::Io(PendingIo::MmioRead(addr))
         }
-        VcpuExit::MmioWrite(addr, _) => {
-            debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO write");
+        VcpuExit::MmioWrite(addr, data) => {
+            if !bus.write(addr, data) {
+                debug!(addr = format_args!("{addr:#x}"), "unhandled MMIO write");
+            }
             Served::Io(PendingIo::MmioWrite(addr))
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Served::Done,
@@ -483,7 +493,7 @@ impl VcpuThread {
 
     fn run_once(&mut self) -> Next {
         let served = match self.fd.run() {
-            Ok(exit) => serve_exit(&self.console, exit),
+            Ok(exit) => serve_exit(&self.console, &self.bus, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 Served::Done
@@ -541,7 +551,7 @@ impl VcpuThread {
                 Err(e) if e.errno() == libc::EAGAIN => Next::Continue,
                 Err(e) => Next::Stop(format!("KVM_RUN to complete a {io} failed: {e}")),
                 Ok(exit) => {
-                    let served = serve_exit(&self.console, exit);
+                    let served = serve_exit(&self.console, &self.bus, exit);
                     self.settle(served)
                 }
             };

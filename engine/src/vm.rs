@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError};
 use crate::console::{Console, ConsoleError, ConsoleLine, LineSink, COM1_IRQ};
+use crate::devices::{self, DeviceError, DeviceSpec, DiskConfig, MmioBus};
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{GuestRam, MemoryError};
 use crate::state::vm as vm_state;
@@ -66,6 +67,9 @@ pub enum VmError {
     /// The console.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// A virtio device.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     /// The console output file.
     #[error("cannot open console output {path}: {source}")]
     ConsoleFile {
@@ -166,6 +170,7 @@ pub struct PreparedVm {
     msr_indices: Vec<u32>,
     console_out: ConsoleOutput,
     tsc_khz: u32,
+    disks: Vec<DiskConfig>,
 }
 
 impl PreparedVm {
@@ -252,7 +257,15 @@ impl PreparedVm {
             msr_indices,
             console_out,
             tsc_khz,
+            disks: Vec::new(),
         })
+    }
+
+    /// Gives a VM that [`Self::boot`]s these disks (virtio-blk, in slot
+    /// order). A restore takes its devices from the state instead.
+    pub fn with_disks(mut self, disks: Vec<DiskConfig>) -> Self {
+        self.disks = disks;
+        self
     }
 
     /// Guest RAM, e.g. to fill it before restoring state.
@@ -269,12 +282,14 @@ impl PreparedVm {
         }
     }
 
-    /// Boots `elf` from scratch. `cmdline` gets `cpus=` and `tsc_khz=` added.
+    /// Boots `elf` from scratch. `cmdline` gets `cpus=` and `tsc_khz=`
+    /// added, and a `virtio_mmio.device=` word per disk.
     pub fn boot(self, elf: &[u8], cmdline: &str) -> Result<Vm, VmError> {
         let full = format!(
-            "cpus={} tsc_khz={} {}",
+            "cpus={} tsc_khz={} {} {}",
             self.vcpu_fds.len(),
             self.tsc_khz,
+            devices::cmdline(self.disks.len()),
             cmdline
         );
         let info = boot::load_pvh(&self.ram, elf, full.trim_end())?;
@@ -305,7 +320,13 @@ impl PreparedVm {
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         }
         let console = self.new_console(None)?;
-        self.start(console)
+        let specs = self
+            .disks
+            .iter()
+            .map(|d| DeviceSpec::Fresh(crate::state::VirtioBackendConfig::Blk(d.clone())))
+            .collect();
+        let bus = MmioBus::build(&self.fd, self.ram.guest_memory(), specs)?;
+        self.start(console, bus)
     }
 
     /// Applies a saved state. Guest RAM must already hold the VM's memory
@@ -335,7 +356,16 @@ impl PreparedVm {
             vcpu_state::restore(v, s)?;
         }
         let console = self.new_console(Some(&state.devices))?;
-        self.start(console)
+        // The devices' backends (disk files) are opened at the first
+        // resume: on a migration destination, after the commit.
+        let specs = state
+            .devices
+            .virtio
+            .iter()
+            .map(DeviceSpec::Restored)
+            .collect();
+        let bus = MmioBus::build(&self.fd, self.ram.guest_memory(), specs)?;
+        self.start(console, bus)
     }
 
     fn new_console(&self, devices: Option<&DeviceState>) -> Result<Arc<Console>, VmError> {
@@ -357,8 +387,9 @@ impl PreparedVm {
         })
     }
 
-    fn start(self, console: Arc<Console>) -> Result<Vm, VmError> {
+    fn start(self, console: Arc<Console>, bus: MmioBus) -> Result<Vm, VmError> {
         let meta = self.meta();
+        let bus = Arc::new(bus);
         let msrs = Arc::new(self.msr_indices);
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         for (i, fd) in self.vcpu_fds.into_iter().enumerate() {
@@ -366,12 +397,14 @@ impl PreparedVm {
                 i as u32,
                 fd,
                 console.clone(),
+                bus.clone(),
                 msrs.clone(),
             )?);
         }
         Ok(Vm {
             vcpus,
             console,
+            bus,
             fd: self.fd,
             ram: self.ram,
             _kvm: self.kvm,
@@ -472,6 +505,9 @@ pub struct Vm {
     // the memory they use go away.
     vcpus: Vec<VcpuHandle>,
     console: Arc<Console>,
+    /// virtio-mmio devices; their I/O threads end before the memory and
+    /// the userfaultfd (`keep_alive`) they may touch go away.
+    bus: Arc<MmioBus>,
     fd: VmFd,
     ram: GuestRam,
     _kvm: Kvm,
@@ -516,15 +552,23 @@ impl Vm {
         &self.fd
     }
 
-    /// Starts KVM dirty logging on all of guest RAM (and clears the log).
+    /// Starts KVM dirty logging on all of guest RAM (and clears the log),
+    /// and the devices' record of the pages they write.
     pub fn start_dirty_log(&self) -> Result<(), VmError> {
         set_memory_slots(&self.fd, &self.ram, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)?;
+        self.bus.dirty().set_enabled(true);
         self.take_dirty_log().map(|_| ())
     }
 
     /// Stops dirty logging.
     pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        self.bus.dirty().set_enabled(false);
         set_memory_slots(&self.fd, &self.ram, 0)
+    }
+
+    /// The virtio devices' counters (a JSON array, by slot).
+    pub fn device_stats(&self) -> serde_json::Value {
+        self.bus.stats()
     }
 
     /// Returns and clears the pages the guest wrote since the last call: one
@@ -541,6 +585,18 @@ impl Vm {
             let first = (r.file_offset / crate::layout::PAGE_SIZE as u64 / 64) as usize;
             for (o, w) in out.iter_mut().skip(first).zip(log) {
                 *o |= w;
+            }
+        }
+        // What the devices wrote, which KVM's log cannot see.
+        let page = crate::layout::PAGE_SIZE as u64;
+        for gpfn in self.bus.dirty().take() {
+            let off = gpfn
+                .checked_mul(page)
+                .and_then(|gpa| crate::layout::gpa_to_file_offset(self.ram.ranges(), gpa));
+            if let Some(pfn) = off.map(|o| o / page) {
+                if let Some(w) = out.get_mut((pfn / 64) as usize) {
+                    *w |= 1 << (pfn % 64);
+                }
             }
         }
         Ok(PageBitmap::from_words(self.ram.pages(), out))
@@ -561,8 +617,10 @@ impl Vm {
         self.vcpus.iter().find_map(|v| v.stopped_reason())
     }
 
-    /// Starts or continues all vCPUs.
+    /// Starts or continues all vCPUs. The devices go first: the first
+    /// resume opens their backends (disk files).
     pub fn resume(&mut self) -> Result<(), VmError> {
+        self.bus.resume()?;
         for v in &self.vcpus {
             v.resume()?;
         }
@@ -580,6 +638,14 @@ impl Vm {
             v.wait_paused()?;
         }
         self.running = false;
+        // No vCPU can make a request now: finish the ones made, flush.
+        if !self.bus.is_empty() {
+            let drained = self.bus.drain()?;
+            info!(
+                requests = drained,
+                "devices drained: every request made is complete and flushed"
+            );
+        }
         Ok(t.elapsed())
     }
 
@@ -594,6 +660,7 @@ impl Vm {
         let devices = DeviceState {
             serial,
             serial_line,
+            virtio: self.bus.save(),
         };
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {

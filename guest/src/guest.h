@@ -216,6 +216,11 @@ struct config {
 	u32 inject;       /* INJECT_* */
 	bool tsc_khz_given;
 	bool stream;      /* stream=1: print the STREAM byte stream, no workload */
+	bool disk;        /* disk=1: vCPU 0 runs the disk workload (disk.c) */
+	bool disk_bad;    /* disk_bad=1: also submit malformed chains */
+	u32 disk_batch;   /* requests per batch, 1..8 */
+	u64 disk_blocks;  /* blocks (4 KiB) used, at most 4096 */
+	u64 disk_ops;     /* stop the disk workload after this many, 0 = never */
 };
 
 enum { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD };
@@ -294,7 +299,10 @@ struct memory {
 	u64 ws_pages;           /* total working-set pages (multiple of cpus) */
 	u32 nsegs;
 	struct ws_seg segs[MAX_SEGS];
+	u64 dma_pa;             /* DMA_PAGES pages for the virtio driver */
 };
+
+#define DMA_PAGES 16
 
 extern struct memory mem;
 
@@ -312,6 +320,15 @@ static inline u64 *ws_page_ptr(u64 page)
 	}
 	return NULL;
 }
+
+/* --------------------------------------------------------------- disk.c */
+
+/* cmdline `virtio_mmio.device=<size>@<base>:<irq>`; false if malformed. */
+bool virtio_mmio_option(const char *v, size_t len);
+void disk_init(u64 dma_pa);                           /* ring 0, BSP */
+void disk_start(void (*idle)(void *), void *arg);     /* ring 3, vCPU 0 */
+void disk_step(void (*idle)(void *), void *arg);      /* ring 3, vCPU 0 */
+void disk_report(void);                               /* ring 3, vCPU 0 */
 
 /* --------------------------------------------------------------- boot.S */
 

@@ -67,6 +67,11 @@
 //! | `x2apic=0` | drive the LAPIC through xAPIC MMIO even if x2APIC exists | auto |
 //! | `inject=page\|reg\|msr\|timer` | self-test: vCPU 0 injects one fault at its 3rd report | none |
 //! | `stream=1` | no workload: every vCPU prints the `STREAM` byte stream (below) | 0 |
+//! | `disk=1` | vCPU 0 also runs the disk workload on the first virtio-blk device | 0 |
+//! | `disk_batch=N` | disk requests in flight per batch (1..=8) | 4 |
+//! | `disk_blocks=N` | 4 KiB disk blocks used (at most 4096 and the disk's size) | 256 |
+//! | `disk_ops=N` | stop the disk workload after N requests and print the generations | never |
+//! | `disk_bad=1` | also submit malformed descriptor chains | 0 |
 //!
 //! The working set is clamped to free RAM (after the image, page tables
 //! and the generation array) and split evenly: vCPU `v` owns pages
@@ -107,7 +112,25 @@
 //! FERRY INJECT <what> vcpu=<n>
 //! FERRY BAD <what> <detail...>
 //! FERRY STREAM <vcpu> <seq> <payload> 0x<sum>
+//! FERRY DISKINFO sectors=<n> blocks=<n> serial=<s>
+//! FERRY DISK <ops> <errors> <malformed> <rejected>
+//! FERRY DISKGEN <first_block> <gen> <gen> ...
+//! FERRY DISKEND <ops> <errors> <blocks>
 //! ```
+//!
+//! `DISK*` lines come with `disk=1` (see `guest/src/disk.c`): vCPU 0
+//! drives the first virtio-mmio device the command line names
+//! (`virtio_mmio.device=<size>@<base>:<irq>`, as the VMM adds it) with a
+//! polled split virtqueue. It writes every block at generation 1, then
+//! runs batches of `disk_batch` reads and writes on distinct random
+//! 4 KiB blocks, checking each read against the generation it keeps in
+//! RAM ([`disk_block`] is the block format) and that every used-ring entry
+//! completes exactly one request in flight. `DISK` comes with each
+//! `TICK` of vCPU 0. With `disk_ops=N` it stops after N requests and
+//! prints every block's generation (`DISKGEN`, 16 per line) and `DISKEND`.
+//! With `disk_bad=1` every fourth batch is followed by one malformed
+//! chain, which must come back with an error status (counted in
+//! `rejected`). Mismatches are `FERRY BAD disk ...`.
 //!
 //! `STREAM` lines (only with `stream=1`) come as fast as the vCPU can print
 //! them, one port I/O exit per byte: a test of the VMM's I/O path, not of
@@ -233,8 +256,70 @@ pub enum GuestLine {
         /// [`stream_sum`] over the payloads of lines `0..=seq`.
         sum: u64,
     },
+    /// `FERRY DISK <ops> <errors> [<malformed> <rejected>]`: the disk
+    /// workload's progress (`disk=1`).
+    Disk {
+        /// Requests completed since the disk was filled.
+        ops: u64,
+        /// Errors found (each also printed as `FERRY BAD disk`).
+        errors: u64,
+        /// Malformed chains submitted (`disk_bad=1`).
+        malformed: u64,
+        /// Malformed chains the device answered with an error.
+        rejected: u64,
+    },
+    /// `FERRY DISKINFO sectors=<n> blocks=<n> serial=<s>`.
+    DiskInfo {
+        /// The device's capacity in 512-byte sectors.
+        sectors: u64,
+        /// 4 KiB blocks the workload uses.
+        blocks: u64,
+        /// What GET_ID answered (`-` if empty).
+        serial: String,
+    },
+    /// `FERRY DISKGEN <first> <gen>...`: generations of blocks `first..`.
+    DiskGen {
+        /// First block of the line.
+        first: u64,
+        /// Generation of each block from `first` on.
+        gens: Vec<u32>,
+    },
+    /// `FERRY DISKEND <ops> <errors> <blocks>`: the disk workload stopped
+    /// (`disk_ops=N`) after its `DISKGEN` lines.
+    DiskEnd {
+        /// Requests completed.
+        ops: u64,
+        /// Errors found.
+        errors: u64,
+        /// Blocks used.
+        blocks: u64,
+    },
     /// Anything else (including `FERRY INJECT` and malformed `FERRY` lines).
     Other(String),
+}
+
+/// Bytes of one disk-workload block.
+pub const DISK_BLOCK: usize = 4096;
+/// Word 0 of every block the disk workload writes ("FERRYBLK").
+pub const DISK_MAGIC: u64 = 0x4b4c_4259_5252_4546;
+
+/// The content of disk block `block` at generation `gen`, as the guest
+/// writes it: word 0 [`DISK_MAGIC`], word 1 the block, word 2 the
+/// generation, word `i >= 3` `mix64(seed + i)` with
+/// `seed = mix64(block << 32 ^ gen ^ 0xd15c0000d15c)`, little-endian.
+pub fn disk_block(block: u64, gen: u32) -> Vec<u8> {
+    let seed = mix64((block << 32) ^ u64::from(gen) ^ 0xd15c_0000_d15c);
+    (0..DISK_BLOCK as u64 / 8)
+        .flat_map(|i| {
+            match i {
+                0 => DISK_MAGIC,
+                1 => block,
+                2 => u64::from(gen),
+                _ => mix64(seed.wrapping_add(i)),
+            }
+            .to_le_bytes()
+        })
+        .collect()
 }
 
 /// Longest `STREAM` payload, in bytes.
@@ -366,6 +451,42 @@ fn parse_ferry(rest: &str) -> Option<GuestLine> {
                 seq: seq.parse().ok()?,
                 payload: payload.to_string(),
                 sum: u64::from_str_radix(sum.strip_prefix("0x")?, 16).ok()?,
+            }),
+            _ => None,
+        },
+        "DISK" => match args {
+            [ops, errors, rest @ ..] => {
+                let (malformed, rejected) = match rest {
+                    [] => (0, 0),
+                    [m, r] => (m.parse().ok()?, r.parse().ok()?),
+                    _ => return None,
+                };
+                Some(GuestLine::Disk {
+                    ops: ops.parse().ok()?,
+                    errors: errors.parse().ok()?,
+                    malformed,
+                    rejected,
+                })
+            }
+            _ => None,
+        },
+        "DISKINFO" => Some(GuestLine::DiskInfo {
+            sectors: field(args, "sectors")?.parse().ok()?,
+            blocks: field(args, "blocks")?.parse().ok()?,
+            serial: field(args, "serial")?.to_string(),
+        }),
+        "DISKGEN" => match args {
+            [first, gens @ ..] => Some(GuestLine::DiskGen {
+                first: first.parse().ok()?,
+                gens: gens.iter().map(|g| g.parse().ok()).collect::<Option<_>>()?,
+            }),
+            _ => None,
+        },
+        "DISKEND" => match args {
+            [ops, errors, blocks] => Some(GuestLine::DiskEnd {
+                ops: ops.parse().ok()?,
+                errors: errors.parse().ok()?,
+                blocks: blocks.parse().ok()?,
             }),
             _ => None,
         },
@@ -506,6 +627,59 @@ mod tests {
         assert_eq!(stream_sum(STREAM_SUM_START, b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_unparsed("FERRY STREAM 0 1 abc 12");
         assert_unparsed("FERRY STREAM 0 1 abc");
+    }
+
+    #[test]
+    fn disk_lines() {
+        assert_eq!(
+            parse_line("FERRY DISK 10 0"),
+            GuestLine::Disk {
+                ops: 10,
+                errors: 0,
+                malformed: 0,
+                rejected: 0
+            }
+        );
+        assert_eq!(
+            parse_line("FERRY DISK 10 1 4 4\n"),
+            GuestLine::Disk {
+                ops: 10,
+                errors: 1,
+                malformed: 4,
+                rejected: 4
+            }
+        );
+        assert_eq!(
+            parse_line("FERRY DISKINFO sectors=2048 blocks=256 serial=ferry0"),
+            GuestLine::DiskInfo {
+                sectors: 2048,
+                blocks: 256,
+                serial: "ferry0".into()
+            }
+        );
+        assert_eq!(
+            parse_line("FERRY DISKGEN 16 1 2 3"),
+            GuestLine::DiskGen {
+                first: 16,
+                gens: vec![1, 2, 3]
+            }
+        );
+        assert_eq!(
+            parse_line("FERRY DISKEND 5 0 256"),
+            GuestLine::DiskEnd {
+                ops: 5,
+                errors: 0,
+                blocks: 256
+            }
+        );
+        assert_unparsed("FERRY DISK 1");
+        assert_unparsed("FERRY DISK 1 2 3");
+        assert_unparsed("FERRY DISKGEN x 1");
+        let b = disk_block(3, 7);
+        assert_eq!(b.len(), DISK_BLOCK);
+        assert_eq!(&b[..8], b"FERRYBLK");
+        assert_eq!(b[8], 3);
+        assert_eq!(b[16], 7);
     }
 
     #[test]

@@ -15,6 +15,8 @@ struct config cfg = {
 	.seed = 0,
 	.avx = -1,
 	.x2apic = -1,
+	.disk_batch = 4,
+	.disk_blocks = 256,
 };
 
 struct percpu percpu[MAX_CPUS];
@@ -109,6 +111,28 @@ static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
 		ok = parse_u64(v, vlen, &n);
 		if (ok)
 			cfg.seed = n;
+	} else if (str_eq_n(k, klen, "virtio_mmio.device")) {
+		ok = virtio_mmio_option(v, vlen);
+	} else if (str_eq_n(k, klen, "disk")) {
+		ok = parse_u64(v, vlen, &n) && n <= 1;
+		if (ok)
+			cfg.disk = n == 1;
+	} else if (str_eq_n(k, klen, "disk_bad")) {
+		ok = parse_u64(v, vlen, &n) && n <= 1;
+		if (ok)
+			cfg.disk_bad = n == 1;
+	} else if (str_eq_n(k, klen, "disk_batch")) {
+		ok = parse_u64(v, vlen, &n) && n >= 1 && n <= 8;
+		if (ok)
+			cfg.disk_batch = (u32)n;
+	} else if (str_eq_n(k, klen, "disk_blocks")) {
+		ok = parse_u64(v, vlen, &n) && n >= 1 && n <= 4096;
+		if (ok)
+			cfg.disk_blocks = n;
+	} else if (str_eq_n(k, klen, "disk_ops")) {
+		ok = parse_u64(v, vlen, &n);
+		if (ok)
+			cfg.disk_ops = n;
 	} else if (str_eq_n(k, klen, "stream")) {
 		ok = parse_u64(v, vlen, &n) && n <= 1;
 		if (ok)
@@ -267,6 +291,8 @@ static void maybe_report(struct worker *w)
 	 * TICK line checks the MSRs too. */
 	percpu[w->idx].msr_check = 1;
 	kprintf("FERRY TICK %u %lu %lu %lu %lu\n", w->idx, w->round, now, irqs, w->verified);
+	if (w->idx == 0)
+		disk_report();
 
 	/* After a long gap (VM paused), skip the timer check on this report
 	 * and the next: the timer may not have fired since the resume. */
@@ -371,6 +397,12 @@ static __attribute__((noreturn)) void stream(u32 idx)
 	}
 }
 
+/* What the disk workload does while it waits for the device. */
+static void idle_report(void *w)
+{
+	maybe_report(w);
+}
+
 /* The workload, in ring 3. */
 static __attribute__((noreturn)) void workload(u64 idx64)
 {
@@ -402,6 +434,8 @@ static __attribute__((noreturn)) void workload(u64 idx64)
 		w.write_period = MAX(cfg.tsc_khz * 1000 * cfg.cpus / cfg.rate, 1);
 	w.next_write = now;
 	u64 spin = cfg.tsc_khz * REGCHECK_US / 1000;
+	if (idx == 0)
+		disk_start(idle_report, &w);
 
 	for (;;) {
 		for (u32 op = 0; op < OPS_PER_ROUND; op++) {
@@ -416,6 +450,8 @@ static __attribute__((noreturn)) void workload(u64 idx64)
 			}
 		}
 		regcheck_round(&w, spin);
+		if (idx == 0)
+			disk_step(idle_report, &w);
 		w.round++;
 		maybe_report(&w);
 	}
@@ -447,6 +483,7 @@ void guest_main(u32 idx, u64 start_info_pa)
 			}
 		}
 		mm_setup();
+		disk_init(mem.dma_pa);
 		idt_build();
 		kprintf("FERRY BOOT cpus=%u mem_mib=%lu ws_pages=%lu pattern=%s write=%u rate=%lu "
 			"report_ms=%lu tsc_khz=%lu avx=%u x2apic=%u\n",

@@ -16,6 +16,7 @@ struct memory mem;
 #define BOOT_MAP_END GIB        /* what the boot page tables cover */
 #define PHYS_LIMIT (512 * GIB)  /* one PDPT: physical memory we can map */
 #define APIC_MMIO_START 0xfec00000ULL
+#define VIRTIO_MMIO_START 0xfe000000ULL /* 2 MiB of virtio-mmio windows */
 #define APIC_MMIO_END (4 * GIB)
 
 #define PTE_P 0x1ULL
@@ -170,7 +171,9 @@ static void build_page_tables(void)
 		pdpt[g] = (u64)pd | PTE_P | PTE_W | PTE_U;
 		for (u32 j = 0; j < 512; j++) {
 			u64 pa = (u64)g * GIB + (u64)j * MIB2;
-			if (pa >= APIC_MMIO_START && pa < APIC_MMIO_END)
+			if (pa == VIRTIO_MMIO_START) /* user: ring 3 notifies */
+				pd[j] = pa | PTE_P | PTE_W | PTE_U | PTE_PS | PTE_PCD | PTE_PWT;
+			else if (pa >= APIC_MMIO_START && pa < APIC_MMIO_END)
 				pd[j] = pa | PTE_P | PTE_W | PTE_PS | PTE_PCD | PTE_PWT; /* kernel only */
 			else if (frame_is_ram(pa))
 				pd[j] = pa | PTE_P | PTE_W | PTE_U | PTE_PS;
@@ -193,6 +196,7 @@ void mm_setup(void)
 
 	build_page_tables();
 	write_cr3(mem.pml4_pa); /* all RAM is reachable from here on */
+	mem.dma_pa = alloc_low(DMA_PAGES, BOOT_MAP_END);
 
 	/* Working set request, clamped to what is free. */
 	u64 want = MAX(cfg.ws_bytes / PAGE_SIZE, cfg.cpus);

@@ -65,6 +65,24 @@ pub struct VmIoArgs {
     /// Stop after this long (e.g. 10s); default: until `quit`.
     #[arg(long, value_parser = parse_duration)]
     pub run_for: Option<Duration>,
+    /// A virtio-blk disk on a raw file, PATH[,readonly][,serial=ID]
+    /// (repeatable; the serial defaults to ferry<N>). When booting: the
+    /// VM's disks. When restoring or receiving a VM: the N-th --disk
+    /// replaces the saved VM's N-th disk (a clone's own copy); without
+    /// it the disks are opened at the paths in the state (shared storage).
+    #[arg(long = "disk", value_name = "PATH[,readonly][,serial=ID]")]
+    pub disk: Vec<String>,
+}
+
+impl VmIoArgs {
+    /// The `--disk` options, parsed.
+    pub fn disks(&self) -> Result<Vec<ferry_engine::devices::DiskConfig>, String> {
+        self.disk
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ferry_engine::devices::DiskConfig::parse(s, i))
+            .collect()
+    }
 }
 
 /// How a side of a migration treats its peer: the `--peer-timeout` and

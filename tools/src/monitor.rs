@@ -49,6 +49,23 @@ pub struct GuestMonitor {
     pub last_tick: BTreeMap<u32, LastTick>,
     /// Longest host-time gap between consecutive ticks, per vCPU (µs).
     pub max_tick_gap_us: BTreeMap<u32, u64>,
+    /// The disk workload's latest `FERRY DISK` report, if it runs.
+    pub disk: Option<DiskReport>,
+}
+
+/// The disk workload's latest report.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskReport {
+    /// Requests completed.
+    pub ops: u64,
+    /// Errors the guest found (each also a BAD line).
+    pub errors: u64,
+    /// Malformed chains submitted (`disk_bad=1`).
+    pub malformed: u64,
+    /// Malformed chains answered with an error status.
+    pub rejected: u64,
+    /// True once the workload stopped (`DISKEND`).
+    pub finished: bool,
 }
 
 impl GuestMonitor {
@@ -88,6 +105,26 @@ impl GuestMonitor {
                 );
             }
             GuestLine::Ready { .. } => self.ready += 1,
+            GuestLine::Disk {
+                ops,
+                errors,
+                malformed,
+                rejected,
+            } => {
+                self.disk = Some(DiskReport {
+                    ops,
+                    errors,
+                    malformed,
+                    rejected,
+                    finished: false,
+                })
+            }
+            GuestLine::DiskEnd { ops, errors, .. } => {
+                let d = self.disk.get_or_insert_with(DiskReport::default);
+                d.ops = ops;
+                d.errors = errors;
+                d.finished = true;
+            }
             GuestLine::Bad { .. } => {
                 self.bad += 1;
                 if self.bad_lines.len() < KEEP_BAD {

@@ -70,6 +70,10 @@ pub struct DestOptions {
     /// connection and every reconnection must then come from the control
     /// connection's certificate.
     pub tls: Option<ferry_transport::ServerTls>,
+    /// `--disk` given here: the `i`-th replaces the moved VM's `i`-th
+    /// disk (another path to the same storage, or a copy for a clone).
+    /// Empty: the disks are opened where the state says (shared storage).
+    pub disk_overrides: Vec<crate::devices::DiskConfig>,
 }
 
 impl Default for DestOptions {
@@ -81,6 +85,7 @@ impl Default for DestOptions {
             accept_timeout: None,
             expect_session: None,
             tls: None,
+            disk_overrides: Vec::new(),
         }
     }
 }
@@ -148,7 +153,9 @@ pub fn receive<'a>(
     opts.stage(Stage::Switching);
     let bytes_state = state_payload.len() as u64;
     let (meta, blob) = decode_state(&state_payload).map_err(|e| abort(&ctl, e.into()))?;
-    let machine = state::decode(blob).map_err(|e| abort(&ctl, e.into()))?;
+    let mut machine = state::decode(blob).map_err(|e| abort(&ctl, e.into()))?;
+    crate::devices::override_disks(&mut machine.devices.virtio, &opts.disk_overrides)
+        .map_err(|e| abort(&ctl, DestError::Refused(e)))?;
     if machine.meta.mem_size != hello.mem_size
         || machine.meta.vcpus != hello.vcpus
         || meta.mode != mode

@@ -17,8 +17,11 @@
 //!
 //! Versions: 1 is the original layout. 2 adds the mandatory
 //! [`Tag::SerialLine`] section (the console line being printed at the
-//! pause). This build writes 2 and reads both; a version 1 blob decodes
-//! with an empty line.
+//! pause). 3 adds one [`Tag::Virtio`] section per virtio-mmio device
+//! (instance = its slot, slots numbered from 0 without gaps): transport
+//! registers, queues and the backend's configuration (see
+//! `state::devices_codec`). This build writes 3 and reads 1 to 3; older
+//! blobs decode with an empty line and no devices.
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
 use vm_superio::serial::SerialState;
@@ -29,11 +32,13 @@ use super::{DeviceState, MachineMeta, MachineState, VcpuState, VmState};
 /// Magic at the start of every state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"FERRYST\0";
 /// Version written by this build.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+pub const STATE_FORMAT_VERSION: u32 = 3;
 /// Oldest version this build reads.
 pub const MIN_STATE_FORMAT_VERSION: u32 = 1;
 /// First version with [`Tag::SerialLine`].
 const SERIAL_LINE_SINCE: u32 = 2;
+/// First version with [`Tag::Virtio`].
+const VIRTIO_SINCE: u32 = 3;
 /// Longest [`Tag::SerialLine`] payload: a partial console line is always
 /// shorter than the console's longest line.
 pub const MAX_SERIAL_LINE: usize = crate::console::MAX_LINE - 1;
@@ -84,9 +89,11 @@ pub enum Tag {
     /// The console line COM1 had begun printing: its raw bytes, at most
     /// [`MAX_SERIAL_LINE`], no line ends. Since version 2.
     SerialLine = 0x0301,
+    /// One virtio-mmio device (instance = slot). Since version 3.
+    Virtio = 0x0310,
 }
 
-const ALL_TAGS: [Tag; 18] = [
+const ALL_TAGS: [Tag; 19] = [
     Tag::Meta,
     Tag::Pit2,
     Tag::Clock,
@@ -105,6 +112,7 @@ const ALL_TAGS: [Tag; 18] = [
     Tag::Events,
     Tag::Serial,
     Tag::SerialLine,
+    Tag::Virtio,
 ];
 
 impl Tag {
@@ -238,6 +246,11 @@ fn encode_as(state: &MachineState, version: u32) -> Vec<u8> {
     w.section(Tag::Serial, 0, &encode_serial(&state.devices.serial));
     if version >= SERIAL_LINE_SINCE {
         w.section(Tag::SerialLine, 0, &state.devices.serial_line);
+    }
+    if version >= VIRTIO_SINCE {
+        for (i, d) in state.devices.virtio.iter().enumerate() {
+            w.section(Tag::Virtio, i as u16, &super::devices_codec::encode(d));
+        }
     }
 
     let body_len = (w.buf.len() - HEADER_LEN) as u64;
@@ -379,6 +392,9 @@ fn sections(blob: &[u8]) -> Result<(u32, SectionMap<'_>), CodecError> {
             Some(Tag::SerialLine) if version < SERIAL_LINE_SINCE => {
                 return Err(CodecError::UnknownTag(tag));
             }
+            Some(Tag::Virtio) if version < VIRTIO_SINCE => {
+                return Err(CodecError::UnknownTag(tag));
+            }
             Some(t) => {
                 if map.insert((tag, instance), payload).is_some() {
                     return Err(CodecError::Duplicate { tag: t, instance });
@@ -484,6 +500,8 @@ pub fn decode(blob: &[u8]) -> Result<MachineState, CodecError> {
         let t = Tag::from_u16(tag).ok_or(CodecError::UnknownTag(tag))?;
         let ok = if t.per_vcpu() {
             u32::from(instance) < meta.vcpus
+        } else if t == Tag::Virtio {
+            usize::from(instance) < crate::layout::MAX_VIRTIO_DEVICES
         } else {
             instance == 0
         };
@@ -529,6 +547,22 @@ pub fn decode(blob: &[u8]) -> Result<MachineState, CodecError> {
     } else {
         Vec::new()
     };
+    let mut virtio = Vec::new();
+    for slot in 0..crate::layout::MAX_VIRTIO_DEVICES as u16 {
+        let Some(p) = map.get(&(Tag::Virtio as u16, slot)) else {
+            break;
+        };
+        virtio.push(
+            super::devices_codec::decode(p)
+                .map_err(|e| CodecError::Inconsistent(format!("virtio device {slot}: {e}")))?,
+        );
+    }
+    let slots = map.keys().filter(|k| k.0 == Tag::Virtio as u16).count();
+    if slots != virtio.len() {
+        return Err(CodecError::Inconsistent(format!(
+            "virtio device slots are not numbered 0..{slots}"
+        )));
+    }
     Ok(MachineState {
         meta,
         vm,
@@ -536,6 +570,7 @@ pub fn decode(blob: &[u8]) -> Result<MachineState, CodecError> {
         devices: DeviceState {
             serial,
             serial_line,
+            virtio,
         },
     })
 }
@@ -615,6 +650,7 @@ mod tests {
                     ..Default::default()
                 },
                 serial_line: b"FERRY TI".to_vec(),
+                virtio: vec![crate::state::devices_codec::sample()],
             },
         }
     }
@@ -635,6 +671,7 @@ mod tests {
     fn with_line(line: &[u8]) -> Vec<u8> {
         let mut s = sample();
         s.devices.serial_line.clear();
+        s.devices.virtio.clear();
         let mut b = encode(&s);
         // Drop the CRC and the empty section's 8-byte header, then append
         // the section by hand so no encoder-side bound applies.
@@ -710,6 +747,54 @@ mod tests {
             decode(&reseal(v2, 1, count)).err(),
             Some(CodecError::UnknownTag(Tag::SerialLine as u16))
         );
+    }
+
+    #[test]
+    fn version_2_blobs_decode_without_devices_and_cannot_carry_them() {
+        let v2 = encode_as(&sample(), 2);
+        let back = decode(&v2).unwrap();
+        assert!(back.devices.virtio.is_empty());
+        assert_eq!(back.devices.serial_line, b"FERRY TI");
+        let v3 = encode(&sample());
+        let count = le_u32(&v3, 12);
+        assert_eq!(
+            decode(&reseal(v3, 2, count)).err(),
+            Some(CodecError::UnknownTag(Tag::Virtio as u16))
+        );
+    }
+
+    #[test]
+    fn virtio_devices_round_trip_and_slots_have_no_gaps() {
+        let mut s = sample();
+        let mut second = crate::state::devices_codec::sample();
+        second.queues[0].next_avail = 9;
+        s.devices.virtio.push(second.clone());
+        let back = decode(&encode(&s)).unwrap();
+        assert_eq!(back.devices.virtio.len(), 2);
+        assert_eq!(back.devices.virtio[1], second);
+        // Drop slot 0: slot 1 alone is a gap.
+        let mut b = encode(&s);
+        let body = b[HEADER_LEN..b.len() - 4].to_vec();
+        let mut at = 0;
+        let mut kept = Vec::new();
+        let mut count = 0;
+        while at < body.len() {
+            let tag = u16::from_le_bytes([body[at], body[at + 1]]);
+            let inst = u16::from_le_bytes([body[at + 2], body[at + 3]]);
+            let len = le_u32(&body, at + 4) as usize;
+            if !(tag == Tag::Virtio as u16 && inst == 0) {
+                kept.extend_from_slice(&body[at..at + 8 + len]);
+                count += 1;
+            }
+            at += 8 + len;
+        }
+        b.truncate(HEADER_LEN);
+        b.extend_from_slice(&kept);
+        b.extend_from_slice(&[0; 4]);
+        assert!(matches!(
+            decode(&reseal(b, STATE_FORMAT_VERSION, count)),
+            Err(CodecError::Inconsistent(_))
+        ));
     }
 
     #[test]

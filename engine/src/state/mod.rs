@@ -7,6 +7,7 @@
 //! checksummed, self-describing blob.
 
 pub mod codec;
+mod devices_codec;
 pub mod vcpu;
 pub mod vm;
 
@@ -15,6 +16,9 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use vm_superio::serial::SerialState;
+
+pub use crate::devices::DiskConfig;
+pub use virtio_queue::QueueState;
 
 pub use codec::{decode, encode, CodecError, STATE_FORMAT_VERSION};
 
@@ -99,6 +103,46 @@ pub struct DeviceState {
     /// finished (never output by the VM they were saved from), shorter
     /// than [`crate::console::MAX_LINE`] and without line ends.
     pub serial_line: Vec<u8>,
+    /// The virtio-mmio devices, in slot order (slot `i` is at
+    /// [`crate::devices::mmio_base`]`(i)`). Since state version 3.
+    pub virtio: Vec<VirtioState>,
+}
+
+/// What backs a virtio device: the part of its configuration that a
+/// restore needs to rebuild it (and that `--disk` at a restore may
+/// override).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VirtioBackendConfig {
+    /// virtio-blk on a raw file.
+    Blk(DiskConfig),
+}
+
+/// One virtio-mmio device: its transport registers, its queues and its
+/// backend's configuration. Saved after the device was drained (no
+/// request in flight: everything the guest made available is in the used
+/// ring), so `next_avail`/`next_used` say exactly which requests are done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioState {
+    /// The virtio device ID (2 for a block device).
+    pub device_type: u32,
+    /// The device status register (ACKNOWLEDGE, DRIVER, FEATURES_OK, ...).
+    pub status: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// The features the driver acknowledged.
+    pub driver_features: u64,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// `InterruptStatus` (bit 0: used buffer, bit 1: configuration change).
+    pub interrupt_status: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+    /// The queues, untrusted until the device rebuilds them.
+    pub queues: Vec<QueueState>,
+    /// The backend.
+    pub backend: VirtioBackendConfig,
 }
 
 /// Everything needed to resume a paused VM, given its memory.

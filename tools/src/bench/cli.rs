@@ -113,6 +113,12 @@ pub struct Args {
     /// Passed to ferry-source for hybrid.
     #[arg(long)]
     pub hybrid_rounds: Option<u32>,
+    /// Give each Ferry VM a virtio-blk disk (a new raw file in its run
+    /// directory, on the same path for both sides: shared storage) and run
+    /// the guest's disk workload, so the downtime figures include the
+    /// device drain and the device state. QEMU rows have no disk.
+    #[arg(long)]
+    pub disk: bool,
     /// Pin the source to CPU 0 and the destination to CPU 1 (Ferry's and
     /// QEMU's alike): off, on, or both (every point twice) [default: off].
     #[arg(long)]
@@ -273,6 +279,7 @@ impl Args {
                 downtime_target: target.map(|d| format!("{}ms", d.as_millis())),
                 hybrid_rounds: self.hybrid_rounds,
                 tls_certs: None,
+                disk: self.disk,
             },
             tls: self.tls,
         })

@@ -52,6 +52,9 @@ pub enum FerryError {
     /// A TLS run without certificates.
     #[error("no certificates for the TLS runs")]
     NoCerts,
+    /// The run's disk file could not be made.
+    #[error("cannot create the bench disk {0}")]
+    Disk(String),
     /// The guest reported no tick on the destination.
     #[error("the guest did not tick on the destination after the move")]
     NoDestTicks,
@@ -72,7 +75,12 @@ pub struct FerryTools {
     pub hybrid_rounds: Option<u32>,
     /// Where `gen-certs` wrote the certificates for the TLS runs.
     pub tls_certs: Option<PathBuf>,
+    /// Run with a shared virtio-blk disk and the guest's disk workload.
+    pub disk: bool,
 }
+
+/// Size of the bench's disk: the guest's disk workload uses 1 MiB of it.
+const BENCH_DISK_BYTES: u64 = 64 << 20;
 
 impl FerryTools {
     /// The mode flags for `ferry-source`: nothing for post-copy (the
@@ -184,13 +192,17 @@ pub fn run(
         });
     }
     let mut cmd = net.command_on(Side::Source, &tools.source, p.cpu(Side::Source));
+    let mut guest_args = p.guest_args();
+    if tools.disk {
+        let disk = f("disk.img");
+        std::fs::File::create(&disk)
+            .and_then(|d| d.set_len(BENCH_DISK_BYTES))
+            .map_err(|e| FerryError::Disk(format!("{}: {e}", disk.display())))?;
+        cmd.args(["--disk", &path("disk.img")]);
+        guest_args.push_str(" disk=1");
+    }
     cmd.args(["--mem", &p.mem.to_string(), "--vcpus", &p.vcpus.to_string()])
-        .args([
-            "--guest-args",
-            &p.guest_args(),
-            "--serial",
-            &path("src.log"),
-        ])
+        .args(["--guest-args", &guest_args, "--serial", &path("src.log")])
         .args([
             "--migrate-to",
             &addr,
@@ -263,6 +275,7 @@ mod tests {
     #[test]
     fn mode_args_only_for_new_modes() {
         let t = FerryTools {
+            disk: false,
             source: "s".into(),
             dest: "d".into(),
             max_rounds: Some(10),

@@ -248,7 +248,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     drop(net);
     let title = format!(
         "ferry-bench results ({}, guest runs {} ms before the move, Ferry: plus 4 ms per MiB \
-         of working set to set it up; QEMU: and ≥ 1.1 s after its first TICK)",
+         of working set to set it up; QEMU: and ≥ 1.1 s after its first TICK{})",
         if cfg.netns {
             match &cfg.link_rate {
                 Some(r) => format!("two network namespaces, {r} veth"),
@@ -257,7 +257,13 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         } else {
             "loopback".into()
         },
-        cfg.after.as_millis()
+        cfg.after.as_millis(),
+        if cfg.ferry.disk {
+            "; Ferry VMs with a shared virtio-blk disk and the guest's disk workload \
+             (device drain and state included in the downtime; QEMU rows without)"
+        } else {
+            ""
+        }
     );
     render(&out, &out_abs, &records, wire.as_ref(), &title)
 }

@@ -117,7 +117,9 @@ fn main() -> ExitCode {
 fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(name) = &args.from_template {
         let dir = templates::resolve_dir(args.template_dir.as_deref());
-        args.restore = Some(templates::path_of(&dir, name)?);
+        let path = templates::path_of(&dir, name)?;
+        check_clone_disks(&path, args.io.disk.len())?;
+        args.restore = Some(path);
     }
     let hooks = args.hook.hooks(args.stats_json.as_deref());
     let shape = |vm: &ferry_engine::Vm| Shape {
@@ -142,7 +144,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| listen(a, args.insecure, tls.as_ref()))
         .transpose()?;
     let progress = std::sync::Arc::new(Progress::default());
+    let disks = args.io.disks()?;
     let opts = migration::DestOptions {
+        disk_overrides: disks.clone(),
         peer_timeout: args.link.peer_timeout,
         recovery_window: args.link.recovery_window,
         progress: Some(progress.clone()),
@@ -210,7 +214,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         received.vm
     } else if let Some(path) = restore.as_ref().filter(|_| args.lazy) {
-        let (vm, stats) = snapshot::restore_lazy(path, console, args.replay)?;
+        let (vm, stats) = snapshot::restore_lazy_with(path, console, args.replay, &disks)?;
         info!(path = %path.display(), "snapshot restored lazily");
         println!("{}", stats.table());
         if let Some(p) = &args.stats_json {
@@ -221,7 +225,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         hooks.fire_both(shape(&vm));
         vm
     } else if let Some(path) = &restore {
-        let (mut vm, stats) = snapshot::restore(path, console)?;
+        let (mut vm, stats) = snapshot::restore_with(path, console, &disks)?;
         info!(
             path = %path.display(),
             millis = stats.millis,
@@ -244,6 +248,32 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Clones of a template are many VMs from one state: a writable disk of
+/// the template needs a `--disk` per clone (its own copy), or the clones
+/// would all write one file.
+fn check_clone_disks(template: &std::path::Path, given: usize) -> Result<(), String> {
+    let snap = ferry_engine::snapshot::Snapshot::open(template).map_err(|e| e.to_string())?;
+    let writable = snap
+        .state
+        .devices
+        .virtio
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| match &d.backend {
+            ferry_engine::state::VirtioBackendConfig::Blk(c) => (!c.readonly).then_some(i),
+        })
+        .filter(|&i| i >= given)
+        .collect::<Vec<_>>();
+    if writable.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the template has a writable disk ({} of them without --disk); give each clone its \
+         own copy with --disk PATH, or clones would share one file",
+        writable.len()
+    ))
 }
 
 /// Binds the migration listener: any address with TLS; without it,

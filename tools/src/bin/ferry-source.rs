@@ -8,7 +8,7 @@ use clap::Parser;
 use ferry_engine::controller::{ServeContext, ServeEnd};
 use ferry_engine::migration::record::SessionRecord;
 use ferry_engine::migration::{self, SourceOptions};
-use ferry_engine::{api, controller, PreparedVm, Vm};
+use ferry_engine::{api, controller, PreparedVm};
 use ferry_page_server::{FileSource, ServerConfig};
 use ferry_protocol::MigrationMode;
 use ferry_tools::{
@@ -116,12 +116,14 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
+    let disks = args.io.disks()?;
     let mut vm = match &args.mem_file {
         Some(path) => PreparedVm::new_in_file(args.mem, args.vcpus, console, path)
-            .map_err(|e| format!("guest RAM in {}: {e}", path.display()))?
-            .boot(&elf, &args.guest_args)?,
-        None => Vm::boot(args.mem, args.vcpus, &elf, &args.guest_args, console)?,
-    };
+            .map_err(|e| format!("guest RAM in {}: {e}", path.display()))?,
+        None => PreparedVm::new(args.mem, args.vcpus, console)?,
+    }
+    .with_disks(disks)
+    .boot(&elf, &args.guest_args)?;
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
     let tls = client_tls(&args)?;

@@ -1,0 +1,423 @@
+//! virtio-blk on a raw file.
+//!
+//! One request queue. A request is a descriptor chain: a 16-byte header the
+//! device reads (type, reserved, sector), data buffers, and a one-byte
+//! status the device writes. Every chain comes from the guest and is
+//! checked before any I/O: the header and status descriptors' directions
+//! and sizes, each data buffer's direction and guest-memory range, the
+//! length (whole sectors) and the range on the file. A chain that fails a
+//! check gets `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for an unknown type); a
+//! chain without a usable status byte (none, read-only, or a broken chain:
+//! a `next` out of the table, a loop) is returned with length 0 and
+//! nothing written. Only a head index outside the queue, which cannot be
+//! returned at all, breaks the device (`DEVICE_NEEDS_RESET`).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+
+use serde_json::json;
+use tracing::{debug, info, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use super::dirty::DirtyLog;
+use super::transport::VirtioBackend;
+use super::{DeviceError, DiskConfig};
+use crate::state::VirtioBackendConfig;
+
+/// Bytes per sector, the unit of `sector` and of every length.
+pub const SECTOR: u64 = 512;
+/// Size of the only queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes moved per file call (a guest buffer may be up to 4 GiB).
+const CHUNK: usize = 64 << 10;
+/// Bytes of a request header.
+const HEADER_LEN: u32 = 16;
+
+/// Counters since the device was created (not part of the saved state).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BlkStats {
+    /// Requests completed (any status).
+    pub requests: u64,
+    /// Completed `IN` requests.
+    pub reads: u64,
+    /// Completed `OUT` requests.
+    pub writes: u64,
+    /// `FLUSH` requests.
+    pub flushes: u64,
+    /// Requests answered `IOERR` or `UNSUPP`.
+    pub errors: u64,
+    /// Chains returned without a status (nowhere to write one).
+    pub malformed: u64,
+    /// Bytes read from the file for the guest.
+    pub bytes_read: u64,
+    /// Bytes written to the file for the guest.
+    pub bytes_written: u64,
+}
+
+/// A virtio-blk backend.
+pub struct Blk {
+    config: DiskConfig,
+    file: Option<File>,
+    capacity: u64,
+    stats: BlkStats,
+}
+
+/// Why a request failed, for the log (the guest sees only the status).
+#[derive(Debug)]
+enum Reject {
+    /// Answered with this status byte.
+    Status(u32, String),
+    /// No status byte can be written.
+    NoStatus(String),
+}
+
+fn ioerr(why: impl Into<String>) -> Reject {
+    Reject::Status(VIRTIO_BLK_S_IOERR, why.into())
+}
+
+impl Blk {
+    /// A device for `config`; the file is opened by [`Self::open`] or on
+    /// activation.
+    pub fn new(config: DiskConfig) -> Self {
+        Self {
+            config,
+            file: None,
+            capacity: 0,
+            stats: BlkStats::default(),
+        }
+    }
+
+    /// Opens the file now (when booting: a missing file is an error before
+    /// the VM runs at all).
+    pub fn open(&mut self) -> Result<(), DeviceError> {
+        if self.file.is_some() {
+            return Ok(());
+        }
+        let path = &self.config.path;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!self.config.readonly)
+            .open(path)
+            .map_err(|source| DeviceError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|source| DeviceError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        self.capacity = len / SECTOR;
+        info!(path = %path.display(), sectors = self.capacity, readonly = self.config.readonly, "disk opened");
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> BlkStats {
+        self.stats
+    }
+
+    /// Serves one chain; returns the bytes written into guest memory.
+    fn serve(
+        &mut self,
+        descs: &[Descriptor],
+        broken: bool,
+        mem: &GuestMemoryMmap,
+        dirty: &DirtyLog,
+    ) -> u32 {
+        let status = match descs.last() {
+            Some(d) if !broken && d.is_write_only() && d.len() >= 1 && descs.len() >= 2 => d.addr(),
+            _ => {
+                self.stats.malformed += 1;
+                debug!(
+                    descriptors = descs.len(),
+                    broken, "virtio-blk chain without a status byte"
+                );
+                return 0;
+            }
+        };
+        let (code, written) = match self.execute(&descs[..descs.len() - 1], mem, dirty) {
+            Ok(n) => (VIRTIO_BLK_S_OK, n),
+            Err(Reject::Status(code, why)) => {
+                debug!(why, "virtio-blk request refused");
+                self.stats.errors += 1;
+                (code, 0)
+            }
+            Err(Reject::NoStatus(why)) => {
+                debug!(why, "virtio-blk request dropped");
+                self.stats.malformed += 1;
+                return 0;
+            }
+        };
+        if mem.write_obj(code as u8, status).is_err() {
+            self.stats.malformed += 1;
+            return 0;
+        }
+        dirty.mark(status.0, 1);
+        self.stats.requests += 1;
+        written.saturating_add(1)
+    }
+
+    /// Runs a request (all descriptors but the status); returns the bytes
+    /// written into guest memory.
+    fn execute(
+        &mut self,
+        descs: &[Descriptor],
+        mem: &GuestMemoryMmap,
+        dirty: &DirtyLog,
+    ) -> Result<u32, Reject> {
+        let (hdr, data) = descs
+            .split_first()
+            .ok_or_else(|| Reject::NoStatus("no header".into()))?;
+        if hdr.is_write_only() || hdr.len() < HEADER_LEN {
+            return Err(ioerr(format!(
+                "bad header descriptor (len {}, write-only {})",
+                hdr.len(),
+                hdr.is_write_only()
+            )));
+        }
+        let mut raw = [0u8; HEADER_LEN as usize];
+        mem.read_slice(&mut raw, hdr.addr())
+            .map_err(|e| ioerr(format!("header at {:#x}: {e}", hdr.addr().0)))?;
+        let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let sector = u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default());
+        for d in data {
+            if !mem.check_range(
+                d.addr(),
+                d.len() as usize,
+                vm_memory::Permissions::ReadWrite,
+            ) {
+                return Err(ioerr(format!(
+                    "buffer {:#x}+{} is not guest RAM",
+                    d.addr().0,
+                    d.len()
+                )));
+            }
+        }
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| ioerr("the disk is not open"))?;
+        match kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let out = kind == VIRTIO_BLK_T_OUT;
+                if data.is_empty() {
+                    return Err(ioerr("no data buffer"));
+                }
+                if out && self.config.readonly {
+                    return Err(ioerr("write to a read-only disk"));
+                }
+                if data.iter().any(|d| d.is_write_only() == out) {
+                    return Err(ioerr("a data buffer has the wrong direction"));
+                }
+                let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+                let start = sector
+                    .checked_mul(SECTOR)
+                    .ok_or_else(|| ioerr("sector overflows"))?;
+                if !total.is_multiple_of(SECTOR) {
+                    return Err(ioerr(format!("length {total} is not whole sectors")));
+                }
+                let end = start
+                    .checked_add(total)
+                    .ok_or_else(|| ioerr("range overflows"))?;
+                if end > self.capacity * SECTOR {
+                    return Err(ioerr(format!(
+                        "sectors {sector}..{} beyond the disk's {}",
+                        end / SECTOR,
+                        self.capacity
+                    )));
+                }
+                let mut at = start;
+                let mut buf = vec![0u8; CHUNK.min(total as usize)];
+                for d in data {
+                    let mut done = 0u64;
+                    while done < u64::from(d.len()) {
+                        let n = (u64::from(d.len()) - done).min(CHUNK as u64) as usize;
+                        let gpa = GuestAddress(d.addr().0 + done);
+                        let b = &mut buf[..n];
+                        if out {
+                            mem.read_slice(b, gpa)
+                                .map_err(|e| ioerr(format!("guest read: {e}")))?;
+                            file.write_all_at(b, at)
+                                .map_err(|e| ioerr(format!("file write: {e}")))?;
+                        } else {
+                            file.read_exact_at(b, at)
+                                .map_err(|e| ioerr(format!("file read: {e}")))?;
+                            mem.write_slice(b, gpa)
+                                .map_err(|e| ioerr(format!("guest write: {e}")))?;
+                            dirty.mark(gpa.0, n as u64);
+                        }
+                        done += n as u64;
+                        at += n as u64;
+                    }
+                }
+                if out {
+                    self.stats.writes += 1;
+                    self.stats.bytes_written += total;
+                    Ok(0)
+                } else {
+                    self.stats.reads += 1;
+                    self.stats.bytes_read += total;
+                    Ok(total as u32)
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                file.sync_data()
+                    .map_err(|e| ioerr(format!("fdatasync: {e}")))?;
+                self.stats.flushes += 1;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let d = match data {
+                    [d] if d.is_write_only() => d,
+                    _ => return Err(ioerr("GET_ID needs one writable buffer")),
+                };
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let s = self.config.serial.as_bytes();
+                let k = s.len().min(id.len());
+                id[..k].copy_from_slice(&s[..k]);
+                let n = (d.len() as usize).min(id.len());
+                mem.write_slice(&id[..n], d.addr())
+                    .map_err(|e| ioerr(format!("guest write: {e}")))?;
+                dirty.mark(d.addr().0, n as u64);
+                Ok(n as u32)
+            }
+            other => Err(Reject::Status(
+                VIRTIO_BLK_S_UNSUPP,
+                format!("request type {other}"),
+            )),
+        }
+    }
+}
+
+impl VirtioBackend for Blk {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_BLK_F_FLUSH;
+        if self.config.readonly {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config starts with `le64 capacity`; the rest
+        // (geometry, block size, ...) is not offered and reads as zero.
+        let cap = self.capacity.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| cap.get(o as usize))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), DeviceError> {
+        self.open()
+    }
+
+    fn check(&self) -> Result<(), DeviceError> {
+        // access(2), not open(2): nothing on this side holds the file
+        // before the move commits.
+        use nix::unistd::{access, AccessFlags};
+        let mode = if self.config.readonly {
+            AccessFlags::R_OK
+        } else {
+            AccessFlags::R_OK | AccessFlags::W_OK
+        };
+        access(&self.config.path, mode).map_err(|e| DeviceError::Open {
+            path: self.config.path.clone(),
+            source: std::io::Error::from(e),
+        })
+    }
+
+    fn process(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        dirty: &DirtyLog,
+    ) -> (u32, Option<String>) {
+        let mut done = 0;
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return (done, Some(format!("avail ring: {e}"))),
+            };
+            let Some(chain) = chain else {
+                return (done, None);
+            };
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            // A chain that ends on a descriptor still saying NEXT was cut
+            // short: a `next` outside the table, a loop (the chain's TTL),
+            // or an unreadable descriptor.
+            let broken = descs.last().is_none_or(|d| d.has_next());
+            let len = self.serve(&descs, broken, mem, dirty);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                return (done, Some(format!("cannot return descriptor {head}: {e}")));
+            }
+            done += 1;
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), DeviceError> {
+        if let Some(f) = &self.file {
+            if !self.config.readonly {
+                f.sync_data().map_err(|source| DeviceError::Flush {
+                    path: self.config.path.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn config(&self) -> VirtioBackendConfig {
+        VirtioBackendConfig::Blk(self.config.clone())
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let s = self.stats;
+        if s.malformed > 0 && s.malformed % 1000 == 1 {
+            warn!(
+                malformed = s.malformed,
+                "the guest keeps sending malformed virtio-blk chains"
+            );
+        }
+        json!({
+            "kind": "blk",
+            "path": self.config.path,
+            "readonly": self.config.readonly,
+            "serial": self.config.serial,
+            "sectors": self.capacity,
+            "requests": s.requests,
+            "reads": s.reads,
+            "writes": s.writes,
+            "flushes": s.flushes,
+            "errors": s.errors,
+            "malformed": s.malformed,
+            "bytes_read": s.bytes_read,
+            "bytes_written": s.bytes_written,
+        })
+    }
+}
