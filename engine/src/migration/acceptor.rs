@@ -8,13 +8,19 @@
 //! `Hello` is answered with `Abort` naming the problem and closed. Only
 //! parsed `Hello`s reach the caller, which decides whether they belong to
 //! the session it waits for.
+//!
+//! An in-process session (lazy restore) has no listener: its connections
+//! are the ends of socketpairs, handed in with [`Acceptor::given`] and
+//! handshaken one per call, as if accepted.
 
-use std::net::{TcpListener, TcpStream};
+use std::collections::VecDeque;
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_page_server::Stream;
 use ferry_protocol::{Hello, MsgType, ProtocolError};
 use tracing::warn;
 
@@ -33,7 +39,7 @@ pub struct Acceptor {
 }
 
 struct Inner {
-    listener: TcpListener,
+    incoming: Incoming,
     done_tx: Mutex<Sender<(Link, Hello)>>,
     done_rx: Mutex<Receiver<(Link, Hello)>>,
     in_flight: Arc<AtomicUsize>,
@@ -46,16 +52,27 @@ impl Acceptor {
     pub fn new(listener: &TcpListener, peer_timeout: Duration) -> Result<Self, ProtocolError> {
         let listener = listener.try_clone()?;
         listener.set_nonblocking(true)?;
+        Ok(Self::with(Incoming::Listener(listener), peer_timeout))
+    }
+
+    /// Hands out `streams` (already connected, e.g. socketpair ends) as
+    /// if accepted, one per [`Acceptor::next_hello`] call that finds no
+    /// finished handshake.
+    pub fn given(streams: Vec<Stream>, peer_timeout: Duration) -> Self {
+        Self::with(Incoming::Given(Mutex::new(streams.into())), peer_timeout)
+    }
+
+    fn with(incoming: Incoming, peer_timeout: Duration) -> Self {
         let (tx, rx) = channel();
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
-                listener,
+                incoming,
                 done_tx: Mutex::new(tx),
                 done_rx: Mutex::new(rx),
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 peer_timeout,
             }),
-        })
+        }
     }
 
     /// The next connection that sent a valid `Hello`, waiting until
@@ -73,10 +90,10 @@ impl Acceptor {
             let accepted = if full {
                 Err(std::io::ErrorKind::WouldBlock.into())
             } else {
-                self.inner.listener.accept()
+                self.inner.incoming.accept()
             };
             match accepted {
-                Ok((conn, _)) => self.start(conn),
+                Ok(conn) => self.start(conn),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() > d) {
                         return Ok(None);
@@ -97,8 +114,8 @@ impl Acceptor {
     }
 
     /// Reads `conn`'s `Hello` on a thread of its own, if a slot is free.
-    fn start(&self, conn: TcpStream) {
-        let peer = conn.peer_addr().ok();
+    fn start(&self, conn: Stream) {
+        let peer = conn.peer();
         let in_flight = self.inner.in_flight.clone();
         in_flight.fetch_add(1, Ordering::AcqRel);
         let tx = self
@@ -118,22 +135,44 @@ impl Acceptor {
             });
         if spawned.is_err() {
             self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-            warn!(?peer, "refused a connection: no thread for its handshake");
+            warn!(%peer, "refused a connection: no thread for its handshake");
+        }
+    }
+}
+
+/// Where connections come from.
+enum Incoming {
+    /// A TCP listener (non-blocking).
+    Listener(TcpListener),
+    /// Connected streams not yet handed out.
+    Given(Mutex<VecDeque<Stream>>),
+}
+
+impl Incoming {
+    /// The next connection; `WouldBlock` when there is none now.
+    fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            Incoming::Listener(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            Incoming::Given(q) => q
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+                .ok_or_else(|| std::io::ErrorKind::WouldBlock.into()),
         }
     }
 }
 
 /// Reads one `Hello` within [`HELLO_TIMEOUT`]; answers anything else with
 /// `Abort` and logs it.
-fn handshake(conn: TcpStream, peer_timeout: Duration) -> Option<(Link, Hello)> {
-    let peer = conn.peer_addr().ok();
+fn handshake(conn: Stream, peer_timeout: Duration) -> Option<(Link, Hello)> {
+    let peer = conn.peer();
     if conn.set_nonblocking(false).is_err() {
         return None;
     }
     let mut link = match Link::new(conn, HELLO_TIMEOUT.min(peer_timeout)) {
         Ok(l) => l,
         Err(e) => {
-            warn!(?peer, "refused a connection: {e}");
+            warn!(%peer, "refused a connection: {e}");
             return None;
         }
     };
@@ -142,7 +181,7 @@ fn handshake(conn: TcpStream, peer_timeout: Duration) -> Option<(Link, Hello)> {
         Ok(h) if link.set_peer_timeout(peer_timeout).is_ok() => Some((link, h)),
         Ok(_) => None,
         Err(e) => {
-            warn!(?peer, "refused a connection: {e}");
+            warn!(%peer, "refused a connection: {e}");
             let _ = link.send(MsgType::Abort, 0, e.to_string().as_bytes());
             None
         }

@@ -23,6 +23,7 @@ use ferry_page_server::source::PageSource;
 use ferry_protocol::{from_json, Hello, MsgType, PageBitmap, ProtocolError, ResumeStatus};
 use tracing::{info, warn};
 
+use super::dial::Dial;
 use super::error::SourceError;
 use super::link::{is_link_failure, Link};
 use super::options::SourceOptions;
@@ -61,7 +62,7 @@ enum Step {
 
 /// A committed move on the source.
 pub(super) struct Committed<'a> {
-    pub(super) addr: &'a str,
+    pub(super) dial: &'a Dial,
     pub(super) hello: Hello,
     pub(super) opts: &'a SourceOptions,
     pub(super) cfg: ServerConfig,
@@ -73,7 +74,7 @@ pub(super) struct Committed<'a> {
 
 impl<'a> Committed<'a> {
     pub(super) fn new(
-        addr: &'a str,
+        dial: &'a Dial,
         hello: Hello,
         opts: &'a SourceOptions,
         cfg: ServerConfig,
@@ -81,7 +82,7 @@ impl<'a> Committed<'a> {
         lazy: bool,
     ) -> Self {
         Self {
-            addr,
+            dial,
             hello,
             opts,
             cfg,
@@ -198,7 +199,7 @@ impl<'a> Committed<'a> {
         let mut wait = BACKOFF_FIRST;
         let mut last_error = String::from("no attempt");
         while Instant::now() < deadline {
-            match resume_session(self.addr, &self.hello, self.cfg.peer_timeout) {
+            match resume_session(self.dial, &self.hello, self.cfg.peer_timeout) {
                 Ok((None, _)) => {
                     warn!("the destination does not hold the session");
                     return Ok(None);

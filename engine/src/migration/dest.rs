@@ -108,7 +108,16 @@ pub fn receive<'a>(
     console: ConsoleOutput,
     opts: &'a DestOptions,
 ) -> Result<Received<'a>, DestError> {
-    let acceptor = Acceptor::new(listener, opts.peer_timeout)?;
+    receive_from(Acceptor::new(listener, opts.peer_timeout)?, console, opts)
+}
+
+/// Like [`receive`], from the connections `acceptor` hands out (a TCP
+/// listener's, or a lazy restore's socketpairs).
+pub fn receive_from<'a>(
+    acceptor: Acceptor,
+    console: ConsoleOutput,
+    opts: &'a DestOptions,
+) -> Result<Received<'a>, DestError> {
     let (mut ctl, hello) = accept_new(&acceptor, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
@@ -635,7 +644,7 @@ fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), 
             let _ = link.send(MsgType::Abort, 0, b"unexpected session");
             continue;
         }
-        info!(peer = ?link.stream.peer_addr().ok(), "incoming migration");
+        info!(peer = %link.stream.peer(), "incoming migration");
         return Ok((link, hello));
     }
 }

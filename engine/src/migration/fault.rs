@@ -15,12 +15,12 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
-use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use ferry_page_server::Stream;
 use ferry_protocol::{
     decode_pages, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError,
 };
@@ -110,20 +110,20 @@ struct Shared {
     /// Set when the connection failed; cleared when a new one is taken.
     down: AtomicBool,
     /// The replacement connection, when recovery found one.
-    next: Mutex<Option<(TcpStream, Vec<u8>)>>,
+    next: Mutex<Option<(Stream, Vec<u8>)>>,
     /// Shut down when the fault connection fails, so the receive thread
     /// (blocked on it) notices at once.
-    control: Mutex<Option<TcpStream>>,
+    control: Mutex<Option<Stream>>,
 }
 
 /// The connection side of the fault loop.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     rx: FrameDecoder,
 }
 
 impl Conn {
-    fn new(stream: TcpStream, buffered: Vec<u8>) -> Result<Self, ProtocolError> {
+    fn new(stream: Stream, buffered: Vec<u8>) -> Result<Self, ProtocolError> {
         stream.set_nonblocking(true)?;
         Ok(Self {
             stream,
@@ -336,7 +336,7 @@ fn receive(
     Ok(active)
 }
 
-fn write_all_nonblocking(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), ProtocolError> {
+fn write_all_nonblocking(conn: &mut Stream, mut buf: &[u8]) -> Result<(), ProtocolError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !buf.is_empty() {
         match conn.write(buf) {
@@ -356,7 +356,7 @@ fn write_all_nonblocking(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), Pro
 
 /// Sleeps until the userfaultfd or the connection is readable, or
 /// `timeout_ms` passes.
-fn wait_readable(uffd: &impl AsFd, conn: Option<&TcpStream>, timeout_ms: u16) {
+fn wait_readable(uffd: &impl AsFd, conn: Option<&Stream>, timeout_ms: u16) {
     let mut fds = vec![PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
     if let Some(c) = conn {
         fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
@@ -377,9 +377,9 @@ impl FaultThread {
     /// fails, so the thread reading it notices too.
     pub(super) fn start(
         ram: Arc<UffdRam>,
-        conn: TcpStream,
+        conn: Stream,
         buffered: Vec<u8>,
-        control: Option<TcpStream>,
+        control: Option<Stream>,
     ) -> Result<Self, FaultError> {
         let shared = Arc::new(Shared {
             control: Mutex::new(control),
@@ -418,7 +418,7 @@ impl FaultThread {
 
     /// Hands the thread a new fault connection (after a resume handshake)
     /// and a new control connection to shut down on failure.
-    pub(super) fn reconnect(&self, conn: TcpStream, buffered: Vec<u8>, control: Option<TcpStream>) {
+    pub(super) fn reconnect(&self, conn: Stream, buffered: Vec<u8>, control: Option<Stream>) {
         *self
             .shared
             .control

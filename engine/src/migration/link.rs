@@ -12,23 +12,24 @@
 //! within the timeout while a slow but live one is not.
 
 use std::io::{ErrorKind, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_page_server::Stream;
 use ferry_protocol::{write_frame, Frame, FrameDecoder, MsgType, ProtocolError};
 
 /// A connection and the frames buffered from it.
 #[derive(Debug)]
 pub struct Link {
     /// The socket (blocking), for reading.
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// What has been read from it and not yet handed out.
     pub rx: FrameDecoder,
     /// The writing half, shared with a heartbeat so frames never interleave.
-    writer: Arc<Mutex<TcpStream>>,
+    writer: Arc<Mutex<Stream>>,
     /// No bytes for this long means the peer is gone.
     peer_timeout: Duration,
 }
@@ -36,7 +37,8 @@ pub struct Link {
 impl Link {
     /// A link over `stream` with `peer_timeout` as its read and write
     /// timeout; nothing read yet.
-    pub fn new(stream: TcpStream, peer_timeout: Duration) -> Result<Self, ProtocolError> {
+    pub fn new(stream: impl Into<Stream>, peer_timeout: Duration) -> Result<Self, ProtocolError> {
+        let stream = stream.into();
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(peer_timeout))?;
         stream.set_write_timeout(Some(peer_timeout))?;
@@ -148,7 +150,7 @@ impl Link {
     }
 
     /// The socket and the bytes read from it but not yet decoded.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+    pub fn into_parts(self) -> (Stream, Vec<u8>) {
         (self.stream, self.rx.into_buffered())
     }
 }
@@ -167,7 +169,7 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn start(writer: Arc<Mutex<TcpStream>>, interval: Duration) -> Self {
+    fn start(writer: Arc<Mutex<Stream>>, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()

@@ -2,12 +2,12 @@
 //! the pages KVM's dirty log says changed since.
 
 use std::io::{BufWriter, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ferry_page_server::pacer::Pacer;
 use ferry_page_server::source::PageSource;
+use ferry_page_server::Stream;
 use ferry_protocol::{
     self as protocol, write_frame, MsgType, PageBitmap, ProtocolError, PAGE_SIZE,
 };
@@ -19,7 +19,7 @@ const ZERO_RUN: u64 = protocol::MAX_PAGES_PER_FRAME as u64;
 
 /// Writes `Pages` frames on the control connection.
 pub struct PageSender<'a> {
-    out: BufWriter<&'a TcpStream>,
+    out: BufWriter<&'a Stream>,
     source: &'a dyn PageSource,
     lz4: bool,
     zero_runs: bool,
@@ -40,12 +40,7 @@ pub struct PageSender<'a> {
 
 impl<'a> PageSender<'a> {
     /// A sender over `conn`.
-    pub fn new(
-        conn: &'a TcpStream,
-        source: &'a dyn PageSource,
-        lz4: bool,
-        zero_runs: bool,
-    ) -> Self {
+    pub fn new(conn: &'a Stream, source: &'a dyn PageSource, lz4: bool, zero_runs: bool) -> Self {
         Self {
             out: BufWriter::with_capacity(1 << 20, conn),
             source,

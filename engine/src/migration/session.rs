@@ -1,7 +1,6 @@
 //! The source's side of a session: connecting both connections, the
 //! handshake, the switch-over message exchange and the final statistics.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use ferry_page_server::server::ServerConfig;
@@ -11,13 +10,11 @@ use ferry_protocol::{
 };
 use tracing::info;
 
+use super::dial::Dial;
 use super::error::SourceError;
 use super::link::Link;
 use super::stats::{MigrationStats, Recovery};
 use crate::state::MachineMeta;
-
-/// How long connecting to the destination may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Both connections of a session, past the handshake.
 pub(super) struct Session {
@@ -35,28 +32,6 @@ pub fn random_session_id() -> Result<u64, SourceError> {
         addr: "/dev/urandom".into(),
         why: format!("no random session id: {e}"),
     })
-}
-
-fn connect(addr: &str) -> Result<TcpStream, SourceError> {
-    let fail = |why: String| SourceError::Connect {
-        addr: addr.to_string(),
-        why,
-    };
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| fail(e.to_string()))?
-        .collect();
-    let mut last = "no addresses".to_string();
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-            Ok(s) => {
-                s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
-                return Ok(s);
-            }
-            Err(e) => last = e.to_string(),
-        }
-    }
-    Err(fail(last))
 }
 
 /// Sends `hello` and reads the `HelloAck`; returns it with the status it
@@ -78,10 +53,10 @@ fn handshake(link: &mut Link, hello: &Hello) -> Result<(HelloAck, ResumeStatus),
     }
 }
 
-/// Connects the control and then the fault connection to `addr` and does
+/// Connects the control and then the fault connection through `dial` and does
 /// the handshake on both, for a VM of shape `meta` moved in `mode`.
 pub(super) fn open_session(
-    addr: &str,
+    dial: &Dial,
     mode: MigrationMode,
     features: u64,
     meta: MachineMeta,
@@ -102,7 +77,7 @@ pub(super) fn open_session(
         page_size: PAGE_SIZE as u32,
         options: vec![(OPT_MODE, vec![mode as u8])],
     };
-    let (session, _) = connect_both(addr, hello, peer_timeout)?;
+    let (session, _) = connect_both(dial, hello, peer_timeout)?;
     info!(
         mode = mode.name(),
         features = session.ack.features,
@@ -115,14 +90,14 @@ pub(super) fn open_session(
 /// connections say `RESUME`, and the destination's answer says what it
 /// holds. `UnknownSession` comes back without a fault connection.
 pub(super) fn resume_session(
-    addr: &str,
+    dial: &Dial,
     first: &Hello,
     peer_timeout: Duration,
 ) -> Result<(Option<Session>, ResumeStatus), SourceError> {
     let mut hello = first.clone();
     hello.role = Role::Control;
     hello.features |= features::RESUME;
-    match connect_both(addr, hello, peer_timeout) {
+    match connect_both(dial, hello, peer_timeout) {
         Ok((s, status)) => Ok((Some(s), status)),
         Err(SourceError::Unknown) => Ok((None, ResumeStatus::UnknownSession)),
         Err(e) => Err(e),
@@ -130,16 +105,16 @@ pub(super) fn resume_session(
 }
 
 fn connect_both(
-    addr: &str,
+    dial: &Dial,
     mut hello: Hello,
     peer_timeout: Duration,
 ) -> Result<(Session, ResumeStatus), SourceError> {
-    let mut control = Link::new(connect(addr)?, peer_timeout)?;
+    let mut control = Link::new(dial.connect()?, peer_timeout)?;
     let (ack, status) = handshake(&mut control, &hello)?;
     if status == ResumeStatus::UnknownSession {
         return Err(SourceError::Unknown);
     }
-    let mut fault = Link::new(connect(addr)?, peer_timeout)?;
+    let mut fault = Link::new(dial.connect()?, peer_timeout)?;
     hello.role = Role::Fault;
     handshake(&mut fault, &hello)?;
     hello.role = Role::Control;

@@ -3,10 +3,10 @@
 use std::io::{self, Write};
 
 use ferry_protocol::{FrameDecoder, FrameHeader, ProtocolError};
-use mio::net::TcpStream;
 use nix::sys::socket::{setsockopt, sockopt};
 
 use super::{setup, ServerError};
+use crate::stream::Stream;
 
 /// What a read from a connection gave.
 pub(super) enum Fill {
@@ -18,7 +18,8 @@ pub(super) enum Fill {
 /// One connection: its socket, input and output buffers.
 pub(super) struct Conn {
     pub(super) name: &'static str,
-    pub(super) stream: TcpStream,
+    /// Non-blocking; registered with the event loop by its descriptor.
+    pub(super) stream: Stream,
     pub(super) input: FrameDecoder,
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
@@ -34,7 +35,7 @@ pub(super) struct Conn {
 impl Conn {
     pub(super) fn new(
         name: &'static str,
-        stream: std::net::TcpStream,
+        stream: Stream,
         sndbuf: Option<usize>,
         already_read: Vec<u8>,
     ) -> Result<Self, ServerError> {
@@ -49,7 +50,7 @@ impl Conn {
         }
         Ok(Self {
             name,
-            stream: TcpStream::from_std(stream),
+            stream,
             input: FrameDecoder::with_bytes(already_read),
             out: Vec::new(),
             out_pos: 0,
@@ -150,7 +151,7 @@ impl Conn {
     }
 }
 
-pub(super) fn set_sndbuf(stream: &std::net::TcpStream, size: usize) -> io::Result<()> {
+pub(super) fn set_sndbuf(stream: &impl std::os::fd::AsFd, size: usize) -> io::Result<()> {
     let size = usize::try_from(i32::MAX).map_or(size, |max| size.min(max));
     setsockopt(stream, sockopt::SndBuf, &size).map_err(io::Error::from)
 }

@@ -26,11 +26,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use std::os::fd::AsRawFd;
 use tracing::{debug, info, warn};
 
 use crate::pacer::Pacer;
 use crate::source::PageSource;
+use crate::stream::Stream;
 use ferry_protocol::{
     self as protocol, MsgType, PageBitmap, PageEncoding, PageRequest, ProtocolError,
     MAX_PAGES_PER_FRAME, PAGE_SIZE,
@@ -169,12 +172,13 @@ pub enum ServerError {
 /// Serves post-copy pages until the destination says `Complete`, returning
 /// the final statistics and the `Complete` frame's JSON payload.
 ///
-/// `control` and `fault` are the session's two connections, past the
-/// handshake (and, on `control`, the `State`). They are switched to
-/// non-blocking mode with `TCP_NODELAY` and closed on return.
+/// `control` and `fault` are the session's two connections (TCP, or the
+/// ends of socketpairs), past the handshake (and, on `control`, the
+/// `State`). They are switched to non-blocking mode with `TCP_NODELAY` (on
+/// TCP) and closed on return.
 pub fn serve(
-    control: std::net::TcpStream,
-    fault: std::net::TcpStream,
+    control: impl Into<Stream>,
+    fault: impl Into<Stream>,
     source: &dyn PageSource,
     cfg: &ServerConfig,
 ) -> Result<(ServerStats, serde_json::Value), ServerError> {
@@ -203,8 +207,8 @@ pub struct Resume<'a> {
 /// Like [`serve`], from where `resume` says: pages the destination already
 /// holds are not pushed (demand requests are answered for any page).
 pub fn serve_rest(
-    control: std::net::TcpStream,
-    fault: std::net::TcpStream,
+    control: impl Into<Stream>,
+    fault: impl Into<Stream>,
     source: &dyn PageSource,
     cfg: &ServerConfig,
     resume: Resume<'_>,
@@ -220,8 +224,8 @@ pub fn serve_rest(
     let start = Instant::now();
     let mut poll = Poll::new().map_err(setup("creating the event loop"))?;
     let mut server = Server {
-        control: Conn::new("control", control, cfg.push_sndbuf, control_buffered)?,
-        fault: Conn::new("fault", fault, None, fault_buffered)?,
+        control: Conn::new("control", control.into(), cfg.push_sndbuf, control_buffered)?,
+        fault: Conn::new("fault", fault.into(), None, fault_buffered)?,
         source,
         lz4: cfg.lz4,
         zero_runs: cfg.zero_runs,
@@ -258,7 +262,7 @@ pub fn serve_rest(
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
         poll.registry()
             .register(
-                &mut conn.stream,
+                &mut SourceFd(&conn.stream.as_raw_fd()),
                 token,
                 Interest::READABLE | Interest::WRITABLE,
             )
