@@ -65,6 +65,19 @@ pub struct VmIoArgs {
     /// Stop after this long (e.g. 10s); default: until `quit`.
     #[arg(long, value_parser = parse_duration)]
     pub run_for: Option<Duration>,
+    /// Do not confine the vCPU, fault-handler and page-server threads with
+    /// their seccomp filters (for debugging only: a thread that makes a
+    /// call outside its filter otherwise stops the process with a message
+    /// naming the call).
+    #[arg(long)]
+    pub no_seccomp: bool,
+}
+
+impl VmIoArgs {
+    /// Applies `--no-seccomp` (filters are on unless it is given).
+    pub fn apply_seccomp(&self) {
+        ferry_engine::seccomp::set_enabled(!self.no_seccomp);
+    }
 }
 
 /// How a side of a migration treats its peer: the `--peer-timeout` and

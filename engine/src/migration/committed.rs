@@ -30,6 +30,7 @@ use super::options::SourceOptions;
 use super::progress::Stage;
 use super::session::resume_session;
 use super::stats::Recovery;
+use crate::seccomp::{self, Thread};
 
 /// First wait between reconnection attempts; it doubles up to the cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
@@ -129,20 +130,18 @@ impl<'a> Committed<'a> {
                         .phase("post-copy", self.pages.pages().saturating_sub(have_n));
                     let (control, control_buffered) = c.into_parts();
                     let (fault, fault_buffered) = f.into_parts();
-                    let served = server::serve_rest(
-                        control,
-                        fault,
-                        self.pages,
-                        &self.cfg,
-                        Resume {
-                            have: have.as_ref(),
-                            sent: self.opts.sent_counter(),
-                            sent_bytes: self.opts.bytes_counter(),
-                            first: &self.opts.push_first,
-                            control_buffered,
-                            fault_buffered,
-                        },
-                    );
+                    let resume = Resume {
+                        have: have.as_ref(),
+                        sent: self.opts.sent_counter(),
+                        sent_bytes: self.opts.bytes_counter(),
+                        first: &self.opts.push_first,
+                        control_buffered,
+                        fault_buffered,
+                    };
+                    // On a thread of its own, confined to what serving needs.
+                    let served = seccomp::run_confined(Thread::PageServer, "page-server", || {
+                        server::serve_rest(control, fault, self.pages, &self.cfg, resume)
+                    })?;
                     match served {
                         Ok((s, complete)) => {
                             return Ok(End::Complete {

@@ -29,6 +29,9 @@ pub enum SourceError {
     /// Wire protocol.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// The page server's thread could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The VM.
     #[error(transparent)]
     Vm(#[from] VmError),

@@ -1,0 +1,180 @@
+//! The allow-lists, one per [`Thread`], built from what those threads call
+//! (found with `strace -f` on migrations and lazy restores, and by reading
+//! the code), plus what the TLS handshake on a reconnection will need
+//! (`getrandom`, `poll`/`ppoll`, socket reads and writes, allocation).
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use super::Thread;
+
+/// `ioctl` request types (bits 8..15 of the request number).
+const KVM_IOCTL_TYPE: u64 = 0xAE;
+const UFFD_IOCTL_TYPE: u64 = 0xAA;
+const IOCTL_TYPE_MASK: u64 = 0xFF00;
+
+/// Calls every confined thread may make, without conditions.
+const COMMON: &[i64] = &[
+    // Memory (mmap and mprotect are in `no_exec`).
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    // Synchronisation, time, scheduling.
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    // Plain I/O on descriptors the thread already holds (logs, eventfds,
+    // sockets, the userfaultfd).
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    // Signals: the vCPU kick, and the return from any handler.
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    // Thread exit (and the process exit of a fatal error).
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Socket I/O on connections the thread was handed.
+const SOCKET_IO: &[i64] = &[
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// The BPF program for `kind`: allow what it needs, trap on the rest.
+pub(super) fn compile(kind: Thread) -> Result<BpfProgram, String> {
+    let rules = rules(kind).map_err(|e| e.to_string())?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| e.to_string())?;
+    BpfProgram::try_from(filter).map_err(|e| e.to_string())
+}
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+fn rules(kind: Thread) -> Result<Rules, seccompiler::BackendError> {
+    let mut r: Rules = COMMON.iter().map(|&s| (s, Vec::new())).collect();
+    // Never executable memory: no new code can be mapped in.
+    for call in [libc::SYS_mmap, libc::SYS_mprotect] {
+        r.insert(call, vec![masked(2, libc::PROT_EXEC as u64, 0)?]);
+    }
+    match kind {
+        Thread::Vcpu => {
+            // KVM_RUN, the state save ioctls, KVMCLOCK_CTRL: KVM's only.
+            r.insert(
+                libc::SYS_ioctl,
+                vec![masked(1, IOCTL_TYPE_MASK, KVM_IOCTL_TYPE << 8)?],
+            );
+        }
+        Thread::Fault => {
+            r.extend(SOCKET_IO.iter().map(|&s| (s, Vec::new())));
+            // UFFDIO_COPY/ZEROPAGE/WAKE, and FIONBIO on a new connection.
+            r.insert(
+                libc::SYS_ioctl,
+                vec![
+                    masked(1, IOCTL_TYPE_MASK, UFFD_IOCTL_TYPE << 8)?,
+                    equal(1, libc::FIONBIO)?,
+                ],
+            );
+        }
+        Thread::PageServer => {
+            r.extend(SOCKET_IO.iter().map(|&s| (s, Vec::new())));
+            r.extend(
+                [
+                    libc::SYS_epoll_create1,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_pwait,
+                    libc::SYS_pread64,
+                    libc::SYS_preadv,
+                    libc::SYS_lseek,
+                    libc::SYS_fcntl,
+                ]
+                .map(|s| (s, Vec::new())),
+            );
+            r.insert(libc::SYS_ioctl, vec![equal(1, libc::FIONBIO)?]);
+        }
+    }
+    Ok(r)
+}
+
+/// A rule: `(arg & mask) == value` for argument `arg`.
+fn masked(arg: u8, mask: u64, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
+    )?])
+}
+
+/// A rule: argument `arg` equals `value`.
+fn equal(arg: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        value,
+    )?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in [Thread::Vcpu, Thread::Fault, Thread::PageServer] {
+            let p = compile(kind).unwrap();
+            assert!(!p.is_empty(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn no_filter_allows_opening_exec_or_sockets() {
+        for kind in [Thread::Vcpu, Thread::Fault, Thread::PageServer] {
+            let r = rules(kind).unwrap();
+            for call in [
+                libc::SYS_open,
+                libc::SYS_openat,
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_bind,
+                libc::SYS_clone,
+                libc::SYS_clone3,
+                libc::SYS_fork,
+                libc::SYS_ptrace,
+            ] {
+                assert!(!r.contains_key(&call), "{kind:?} allows syscall {call}");
+            }
+        }
+    }
+}
