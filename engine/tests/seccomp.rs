@@ -1,8 +1,9 @@
 //! The seccomp filters stop a confined thread that tries what none of them
-//! allows (open a file, create a socket, execute a program), and only that
-//! thread's process: each attempt runs in a child process (this test binary
+//! allows (create a socket, execute a program, map executable memory,
+//! start a thread): each attempt runs in a child process (this test binary
 //! again, running `confined_child`), which the filter ends with a message
-//! naming the thread and the call. Every migration test of the workspace
+//! naming the thread and the call. Opening a file fails with `EACCES`
+//! instead (see `ferry_engine::seccomp`). Every migration test of the workspace
 //! runs with the filters on, which shows they allow what the threads need.
 
 use std::process::Command;
@@ -13,10 +14,9 @@ const CHILD_ENV: &str = "FERRY_SECCOMP_CHILD";
 
 /// What a confined child tries: (name, thread filter, syscall number).
 const ATTEMPTS: &[(&str, Thread, i64)] = &[
-    ("openat", Thread::Vcpu, libc::SYS_openat),
     ("execve", Thread::Vcpu, libc::SYS_execve),
     ("socket", Thread::Vcpu, libc::SYS_socket),
-    ("openat", Thread::Fault, libc::SYS_openat),
+    ("execve", Thread::Fault, libc::SYS_execve),
     ("socket", Thread::Fault, libc::SYS_socket),
     ("execve", Thread::PageServer, libc::SYS_execve),
     ("connect-socket", Thread::PageServer, libc::SYS_socket),
@@ -52,7 +52,13 @@ fn confined_child() {
         assert_eq!(unsafe { libc::getrandom(r.as_mut_ptr().cast(), 8, 0) }, 8);
         eprintln!("about to try {what}");
         match what.as_str() {
-            "openat" => drop(std::fs::File::open("/etc/hostname")),
+            "openat" => match std::fs::File::open("/proc/self/status") {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    eprintln!("OPEN REFUSED: {e}");
+                    return;
+                }
+                other => eprintln!("open gave {other:?}"),
+            },
             "execve" => {
                 let path = c"/bin/true";
                 let argv = [path.as_ptr(), std::ptr::null()];
@@ -119,6 +125,29 @@ fn a_confined_thread_that_makes_a_forbidden_call_stops_its_process() {
     }
 }
 
+/// No confined thread can open a file: `openat` fails with `EACCES`, and
+/// the thread (and its process) goes on.
+#[test]
+fn a_confined_thread_cannot_open_a_file() {
+    for kind in ["Vcpu", "Fault", "PageServer"] {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "confined_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, format!("{kind}:openat"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("about to try openat"), "{kind}: {err}");
+        assert!(err.contains("OPEN REFUSED"), "{kind}: {err}");
+        assert!(!err.contains("SURVIVED"), "{kind}: {err}");
+        assert!(out.status.success(), "{kind}: {:?}: {err}", out.status);
+    }
+}
+
 /// Creating a thread is refused too. glibc blocks every signal around
 /// `clone3`, so the kernel cannot deliver the trap to the handler and kills
 /// the process with SIGSYS itself (no report line, same end).
@@ -126,7 +155,12 @@ fn a_confined_thread_that_makes_a_forbidden_call_stops_its_process() {
 fn a_confined_thread_cannot_start_a_thread() {
     use std::os::unix::process::ExitStatusExt;
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["confined_child", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "confined_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "Fault:thread")
         .output()
         .unwrap();

@@ -63,17 +63,36 @@ const SOCKET_IO: &[i64] = &[
     libc::SYS_ppoll,
 ];
 
-/// The BPF program for `kind`: allow what it needs, trap on the rest.
-pub(super) fn compile(kind: Thread) -> Result<BpfProgram, String> {
-    let rules = rules(kind).map_err(|e| e.to_string())?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
-    BpfProgram::try_from(filter).map_err(|e| e.to_string())
+/// The BPF programs for `kind`, installed together (the kernel applies
+/// the strictest answer of all of a thread's filters):
+///
+/// 1. `openat` fails with `EACCES`. glibc's allocator opens
+///    `/proc/sys/vm/overcommit_memory` (when a thread's heap first shrinks)
+///    and `/sys/devices/system/cpu/online` (when a thread needs a new
+///    arena) lazily, from whichever thread gets there first; a failed open
+///    makes it fall back safely, where a trap would end the process.
+///    Either way no confined thread ever opens a file.
+/// 2. the allow-list: allow what the thread needs, trap on the rest. It
+///    goes last: installing a filter takes `prctl`, which it forbids.
+pub(super) fn compile(kind: Thread) -> Result<Vec<BpfProgram>, String> {
+    let mut allow = rules(kind).map_err(|e| e.to_string())?;
+    allow.insert(libc::SYS_openat, Vec::new());
+    let deny_open: Rules = [(libc::SYS_openat, Vec::new())].into();
+    [
+        (
+            deny_open,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+        ),
+        (allow, SeccompAction::Trap, SeccompAction::Allow),
+    ]
+    .into_iter()
+    .map(|(rules, mismatch, matched)| {
+        let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
+            .map_err(|e| e.to_string())?;
+        BpfProgram::try_from(filter).map_err(|e| e.to_string())
+    })
+    .collect()
 }
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -152,7 +171,7 @@ mod tests {
     fn every_filter_compiles() {
         for kind in [Thread::Vcpu, Thread::Fault, Thread::PageServer] {
             let p = compile(kind).unwrap();
-            assert!(!p.is_empty(), "{kind:?}");
+            assert!(p.len() == 2 && p.iter().all(|p| !p.is_empty()), "{kind:?}");
         }
     }
 

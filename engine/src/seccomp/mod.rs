@@ -18,7 +18,10 @@
 //!
 //! A disallowed system call traps ([`sigsys`]): the process prints which
 //! thread made which call to stderr and exits with status
-//! [`BAD_SYSCALL_EXIT`]. The filters are on by default; `--no-seccomp` on
+//! [`BAD_SYSCALL_EXIT`]. The one exception is `openat`, which fails with
+//! `EACCES` instead (glibc's allocator opens two `/proc` and `/sys` files
+//! lazily from whatever thread needs them first, and copes with a refusal;
+//! see [`filters::compile`]). The filters are on by default; `--no-seccomp` on
 //! the binaries (or [`set_enabled`]) turns them off for debugging.
 
 mod filters;
@@ -105,10 +108,13 @@ pub fn apply(kind: Thread) -> Result<(), SeccompError> {
         thread: kind.name(),
         why,
     })?;
-    seccompiler::apply_filter(program).map_err(|e| SeccompError::Install {
-        thread: kind.name(),
-        why: e.to_string(),
-    })
+    for p in program {
+        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
+            thread: kind.name(),
+            why: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Settles, while the calling thread is still free to, what glibc would
@@ -145,17 +151,17 @@ pub fn run_confined<T: Send>(
 }
 
 /// `kind`'s filter, compiled once per process.
-fn program(kind: Thread) -> Result<&'static BpfProgram, SeccompError> {
-    static VCPU: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
-    static FAULT: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
-    static PAGE_SERVER: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
+fn program(kind: Thread) -> Result<&'static [BpfProgram], SeccompError> {
+    static VCPU: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
+    static FAULT: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
+    static PAGE_SERVER: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
     let cell = match kind {
         Thread::Vcpu => &VCPU,
         Thread::Fault => &FAULT,
         Thread::PageServer => &PAGE_SERVER,
     };
     cell.get_or_init(|| filters::compile(kind))
-        .as_ref()
+        .as_deref()
         .map_err(|why| SeccompError::Build {
             thread: kind.name(),
             why: why.clone(),

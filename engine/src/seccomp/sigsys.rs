@@ -50,7 +50,7 @@ pub(super) fn install(kind: Thread) -> Result<(), String> {
         .clone()
 }
 
-extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // The SIGSYS part of siginfo: `_call_addr` (a pointer) at offset 16,
     // then `_syscall` (an int) at offset 24 on x86_64.
     let syscall = if info.is_null() {
@@ -70,7 +70,7 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i64;
     let (mut tid_buf, mut call_buf) = ([0u8; 24], [0u8; 24]);
-    let mut buf = [0u8; 256];
+    let mut buf = [0u8; 512];
     let mut len = 0;
     for part in [
         b"ferry: seccomp: the ".as_slice(),
@@ -79,8 +79,35 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
         decimal(tid, &mut tid_buf),
         b") made system call ",
         decimal(i64::from(syscall), &mut call_buf),
-        b", which its filter does not allow; exiting (use --no-seccomp to debug)\n",
+        b", which its filter does not allow; exiting (use --no-seccomp to debug)",
     ] {
+        let n = part.len().min(buf.len() - len);
+        buf[len..len + n].copy_from_slice(&part[..n]);
+        len += n;
+    }
+    // For a file the thread tried to open, its path: the second argument
+    // of openat (RSI at the trap).
+    let mut path: &[u8] = b"";
+    if i64::from(syscall) == libc::SYS_openat && !ctx.is_null() {
+        // SAFETY: an SA_SIGINFO handler's third argument is the interrupted
+        // thread's ucontext_t.
+        let rsi =
+            unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] };
+        let p = rsi as *const u8;
+        if !p.is_null() {
+            // SAFETY: the thread passed this pointer to openat as a path: a
+            // NUL-terminated string in its memory. At most 128 bytes are read.
+            let n = (0..128).take_while(|&i| unsafe { *p.add(i) } != 0).count();
+            // SAFETY: the `n` bytes just read are initialised.
+            path = unsafe { std::slice::from_raw_parts(p, n) };
+        }
+    }
+    let tail: [&[u8]; 4] = if path.is_empty() {
+        [b"", b"", b"", b"\n"]
+    } else {
+        [b" (path ", path, b")", b"\n"]
+    };
+    for part in tail {
         let n = part.len().min(buf.len() - len);
         buf[len..len + n].copy_from_slice(&part[..n]);
         len += n;
