@@ -7,6 +7,7 @@ use ferry_engine::ConsoleOutput;
 
 pub mod archive;
 pub mod bench;
+pub mod daemon;
 pub mod hooks;
 pub mod monitor;
 pub mod netns;

@@ -32,11 +32,12 @@ use std::time::{Duration, Instant};
 
 use ferry_protocol::{
     decode_state, features, Hello, HelloAck, MigrationMode, MsgType, PageBitmap, ProtocolError,
-    ResumeStatus, Resumed, Role, StateMeta, OPT_MODE, PROTOCOL_VERSION,
+    ResumeStatus, Resumed, Role, StateMeta, PROTOCOL_VERSION,
 };
 use tracing::{info, warn};
 
 use super::acceptor::{Acceptor, HELLO_TIMEOUT};
+use super::admission::check_hello;
 use super::error::{DestError, DRAIN_TIMEOUT};
 use super::fault::{FaultStats, FaultThread};
 use super::install::{install_push, receive_before_state, PushCounters};
@@ -45,9 +46,9 @@ use super::progress::{Progress, Stage};
 use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats, Recovery};
 use super::uffd_ram::UffdRam;
 use crate::console::now_us;
-use crate::layout::{valid_mem_size, PAGE_SIZE};
+use crate::layout::PAGE_SIZE;
 use crate::state;
-use crate::vm::{ConsoleOutput, PreparedVm, Vm, MAX_VCPUS};
+use crate::vm::{ConsoleOutput, PreparedVm, Vm};
 
 /// How often the installer looks up from a quiet control connection.
 const POLL: Duration = Duration::from_millis(50);
@@ -564,48 +565,12 @@ struct Timing {
     commit_wait_us: u64,
 }
 
-/// Physical RAM of this host, if the system says.
-fn host_memory() -> Option<u64> {
-    use nix::unistd::{sysconf, SysconfVar};
-    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok()??;
-    let size = sysconf(SysconfVar::PAGE_SIZE).ok()??;
-    u64::try_from(pages)
-        .ok()?
-        .checked_mul(u64::try_from(size).ok()?)
-}
-
 fn prepare(
     hello: &Hello,
     mode: MigrationMode,
     console: ConsoleOutput,
 ) -> Result<(PreparedVm, Option<Arc<UffdRam>>), DestError> {
-    if !valid_mem_size(hello.mem_size) || hello.page_size as usize != PAGE_SIZE {
-        return Err(DestError::Refused(format!(
-            "memory size {} with page size {}",
-            hello.mem_size, hello.page_size
-        )));
-    }
-    if let Some(host) = host_memory() {
-        if hello.mem_size > host {
-            return Err(DestError::Refused(format!(
-                "a {} MiB guest does not fit this host's {} MiB of RAM",
-                hello.mem_size >> 20,
-                host >> 20
-            )));
-        }
-    }
-    if hello.vcpus == 0 || hello.vcpus > MAX_VCPUS {
-        return Err(DestError::Refused(format!("{} vCPUs", hello.vcpus)));
-    }
-    if let Some((tag, _)) = hello
-        .options
-        .iter()
-        .find(|(t, _)| t & 0x8000 != 0 && *t != OPT_MODE)
-    {
-        return Err(DestError::Refused(format!(
-            "unknown critical Hello option {tag:#06x}"
-        )));
-    }
+    check_hello(hello)?;
     if !mode.lazy() {
         return Ok((PreparedVm::new(hello.mem_size, hello.vcpus, console)?, None));
     }

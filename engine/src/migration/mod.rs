@@ -4,6 +4,7 @@
 //! `docs/protocol.md`).
 
 pub mod acceptor;
+pub mod admission;
 pub mod committed;
 pub mod dest;
 pub mod dial;

@@ -34,18 +34,42 @@ pub fn random_session_id() -> Result<u64, SourceError> {
     })
 }
 
-/// Sends `hello` and reads the `HelloAck`; returns it with the status it
-/// carries (anything but `Accepted` only answers a resume).
-fn handshake(link: &mut Link, hello: &Hello) -> Result<(HelloAck, ResumeStatus), SourceError> {
+/// What a destination answered to a `Hello`.
+enum Answer {
+    /// `HelloAck`, with the status it carries.
+    Ack(HelloAck, ResumeStatus),
+    /// `Redirect`: a daemon sends the session to this port.
+    Redirect(u16),
+}
+
+/// Sends `hello` and reads the `HelloAck` (or, for a control connection, a
+/// daemon's `Redirect`); returns it with the status it carries (anything
+/// but `Accepted` only answers a resume).
+fn handshake(link: &mut Link, hello: &Hello) -> Result<Answer, SourceError> {
     link.send(MsgType::Hello, 0, &hello.encode())?;
-    let ack = HelloAck::decode(link.expect(MsgType::HelloAck, "HelloAck")?)?;
+    let f = link.recv()?;
+    if f.header.kind == MsgType::Redirect && hello.role == Role::Control {
+        let r = ferry_protocol::Redirect::decode(f.payload)?;
+        if r.session_id != hello.session_id {
+            return Err(ProtocolError::Handshake("Redirect for another session".into()).into());
+        }
+        return Ok(Answer::Redirect(r.port));
+    }
+    if f.header.kind != MsgType::HelloAck {
+        return Err(ProtocolError::Unexpected {
+            got: f.header.kind,
+            expected: "HelloAck",
+        }
+        .into());
+    }
+    let ack = HelloAck::decode(f.payload)?;
     let status = ResumeStatus::from_u32(ack.status);
     let resume = hello.features & features::RESUME != 0;
     match status {
         Some(s)
             if ack.session_id == hello.session_id && (resume || s == ResumeStatus::Accepted) =>
         {
-            Ok((ack, s))
+            Ok(Answer::Ack(ack, s))
         }
         _ => Err(
             ProtocolError::Handshake(format!("destination refused (status {})", ack.status)).into(),
@@ -109,13 +133,24 @@ fn connect_both(
     mut hello: Hello,
     peer_timeout: Duration,
 ) -> Result<(Session, ResumeStatus), SourceError> {
-    let mut control = Link::new(dial.connect()?, peer_timeout)?;
-    let (ack, status) = handshake(&mut control, &hello)?;
+    // A daemon redirects the control connection once, to the VM's own
+    // process; `dial` refuses a second redirect, so this ends.
+    let (control, ack, status) = loop {
+        let mut control = Link::new(dial.connect()?, peer_timeout)?;
+        match handshake(&mut control, &hello)? {
+            Answer::Ack(ack, status) => break (control, ack, status),
+            Answer::Redirect(port) => {
+                let to = dial.redirect(port)?;
+                info!(%to, "the destination daemon sent this session to the VM's own process");
+            }
+        }
+    };
     if status == ResumeStatus::UnknownSession {
         return Err(SourceError::Unknown);
     }
     let mut fault = Link::new(dial.connect()?, peer_timeout)?;
     hello.role = Role::Fault;
+    // Only a control connection may be redirected (`handshake` refuses it).
     handshake(&mut fault, &hello)?;
     hello.role = Role::Control;
     Ok((
