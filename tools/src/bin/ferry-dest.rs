@@ -146,7 +146,6 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         progress: Some(progress.clone()),
         accept_timeout: args.accept_timeout,
         expect_session: expected_session()?,
-        ..Default::default()
     };
     let mut ctx = ServeContext {
         guest: Some(&guest),
