@@ -225,3 +225,99 @@ fn a_redirect_loop_is_refused_and_the_source_keeps_its_vm() {
     assert!(!e.contains("panicked"), "{e}");
     ctl(&sock, &["quit"]);
 }
+
+/// A source killed after the switch-over finishes the move from its
+/// memory file with the VM's own process: the session record names that
+/// process's address (the redirect's), and a record that names the daemon
+/// instead (an operator who only knows the daemon) is redirected there too.
+#[test]
+fn a_killed_source_resumes_with_the_vm_process_through_the_daemon() {
+    let dir = Scratch::new("daemoncrash");
+    let run = dir.path("run");
+    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
+    let (_daemon, addr) = spawn_dest(
+        &dir,
+        "daemon",
+        &[
+            "--daemon",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--peer-timeout",
+            "2s",
+            "--recovery-window",
+            "30s",
+        ],
+    );
+    let mem_file = std::path::PathBuf::from(format!(
+        "/dev/shm/ferry-test-daemon-ram-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let record = std::path::PathBuf::from(format!("{}.session", mem_file.display()));
+    let mut src = spawn(
+        "ferry-source",
+        &[
+            "--mem",
+            "1G",
+            "--guest-args",
+            "ws=512M pattern=random write=80 report_ms=20",
+            "--mem-file",
+            mem_file.to_str().unwrap(),
+            "--serial",
+            &p("src.log"),
+            "--api",
+            &p("src.sock"),
+            "--migrate-to",
+            &addr,
+            "--after",
+            "3s",
+        ],
+        &dir.path("src.err"),
+    );
+    let sock = dir.path("src.sock");
+    wait_for(WAIT, "post-copy to start", || {
+        let out = std::process::Command::new(bin("ferry-ctl"))
+            .args(["--api", sock.to_str().unwrap(), "status"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["migration"]["stage"] == "postcopy").then_some(())
+    });
+    src.0.kill().unwrap();
+    let _ = src.0.wait();
+    let vm = wait_for(WAIT, "the VM's record", || records(&run).pop());
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("no session record")).unwrap();
+    let port = vm["port"].as_u64().unwrap();
+    assert_eq!(rec["addr"], format!("127.0.0.1:{port}"), "{rec}");
+    // The operator knows only the daemon: it sends the source on.
+    rec["addr"] = addr.clone().into();
+    std::fs::write(&record, rec.to_string()).unwrap();
+    let mut resumed = spawn(
+        "ferry-source",
+        &["--resume", mem_file.to_str().unwrap()],
+        &dir.path("resumed.err"),
+    );
+    let ok = wait_exit(&mut resumed, WAIT, "the resumed source to finish");
+    let err = std::fs::read_to_string(dir.path("resumed.err")).unwrap_or_default();
+    let _ = std::fs::remove_file(&mem_file);
+    let _ = std::fs::remove_file(&record);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("sent this session to the VM's own process"),
+        "{err}"
+    );
+    let stats = wait_stats(std::path::Path::new(vm["stats"].as_str().unwrap()), WAIT);
+    assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
+    let serial = std::path::Path::new(vm["serial"].as_str().unwrap()).to_path_buf();
+    let dst_log = wait_ticks(&serial, 1, 5, WAIT);
+    let src_log = read_console(&dir.path("src.log"));
+    assert_continues(&src_log, &dst_log, 1);
+    assert!(bad_lines(&dst_log).is_empty(), "{:?}", bad_lines(&dst_log));
+    let api = std::path::Path::new(vm["api"].as_str().unwrap());
+    assert_eq!(ctl(api, &["status"])["run_state"], "running");
+    ctl(api, &["quit"]);
+}
