@@ -27,6 +27,7 @@ fn kind_of(name: &str) -> Thread {
     match name {
         "Vcpu" => Thread::Vcpu,
         "Fault" => Thread::Fault,
+        "Api" => Thread::Api,
         _ => Thread::PageServer,
     }
 }
@@ -80,7 +81,14 @@ fn confined_child() {
                     )
                 };
             }
-            "thread" => drop(std::thread::spawn(|| ())),
+            "thread" => std::thread::spawn(|| ()).join().unwrap(),
+            "fork" => {
+                // SAFETY: the child exits at once, touching nothing.
+                if unsafe { libc::fork() } == 0 {
+                    // SAFETY: _exit is async-signal-safe.
+                    unsafe { libc::_exit(0) };
+                }
+            }
             other => panic!("unknown attempt {other}"),
         }
         eprintln!("SURVIVED {what}");
@@ -166,6 +174,36 @@ fn a_confined_thread_cannot_start_a_thread() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("about to try thread"), "{err}");
+    assert!(!err.contains("SURVIVED"), "{err}");
+    let by_filter =
+        out.status.signal() == Some(libc::SIGSYS) || out.status.code() == Some(BAD_SYSCALL_EXIT);
+    assert!(by_filter, "{:?}: {err}", out.status);
+}
+
+/// The API thread starts a thread per connection (which inherits its
+/// filter), so its filter allows a thread, but never a new process.
+#[test]
+fn the_api_filter_allows_a_thread_but_not_a_process() {
+    use std::os::unix::process::ExitStatusExt;
+    let run = |what: &str| {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "confined_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, format!("Api:{what}"))
+            .output()
+            .unwrap()
+    };
+    let out = run("thread");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SURVIVED thread"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    let out = run("fork");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("about to try fork"), "{err}");
     assert!(!err.contains("SURVIVED"), "{err}");
     let by_filter =
         out.status.signal() == Some(libc::SIGSYS) || out.status.code() == Some(BAD_SYSCALL_EXIT);

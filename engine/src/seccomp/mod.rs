@@ -9,6 +9,7 @@
 //! | each vCPU (`vcpuN`) | `Vcpu` | `ioctl` on KVM (type `0xAE`) only |
 //! | the destination's demand-fault thread (`uffd-fault`) | `Fault` | `ioctl` on userfaultfd (type `0xAA`) and `FIONBIO`; `poll`; socket I/O and `shutdown` |
 //! | the source's page server (`page-server`) | `PageServer` | `epoll_*`; `pread64` and `lseek`; socket I/O, `setsockopt`, `FIONBIO` |
+//! | the control API (`api`, `api-conn`) | `Api` | `accept4`; `clone` of a thread (`CLONE_THREAD`) and what a new thread sets up; socket I/O; `fcntl` |
 //!
 //! The common set ([`filters`]) is memory management without `PROT_EXEC`,
 //! futexes, clocks and sleeps, `read`/`write`, `getrandom`, signal return
@@ -43,6 +44,9 @@ pub enum Thread {
     Fault,
     /// The source's post-copy page server: its event loop and page reads.
     PageServer,
+    /// The control API's listener and its connection threads: accept,
+    /// start a connection thread, read and answer requests.
+    Api,
 }
 
 impl Thread {
@@ -52,6 +56,7 @@ impl Thread {
             Thread::Vcpu => "vcpu",
             Thread::Fault => "uffd-fault",
             Thread::PageServer => "page-server",
+            Thread::Api => "api",
         }
     }
 }
@@ -155,10 +160,12 @@ fn program(kind: Thread) -> Result<&'static [BpfProgram], SeccompError> {
     static VCPU: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
     static FAULT: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
     static PAGE_SERVER: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
+    static API: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
     let cell = match kind {
         Thread::Vcpu => &VCPU,
         Thread::Fault => &FAULT,
         Thread::PageServer => &PAGE_SERVER,
+        Thread::Api => &API,
     };
     cell.get_or_init(|| filters::compile(kind))
         .as_deref()

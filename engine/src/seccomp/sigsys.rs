@@ -65,6 +65,7 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
         1 => b"vcpu",
         2 => b"uffd-fault",
         3 => b"page-server",
+        4 => b"api",
         _ => b"unconfined",
     };
     // SAFETY: gettid has no preconditions.
