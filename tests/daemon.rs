@@ -153,6 +153,20 @@ fn hostile_connections_then_three_migrations_each_in_its_own_process() {
         let serial = read_console(Path::new(vm["serial"].as_str().unwrap()));
         assert!(bad_lines(&serial).is_empty(), "{:?}", bad_lines(&serial));
     }
+    // What an operator lists.
+    let out = std::process::Command::new(bin("ferry-ctl"))
+        .args(["vms", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vm"].as_str().unwrap())
+        .collect();
+    let ours: Vec<&str> = vms.iter().map(|v| v["vm"].as_str().unwrap()).collect();
+    assert_eq!(listed, ours, "ferry-ctl vms");
     let log = std::fs::read_to_string(&daemon_err).unwrap();
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(

@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use admit::Decision;
 use child::VmProcess;
 pub use child::EXPECT_SESSION_ENV;
-pub use run_dir::RunDir;
+pub use run_dir::{list, RunDir};
 
 /// How often the daemon looks up from the listener to reap ended VMs.
 const REAP_EVERY: Duration = Duration::from_millis(500);

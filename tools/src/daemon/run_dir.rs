@@ -55,20 +55,23 @@ impl RunDir {
             addr: p("addr"),
         }
     }
+}
 
-    /// The records of the VM processes listed now (`vm-*.json`).
-    pub fn records(&self) -> std::io::Result<Vec<serde_json::Value>> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.path)? {
-            let p = e?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if name.starts_with("vm-") && name.ends_with(".json") && !name.ends_with(".stats.json")
-            {
-                if let Ok(v) = std::fs::read(&p).map(|b| serde_json::from_slice(&b)) {
-                    out.extend(v.ok());
-                }
+/// The records of the VM processes a daemon lists in `dir` now
+/// (`vm-*.json`, sorted by start time), for `ferry-ctl vms`.
+pub fn list(dir: &Path) -> std::io::Result<Vec<serde_json::Value>> {
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let record = name.starts_with("vm-") && name.ends_with(".json");
+        if record && !name.ends_with(".stats.json") {
+            // A record being replaced, or removed meanwhile, is skipped.
+            if let Ok(v) = std::fs::read(&p).map(|b| serde_json::from_slice(&b)) {
+                out.extend(v.ok());
             }
         }
-        Ok(out)
     }
+    out.sort_by_key(|v| v["started_unix_ms"].as_u64().unwrap_or(0));
+    Ok(out)
 }
