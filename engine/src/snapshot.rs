@@ -505,6 +505,29 @@ fn server_note(server: &Option<SourceError>) -> String {
         .unwrap_or_default()
 }
 
+/// Whether a lazy restore uses the snapshot's replay list (the REAP idea:
+/// record the working set once, load it in one batch on later restores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replay {
+    /// Load the pages the list names before the vCPUs run, if the snapshot
+    /// has a list; else restore plainly.
+    #[default]
+    Auto,
+    /// Record a new list (replacing any): the push is held while the
+    /// guest's faults reveal its working set ([`RECORD_HOLD`]), so this
+    /// restore is slower, and those pages are written beside the snapshot.
+    Record,
+    /// Neither read nor record a list.
+    Off,
+}
+
+/// A recording restore holds its push until the guest went this long
+/// without a fault, or for at most this long in all.
+pub const RECORD_HOLD: ferry_page_server::server::PushHold = ferry_page_server::server::PushHold {
+    quiet: Duration::from_millis(200),
+    max: Duration::from_secs(10),
+};
+
 /// Eagerly restores a snapshot into a new, paused VM.
 ///
 /// Everything that can be wrong with the file is found before any vCPU
@@ -546,6 +569,7 @@ pub fn restore(
 pub fn restore_lazy(
     path: &Path,
     console: crate::vm::ConsoleOutput,
+    replay_mode: Replay,
 ) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
     let start_host_us = crate::console::now_us();
     let snap = Snapshot::open(path)?;
@@ -554,34 +578,42 @@ pub fn restore_lazy(
     let (src_control, dst_control) = Stream::pair().map_err(RestoreError::Socketpair)?;
     let (src_fault, dst_fault) = Stream::pair().map_err(RestoreError::Socketpair)?;
     let dial = migration::Dial::given(src_control, src_fault);
-    // The pages an earlier lazy restore of this snapshot faulted on go
-    // first; the first restore records them.
+    // The pages an earlier lazy restore of this snapshot faulted on are
+    // loaded before the vCPUs run; the first restore records them.
     let pages = snap.state.meta.mem_size / PAGE_SIZE as u64;
     let replay_path = crate::snapshot_replay::path_for(path);
-    let replay = crate::snapshot_replay::read(&replay_path, pages).unwrap_or_else(|e| {
-        tracing::warn!(path = %replay_path.display(), "ignoring the replay list: {e}");
-        None
-    });
+    let replay = match replay_mode {
+        Replay::Off | Replay::Record => None,
+        Replay::Auto => crate::snapshot_replay::read(&replay_path, pages).unwrap_or_else(|e| {
+            tracing::warn!(path = %replay_path.display(), "ignoring the replay list: {e}");
+            None
+        }),
+    };
     if let Some(r) = &replay {
         tracing::info!(
             path = %replay_path.display(),
-            "pushing {} recorded pages first",
+            "prefetching {} recorded pages before the vCPUs run",
             r.len()
         );
     }
+    let record = replay_mode == Replay::Record;
     // Both ends share a random session id all the same, so the destination
     // would take no other session.
     let session_id =
         migration::session::random_session_id().map_err(|e| RestoreError::Thread(e.to_string()))?;
     // Both ends are in this process: copying a page is cheaper than
     // compressing it.
+    // Recording: the push waits while the guest faults, so that its
+    // faults name its whole working set, not only the pages it reached
+    // before the push did.
     let opts = SourceOptions {
         server: ferry_page_server::server::ServerConfig {
             lz4: false,
+            push_hold: record.then_some(RECORD_HOLD),
             ..Default::default()
         },
         session_id: Some(session_id),
-        push_first: replay.clone().unwrap_or_default(),
+        prefetch: replay.unwrap_or_default(),
         ..Default::default()
     };
     // Both ends are in this process: a failure is not a lost network link,
@@ -643,7 +675,7 @@ pub fn restore_lazy(
     let t = Instant::now();
     snap.verify_memory()?;
     tracing::info!(millis = ms(t.elapsed()), "snapshot page data verified");
-    if replay.is_none() && !stats.demand_order.is_empty() {
+    if record && !stats.demand_order.is_empty() {
         match crate::snapshot_replay::write(&replay_path, &stats.demand_order) {
             Ok(()) => tracing::info!(
                 pages = stats.demand_order.len(),

@@ -1,6 +1,8 @@
-//! A snapshot's replay list: the pages the first lazy restore of it
-//! faulted on, in order (the REAP idea). Later lazy restores push those
-//! pages before all others, so the guest finds its working set already
+//! A snapshot's replay list: the pages a recording lazy restore of it
+//! faulted on, in order (the REAP idea); that restore holds its background
+//! push while the guest faults, so the list is the guest's working set.
+//! Later lazy restores send those pages in one batch before the vCPUs run
+//! (a single pre-copy pass), so the guest finds its working set already
 //! there instead of faulting on it page by page.
 //!
 //! File `SNAPSHOT.replay`: magic `FERRYRPL`, version u32, count u32, then

@@ -182,6 +182,20 @@ impl Net {
         }
     }
 
+    /// [`Net::command`], pinned to CPU `cpu` with `taskset` when given (so
+    /// that the source and the destination of a measured run never share a
+    /// core).
+    pub fn command_on(&self, side: Side, program: &Path, cpu: Option<usize>) -> Command {
+        match cpu {
+            None => self.command(side, program),
+            Some(cpu) => {
+                let mut c = self.command(side, Path::new("taskset"));
+                c.args(["-c", &cpu.to_string()]).arg(program);
+                c
+            }
+        }
+    }
+
     /// Moves the calling thread into `side`'s namespace (network namespaces
     /// are per thread), for a thread that talks across the link itself.
     /// On loopback it does nothing.

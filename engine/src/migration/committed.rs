@@ -134,7 +134,6 @@ impl<'a> Committed<'a> {
                         have: have.as_ref(),
                         sent: self.opts.sent_counter(),
                         sent_bytes: self.opts.bytes_counter(),
-                        first: &self.opts.push_first,
                         control_buffered,
                         fault_buffered,
                     };

@@ -35,9 +35,11 @@ pub struct SourceOptions {
     /// Use this session id instead of a fresh random one: the destination
     /// was told to expect it (an in-process lazy restore).
     pub session_id: Option<u64>,
-    /// Pages to push before the rest, in order (a lazy restore's recorded
-    /// working set).
-    pub push_first: Vec<u64>,
+    /// Pages sent in one batch before the switch-over, so that the
+    /// destination holds them before any vCPU runs (a lazy restore's
+    /// recorded working set). Makes a post-copy move a hybrid one with a
+    /// single pre-copy pass over these pages.
+    pub prefetch: Vec<u64>,
 }
 
 impl Default for SourceOptions {
@@ -53,7 +55,7 @@ impl Default for SourceOptions {
             recovery_window: Duration::from_secs(60),
             session_record: None,
             session_id: None,
-            push_first: Vec::new(),
+            prefetch: Vec::new(),
         }
     }
 }

@@ -27,13 +27,14 @@
 use std::time::{Duration, Instant};
 
 use ferry_page_server::source::{FileSource, PageSource};
-use ferry_protocol::{MigrationMode, MsgType, StateMeta};
+use ferry_protocol::{MigrationMode, MsgType, PageBitmap, RoundStats, StateMeta};
 use tracing::{error, info, warn};
 
 use super::committed::{Committed, End};
 use super::dial::Dial;
 use super::error::SourceError;
 use super::options::SourceOptions;
+use super::precopy::PageSender;
 use super::progress::Stage;
 use super::record::SessionRecord;
 use super::rounds::{after_pause, before_pause, PreSwitch};
@@ -260,7 +261,12 @@ pub fn migrate_machine(
     opts: &SourceOptions,
     start_host_us: u64,
 ) -> Result<Outcome, SourceError> {
-    let mode = MigrationMode::Postcopy;
+    // A prefetch is one pre-copy pass over those pages: a hybrid move.
+    let mode = if opts.prefetch.is_empty() {
+        MigrationMode::Postcopy
+    } else {
+        MigrationMode::Hybrid
+    };
     let Session {
         mut control,
         fault,
@@ -276,10 +282,11 @@ pub fn migrate_machine(
     )?;
     let cfg = negotiated(&opts.server, &ack);
     let t0 = Instant::now();
+    let (have, rounds) = prefetch(&control, pages, &opts.prefetch, &cfg)?;
     let meta = StateMeta {
         mode,
         start_host_us,
-        rounds: Vec::new(),
+        rounds,
         converged: None,
         pause_host_us: start_host_us,
         pause_us: 0,
@@ -288,13 +295,49 @@ pub fn migrate_machine(
     send_state(&mut control, &meta, &state::encode(machine))?;
     let commit_sent = control.send(MsgType::Commit, 0, &[]).is_ok();
     let mut committed = Committed::new(dial, hello, opts, cfg, pages, true);
-    let (complete, server) = match committed.run(Some((control, fault)), commit_sent, None)? {
+    let (complete, server) = match committed.run(Some((control, fault)), commit_sent, have)? {
         End::Complete { complete, server } => (complete, server),
         End::Unknown { .. } => return Err(SourceError::Unknown),
     };
     let stats = final_stats(complete, server, t0, &committed.recovery)?;
     info!(total_ms = stats.total_ms, "every page served");
     Ok(Outcome { stats })
+}
+
+/// Sends `list` (page numbers, any order; out-of-range ones are ignored) as
+/// one pre-copy pass: what the destination then holds, and the round's
+/// figures. Nothing to send is `(None, [])`.
+fn prefetch(
+    control: &super::link::Link,
+    pages: &dyn PageSource,
+    list: &[u64],
+    cfg: &ferry_page_server::server::ServerConfig,
+) -> Result<(Option<PageBitmap>, Vec<RoundStats>), SourceError> {
+    if list.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let set = PageBitmap::new(pages.pages());
+    for &p in list.iter().filter(|&&p| p < pages.pages()) {
+        set.set(p);
+    }
+    let mut sender = PageSender::new(&control.stream, pages, cfg.lz4, cfg.zero_runs);
+    let t = Instant::now();
+    let sent = sender.send_set(&set)?;
+    sender.flush()?;
+    let round = RoundStats {
+        round: 0,
+        pages: sent,
+        bytes: sender.bytes,
+        ms: t.elapsed().as_secs_f64() * 1e3,
+        dirty_after: 0,
+        est_downtime_ms: 0.0,
+    };
+    info!(
+        pages = sent,
+        ms = round.ms,
+        "prefetched the recorded working set"
+    );
+    Ok((Some(set), vec![round]))
 }
 
 /// Finishes a committed move whose source process died: `record` names

@@ -126,7 +126,7 @@ fn rules(kind: Thread) -> Result<Rules, seccompiler::BackendError> {
                 vec![masked(1, IOCTL_TYPE_MASK, KVM_IOCTL_TYPE << 8)?],
             );
         }
-        Thread::Fault => {
+        Thread::Fault | Thread::Installer => {
             r.extend(SOCKET_IO.iter().map(|&s| (s, Vec::new())));
             // UFFDIO_COPY/ZEROPAGE/WAKE, and FIONBIO on a new connection.
             r.insert(

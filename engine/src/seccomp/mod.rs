@@ -9,6 +9,7 @@
 //! | each vCPU (`vcpuN`) | `Vcpu` | `ioctl` on KVM (type `0xAE`) only |
 //! | the destination's demand-fault thread (`uffd-fault`) | `Fault` | `ioctl` on userfaultfd (type `0xAA`) and `FIONBIO`; `poll`; socket I/O and `shutdown` |
 //! | the source's page server (`page-server`) | `PageServer` | `epoll_*`; `pread64` and `lseek`; socket I/O, `setsockopt`, `FIONBIO` |
+//! | the destination's push installer (`installer`) | `Installer` | as `Fault` |
 //! | the control API (`api`, `api-conn`) | `Api` | `accept4`; `clone` of a thread (`CLONE_THREAD`) and what a new thread sets up; socket I/O; `fcntl` |
 //!
 //! The common set ([`filters`]) is memory management without `PROT_EXEC`,
@@ -47,6 +48,9 @@ pub enum Thread {
     /// The control API's listener and its connection threads: accept,
     /// start a connection thread, read and answer requests.
     Api,
+    /// The destination's push installer: `UFFDIO_COPY` of the pages the
+    /// receive thread decoded (the fault thread's allow-list).
+    Installer,
 }
 
 impl Thread {
@@ -57,6 +61,7 @@ impl Thread {
             Thread::Fault => "uffd-fault",
             Thread::PageServer => "page-server",
             Thread::Api => "api",
+            Thread::Installer => "installer",
         }
     }
 }
@@ -163,7 +168,7 @@ fn program(kind: Thread) -> Result<&'static [BpfProgram], SeccompError> {
     static API: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
     let cell = match kind {
         Thread::Vcpu => &VCPU,
-        Thread::Fault => &FAULT,
+        Thread::Fault | Thread::Installer => &FAULT,
         Thread::PageServer => &PAGE_SERVER,
         Thread::Api => &API,
     };

@@ -66,6 +66,7 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut l
         2 => b"uffd-fault",
         3 => b"page-server",
         4 => b"api",
+        5 => b"installer",
         _ => b"unconfined",
     };
     // SAFETY: gettid has no preconditions.

@@ -83,6 +83,20 @@ pub struct ServerConfig {
     /// Caps the background push at this many bytes per second (demand
     /// answers are never capped).
     pub max_bandwidth: Option<u64>,
+    /// Holds the push back while the guest's demand faults reveal its
+    /// working set (a lazy restore that records it): see [`PushHold`].
+    pub push_hold: Option<PushHold>,
+}
+
+/// When a held push starts: once no demand request came for `quiet` (the
+/// guest has found its working set), or `max` after the server started,
+/// whichever is first. Demand requests are answered throughout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushHold {
+    /// Silence on the fault connection that ends the hold.
+    pub quiet: Duration,
+    /// The longest hold.
+    pub max: Duration,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +108,7 @@ impl Default for ServerConfig {
             push_sndbuf: None,
             peer_timeout: Duration::from_secs(5),
             max_bandwidth: None,
+            push_hold: None,
         }
     }
 }
@@ -195,9 +210,6 @@ pub struct Resume<'a> {
     pub sent: Option<&'a AtomicU64>,
     /// Kept at its value at the start plus the bytes sent since.
     pub sent_bytes: Option<&'a AtomicU64>,
-    /// Pages to push first, in this order (e.g. the working set a previous
-    /// restore of the same snapshot faulted on), before the sweep.
-    pub first: &'a [u64],
     /// Bytes the caller already read from `control` past its last frame.
     pub control_buffered: Vec<u8>,
     /// The same for `fault`.
@@ -217,7 +229,6 @@ pub fn serve_rest(
         have,
         sent,
         sent_bytes,
-        first,
         control_buffered,
         fault_buffered,
     } = resume;
@@ -256,7 +267,7 @@ pub fn serve_rest(
         last_control_rx: start,
         last_control_tx: start,
         pacer: cfg.max_bandwidth.map(Pacer::new),
-        first: first.iter().copied().collect(),
+        push_hold: cfg.push_hold,
     };
     server.initial_left = server.sweep.left;
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
@@ -351,11 +362,33 @@ struct Server<'a> {
     last_control_tx: Instant,
     /// The push's bandwidth cap, if any.
     pacer: Option<Pacer>,
-    /// Pages to push before the sweep, in order.
-    first: VecDeque<u64>,
+    /// Holds the push until the guest's demand quiets down; `None` once
+    /// the push has started.
+    push_hold: Option<PushHold>,
 }
 
 impl Server<'_> {
+    /// How much longer a held push waits (zero once it runs).
+    fn held_for(&mut self) -> Duration {
+        let Some(h) = self.push_hold else {
+            return Duration::ZERO;
+        };
+        let quiet_since = self.last_demand.unwrap_or(self.start);
+        let left = h
+            .quiet
+            .saturating_sub(quiet_since.elapsed())
+            .min(h.max.saturating_sub(self.start.elapsed()));
+        if left.is_zero() {
+            debug!(
+                held_ms = self.start.elapsed().as_millis() as u64,
+                demand = self.stats.pages_demand,
+                "the held push starts"
+            );
+            self.push_hold = None;
+        }
+        left
+    }
+
     fn run(&mut self, poll: &mut Poll) -> Result<serde_json::Value, ServerError> {
         let mut events = Events::with_capacity(16);
         loop {
@@ -370,9 +403,12 @@ impl Server<'_> {
                 return Ok(complete);
             }
             let mut timeout = None;
-            let hold = self.pacer.as_ref().map_or(Duration::ZERO, Pacer::wait);
+            let hold = self
+                .held_for()
+                .max(self.pacer.as_ref().map_or(Duration::ZERO, Pacer::wait));
             if !self.sweep.done() && self.control.pending() == 0 && !hold.is_zero() {
-                // Over the bandwidth cap: demand answers go on, the push waits.
+                // Over the bandwidth cap, or held while a restore records
+                // the working set: demand answers go on, the push waits.
                 timeout = Some(hold);
             } else if !self.sweep.done() && self.control.pending() == 0 {
                 let before = self.control.queued;
@@ -443,16 +479,6 @@ impl Server<'_> {
                 Ok(())
             }
         }
-    }
-
-    /// The next page of the push-first list not sent yet.
-    fn next_first(&mut self) -> Option<u64> {
-        while let Some(p) = self.first.pop_front() {
-            if p < self.sweep.pages && !self.sweep.sent.get(p) {
-                return Some(p);
-            }
-        }
-        None
     }
 
     /// Sends `Ping` when the control connection was quiet for a while, and
@@ -598,18 +624,10 @@ impl Server<'_> {
     /// cursor, at most `push_pages` pages of data (fewer just after a demand
     /// request) or 512 pages of hole.
     fn push_step(&mut self) -> Result<(), ServerError> {
-        // Pages asked to go first (a restore's recorded working set), one
-        // at a time; then the sweep.
-        let (pfn, run, sweeping) = match self.next_first() {
-            Some(p) => (p, 1, false),
-            None => {
-                let Some(pfn) = self.sweep.next() else {
-                    return Ok(());
-                };
-                let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
-                (pfn, run, true)
-            }
+        let Some(pfn) = self.sweep.next() else {
+            return Ok(());
         };
+        let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
         let before = self.control.out.len();
         let mut n = run.min(self.push_pages);
         if self.last_demand.is_some_and(|t| t.elapsed() < DEMAND_QUIET) {
@@ -671,9 +689,7 @@ impl Server<'_> {
         let pushed = self.stats.pages_pushed;
         self.stats.pages_pushed += n;
         self.sweep.mark(pfn, n);
-        if sweeping {
-            self.sweep.jump(pfn + n);
-        }
+        self.sweep.jump(pfn + n);
         if pushed / PROGRESS_PAGES != self.stats.pages_pushed / PROGRESS_PAGES {
             debug!(
                 pushed = self.stats.pages_pushed,

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use super::ferry::FerryTools;
 use super::matrix::{
-    parse_ints, parse_modes, parse_sizes, parse_ws, Matrix, MatrixError, Mode, WsSpec,
+    parse_ints, parse_modes, parse_pin, parse_sizes, parse_ws, Matrix, MatrixError, Mode, WsSpec,
 };
 use super::netns::{check_rate, NetError};
 use crate::parse_duration;
@@ -113,6 +113,16 @@ pub struct Args {
     /// Passed to ferry-source for hybrid.
     #[arg(long)]
     pub hybrid_rounds: Option<u32>,
+    /// Pin the source to CPU 0 and the destination to CPU 1 (Ferry's and
+    /// QEMU's alike): off, on, or both (every point twice) [default: off].
+    #[arg(long)]
+    pub pin: Option<String>,
+    /// Instead of migrations: snapshot a guest per memory size and working
+    /// set, then restore it lazily: once recording its working set
+    /// (`--replay record`), then --repeat times each plainly and replayed.
+    /// Writes restore.md and restore.json.
+    #[arg(long)]
+    pub restore: bool,
     /// Only re-render results.md and the plots of an earlier run directory
     /// from its results.json; runs nothing.
     #[arg(long)]
@@ -194,6 +204,7 @@ impl Args {
             } else {
                 Vec::new()
             },
+            pin: parse_pin(self.pin.as_deref().unwrap_or("off"))?,
         };
         let after = duration("after", &pick(&self.after, "2s", "1s"))?;
         let timeout = duration("timeout", &self.timeout)?;

@@ -131,7 +131,7 @@ pub fn run(
     let addr = format!("{ip}:{port}");
     let f = |n: &str| dir.join(n);
     let path = |n: &str| f(n).display().to_string();
-    let mut cmd = net.command(Side::Dest, &tools.dest);
+    let mut cmd = net.command_on(Side::Dest, &tools.dest, p.cpu(Side::Dest));
     // The bench's namespaces carry plain TCP on purpose (no TLS yet).
     cmd.args([
         "--listen",
@@ -160,7 +160,7 @@ pub fn run(
             stderr: tail(&f("dst.err"), 3),
         });
     }
-    let mut cmd = net.command(Side::Source, &tools.source);
+    let mut cmd = net.command_on(Side::Source, &tools.source, p.cpu(Side::Source));
     cmd.args(["--mem", &p.mem.to_string(), "--vcpus", &p.vcpus.to_string()])
         .args([
             "--guest-args",

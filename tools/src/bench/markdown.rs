@@ -31,7 +31,7 @@ const COLUMNS: [(&str, &str, f64, usize); 7] = [
     ("fault p99 µs", "fault_latency_us/overall/p99", 1.0, 0),
 ];
 
-type Key = (usize, u64, u64, u64, u32, String, String);
+type Key = (usize, u64, u64, u64, u32, bool, String, String);
 
 fn key(r: &RunRecord) -> Key {
     let mode_idx = r
@@ -47,6 +47,7 @@ fn key(r: &RunRecord) -> Key {
         r.ws_size,
         r.dirty_rate,
         r.vcpus,
+        r.pinned,
         r.peer.clone(),
         r.mode.clone(),
     )
@@ -89,7 +90,7 @@ pub fn table(records: &[RunRecord], title: &str) -> Result<String, MarkdownError
             s,
             "| {} | {} | {} | {} | {} | {} | {}/{} |",
             r0.mode,
-            r0.peer,
+            r0.peer_label(),
             size_arg(r0.mem_size),
             size_arg(r0.ws_size),
             rate,

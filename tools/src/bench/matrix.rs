@@ -117,9 +117,17 @@ pub struct Point {
     pub rate: u64,
     /// vCPUs.
     pub vcpus: u32,
+    /// The source runs on CPU 0 and the destination on CPU 1.
+    pub pinned: bool,
 }
 
 impl Point {
+    /// The CPU that `side`'s process is pinned to, for a pinned point.
+    pub fn cpu(&self, side: crate::netns::Side) -> Option<usize> {
+        self.pinned
+            .then_some(usize::from(side == crate::netns::Side::Dest))
+    }
+
     /// How long the guest needs to write its working set once, before its
     /// first TICK: Ferry's source moves it `--after` this plus the asked-for
     /// time, so that the guest ticks for about as long before the move
@@ -155,13 +163,14 @@ impl RunSpec {
     pub fn label(&self) -> String {
         let p = &self.point;
         format!(
-            "{}-{}-{}-ws{}-r{}-v{}-{}",
+            "{}-{}-{}-ws{}-r{}-v{}{}-{}",
             self.peer.as_str(),
             p.mode,
             size_arg(p.mem),
             size_arg(p.ws),
             p.rate,
             p.vcpus,
+            if p.pinned { "-pin" } else { "" },
             self.repeat
         )
     }
@@ -196,6 +205,8 @@ pub struct Matrix {
     /// product (each with every dirty rate and vCPU count), e.g. `--quick`'s
     /// large working set for post-copy.
     pub extra: Vec<(Mode, u64, WsSpec)>,
+    /// Unpinned and/or pinned runs of each point (`--pin`).
+    pub pin: Vec<bool>,
 }
 
 fn split(list: &str) -> impl Iterator<Item = &str> {
@@ -291,6 +302,20 @@ pub fn parse_ws(list: &str) -> Result<Vec<WsSpec>, MatrixError> {
     nonempty("ws", out)
 }
 
+/// Parses `--pin`: `off`, `on` or `both` (unpinned and pinned runs of
+/// every point).
+pub fn parse_pin(s: &str) -> Result<Vec<bool>, MatrixError> {
+    match s.trim() {
+        "off" => Ok(vec![false]),
+        "on" => Ok(vec![true]),
+        "both" => Ok(vec![false, true]),
+        other => Err(MatrixError::Value {
+            opt: "pin",
+            msg: format!("{other:?} is not off, on or both"),
+        }),
+    }
+}
+
 /// Parses a list of integers in `lo..=hi`.
 pub fn parse_ints(
     opt: &'static str,
@@ -336,16 +361,19 @@ impl Matrix {
             }
             for &rate in &self.rate {
                 for &vcpus in &self.vcpus {
-                    let p = Point {
-                        mode,
-                        mem,
-                        ws,
-                        ws_spec: spec,
-                        rate,
-                        vcpus,
-                    };
-                    if !out.contains(&p) {
-                        out.push(p);
+                    for &pinned in &self.pin {
+                        let p = Point {
+                            mode,
+                            mem,
+                            ws,
+                            ws_spec: spec,
+                            rate,
+                            vcpus,
+                            pinned,
+                        };
+                        if !out.contains(&p) {
+                            out.push(p);
+                        }
                     }
                 }
             }
@@ -396,6 +424,7 @@ pub(crate) fn test_spec(peer: Peer, mode: Mode, mem: u64, repeat: u32) -> RunSpe
             ws_spec: WsSpec::Bytes(64 << 20),
             rate: 0,
             vcpus: 1,
+            pinned: false,
         },
         repeat,
     }
@@ -418,6 +447,7 @@ mod tests {
                 .collect(),
             repeat: 2,
             extra: vec![],
+            pin: vec![false],
         }
     }
 
@@ -513,9 +543,23 @@ mod tests {
                 ws_spec: WsSpec::Bytes(64 << 20),
                 rate: 0,
                 vcpus: 1,
+                pinned: false,
             },
             repeat: 2,
         };
         assert_eq!(r.label(), "qemu-stop-and-copy-1G-ws64M-r0-v1-2");
+        let pinned = RunSpec {
+            point: Point {
+                pinned: true,
+                ..r.point
+            },
+            ..r
+        };
+        assert_eq!(pinned.label(), "qemu-stop-and-copy-1G-ws64M-r0-v1-pin-2");
+        assert_eq!(pinned.point.cpu(crate::netns::Side::Source), Some(0));
+        assert_eq!(pinned.point.cpu(crate::netns::Side::Dest), Some(1));
+        assert_eq!(r.point.cpu(crate::netns::Side::Dest), None);
+        assert_eq!(parse_pin("both"), Ok(vec![false, true]));
+        assert!(parse_pin("sometimes").is_err());
     }
 }

@@ -14,12 +14,16 @@
 //! | [`procs`] | child processes, timeouts, listening sockets |
 //! | [`serial`] | stamped serial logs: ticks, rounds/s, guest stall |
 //! | [`record`] | `results.json` records |
+//! | [`restore`] | `--restore`: lazy restore plain, recording and replayed |
 //! | [`summary`] | median and min–max |
 //! | [`markdown`] | `results.md` |
+//! | [`goals`] | `results.md`'s post-copy goals: Ferry vs QEMU vs the wire |
+//! | [`wire`] | the wire's bulk TCP rate, measured in the same run |
 //! | [`plots`] | the benchmark's SVG plots (drawn with `plotters`) |
 
 pub mod cli;
 pub mod ferry;
+pub mod goals;
 pub mod markdown;
 pub mod matrix;
 pub use crate::netns;
@@ -28,6 +32,8 @@ pub mod procs;
 pub mod qemu;
 pub mod qmp;
 pub mod record;
+pub mod restore;
 pub mod runner;
 pub mod serial;
 pub mod summary;
+pub mod wire;

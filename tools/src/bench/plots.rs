@@ -51,10 +51,10 @@ pub fn color(mode: &str) -> RGBColor {
 }
 
 fn series_name(r: &RunRecord) -> String {
-    if r.peer == Peer::Ferry.as_str() {
+    if r.peer == Peer::Ferry.as_str() && !r.pinned {
         r.mode.clone()
     } else {
-        format!("{} ({})", r.mode, r.peer)
+        format!("{} ({})", r.mode, r.peer_label())
     }
 }
 
@@ -367,7 +367,7 @@ pub fn representatives(records: &[RunRecord]) -> Vec<&RunRecord> {
     for r in records.iter().filter(|r| r.ok()) {
         match out
             .iter_mut()
-            .find(|o| o.peer == r.peer && o.mode == r.mode)
+            .find(|o| o.peer == r.peer && o.mode == r.mode && o.pinned == r.pinned)
         {
             Some(o) => {
                 if (r.mem_size, std::cmp::Reverse(r.repeat))
@@ -379,7 +379,7 @@ pub fn representatives(records: &[RunRecord]) -> Vec<&RunRecord> {
             None => out.push(r),
         }
     }
-    out.sort_by_key(|r| (r.peer != "ferry", r.mode.parse::<Mode>().ok()));
+    out.sort_by_key(|r| (r.peer != "ferry", r.mode.parse::<Mode>().ok(), r.pinned));
     out
 }
 
@@ -398,6 +398,7 @@ pub fn cdf_svg(records: &[RunRecord]) -> Result<String, PlotError> {
                 ),
                 color: color(&r.mode),
                 dashed: r.peer != "ferry",
+                dots: r.pinned,
                 points: cdf,
                 ..Default::default()
             })

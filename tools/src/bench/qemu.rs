@@ -101,7 +101,7 @@ impl Vm {
     ) -> Result<Vm, QemuError> {
         let p = &spec.point;
         let name = if side == Side::Source { "src" } else { "dst" };
-        let mut cmd = net.command(side, &tools.qemu);
+        let mut cmd = net.command_on(side, &tools.qemu, p.cpu(side));
         cmd.args(MACHINE_ARGS)
             .args([
                 "-m",

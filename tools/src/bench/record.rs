@@ -59,6 +59,9 @@ pub struct RunRecord {
     pub vcpus: u32,
     /// Repetition index.
     pub repeat: u32,
+    /// The source and the destination were pinned to different cores.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
     /// `loopback` or `netns` (with the link rate, if any).
     pub net: String,
     /// The run's directory (logs), relative to the output directory.
@@ -83,6 +86,7 @@ impl RunRecord {
             dirty_rate: spec.point.rate,
             vcpus: spec.point.vcpus,
             repeat: spec.repeat,
+            pinned: spec.point.pinned,
             net: net.into(),
             run_dir: run_dir.into(),
             error: None,
@@ -104,6 +108,7 @@ impl RunRecord {
             "dirty_rate",
             "vcpus",
             "repeat",
+            "pinned",
             "net",
             "run_dir",
             "error",
@@ -112,6 +117,15 @@ impl RunRecord {
         }
         self.stats = m;
         Ok(())
+    }
+
+    /// `ferry`, `qemu`, or either with ` pinned`.
+    pub fn peer_label(&self) -> String {
+        if self.pinned {
+            format!("{} pinned", self.peer)
+        } else {
+            self.peer.clone()
+        }
     }
 
     /// Did the run succeed?

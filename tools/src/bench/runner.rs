@@ -9,13 +9,16 @@ use tracing::{info, warn};
 
 use super::cli::Config;
 use super::ferry;
+use super::goals;
 use super::markdown::{self, MarkdownError};
 use super::matrix::{MatrixError, Peer, RunSpec};
 use super::netns::{Net, NetError};
 use super::plots::{self, PlotError};
 use super::qemu::{self, QemuTools};
 use super::record::{self, RecordError, RunRecord};
+use super::restore;
 use super::serial::{guest_figures, read_log};
+use super::wire::{self, WireFigure};
 
 /// Errors that stop the whole benchmark (a failed run does not).
 #[derive(Debug, thiserror::Error)]
@@ -111,15 +114,28 @@ fn write_guest(cfg: &Config, path: &Path) -> Result<(), String> {
     }
 }
 
-/// Runs the benchmark.
-pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
-    let mut qemu_tools = None;
-    let out = cfg.out.clone().unwrap_or_else(|| {
+/// The output directory: `cfg.out`, or `results/<UTC timestamp>`.
+fn out_dir(cfg: &Config) -> PathBuf {
+    cfg.out.clone().unwrap_or_else(|| {
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         PathBuf::from("results").join(utc_stamp(secs))
-    });
+    })
+}
+
+/// Runs `--restore` (see [`restore`]) into the output directory.
+pub fn run_restore(cfg: &Config) -> Result<String, Box<dyn std::error::Error>> {
+    let out = out_dir(cfg);
+    mkdir(&out)?;
+    let out = std::fs::canonicalize(&out)?;
+    Ok(restore::run(cfg, &out)?)
+}
+
+/// Runs the benchmark.
+pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
+    let mut qemu_tools = None;
+    let out = out_dir(cfg);
     mkdir(&out.join("runs"))?;
     if let Some(q) = &cfg.qemu {
         let guest = std::fs::canonicalize(&out)
@@ -147,6 +163,22 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     };
     let out_abs = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
     info!(runs = runs.len(), out = %out.display(), net = %net.describe(), "starting");
+    let pinned = cfg.matrix.pin.contains(&true);
+    let wire = match wire::measure(&net, pinned) {
+        Ok(w) => {
+            info!(
+                gb_per_s = format!("{:.2}", w.bytes_per_s / 1e9),
+                "the wire's bulk TCP rate"
+            );
+            let text = serde_json::to_string_pretty(&w).unwrap_or_default();
+            write(&out.join("wire.json"), &text)?;
+            Some(w)
+        }
+        Err(e) => {
+            warn!("the wire was not measured: {e}");
+            None
+        }
+    };
     let bar = ProgressBar::new(runs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -211,7 +243,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         },
         cfg.after.as_millis()
     );
-    render(&out, &out_abs, &records, &title)
+    render(&out, &out_abs, &records, wire.as_ref(), &title)
 }
 
 /// Writes `results.md` and the plots for `records`.
@@ -219,9 +251,10 @@ fn render(
     out: &Path,
     out_abs: &Path,
     records: &[RunRecord],
+    wire: Option<&WireFigure>,
     title: &str,
 ) -> Result<Report, RunnerError> {
-    let md = markdown::table(records, title)?;
+    let md = markdown::table(records, title)? + &goals::section(records, wire);
     let md_full = format!(
         "{md}\nPlots: `fault_cdf.svg`, `progress.svg`, `downtime_vs_mem.svg`, `stall_vs_mem.svg`, `lost_vs_ws.svg`. \
          Per-run logs and statistics are under `runs/`.\n"
@@ -256,10 +289,14 @@ pub fn replot(dir: &Path) -> Result<Report, RunnerError> {
             r.stats.entry(k).or_insert(v);
         }
     }
+    let wire: Option<WireFigure> = std::fs::read_to_string(dir.join("wire.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
     render(
         dir,
         &abs,
         &records,
+        wire.as_ref(),
         "ferry-bench results (re-rendered from results.json)",
     )
 }

@@ -180,6 +180,9 @@ pub struct LostWork {
     /// Every vCPU got back to [`RECOVERED`] of its rate (else the loss is
     /// counted up to its last TICK, a lower bound).
     pub recovered: bool,
+    /// Host time (µs since the epoch) when the last vCPU was back (or its
+    /// last TICK, when not `recovered`).
+    pub back_us: u64,
 }
 
 /// The guest work lost across a move, summed over vCPUs.
@@ -197,7 +200,7 @@ pub fn lost_work(src: &SerialLog, dst: &SerialLog) -> Option<LostWork> {
     let mut vcpus: Vec<u32> = src.ticks.iter().map(|t| t.vcpu).collect();
     vcpus.sort_unstable();
     vcpus.dedup();
-    let (mut lost, mut rate_sum, mut recovered) = (0.0, 0.0, true);
+    let (mut lost, mut rate_sum, mut recovered, mut back_us) = (0.0, 0.0, true, 0);
     for v in vcpus {
         let ticks = across(src, dst, v);
         let n_src = src.ticks.iter().filter(|t| t.vcpu == v).count();
@@ -226,6 +229,7 @@ pub fn lost_work(src: &SerialLog, dst: &SerialLog) -> Option<LostWork> {
                 ticks[ticks.len() - 1]
             }
         };
+        back_us = back_us.max(end.host_us);
         let expected = rate * end.host_us.saturating_sub(pause.host_us) as f64 / 1e6;
         lost += expected - end.round.saturating_sub(pause.round) as f64;
         rate_sum += rate;
@@ -233,6 +237,7 @@ pub fn lost_work(src: &SerialLog, dst: &SerialLog) -> Option<LostWork> {
     (rate_sum > 0.0).then(|| LostWork {
         ms: lost / rate_sum * 1e3,
         recovered,
+        back_us,
     })
 }
 

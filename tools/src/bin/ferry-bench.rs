@@ -36,6 +36,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.restore {
+        return match runner::run_restore(&cfg) {
+            Ok(md) => {
+                println!("{md}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runner::run(&cfg) {
         Ok(report) => {
             println!("{}", report.markdown);

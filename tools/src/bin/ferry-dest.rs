@@ -80,6 +80,13 @@ struct Args {
     /// all of it is loaded.
     #[arg(long, requires = "snapshot_file")]
     lazy: bool,
+    /// With --lazy: `auto` loads the pages that a recording restore of the
+    /// snapshot listed (SNAPSHOT.replay) before the vCPUs run, if there is
+    /// such a list; `record` writes that list (this restore is slower: the
+    /// background push waits while the guest's faults reveal its working
+    /// set); `off` neither reads nor writes one.
+    #[arg(long, requires = "lazy", default_value = "auto", value_parser = parse_replay)]
+    replay: snapshot::Replay,
     /// With --listen or --restore --lazy: write the migration statistics
     /// (JSON) here.
     #[arg(long)]
@@ -94,6 +101,15 @@ struct Args {
     link: LinkArgs,
     #[command(flatten)]
     hook: HookArgs,
+}
+
+fn parse_replay(s: &str) -> Result<snapshot::Replay, String> {
+    match s {
+        "auto" => Ok(snapshot::Replay::Auto),
+        "record" => Ok(snapshot::Replay::Record),
+        "off" => Ok(snapshot::Replay::Off),
+        other => Err(format!("{other:?} is not auto, record or off")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -203,7 +219,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         received.vm
     } else if let Some(path) = restore.as_ref().filter(|_| args.lazy) {
-        let (vm, stats) = snapshot::restore_lazy(path, console)?;
+        let (vm, stats) = snapshot::restore_lazy(path, console, args.replay)?;
         info!(path = %path.display(), "snapshot restored lazily");
         println!("{}", stats.table());
         if let Some(p) = &args.stats_json {
