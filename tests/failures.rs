@@ -160,41 +160,9 @@ fn destination_refuses_a_guest_larger_than_the_host() {
 /// refused, and a real migration right after them goes through.
 #[test]
 fn two_hundred_hostile_connections_then_a_real_migration() {
-    use ferry_protocol::{features, Role, PAGE_SIZE};
-    use std::io::Write;
     let dir = Scratch::new("flood");
     let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
-    let mut held = Vec::new();
-    for i in 0..200u64 {
-        let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
-            continue;
-        };
-        let hello = |role, features| Hello {
-            version: PROTOCOL_VERSION,
-            role,
-            session_id: 0xbad0_0000 + i,
-            features,
-            mem_size: 256 << 20,
-            vcpus: 1,
-            page_size: PAGE_SIZE as u32,
-            options: Vec::new(),
-        };
-        match i % 8 {
-            0..=3 => held.push(s), // silent
-            4 => {
-                let _ = s.write_all(b"\x00\x01garbage garbage garbage garbage");
-            }
-            5 => {
-                let h = hello(Role::Control, features::RESUME);
-                let _ = write_frame(&mut s, MsgType::Hello, 0, &h.encode());
-            }
-            6 => {
-                let h = hello(Role::Fault, 0);
-                let _ = write_frame(&mut s, MsgType::Hello, 0, &h.encode());
-            }
-            _ => drop(s),
-        }
-    }
+    let held = common::hostile::hostile_connections(&addr, 200);
     assert!(held.len() >= 90, "only {} silent connections", held.len());
     migrate_through(&dir, &addr);
     drop(held);

@@ -248,3 +248,56 @@ fn a_second_lazy_restore_replays_the_first_ones_working_set() {
         demand[0]
     );
 }
+
+/// A lazy restore opens no network socket at all: its source and
+/// destination halves talk over two socketpairs, so there is no port for
+/// another local process to connect to. Checked on the real binary, under
+/// `strace`, from its start until the restored VM quits.
+#[test]
+fn a_lazy_restore_opens_no_tcp_socket() {
+    use std::process::{Command, Stdio};
+    let dir = Scratch::new("nolisten");
+    let Snapped {
+        path: snap, before, ..
+    } = snapshot_from_source(&dir, "256M", 1, "ws=32M write=50 report_ms=50", 3);
+    let (trace, json) = (dir.path("dst.trace"), dir.path("dst.json"));
+    let mut args = vec![
+        "-f".to_string(),
+        "-qq".into(),
+        "-e".into(),
+        "trace=socket,socketpair,bind,listen,connect".into(),
+        "-o".into(),
+        trace.to_string_lossy().into_owned(),
+        bin("ferry-dest").to_string_lossy().into_owned(),
+        "--restore".into(),
+        snap.to_string_lossy().into_owned(),
+        "--lazy".into(),
+        "--stats-json".into(),
+        json.to_string_lossy().into_owned(),
+    ];
+    args.extend(console_args(&dir, "dst", &[]));
+    let mut dst = Proc(
+        Command::new("strace")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path("dst.err")).unwrap())
+            .spawn()
+            .expect("this test needs strace (apt-get install strace)"),
+    );
+    wait_stats(&json, WAIT);
+    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
+    assert_continues(&before, &after, 1);
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the restore to quit"));
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    let inet: Vec<&str> = calls.lines().filter(|l| l.contains("AF_INET")).collect();
+    assert!(inet.is_empty(), "network sockets: {inet:#?}");
+    // The control and fault connections, each a socketpair.
+    assert!(
+        calls.matches("socketpair(AF_UNIX, SOCK_STREAM").count() >= 2,
+        "{calls}"
+    );
+    // The one listening socket is the API's, a unix socket.
+    let listens: Vec<&str> = calls.lines().filter(|l| l.contains("listen(")).collect();
+    assert_eq!(listens.len(), 1, "{calls}");
+}

@@ -41,6 +41,9 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    /// The API thread could not be confined.
+    #[error(transparent)]
+    Seccomp(crate::seccomp::SeccompError),
     /// The server answered something that is not a response.
     #[error("malformed API response: {0}")]
     BadResponse(String),
@@ -164,9 +167,17 @@ pub fn serve(path: &Path) -> Result<Receiver<PendingRequest>, ApiError> {
     nix::sys::stat::umask(old);
     let listener = bound.map_err(sock_err)?;
     let (tx, rx) = channel();
+    let (confined_tx, confined_rx) = channel();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // Its connection threads inherit the filter.
+            let confined = crate::seccomp::apply(crate::seccomp::Thread::Api);
+            let ok = confined.is_ok();
+            let _ = confined_tx.send(confined);
+            if !ok {
+                return;
+            }
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
@@ -180,7 +191,13 @@ pub fn serve(path: &Path) -> Result<Receiver<PendingRequest>, ApiError> {
             }
         })
         .map_err(sock_err)?;
-    Ok(rx)
+    match confined_rx.recv() {
+        Ok(Ok(())) => Ok(rx),
+        Ok(Err(e)) => Err(ApiError::Seccomp(e)),
+        Err(_) => Err(ApiError::Seccomp(crate::seccomp::SeccompError::Thread(
+            "api",
+        ))),
+    }
 }
 
 fn handle_connection(stream: UnixStream, tx: Sender<PendingRequest>) {

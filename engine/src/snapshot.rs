@@ -31,7 +31,6 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,10 +38,12 @@ use std::time::{Duration, Instant};
 
 use ferry_page_server::source::{FileSource, PageSource};
 use ferry_protocol::PageBitmap;
+use ferry_transport::Conn;
 use serde::Serialize;
 
 use crate::layout::PAGE_SIZE;
 use crate::memory::{is_zero, GuestRam, MemoryError};
+use crate::migration::acceptor::Acceptor;
 use crate::migration::{self, DestError, MigrationStats, SourceError, SourceOptions};
 use crate::snapshot_source::SnapshotPages;
 use crate::state::{self, codec, CodecError, MachineState};
@@ -479,9 +480,9 @@ pub enum RestoreError {
     /// The VM could not be built.
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
-    /// Lazy restore: the loopback listener could not be set up.
-    #[error("lazy restore: cannot listen on the loopback interface: {0}")]
-    Loopback(#[source] std::io::Error),
+    /// Lazy restore: the socketpairs it runs over could not be made.
+    #[error("lazy restore: cannot create a socketpair: {0}")]
+    Socketpair(#[source] std::io::Error),
     /// Lazy restore: the thread serving the snapshot's pages could not start
     /// or panicked.
     #[error("lazy restore: snapshot page server thread: {0}")]
@@ -489,7 +490,7 @@ pub enum RestoreError {
     /// `--disk` overrides that do not fit the saved VM.
     #[error("{0}")]
     Disk(String),
-    /// Lazy restore: receiving the VM over the loopback post-copy migration
+    /// Lazy restore: receiving the VM over the in-process post-copy migration
     /// failed (with the page server's own error, when it has one).
     #[error("lazy restore failed: {dest}{}", server_note(.server))]
     Lazy {
@@ -564,8 +565,8 @@ pub fn restore_with(
 /// as the machine state is restored, and the memory follows through the
 /// post-copy path. The snapshot is served by the post-copy page server on a
 /// thread of this process ([`migration::migrate_machine`] over
-/// [`SnapshotPages`]) to [`migration::receive`] on the calling thread, over
-/// a loopback TCP connection: guest accesses to pages not loaded yet fault
+/// [`SnapshotPages`]) to [`migration::receive_from`] on the calling thread,
+/// over two socketpairs (no port is bound): guest accesses to pages not loaded yet fault
 /// through userfaultfd and are fetched on demand while the rest is pushed.
 ///
 /// The file's sizes, header, state and bitmap (and their CRC) are checked
@@ -597,11 +598,11 @@ pub fn restore_lazy_with(
 ) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
     let start_host_us = crate::console::now_us();
     let snap = Snapshot::open(path)?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(RestoreError::Loopback)?;
-    let addr = listener
-        .local_addr()
-        .map_err(RestoreError::Loopback)?
-        .to_string();
+    // The two connections are socketpairs: no port is bound, so no other
+    // process can connect to the restore.
+    let (src_control, dst_control) = Conn::pair().map_err(RestoreError::Socketpair)?;
+    let (src_fault, dst_fault) = Conn::pair().map_err(RestoreError::Socketpair)?;
+    let dial = migration::Dial::given(src_control, src_fault);
     // The pages an earlier lazy restore of this snapshot faulted on are
     // loaded before the vCPUs run; the first restore records them.
     let pages = snap.state.meta.mem_size / PAGE_SIZE as u64;
@@ -621,9 +622,8 @@ pub fn restore_lazy_with(
         );
     }
     let record = replay_mode == Replay::Record;
-    // The loopback port is open to every local process for as long as the
-    // restore runs: both ends share a random session id, so the destination
-    // takes no other session (a stranger's connection is refused).
+    // Both ends share a random session id all the same, so the destination
+    // would take no other session.
     let session_id =
         migration::session::random_session_id().map_err(|e| RestoreError::Thread(e.to_string()))?;
     // Both ends are in this process: copying a page is cheaper than
@@ -657,19 +657,21 @@ pub fn restore_lazy_with(
                 migration::migrate_machine(
                     &snap.state,
                     &snap.page_source(),
-                    &addr,
+                    &dial,
                     &opts,
                     start_host_us,
                 )
             })
             .map_err(|e| RestoreError::Thread(e.to_string()))?;
-        let received = migration::receive(&listener, console, &dest_opts).and_then(|r| {
-            match (r.failure, r.stats) {
-                (None, Some(stats)) => Ok((r.vm, stats)),
-                (Some(e), _) => Err(e),
-                (None, None) => Err(DestError::Refused("no statistics".into())),
-            }
-        });
+        let acceptor = Acceptor::given(vec![dst_control, dst_fault], dest_opts.peer_timeout);
+        let received =
+            migration::receive_from(acceptor, console, &dest_opts).and_then(|r| {
+                match (r.failure, r.stats) {
+                    (None, Some(stats)) => Ok((r.vm, stats)),
+                    (Some(e), _) => Err(e),
+                    (None, None) => Err(DestError::Refused("no statistics".into())),
+                }
+            });
         let served = server
             .join()
             .map_err(|_| RestoreError::Thread("panicked".into()))?;

@@ -57,6 +57,9 @@ pub enum VcpuError {
     /// The thread could not be spawned.
     #[error("cannot spawn vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The thread could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The thread is gone.
     #[error("vCPU {0} thread has exited")]
     Gone(u32),
@@ -215,11 +218,17 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let _ = tid_tx.send(nix::unistd::gettid().as_raw());
-                worker.run()
+                // Confined before it runs a single guest instruction.
+                let confined = crate::seccomp::apply(crate::seccomp::Thread::Vcpu);
+                let ok = confined.is_ok();
+                let _ = tid_tx.send((nix::unistd::gettid().as_raw(), confined));
+                if ok {
+                    worker.run()
+                }
             })
             .map_err(VcpuError::Spawn)?;
-        let tid = tid_rx.recv().map_err(|_| VcpuError::Gone(index))?;
+        let (tid, confined) = tid_rx.recv().map_err(|_| VcpuError::Gone(index))?;
+        confined?;
         Ok(Self {
             index,
             thread: Some(thread),

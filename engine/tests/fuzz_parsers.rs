@@ -962,6 +962,34 @@ fn fuzz_hello_ack() {
 }
 
 #[test]
+fn fuzz_redirect() {
+    let seeds = [
+        (1u64, 1u16),
+        (0xdead_beef_0000_0001, 40123),
+        (u64::MAX, u16::MAX),
+    ]
+    .iter()
+    .map(|&(session_id, port)| ferry_protocol::Redirect { session_id, port }.encode())
+    .collect();
+    fuzz(Target {
+        name: "redirect",
+        seeds,
+        json: false,
+        fixup: no_fixup,
+        run: Box::new(|d| {
+            let r = ferry_protocol::Redirect::decode(d).map_err(err)?;
+            assert_ne!(r.port, 0);
+            assert_eq!(
+                ferry_protocol::Redirect::decode(&r.encode()).map_err(err)?,
+                r
+            );
+            Ok(())
+        }),
+        limit: base_limit,
+    });
+}
+
+#[test]
 fn fuzz_pages() {
     let mut out = Vec::new();
     fuzz(Target {

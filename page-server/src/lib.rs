@@ -1,6 +1,6 @@
 //! Ferry's source-side page server ([`server`]): it answers demand faults
-//! and pushes every other page of a [`PageSource`]. The wire format it
-//! speaks is the `ferry-protocol` crate's.
+//! and pushes every other page of a [`PageSource`], over TCP or a socketpair
+//! ([`Stream`]). The wire format it speaks is the `ferry-protocol` crate's.
 
 pub mod pacer;
 pub mod server;

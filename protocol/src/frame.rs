@@ -8,7 +8,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{
     ProtocolError, HEADER_LEN, HELLO_FIXED, MAX_HELLO_OPTIONS, MAX_PAGES_PER_FRAME, MAX_PAYLOAD,
-    PAGES_PREFIX, PAGE_SIZE,
+    PAGES_PREFIX, PAGE_SIZE, REDIRECT_LEN,
 };
 
 /// Frame types.
@@ -19,6 +19,9 @@ pub enum MsgType {
     Hello = 0x01,
     /// Destination → source, answer to `Hello`.
     HelloAck = 0x02,
+    /// Destination (a `--daemon`) → source, answer to a control `Hello`:
+    /// take the session to this port on the same host ([`crate::Redirect`]).
+    Redirect = 0x03,
     /// Source → destination: migration metadata (JSON) + VM state blob.
     State = 0x10,
     /// Destination → source: the vCPUs run (JSON timing), after `Commit`.
@@ -62,6 +65,7 @@ impl MsgType {
         [
             Hello,
             HelloAck,
+            Redirect,
             State,
             Resumed,
             Ready,
@@ -85,6 +89,7 @@ impl MsgType {
         match self {
             MsgType::Hello => (HELLO_FIXED, HELLO_FIXED + MAX_HELLO_OPTIONS),
             MsgType::HelloAck => (24, 24),
+            MsgType::Redirect => (REDIRECT_LEN, REDIRECT_LEN),
             MsgType::Pages => (
                 PAGES_PREFIX,
                 PAGES_PREFIX + MAX_PAGES_PER_FRAME as usize * PAGE_SIZE,

@@ -22,6 +22,7 @@ mod decoder;
 mod frame;
 mod hello;
 mod pages;
+mod redirect;
 mod state;
 
 pub use bitmap::PageBitmap;
@@ -32,6 +33,7 @@ pub use pages::{
     append_pages_frame, append_zero_pages_frame, decode_pages, encode_pages, PageEncoding,
     PageRequest, PagesHeader,
 };
+pub use redirect::{Redirect, REDIRECT_LEN};
 pub use state::{decode_state, encode_state, Resumed, RoundStats, StateMeta};
 
 /// Bytes in a frame header.
@@ -68,9 +70,12 @@ pub mod features {
     pub const RESUME: u64 = 1 << 9;
     /// After a resume handshake the destination sends `RecvBitmap`.
     pub const RECV_BITMAP: u64 = 1 << 10;
+    /// The source follows a `Redirect` answer to its control `Hello` (a
+    /// `ferry-dest --daemon` sends each VM to a process of its own).
+    pub const REDIRECT: u64 = 1 << 11;
     /// What this build implements.
     /// (`RESUME` is not negotiated: it marks a connection that resumes.)
-    pub const SUPPORTED: u64 = LZ4 | ZERO_RUNS | RECV_BITMAP;
+    pub const SUPPORTED: u64 = LZ4 | ZERO_RUNS | RECV_BITMAP | REDIRECT;
 }
 
 /// What a destination holds of a session that a resuming source names,

@@ -2,6 +2,7 @@
 //! reading the guest's timestamped console log, and waiting for the guest.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod proxy;
 pub mod tap;
 

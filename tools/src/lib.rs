@@ -7,6 +7,7 @@ use ferry_engine::ConsoleOutput;
 
 pub mod archive;
 pub mod bench;
+pub mod daemon;
 pub mod hooks;
 pub mod monitor;
 pub mod netns;
@@ -72,9 +73,20 @@ pub struct VmIoArgs {
     /// it the disks are opened at the paths in the state (shared storage).
     #[arg(long = "disk", value_name = "PATH[,readonly][,serial=ID]")]
     pub disk: Vec<String>,
+    /// Do not confine the vCPU, fault-handler and page-server threads with
+    /// their seccomp filters (for debugging only: a thread that makes a
+    /// call outside its filter otherwise stops the process with a message
+    /// naming the call).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 impl VmIoArgs {
+    /// Applies `--no-seccomp` (filters are on unless it is given).
+    pub fn apply_seccomp(&self) {
+        ferry_engine::seccomp::set_enabled(!self.no_seccomp);
+    }
+
     /// The `--disk` options, parsed.
     pub fn disks(&self) -> Result<Vec<ferry_engine::devices::DiskConfig>, String> {
         self.disk

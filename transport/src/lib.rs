@@ -2,7 +2,9 @@
 //! mutual TLS (rustls), so the rest of the code base reads and writes
 //! frames the same way whatever protects them.
 //!
-//! - [`Conn`]: `Plain(TcpStream)` or `Tls(Arc<TlsStream>)`. It is `Read`,
+//! - [`Conn`]: `Plain(TcpStream)`, `Tls(Arc<TlsStream>)`, or `Local`, one
+//!   end of a socketpair (a lazy restore: a migration inside one process,
+//!   with no port that another local process could race for). It is `Read`,
 //!   `Write` (also through `&Conn`, like `TcpStream`), `AsFd`, cloneable
 //!   ([`Conn::try_clone`]) so a reader and a writer (a heartbeat) can use it
 //!   from two threads, with read/write timeouts and a non-blocking mode.
@@ -16,8 +18,9 @@ pub mod config;
 pub mod tls;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +34,14 @@ pub enum Conn {
     Plain(TcpStream),
     /// Mutual TLS; clones share the one TLS session.
     Tls(Arc<TlsStream>),
+    /// One end of a `socketpair(AF_UNIX, SOCK_STREAM)`, in-process.
+    Local(UnixStream),
+}
+
+impl From<UnixStream> for Conn {
+    fn from(s: UnixStream) -> Self {
+        Conn::Local(s)
+    }
 }
 
 impl From<TcpStream> for Conn {
@@ -40,12 +51,34 @@ impl From<TcpStream> for Conn {
 }
 
 impl Conn {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// Two connected ends of a new socketpair.
+    pub fn pair() -> io::Result<(Conn, Conn)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Conn::Local(a), Conn::Local(b)))
+    }
+
+    /// The TCP socket underneath (none for a socketpair).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Conn::Plain(s) => s,
-            Conn::Tls(t) => t.tcp(),
+            Conn::Plain(s) => Some(s),
+            Conn::Tls(t) => Some(t.tcp()),
+            Conn::Local(_) => None,
         }
+    }
+
+    /// Who is at the other end, for logs: the peer's address, or
+    /// `socketpair`.
+    pub fn peer(&self) -> String {
+        match self.peer_addr() {
+            Ok(a) => a.to_string(),
+            Err(_) if matches!(self, Conn::Local(_)) => "socketpair".into(),
+            Err(e) => format!("unknown peer ({e})"),
+        }
+    }
+
+    /// The peer's IP address, over TCP.
+    pub fn peer_ip(&self) -> Option<IpAddr> {
+        self.peer_addr().ok().map(|a| a.ip())
     }
 
     /// Another handle on the same connection (both directions shared).
@@ -53,6 +86,7 @@ impl Conn {
         Ok(match self {
             Conn::Plain(s) => Conn::Plain(s.try_clone()?),
             Conn::Tls(t) => Conn::Tls(t.clone()),
+            Conn::Local(s) => Conn::Local(s.try_clone()?),
         })
     }
 
@@ -64,7 +98,7 @@ impl Conn {
     /// The peer's end-entity certificate (DER), on a TLS connection.
     pub fn peer_certificate(&self) -> Option<&[u8]> {
         match self {
-            Conn::Plain(_) => None,
+            Conn::Plain(_) | Conn::Local(_) => None,
             Conn::Tls(t) => t.peer_certificate(),
         }
     }
@@ -74,6 +108,7 @@ impl Conn {
         match self {
             Conn::Plain(s) => s.set_read_timeout(t),
             Conn::Tls(s) => s.set_read_timeout(t),
+            Conn::Local(s) => s.set_read_timeout(t),
         }
     }
 
@@ -82,6 +117,7 @@ impl Conn {
         match self {
             Conn::Plain(s) => s.set_write_timeout(t),
             Conn::Tls(s) => s.set_write_timeout(t),
+            Conn::Local(s) => s.set_write_timeout(t),
         }
     }
 
@@ -91,6 +127,7 @@ impl Conn {
     pub fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
         match self {
             Conn::Plain(s) => s.set_nonblocking(nb),
+            Conn::Local(s) => s.set_nonblocking(nb),
             Conn::Tls(s) => {
                 s.set_nonblocking(nb);
                 Ok(())
@@ -98,26 +135,35 @@ impl Conn {
         }
     }
 
-    /// `TCP_NODELAY`.
+    /// `TCP_NODELAY` (a socketpair has no Nagle to turn off).
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        self.tcp().set_nodelay(on)
+        self.tcp().map_or(Ok(()), |t| t.set_nodelay(on))
     }
 
-    /// The peer's address.
+    /// The peer's address (an error for a socketpair).
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.tcp().peer_addr()
+        match self.tcp() {
+            Some(t) => t.peer_addr(),
+            None => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a socketpair has no peer address",
+            )),
+        }
     }
 
     /// Closes the socket in `how`, waking any thread blocked on it.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        self.tcp().shutdown(how)
+        match self {
+            Conn::Local(s) => s.shutdown(how),
+            _ => self.tcp().map_or(Ok(()), |t| t.shutdown(how)),
+        }
     }
 
     /// True when a TLS connection holds encrypted bytes not yet written to
     /// the socket (only in non-blocking mode; a blocking write sends all).
     pub fn wants_write(&self) -> bool {
         match self {
-            Conn::Plain(_) => false,
+            Conn::Plain(_) | Conn::Local(_) => false,
             Conn::Tls(t) => t.wants_write(),
         }
     }
@@ -127,6 +173,7 @@ impl Read for &Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match *self {
             Conn::Plain(s) => (&*s).read(buf),
+            Conn::Local(s) => (&*s).read(buf),
             Conn::Tls(t) => t.read(buf),
         }
     }
@@ -136,6 +183,7 @@ impl Write for &Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match *self {
             Conn::Plain(s) => (&*s).write(buf),
+            Conn::Local(s) => (&*s).write(buf),
             Conn::Tls(t) => t.write(buf),
         }
     }
@@ -143,6 +191,7 @@ impl Write for &Conn {
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match *self {
             Conn::Plain(s) => (&*s).write_vectored(bufs),
+            Conn::Local(s) => (&*s).write_vectored(bufs),
             Conn::Tls(t) => t.write(bufs.iter().find(|b| !b.is_empty()).map_or(&[], |b| b)),
         }
     }
@@ -150,6 +199,7 @@ impl Write for &Conn {
     fn flush(&mut self) -> io::Result<()> {
         match *self {
             Conn::Plain(s) => (&*s).flush(),
+            Conn::Local(s) => (&*s).flush(),
             Conn::Tls(t) => t.flush(),
         }
     }
@@ -173,12 +223,38 @@ impl Write for Conn {
 
 impl AsFd for Conn {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.tcp().as_fd()
+        match self {
+            Conn::Plain(s) => s.as_fd(),
+            Conn::Tls(t) => t.tcp().as_fd(),
+            Conn::Local(s) => s.as_fd(),
+        }
     }
 }
 
 impl AsRawFd for Conn {
     fn as_raw_fd(&self) -> RawFd {
-        self.tcp().as_raw_fd()
+        self.as_fd().as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socketpair_carries_bytes_both_ways() {
+        let (mut a, mut b) = Conn::pair().unwrap();
+        a.set_nodelay(true).unwrap();
+        a.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        b.try_clone().unwrap().write_all(b"pong").unwrap();
+        a.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pong");
+        assert_eq!(a.peer(), "socketpair");
+        assert!(a.peer_ip().is_none() && a.peer_certificate().is_none());
+        a.shutdown(Shutdown::Both).unwrap();
+        assert_eq!(b.read(&mut got).unwrap(), 0);
     }
 }

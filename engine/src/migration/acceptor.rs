@@ -13,8 +13,14 @@
 //! closed, before any `Hello` is read. Only parsed `Hello`s, from
 //! authenticated peers when TLS is on, reach the caller, which decides
 //! whether they belong to the session it waits for.
+//!
+//! An in-process session (lazy restore) has no listener: its connections
+//! are the ends of socketpairs, handed in with [`Acceptor::given`] and
+//! handshaken one per call, as if accepted (no TLS: nothing leaves the
+//! process).
 
-use std::net::{TcpListener, TcpStream};
+use std::collections::VecDeque;
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -39,7 +45,7 @@ pub struct Acceptor {
 }
 
 struct Inner {
-    listener: TcpListener,
+    incoming: Incoming,
     done_tx: Mutex<Sender<(Link, Hello)>>,
     done_rx: Mutex<Receiver<(Link, Hello)>>,
     in_flight: Arc<AtomicUsize>,
@@ -58,17 +64,32 @@ impl Acceptor {
     ) -> Result<Self, ProtocolError> {
         let listener = listener.try_clone()?;
         listener.set_nonblocking(true)?;
+        Ok(Self::with(Incoming::Listener(listener), peer_timeout, tls))
+    }
+
+    /// Hands out `streams` (already connected, e.g. socketpair ends) as
+    /// if accepted, one per [`Acceptor::next_hello`] call that finds no
+    /// finished handshake.
+    pub fn given(streams: Vec<Conn>, peer_timeout: Duration) -> Self {
+        Self::with(
+            Incoming::Given(Mutex::new(streams.into())),
+            peer_timeout,
+            None,
+        )
+    }
+
+    fn with(incoming: Incoming, peer_timeout: Duration, tls: Option<ServerTls>) -> Self {
         let (tx, rx) = channel();
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
-                listener,
+                incoming,
                 done_tx: Mutex::new(tx),
                 done_rx: Mutex::new(rx),
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 peer_timeout,
                 tls,
             }),
-        })
+        }
     }
 
     /// The next connection that sent a valid `Hello`, waiting until
@@ -86,10 +107,10 @@ impl Acceptor {
             let accepted = if full {
                 Err(std::io::ErrorKind::WouldBlock.into())
             } else {
-                self.inner.listener.accept()
+                self.inner.incoming.accept()
             };
             match accepted {
-                Ok((conn, _)) => self.start(conn),
+                Ok(conn) => self.start(conn),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() > d) {
                         return Ok(None);
@@ -110,8 +131,8 @@ impl Acceptor {
     }
 
     /// Reads `conn`'s `Hello` on a thread of its own, if a slot is free.
-    fn start(&self, conn: TcpStream) {
-        let peer = conn.peer_addr().ok();
+    fn start(&self, conn: Conn) {
+        let peer = conn.peer();
         let in_flight = self.inner.in_flight.clone();
         in_flight.fetch_add(1, Ordering::AcqRel);
         let tx = self
@@ -132,38 +153,56 @@ impl Acceptor {
             });
         if spawned.is_err() {
             self.inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-            warn!(?peer, "refused a connection: no thread for its handshake");
+            warn!(%peer, "refused a connection: no thread for its handshake");
         }
     }
 }
 
-/// Runs the TLS handshake (with `tls`) and reads one `Hello`, all within
-/// [`HELLO_TIMEOUT`]. A failed TLS handshake is logged and closed; any
-/// other first frame is answered with `Abort` and logged.
-fn handshake(
-    conn: TcpStream,
-    peer_timeout: Duration,
-    tls: Option<&ServerTls>,
-) -> Option<(Link, Hello)> {
-    let peer = conn.peer_addr().ok();
+/// Where connections come from.
+enum Incoming {
+    /// A TCP listener (non-blocking).
+    Listener(TcpListener),
+    /// Connected streams not yet handed out.
+    Given(Mutex<VecDeque<Conn>>),
+}
+
+impl Incoming {
+    /// The next connection; `WouldBlock` when there is none now.
+    fn accept(&self) -> std::io::Result<Conn> {
+        match self {
+            Incoming::Listener(l) => l.accept().map(|(s, _)| Conn::Plain(s)),
+            Incoming::Given(q) => q
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+                .ok_or_else(|| std::io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+/// Runs the TLS handshake (with `tls`, on TCP) and reads one `Hello`, all
+/// within [`HELLO_TIMEOUT`]. A failed TLS handshake is logged and closed;
+/// any other first frame is answered with `Abort` and logged.
+fn handshake(conn: Conn, peer_timeout: Duration, tls: Option<&ServerTls>) -> Option<(Link, Hello)> {
+    let peer = conn.peer();
     let limit = HELLO_TIMEOUT.min(peer_timeout);
     let deadline = Instant::now() + limit;
-    let conn = match tls {
-        Some(tls) => match tls.accept(conn, deadline) {
+    let conn = match (tls, conn) {
+        (Some(tls), Conn::Plain(tcp)) => match tls.accept(tcp, deadline) {
             Ok(c) => {
-                debug!(?peer, "TLS peer authenticated");
+                debug!(%peer, "TLS peer authenticated");
                 c
             }
             Err(e) => {
-                warn!(?peer, "refused a connection before its Hello: {e}");
+                warn!(%peer, "refused a connection before its Hello: {e}");
                 return None;
             }
         },
-        None => {
+        (_, conn) => {
             if conn.set_nonblocking(false).is_err() {
                 return None;
             }
-            Conn::Plain(conn)
+            conn
         }
     };
     // What is left of the deadline is the Hello's.
@@ -173,7 +212,7 @@ fn handshake(
     let mut link = match Link::new(conn, left) {
         Ok(l) => l,
         Err(e) => {
-            warn!(?peer, "refused a connection: {e}");
+            warn!(%peer, "refused a connection: {e}");
             return None;
         }
     };
@@ -182,7 +221,7 @@ fn handshake(
         Ok(h) if link.set_peer_timeout(peer_timeout).is_ok() => Some((link, h)),
         Ok(_) => None,
         Err(e) => {
-            warn!(?peer, "refused a connection: {e}");
+            warn!(%peer, "refused a connection: {e}");
             let _ = link.send(MsgType::Abort, 0, e.to_string().as_bytes());
             None
         }

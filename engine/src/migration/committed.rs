@@ -23,12 +23,14 @@ use ferry_page_server::source::PageSource;
 use ferry_protocol::{from_json, Hello, MsgType, PageBitmap, ProtocolError, ResumeStatus};
 use tracing::{info, warn};
 
+use super::dial::Dial;
 use super::error::SourceError;
 use super::link::{is_link_failure, Link};
 use super::options::SourceOptions;
 use super::progress::Stage;
 use super::session::resume_session;
 use super::stats::Recovery;
+use crate::seccomp::{self, Thread};
 
 /// First wait between reconnection attempts; it doubles up to the cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
@@ -61,7 +63,7 @@ enum Step {
 
 /// A committed move on the source.
 pub(super) struct Committed<'a> {
-    pub(super) addr: &'a str,
+    pub(super) dial: &'a Dial,
     pub(super) hello: Hello,
     pub(super) opts: &'a SourceOptions,
     pub(super) cfg: ServerConfig,
@@ -73,7 +75,7 @@ pub(super) struct Committed<'a> {
 
 impl<'a> Committed<'a> {
     pub(super) fn new(
-        addr: &'a str,
+        dial: &'a Dial,
         hello: Hello,
         opts: &'a SourceOptions,
         cfg: ServerConfig,
@@ -81,7 +83,7 @@ impl<'a> Committed<'a> {
         lazy: bool,
     ) -> Self {
         Self {
-            addr,
+            dial,
             hello,
             opts,
             cfg,
@@ -128,19 +130,17 @@ impl<'a> Committed<'a> {
                         .phase("post-copy", self.pages.pages().saturating_sub(have_n));
                     let (control, control_buffered) = c.into_parts();
                     let (fault, fault_buffered) = f.into_parts();
-                    let served = server::serve_rest(
-                        control,
-                        fault,
-                        self.pages,
-                        &self.cfg,
-                        Resume {
-                            have: have.as_ref(),
-                            sent: self.opts.sent_counter(),
-                            sent_bytes: self.opts.bytes_counter(),
-                            control_buffered,
-                            fault_buffered,
-                        },
-                    );
+                    let resume = Resume {
+                        have: have.as_ref(),
+                        sent: self.opts.sent_counter(),
+                        sent_bytes: self.opts.bytes_counter(),
+                        control_buffered,
+                        fault_buffered,
+                    };
+                    // On a thread of its own, confined to what serving needs.
+                    let served = seccomp::run_confined(Thread::PageServer, "page-server", || {
+                        server::serve_rest(control, fault, self.pages, &self.cfg, resume)
+                    })?;
                     match served {
                         Ok((s, complete)) => {
                             return Ok(End::Complete {
@@ -198,7 +198,7 @@ impl<'a> Committed<'a> {
         let mut last_error = String::from("no attempt");
         while Instant::now() < deadline {
             match resume_session(
-                self.addr,
+                self.dial,
                 &self.hello,
                 self.cfg.peer_timeout,
                 self.opts.tls.as_ref(),

@@ -32,11 +32,13 @@ use std::time::{Duration, Instant};
 
 use ferry_protocol::{
     decode_state, features, Hello, HelloAck, MigrationMode, MsgType, PageBitmap, ProtocolError,
-    ResumeStatus, Resumed, Role, StateMeta, OPT_MODE, PROTOCOL_VERSION,
+    ResumeStatus, Resumed, Role, StateMeta, PROTOCOL_VERSION,
 };
+use ferry_transport::Conn;
 use tracing::{info, warn};
 
 use super::acceptor::{Acceptor, HELLO_TIMEOUT};
+use super::admission::check_hello;
 use super::error::{DestError, DRAIN_TIMEOUT};
 use super::fault::{FaultStats, FaultThread};
 use super::install::{install_push, receive_before_state, PushCounters};
@@ -45,9 +47,9 @@ use super::progress::{Progress, Stage};
 use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats, Recovery};
 use super::uffd_ram::UffdRam;
 use crate::console::now_us;
-use crate::layout::{valid_mem_size, PAGE_SIZE};
+use crate::layout::PAGE_SIZE;
 use crate::state;
-use crate::vm::{ConsoleOutput, PreparedVm, Vm, MAX_VCPUS};
+use crate::vm::{ConsoleOutput, PreparedVm, Vm};
 
 /// How often the installer looks up from a quiet control connection.
 const POLL: Duration = Duration::from_millis(50);
@@ -118,7 +120,20 @@ pub fn receive<'a>(
     console: ConsoleOutput,
     opts: &'a DestOptions,
 ) -> Result<Received<'a>, DestError> {
-    let acceptor = Acceptor::new(listener, opts.peer_timeout, opts.tls.clone())?;
+    receive_from(
+        Acceptor::new(listener, opts.peer_timeout, opts.tls.clone())?,
+        console,
+        opts,
+    )
+}
+
+/// Like [`receive`], from the connections `acceptor` hands out (a TCP
+/// listener's, or a lazy restore's socketpairs).
+pub fn receive_from<'a>(
+    acceptor: Acceptor,
+    console: ConsoleOutput,
+    opts: &'a DestOptions,
+) -> Result<Received<'a>, DestError> {
     let (mut ctl, hello) = accept_new(&acceptor, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
@@ -581,48 +596,12 @@ struct Timing {
     commit_wait_us: u64,
 }
 
-/// Physical RAM of this host, if the system says.
-fn host_memory() -> Option<u64> {
-    use nix::unistd::{sysconf, SysconfVar};
-    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok()??;
-    let size = sysconf(SysconfVar::PAGE_SIZE).ok()??;
-    u64::try_from(pages)
-        .ok()?
-        .checked_mul(u64::try_from(size).ok()?)
-}
-
 fn prepare(
     hello: &Hello,
     mode: MigrationMode,
     console: ConsoleOutput,
 ) -> Result<(PreparedVm, Option<Arc<UffdRam>>), DestError> {
-    if !valid_mem_size(hello.mem_size) || hello.page_size as usize != PAGE_SIZE {
-        return Err(DestError::Refused(format!(
-            "memory size {} with page size {}",
-            hello.mem_size, hello.page_size
-        )));
-    }
-    if let Some(host) = host_memory() {
-        if hello.mem_size > host {
-            return Err(DestError::Refused(format!(
-                "a {} MiB guest does not fit this host's {} MiB of RAM",
-                hello.mem_size >> 20,
-                host >> 20
-            )));
-        }
-    }
-    if hello.vcpus == 0 || hello.vcpus > MAX_VCPUS {
-        return Err(DestError::Refused(format!("{} vCPUs", hello.vcpus)));
-    }
-    if let Some((tag, _)) = hello
-        .options
-        .iter()
-        .find(|(t, _)| t & 0x8000 != 0 && *t != OPT_MODE)
-    {
-        return Err(DestError::Refused(format!(
-            "unknown critical Hello option {tag:#06x}"
-        )));
-    }
+    check_hello(hello)?;
     if !mode.lazy() {
         return Ok((PreparedVm::new(hello.mem_size, hello.vcpus, console)?, None));
     }
@@ -661,12 +640,12 @@ fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), 
             let _ = link.send(MsgType::Abort, 0, b"unexpected session");
             continue;
         }
-        let over = if link.stream.is_tls() {
-            "mutual TLS"
-        } else {
-            "plain TCP"
+        let over = match &link.stream {
+            Conn::Tls(_) => "mutual TLS",
+            Conn::Plain(_) => "plain TCP",
+            Conn::Local(_) => "a socketpair",
         };
-        info!(peer = ?link.stream.peer_addr().ok(), "incoming migration over {over}");
+        info!(peer = %link.stream.peer(), "incoming migration over {over}");
         return Ok((link, hello));
     }
 }

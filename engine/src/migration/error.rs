@@ -29,6 +29,9 @@ pub enum SourceError {
     /// Wire protocol.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// The page server's thread could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The VM.
     #[error(transparent)]
     Vm(#[from] VmError),
@@ -73,6 +76,9 @@ pub enum DestError {
     /// Wire protocol.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// A thread of the move could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The offered VM is unacceptable.
     #[error("refused the incoming VM: {0}")]
     Refused(String),

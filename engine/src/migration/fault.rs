@@ -53,6 +53,9 @@ pub enum FaultError {
     /// Reading the userfaultfd failed.
     #[error("reading userfaultfd: {0}")]
     Uffd(String),
+    /// The thread could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What the fault handler measured.
@@ -404,7 +407,10 @@ impl FaultThread {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("uffd-fault".into())
-                .spawn(move || run(ram, first, shared))
+                .spawn(move || {
+                    crate::seccomp::apply(crate::seccomp::Thread::Fault)?;
+                    run(ram, first, shared)
+                })
                 .map_err(FaultError::Spawn)?
         };
         Ok(Self {

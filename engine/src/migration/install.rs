@@ -124,6 +124,7 @@ pub(super) fn install_push(
         let installer = std::thread::Builder::new()
             .name("installer".into())
             .spawn_scoped(s, move || -> Result<(), DestError> {
+                crate::seccomp::apply(crate::seccomp::Thread::Installer)?;
                 for (pfn, pages) in work_rx {
                     ram.install(pfn, &pages)?;
                     // The receiver may be gone (it failed): drop the buffer.

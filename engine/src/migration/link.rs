@@ -24,7 +24,7 @@ use ferry_transport::Conn;
 /// A connection and the frames buffered from it.
 #[derive(Debug)]
 pub struct Link {
-    /// The connection (blocking; plain TCP or TLS), for reading.
+    /// The connection (blocking; TCP, TLS or a socketpair), for reading.
     pub stream: Conn,
     /// What has been read from it and not yet handed out.
     pub rx: FrameDecoder,

@@ -4,8 +4,10 @@
 //! `docs/protocol.md`).
 
 pub mod acceptor;
+pub mod admission;
 pub mod committed;
 pub mod dest;
+pub mod dial;
 pub mod error;
 pub mod fault;
 pub mod install;
@@ -20,7 +22,8 @@ pub mod source;
 pub mod stats;
 pub mod uffd_ram;
 
-pub use dest::{receive, DestOptions, Received};
+pub use dest::{receive, receive_from, DestOptions, Received};
+pub use dial::Dial;
 pub use error::{DestError, SourceError};
 pub use options::SourceOptions;
 pub use source::{finish_after_crash, migrate, migrate_machine, migrate_postcopy, Outcome};

@@ -1,7 +1,6 @@
 //! The source's side of a session: connecting both connections, the
 //! handshake, the switch-over message exchange and the final statistics.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use ferry_page_server::server::ServerConfig;
@@ -12,13 +11,11 @@ use ferry_protocol::{
 use ferry_transport::{ClientTls, Conn};
 use tracing::info;
 
+use super::dial::Dial;
 use super::error::SourceError;
 use super::link::Link;
 use super::stats::{MigrationStats, Recovery};
 use crate::state::MachineMeta;
-
-/// How long connecting to the destination may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Both connections of a session, past the handshake.
 pub(super) struct Session {
@@ -38,56 +35,64 @@ pub fn random_session_id() -> Result<u64, SourceError> {
     })
 }
 
-/// Connects to `addr`, then runs the TLS handshake when `tls` is given
-/// (checking the destination's certificate against the CA and the name).
-fn connect(addr: &str, tls: Option<&ClientTls>) -> Result<Conn, SourceError> {
-    let fail = |why: String| SourceError::Connect {
-        addr: addr.to_string(),
-        why,
-    };
-    let tcp = connect_tcp(addr)?;
-    let Some(tls) = tls else {
-        return Ok(Conn::Plain(tcp));
-    };
-    let name = tls.name_for(addr);
-    tls.connect(tcp, &name, std::time::Instant::now() + CONNECT_TIMEOUT)
-        .map_err(|e| fail(format!("{e} (destination name {name:?})")))
-}
-
-fn connect_tcp(addr: &str) -> Result<TcpStream, SourceError> {
-    let fail = |why: String| SourceError::Connect {
-        addr: addr.to_string(),
-        why,
-    };
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| fail(e.to_string()))?
-        .collect();
-    let mut last = "no addresses".to_string();
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-            Ok(s) => {
-                s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
-                return Ok(s);
-            }
-            Err(e) => last = e.to_string(),
+/// A new connection from `dial`, then the TLS handshake when `tls` is
+/// given (checking the destination's certificate against the CA and the
+/// name; an in-process socketpair needs none).
+fn connect(dial: &Dial, tls: Option<&ClientTls>) -> Result<Conn, SourceError> {
+    match (dial.connect()?, tls) {
+        (Conn::Plain(tcp), Some(tls)) => {
+            let addr = dial.addr();
+            let name = tls.name_for(&addr);
+            tls.connect(
+                tcp,
+                &name,
+                std::time::Instant::now() + super::dial::CONNECT_TIMEOUT,
+            )
+            .map_err(|e| SourceError::Connect {
+                addr,
+                why: format!("{e} (destination name {name:?})"),
+            })
         }
+        (conn, _) => Ok(conn),
     }
-    Err(fail(last))
 }
 
-/// Sends `hello` and reads the `HelloAck`; returns it with the status it
-/// carries (anything but `Accepted` only answers a resume).
-fn handshake(link: &mut Link, hello: &Hello) -> Result<(HelloAck, ResumeStatus), SourceError> {
+/// What a destination answered to a `Hello`.
+enum Answer {
+    /// `HelloAck`, with the status it carries.
+    Ack(HelloAck, ResumeStatus),
+    /// `Redirect`: a daemon sends the session to this port.
+    Redirect(u16),
+}
+
+/// Sends `hello` and reads the `HelloAck` (or, for a control connection, a
+/// daemon's `Redirect`); returns it with the status it carries (anything
+/// but `Accepted` only answers a resume).
+fn handshake(link: &mut Link, hello: &Hello) -> Result<Answer, SourceError> {
     link.send(MsgType::Hello, 0, &hello.encode())?;
-    let ack = HelloAck::decode(link.expect(MsgType::HelloAck, "HelloAck")?)?;
+    let f = link.recv()?;
+    if f.header.kind == MsgType::Redirect && hello.role == Role::Control {
+        let r = ferry_protocol::Redirect::decode(f.payload)?;
+        if r.session_id != hello.session_id {
+            return Err(ProtocolError::Handshake("Redirect for another session".into()).into());
+        }
+        return Ok(Answer::Redirect(r.port));
+    }
+    if f.header.kind != MsgType::HelloAck {
+        return Err(ProtocolError::Unexpected {
+            got: f.header.kind,
+            expected: "HelloAck",
+        }
+        .into());
+    }
+    let ack = HelloAck::decode(f.payload)?;
     let status = ResumeStatus::from_u32(ack.status);
     let resume = hello.features & features::RESUME != 0;
     match status {
         Some(s)
             if ack.session_id == hello.session_id && (resume || s == ResumeStatus::Accepted) =>
         {
-            Ok((ack, s))
+            Ok(Answer::Ack(ack, s))
         }
         _ => Err(
             ProtocolError::Handshake(format!("destination refused (status {})", ack.status)).into(),
@@ -95,10 +100,10 @@ fn handshake(link: &mut Link, hello: &Hello) -> Result<(HelloAck, ResumeStatus),
     }
 }
 
-/// Connects the control and then the fault connection to `addr` and does
+/// Connects the control and then the fault connection through `dial` and does
 /// the handshake on both, for a VM of shape `meta` moved in `mode`.
 pub(super) fn open_session(
-    addr: &str,
+    dial: &Dial,
     mode: MigrationMode,
     features: u64,
     meta: MachineMeta,
@@ -120,7 +125,7 @@ pub(super) fn open_session(
         page_size: PAGE_SIZE as u32,
         options: vec![(OPT_MODE, vec![mode as u8])],
     };
-    let (session, _) = connect_both(addr, hello, peer_timeout, tls)?;
+    let (session, _) = connect_both(dial, hello, peer_timeout, tls)?;
     info!(
         mode = mode.name(),
         tls = tls.is_some(),
@@ -134,7 +139,7 @@ pub(super) fn open_session(
 /// connections say `RESUME`, and the destination's answer says what it
 /// holds. `UnknownSession` comes back without a fault connection.
 pub(super) fn resume_session(
-    addr: &str,
+    dial: &Dial,
     first: &Hello,
     peer_timeout: Duration,
     tls: Option<&ClientTls>,
@@ -142,7 +147,7 @@ pub(super) fn resume_session(
     let mut hello = first.clone();
     hello.role = Role::Control;
     hello.features |= features::RESUME;
-    match connect_both(addr, hello, peer_timeout, tls) {
+    match connect_both(dial, hello, peer_timeout, tls) {
         Ok((s, status)) => Ok((Some(s), status)),
         Err(SourceError::Unknown) => Ok((None, ResumeStatus::UnknownSession)),
         Err(e) => Err(e),
@@ -150,18 +155,29 @@ pub(super) fn resume_session(
 }
 
 fn connect_both(
-    addr: &str,
+    dial: &Dial,
     mut hello: Hello,
     peer_timeout: Duration,
     tls: Option<&ClientTls>,
 ) -> Result<(Session, ResumeStatus), SourceError> {
-    let mut control = Link::new(connect(addr, tls)?, peer_timeout)?;
-    let (ack, status) = handshake(&mut control, &hello)?;
+    // A daemon redirects the control connection once, to the VM's own
+    // process; `dial` refuses a second redirect, so this ends.
+    let (control, ack, status) = loop {
+        let mut control = Link::new(connect(dial, tls)?, peer_timeout)?;
+        match handshake(&mut control, &hello)? {
+            Answer::Ack(ack, status) => break (control, ack, status),
+            Answer::Redirect(port) => {
+                let to = dial.redirect(port)?;
+                info!(%to, "the destination daemon sent this session to the VM's own process");
+            }
+        }
+    };
     if status == ResumeStatus::UnknownSession {
         return Err(SourceError::Unknown);
     }
-    let mut fault = Link::new(connect(addr, tls)?, peer_timeout)?;
+    let mut fault = Link::new(connect(dial, tls)?, peer_timeout)?;
     hello.role = Role::Fault;
+    // Only a control connection may be redirected (`handshake` refuses it).
     handshake(&mut fault, &hello)?;
     hello.role = Role::Control;
     Ok((

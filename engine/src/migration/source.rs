@@ -31,6 +31,7 @@ use ferry_protocol::{MigrationMode, MsgType, PageBitmap, RoundStats, StateMeta};
 use tracing::{error, info, warn};
 
 use super::committed::{Committed, End};
+use super::dial::Dial;
 use super::error::SourceError;
 use super::options::SourceOptions;
 use super::precopy::PageSender;
@@ -72,13 +73,14 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     let start_host_us = now_us();
     opts.stage(Stage::Precopy);
     let peer_timeout = opts.server.peer_timeout;
+    let dial = Dial::tcp(addr);
     let Session {
         mut control,
         fault,
         ack,
         hello,
     } = open_session(
-        addr,
+        &dial,
         opts.mode,
         opts.features,
         vm.meta(),
@@ -145,7 +147,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     // The commit point: once `Commit` is written, this copy never runs again.
     if let Some(path) = &opts.session_record {
         // Before Commit: a crash after it must find the record.
-        if let Err(e) = SessionRecord::of(addr, &hello, opts.mode).write(path) {
+        if let Err(e) = SessionRecord::of(&dial.addr(), &hello, opts.mode).write(path) {
             error!("cannot write the session record: {e}");
             if was_running {
                 vm.resume()?;
@@ -161,8 +163,8 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         }
     };
     info!("switch-over committed");
-    let record = SessionRecord::of(addr, &hello, opts.mode);
-    let mut committed = Committed::new(addr, hello, opts, cfg, &source, opts.mode.lazy());
+    let record = SessionRecord::of(&dial.addr(), &hello, opts.mode);
+    let mut committed = Committed::new(&dial, hello, opts, cfg, &source, opts.mode.lazy());
     let end = committed.run(Some((control, fault)), commit_sent, pre.have);
     let (complete, server_stats) = match end {
         Ok(End::Complete { complete, server }) => (complete, server),
@@ -242,7 +244,8 @@ fn send_machine_state(
 }
 
 /// Serves a VM that runs nowhere, given as its machine state and a source
-/// of its pages, to the destination at `addr` as a post-copy migration: the
+/// of its pages, to the destination `dial` reaches (TCP, or a lazy
+/// restore's socketpairs) as a post-copy migration: the
 /// same handshake and commit, then the page server until `Complete`.
 /// Returns the destination's statistics.
 ///
@@ -255,7 +258,7 @@ fn send_machine_state(
 pub fn migrate_machine(
     machine: &MachineState,
     pages: &dyn PageSource,
-    addr: &str,
+    dial: &Dial,
     opts: &SourceOptions,
     start_host_us: u64,
 ) -> Result<Outcome, SourceError> {
@@ -271,7 +274,7 @@ pub fn migrate_machine(
         ack,
         hello,
     } = open_session(
-        addr,
+        dial,
         mode,
         opts.features,
         machine.meta,
@@ -293,7 +296,7 @@ pub fn migrate_machine(
     };
     send_state(&mut control, &meta, &state::encode(machine))?;
     let commit_sent = control.send(MsgType::Commit, 0, &[]).is_ok();
-    let mut committed = Committed::new(addr, hello, opts, cfg, pages, true);
+    let mut committed = Committed::new(dial, hello, opts, cfg, pages, true);
     let (complete, server) = match committed.run(Some((control, fault)), commit_sent, have)? {
         End::Complete { complete, server } => (complete, server),
         End::Unknown { .. } => return Err(SourceError::Unknown),
@@ -356,8 +359,9 @@ pub fn finish_after_crash(
         )));
     }
     let t0 = Instant::now();
+    let dial = Dial::tcp(&record.addr);
     let mut committed = Committed::new(
-        &record.addr,
+        &dial,
         record.hello(),
         opts,
         opts.server.clone(),

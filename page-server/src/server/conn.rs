@@ -18,9 +18,9 @@ pub(super) enum Fill {
 /// One connection: its socket, input and output buffers.
 pub(super) struct Conn {
     pub(super) name: &'static str,
-    /// Plain TCP or TLS, non-blocking; registered with the event loop by
-    /// its descriptor. Under TLS every byte of `out` is encrypted on its
-    /// way (no zero-copy path exists that could bypass it).
+    /// Plain TCP, TLS or a socketpair, non-blocking; registered with the
+    /// event loop by its descriptor. Under TLS every byte of `out` is
+    /// encrypted on its way (no zero-copy path exists that could bypass it).
     pub(super) stream: Stream,
     pub(super) input: FrameDecoder,
     pub(super) out: Vec<u8>,
@@ -47,8 +47,8 @@ impl Conn {
         stream
             .set_nonblocking(true)
             .map_err(setup("setting non-blocking mode"))?;
-        if let Some(size) = sndbuf {
-            set_sndbuf(stream.tcp(), size).map_err(setup("setting SO_SNDBUF"))?;
+        if let (Some(size), Some(tcp)) = (sndbuf, stream.tcp()) {
+            set_sndbuf(tcp, size).map_err(setup("setting SO_SNDBUF"))?;
         }
         Ok(Self {
             name,
@@ -163,7 +163,7 @@ impl Conn {
     }
 }
 
-pub(super) fn set_sndbuf(stream: &std::net::TcpStream, size: usize) -> io::Result<()> {
+pub(super) fn set_sndbuf(stream: &impl std::os::fd::AsFd, size: usize) -> io::Result<()> {
     let size = usize::try_from(i32::MAX).map_or(size, |max| size.min(max));
     setsockopt(stream, sockopt::SndBuf, &size).map_err(io::Error::from)
 }

@@ -25,10 +25,10 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use std::os::fd::AsRawFd;
 
 use ferry_transport::Conn as Stream;
+use hdrhistogram::Histogram;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
@@ -188,9 +188,10 @@ pub enum ServerError {
 /// Serves post-copy pages until the destination says `Complete`, returning
 /// the final statistics and the `Complete` frame's JSON payload.
 ///
-/// `control` and `fault` are the session's two connections (plain TCP or
-/// TLS), past the handshake (and, on `control`, the `State`). They are
-/// switched to non-blocking mode with `TCP_NODELAY` and closed on return.
+/// `control` and `fault` are the session's two connections (plain TCP,
+/// TLS, or the ends of socketpairs), past the handshake (and, on `control`,
+/// the `State`). They are switched to non-blocking mode with `TCP_NODELAY`
+/// (on TCP) and closed on return.
 pub fn serve(
     control: impl Into<Stream>,
     fault: impl Into<Stream>,

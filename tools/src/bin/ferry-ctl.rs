@@ -106,6 +106,12 @@ enum Cmd {
         #[arg(long)]
         template_dir: Option<PathBuf>,
     },
+    /// List the VM processes of a `ferry-dest --daemon` (JSON: vm, pid,
+    /// port, api socket, files, shape, start time); no VM needed.
+    Vms {
+        /// The daemon's --run-dir.
+        run_dir: PathBuf,
+    },
     /// What the workload guest saw across a move, from the two serial logs
     /// (no VM needed): the longest TICK gap, BAD lines, and the guest work
     /// lost until it is back at 90% of its rate (JSON).
@@ -177,6 +183,13 @@ fn main() -> ExitCode {
             };
             let dir = templates::resolve_dir(template_dir.as_deref());
             return print_result(templates::create(sock, &dir, &name));
+        }
+        Cmd::Vms { run_dir } => {
+            return print_result(
+                ferry_tools::daemon::list(&run_dir)
+                    .map(serde_json::Value::from)
+                    .map_err(|e| format!("{}: {e}", run_dir.display())),
+            );
         }
         Cmd::Templates { template_dir } => {
             let dir = templates::resolve_dir(template_dir.as_deref());

@@ -11,7 +11,7 @@ use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::hooks::{HookArgs, Shape};
 use ferry_tools::{
-    archive, console_output, init_tracing, monitor, templates, LinkArgs, TlsArgs, VmIoArgs,
+    archive, console_output, daemon, init_tracing, monitor, templates, LinkArgs, TlsArgs, VmIoArgs,
 };
 use tracing::{error, info, warn};
 
@@ -47,6 +47,25 @@ struct Args {
     /// Repeatable; without it any certificate signed by --tls-ca may.
     #[arg(long = "tls-allow", value_name = "NAME", requires = "tls_cert")]
     tls_allow: Vec<String>,
+    /// With --listen: take one migration after another, each VM in a
+    /// `ferry-dest` process of its own (started with this binary's link,
+    /// hook and seccomp flags), listed in --run-dir with its API socket.
+    /// Sources are sent to their VM's process with a `Redirect`.
+    #[arg(long, requires_all = ["listen", "run_dir"], conflicts_with_all = ["api", "serial", "stats_json"])]
+    daemon: bool,
+    /// With --daemon: the directory (created mode 0700) where each VM
+    /// process has its API socket `vm-ID.sock` (mode 0600), its record
+    /// `vm-ID.json` (pid, port, files) while it runs, its console
+    /// `vm-ID.serial`, its log `vm-ID.log` and its statistics.
+    #[arg(long, requires = "daemon")]
+    run_dir: Option<PathBuf>,
+    /// With --daemon: VM processes at most; later sessions are refused.
+    #[arg(long, requires = "daemon", default_value_t = 16)]
+    max_vms: usize,
+    /// With --listen: give up when no migration has begun within this
+    /// long (default: wait for ever; a --daemon's VM processes wait 30s).
+    #[arg(long, requires = "listen", value_parser = ferry_tools::parse_duration)]
+    accept_timeout: Option<std::time::Duration>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long, group = "snapshot_file")]
@@ -104,6 +123,7 @@ fn parse_replay(s: &str) -> Result<snapshot::Replay, String> {
 fn main() -> ExitCode {
     init_tracing();
     let args = Args::parse();
+    args.io.apply_seccomp();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -128,7 +148,6 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
-    let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     // The listener outlives the move: a stranded move can be recovered on
     // it later (`ferry-ctl recover`).
     let tls = match args.tls.files() {
@@ -143,6 +162,16 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .as_deref()
         .map(|a| listen(a, args.insecure, tls.as_ref()))
         .transpose()?;
+    if let (Some(listener), Some(p)) = (&listener, &args.listen_addr_file) {
+        let bound = listener.local_addr()?;
+        ferry_engine::os::write_atomically(p, bound.to_string().as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    if let (Some(listener), true) = (&listener, args.daemon) {
+        daemon::run(listener, &daemon_config(&args, tls.clone())?)?;
+        return Ok(());
+    }
+    let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     let progress = std::sync::Arc::new(Progress::default());
     let disks = args.io.disks()?;
     let opts = migration::DestOptions {
@@ -150,8 +179,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         peer_timeout: args.link.peer_timeout,
         recovery_window: args.link.recovery_window,
         progress: Some(progress.clone()),
-        tls,
-        ..Default::default()
+        tls: tls.clone(),
+        accept_timeout: args.accept_timeout,
+        expect_session: expected_session()?,
     };
     let mut ctx = ServeContext {
         guest: Some(&guest),
@@ -172,11 +202,6 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .map(|u| u.snapshot())
         .or(args.restore.clone());
     let mut vm = if let Some(listener) = &listener {
-        if let Some(p) = &args.listen_addr_file {
-            let bound = listener.local_addr()?;
-            ferry_engine::os::write_atomically(p, bound.to_string().as_bytes())
-                .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
-        }
         ctx.migration = Some(progress.clone());
         let watch = hooks.watch_resumed(progress.clone());
         let received = controller::answer_while(api_rx.as_ref(), ctx.guest, &progress, || {
@@ -274,6 +299,76 @@ fn check_clone_disks(template: &std::path::Path, given: usize) -> Result<(), Str
          own copy with --disk PATH, or clones would share one file",
         writable.len()
     ))
+}
+
+/// The session a `--daemon` started this process for, from its
+/// environment (never the command line, which any local user can read).
+fn expected_session() -> Result<Option<u64>, String> {
+    match std::env::var(daemon::EXPECT_SESSION_ENV) {
+        Ok(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{} is not a session id: {v:?}", daemon::EXPECT_SESSION_ENV)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// What a `--daemon` gives each VM process: this binary, and the flags of
+/// this process that a VM process shares (the TLS flags belong here too).
+fn daemon_config(
+    args: &Args,
+    tls: Option<ferry_transport::ServerTls>,
+) -> Result<daemon::DaemonConfig, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+    let mut fwd: Vec<std::ffi::OsString> = vec![
+        "--peer-timeout".into(),
+        ms(args.link.peer_timeout).into(),
+        "--recovery-window".into(),
+        ms(args.link.recovery_window).into(),
+    ];
+    if args.insecure {
+        fwd.push("--insecure".into());
+    }
+    if args.io.no_seccomp {
+        fwd.push("--no-seccomp".into());
+    }
+    if let Some(files) = args.tls.files() {
+        fwd.extend([
+            "--tls-cert".into(),
+            files.cert.into(),
+            "--tls-key".into(),
+            files.key.into(),
+            "--tls-ca".into(),
+            files.ca.into(),
+        ]);
+        for name in &args.tls_allow {
+            fwd.extend(["--tls-allow".into(), name.into()]);
+        }
+    }
+    if let Some(d) = args.io.run_for {
+        fwd.extend(["--run-for".into(), ms(d).into()]);
+    }
+    for (flag, value) in [
+        ("--on-resumed", &args.hook.on_resumed),
+        ("--on-complete", &args.hook.on_complete),
+    ] {
+        if let Some(v) = value {
+            fwd.extend([flag.into(), v.into()]);
+        }
+    }
+    fwd.extend(["--hook-timeout".into(), ms(args.hook.hook_timeout).into()]);
+    Ok(daemon::DaemonConfig {
+        run_dir: args.run_dir.clone().ok_or("--daemon needs --run-dir")?,
+        max_vms: args.max_vms,
+        peer_timeout: args.link.peer_timeout,
+        tls,
+        exe,
+        forwarded: fwd,
+        accept_timeout: args
+            .accept_timeout
+            .unwrap_or(std::time::Duration::from_secs(30)),
+    })
 }
 
 /// Binds the migration listener: any address with TLS; without it,

@@ -88,6 +88,7 @@ struct Args {
 fn main() -> ExitCode {
     init_tracing();
     let args = Args::parse();
+    args.io.apply_seccomp();
     match run(args) {
         Ok(code) => code,
         Err(e) => {
