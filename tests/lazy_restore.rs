@@ -174,8 +174,8 @@ fn one_snapshot_restores_into_two_independent_clones() {
 /// faults, and records the pages it faulted on, in order, beside the
 /// snapshot; the next restore (`--replay auto`, the default) loads those
 /// pages before its vCPUs run. All continue with no BAD, and the replayed
-/// restore's guest faults on at most a tenth as many pages as the plain
-/// one's.
+/// restore's guest faults on at most a twentieth as many pages as the list
+/// names.
 #[test]
 fn a_second_lazy_restore_replays_the_first_ones_working_set() {
     let dir = Scratch::new("replay");
@@ -241,11 +241,14 @@ fn a_second_lazy_restore_replays_the_first_ones_working_set() {
         "demand faults: plain {}, recording {}, replayed {}",
         demand[0], demand[1], demand[2]
     );
+    // The list is the working set: the replayed guest finds almost all of
+    // it loaded (how that compares with a plain restore, whose faults vary
+    // with how fast the push outruns the guest, is `ferry-bench --restore`'s).
+    let listed = u32::from_le_bytes(std::fs::read(&replay).unwrap()[12..16].try_into().unwrap());
     assert!(
-        demand[2] * 10 <= demand[0],
-        "the replayed restore faulted on {} pages, the plain one on {}",
-        demand[2],
-        demand[0]
+        demand[2] * 20 <= u64::from(listed),
+        "the replayed restore faulted on {} pages; the list has {listed}",
+        demand[2]
     );
 }
 
