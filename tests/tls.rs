@@ -53,22 +53,55 @@ fn tls_dest(dir: &Scratch, certs: &Path, extra: &[&str]) -> (Proc, String) {
     spawn_dest(dir, "dst", &strs(&args))
 }
 
+/// Starts `ferry-source` running `guest` in `mem` (console, API socket and
+/// stderr `src.*` in `dir`, `extra` arguments), waits until its guest
+/// ticks, then moves it to `to` through the API (`ferry-ctl migrate` with
+/// the source's certificate and `ctl_extra`), on a thread that returns
+/// ferry-ctl's output. The source exits once the move completes.
+fn start_move(
+    dir: &Scratch,
+    certs: &Path,
+    to: &str,
+    (mem, guest): (&str, &str),
+    (extra, ctl_extra): (&[&str], &[&str]),
+) -> (Proc, std::thread::JoinHandle<std::process::Output>) {
+    let mut args = vec!["--mem", mem, "--guest-args", guest];
+    args.extend(extra);
+    let src = spawn(
+        "ferry-source",
+        &strs(&console_args(dir, "src", &args)),
+        &dir.path("src.err"),
+    );
+    wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
+    let mut cmd = std::process::Command::new(bin("ferry-ctl"));
+    cmd.arg("--api")
+        .arg(dir.path("src.sock"))
+        .args(["migrate", to])
+        .args(tls_args(certs, "source"))
+        // The certificate names `dest`; the tap and the listener are loopback.
+        .args(["--tls-server-name", "dest"])
+        .args(ctl_extra);
+    (src, std::thread::spawn(move || cmd.output().unwrap()))
+}
+
 /// Moves a `mem` guest running `guest` from a TLS `ferry-source` to the
-/// destination at `to` (`mode`, `extra` source arguments) and checks the
-/// guest continues there with no BAD; returns the destination's stats.
+/// destination at `to` (`ctl_extra`: more `ferry-ctl migrate` arguments)
+/// and checks the guest continues there with no BAD; returns the
+/// destination's stats.
 fn move_guest(
     dir: &Scratch,
     certs: &Path,
     to: &str,
     (mem, guest): (&str, &str),
-    extra: &[&str],
+    ctl_extra: &[&str],
 ) -> serde_json::Value {
-    let mut args = source_args(dir, mem, 1, guest, to, "1s");
-    args.extend(tls_args(certs, "source"));
-    // The certificate names `dest`; the tap and the listener are loopback.
-    args.extend(["--tls-server-name".into(), "dest".into()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    let (mut src, ctl) = start_move(dir, certs, to, (mem, guest), (&[], ctl_extra));
+    let out = ctl.join().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         wait_exit(&mut src, WAIT, "the source to finish"),
         "source failed: {}",
@@ -266,34 +299,18 @@ fn a_cut_link_recovers_under_tls() {
         &["--peer-timeout", "2s", "--recovery-window", "30s"],
     );
     let tap = Tap::start(&addr, false);
-    let mut args = source_args(
-        &dir,
-        "1G",
-        1,
-        "ws=512M pattern=random write=80 report_ms=20",
-        &tap.addr,
-        "2s",
-    );
-    args.extend(tls_args(&certs, "source"));
     let src_sock = dir.path("src.sock");
-    args.extend(
-        [
-            "--tls-server-name",
-            "dest",
-            "--api",
-            src_sock.to_str().unwrap(),
-            "--peer-timeout",
-            "2s",
-            "--recovery-window",
-            "30s",
+    let (mut src, ctl) = start_move(
+        &dir,
+        &certs,
+        &tap.addr,
+        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
+        (
+            &["--peer-timeout", "2s", "--recovery-window", "30s"],
             // A slow push, so the cut falls inside post-copy.
-            "--max-bandwidth",
-            "40M",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+            &["--max-bandwidth", "40M"],
+        ),
     );
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     wait_status(&src_sock, "post-copy to start", |v| {
         v["migration"]["stage"] == "postcopy"
     });
@@ -304,6 +321,12 @@ fn a_cut_link_recovers_under_tls() {
         wait_exit(&mut src, WAIT, "the source to finish"),
         "source failed: {}",
         std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let out = ctl.join().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let stats = wait_stats(&dir.path("dst.json"), WAIT);
     assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
@@ -348,35 +371,24 @@ fn another_certificate_cannot_take_over_a_session() {
         "/dev/shm/ferry-tls-binding-{}.mem",
         std::process::id()
     ));
-    let mut args = source_args(
-        &dir,
-        "1G",
-        1,
-        "ws=512M pattern=random write=80 report_ms=20",
-        &tap.addr,
-        "2s",
-    );
-    args.extend(tls_args(&certs, "source"));
     let src_sock = dir.path("src.sock");
-    args.extend(
-        [
-            "--tls-server-name",
-            "dest",
-            "--api",
-            src_sock.to_str().unwrap(),
-            "--mem-file",
-            mem_file.to_str().unwrap(),
-            "--peer-timeout",
-            "2s",
-            "--recovery-window",
-            "30s",
-            "--max-bandwidth",
-            "40M",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+    let (mut src, ctl) = start_move(
+        &dir,
+        &certs,
+        &tap.addr,
+        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
+        (
+            &[
+                "--mem-file",
+                mem_file.to_str().unwrap(),
+                "--peer-timeout",
+                "2s",
+                "--recovery-window",
+                "30s",
+            ],
+            &["--max-bandwidth", "40M"],
+        ),
     );
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     wait_status(&src_sock, "post-copy to start", |v| {
         v["migration"]["stage"] == "postcopy"
     });
@@ -427,6 +439,12 @@ fn another_certificate_cannot_take_over_a_session() {
         wait_exit(&mut src, WAIT, "the source to finish"),
         "source failed: {}",
         std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let out = ctl.join().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let stats = wait_stats(&dir.path("dst.json"), WAIT);
     assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
