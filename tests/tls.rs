@@ -99,8 +99,10 @@ fn move_guest(
     let out = ctl.join().unwrap();
     assert!(
         out.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "migrate: {}\nsource: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default(),
+        std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
     );
     assert!(
         wait_exit(&mut src, WAIT, "the source to finish"),
