@@ -53,22 +53,57 @@ fn tls_dest(dir: &Scratch, certs: &Path, extra: &[&str]) -> (Proc, String) {
     spawn_dest(dir, "dst", &strs(&args))
 }
 
+/// Starts `ferry-source` running `guest` in `mem` (console, API socket and
+/// stderr `src.*` in `dir`, `extra` arguments), waits until its guest
+/// ticks, then moves it to `to` through the API (`ferry-ctl migrate` with
+/// the source's certificate and `ctl_extra`), on a thread that returns
+/// ferry-ctl's output. The source exits once the move completes.
+fn start_move(
+    dir: &Scratch,
+    certs: &Path,
+    to: &str,
+    (mem, guest): (&str, &str),
+    (extra, ctl_extra): (&[&str], &[&str]),
+) -> (Proc, std::thread::JoinHandle<std::process::Output>) {
+    let mut args = vec!["--mem", mem, "--guest-args", guest];
+    args.extend(extra);
+    let src = spawn(
+        "ferry-source",
+        &strs(&console_args(dir, "src", &args)),
+        &dir.path("src.err"),
+    );
+    wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
+    let mut cmd = std::process::Command::new(bin("ferry-ctl"));
+    cmd.arg("--api")
+        .arg(dir.path("src.sock"))
+        .args(["migrate", to])
+        .args(tls_args(certs, "source"))
+        // The certificate names `dest`; the tap and the listener are loopback.
+        .args(["--tls-server-name", "dest"])
+        .args(ctl_extra);
+    (src, std::thread::spawn(move || cmd.output().unwrap()))
+}
+
 /// Moves a `mem` guest running `guest` from a TLS `ferry-source` to the
-/// destination at `to` (`mode`, `extra` source arguments) and checks the
-/// guest continues there with no BAD; returns the destination's stats.
+/// destination at `to` (`ctl_extra`: more `ferry-ctl migrate` arguments)
+/// and checks the guest continues there with no BAD; returns the
+/// destination's stats.
 fn move_guest(
     dir: &Scratch,
     certs: &Path,
     to: &str,
     (mem, guest): (&str, &str),
-    extra: &[&str],
+    ctl_extra: &[&str],
 ) -> serde_json::Value {
-    let mut args = source_args(dir, mem, 1, guest, to, "1s");
-    args.extend(tls_args(certs, "source"));
-    // The certificate names `dest`; the tap and the listener are loopback.
-    args.extend(["--tls-server-name".into(), "dest".into()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    let (mut src, ctl) = start_move(dir, certs, to, (mem, guest), (&[], ctl_extra));
+    let out = ctl.join().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}\nsource: {}\ndestination: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default(),
+        std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
+    );
     assert!(
         wait_exit(&mut src, WAIT, "the source to finish"),
         "source failed: {}",
@@ -266,34 +301,18 @@ fn a_cut_link_recovers_under_tls() {
         &["--peer-timeout", "2s", "--recovery-window", "30s"],
     );
     let tap = Tap::start(&addr, false);
-    let mut args = source_args(
-        &dir,
-        "1G",
-        1,
-        "ws=512M pattern=random write=80 report_ms=20",
-        &tap.addr,
-        "2s",
-    );
-    args.extend(tls_args(&certs, "source"));
     let src_sock = dir.path("src.sock");
-    args.extend(
-        [
-            "--tls-server-name",
-            "dest",
-            "--api",
-            src_sock.to_str().unwrap(),
-            "--peer-timeout",
-            "2s",
-            "--recovery-window",
-            "30s",
+    let (mut src, ctl) = start_move(
+        &dir,
+        &certs,
+        &tap.addr,
+        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
+        (
+            &["--peer-timeout", "2s", "--recovery-window", "30s"],
             // A slow push, so the cut falls inside post-copy.
-            "--max-bandwidth",
-            "100M",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+            &["--max-bandwidth", "40M"],
+        ),
     );
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     wait_status(&src_sock, "post-copy to start", |v| {
         v["migration"]["stage"] == "postcopy"
     });
@@ -305,6 +324,12 @@ fn a_cut_link_recovers_under_tls() {
         "source failed: {}",
         std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
     );
+    let out = ctl.join().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stats = wait_stats(&dir.path("dst.json"), WAIT);
     assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
     // Both connections were opened again, each with a new handshake.
@@ -314,6 +339,130 @@ fn a_cut_link_recovers_under_tls() {
     let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
     assert!(err.contains("source reconnected"), "{err}");
     quit(&dir, &mut dst);
+}
+
+/// A peer with a valid, allowed certificate that is not the session's
+/// names the session (its id read from the source's session record) while
+/// post-copy runs, as a resumed control connection and as a fault
+/// connection; then the link is cut. Both are refused as coming from
+/// another certificate, and the real source's reconnection finishes the
+/// move.
+#[test]
+fn another_certificate_cannot_take_over_a_session() {
+    use ferry_engine::migration::record::SessionRecord;
+    use ferry_protocol::HelloAck;
+    let dir = Scratch::new("tls-binding");
+    let certs = dir.path("certs");
+    gen_certs(&certs, &[]);
+    // `dest` is allowed too, so the stranger (with dest.pem) gets past the
+    // handshake: only the session binding can stop it.
+    let (mut dst, addr) = tls_dest(
+        &dir,
+        &certs,
+        &[
+            "--tls-allow",
+            "dest",
+            "--peer-timeout",
+            "2s",
+            "--recovery-window",
+            "30s",
+        ],
+    );
+    let tap = Tap::start(&addr, false);
+    let mem_file = std::path::PathBuf::from(format!(
+        "/dev/shm/ferry-tls-binding-{}.mem",
+        std::process::id()
+    ));
+    let src_sock = dir.path("src.sock");
+    let (mut src, ctl) = start_move(
+        &dir,
+        &certs,
+        &tap.addr,
+        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
+        (
+            &[
+                "--mem-file",
+                mem_file.to_str().unwrap(),
+                "--peer-timeout",
+                "2s",
+                "--recovery-window",
+                "30s",
+            ],
+            &["--max-bandwidth", "40M"],
+        ),
+    );
+    wait_status(&src_sock, "post-copy to start", |v| {
+        v["migration"]["stage"] == "postcopy"
+    });
+    let record = SessionRecord::read(&SessionRecord::path_for(&mem_file)).unwrap();
+    let stranger = ClientTls::load(
+        &TlsFiles {
+            cert: certs.join("dest.pem"),
+            key: certs.join("dest.key"),
+            ca: certs.join("ca.pem"),
+        },
+        None,
+    )
+    .unwrap();
+    // The listener takes connections only while the session looks for
+    // some (here: after the cut), so the strangers wait in its backlog,
+    // ahead of the source's reconnection.
+    let strangers: Vec<_> = [Role::Control, Role::Fault]
+        .into_iter()
+        .map(|role| {
+            let stranger = stranger.clone();
+            let tcp = std::net::TcpStream::connect(&addr).unwrap();
+            let session_id = record.session_id;
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let c = stranger.connect(tcp, "dest", deadline).unwrap();
+                let hello = Hello {
+                    version: PROTOCOL_VERSION,
+                    role,
+                    session_id,
+                    features: features::RESUME | features::LZ4,
+                    mem_size: 1 << 30,
+                    vcpus: 1,
+                    page_size: 4096,
+                    options: Vec::new(),
+                };
+                write_frame(&mut &c, MsgType::Hello, 0, &hello.encode()).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut buf = Vec::new();
+                let h = read_frame(&mut &c, &mut buf).unwrap();
+                assert_eq!(h.kind, MsgType::HelloAck);
+                HelloAck::decode(&buf).unwrap().status
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    tap.cut();
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "source failed: {}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let out = ctl.join().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
+    let after = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    // The strangers were told the session is not theirs (1:
+    // UnknownSession), and it went on without them.
+    for t in strangers {
+        assert_eq!(t.join().unwrap(), 1, "a stranger was not refused");
+    }
+    let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert!(err.contains("from another certificate"), "{err}");
+    assert!(err.contains("source reconnected"), "{err}");
+    quit(&dir, &mut dst);
+    let _ = std::fs::remove_file(&mem_file);
+    let _ = std::fs::remove_file(SessionRecord::path_for(&mem_file));
 }
 
 /// splitmix64's finaliser, as the workload guest computes it.

@@ -712,8 +712,16 @@ fn accept_resume(
         let Some((ctl, hello)) = acceptor.next_hello(Some(deadline))? else {
             return Err(DestError::RecoveryTimeout(window));
         };
-        let ours =
-            hello.session_id == session && hello.features & features::RESUME != 0 && peer.is(&ctl);
+        let named = hello.session_id == session && hello.features & features::RESUME != 0;
+        let ours = named && peer.is(&ctl);
+        if named && !ours {
+            warn!(
+                session,
+                "refused a resume of this session from another certificate"
+            );
+            let _ = ack(&ctl, &hello, 0, ResumeStatus::UnknownSession);
+            continue;
+        }
         if !ours || hello.role != Role::Control {
             warn!(
                 session = hello.session_id,
