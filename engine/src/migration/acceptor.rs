@@ -103,7 +103,8 @@ impl Acceptor {
             if let Ok(done) = rx.try_recv() {
                 return Ok(Some(done));
             }
-            let full = self.inner.in_flight.load(Ordering::Acquire) >= MAX_HANDSHAKES;
+            let full =
+                self.inner.in_flight.load(Ordering::Acquire) >= self.inner.incoming.max_in_flight();
             let accepted = if full {
                 Err(std::io::ErrorKind::WouldBlock.into())
             } else {
@@ -167,6 +168,17 @@ enum Incoming {
 }
 
 impl Incoming {
+    /// Handshakes that may run at once. Given streams are taken one at a
+    /// time, when the caller asks for the next `Hello`: the next one (the
+    /// fault connection) sends its `Hello` only after the previous one was
+    /// answered, so its handshake deadline must not start earlier.
+    fn max_in_flight(&self) -> usize {
+        match self {
+            Incoming::Listener(_) => MAX_HANDSHAKES,
+            Incoming::Given(_) => 1,
+        }
+    }
+
     /// The next connection; `WouldBlock` when there is none now.
     fn accept(&self) -> std::io::Result<Conn> {
         match self {
