@@ -21,7 +21,7 @@ use common::*;
 use ferry_guest::{parse_line, GuestLine};
 use ferry_tools::netns::{Net, Side};
 
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(60);
 const PORT: u16 = 7777;
 const TAP: &str = "ftap0";
 const MAC: &str = "52:54:00:4e:45:01";
@@ -278,4 +278,84 @@ fn guest_exchanges_datagrams_through_a_tap_on_a_bridge() {
     let status = ctl(&dir.path("src.sock"), &["status"]);
     println!("{}", status["devices"]);
     ctl(&dir.path("src.sock"), &["quit"]);
+}
+
+/// A post-copy move from the source's namespace to the destination's: the
+/// echo peer stays on the source's side, the guest's stream continues on
+/// the destination's tap, and the destination's announce crosses its
+/// bridge. Frames lost are reported next to what the downtime and the
+/// announce explain.
+#[test]
+fn echo_stream_continues_across_a_postcopy_move_and_the_destination_announces() {
+    let s = 212;
+    let net = Arc::new(two_bridged_hosts("fnet2", s));
+    let dir = Scratch::new("net-move");
+    let echo = Echo::start(&net, Side::Source, format!("10.77.{s}.1"));
+    let capture = Capture::start(&net, Side::Dest, MAC_BYTES);
+    let dst_err = dir.path("dst.err");
+    let mut dst = spawn_on(
+        &net,
+        Side::Dest,
+        "ferry-dest",
+        &strs(&dest_args(&dir, &net.dest_ip().to_string())),
+        &dst_err,
+    );
+    let to = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dst_err);
+    let guest = guest_args(s);
+    let net_arg = format!("tap={TAP},mac={MAC}");
+    let mut args = source_args(&dir, "64M", 1, &guest, &to, "3s");
+    args.extend(["--net".to_string(), net_arg]);
+    let mut src = spawn_on(&net, Side::Source, "ferry-source", &strs(&args), &dir.path("src.err"));
+    assert!(
+        wait_exit(&mut src, WAIT, "the source"),
+        "source failed: {}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    let src_log = dir.path("src.log");
+    let dst_log = dir.path("dst.log");
+    let before = net_lines(&read_console(&src_log));
+    let last_before = *before.last().expect("NET lines before the move");
+    assert!(last_before.2 > 0, "no echo before the move: {last_before:?}");
+    // The stream goes on: 2 s more of echoes on the destination.
+    let after = wait_echoed(&dst_log, last_before.2 + 200);
+    // Every announce round has gone out by now (0.8 s after the resume).
+    let status = ctl(&dir.path("dst.sock"), &["status"]);
+    let dev = &status["devices"][0];
+    println!("destination's card: {dev}");
+    let (rarp, garp) = wait_for(WAIT, "the announce on the destination's bridge", || {
+        let seen = capture.seen();
+        (seen.0 >= 5 && seen.1 >= 5).then_some(seen)
+    });
+    assert_no_bad(&src_log);
+    assert_no_bad(&dst_log);
+    assert_eq!(dev["announce_rounds"], 5, "{dev}");
+    assert_eq!(dev["kind"], "net");
+    let e = echo.stats();
+    let down_us = stats["downtime_us"].as_u64().unwrap_or(0);
+    // The guest sends every 10 ms: what the downtime alone explains.
+    let explained = down_us / 10_000 + 1;
+    println!(
+        "move: downtime {} ms; guest lost {} datagrams ({} sent, {} echoed); peer saw {} \
+         gaps (longest {}); downtime explains {} at 100/s; announce: {rarp} RARP, {garp} \
+         gratuitous ARP on the destination's bridge",
+        down_us / 1000,
+        after.3,
+        after.1,
+        after.2,
+        e.gaps,
+        e.longest_gap,
+        explained
+    );
+    // Post-copy: the guest runs (and sends) on the destination as soon as
+    // the switch-over commits; the bridge learns its MAC from its first
+    // frame or the first RARP, so what is lost is what falls in the
+    // downtime plus the frames in flight, with a second of slack.
+    assert!(
+        after.3 <= explained + 100,
+        "lost {} datagrams, downtime explains {explained}",
+        after.3
+    );
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    let _ = dst.0.wait();
 }
