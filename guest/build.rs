@@ -15,6 +15,7 @@ const C_SOURCES: &[&str] = &[
     "src/console.c",
     "src/util.c",
     "src/disk.c",
+    "src/net.c",
 ];
 const ASM_SOURCES: &[&str] = &["src/boot.S"];
 /// The silent test kernel: one assembler file, linked on its own.

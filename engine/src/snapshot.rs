@@ -549,9 +549,21 @@ pub fn restore_with(
     console: crate::vm::ConsoleOutput,
     disks: &[crate::devices::DiskConfig],
 ) -> Result<(crate::vm::Vm, SnapshotStats), RestoreError> {
+    restore_with_devices(path, console, disks, &[])
+}
+
+/// [`restore_with`], with `--net` overrides too: the `i`-th replaces the
+/// tap and MAC of the saved VM's `i`-th network card (a clone's own MAC).
+pub fn restore_with_devices(
+    path: &Path,
+    console: crate::vm::ConsoleOutput,
+    disks: &[crate::devices::DiskConfig],
+    nets: &[crate::devices::NetConfig],
+) -> Result<(crate::vm::Vm, SnapshotStats), RestoreError> {
     let t = Instant::now();
     let mut snap = Snapshot::open(path)?;
     crate::devices::override_disks(&mut snap.state.devices.virtio, disks)
+        .and_then(|()| crate::devices::override_nets(&mut snap.state.devices.virtio, nets))
         .map_err(RestoreError::Disk)?;
     let meta = snap.state.meta;
     let prepared = crate::vm::PreparedVm::new(meta.mem_size, meta.vcpus, console)?;
@@ -595,6 +607,18 @@ pub fn restore_lazy_with(
     console: crate::vm::ConsoleOutput,
     replay_mode: Replay,
     disks: &[crate::devices::DiskConfig],
+) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
+    restore_lazy_with_devices(path, console, replay_mode, disks, &[])
+}
+
+/// [`restore_lazy_with`], with `--net` overrides too (see
+/// [`restore_with_devices`]).
+pub fn restore_lazy_with_devices(
+    path: &Path,
+    console: crate::vm::ConsoleOutput,
+    replay_mode: Replay,
+    disks: &[crate::devices::DiskConfig],
+    nets: &[crate::devices::NetConfig],
 ) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
     let start_host_us = crate::console::now_us();
     let snap = Snapshot::open(path)?;
@@ -648,6 +672,7 @@ pub fn restore_lazy_with(
         accept_timeout: Some(Duration::from_secs(10)),
         expect_session: Some(session_id),
         disk_overrides: disks.to_vec(),
+        net_overrides: nets.to_vec(),
         ..Default::default()
     };
     let (received, served) = std::thread::scope(|s| {

@@ -171,6 +171,7 @@ pub struct PreparedVm {
     console_out: ConsoleOutput,
     tsc_khz: u32,
     disks: Vec<DiskConfig>,
+    nets: Vec<devices::NetConfig>,
 }
 
 impl PreparedVm {
@@ -258,6 +259,7 @@ impl PreparedVm {
             console_out,
             tsc_khz,
             disks: Vec::new(),
+            nets: Vec::new(),
         })
     }
 
@@ -265,6 +267,13 @@ impl PreparedVm {
     /// order). A restore takes its devices from the state instead.
     pub fn with_disks(mut self, disks: Vec<DiskConfig>) -> Self {
         self.disks = disks;
+        self
+    }
+
+    /// Gives a VM that [`Self::boot`]s these network cards (virtio-net,
+    /// in the slots after the disks).
+    pub fn with_nets(mut self, nets: Vec<devices::NetConfig>) -> Self {
+        self.nets = nets;
         self
     }
 
@@ -289,7 +298,7 @@ impl PreparedVm {
             "cpus={} tsc_khz={} {} {}",
             self.vcpu_fds.len(),
             self.tsc_khz,
-            devices::cmdline(self.disks.len()),
+            devices::cmdline(self.disks.len() + self.nets.len()),
             cmdline
         );
         let info = boot::load_pvh(&self.ram, elf, full.trim_end())?;
@@ -324,6 +333,11 @@ impl PreparedVm {
             .disks
             .iter()
             .map(|d| DeviceSpec::Fresh(crate::state::VirtioBackendConfig::Blk(d.clone())))
+            .chain(
+                self.nets
+                    .iter()
+                    .map(|n| DeviceSpec::Fresh(crate::state::VirtioBackendConfig::Net(n.clone()))),
+            )
             .collect();
         let bus = MmioBus::build(&self.fd, self.ram.guest_memory(), specs)?;
         self.start(console, bus)

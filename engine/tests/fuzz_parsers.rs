@@ -1162,11 +1162,16 @@ fn fuzz_state_blob() {
             // A decoded device state is still untrusted: rebuilding the
             // device from it answers Ok or Err, never panics.
             for v in &s.devices.virtio {
-                let state::VirtioBackendConfig::Blk(c) = &v.backend;
-                let _ = ferry_engine::devices::transport::MmioTransport::from_state(
-                    Box::new(ferry_engine::devices::Blk::new(c.clone())),
-                    v,
-                );
+                let backend: Box<dyn ferry_engine::devices::transport::VirtioBackend> =
+                    match &v.backend {
+                        state::VirtioBackendConfig::Blk(c) => {
+                            Box::new(ferry_engine::devices::Blk::new(c.clone()))
+                        }
+                        state::VirtioBackendConfig::Net(c) => {
+                            Box::new(ferry_engine::devices::Net::new(c.clone(), true))
+                        }
+                    };
+                let _ = ferry_engine::devices::transport::MmioTransport::from_state(backend, v);
             }
             Ok(())
         }),

@@ -175,6 +175,16 @@ bool virtio_mmio_option(const char *v, size_t len)
 	return true;
 }
 
+u32 virtio_count(void)
+{
+	return nvdev;
+}
+
+u64 virtio_base(u32 i)
+{
+	return i < nvdev ? vdev_base[i] : 0;
+}
+
 /* ----------------------------------------------------------- patterns */
 
 static inline u64 disk_seed(u64 block, u32 gen)

@@ -221,6 +221,11 @@ struct config {
 	u32 disk_batch;   /* requests per batch, 1..8 */
 	u64 disk_blocks;  /* blocks (4 KiB) used, at most 4096 */
 	u64 disk_ops;     /* stop the disk workload after this many, 0 = never */
+	bool net;         /* net=1: vCPU 0 runs the UDP echo workload (net.c) */
+	u32 net_ip;       /* the guest's IPv4 address (host order) */
+	u32 net_peer;     /* the echo peer's */
+	u32 net_port;     /* UDP port, both ends */
+	u64 net_ms;       /* a datagram every net_ms */
 };
 
 enum { PATTERN_SEQ, PATTERN_RANDOM, PATTERN_HOTCOLD };
@@ -302,7 +307,9 @@ struct memory {
 	u64 dma_pa;             /* DMA_PAGES pages for the virtio driver */
 };
 
-#define DMA_PAGES 16
+/* The disk driver's first 16 pages, then the network driver's. */
+#define DMA_PAGES 40
+#define NET_DMA_OFFSET (16 * PAGE_SIZE)
 
 extern struct memory mem;
 
@@ -329,6 +336,15 @@ void disk_init(u64 dma_pa);                           /* ring 0, BSP */
 void disk_start(void (*idle)(void *), void *arg);     /* ring 3, vCPU 0 */
 void disk_step(void (*idle)(void *), void *arg);      /* ring 3, vCPU 0 */
 void disk_report(void);                               /* ring 3, vCPU 0 */
+/* The devices named on the command line. */
+u32 virtio_count(void);
+u64 virtio_base(u32 i);
+
+/* ---------------------------------------------------------------- net.c */
+
+void net_init(u64 dma_pa); /* ring 0, BSP */
+void net_step(void);       /* ring 3, vCPU 0, every round */
+void net_report(void);     /* ring 3, vCPU 0 */
 
 /* --------------------------------------------------------------- boot.S */
 

@@ -294,6 +294,25 @@ pub enum GuestLine {
         /// Blocks used.
         blocks: u64,
     },
+    /// `FERRY NET <sent> <echoed> <lost> [<late> <dup> <arp>]`: the
+    /// network echo workload's progress (`net=1`).
+    Net {
+        /// Datagrams sent.
+        sent: u64,
+        /// Distinct datagrams echoed back intact.
+        echoed: u64,
+        /// Datagrams not echoed within 50 sends (500 ms at `net_ms=10`).
+        lost: u64,
+        /// Echoes that came back too late to count (beyond 1024 sends).
+        late: u64,
+        /// Echoes of a number already echoed.
+        dup: u64,
+        /// Times the peer's MAC was learned (or changed) by ARP.
+        arp: u64,
+    },
+    /// `FERRY NETMAC <mac>`: the guest found a new MAC in its card's
+    /// configuration (a restore with another `--net mac=`).
+    NetMac(String),
     /// Anything else (including `FERRY INJECT` and malformed `FERRY` lines).
     Other(String),
 }
@@ -470,6 +489,28 @@ fn parse_ferry(rest: &str) -> Option<GuestLine> {
             }
             _ => None,
         },
+        "NET" => match args {
+            [sent, echoed, lost, rest @ ..] => {
+                let (late, dup, arp) = match rest {
+                    [] => (0, 0, 0),
+                    [l, d, a] => (l.parse().ok()?, d.parse().ok()?, a.parse().ok()?),
+                    _ => return None,
+                };
+                Some(GuestLine::Net {
+                    sent: sent.parse().ok()?,
+                    echoed: echoed.parse().ok()?,
+                    lost: lost.parse().ok()?,
+                    late,
+                    dup,
+                    arp,
+                })
+            }
+            _ => None,
+        },
+        "NETMAC" => match args {
+            [mac] => Some(GuestLine::NetMac(mac.to_string())),
+            _ => None,
+        },
         "DISKINFO" => Some(GuestLine::DiskInfo {
             sectors: field(args, "sectors")?.parse().ok()?,
             blocks: field(args, "blocks")?.parse().ok()?,
@@ -627,6 +668,31 @@ mod tests {
         assert_eq!(stream_sum(STREAM_SUM_START, b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_unparsed("FERRY STREAM 0 1 abc 12");
         assert_unparsed("FERRY STREAM 0 1 abc");
+    }
+
+    #[test]
+    fn net_lines() {
+        assert_eq!(
+            parse_line("FERRY NET 100 98 1 0 0 1"),
+            GuestLine::Net {
+                sent: 100,
+                echoed: 98,
+                lost: 1,
+                late: 0,
+                dup: 0,
+                arp: 1
+            }
+        );
+        assert!(matches!(
+            parse_line("FERRY NET 1 1 0"),
+            GuestLine::Net { sent: 1, .. }
+        ));
+        assert_eq!(
+            parse_line("FERRY NETMAC 52:54:00:00:00:02"),
+            GuestLine::NetMac("52:54:00:00:00:02".into())
+        );
+        assert_unparsed("FERRY NET 1 2");
+        assert_unparsed("FERRY NET 1 2 x");
     }
 
     #[test]

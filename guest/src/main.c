@@ -17,6 +17,8 @@ struct config cfg = {
 	.x2apic = -1,
 	.disk_batch = 4,
 	.disk_blocks = 256,
+	.net_port = 7777,
+	.net_ms = 10,
 };
 
 struct percpu percpu[MAX_CPUS];
@@ -63,6 +65,30 @@ static bool parse_name(const char *v, size_t vlen, const char *const *names, u32
 		}
 	}
 	return ok;
+}
+
+/* a.b.c.d into host order; false if malformed. */
+static bool parse_ipv4(const char *v, size_t len, u32 *out)
+{
+	u32 ip = 0, parts = 0;
+	size_t i = 0;
+	while (parts < 4) {
+		size_t s = i;
+		while (i < len && v[i] != '.')
+			i++;
+		u64 b;
+		if (!parse_u64(v + s, i - s, &b) || b > 255)
+			return false;
+		ip = ip << 8 | (u32)b;
+		parts++;
+		if (i == len)
+			break;
+		i++;
+	}
+	if (parts != 4 || i != len)
+		return false;
+	*out = ip;
+	return true;
 }
 
 static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
@@ -113,6 +139,22 @@ static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
 			cfg.seed = n;
 	} else if (str_eq_n(k, klen, "virtio_mmio.device")) {
 		ok = virtio_mmio_option(v, vlen);
+	} else if (str_eq_n(k, klen, "net")) {
+		ok = parse_u64(v, vlen, &n) && n <= 1;
+		if (ok)
+			cfg.net = n == 1;
+	} else if (str_eq_n(k, klen, "net_ip")) {
+		ok = parse_ipv4(v, vlen, &cfg.net_ip);
+	} else if (str_eq_n(k, klen, "net_peer")) {
+		ok = parse_ipv4(v, vlen, &cfg.net_peer);
+	} else if (str_eq_n(k, klen, "net_port")) {
+		ok = parse_u64(v, vlen, &n) && n >= 1 && n <= 65535;
+		if (ok)
+			cfg.net_port = (u32)n;
+	} else if (str_eq_n(k, klen, "net_ms")) {
+		ok = parse_u64(v, vlen, &n) && n >= 1 && n <= 10000;
+		if (ok)
+			cfg.net_ms = n;
 	} else if (str_eq_n(k, klen, "disk")) {
 		ok = parse_u64(v, vlen, &n) && n <= 1;
 		if (ok)
@@ -291,8 +333,10 @@ static void maybe_report(struct worker *w)
 	 * TICK line checks the MSRs too. */
 	percpu[w->idx].msr_check = 1;
 	kprintf("FERRY TICK %u %lu %lu %lu %lu\n", w->idx, w->round, now, irqs, w->verified);
-	if (w->idx == 0)
+	if (w->idx == 0) {
 		disk_report();
+		net_report();
+	}
 
 	/* After a long gap (VM paused), skip the timer check on this report
 	 * and the next: the timer may not have fired since the resume. */
@@ -400,6 +444,7 @@ static __attribute__((noreturn)) void stream(u32 idx)
 /* What the disk workload does while it waits for the device. */
 static void idle_report(void *w)
 {
+	net_step();
 	maybe_report(w);
 }
 
@@ -450,8 +495,10 @@ static __attribute__((noreturn)) void workload(u64 idx64)
 			}
 		}
 		regcheck_round(&w, spin);
-		if (idx == 0)
+		if (idx == 0) {
 			disk_step(idle_report, &w);
+			net_step();
+		}
 		w.round++;
 		maybe_report(&w);
 	}
@@ -484,6 +531,7 @@ void guest_main(u32 idx, u64 start_info_pa)
 		}
 		mm_setup();
 		disk_init(mem.dma_pa);
+		net_init(mem.dma_pa + NET_DMA_OFFSET);
 		idt_build();
 		kprintf("FERRY BOOT cpus=%u mem_mib=%lu ws_pages=%lu pattern=%s write=%u rate=%lu "
 			"report_ms=%lu tsc_khz=%lu avx=%u x2apic=%u\n",

@@ -79,6 +79,13 @@ pub struct VmIoArgs {
     /// naming the call).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// A virtio-net card on a tap, tap=NAME,mac=MAC (repeatable; after
+    /// the disks in slot order). The tap is opened, or created if
+    /// missing; give a VM that moves a persistent tap on a bridge. When
+    /// restoring or receiving a VM: the N-th --net replaces the saved
+    /// VM's N-th card's tap and MAC (a clone's own MAC).
+    #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
+    pub net: Vec<String>,
 }
 
 impl VmIoArgs {
@@ -93,6 +100,16 @@ impl VmIoArgs {
             .iter()
             .enumerate()
             .map(|(i, s)| ferry_engine::devices::DiskConfig::parse(s, i))
+            .collect()
+    }
+}
+
+impl VmIoArgs {
+    /// The `--net` options, parsed.
+    pub fn nets(&self) -> Result<Vec<ferry_engine::devices::NetConfig>, String> {
+        self.net
+            .iter()
+            .map(|s| ferry_engine::devices::NetConfig::parse(s))
             .collect()
     }
 }

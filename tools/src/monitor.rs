@@ -51,6 +51,19 @@ pub struct GuestMonitor {
     pub max_tick_gap_us: BTreeMap<u32, u64>,
     /// The disk workload's latest `FERRY DISK` report, if it runs.
     pub disk: Option<DiskReport>,
+    /// The network workload's latest `FERRY NET` report, if it runs.
+    pub net: Option<NetReport>,
+}
+
+/// The network workload's latest report.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetReport {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Datagrams echoed back intact.
+    pub echoed: u64,
+    /// Datagrams lost.
+    pub lost: u64,
 }
 
 /// The disk workload's latest report.
@@ -119,6 +132,9 @@ impl GuestMonitor {
                     finished: false,
                 })
             }
+            GuestLine::Net {
+                sent, echoed, lost, ..
+            } => self.net = Some(NetReport { sent, echoed, lost }),
             GuestLine::DiskEnd { ops, errors, .. } => {
                 let d = self.disk.get_or_insert_with(DiskReport::default);
                 d.ops = ops;

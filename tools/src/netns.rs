@@ -51,6 +51,7 @@ struct Pair {
 pub struct Net {
     namespaces: Option<Pair>,
     rate: Option<String>,
+    veth: Option<String>,
 }
 
 /// Checks a tc rate such as `1gbit` or `500mbit`.
@@ -108,6 +109,7 @@ impl Net {
         Net {
             namespaces: None,
             rate: None,
+            veth: None,
         }
     }
 
@@ -139,6 +141,7 @@ impl Net {
         let net = Net {
             namespaces: Some(pair),
             rate: rate.map(str::to_string),
+            veth: Some(veth.to_string()),
         };
         run(&["ip", "netns", "add", &a])?;
         run(&["ip", "netns", "add", &b])?;
@@ -210,6 +213,44 @@ impl Net {
         };
         let ns = std::fs::File::open(format!("/var/run/netns/{name}"))?;
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+    }
+
+    /// Puts `side`'s end of the veth on a bridge `br0` (which takes over
+    /// the side's address) and adds a persistent tap `tap` on the same
+    /// bridge, for a VM's network card: with both sides bridged, the two
+    /// bridges and the veth are one Ethernet. Only with namespaces.
+    pub fn bridge_with_tap(&self, side: Side, tap: &str) -> Result<(), NetError> {
+        let Some(pair) = &self.namespaces else {
+            return Err(NetError::Command {
+                cmd: "bridge".into(),
+                msg: "needs namespaces".into(),
+            });
+        };
+        let (ns, host) = if side == Side::Source {
+            (&pair.a, 1)
+        } else {
+            (&pair.b, 2)
+        };
+        let veth = self.veth_of(side);
+        let ip = format!("10.77.{}.{host}/24", pair.subnet);
+        run(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", ns, "addr", "del", &ip, "dev", &veth])?;
+        run(&["ip", "-n", ns, "link", "set", &veth, "master", "br0"])?;
+        run(&["ip", "-n", ns, "addr", "add", &ip, "dev", "br0"])?;
+        run(&["ip", "-n", ns, "link", "set", "br0", "up"])?;
+        run(&["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+        run(&["ip", "-n", ns, "link", "set", tap, "master", "br0"])?;
+        run(&["ip", "-n", ns, "link", "set", tap, "up"])?;
+        Ok(())
+    }
+
+    fn veth_of(&self, side: Side) -> String {
+        let v = self.veth.as_deref().unwrap_or_default();
+        if side == Side::Source {
+            format!("{v}va")
+        } else {
+            format!("{v}vb")
+        }
     }
 
     /// The source's address.

@@ -30,6 +30,8 @@ use crate::state::VirtioState;
 
 /// Event data of the stop eventfd (queue eventfds use their index).
 const STOP: u64 = u64::MAX;
+/// Event data of the backend's own fd (a tap).
+const BACKEND: u64 = u64::MAX - 1;
 
 struct Shared {
     transport: Mutex<MmioTransport>,
@@ -155,6 +157,7 @@ impl VirtioMmioDevice {
         }
         t.set_paused(true);
         t.flush()?;
+        t.pause_backend();
         Ok(n)
     }
 
@@ -194,9 +197,39 @@ impl Drop for VirtioMmioDevice {
 }
 
 fn io_thread(shared: Arc<Shared>, epoll: Epoll, evts: Vec<EventFd>, latency: Duration) {
-    let mut events = vec![EpollEvent::default(); evts.len() + 1];
+    let mut events = vec![EpollEvent::default(); evts.len() + 2];
+    // The backend's fd as registered: (fd, generation, queue).
+    let mut registered: Option<(i32, u64, usize)> = None;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let timeout = {
+            let mut t = shared.lock();
+            let now = t.event_fd();
+            if now.map(|(f, g, _)| (f, g)) != registered.map(|(f, g, _)| (f, g)) {
+                if let Some((old, _, _)) = registered.take() {
+                    // Closed fds leave the epoll set by themselves; an
+                    // error here only says it already left.
+                    let _ = epoll.ctl(ControlOperation::Delete, old, EpollEvent::default());
+                }
+                if let Some((fd, g, q)) = now {
+                    match epoll.ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, BACKEND),
+                    ) {
+                        Ok(()) => {
+                            registered = Some((fd, g, q));
+                            // Frames that came before the registration.
+                            let _ = shared.serve(&mut t, q);
+                        }
+                        Err(e) => warn!("virtio I/O thread: cannot wait on the backend: {e}"),
+                    }
+                }
+            }
+            t.tick()
+                .map(|d| d.as_millis().min(60_000) as i32 + 1)
+                .unwrap_or(-1)
+        };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -209,6 +242,13 @@ fn io_thread(shared: Arc<Shared>, epoll: Epoll, evts: Vec<EventFd>, latency: Dur
             if data == STOP {
                 debug!("virtio I/O thread stops");
                 return;
+            }
+            if data == BACKEND {
+                if let Some((_, _, q)) = registered {
+                    let mut t = shared.lock();
+                    let _ = shared.serve(&mut t, q);
+                }
+                continue;
             }
             let i = data as usize;
             if let Some(e) = evts.get(i) {

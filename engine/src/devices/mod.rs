@@ -12,10 +12,14 @@
 //! `slot`, and are described to the guest on its command line in Linux's
 //! `virtio_mmio.device=<size>@<base>:<irq>` syntax ([`cmdline`]).
 
+pub mod announce;
 mod blk;
 mod config;
 mod device;
 pub mod dirty;
+mod net;
+mod net_config;
+mod tap;
 pub mod transport;
 
 use std::path::PathBuf;
@@ -30,6 +34,8 @@ pub use blk::{Blk, BlkStats, SECTOR};
 pub use config::{DiskConfig, MAX_PATH, MAX_SERIAL};
 pub use device::VirtioMmioDevice;
 use dirty::DirtyLog;
+pub use net::{Net, NetStats};
+pub use net_config::{format_mac, NetConfig, MAX_TAP_NAME};
 use transport::{MmioTransport, VirtioBackend};
 
 use crate::layout::{MAX_VIRTIO_DEVICES, VIRTIO_FIRST_GSI, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
@@ -111,9 +117,10 @@ pub enum DeviceSpec<'a> {
     Restored(&'a VirtioState),
 }
 
-fn backend(config: &VirtioBackendConfig) -> Box<dyn VirtioBackend> {
+fn backend(config: &VirtioBackendConfig, restored: bool) -> Box<dyn VirtioBackend> {
     match config {
         VirtioBackendConfig::Blk(d) => Box::new(Blk::new(d.clone())),
+        VirtioBackendConfig::Net(n) => Box::new(Net::new(n.clone(), restored)),
     }
 }
 
@@ -140,12 +147,12 @@ impl MmioBus {
         for (slot, spec) in specs.into_iter().enumerate() {
             let transport = match spec {
                 DeviceSpec::Fresh(c) => {
-                    let mut t = MmioTransport::new(backend(&c))?;
+                    let mut t = MmioTransport::new(backend(&c, false))?;
                     t.activate_backend()?;
                     t
                 }
                 DeviceSpec::Restored(s) => {
-                    let t = MmioTransport::from_state(backend(&s.backend), s)?;
+                    let t = MmioTransport::from_state(backend(&s.backend, true), s)?;
                     t.check_backend()?;
                     t
                 }
@@ -170,6 +177,7 @@ impl MmioBus {
             }
             let latency = match transport.backend().config() {
                 VirtioBackendConfig::Blk(d) => std::time::Duration::from_micros(d.latency_us),
+                VirtioBackendConfig::Net(_) => std::time::Duration::ZERO,
             };
             devices.push(VirtioMmioDevice::start(
                 format!("virtio{slot}"),
@@ -252,9 +260,9 @@ impl MmioBus {
 /// Applies `--disk` overrides given at a restore: the `i`-th replaces the
 /// configuration of the `i`-th disk. More overrides than disks is an error.
 pub fn override_disks(devices: &mut [VirtioState], overrides: &[DiskConfig]) -> Result<(), String> {
-    // Every backend is a disk for now; other kinds will be skipped here.
-    let mut disks = devices.iter_mut().map(|d| match &mut d.backend {
-        VirtioBackendConfig::Blk(c) => c,
+    let mut disks = devices.iter_mut().filter_map(|d| match &mut d.backend {
+        VirtioBackendConfig::Blk(c) => Some(c),
+        _ => None,
     });
     for o in overrides {
         let d = disks.next().ok_or_else(|| {
@@ -264,6 +272,26 @@ pub fn override_disks(devices: &mut [VirtioState], overrides: &[DiskConfig]) -> 
             )
         })?;
         *d = d.overridden_by(o);
+    }
+    Ok(())
+}
+
+/// Applies `--net` overrides given at a restore: the `i`-th replaces the
+/// tap and MAC of the `i`-th network card (a clone's own MAC). More
+/// overrides than cards is an error.
+pub fn override_nets(devices: &mut [VirtioState], overrides: &[NetConfig]) -> Result<(), String> {
+    let mut nets = devices.iter_mut().filter_map(|d| match &mut d.backend {
+        VirtioBackendConfig::Net(c) => Some(c),
+        _ => None,
+    });
+    for o in overrides {
+        let n = nets.next().ok_or_else(|| {
+            format!(
+                "--net tap={}: the saved VM has fewer network cards than --net options",
+                o.tap
+            )
+        })?;
+        *n = n.overridden_by(o);
     }
     Ok(())
 }

@@ -63,6 +63,21 @@ pub trait VirtioBackend: Send {
     ) -> (u32, Option<String>);
     /// Makes completed writes durable (a drain ends with it).
     fn flush(&mut self) -> Result<(), DeviceError>;
+    /// The device stops until the next [`Self::activate`] (a drain, after
+    /// [`Self::flush`]): let go of what a paused VM must not hold (a tap
+    /// that would otherwise keep taking the VM's frames).
+    fn pause(&mut self) {}
+    /// An fd the device's I/O thread also waits on (readable,
+    /// edge-triggered), a generation that changes whenever the fd is
+    /// replaced, and the queue to serve when it is readable.
+    fn event_fd(&self) -> Option<(std::os::unix::io::RawFd, u64, usize)> {
+        None
+    }
+    /// Timed work (an announce), run by the I/O thread while the device
+    /// runs; returns how long until it is due again.
+    fn tick(&mut self) -> Option<std::time::Duration> {
+        None
+    }
     /// What a restore needs to rebuild this backend.
     fn config(&self) -> VirtioBackendConfig;
     /// Counters for the API's status.
@@ -274,6 +289,25 @@ impl MmioTransport {
     /// Flushes the backend.
     pub fn flush(&mut self) -> Result<(), DeviceError> {
         self.backend.flush()
+    }
+
+    /// See [`VirtioBackend::pause`].
+    pub fn pause_backend(&mut self) {
+        self.backend.pause()
+    }
+
+    /// See [`VirtioBackend::event_fd`].
+    pub fn event_fd(&self) -> Option<(std::os::unix::io::RawFd, u64, usize)> {
+        self.backend.event_fd()
+    }
+
+    /// Runs the backend's timed work while the device runs (see
+    /// [`VirtioBackend::tick`]).
+    pub fn tick(&mut self) -> Option<std::time::Duration> {
+        if self.paused {
+            return None;
+        }
+        self.backend.tick()
     }
 
     /// Serves queue `index` if the device runs; returns how many requests

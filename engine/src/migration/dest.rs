@@ -76,6 +76,9 @@ pub struct DestOptions {
     /// disk (another path to the same storage, or a copy for a clone).
     /// Empty: the disks are opened where the state says (shared storage).
     pub disk_overrides: Vec<crate::devices::DiskConfig>,
+    /// `--net` given here: the `i`-th replaces the moved VM's `i`-th
+    /// network card's tap and MAC. Empty: the taps named in the state.
+    pub net_overrides: Vec<crate::devices::NetConfig>,
 }
 
 impl Default for DestOptions {
@@ -88,6 +91,7 @@ impl Default for DestOptions {
             expect_session: None,
             tls: None,
             disk_overrides: Vec::new(),
+            net_overrides: Vec::new(),
         }
     }
 }
@@ -170,6 +174,9 @@ pub fn receive_from<'a>(
     let (meta, blob) = decode_state(&state_payload).map_err(|e| abort(&ctl, e.into()))?;
     let mut machine = state::decode(blob).map_err(|e| abort(&ctl, e.into()))?;
     crate::devices::override_disks(&mut machine.devices.virtio, &opts.disk_overrides)
+        .and_then(|()| {
+            crate::devices::override_nets(&mut machine.devices.virtio, &opts.net_overrides)
+        })
         .map_err(|e| abort(&ctl, DestError::Refused(e)))?;
     if machine.meta.mem_size != hello.mem_size
         || machine.meta.vcpus != hello.vcpus

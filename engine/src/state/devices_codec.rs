@@ -8,6 +8,7 @@
 //!                                   desc_table u64, avail_ring u64, used_ring u64 }
 //! backend kind u8 | backend payload
 //!   kind 1 (blk): readonly u8 | serial_len u8 | serial | path_len u16 | path bytes
+//!   kind 2 (net): tap_len u8 | tap name | mac [u8; 6] | has_ip u8 | ip [u8; 4] if has_ip
 //! ```
 //!
 //! Little-endian. The decoder checks every length and bound (queue count,
@@ -21,11 +22,12 @@ use std::path::PathBuf;
 use virtio_queue::QueueState;
 
 use super::{VirtioBackendConfig, VirtioState};
-use crate::devices::DiskConfig;
+use crate::devices::{DiskConfig, NetConfig};
 
 /// Most queues a saved device may have.
 pub const MAX_QUEUES: usize = 16;
 const BACKEND_BLK: u8 = 1;
+const BACKEND_NET: u8 = 2;
 
 /// Encodes one device.
 pub fn encode(s: &VirtioState) -> Vec<u8> {
@@ -63,6 +65,19 @@ pub fn encode(s: &VirtioState) -> Vec<u8> {
             let p = d.path.as_os_str().as_bytes();
             v.extend_from_slice(&(p.len() as u16).to_le_bytes());
             v.extend_from_slice(p);
+        }
+        VirtioBackendConfig::Net(n) => {
+            v.push(BACKEND_NET);
+            v.push(n.tap.len() as u8);
+            v.extend_from_slice(n.tap.as_bytes());
+            v.extend_from_slice(&n.mac);
+            match n.guest_ip {
+                Some(ip) => {
+                    v.push(1);
+                    v.extend_from_slice(&ip.octets());
+                }
+                None => v.push(0),
+            }
         }
     }
     v
@@ -159,6 +174,23 @@ pub fn decode(p: &[u8]) -> Result<VirtioState, String> {
             d.validate()?;
             VirtioBackendConfig::Blk(d)
         }
+        BACKEND_NET => {
+            let tn = c.u8()? as usize;
+            let tap = std::str::from_utf8(c.take(tn)?)
+                .map_err(|_| "tap name is not UTF-8".to_string())?
+                .to_string();
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(c.take(6)?);
+            let guest_ip = if c.flag()? {
+                let b = c.take(4)?;
+                Some(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+            } else {
+                None
+            };
+            let n = NetConfig { tap, mac, guest_ip };
+            n.validate()?;
+            VirtioBackendConfig::Net(n)
+        }
         k => return Err(format!("unknown backend kind {k}")),
     };
     if !c.b.is_empty() {
@@ -224,5 +256,23 @@ mod tests {
         let mut long = b.clone();
         long.push(0);
         assert!(decode(&long).is_err());
+    }
+
+    #[test]
+    fn net_round_trip_and_every_truncation() {
+        for guest_ip in [None, Some(std::net::Ipv4Addr::new(10, 88, 0, 2))] {
+            let mut s = sample();
+            s.device_type = 1;
+            s.backend = VirtioBackendConfig::Net(NetConfig {
+                tap: "ftap0".into(),
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+                guest_ip,
+            });
+            let b = encode(&s);
+            assert_eq!(decode(&b).unwrap(), s);
+            for n in 0..b.len() {
+                assert!(decode(&b[..n]).is_err(), "truncated to {n}");
+            }
+        }
     }
 }

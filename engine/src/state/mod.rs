@@ -115,6 +115,8 @@ pub struct DeviceState {
 pub enum VirtioBackendConfig {
     /// virtio-blk on a raw file.
     Blk(DiskConfig),
+    /// virtio-net on a tap.
+    Net(crate::devices::NetConfig),
 }
 
 /// One virtio-mmio device: its transport registers, its queues and its

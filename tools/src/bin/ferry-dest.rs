@@ -174,8 +174,10 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
     let progress = std::sync::Arc::new(Progress::default());
     let disks = args.io.disks()?;
+    let nets = args.io.nets()?;
     let opts = migration::DestOptions {
         disk_overrides: disks.clone(),
+        net_overrides: nets.clone(),
         peer_timeout: args.link.peer_timeout,
         recovery_window: args.link.recovery_window,
         progress: Some(progress.clone()),
@@ -239,7 +241,8 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         received.vm
     } else if let Some(path) = restore.as_ref().filter(|_| args.lazy) {
-        let (vm, stats) = snapshot::restore_lazy_with(path, console, args.replay, &disks)?;
+        let (vm, stats) =
+            snapshot::restore_lazy_with_devices(path, console, args.replay, &disks, &nets)?;
         info!(path = %path.display(), "snapshot restored lazily");
         println!("{}", stats.table());
         if let Some(p) = &args.stats_json {
@@ -250,7 +253,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         hooks.fire_both(shape(&vm));
         vm
     } else if let Some(path) = &restore {
-        let (mut vm, stats) = snapshot::restore_with(path, console, &disks)?;
+        let (mut vm, stats) = snapshot::restore_with_devices(path, console, &disks, &nets)?;
         info!(
             path = %path.display(),
             millis = stats.millis,
@@ -288,6 +291,7 @@ fn check_clone_disks(template: &std::path::Path, given: usize) -> Result<(), Str
         .enumerate()
         .filter_map(|(i, d)| match &d.backend {
             ferry_engine::state::VirtioBackendConfig::Blk(c) => (!c.readonly).then_some(i),
+            _ => None,
         })
         .filter(|&i| i >= given)
         .collect::<Vec<_>>();

@@ -118,12 +118,14 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
     let guest = || monitor::status_json(&monitor);
     let disks = args.io.disks()?;
+    let nets = args.io.nets()?;
     let mut vm = match &args.mem_file {
         Some(path) => PreparedVm::new_in_file(args.mem, args.vcpus, console, path)
             .map_err(|e| format!("guest RAM in {}: {e}", path.display()))?,
         None => PreparedVm::new(args.mem, args.vcpus, console)?,
     }
     .with_disks(disks)
+    .with_nets(nets)
     .boot(&elf, &args.guest_args)?;
     vm.resume()?;
     info!(mem = args.mem, vcpus = args.vcpus, "VM running");
