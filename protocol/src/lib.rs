@@ -27,7 +27,10 @@ mod state;
 pub use bitmap::PageBitmap;
 pub use decoder::{read_frame, Frame, FrameDecoder};
 pub use frame::{write_frame, FrameHeader, MsgType};
-pub use hello::{Hello, HelloAck, MigrationMode, Role, OPT_MODE};
+pub use hello::{
+    Hello, HelloAck, MigratedDisk, MigrationMode, Role, MAX_DISK_BLOCKS, MAX_MIGRATED_DISKS,
+    OPT_DISKS, OPT_MODE,
+};
 pub use pages::{
     append_pages_frame, append_zero_pages_frame, decode_pages, encode_pages, PageEncoding,
     PageRequest, PagesHeader,

@@ -16,6 +16,7 @@ mod blk;
 mod config;
 mod device;
 pub mod dirty;
+pub mod migrated;
 pub mod transport;
 
 use std::path::PathBuf;
@@ -241,6 +242,11 @@ impl MmioBus {
     /// Pages the devices wrote (for pre-copy's dirty log).
     pub fn dirty(&self) -> &DirtyLog {
         &self.dirty
+    }
+
+    /// Every device's backend configuration, by slot.
+    pub fn configs(&self) -> Vec<VirtioBackendConfig> {
+        self.devices.iter().map(|d| d.save().backend).collect()
     }
 
     /// Every device's counters, by slot.

@@ -6,6 +6,7 @@
 pub mod acceptor;
 pub mod committed;
 pub mod dest;
+mod disk_space;
 pub mod error;
 pub mod fault;
 pub mod install;

@@ -105,6 +105,7 @@ pub(super) fn open_session(
     peer_timeout: Duration,
     session_id: Option<u64>,
     tls: Option<&ClientTls>,
+    extra_options: Vec<(u16, Vec<u8>)>,
 ) -> Result<Session, SourceError> {
     let session_id = match session_id {
         Some(id) => id,
@@ -118,7 +119,10 @@ pub(super) fn open_session(
         mem_size: meta.mem_size,
         vcpus: meta.vcpus,
         page_size: PAGE_SIZE as u32,
-        options: vec![(OPT_MODE, vec![mode as u8])],
+        options: [(OPT_MODE, vec![mode as u8])]
+            .into_iter()
+            .chain(extra_options)
+            .collect(),
     };
     let (session, _) = connect_both(addr, hello, peer_timeout, tls)?;
     info!(
