@@ -69,6 +69,8 @@ pub struct Requests {
     pub asked: AtomicU64,
     /// Time guest disk requests spent waiting for blocks, µs.
     pub wait_us: AtomicU64,
+    /// Arriving blocks dropped because the guest had written them here.
+    pub dropped: AtomicU64,
 }
 
 impl Requests {
@@ -78,6 +80,7 @@ impl Requests {
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             asked: AtomicU64::new(0),
             wait_us: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         })
     }
 
@@ -154,6 +157,7 @@ impl DiskImage {
         let mut b = first;
         while b < first + n {
             if self.owned.get(b) {
+                self.requests.dropped.fetch_add(1, Ordering::Relaxed);
                 b += 1;
                 continue;
             }
@@ -184,6 +188,7 @@ impl DiskImage {
         let mut newly = 0;
         for b in first..first + n {
             if self.owned.get(b) {
+                self.requests.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             punch(&self.file, b * BLOCK, BLOCK).map_err(self.io("punch"))?;

@@ -917,6 +917,10 @@ fn build_stats(
             .load(std::sync::atomic::Ordering::Relaxed),
         demand_blocks: fault.disk_demand,
         wait_ms: d.requests.wait_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e3,
+        dropped_after_guest_write: d
+            .requests
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
     });
     let data = push.bytes_page_data + fault.bytes_page_data;
     let raw = push.bytes_page_raw + fault.bytes_page_raw;

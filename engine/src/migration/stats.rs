@@ -157,6 +157,9 @@ pub struct DiskStats {
     pub demand_blocks: u64,
     /// Time guest disk requests waited for blocks, summed, ms.
     pub wait_ms: f64,
+    /// Blocks that arrived after the guest had written them here, and
+    /// were dropped (the guest's write wins).
+    pub dropped_after_guest_write: u64,
 }
 
 /// Recoveries of a session after `Commit`, as one side counted them.
