@@ -101,7 +101,7 @@ fn check_files(dst: &Path, src: &Path, gens: &[u32]) {
 
 /// Moves a guest running the disk workload with its 1 GiB disk migrated
 /// into the destination's own file, in `mode`; returns the stats.
-fn move_disk(name: &str, mode: &str, extra: &[&str]) -> serde_json::Value {
+fn move_disk(name: &str, mode: &str, ops: u64, extra: &[&str]) -> serde_json::Value {
     let dir = Scratch::new(name);
     let src_disk = dir.path("src.img");
     let dst_disk = dir.path("dst.img");
@@ -113,7 +113,7 @@ fn move_disk(name: &str, mode: &str, extra: &[&str]) -> serde_json::Value {
     let mut dst = spawn("ferry-dest", &strs(&dargs), &dir.path("dst.err"));
     let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
     let guest = format!(
-        "ws=64M report_ms=50 disk=1 disk_batch=8 disk_blocks={GUEST_BLOCKS} disk_ops=150000"
+        "ws=64M report_ms=50 disk=1 disk_batch=8 disk_blocks={GUEST_BLOCKS} disk_ops={ops}"
     );
     let mut args = source_args(&dir, "256M", 2, &guest, &addr, "2s");
     let disk = src_disk.display().to_string();
@@ -179,6 +179,7 @@ fn postcopy_moves_a_local_disk_with_reads_on_demand() {
     let stats = move_disk(
         "mdisk-post",
         "postcopy",
+        150_000,
         &["--max-bandwidth", "400mbit"],
     );
     let disk = &stats["disk"];
@@ -191,13 +192,13 @@ fn postcopy_moves_a_local_disk_with_reads_on_demand() {
 
 #[test]
 fn precopy_moves_a_local_disk() {
-    let stats = move_disk("mdisk-pre", "precopy", &["--max-rounds", "5"]);
+    let stats = move_disk("mdisk-pre", "precopy", 600_000, &["--max-rounds", "5"]);
     assert_eq!(stats["disk"]["demand_requests"], 0, "{stats}");
 }
 
 #[test]
 fn hybrid_moves_a_local_disk() {
-    move_disk("mdisk-hyb", "hybrid", &["--hybrid-rounds", "1"]);
+    move_disk("mdisk-hyb", "hybrid", 400_000, &["--hybrid-rounds", "1"]);
 }
 
 /// A destination without a file for the migrated disk refuses the move
@@ -221,8 +222,9 @@ fn a_migrated_disk_needs_a_file_on_the_destination() {
     );
     let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     wait_for(WAIT, "the refusal", || {
-        let err = std::fs::read_to_string(dir.path("src.err")).unwrap_or_default();
-        (err.contains("give its local file") && err.contains("the VM was resumed on the source"))
+        let src = std::fs::read_to_string(dir.path("src.err")).unwrap_or_default();
+        let dst = std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default();
+        (dst.contains("give its local file") && src.contains("the VM was resumed on the source"))
             .then_some(())
     });
     let status = ctl(&sock, &["status"]);
