@@ -28,7 +28,10 @@ impl DirtyLog {
         self.enabled.store(on, Ordering::SeqCst);
         if !on {
             self.lock().clear();
-            self.blocks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.blocks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
     }
 
@@ -64,7 +67,9 @@ impl DirtyLog {
     /// The blocks of `disk` written since the last call.
     pub fn take_disk(&self, disk: &Path) -> Vec<u64> {
         let mut all = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
-        all.remove(disk).map(|s| s.into_iter().collect()).unwrap_or_default()
+        all.remove(disk)
+            .map(|s| s.into_iter().collect())
+            .unwrap_or_default()
     }
 
     /// The guest-physical page numbers recorded since the last call.

@@ -246,7 +246,11 @@ impl DiskImage {
             return;
         }
         let t = Instant::now();
-        debug!(slot = self.slot, blocks = missing.len(), "disk read waits for blocks");
+        debug!(
+            slot = self.slot,
+            blocks = missing.len(),
+            "disk read waits for blocks"
+        );
         self.requests
             .asked
             .fetch_add(missing.len() as u64, Ordering::Relaxed);
@@ -276,7 +280,10 @@ impl DiskImage {
     /// guest's.
     pub fn before_write(&self, start: u64, end: u64) -> WriteGuard<'_> {
         let (a, b) = self.span(start, end);
-        let edges = [(start % BLOCK != 0).then_some(a), (end % BLOCK != 0).then(|| b - 1)];
+        let edges = [
+            (!start.is_multiple_of(BLOCK)).then_some(a),
+            (!end.is_multiple_of(BLOCK)).then(|| b - 1),
+        ];
         let edges: Vec<u64> = edges.into_iter().flatten().filter(|&x| x < b).collect();
         self.wait_for(edges.iter().copied());
         WriteGuard {
@@ -444,9 +451,10 @@ impl DiskSet {
             .checked_add(n)
             .ok_or(MigratedError::OutOfRange { pfn, count: n })?;
         while at < end {
-            let (d, b) = self
-                .find(at)
-                .ok_or(MigratedError::OutOfRange { pfn: at, count: end - at })?;
+            let (d, b) = self.find(at).ok_or(MigratedError::OutOfRange {
+                pfn: at,
+                count: end - at,
+            })?;
             let k = (d.blocks() - b).min(end - at);
             out.push(f(d, b, k, at - pfn)?);
             at += k;

@@ -670,7 +670,7 @@ fn prepare_disks(hello: &Hello, opts: &DestOptions) -> Result<Option<Arc<DiskSet
                 "the source migrates the disk in slot {} ({} MiB): give its local file \
                  with --disk (one per disk, in slot order)",
                 d.slot,
-                d.blocks * 4096 >> 20
+                (d.blocks * 4096) >> 20
             )));
         };
         if target.readonly {
@@ -911,12 +911,13 @@ fn build_stats(
     let disk = disks.map(|d| super::stats::DiskStats {
         blocks: d.blocks(),
         blocks_pushed: push.disk_blocks,
-        demand_requests: d
-            .requests
-            .asked
-            .load(std::sync::atomic::Ordering::Relaxed),
+        demand_requests: d.requests.asked.load(std::sync::atomic::Ordering::Relaxed),
         demand_blocks: fault.disk_demand,
-        wait_ms: d.requests.wait_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e3,
+        wait_ms: d
+            .requests
+            .wait_us
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1e3,
         dropped_after_guest_write: d
             .requests
             .dropped

@@ -13,8 +13,8 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use super::error::DestError;
 use super::link::Link;
 use super::uffd_ram::UffdRam;
-use crate::layout::PAGE_SIZE;
 use crate::devices::migrated::DiskSet;
+use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 
 /// Counters of the background installer.

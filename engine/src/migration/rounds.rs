@@ -5,10 +5,10 @@ use ferry_page_server::server::ServerConfig;
 use ferry_protocol::{MigrationMode, MsgType, PageBitmap, RoundStats};
 use tracing::{info, warn};
 
+use super::disk_space::PageSpace;
 use super::error::SourceError;
 use super::link::Link;
 use super::options::SourceOptions;
-use super::disk_space::PageSpace;
 use super::precopy::{self, PageSender};
 use crate::vm::Vm;
 

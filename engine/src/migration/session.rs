@@ -96,7 +96,9 @@ fn handshake(link: &mut Link, hello: &Hello) -> Result<(HelloAck, ResumeStatus),
 }
 
 /// Connects the control and then the fault connection to `addr` and does
-/// the handshake on both, for a VM of shape `meta` moved in `mode`.
+/// the handshake on both, for a VM of shape `meta` moved in `mode`;
+/// `extra_options` go into the `Hello` after the mode (migrated disks).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn open_session(
     addr: &str,
     mode: MigrationMode,

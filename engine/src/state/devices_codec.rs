@@ -206,7 +206,7 @@ pub(crate) fn sample() -> VirtioState {
             readonly: false,
             serial: "ferry0".into(),
             latency_us: 0,
-                migrated: None,
+            migrated: None,
         }),
     }
 }
