@@ -495,13 +495,13 @@ pub enum RestoreError {
     #[error("lazy restore failed: {dest}{}", server_note(.server))]
     Lazy {
         /// The receiving side's error.
-        dest: DestError,
+        dest: Box<DestError>,
         /// The page server's error, if it failed too.
-        server: Option<SourceError>,
+        server: Option<Box<SourceError>>,
     },
 }
 
-fn server_note(server: &Option<SourceError>) -> String {
+fn server_note(server: &Option<Box<SourceError>>) -> String {
     server
         .as_ref()
         .map(|e| format!(" (snapshot page server: {e})"))
@@ -718,8 +718,8 @@ pub fn restore_lazy_with_devices(
         }
         (Err(dest), server) => {
             return Err(RestoreError::Lazy {
-                dest,
-                server: server.err(),
+                dest: Box::new(dest),
+                server: server.err().map(Box::new),
             })
         }
     };

@@ -585,6 +585,25 @@ impl Vm {
         self.bus.stats()
     }
 
+    /// The virtio disks' configurations, by slot (disks take the first
+    /// slots; network cards follow them).
+    pub fn disk_configs(&self) -> Vec<DiskConfig> {
+        self.bus
+            .configs()
+            .into_iter()
+            .filter_map(|c| match c {
+                crate::state::VirtioBackendConfig::Blk(d) => Some(d),
+                crate::state::VirtioBackendConfig::Net(_) => None,
+            })
+            .collect()
+    }
+
+    /// The blocks (4 KiB) of the disk file `path` the guest wrote since the
+    /// last call, while dirty logging is on (pre-copy of a migrated disk).
+    pub fn take_disk_dirty(&self, path: &std::path::Path) -> Vec<u64> {
+        self.bus.dirty().take_disk(path)
+    }
+
     /// Returns and clears the pages the guest wrote since the last call: one
     /// bit per memory-file page.
     pub fn take_dirty_log(&self) -> Result<PageBitmap, VmError> {

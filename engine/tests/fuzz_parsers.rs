@@ -708,6 +708,7 @@ fn machine(vcpus: u32) -> MachineState {
                         readonly: i == 1,
                         serial: format!("ferry{i}"),
                         latency_us: 0,
+                        migrated: None,
                     }),
                 })
                 .collect(),

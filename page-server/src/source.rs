@@ -94,3 +94,112 @@ impl PageSource for FileSource {
         (data < self.pages).then_some(data.max(pfn))
     }
 }
+
+/// Several sources one after the other in one page space: guest RAM, then
+/// the blocks of each migrated disk (`--migrate-disk`). A read that spans
+/// two parts is split; `next_data` asks each part in turn.
+pub struct ConcatSource {
+    parts: Vec<(u64, Box<dyn PageSource>)>,
+    pages: u64,
+}
+
+impl ConcatSource {
+    /// `parts` in page-space order.
+    pub fn new(parts: Vec<Box<dyn PageSource>>) -> Self {
+        let mut at = 0u64;
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                let first = at;
+                at = at.saturating_add(p.pages());
+                (first, p)
+            })
+            .collect();
+        Self { parts, pages: at }
+    }
+
+    /// The part holding `pfn`: its index and first page.
+    fn part(&self, pfn: u64) -> Option<(usize, u64)> {
+        self.parts
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, (first, p))| pfn >= *first && pfn - first < p.pages())
+            .map(|(i, (first, _))| (i, *first))
+    }
+}
+
+impl PageSource for ConcatSource {
+    fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn read(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_read(self.pages, pfn, buf.len())?;
+        let mut at = pfn;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let Some((i, first)) = self.part(at) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("page {at} is in no part"),
+                ));
+            };
+            let part = &self.parts[i].1;
+            let n = ((part.pages() - (at - first)) as usize).min(rest.len() / PAGE_SIZE);
+            let (now, later) = rest.split_at_mut(n * PAGE_SIZE);
+            part.read(at - first, now)?;
+            rest = later;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn next_data(&self, pfn: u64) -> Option<u64> {
+        let (start, _) = self.part(pfn)?;
+        self.parts[start..].iter().find_map(|(first, p)| {
+            let local = pfn.saturating_sub(*first);
+            p.next_data(local).map(|d| first + d)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fill(u64, u8);
+    impl PageSource for Fill {
+        fn pages(&self) -> u64 {
+            self.0
+        }
+        fn read(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
+            check_read(self.0, pfn, buf.len())?;
+            buf.fill(self.1);
+            Ok(())
+        }
+        fn next_data(&self, pfn: u64) -> Option<u64> {
+            (self.1 != 0 && pfn < self.0).then_some(pfn)
+        }
+    }
+
+    #[test]
+    fn concatenated_parts() {
+        let c = ConcatSource::new(vec![
+            Box::new(Fill(3, 1)),
+            Box::new(Fill(2, 0)),
+            Box::new(Fill(4, 7)),
+        ]);
+        assert_eq!(c.pages(), 9);
+        let mut buf = vec![9u8; 4 * PAGE_SIZE];
+        c.read(2, &mut buf).unwrap();
+        assert_eq!(buf[0], 1);
+        assert_eq!(buf[PAGE_SIZE], 0);
+        assert_eq!(buf[2 * PAGE_SIZE], 0);
+        assert_eq!(buf[3 * PAGE_SIZE], 7);
+        assert_eq!(c.next_data(3), Some(5));
+        assert_eq!(c.next_data(0), Some(0));
+        assert_eq!(c.next_data(9), None);
+        assert!(c.read(8, &mut buf).is_err());
+    }
+}

@@ -9,6 +9,39 @@ use super::{ProtocolError, HELLO_FIXED, HELLO_MAGIC, MAX_HELLO_OPTIONS, PROTOCOL
 /// Hello option (critical): the migration mode, one byte ([`MigrationMode`]).
 pub const OPT_MODE: u16 = 0x8001;
 
+/// Hello option (critical): the local disks that move with the memory
+/// (`--migrate-disk`), as `count` entries of `slot u32 | blocks u64`
+/// (little-endian): the virtio slot of the disk and its size in 4 KiB
+/// blocks. Their blocks follow guest RAM in the page space, in this order.
+pub const OPT_DISKS: u16 = 0x8002;
+
+/// Most migrated disks one `Hello` may name.
+pub const MAX_MIGRATED_DISKS: usize = 16;
+
+/// Largest migrated disk, in 4 KiB blocks (16 TiB).
+pub const MAX_DISK_BLOCKS: u64 = 1 << 32;
+
+/// One migrated disk, as the `OPT_DISKS` option names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigratedDisk {
+    /// The virtio-mmio slot of the disk's device.
+    pub slot: u32,
+    /// Its size in 4 KiB blocks.
+    pub blocks: u64,
+}
+
+impl MigratedDisk {
+    /// Encodes the `OPT_DISKS` option value.
+    pub fn encode_option(disks: &[MigratedDisk]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(disks.len() * 12);
+        for d in disks {
+            v.extend_from_slice(&d.slot.to_le_bytes());
+            v.extend_from_slice(&d.blocks.to_le_bytes());
+        }
+        v
+    }
+}
+
 /// How the memory moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -149,6 +182,44 @@ impl Hello {
                 .filter(|_| v.len() == 1)
                 .ok_or_else(|| ProtocolError::Handshake(format!("bad mode option {v:?}"))),
         }
+    }
+
+    /// The migrated disks the source names (none when absent). Every
+    /// entry is checked: whole entries, at most [`MAX_MIGRATED_DISKS`],
+    /// distinct slots, 1 to [`MAX_DISK_BLOCKS`] blocks each.
+    pub fn disks(&self) -> Result<Vec<MigratedDisk>, ProtocolError> {
+        let Some((_, v)) = self.options.iter().find(|(t, _)| *t == OPT_DISKS) else {
+            return Ok(Vec::new());
+        };
+        let bad = |s: String| ProtocolError::Handshake(format!("migrated disks option: {s}"));
+        if v.len() % 12 != 0 || v.len() / 12 > MAX_MIGRATED_DISKS {
+            return Err(bad(format!(
+                "{} bytes (entries of 12 bytes, at most {MAX_MIGRATED_DISKS})",
+                v.len()
+            )));
+        }
+        let mut out: Vec<MigratedDisk> = Vec::new();
+        for e in v.chunks_exact(12) {
+            let mut slot = [0u8; 4];
+            slot.copy_from_slice(&e[..4]);
+            let mut blocks = [0u8; 8];
+            blocks.copy_from_slice(&e[4..]);
+            let d = MigratedDisk {
+                slot: u32::from_le_bytes(slot),
+                blocks: u64::from_le_bytes(blocks),
+            };
+            if d.blocks == 0 || d.blocks > MAX_DISK_BLOCKS {
+                return Err(bad(format!(
+                    "slot {} has {} blocks (1 to {MAX_DISK_BLOCKS})",
+                    d.slot, d.blocks
+                )));
+            }
+            if out.iter().any(|o| o.slot == d.slot) {
+                return Err(bad(format!("slot {} named twice", d.slot)));
+            }
+            out.push(d);
+        }
+        Ok(out)
     }
 
     /// Encodes the payload.

@@ -28,7 +28,10 @@ mod state;
 pub use bitmap::PageBitmap;
 pub use decoder::{read_frame, Frame, FrameDecoder};
 pub use frame::{write_frame, FrameHeader, MsgType};
-pub use hello::{Hello, HelloAck, MigrationMode, Role, OPT_MODE};
+pub use hello::{
+    Hello, HelloAck, MigratedDisk, MigrationMode, Role, MAX_DISK_BLOCKS, MAX_MIGRATED_DISKS,
+    OPT_DISKS, OPT_MODE,
+};
 pub use pages::{
     append_pages_frame, append_zero_pages_frame, decode_pages, encode_pages, PageEncoding,
     PageRequest, PagesHeader,
@@ -229,6 +232,48 @@ mod tests {
         assert!(FrameHeader::decode(&huge).is_err());
         huge[4..8].copy_from_slice(&100u32.to_le_bytes());
         assert!(FrameHeader::decode(&huge).is_ok());
+    }
+
+    #[test]
+    fn migrated_disks_option() {
+        let mut h = Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Control,
+            session_id: 7,
+            features: 0,
+            mem_size: 1 << 30,
+            vcpus: 1,
+            page_size: 4096,
+            options: vec![],
+        };
+        assert!(h.disks().unwrap().is_empty());
+        let two = [
+            MigratedDisk {
+                slot: 0,
+                blocks: 262_144,
+            },
+            MigratedDisk { slot: 2, blocks: 1 },
+        ];
+        h.options = vec![(OPT_DISKS, MigratedDisk::encode_option(&two))];
+        let back = Hello::decode(&h.encode()).unwrap();
+        assert_eq!(back.disks().unwrap(), two);
+        let refused = |v: Vec<u8>| {
+            let h = Hello {
+                options: vec![(OPT_DISKS, v)],
+                ..h.clone()
+            };
+            h.disks().unwrap_err().to_string()
+        };
+        let one =
+            |slot: u32, blocks: u64| MigratedDisk::encode_option(&[MigratedDisk { slot, blocks }]);
+        assert!(refused(vec![0; 11]).contains("11 bytes"));
+        assert!(refused(one(0, 0)).contains("0 blocks"));
+        assert!(refused(one(0, MAX_DISK_BLOCKS + 1)).contains("blocks"));
+        assert!(refused([one(1, 5), one(1, 6)].concat()).contains("named twice"));
+        let many: Vec<u8> = (0..=MAX_MIGRATED_DISKS as u32)
+            .flat_map(|s| one(s, 1))
+            .collect();
+        assert!(refused(many).contains("at most"));
     }
 
     #[test]

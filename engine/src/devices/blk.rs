@@ -238,6 +238,20 @@ impl Blk {
                         self.capacity
                     )));
                 }
+                // A migrated disk on a destination: a read waits for its
+                // blocks; a write fetches the blocks it covers partly and
+                // keeps the push out of all of them until it is done.
+                let migrated = self.config.migrated.as_ref().map(|m| &*m.0);
+                let mut write_guard = None;
+                if let Some(m) = migrated {
+                    if out {
+                        write_guard = Some(m.before_write(start, end));
+                    } else {
+                        m.before_read(start, end);
+                    }
+                } else if out {
+                    dirty.mark_disk(&self.config.path, start, end);
+                }
                 let mut at = start;
                 let mut buf = vec![0u8; CHUNK.min(total as usize)];
                 for d in data {
@@ -261,6 +275,14 @@ impl Blk {
                         done += n as u64;
                         at += n as u64;
                     }
+                }
+                if let Some(g) = write_guard {
+                    g.done();
+                } else if out {
+                    // Again once the data is in the file: a pre-copy round
+                    // that read the block between the first mark and the
+                    // write sends it again.
+                    dirty.mark_disk(&self.config.path, start, end);
                 }
                 if out {
                     self.stats.writes += 1;

@@ -24,6 +24,10 @@ pub struct DiskConfig {
     /// property of this host's device, not of the guest: it is not saved
     /// in the VM state.
     pub latency_us: u64,
+    /// A migrated local disk on a destination (`--migrate-disk`): blocks
+    /// that have not arrived yet are fetched before the guest reads them.
+    /// Host-side, never saved.
+    pub migrated: Option<super::migrated::MigratedHandle>,
 }
 
 impl DiskConfig {
@@ -34,6 +38,7 @@ impl DiskConfig {
             readonly: false,
             serial: serial.to_string(),
             latency_us: 0,
+            migrated: None,
         }
     }
 

@@ -5,7 +5,8 @@
 //! VMM's own mapping, so while a pre-copy runs the devices record the pages
 //! they write here and [`crate::Vm::take_dirty_log`] adds them to KVM's.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -16,6 +17,9 @@ use crate::layout::PAGE_SIZE;
 pub struct DirtyLog {
     enabled: AtomicBool,
     pages: Mutex<BTreeSet<u64>>,
+    /// Disk blocks (4 KiB) the guest wrote, by disk file: the dirty-block
+    /// bitmap of a pre-copy with `--migrate-disk`.
+    blocks: Mutex<BTreeMap<PathBuf, BTreeSet<u64>>>,
 }
 
 impl DirtyLog {
@@ -24,6 +28,10 @@ impl DirtyLog {
         self.enabled.store(on, Ordering::SeqCst);
         if !on {
             self.lock().clear();
+            self.blocks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
     }
 
@@ -43,6 +51,25 @@ impl DirtyLog {
         for p in first..=last.min(first + (1 << 20)) {
             pages.insert(p);
         }
+    }
+
+    /// Records a guest write of bytes `start..end` of the disk file `disk`.
+    pub fn mark_disk(&self, disk: &Path, start: u64, end: u64) {
+        if end <= start || !self.enabled.load(Ordering::SeqCst) {
+            return;
+        }
+        let block = PAGE_SIZE as u64;
+        let mut all = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let set = all.entry(disk.to_path_buf()).or_default();
+        set.extend(start / block..end.div_ceil(block));
+    }
+
+    /// The blocks of `disk` written since the last call.
+    pub fn take_disk(&self, disk: &Path) -> Vec<u64> {
+        let mut all = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        all.remove(disk)
+            .map(|s| s.into_iter().collect())
+            .unwrap_or_default()
     }
 
     /// The guest-physical page numbers recorded since the last call.

@@ -17,6 +17,7 @@ mod blk;
 mod config;
 mod device;
 pub mod dirty;
+pub mod migrated;
 mod net;
 mod net_config;
 mod tap;
@@ -249,6 +250,11 @@ impl MmioBus {
     /// Pages the devices wrote (for pre-copy's dirty log).
     pub fn dirty(&self) -> &DirtyLog {
         &self.dirty
+    }
+
+    /// Every device's backend configuration, by slot.
+    pub fn configs(&self) -> Vec<VirtioBackendConfig> {
+        self.devices.iter().map(|d| d.save().backend).collect()
     }
 
     /// Every device's counters, by slot.

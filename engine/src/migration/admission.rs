@@ -5,7 +5,7 @@
 //! prepares a VM; a `ferry-dest --daemon` runs it before it starts a
 //! process for the VM.
 
-use ferry_protocol::{Hello, MigrationMode, OPT_MODE};
+use ferry_protocol::{Hello, MigrationMode, OPT_DISKS, OPT_MODE};
 
 use super::error::DestError;
 use crate::layout::{valid_mem_size, PAGE_SIZE};
@@ -35,7 +35,7 @@ pub fn check_hello(hello: &Hello) -> Result<MigrationMode, DestError> {
     if let Some((tag, _)) = hello
         .options
         .iter()
-        .find(|(t, _)| t & 0x8000 != 0 && *t != OPT_MODE)
+        .find(|(t, _)| t & 0x8000 != 0 && *t != OPT_MODE && *t != OPT_DISKS)
     {
         return Err(DestError::Refused(format!(
             "unknown critical Hello option {tag:#06x}"

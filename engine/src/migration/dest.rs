@@ -47,6 +47,7 @@ use super::progress::{Progress, Stage};
 use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats, Recovery};
 use super::uffd_ram::UffdRam;
 use crate::console::now_us;
+use crate::devices::migrated::{DiskSet, MigratedHandle};
 use crate::layout::PAGE_SIZE;
 use crate::state;
 use crate::vm::{ConsoleOutput, PreparedVm, Vm};
@@ -141,7 +142,7 @@ pub fn receive_from<'a>(
     let (mut ctl, hello) = accept_new(&acceptor, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
-    let (prepared, uffd) = match prepare(&hello, mode, console) {
+    let (prepared, uffd, disks) = match prepare(&hello, mode, console, opts) {
         Ok(p) => p,
         Err(e) => return Err(abort(&ctl, e)),
     };
@@ -163,6 +164,7 @@ pub fn receive_from<'a>(
         &mut ctl,
         prepared.ram(),
         uffd.as_deref(),
+        disks.as_deref(),
         mode,
         &mut counters,
     ) {
@@ -178,6 +180,9 @@ pub fn receive_from<'a>(
             crate::devices::override_nets(&mut machine.devices.virtio, &opts.net_overrides)
         })
         .map_err(|e| abort(&ctl, DestError::Refused(e)))?;
+    if let Some(d) = &disks {
+        attach_disks(&mut machine, d, mode).map_err(|e| abort(&ctl, e))?;
+    }
     if machine.meta.mem_size != hello.mem_size
         || machine.meta.vcpus != hello.vcpus
         || meta.mode != mode
@@ -195,6 +200,7 @@ pub fn receive_from<'a>(
         Some(ram) => Some(
             FaultThread::start(
                 ram.clone(),
+                disks.clone(),
                 fault_conn,
                 fault_buffered,
                 ctl.stream.try_clone().ok(),
@@ -268,6 +274,7 @@ pub fn receive_from<'a>(
             ctl,
             beat,
             recovery,
+            disks: disks.clone(),
         },
         uffd: uffd.zip(fault),
         counters,
@@ -348,6 +355,7 @@ impl DestMove<'_> {
             fault_stats,
             std::mem::take(&mut self.source_stats),
             self.session.recovery.clone(),
+            self.session.disks.as_deref(),
         );
         let complete = serde_json::to_vec(&stats).unwrap_or_default();
         self.session.send_complete(&complete);
@@ -448,6 +456,8 @@ struct Session<'a> {
     ctl: Link,
     beat: Heartbeat,
     recovery: Recovery,
+    /// Migrated local disks (`--migrate-disk`), after RAM in the page space.
+    disks: Option<Arc<DiskSet>>,
 }
 
 impl Session<'_> {
@@ -478,10 +488,12 @@ impl Session<'_> {
         counters: &mut PushCounters,
         fault: &FaultThread,
     ) -> Result<Option<serde_json::Value>, DestError> {
-        let source = install_push(&mut self.ctl, ram, counters)?;
+        let disks = self.disks.clone();
+        let source = install_push(&mut self.ctl, ram, disks.as_deref(), counters)?;
         let t = Instant::now();
         let mut last_heard = Instant::now();
-        while !ram.complete() {
+        let complete = || ram.complete() && disks.as_ref().is_none_or(|d| d.complete());
+        while !complete() {
             if fault.is_down() {
                 return Err(ProtocolError::Closed.into());
             }
@@ -489,7 +501,8 @@ impl Session<'_> {
                 return Err(DestError::Refused("the fault handler ended".into()));
             }
             if t.elapsed() > DRAIN_TIMEOUT {
-                let missing = ram.pages() - ram.present.count() - ram.zero.count();
+                let missing = ram.pages() - ram.present.count() - ram.zero.count()
+                    + disks.as_ref().map_or(0, |d| d.missing());
                 return Err(DestError::Incomplete(missing));
             }
             if let Some(f) = self.ctl.poll(POLL, &mut last_heard)? {
@@ -528,9 +541,13 @@ impl Session<'_> {
         self.ctl = ctl;
         self.beat = self.ctl.heartbeat(self.opts.peer_timeout / 4);
         if let Some((f, ram)) = fault {
-            let have = PageBitmap::new(ram.pages());
+            let total = self.disks.as_ref().map_or(ram.pages(), |d| d.total_pages());
+            let have = PageBitmap::new(total);
             have.or_with(&ram.present);
             have.or_with(&ram.zero);
+            if let Some(d) = &self.disks {
+                d.mark_present_in(&have);
+            }
             self.ctl.send(MsgType::RecvBitmap, 0, &have.to_le_bytes())?;
             let (conn, buffered) = fault_link.into_parts();
             f.reconnect(conn, buffered, self.ctl.stream.try_clone().ok());
@@ -603,18 +620,96 @@ struct Timing {
     commit_wait_us: u64,
 }
 
+/// What [`prepare`] builds before the state arrives.
+type Prepared = (PreparedVm, Option<Arc<UffdRam>>, Option<Arc<DiskSet>>);
+
 fn prepare(
     hello: &Hello,
     mode: MigrationMode,
     console: ConsoleOutput,
-) -> Result<(PreparedVm, Option<Arc<UffdRam>>), DestError> {
+    opts: &DestOptions,
+) -> Result<Prepared, DestError> {
     check_hello(hello)?;
+    let disks = prepare_disks(hello, opts)?;
     if !mode.lazy() {
-        return Ok((PreparedVm::new(hello.mem_size, hello.vcpus, console)?, None));
+        let prepared = PreparedVm::new(hello.mem_size, hello.vcpus, console)?;
+        return Ok((prepared, None, disks));
     }
     let prepared = PreparedVm::new_for_postcopy(hello.mem_size, hello.vcpus, console)?;
     let ram = Arc::new(UffdRam::register(prepared.ram())?);
-    Ok((prepared, Some(ram)))
+    Ok((prepared, Some(ram), disks))
+}
+
+/// The migrated local disks the `Hello` names: each gets an empty file of
+/// its size at the path the `--disk` of its slot gives on this side. A
+/// migrated disk without one is refused (the state's path is the source's
+/// file, which may be on this very host).
+fn prepare_disks(hello: &Hello, opts: &DestOptions) -> Result<Option<Arc<DiskSet>>, DestError> {
+    let named = hello.disks()?;
+    if named.is_empty() {
+        return Ok(None);
+    }
+    let mut specs = Vec::new();
+    for d in &named {
+        let Some(target) = opts.disk_overrides.get(d.slot as usize) else {
+            return Err(DestError::Refused(format!(
+                "the source migrates the disk in slot {} ({} MiB): give its local file \
+                 with --disk (one per disk, in slot order)",
+                d.slot,
+                (d.blocks * 4096) >> 20
+            )));
+        };
+        if target.readonly {
+            return Err(DestError::Refused(format!(
+                "--disk {}: a migrated disk's file must be writable here",
+                target.path.display()
+            )));
+        }
+        specs.push((d.slot, d.blocks, target.path.as_path()));
+    }
+    let ram_pages = hello.mem_size / PAGE_SIZE as u64;
+    Ok(Some(Arc::new(DiskSet::create(ram_pages, &specs)?)))
+}
+
+/// Checks that every migrated disk is a disk of the state, and hands its
+/// device the disk's blocks (lazy modes: missing ones are fetched on
+/// demand). In the other modes every block came before the state.
+fn attach_disks(
+    machine: &mut state::MachineState,
+    disks: &DiskSet,
+    mode: MigrationMode,
+) -> Result<(), DestError> {
+    for d in &disks.disks {
+        let Some(dev) = machine.devices.virtio.get_mut(d.slot as usize) else {
+            return Err(DestError::Refused(format!(
+                "the migrated disk of slot {} is not a device of the state ({} devices)",
+                d.slot,
+                machine.devices.virtio.len()
+            )));
+        };
+        let crate::state::VirtioBackendConfig::Blk(cfg) = &mut dev.backend else {
+            return Err(DestError::Refused(format!(
+                "the migrated disk of slot {} is not a disk in the state",
+                d.slot
+            )));
+        };
+        if cfg.readonly {
+            return Err(DestError::Refused(format!(
+                "the migrated disk of slot {} is read-only here",
+                d.slot
+            )));
+        }
+        if mode.lazy() {
+            cfg.migrated = Some(MigratedHandle(d.clone()));
+        } else if !d.present.is_full() {
+            return Err(DestError::Refused(format!(
+                "{} blocks of the migrated disk of slot {} never came",
+                d.blocks() - d.present.count(),
+                d.slot
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the control connection of a new session. Stray connections
@@ -787,6 +882,7 @@ fn build_stats(
     fault: Option<FaultStats>,
     source: serde_json::Value,
     recovery: Recovery,
+    disks: Option<&DiskSet>,
 ) -> MigrationStats {
     let name = |v: u32| {
         if v == u32::MAX {
@@ -811,6 +907,21 @@ fn build_stats(
         .iter()
         .map(|(v, us)| (name(*v), *us as f64 / 1e3))
         .collect();
+    let disk = disks.map(|d| super::stats::DiskStats {
+        blocks: d.blocks(),
+        blocks_pushed: push.disk_blocks,
+        demand_requests: d.requests.asked.load(std::sync::atomic::Ordering::Relaxed),
+        demand_blocks: fault.disk_demand,
+        wait_ms: d
+            .requests
+            .wait_us
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1e3,
+        dropped_after_guest_write: d
+            .requests
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+    });
     let data = push.bytes_page_data + fault.bytes_page_data;
     let raw = push.bytes_page_raw + fault.bytes_page_raw;
     let shape = vm.meta();
@@ -845,6 +956,7 @@ fn build_stats(
         recoveries: recovery.count,
         recovery_ms: recovery.ms,
         demand_order,
+        disk,
         source,
         converged: meta.converged,
         precopy_rounds: meta.rounds.clone(),

@@ -52,6 +52,14 @@ pub enum SourceError {
     /// The session record could not be written or read.
     #[error(transparent)]
     Record(#[from] super::record::RecordError),
+    /// A disk to migrate (`--migrate-disk`) cannot be served.
+    #[error("migrated disk {path}: {why}")]
+    Disk {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The destination does not hold the session being resumed.
     #[error("the destination does not hold this session")]
     Unknown,
@@ -82,6 +90,9 @@ pub enum DestError {
     /// The offered VM is unacceptable.
     #[error("refused the incoming VM: {0}")]
     Refused(String),
+    /// A migrated disk's file failed, or its blocks were out of range.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::migrated::MigratedError),
     /// Building or restoring the VM.
     #[error(transparent)]
     Vm(#[from] VmError),

@@ -15,13 +15,13 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
-    decode_pages, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError,
+    decode_pages, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError, PAGE_SIZE,
 };
 use ferry_transport::Conn as Stream;
 use hdrhistogram::Histogram;
@@ -32,6 +32,7 @@ use userfaultfd::{Event, EventBuffer};
 use super::link::is_link_failure;
 use super::stats::latency_histogram;
 use super::uffd_ram::{UffdRam, UffdRamError};
+use crate::devices::migrated::{DiskSet, MigratedError};
 
 /// How long the handler busy-polls after activity before sleeping.
 const SPIN: Duration = Duration::from_micros(200);
@@ -50,6 +51,9 @@ pub enum FaultError {
     /// The thread could not be started.
     #[error("cannot spawn the fault thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// Writing a migrated disk's block failed.
+    #[error(transparent)]
+    Disk(#[from] MigratedError),
     /// Reading the userfaultfd failed.
     #[error("reading userfaultfd: {0}")]
     Uffd(String),
@@ -80,6 +84,8 @@ pub struct FaultStats {
     pub bytes_page_raw: u64,
     /// Pages asked for over the network, in the order of their first fault.
     pub demand_order: Vec<u64>,
+    /// Migrated-disk blocks fetched on demand for guest disk reads.
+    pub disk_demand: u64,
 }
 
 impl FaultStats {
@@ -96,6 +102,7 @@ impl FaultStats {
             bytes_page_data: 0,
             bytes_page_raw: 0,
             demand_order: Vec::new(),
+            disk_demand: 0,
         }
     }
 }
@@ -154,8 +161,16 @@ fn send_request(
     Ok(())
 }
 
+/// The `vcpu` of a request made for a guest disk read.
+const DISK_READER: u32 = u32::MAX - 1;
+
 /// Runs the fault handler until stopped; returns what it measured.
-fn run(ram: Arc<UffdRam>, first: Conn, shared: Arc<Shared>) -> Result<FaultStats, FaultError> {
+fn run(
+    ram: Arc<UffdRam>,
+    disks: Option<Arc<DiskSet>>,
+    first: Conn,
+    shared: Arc<Shared>,
+) -> Result<FaultStats, FaultError> {
     let mut conn = Some(first);
     let mut st = FaultStats::empty();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -237,9 +252,31 @@ fn run(ram: Arc<UffdRam>, first: Conn, shared: Arc<Shared>) -> Result<FaultStats
             }
         }
 
+        // 1b. Blocks that guest disk reads wait for.
+        if let Some(d) = &disks {
+            for pfn in d.requests.take() {
+                active = true;
+                if d.present(pfn) {
+                    continue;
+                }
+                if let std::collections::hash_map::Entry::Vacant(e) = pending.entry(pfn) {
+                    e.insert(Pending {
+                        since: Instant::now(),
+                        vcpu: DISK_READER,
+                    });
+                    if let Some(c) = conn.as_mut() {
+                        if let Err(e) = send_request(c, pfn, DISK_READER, &mut st) {
+                            conn = None;
+                            link_lost(&shared, &e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+
         // 2. Answers.
         if let Some(c) = conn.as_mut() {
-            match receive(c, &ram, &mut pending, &mut pages, &mut st) {
+            match receive(c, &ram, disks.as_deref(), &mut pending, &mut pages, &mut st) {
                 Ok(got) => active |= got,
                 Err(FaultError::Protocol(e)) if is_link_failure(&e) => {
                     conn = None;
@@ -253,7 +290,12 @@ fn run(ram: Arc<UffdRam>, first: Conn, shared: Arc<Shared>) -> Result<FaultStats
         if active {
             last_activity = Instant::now();
         } else if last_activity.elapsed() > SPIN {
-            wait_readable(ram.uffd(), conn.as_ref().map(|c| &c.stream), POLL_MS);
+            wait_readable(
+                ram.uffd(),
+                conn.as_ref().map(|c| &c.stream),
+                disks.as_ref().map(|d| d.requests.fd()),
+                POLL_MS,
+            );
         }
     }
     debug!(pending = pending.len(), "fault handler stopping");
@@ -279,6 +321,7 @@ fn link_lost(shared: &Shared, why: &str) {
 fn receive(
     c: &mut Conn,
     ram: &UffdRam,
+    disks: Option<&DiskSet>,
     pending: &mut HashMap<u64, Pending>,
     pages: &mut Vec<u8>,
     st: &mut FaultStats,
@@ -300,19 +343,36 @@ fn receive(
         let payload = frame.payload;
         match frame.header.kind {
             MsgType::Pages => {
-                let ph = decode_pages(payload, ram.pages(), pages)?;
+                let total = disks.map_or(ram.pages(), DiskSet::total_pages);
+                let ph = decode_pages(payload, total, pages)?;
+                let (first, n) = (ph.first_pfn, u64::from(ph.count));
+                // The part in guest RAM, then the part on migrated disks.
+                let in_ram = ram.pages().saturating_sub(first).min(n);
                 let mut newly = 0;
                 if ph.encoding == PageEncoding::Zero {
-                    for p in ph.first_pfn..ph.first_pfn + u64::from(ph.count) {
+                    for p in first..first + in_ram {
                         newly += u64::from(ram.install_zero(p)?);
+                    }
+                    if let Some(d) = disks.filter(|_| in_ram < n) {
+                        newly += d.install_zero(first + in_ram, n - in_ram)?;
                     }
                 } else {
                     st.bytes_page_data += payload.len() as u64 - 16;
                     st.bytes_page_raw += pages.len() as u64;
-                    newly = ram.install(ph.first_pfn, pages)?;
+                    let split = (in_ram as usize) * PAGE_SIZE;
+                    if in_ram > 0 {
+                        newly = ram.install(first, &pages[..split])?;
+                    }
+                    if let Some(d) = disks.filter(|_| in_ram < n) {
+                        newly += d.install(first + in_ram, &pages[split..])?;
+                    }
                 }
-                for p in ph.first_pfn..ph.first_pfn + u64::from(ph.count) {
+                for p in first..first + n {
                     if let Some(w) = pending.remove(&p) {
+                        if w.vcpu == DISK_READER {
+                            st.disk_demand += 1;
+                            continue;
+                        }
                         let us = w.since.elapsed().as_micros() as u64;
                         let _ = st.overall.record(us.max(1));
                         let _ = st
@@ -373,10 +433,20 @@ fn write_all_nonblocking(mut conn: &Stream, mut buf: &[u8]) -> Result<(), Protoc
 
 /// Sleeps until the userfaultfd or the connection is readable, or
 /// `timeout_ms` passes.
-fn wait_readable(uffd: &impl AsFd, conn: Option<&Stream>, timeout_ms: u16) {
+fn wait_readable(
+    uffd: &impl AsFd,
+    conn: Option<&Stream>,
+    disk: Option<&vmm_sys_util::eventfd::EventFd>,
+    timeout_ms: u16,
+) {
     let mut fds = vec![PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
     if let Some(c) = conn {
         fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+    }
+    // SAFETY: the eventfd outlives this call (the caller holds the set).
+    let disk_fd = disk.map(|e| unsafe { std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd()) });
+    if let Some(fd) = disk_fd {
+        fds.push(PollFd::new(fd, PollFlags::POLLIN));
     }
     // EINTR or a spurious wake-up only ends the nap early.
     let _ = poll(&mut fds, PollTimeout::from(timeout_ms));
@@ -394,6 +464,7 @@ impl FaultThread {
     /// fails, so the thread reading it notices too.
     pub(super) fn start(
         ram: Arc<UffdRam>,
+        disks: Option<Arc<DiskSet>>,
         conn: Stream,
         buffered: Vec<u8>,
         control: Option<Stream>,
@@ -409,7 +480,7 @@ impl FaultThread {
                 .name("uffd-fault".into())
                 .spawn(move || {
                     crate::seccomp::apply(crate::seccomp::Thread::Fault)?;
-                    run(ram, first, shared)
+                    run(ram, disks, first, shared)
                 })
                 .map_err(FaultError::Spawn)?
         };

@@ -13,6 +13,7 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use super::error::DestError;
 use super::link::Link;
 use super::uffd_ram::UffdRam;
+use crate::devices::migrated::DiskSet;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 
@@ -24,6 +25,22 @@ pub(super) struct PushCounters {
     pub(super) bytes_wire: u64,
     pub(super) bytes_page_data: u64,
     pub(super) bytes_page_raw: u64,
+    /// Migrated-disk blocks among `pages_pushed` and `pages_zero`.
+    pub(super) disk_blocks: u64,
+}
+
+/// Pages `first..first+n` split into the part in guest RAM (`ram_pages`
+/// pages) and the part on migrated disks: the count in RAM.
+fn in_ram(ram_pages: u64, first: u64, n: u64) -> u64 {
+    ram_pages.saturating_sub(first).min(n)
+}
+
+/// A frame's pages reach beyond RAM but there are no migrated disks.
+fn no_disks(first: u64, n: u64) -> DestError {
+    ProtocolError::BadPages(format!(
+        "pages {first}+{n} beyond guest RAM, and no disk is migrated"
+    ))
+    .into()
 }
 
 /// Receives what comes before `State`: pages (pre-copy modes) and, in
@@ -32,10 +49,12 @@ pub(super) fn receive_before_state(
     ctl: &mut Link,
     ram: &GuestRam,
     uffd: Option<&UffdRam>,
+    disks: Option<&DiskSet>,
     mode: MigrationMode,
     c: &mut PushCounters,
 ) -> Result<Vec<u8>, DestError> {
     let mut pages = Vec::new();
+    let total = disks.map_or(ram.pages(), DiskSet::total_pages);
     loop {
         let frame = ctl.recv()?;
         let payload = frame.payload;
@@ -43,11 +62,23 @@ pub(super) fn receive_before_state(
             MsgType::State => return Ok(payload.to_vec()),
             MsgType::Pages if mode != MigrationMode::Postcopy => {
                 c.bytes_wire += (HEADER_LEN + payload.len()) as u64;
-                let ph = decode_pages(payload, ram.pages(), &mut pages)?;
-                let (first, n) = (ph.first_pfn, u64::from(ph.count));
+                let ph = decode_pages(payload, total, &mut pages)?;
+                let (first, all) = (ph.first_pfn, u64::from(ph.count));
+                let n = in_ram(ram.pages(), first, all);
+                if n < all {
+                    let d = disks.ok_or_else(|| no_disks(first, all))?;
+                    c.disk_blocks += all - n;
+                    if ph.encoding == PageEncoding::Zero {
+                        d.install_zero(first + n, all - n)?;
+                    } else {
+                        d.install(first + n, &pages[n as usize * PAGE_SIZE..])?;
+                    }
+                }
                 if ph.encoding == PageEncoding::Zero {
-                    c.pages_zero += n;
-                    ram.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
+                    c.pages_zero += all;
+                    if n > 0 {
+                        ram.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
+                    }
                     if let Some(u) = uffd {
                         for p in first..first + n {
                             u.present.clear(p);
@@ -55,10 +86,12 @@ pub(super) fn receive_before_state(
                         u.zero.set_range(first, n);
                     }
                 } else {
-                    c.pages_pushed += n;
+                    c.pages_pushed += all;
                     c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;
                     c.bytes_page_raw += pages.len() as u64;
-                    ram.write_at(first * PAGE_SIZE as u64, &pages)?;
+                    if n > 0 {
+                        ram.write_at(first * PAGE_SIZE as u64, &pages[..n as usize * PAGE_SIZE])?;
+                    }
                     if let Some(u) = uffd {
                         u.present.set_range(first, n);
                         for p in first..first + n {
@@ -71,20 +104,29 @@ pub(super) fn receive_before_state(
                 let u =
                     uffd.ok_or_else(|| DestError::Refused("Discard without userfaultfd".into()))?;
                 c.bytes_wire += (HEADER_LEN + payload.len()) as u64;
-                let stale = PageBitmap::from_le_bytes(ram.pages(), payload).ok_or_else(|| {
+                let stale = PageBitmap::from_le_bytes(total, payload).ok_or_else(|| {
                     ProtocolError::BadPages(format!(
-                        "Discard bitmap of {} bytes for {} pages",
+                        "Discard bitmap of {} bytes for {total} pages",
                         payload.len(),
-                        ram.pages()
                     ))
                 })?;
                 let ack = frame.header.arg == 1;
                 // One punch per run of stale pages: the guest is paused.
-                for (first, n) in stale.runs(0, u64::MAX) {
-                    ram.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
+                for (first, all) in stale.runs(0, u64::MAX) {
+                    let n = in_ram(ram.pages(), first, all);
+                    if n > 0 {
+                        ram.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
+                        for p in first..first + n {
+                            u.present.clear(p);
+                            u.zero.clear(p);
+                        }
+                    }
+                    if n < all {
+                        disks
+                            .ok_or_else(|| no_disks(first, all))?
+                            .discard(first + n, all - n)?;
+                    }
                 }
-                u.present.clear_those_in(&stale);
-                u.zero.clear_those_in(&stale);
                 if ack {
                     ctl.send(MsgType::DiscardDone, 0, &[])?;
                 }
@@ -116,6 +158,7 @@ const IN_FLIGHT: usize = 8;
 pub(super) fn install_push(
     ctl: &mut Link,
     ram: &UffdRam,
+    disks: Option<&DiskSet>,
     c: &mut PushCounters,
 ) -> Result<serde_json::Value, DestError> {
     let (work_tx, work_rx) = sync_channel::<(u64, Vec<u8>)>(IN_FLIGHT);
@@ -126,14 +169,23 @@ pub(super) fn install_push(
             .spawn_scoped(s, move || -> Result<(), DestError> {
                 crate::seccomp::apply(crate::seccomp::Thread::Installer)?;
                 for (pfn, pages) in work_rx {
-                    ram.install(pfn, &pages)?;
+                    let all = (pages.len() / PAGE_SIZE) as u64;
+                    let n = in_ram(ram.pages(), pfn, all);
+                    if n > 0 {
+                        ram.install(pfn, &pages[..n as usize * PAGE_SIZE])?;
+                    }
+                    if n < all {
+                        disks
+                            .ok_or_else(|| no_disks(pfn, all))?
+                            .install(pfn + n, &pages[n as usize * PAGE_SIZE..])?;
+                    }
                     // The receiver may be gone (it failed): drop the buffer.
                     let _ = free_tx.send(pages);
                 }
                 Ok(())
             })
             .map_err(|e| DestError::Refused(format!("cannot start the installer thread: {e}")))?;
-        let received = receive_push(ctl, ram, c, &work_tx, &free_rx);
+        let received = receive_push(ctl, ram, disks, c, &work_tx, &free_rx);
         drop(work_tx);
         let installed = installer
             .join()
@@ -149,6 +201,7 @@ pub(super) fn install_push(
 fn receive_push(
     ctl: &mut Link,
     ram: &UffdRam,
+    disks: Option<&DiskSet>,
     c: &mut PushCounters,
     work: &SyncSender<(u64, Vec<u8>)>,
     free: &Receiver<Vec<u8>>,
@@ -160,10 +213,21 @@ fn receive_push(
         match frame.header.kind {
             MsgType::Pages => {
                 let mut pages = free.try_recv().unwrap_or_default();
-                let ph = decode_pages(payload, ram.pages(), &mut pages)?;
+                let total = disks.map_or(ram.pages(), DiskSet::total_pages);
+                let ph = decode_pages(payload, total, &mut pages)?;
+                let (first, all) = (ph.first_pfn, u64::from(ph.count));
+                let n = in_ram(ram.pages(), first, all);
+                if n < all {
+                    c.disk_blocks += all - n;
+                }
                 if ph.encoding == PageEncoding::Zero {
-                    c.pages_zero += u64::from(ph.count);
-                    ram.zero.set_range(ph.first_pfn, u64::from(ph.count));
+                    c.pages_zero += all;
+                    ram.zero.set_range(first, n);
+                    if n < all {
+                        disks
+                            .ok_or_else(|| no_disks(first, all))?
+                            .install_zero(first + n, all - n)?;
+                    }
                 } else {
                     c.pages_pushed += u64::from(ph.count);
                     c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod committed;
 pub mod dest;
 pub mod dial;
+mod disk_space;
 pub mod error;
 pub mod fault;
 pub mod install;

@@ -43,6 +43,10 @@ pub struct SourceOptions {
     /// Mutual TLS on both connections (None: plain TCP). Every
     /// reconnection after a lost link runs the handshake again.
     pub tls: Option<ferry_transport::ClientTls>,
+    /// Move the VM's disks with its memory (`--migrate-disk`): their
+    /// blocks follow RAM in the page space, and the destination writes
+    /// them into its own files.
+    pub migrate_disks: bool,
 }
 
 impl Default for SourceOptions {
@@ -60,6 +64,7 @@ impl Default for SourceOptions {
             session_id: None,
             prefetch: Vec::new(),
             tls: None,
+            migrate_disks: false,
         }
     }
 }

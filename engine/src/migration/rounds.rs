@@ -2,10 +2,10 @@
 //! hybrid's discard rounds, and what is sent once it is paused.
 
 use ferry_page_server::server::ServerConfig;
-use ferry_page_server::source::{FileSource, PageSource};
 use ferry_protocol::{MigrationMode, MsgType, PageBitmap, RoundStats};
 use tracing::{info, warn};
 
+use super::disk_space::PageSpace;
 use super::error::SourceError;
 use super::link::Link;
 use super::options::SourceOptions;
@@ -28,7 +28,7 @@ pub(super) struct PreSwitch {
 pub(super) fn before_pause(
     vm: &Vm,
     control: &mut Link,
-    source: &FileSource,
+    space: &PageSpace,
     cfg: &ServerConfig,
     opts: &SourceOptions,
 ) -> Result<PreSwitch, SourceError> {
@@ -37,7 +37,7 @@ pub(super) fn before_pause(
         converged: None,
         have: None,
         pending: None,
-        stale: PageBitmap::new(source.pages()),
+        stale: PageBitmap::new(space.pages()),
     };
     if !matches!(opts.mode, MigrationMode::Precopy | MigrationMode::Hybrid) {
         return Ok(pre);
@@ -47,13 +47,13 @@ pub(super) fn before_pause(
         _ => opts.max_rounds,
     };
     let target_ms = opts.downtime_target.as_secs_f64() * 1e3;
-    let mut sender = PageSender::new(&control.stream, source, cfg.lz4, cfg.zero_runs);
+    let mut sender = PageSender::new(&control.stream, &*space.source, cfg.lz4, cfg.zero_runs);
     sender.progress = opts.sent_counter();
     sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
     sender.bytes_progress = opts.bytes_counter();
     let mut dirty: Option<PageBitmap> = None;
     for round in 0..=limit {
-        let total = dirty.as_ref().map_or(source.pages(), PageBitmap::count);
+        let total = dirty.as_ref().map_or(space.pages(), PageBitmap::count);
         opts.phase(format!("pre-copy round {round}"), total);
         let before = sender.bytes;
         let data_before = sender.pages_data;
@@ -63,7 +63,7 @@ pub(super) fn before_pause(
         });
         let sent = sent?;
         sender.flush()?;
-        let d = vm.take_dirty_log()?;
+        let d = space.take_dirty(vm)?;
         let dirty_after = d.count();
         // Time per data page this round, applied to what is dirty now.
         let data_pages = (sender.pages_data - data_before).max(1);
@@ -101,7 +101,7 @@ pub(super) fn before_pause(
     }
     pre.pending = dirty;
     if opts.mode == MigrationMode::Hybrid {
-        discard_rounds(vm, control, &mut pre)?;
+        discard_rounds(vm, space, control, &mut pre)?;
     }
     Ok(pre)
 }
@@ -110,19 +110,19 @@ pub(super) fn before_pause(
 pub(super) fn after_pause(
     vm: &Vm,
     control: &mut Link,
-    source: &FileSource,
+    space: &PageSpace,
     cfg: &ServerConfig,
     opts: &SourceOptions,
     mut pre: PreSwitch,
 ) -> Result<PreSwitch, SourceError> {
-    let mut sender = PageSender::new(&control.stream, source, cfg.lz4, cfg.zero_runs);
+    let mut sender = PageSender::new(&control.stream, &*space.source, cfg.lz4, cfg.zero_runs);
     sender.progress = opts.sent_counter();
     sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
     sender.bytes_progress = opts.bytes_counter();
     match opts.mode {
         MigrationMode::Postcopy => {}
         MigrationMode::StopAndCopy => {
-            opts.phase("stop-and-copy", source.pages());
+            opts.phase("stop-and-copy", space.pages());
             let (sent, ms) = precopy::timed(|| sender.send_all());
             pre.rounds.push(RoundStats {
                 round: 0,
@@ -133,7 +133,7 @@ pub(super) fn after_pause(
             });
         }
         MigrationMode::Precopy => {
-            let dirty = final_dirty(vm, pre.pending.take())?;
+            let dirty = final_dirty(vm, space, pre.pending.take())?;
             opts.phase("pre-copy, paused", dirty.count());
             let (sent, ms) = precopy::timed(|| sender.send_set(&dirty));
             pre.rounds.push(RoundStats {
@@ -145,12 +145,12 @@ pub(super) fn after_pause(
             });
         }
         MigrationMode::Hybrid => {
-            let dirty = final_dirty(vm, pre.pending.take())?;
+            let dirty = final_dirty(vm, space, pre.pending.take())?;
             sender.flush()?;
             drop(sender);
             send_discard(control, &dirty, false)?;
             pre.stale.or_with(&dirty);
-            let have = PageBitmap::full(source.pages());
+            let have = PageBitmap::full(space.pages());
             have.clear_those_in(&pre.stale);
             pre.have = Some(have);
             return Ok(pre);
@@ -178,9 +178,14 @@ fn send_discard(control: &mut Link, stale: &PageBitmap, ack: bool) -> Result<(),
 /// dirty, tell the destination to drop it (cheaper than sending, and done
 /// before the pause), and repeat on what changed meanwhile. Punching a page
 /// out costs ~4.5 µs here, so each round shrinks the set left for the pause.
-fn discard_rounds(vm: &Vm, control: &mut Link, pre: &mut PreSwitch) -> Result<(), SourceError> {
+fn discard_rounds(
+    vm: &Vm,
+    space: &PageSpace,
+    control: &mut Link,
+    pre: &mut PreSwitch,
+) -> Result<(), SourceError> {
     for round in 0..MAX_DISCARD_ROUNDS {
-        let dirty = final_dirty(vm, pre.pending.take())?;
+        let dirty = final_dirty(vm, space, pre.pending.take())?;
         let n = dirty.count();
         let (sent, ms) = precopy::timed(|| send_discard(control, &dirty, true));
         sent?;
@@ -200,8 +205,12 @@ fn discard_rounds(vm: &Vm, control: &mut Link, pre: &mut PreSwitch) -> Result<()
 
 /// What is still to send once paused: the pages dirtied in the last round
 /// (found after it was sent) plus those dirtied since.
-fn final_dirty(vm: &Vm, pending: Option<PageBitmap>) -> Result<PageBitmap, SourceError> {
-    let dirty = vm.take_dirty_log()?;
+fn final_dirty(
+    vm: &Vm,
+    space: &PageSpace,
+    pending: Option<PageBitmap>,
+) -> Result<PageBitmap, SourceError> {
+    let dirty = space.take_dirty(vm)?;
     if let Some(p) = pending {
         dirty.or_with(&p);
     }

@@ -101,7 +101,9 @@ fn handshake(link: &mut Link, hello: &Hello) -> Result<Answer, SourceError> {
 }
 
 /// Connects the control and then the fault connection through `dial` and does
-/// the handshake on both, for a VM of shape `meta` moved in `mode`.
+/// the handshake on both, for a VM of shape `meta` moved in `mode`;
+/// `extra_options` go into the `Hello` after the mode (migrated disks).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn open_session(
     dial: &Dial,
     mode: MigrationMode,
@@ -110,6 +112,7 @@ pub(super) fn open_session(
     peer_timeout: Duration,
     session_id: Option<u64>,
     tls: Option<&ClientTls>,
+    extra_options: Vec<(u16, Vec<u8>)>,
 ) -> Result<Session, SourceError> {
     let session_id = match session_id {
         Some(id) => id,
@@ -123,7 +126,10 @@ pub(super) fn open_session(
         mem_size: meta.mem_size,
         vcpus: meta.vcpus,
         page_size: PAGE_SIZE as u32,
-        options: vec![(OPT_MODE, vec![mode as u8])],
+        options: [(OPT_MODE, vec![mode as u8])]
+            .into_iter()
+            .chain(extra_options)
+            .collect(),
     };
     let (session, _) = connect_both(dial, hello, peer_timeout, tls)?;
     info!(

@@ -26,12 +26,13 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_page_server::source::{FileSource, PageSource};
+use ferry_page_server::source::PageSource;
 use ferry_protocol::{MigrationMode, MsgType, PageBitmap, RoundStats, StateMeta};
 use tracing::{error, info, warn};
 
 use super::committed::{Committed, End};
 use super::dial::Dial;
+use super::disk_space::PageSpace;
 use super::error::SourceError;
 use super::options::SourceOptions;
 use super::precopy::PageSender;
@@ -72,6 +73,7 @@ pub fn migrate_postcopy(
 pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome, SourceError> {
     let start_host_us = now_us();
     opts.stage(Stage::Precopy);
+    let space = PageSpace::of(vm, opts.migrate_disks)?;
     let peer_timeout = opts.server.peer_timeout;
     let dial = Dial::tcp(addr);
     let Session {
@@ -87,6 +89,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         peer_timeout,
         opts.session_id,
         opts.tls.as_ref(),
+        space.hello_options(),
     )
     .inspect_err(|e| {
         if let Some(p) = &opts.progress {
@@ -94,7 +97,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         }
     })?;
     let cfg = negotiated(&opts.server, &ack);
-    let source = FileSource::new(vm.ram().file().clone(), vm.ram().pages());
+    let source = &*space.source;
 
     let was_running = vm.is_running();
     let logging = matches!(opts.mode, MigrationMode::Precopy | MigrationMode::Hybrid);
@@ -109,11 +112,11 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
                 vm.resume()?;
             }
         }
-        let pre = before_pause(vm, &mut control, &source, &cfg, opts)?;
+        let pre = before_pause(vm, &mut control, &space, &cfg, opts)?;
         let pause_host_us = now_us();
         opts.stage(Stage::Switching);
         let pause = vm.pause()?;
-        let pre = after_pause(vm, &mut control, &source, &cfg, opts, pre)?;
+        let pre = after_pause(vm, &mut control, &space, &cfg, opts, pre)?;
         send_machine_state(
             vm,
             &mut control,
@@ -164,7 +167,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     };
     info!("switch-over committed");
     let record = SessionRecord::of(&dial.addr(), &hello, opts.mode);
-    let mut committed = Committed::new(&dial, hello, opts, cfg, &source, opts.mode.lazy());
+    let mut committed = Committed::new(&dial, hello, opts, cfg, source, opts.mode.lazy());
     let end = committed.run(Some((control, fault)), commit_sent, pre.have);
     let (complete, server_stats) = match end {
         Ok(End::Complete { complete, server }) => (complete, server),
@@ -281,6 +284,7 @@ pub fn migrate_machine(
         opts.server.peer_timeout,
         opts.session_id,
         opts.tls.as_ref(),
+        Vec::new(),
     )?;
     let cfg = negotiated(&opts.server, &ack);
     let t0 = Instant::now();

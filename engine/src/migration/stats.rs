@@ -132,10 +132,34 @@ pub struct MigrationStats {
     pub precopy_rounds: Vec<ferry_protocol::RoundStats>,
     /// The source's own counters.
     pub source: serde_json::Value,
+    /// Migrated local disks (`--migrate-disk`): their blocks and how they
+    /// arrived (absent without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskStats>,
     /// Pages faulted over the network, in order (not in the JSON: a lazy
     /// restore records them as the snapshot's replay list).
     #[serde(skip)]
     pub demand_order: Vec<u64>,
+}
+
+/// How the blocks of migrated local disks arrived.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskStats {
+    /// Blocks (4 KiB) of every migrated disk.
+    pub blocks: u64,
+    /// Blocks that came on the control connection (push, pre-copy rounds;
+    /// zero runs included).
+    pub blocks_pushed: u64,
+    /// Blocks asked for over the fault connection because a guest disk
+    /// request needed them before they arrived.
+    pub demand_requests: u64,
+    /// Blocks fetched on demand that were installed by the answer.
+    pub demand_blocks: u64,
+    /// Time guest disk requests waited for blocks, summed, ms.
+    pub wait_ms: f64,
+    /// Blocks that arrived after the guest had written them here, and
+    /// were dropped (the guest's write wins).
+    pub dropped_after_guest_write: u64,
 }
 
 /// Recoveries of a session after `Commit`, as one side counted them.

@@ -170,6 +170,7 @@ pub fn decode(p: &[u8]) -> Result<VirtioState, String> {
                 readonly,
                 serial,
                 latency_us: 0,
+                migrated: None,
             };
             d.validate()?;
             VirtioBackendConfig::Blk(d)
@@ -237,6 +238,7 @@ pub(crate) fn sample() -> VirtioState {
             readonly: false,
             serial: "ferry0".into(),
             latency_us: 0,
+            migrated: None,
         }),
     }
 }

@@ -50,6 +50,12 @@ struct Args {
     /// How the memory moves: postcopy, stop-and-copy, precopy or hybrid.
     #[arg(long, default_value = "postcopy")]
     mode: MigrationMode,
+    /// Move the VM's disks (--disk) with its memory instead of sharing
+    /// them: their blocks go through the page server (pre-copy rounds
+    /// with a dirty-block bitmap, or post-copy with reads on demand), and
+    /// the destination writes them into the files its own --disk names.
+    #[arg(long, conflicts_with = "resume")]
+    migrate_disk: bool,
     /// Pre-copy: most rounds after the first full pass.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
@@ -138,6 +144,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         recovery_window: args.link.recovery_window,
         session_record: args.mem_file.as_deref().map(SessionRecord::path_for),
         tls,
+        migrate_disks: args.migrate_disk,
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
             max_bandwidth: args.max_bandwidth,
