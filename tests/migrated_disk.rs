@@ -198,6 +198,18 @@ fn postcopy_moves_a_local_disk_with_reads_on_demand() {
         "no disk block was read before it arrived: {stats}"
     );
     assert!(disk["blocks_pushed"].as_u64().unwrap() > 0, "{stats}");
+    // The guest wrote blocks here before the push reached them, and the
+    // push's copies were dropped (the offline check shows the guest's).
+    assert!(
+        disk["dropped_after_guest_write"].as_u64().unwrap() > 0,
+        "no guest write came before the push: {stats}"
+    );
+}
+
+#[test]
+fn stop_and_copy_moves_a_local_disk() {
+    let stats = move_disk("mdisk-sac", "stop-and-copy", 400_000, &[]);
+    assert_eq!(stats["disk"]["demand_requests"], 0, "{stats}");
 }
 
 #[test]
