@@ -249,7 +249,8 @@ impl Blk {
                     } else {
                         m.before_read(start, end);
                     }
-                } else if out {
+                }
+                if out {
                     dirty.mark_disk(&self.config.path, start, end);
                 }
                 let mut at = start;
@@ -278,7 +279,8 @@ impl Blk {
                 }
                 if let Some(g) = write_guard {
                     g.done();
-                } else if out {
+                }
+                if out {
                     // Again once the data is in the file: a pre-copy round
                     // that read the block between the first mark and the
                     // write sends it again.

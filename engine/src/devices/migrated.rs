@@ -186,13 +186,21 @@ impl DiskImage {
         self.check(first, n)?;
         let g = self.guard();
         let mut newly = 0;
-        for b in first..first + n {
+        let mut b = first;
+        while b < first + n {
             if self.owned.get(b) {
                 self.requests.dropped.fetch_add(1, Ordering::Relaxed);
+                b += 1;
                 continue;
             }
-            punch(&self.file, b * BLOCK, BLOCK).map_err(self.io("punch"))?;
-            newly += u64::from(self.present.set(b));
+            // One punch per run of blocks the guest does not own.
+            let mut e = b + 1;
+            while e < first + n && !self.owned.get(e) {
+                e += 1;
+            }
+            punch(&self.file, b * BLOCK, (e - b) * BLOCK).map_err(self.io("punch"))?;
+            newly += self.present.set_range(b, e - b);
+            b = e;
         }
         drop(g);
         self.arrived.notify_all();

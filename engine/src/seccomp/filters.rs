@@ -128,6 +128,13 @@ fn rules(kind: Thread) -> Result<Rules, seccompiler::BackendError> {
         }
         Thread::Fault | Thread::Installer => {
             r.extend(SOCKET_IO.iter().map(|&s| (s, Vec::new())));
+            // Migrated disks: blocks written into the destination's file,
+            // zero runs punched out (`fallocate`).
+            r.extend(
+                [libc::SYS_pwrite64, libc::SYS_pwritev, libc::SYS_fallocate]
+                    .iter()
+                    .map(|&s| (s, Vec::new())),
+            );
             // UFFDIO_COPY/ZEROPAGE/WAKE, and FIONBIO on a new connection.
             r.insert(
                 libc::SYS_ioctl,
