@@ -4,10 +4,11 @@
 #   libclang-dev      bindgen in userfaultfd-sys needs libclang
 #   build-essential   gcc, as and ld build the workload guest
 #   qemu-system-x86   QEMU peer runs of the same guest ELF
-#   iproute2          network namespaces and tbf for two-host tests
+#   iproute2          network namespaces, bridges and tbf for two-host tests
+#   strace            the lazy-restore test checks that no TCP socket is made
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(libclang-dev build-essential qemu-system-x86 iproute2)
+pkgs=(libclang-dev build-essential qemu-system-x86 iproute2 strace)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
