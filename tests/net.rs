@@ -387,3 +387,80 @@ fn echo_stream_continues_across_a_postcopy_move_and_the_destination_announces() 
     ctl(&dir.path("dst.sock"), &["quit"]);
     let _ = dst.0.wait();
 }
+
+/// A snapshot keeps the card: restored as it was, the guest's echo stream
+/// goes on with the saved tap and MAC. A clone restored from the same
+/// snapshot with `--net tap=...,mac=...` uses its own MAC: the guest reads
+/// it from its card (`FERRY NETMAC`), its echoes go on, and the clone's
+/// announce from that MAC crosses the bridge.
+#[test]
+fn a_snapshot_keeps_the_card_and_a_clone_gets_its_own_mac() {
+    let s = 213;
+    let net = Arc::new(two_bridged_hosts("fnet3", s));
+    let dir = Scratch::new("net-snap");
+    let _echo = Echo::start(&net, Side::Source, format!("10.77.{s}.1"));
+    let guest = guest_args(s);
+    let net_arg = format!("tap={TAP},mac={MAC}");
+    let args = console_args(
+        &dir,
+        "src",
+        &["--mem", "64M", "--guest-args", &guest, "--net", &net_arg],
+    );
+    let _src = spawn_on(
+        &net,
+        Side::Source,
+        "ferry-source",
+        &strs(&args),
+        &dir.path("src.err"),
+    );
+    let (_, _, echoed, _) = wait_echoed(&dir.path("src.log"), 50);
+    let sock = dir.path("src.sock");
+    ctl(&sock, &["pause"]);
+    let snap = dir.path("vm.snap");
+    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    ctl(&sock, &["quit"]);
+    assert_no_bad(&dir.path("src.log"));
+
+    const CLONE_MAC: &str = "52:54:00:4e:45:02";
+    const CLONE_MAC_BYTES: [u8; 6] = [0x52, 0x54, 0x00, 0x4e, 0x45, 0x02];
+    for (name, extra) in [
+        ("same", Vec::new()),
+        ("clone", vec![format!("tap={TAP},mac={CLONE_MAC}")]),
+    ] {
+        let capture = Capture::start(&net, Side::Source, CLONE_MAC_BYTES);
+        let mut args = vec!["--restore".to_string(), snap.to_string_lossy().into_owned()];
+        for n in &extra {
+            args.extend(["--net".to_string(), n.clone()]);
+        }
+        let args = console_args(&dir, name, &strs(&args));
+        let _vm = spawn_on(
+            &net,
+            Side::Source,
+            "ferry-dest",
+            &strs(&args),
+            &dir.path(&format!("{name}.err")),
+        );
+        let log = dir.path(&format!("{name}.log"));
+        // The rounds continue from the snapshot's, and the echoes with them.
+        wait_echoed(&log, echoed + 100);
+        assert_no_bad(&log);
+        let macs: Vec<String> = read_console(&log)
+            .iter()
+            .filter_map(|l| match parse_line(&l.text) {
+                GuestLine::NetMac(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        if extra.is_empty() {
+            assert!(macs.is_empty(), "{name}: the card's MAC changed: {macs:?}");
+        } else {
+            assert_eq!(macs, [CLONE_MAC], "{name}: the guest's view of its MAC");
+            let (rarp, _) = wait_for(WAIT, "the clone's announce on the bridge", || {
+                let seen = capture.seen();
+                (seen.0 >= 1).then_some(seen)
+            });
+            println!("clone: {rarp} RARP from {CLONE_MAC} on the bridge");
+        }
+        ctl(&dir.path(&format!("{name}.sock")), &["quit"]);
+    }
+}

@@ -79,7 +79,8 @@ static void put(struct buf *b, char c)
 		b->p[b->len++] = c;
 }
 
-static void put_num(struct buf *b, u64 v, unsigned base, bool neg)
+/* `width` is a zero-padded minimum number of digits (`%02x`), 0 for none. */
+static void put_num(struct buf *b, u64 v, unsigned base, bool neg, int width)
 {
 	char tmp[24];
 	int n = 0;
@@ -89,6 +90,8 @@ static void put_num(struct buf *b, u64 v, unsigned base, bool neg)
 		tmp[n++] = "0123456789abcdef"[v % base];
 		v /= base;
 	} while (v);
+	for (int pad = width - n; pad > 0; pad--)
+		put(b, '0');
 	while (n)
 		put(b, tmp[--n]);
 }
@@ -102,6 +105,12 @@ static size_t vformat(char *out, size_t cap, const char *fmt, va_list ap)
 			continue;
 		}
 		fmt++;
+		int width = 0;
+		if (*fmt == '0') {
+			fmt++;
+			while (*fmt >= '0' && *fmt <= '9' && width < 20)
+				width = width * 10 + (*fmt++ - '0');
+		}
 		int longs = 0;
 		while (*fmt == 'l') {
 			longs++;
@@ -110,13 +119,13 @@ static size_t vformat(char *out, size_t cap, const char *fmt, va_list ap)
 		switch (*fmt) {
 		case 'd': {
 			long long v = longs ? va_arg(ap, long long) : va_arg(ap, int);
-			put_num(&b, v < 0 ? -(u64)v : (u64)v, 10, v < 0);
+			put_num(&b, v < 0 ? -(u64)v : (u64)v, 10, v < 0, width);
 			break;
 		}
 		case 'u':
 		case 'x': {
 			u64 v = longs ? va_arg(ap, unsigned long long) : va_arg(ap, unsigned);
-			put_num(&b, v, *fmt == 'u' ? 10 : 16, false);
+			put_num(&b, v, *fmt == 'u' ? 10 : 16, false, width);
 			break;
 		}
 		case 's': {
