@@ -20,7 +20,7 @@ const C_SOURCES: &[&str] = &[
 const ASM_SOURCES: &[&str] = &["src/boot.S"];
 /// The silent test kernel: one assembler file, linked on its own.
 const SILENT_SOURCE: &str = "src/silent.S";
-const HEADERS: &[&str] = &["src/guest.h", "src/pvh_note.h"];
+const HEADERS: &[&str] = &["src/guest.h", "src/pvh_note.h", "src/virtio_mmio.h"];
 const LINKER_SCRIPT: &str = "src/linker.ld";
 
 /// Flags for every translation unit.
