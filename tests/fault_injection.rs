@@ -102,7 +102,17 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
             // The destination runs the VM and completed the move.
             let stats = wait_stats(&dir.path("src.json"), WAIT);
             recoveries = stats["source"]["recoveries"].as_u64().unwrap();
-            let status = ctl(&dir.path("dst.sock"), &["status"]);
+            // The destination may still be answering a reconnected source
+            // (after a cut near the commit) for a moment after the source
+            // has exited; then it runs the VM.
+            let status = wait_for(
+                WAIT,
+                &format!("{name}: the destination to run the VM"),
+                || {
+                    let s = ctl(&dir.path("dst.sock"), &["status"]);
+                    (s["run_state"] != "migrating").then_some(s)
+                },
+            );
             assert_eq!(status["run_state"], "running", "{name}: {status}");
             assert_eq!(
                 status["migration"]["stage"], "completed",
