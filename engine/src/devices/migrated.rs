@@ -151,38 +151,37 @@ impl DiskImage {
     /// blocks), except blocks the guest owns; returns how many were new.
     pub fn install(&self, first: u64, data: &[u8]) -> Result<u64, MigratedError> {
         let n = data.len() as u64 / BLOCK;
-        self.check(first, n)?;
-        let g = self.guard();
-        let mut newly = 0;
-        let mut b = first;
-        while b < first + n {
-            if self.owned.get(b) {
-                self.requests.dropped.fetch_add(1, Ordering::Relaxed);
-                b += 1;
-                continue;
-            }
-            // A run of blocks the guest does not own: one write.
-            let mut e = b + 1;
-            while e < first + n && !self.owned.get(e) {
-                e += 1;
-            }
-            let off = ((b - first) * BLOCK) as usize;
-            let end = ((e - first) * BLOCK) as usize;
+        // One write per run of blocks the guest does not own.
+        self.fill_unowned(first, n, |b, e| {
+            let (off, end) = (
+                ((b - first) * BLOCK) as usize,
+                ((e - first) * BLOCK) as usize,
+            );
             self.file
                 .write_all_at(&data[off..end], b * BLOCK)
-                .map_err(self.io("write"))?;
-            newly += self.present.set_range(b, e - b);
-            b = e;
-        }
-        drop(g);
-        self.arrived.notify_all();
-        self.note_complete();
-        Ok(newly)
+                .map_err(self.io("write"))
+        })
     }
 
     /// Blocks `first..first+n` are zero on the source: punches them out,
     /// except blocks the guest owns; returns how many were new.
     pub fn install_zero(&self, first: u64, n: u64) -> Result<u64, MigratedError> {
+        // One punch per run of blocks the guest does not own.
+        self.fill_unowned(first, n, |b, e| {
+            punch(&self.file, b * BLOCK, (e - b) * BLOCK).map_err(self.io("punch"))
+        })
+    }
+
+    /// Calls `fill(b, e)` for each run `b..e` of blocks in `first..first+n`
+    /// the guest does not own (counting the owned ones as dropped), under
+    /// the disk's lock, then marks them present and wakes waiting reads;
+    /// returns how many were new.
+    fn fill_unowned(
+        &self,
+        first: u64,
+        n: u64,
+        mut fill: impl FnMut(u64, u64) -> Result<(), MigratedError>,
+    ) -> Result<u64, MigratedError> {
         self.check(first, n)?;
         let g = self.guard();
         let mut newly = 0;
@@ -193,12 +192,11 @@ impl DiskImage {
                 b += 1;
                 continue;
             }
-            // One punch per run of blocks the guest does not own.
             let mut e = b + 1;
             while e < first + n && !self.owned.get(e) {
                 e += 1;
             }
-            punch(&self.file, b * BLOCK, (e - b) * BLOCK).map_err(self.io("punch"))?;
+            fill(b, e)?;
             newly += self.present.set_range(b, e - b);
             b = e;
         }
