@@ -18,8 +18,13 @@ const READ_CHUNK: usize = 256 << 10;
 /// Buffers a byte stream and splits it into frames.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
+    /// Storage; the bytes received and not yet handed out are
+    /// `buf[start..end]`. It only grows, so a read never zeroes it again
+    /// (zeroing 256 KiB per read once cost a fault thread that polls its
+    /// socket in a loop half its CPU).
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     /// Payload length of the frame whose header is at `start`, once known.
     want: Option<usize>,
     /// Where the last frame handed out starts, and its header.
@@ -44,6 +49,7 @@ impl FrameDecoder {
     /// A decoder that starts with bytes already read from the stream.
     pub fn with_bytes(bytes: Vec<u8>) -> Self {
         Self {
+            end: bytes.len(),
             buf: bytes,
             start: 0,
             want: None,
@@ -53,11 +59,12 @@ impl FrameDecoder {
 
     /// Bytes received but not yet handed out as frames.
     pub fn buffered(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.start..self.end]
     }
 
     /// The bytes not yet handed out, for whoever reads the stream next.
     pub fn into_buffered(mut self) -> Vec<u8> {
+        self.buf.truncate(self.end);
         self.buf.drain(..self.start);
         self.buf
     }
@@ -65,7 +72,17 @@ impl FrameDecoder {
     /// Appends bytes that arrived.
     pub fn extend(&mut self, data: &[u8]) {
         self.compact();
-        self.buf.extend_from_slice(data);
+        self.reserve(data.len());
+        self.buf[self.end..self.end + data.len()].copy_from_slice(data);
+        self.end += data.len();
+    }
+
+    /// Makes room for `n` more bytes after `end`, zeroing only storage
+    /// that never existed before.
+    fn reserve(&mut self, n: usize) {
+        if self.buf.len() < self.end + n {
+            self.buf.resize(self.end + n, 0);
+        }
     }
 
     /// Reads once from `r` into the buffer; returns the byte count (0 at
@@ -73,20 +90,19 @@ impl FrameDecoder {
     /// for the caller's loop to handle.
     pub fn read_from(&mut self, r: &mut impl Read) -> std::io::Result<usize> {
         self.compact();
-        let pending = self.buf.len() - self.start;
+        let pending = self.end - self.start;
         let need = self.want.map_or(0, |w| HEADER_LEN + w);
         let room = READ_CHUNK.max(need.saturating_sub(pending));
-        let old = self.buf.len();
-        self.buf.resize(old + room, 0);
-        let got = r.read(&mut self.buf[old..]);
-        self.buf.truncate(old + *got.as_ref().unwrap_or(&0));
+        self.reserve(room);
+        let got = r.read(&mut self.buf[self.end..self.end + room]);
+        self.end += *got.as_ref().unwrap_or(&0);
         got
     }
 
     /// The next complete frame, if one is buffered. An `Abort` frame comes
     /// back as [`ProtocolError::Aborted`] with its reason.
     pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, ProtocolError> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
             return Ok(None);
         };
@@ -140,7 +156,7 @@ impl FrameDecoder {
 
     /// True when a whole frame is buffered (its header is checked).
     fn has_frame(&mut self) -> Result<bool, ProtocolError> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
             return Ok(false);
         };
@@ -151,11 +167,12 @@ impl FrameDecoder {
     /// Drops consumed bytes when that is cheap or needed.
     fn compact(&mut self) {
         self.last = None;
-        if self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start == self.end {
             self.start = 0;
-        } else if self.start > READ_CHUNK && self.start * 2 > self.buf.len() {
-            self.buf.drain(..self.start);
+            self.end = 0;
+        } else if self.start > READ_CHUNK && self.start * 2 > self.end {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
     }
