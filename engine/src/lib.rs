@@ -13,6 +13,7 @@ pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod os;
+pub mod sched;
 pub mod seccomp;
 pub mod snapshot;
 pub mod snapshot_replay;

@@ -70,6 +70,8 @@ pub(super) struct Committed<'a> {
     pub(super) pages: &'a dyn PageSource,
     pub(super) lazy: bool,
     pub(super) recovery: Recovery,
+    /// Pages the push sends first (the hot set), on every connection.
+    pub(super) hot: Option<PageBitmap>,
     resumed_seen: bool,
 }
 
@@ -90,6 +92,7 @@ impl<'a> Committed<'a> {
             pages,
             lazy,
             recovery: Recovery::default(),
+            hot: None,
             resumed_seen: false,
         }
     }
@@ -132,6 +135,7 @@ impl<'a> Committed<'a> {
                     let (fault, fault_buffered) = f.into_parts();
                     let resume = Resume {
                         have: have.as_ref(),
+                        hot: self.hot.as_ref(),
                         sent: self.opts.sent_counter(),
                         sent_bytes: self.opts.bytes_counter(),
                         control_buffered,

@@ -80,6 +80,8 @@ pub struct DestOptions {
     /// `--net` given here: the `i`-th replaces the moved VM's `i`-th
     /// network card's tap and MAC. Empty: the taps named in the state.
     pub net_overrides: Vec<crate::devices::NetConfig>,
+    /// How the fault thread asks to be scheduled (see [`crate::sched`]).
+    pub fault_priority: crate::sched::FaultPriority,
 }
 
 impl Default for DestOptions {
@@ -93,6 +95,7 @@ impl Default for DestOptions {
             tls: None,
             disk_overrides: Vec::new(),
             net_overrides: Vec::new(),
+            fault_priority: crate::sched::FaultPriority::default(),
         }
     }
 }
@@ -204,6 +207,7 @@ pub fn receive_from<'a>(
                 fault_conn,
                 fault_buffered,
                 ctl.stream.try_clone().ok(),
+                opts.fault_priority,
             )
             .map_err(|e| abort(&ctl, e.into()))?,
         ),
@@ -938,6 +942,8 @@ fn build_stats(
         pages_zero: push.pages_zero,
         prefetch_hits: fault.prefetch_hits,
         zero_faults: fault.zero_faults,
+        fault_priority: fault.priority,
+        fault_around_pages: fault.pages_around,
         bytes_wire: push.bytes_wire + fault.bytes_wire + bytes_state,
         bytes_state,
         compression_ratio: if data == 0 {

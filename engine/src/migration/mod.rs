@@ -11,6 +11,7 @@ pub mod dial;
 mod disk_space;
 pub mod error;
 pub mod fault;
+pub mod fault_around;
 pub mod install;
 pub mod link;
 pub mod options;

@@ -47,6 +47,10 @@ pub struct SourceOptions {
     /// blocks follow RAM in the page space, and the destination writes
     /// them into its own files.
     pub migrate_disks: bool,
+    /// Post-copy: for this long before the pause, KVM's dirty log records
+    /// which pages the guest writes; the push sends those (the hot set)
+    /// first, then the rest. Zero: no dirty logging, plain page order.
+    pub hot_window: Duration,
 }
 
 impl Default for SourceOptions {
@@ -65,6 +69,7 @@ impl Default for SourceOptions {
             prefetch: Vec::new(),
             tls: None,
             migrate_disks: false,
+            hot_window: Duration::ZERO,
         }
     }
 }

@@ -100,8 +100,12 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     let source = &*space.source;
 
     let was_running = vm.is_running();
-    let logging = matches!(opts.mode, MigrationMode::Precopy | MigrationMode::Hybrid);
+    // Post-copy with a hot window logs writes just before the pause.
+    let hot_logging = opts.mode == MigrationMode::Postcopy && !opts.hot_window.is_zero();
+    let logging =
+        matches!(opts.mode, MigrationMode::Precopy | MigrationMode::Hybrid) || hot_logging;
     let t0 = Instant::now();
+    let mut hot = None;
     let pre = (|| {
         if logging {
             if was_running {
@@ -113,9 +117,21 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
             }
         }
         let pre = before_pause(vm, &mut control, &space, &cfg, opts)?;
+        if hot_logging && was_running {
+            std::thread::sleep(opts.hot_window);
+        }
         let pause_host_us = now_us();
         opts.stage(Stage::Switching);
         let pause = vm.pause()?;
+        if hot_logging {
+            let h = space.take_dirty(vm)?;
+            info!(
+                pages = h.count(),
+                window_ms = opts.hot_window.as_millis() as u64,
+                "hot set: pages written just before the pause, pushed first"
+            );
+            hot = Some(h);
+        }
         let pre = after_pause(vm, &mut control, &space, &cfg, opts, pre)?;
         send_machine_state(
             vm,
@@ -168,6 +184,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     info!("switch-over committed");
     let record = SessionRecord::of(&dial.addr(), &hello, opts.mode);
     let mut committed = Committed::new(&dial, hello, opts, cfg, source, opts.mode.lazy());
+    committed.hot = hot;
     let end = committed.run(Some((control, fault)), commit_sent, pre.have);
     let (complete, server_stats) = match end {
         Ok(End::Complete { complete, server }) => (complete, server),

@@ -108,6 +108,14 @@ pub struct MigrationStats {
     pub prefetch_hits: u64,
     /// Faults on zero pages, resolved locally.
     pub zero_faults: u64,
+    /// The scheduling the destination's fault thread got (`realtime`,
+    /// `slice` or `normal`; absent without a fault thread).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_priority: Option<crate::sched::Applied>,
+    /// Pages demand requests asked for after the faulting page
+    /// (fault-around, see `migration::fault_around`).
+    #[serde(default)]
+    pub fault_around_pages: u64,
     /// Bytes on both connections, both directions, headers included.
     pub bytes_wire: u64,
     /// Bytes of the state blob.

@@ -82,11 +82,14 @@ impl Conn {
         self.queued += (self.out.len() - before) as u64;
     }
 
-    /// Writes as much of `out` as the socket takes; returns the byte count.
-    pub(super) fn flush(&mut self) -> Result<u64, ServerError> {
+    /// Writes as much of `out` as the socket takes, stopping once about
+    /// `max` bytes went (each write is at most `max`); returns the byte
+    /// count.
+    pub(super) fn flush(&mut self, max: usize) -> Result<u64, ServerError> {
         let before = self.written;
-        while self.writable && self.out_pos < self.out.len() {
-            match (&self.stream).write(&self.out[self.out_pos..]) {
+        while self.writable && self.out_pos < self.out.len() && self.written - before < max as u64 {
+            let end = self.out.len().min(self.out_pos.saturating_add(max));
+            match (&self.stream).write(&self.out[self.out_pos..end]) {
                 Ok(0) => return Err(self.err(io::Error::from(io::ErrorKind::WriteZero))),
                 Ok(n) => {
                     self.out_pos += n;

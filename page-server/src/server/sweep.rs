@@ -1,4 +1,7 @@
 //! The push sweep: which pages have gone, and where the push goes next.
+//!
+//! With a hot set (the pages the guest wrote just before the switch-over),
+//! the sweep sends those first, in page order, then everything else.
 
 use ferry_protocol::PageBitmap;
 
@@ -10,6 +13,9 @@ pub(super) struct Sweep {
     pub(super) pages: u64,
     pub(super) left: u64,
     pub(super) cursor: u64,
+    /// Pages to send before any other; dropped once all are sent.
+    hot: Option<PageBitmap>,
+    hot_cursor: u64,
 }
 
 impl Sweep {
@@ -19,7 +25,44 @@ impl Sweep {
             pages,
             left: pages,
             cursor: 0,
+            hot: None,
+            hot_cursor: 0,
         }
+    }
+
+    /// Sends the pages set in `hot` (clipped to the sweep's pages) before
+    /// any other.
+    pub(super) fn hot_first(&mut self, hot: &PageBitmap) {
+        let h = PageBitmap::new(self.pages);
+        let mut at = 0;
+        while let Some(first) = hot.next_set(at).filter(|&p| p < self.pages) {
+            let end = hot.next_clear(first).unwrap_or(u64::MAX).min(self.pages);
+            h.set_range(first, end - first);
+            at = end;
+        }
+        self.hot = Some(h);
+        self.hot_cursor = 0;
+    }
+
+    /// True while hot pages are still unsent.
+    pub(super) fn in_hot(&mut self) -> bool {
+        self.next_hot().is_some()
+    }
+
+    /// The first hot page not yet sent (forgetting the hot set once none
+    /// is left).
+    fn next_hot(&mut self) -> Option<u64> {
+        let h = self.hot.as_ref()?;
+        let mut at = self.hot_cursor;
+        while let Some(p) = h.next_set(at) {
+            if !self.sent.get(p) {
+                self.hot_cursor = p;
+                return Some(p);
+            }
+            at = p + 1;
+        }
+        self.hot = None;
+        None
     }
 
     pub(super) fn done(&self) -> bool {
@@ -44,9 +87,12 @@ impl Sweep {
 
     /// Where the next push frame starts: the first unsent page from the
     /// cursor on, wrapping around.
-    pub(super) fn next(&self) -> Option<u64> {
+    pub(super) fn next(&mut self) -> Option<u64> {
         if self.done() {
             return None;
+        }
+        if let Some(p) = self.next_hot() {
+            return Some(p);
         }
         self.sent
             .next_clear(self.cursor)
@@ -56,7 +102,13 @@ impl Sweep {
     /// Length of the run of unsent pages at `pfn`, at most `max`.
     pub(super) fn unsent_run(&self, pfn: u64, max: u64) -> u64 {
         let end = pfn.saturating_add(max).min(self.pages);
-        self.sent.next_set(pfn).map_or(end, |s| s.min(end)) - pfn
+        let end = self.sent.next_set(pfn).map_or(end, |s| s.min(end));
+        // While hot pages are left, a run is hot pages only.
+        let end = match &self.hot {
+            Some(h) if h.get(pfn) => h.next_clear(pfn).map_or(end, |c| c.min(end)),
+            _ => end,
+        };
+        end - pfn
     }
 }
 
@@ -101,6 +153,36 @@ mod tests {
         assert_eq!(s.next(), Some(64));
         s.mark(64, 1);
         assert_eq!(s.next(), Some(66));
+    }
+
+    #[test]
+    fn hot_pages_go_first_then_the_rest_in_order() {
+        let mut s = Sweep::new(200);
+        let hot = PageBitmap::new(300); // longer than the sweep: clipped
+        hot.set_range(150, 10);
+        hot.set_range(20, 2);
+        hot.set_range(250, 5);
+        s.hot_first(&hot);
+        assert!(s.in_hot());
+        assert_eq!(s.next(), Some(20));
+        assert_eq!(s.unsent_run(20, 512), 2);
+        s.mark(20, 2);
+        s.jump(22);
+        // A demand answer sent 150..152 already.
+        s.mark(150, 2);
+        assert_eq!(s.next(), Some(152));
+        assert_eq!(s.unsent_run(152, 512), 8);
+        assert_eq!(s.unsent_run(152, 3), 3);
+        s.mark(152, 8);
+        s.jump(160);
+        // Hot set done: the plain sweep goes on from its cursor, wrapping.
+        assert!(!s.in_hot());
+        assert_eq!(s.next(), Some(160));
+        assert_eq!(s.unsent_run(160, 512), 40);
+        s.mark(160, 40);
+        s.jump(200);
+        assert_eq!(s.next(), Some(0));
+        assert_eq!(s.unsent_run(0, 512), 20);
     }
 
     #[test]

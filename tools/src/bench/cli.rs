@@ -123,6 +123,14 @@ pub struct Args {
     /// QEMU's alike): off, on, or both (every point twice) [default: off].
     #[arg(long)]
     pub pin: Option<String>,
+    /// The guest's access pattern: random (uniform over the working set)
+    /// or hotcold (90% of accesses to a hot tenth of it).
+    #[arg(long, default_value = "random")]
+    pub pattern: super::matrix::Pattern,
+    /// Passed to ferry-source as --hot-window (post-copy: log writes this
+    /// long before the pause and push those pages first), e.g. 200ms.
+    #[arg(long)]
+    pub hot_window: Option<String>,
     /// Also run every Ferry point over mutual TLS (certificates made with
     /// `gen-certs` in the output directory), alternating with the plain
     /// runs, and add a TLS cost section: push throughput TLS ÷ plain and
@@ -219,6 +227,7 @@ impl Args {
                 Vec::new()
             },
             pin: parse_pin(self.pin.as_deref().unwrap_or("off"))?,
+            pattern: self.pattern,
         };
         let after = duration("after", &pick(&self.after, "2s", "1s"))?;
         let timeout = duration("timeout", &self.timeout)?;
@@ -280,6 +289,7 @@ impl Args {
                 hybrid_rounds: self.hybrid_rounds,
                 tls_certs: None,
                 disk: self.disk,
+                hot_window: self.hot_window.clone(),
             },
             tls: self.tls,
         })

@@ -71,6 +71,8 @@ pub struct FerryTools {
     pub max_rounds: Option<u32>,
     /// `--downtime-target` for the pre-copy modes, when given.
     pub downtime_target: Option<String>,
+    /// `--hot-window` for post-copy, when given.
+    pub hot_window: Option<String>,
     /// `--hybrid-rounds` for the hybrid mode, when given.
     pub hybrid_rounds: Option<u32>,
     /// Where `gen-certs` wrote the certificates for the TLS runs.
@@ -88,6 +90,9 @@ impl FerryTools {
     pub fn mode_args(&self, mode: Mode) -> Vec<String> {
         let mut a = Vec::new();
         if mode == Mode::Postcopy {
+            if let Some(w) = &self.hot_window {
+                a.extend(["--hot-window".to_string(), w.clone()]);
+            }
             return a;
         }
         a.extend(["--mode".to_string(), mode.as_str().to_string()]);
@@ -282,8 +287,17 @@ mod tests {
             downtime_target: Some("20ms".into()),
             hybrid_rounds: Some(3),
             tls_certs: None,
+            hot_window: None,
         };
         assert!(t.mode_args(Mode::Postcopy).is_empty());
+        let hot = FerryTools {
+            hot_window: Some("200ms".into()),
+            ..t.clone()
+        };
+        assert_eq!(hot.mode_args(Mode::Postcopy), ["--hot-window", "200ms"]);
+        assert!(!hot
+            .mode_args(Mode::Precopy)
+            .contains(&"--hot-window".into()));
         assert_eq!(t.mode_args(Mode::StopAndCopy), ["--mode", "stop-and-copy"]);
         assert_eq!(
             t.mode_args(Mode::Precopy),

@@ -122,6 +122,42 @@ pub struct Point {
     pub vcpus: u32,
     /// The source runs on CPU 0 and the destination on CPU 1.
     pub pinned: bool,
+    /// The guest's access pattern over its working set.
+    pub pattern: Pattern,
+}
+
+/// The workload guest's access pattern (its `pattern=` argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Pattern {
+    /// Uniformly random pages of the working set.
+    #[default]
+    Random,
+    /// 90% of accesses to the first 10% of the working set, the rest to
+    /// the other 90%: a small hot set inside a large working set.
+    Hotcold,
+}
+
+impl Pattern {
+    /// The guest's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Random => "random",
+            Pattern::Hotcold => "hotcold",
+        }
+    }
+}
+
+impl std::str::FromStr for Pattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(Pattern::Random),
+            "hotcold" => Ok(Pattern::Hotcold),
+            _ => Err(format!(
+                "unknown pattern {s:?} (expected random or hotcold)"
+            )),
+        }
+    }
 }
 
 impl Point {
@@ -143,8 +179,9 @@ impl Point {
     /// The guest command line (the VMM adds `cpus=`).
     pub fn guest_args(&self) -> String {
         format!(
-            "ws={} pattern=random write=80 rate={} report_ms=50",
+            "ws={} pattern={} write=80 rate={} report_ms=50",
             size_arg(self.ws),
+            self.pattern.name(),
             self.rate
         )
     }
@@ -210,6 +247,8 @@ pub struct Matrix {
     pub extra: Vec<(Mode, u64, WsSpec)>,
     /// Unpinned and/or pinned runs of each point (`--pin`).
     pub pin: Vec<bool>,
+    /// The guest's access pattern at every point.
+    pub pattern: Pattern,
 }
 
 fn split(list: &str) -> impl Iterator<Item = &str> {
@@ -373,6 +412,7 @@ impl Matrix {
                             rate,
                             vcpus,
                             pinned,
+                            pattern: self.pattern,
                         };
                         if !out.contains(&p) {
                             out.push(p);
@@ -440,6 +480,7 @@ pub(crate) fn test_spec(peer: Peer, mode: Mode, mem: u64, repeat: u32) -> RunSpe
             rate: 0,
             vcpus: 1,
             pinned: false,
+            pattern: Pattern::Random,
         },
         repeat,
     }
@@ -463,6 +504,7 @@ mod tests {
             repeat: 2,
             extra: vec![],
             pin: vec![false],
+            pattern: Pattern::Random,
         }
     }
 
@@ -565,6 +607,7 @@ mod tests {
                 rate: 0,
                 vcpus: 1,
                 pinned: false,
+                pattern: Pattern::Random,
             },
             repeat: 2,
         };

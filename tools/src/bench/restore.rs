@@ -214,6 +214,7 @@ pub fn run(cfg: &Config, out: &Path) -> Result<String, RestoreBenchError> {
                 rate: 0,
                 vcpus: 1,
                 pinned: false,
+                pattern: Default::default(),
             };
             let dir = out.join(format!("restore-{}-ws{}", size_arg(mem), size_arg(ws)));
             std::fs::create_dir_all(&dir).map_err(|source| RestoreBenchError::File {

@@ -66,6 +66,12 @@ struct Args {
     /// long (default: wait for ever; a --daemon's VM processes wait 30s).
     #[arg(long, requires = "listen", value_parser = ferry_tools::parse_duration)]
     accept_timeout: Option<std::time::Duration>,
+    /// How the demand-fault thread asks to be scheduled, so a fault's
+    /// answer is installed at once even while the push keeps the core busy:
+    /// auto (real-time `SCHED_FIFO` 1 if permitted, else a 0.1 ms time
+    /// slice), realtime, slice or normal.
+    #[arg(long, default_value = "auto", env = "FERRY_FAULT_PRIORITY")]
+    fault_priority: ferry_engine::sched::FaultPriority,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long, group = "snapshot_file")]
@@ -184,6 +190,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tls: tls.clone(),
         accept_timeout: args.accept_timeout,
         expect_session: expected_session()?,
+        fault_priority: args.fault_priority,
     };
     let mut ctx = ServeContext {
         guest: Some(&guest),
@@ -330,6 +337,8 @@ fn daemon_config(
         ms(args.link.peer_timeout).into(),
         "--recovery-window".into(),
         ms(args.link.recovery_window).into(),
+        "--fault-priority".into(),
+        args.fault_priority.to_string().into(),
     ];
     if args.insecure {
         fwd.push("--insecure".into());

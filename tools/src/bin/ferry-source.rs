@@ -72,6 +72,11 @@ struct Args {
     /// e.g. 200mbit or 25M (bytes/s); demand answers are never capped.
     #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
     max_bandwidth: Option<u64>,
+    /// Post-copy: log the guest's writes for this long before the pause
+    /// (KVM's dirty log) and push those pages first, e.g. 200ms. 0 turns
+    /// it off.
+    #[arg(long, value_parser = parse_duration, default_value = "0s", env = "FERRY_HOT_WINDOW")]
+    hot_window: std::time::Duration,
     /// Write the migration statistics (JSON) here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
@@ -145,6 +150,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         session_record: args.mem_file.as_deref().map(SessionRecord::path_for),
         tls,
         migrate_disks: args.migrate_disk,
+        hot_window: args.hot_window,
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
             max_bandwidth: args.max_bandwidth,
