@@ -207,6 +207,8 @@ struct config {
 	u64 ws_bytes;     /* requested working set */
 	u32 pattern;      /* PATTERN_* */
 	u32 write_pct;
+	u32 hot_pct;      /* hotcold: share of accesses to the hot tenth */
+	bool hot_last;    /* hotcold: the hot tenth is the last, not the first */
 	u64 rate;         /* dirty pages/s over all vCPUs, 0 = unlimited */
 	u64 report_ms;
 	u64 tsc_khz;      /* 0 until known */

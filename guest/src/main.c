@@ -9,6 +9,7 @@ struct config cfg = {
 	.ws_bytes = 64ULL << 20,
 	.pattern = PATTERN_RANDOM,
 	.write_pct = 50,
+	.hot_pct = 90,
 	.rate = 0,
 	.report_ms = 100,
 	.tsc_khz = 0,
@@ -109,6 +110,14 @@ static void parse_option(const char *k, size_t klen, const char *v, size_t vlen)
 		ok = parse_u64(v, vlen, &n) && n <= 100;
 		if (ok)
 			cfg.write_pct = (u32)n;
+	} else if (str_eq_n(k, klen, "hot_pct")) {
+		ok = parse_u64(v, vlen, &n) && n <= 100;
+		if (ok)
+			cfg.hot_pct = (u32)n;
+	} else if (str_eq_n(k, klen, "hot_last")) {
+		ok = parse_u64(v, vlen, &n) && n <= 1;
+		if (ok)
+			cfg.hot_last = n;
 	} else if (str_eq_n(k, klen, "rate")) {
 		ok = parse_u64(v, vlen, &n) && n <= (1ULL << 32);
 		if (ok)
@@ -291,7 +300,14 @@ static u64 pick_page(struct worker *w)
 		return w->first + p;
 	}
 	case PATTERN_HOTCOLD:
-		if (below(next_rand(w), 100) < 90 || w->hot == w->pages)
+		if (cfg.hot_last) {
+			/* The hot tenth at the top of the working set. */
+			u64 cold = w->pages - w->hot;
+			if (below(next_rand(w), 100) < cfg.hot_pct || !cold)
+				return w->first + cold + below(next_rand(w), w->hot);
+			return w->first + below(next_rand(w), cold);
+		}
+		if (below(next_rand(w), 100) < cfg.hot_pct || w->hot == w->pages)
 			return w->first + below(next_rand(w), w->hot);
 		return w->first + w->hot + below(next_rand(w), w->pages - w->hot);
 	default:

@@ -660,6 +660,10 @@ impl Server<'_> {
             return Ok(());
         };
         let hot = self.sweep.in_hot();
+        if !hot && self.stats.pages_hot > 0 && self.stats.hot_ms == 0.0 {
+            // The last hot pages went out on demand.
+            self.stats.hot_ms = ms(self.start.elapsed());
+        }
         let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
         let before = self.control.out.len();
         let mut n = run.min(self.push_pages);

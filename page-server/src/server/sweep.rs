@@ -5,6 +5,11 @@
 
 use ferry_protocol::PageBitmap;
 
+/// Pages per chunk when the hot set is turned into what goes first.
+pub(super) const HOT_CHUNK: u64 = 64;
+/// Hot pages a chunk needs to go first.
+pub(super) const HOT_DENSITY: u64 = 16;
+
 /// The push sweep: which pages were sent, and where to look next.
 #[derive(Debug)]
 pub(super) struct Sweep {
@@ -30,15 +35,27 @@ impl Sweep {
         }
     }
 
-    /// Sends the pages set in `hot` (clipped to the sweep's pages) before
-    /// any other.
+    /// Sends the dense parts of `hot` (clipped to the sweep's pages) before
+    /// any other: each [`HOT_CHUNK`]-page chunk holding at least
+    /// [`HOT_DENSITY`] hot pages goes first, whole. Scattered hot pages
+    /// wait for the plain sweep: sent one by one they would cut the push
+    /// into tiny frames (2G guest, 1G hot/cold working set, a 122 MB hot
+    /// set with pages taken singly: the push took 776 ms instead of 600).
     pub(super) fn hot_first(&mut self, hot: &PageBitmap) {
         let h = PageBitmap::new(self.pages);
-        let mut at = 0;
-        while let Some(first) = hot.next_set(at).filter(|&p| p < self.pages) {
-            let end = hot.next_clear(first).unwrap_or(u64::MAX).min(self.pages);
-            h.set_range(first, end - first);
-            at = end;
+        let mut chunk = 0;
+        while chunk < self.pages {
+            let end = (chunk + HOT_CHUNK).min(self.pages);
+            let mut n = 0;
+            let mut at = chunk;
+            while let Some(p) = hot.next_set(at).filter(|&p| p < end) {
+                n += 1;
+                at = p + 1;
+            }
+            if n >= HOT_DENSITY {
+                h.set_range(chunk, end - chunk);
+            }
+            chunk = end;
         }
         self.hot = Some(h);
         self.hot_cursor = 0;
@@ -157,32 +174,37 @@ mod tests {
 
     #[test]
     fn hot_pages_go_first_then_the_rest_in_order() {
-        let mut s = Sweep::new(200);
-        let hot = PageBitmap::new(300); // longer than the sweep: clipped
-        hot.set_range(150, 10);
-        hot.set_range(20, 2);
-        hot.set_range(250, 5);
+        let mut s = Sweep::new(300);
+        let hot = PageBitmap::new(400); // longer than the sweep: clipped
+        hot.set_range(130, 20); // dense: chunk 128..192 goes first
+        hot.set(3); // scattered: chunk 0..64 does not
+        hot.set(70);
+        hot.set_range(290, 10); // too few for the last chunk (256..300)
+        hot.set_range(300, 50); // beyond the sweep
         s.hot_first(&hot);
         assert!(s.in_hot());
-        assert_eq!(s.next(), Some(20));
-        assert_eq!(s.unsent_run(20, 512), 2);
-        s.mark(20, 2);
-        s.jump(22);
-        // A demand answer sent 150..152 already.
-        s.mark(150, 2);
-        assert_eq!(s.next(), Some(152));
-        assert_eq!(s.unsent_run(152, 512), 8);
-        assert_eq!(s.unsent_run(152, 3), 3);
-        s.mark(152, 8);
-        s.jump(160);
-        // Hot set done: the plain sweep goes on from its cursor, wrapping.
+        assert_eq!(s.next(), Some(128));
+        assert_eq!(s.unsent_run(128, 512), 64);
+        s.mark(128, 40);
+        s.jump(168);
+        // A demand answer sent 170..172 already.
+        s.mark(170, 2);
+        assert_eq!(s.next(), Some(168));
+        assert_eq!(s.unsent_run(168, 512), 2);
+        s.mark(168, 2);
+        s.jump(170);
+        assert_eq!(s.next(), Some(172));
+        assert_eq!(s.unsent_run(172, 512), 20);
+        s.mark(172, 20);
+        s.jump(192);
+        // Hot chunks done: the plain sweep goes on from its cursor, wrapping.
         assert!(!s.in_hot());
-        assert_eq!(s.next(), Some(160));
-        assert_eq!(s.unsent_run(160, 512), 40);
-        s.mark(160, 40);
-        s.jump(200);
+        assert_eq!(s.next(), Some(192));
+        assert_eq!(s.unsent_run(192, 512), 108);
+        s.mark(192, 108);
+        s.jump(300);
         assert_eq!(s.next(), Some(0));
-        assert_eq!(s.unsent_run(0, 512), 20);
+        assert_eq!(s.unsent_run(0, 512), 128);
     }
 
     #[test]

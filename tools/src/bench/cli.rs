@@ -123,8 +123,8 @@ pub struct Args {
     /// QEMU's alike): off, on, or both (every point twice) [default: off].
     #[arg(long)]
     pub pin: Option<String>,
-    /// The guest's access pattern: random (uniform over the working set)
-    /// or hotcold (90% of accesses to a hot tenth of it).
+    /// The guest's access pattern: random (uniform over the working set),
+    /// hotcold (90% of accesses to a hot tenth of it) or skewed (99%).
     #[arg(long, default_value = "random")]
     pub pattern: super::matrix::Pattern,
     /// Passed to ferry-source as --hot-window (post-copy: log writes this

@@ -135,6 +135,10 @@ pub enum Pattern {
     /// 90% of accesses to the first 10% of the working set, the rest to
     /// the other 90%: a small hot set inside a large working set.
     Hotcold,
+    /// 99% of accesses to the last 10% of the working set (the part a
+    /// sweep in page order reaches last): a hot set inside a mostly cold
+    /// working set.
+    Skewed,
 }
 
 impl Pattern {
@@ -143,6 +147,16 @@ impl Pattern {
         match self {
             Pattern::Random => "random",
             Pattern::Hotcold => "hotcold",
+            Pattern::Skewed => "skewed",
+        }
+    }
+
+    /// The guest's arguments for it.
+    pub fn guest_args(self) -> &'static str {
+        match self {
+            Pattern::Random => "pattern=random",
+            Pattern::Hotcold => "pattern=hotcold",
+            Pattern::Skewed => "pattern=hotcold hot_pct=99 hot_last=1",
         }
     }
 }
@@ -153,8 +167,9 @@ impl std::str::FromStr for Pattern {
         match s {
             "random" => Ok(Pattern::Random),
             "hotcold" => Ok(Pattern::Hotcold),
+            "skewed" => Ok(Pattern::Skewed),
             _ => Err(format!(
-                "unknown pattern {s:?} (expected random or hotcold)"
+                "unknown pattern {s:?} (expected random, hotcold or skewed)"
             )),
         }
     }
@@ -179,9 +194,9 @@ impl Point {
     /// The guest command line (the VMM adds `cpus=`).
     pub fn guest_args(&self) -> String {
         format!(
-            "ws={} pattern={} write=80 rate={} report_ms=50",
+            "ws={} {} write=80 rate={} report_ms=50",
             size_arg(self.ws),
-            self.pattern.name(),
+            self.pattern.guest_args(),
             self.rate
         )
     }

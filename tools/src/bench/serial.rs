@@ -190,7 +190,8 @@ pub struct LostWork {
 /// For each vCPU that ticked on the source: the pause is its last source
 /// TICK; its steady rate R is the rounds per second over the
 /// [`STEADY_US`] before that TICK; it is back at the start of the first
-/// TICK interval after the pause that runs at ≥ [`RECOVERED`] × R. Its lost
+/// TICK interval between two destination TICKs that runs at ≥
+/// [`RECOVERED`] × R. Its lost
 /// rounds are R × (back − pause) − (rounds done from the pause until
 /// back). The result is Σ lost rounds / Σ R, in ms: the time the whole
 /// guest would need at its steady rate to do the work it lost. vCPUs with
@@ -216,7 +217,11 @@ pub fn lost_work(src: &SerialLog, dst: &SerialLog) -> Option<LostWork> {
         }
         let rate =
             (pause.round - first.round) as f64 * 1e6 / (pause.host_us - first.host_us) as f64;
-        let back = ticks[n_src - 1..].windows(2).find(|w| {
+        // Intervals that end on the destination and start there too: the one
+        // from the last source TICK straddles the pause, and with the
+        // rounds done before the pause in it, it could pass for "back" at
+        // once (a loss of 0 was seen that way).
+        let back = ticks[n_src..].windows(2).find(|w| {
             let dt = w[1].host_us.saturating_sub(w[0].host_us);
             dt > 0
                 && (w[1].round.saturating_sub(w[0].round)) as f64 * 1e6 / dt as f64
@@ -380,6 +385,26 @@ mod tests {
         // Without destination ticks there is nothing to measure.
         assert_eq!(lost_work(&src, &SerialLog::default()), None);
         assert_eq!(lost_work(&SerialLog::default(), &src), None);
+    }
+
+    #[test]
+    fn the_interval_across_the_pause_does_not_count_as_back() {
+        // 20000 rounds/s on the source; the first destination TICK comes
+        // 52 ms after the last source one with a whole interval's rounds
+        // (done before the pause): that interval looks like 96% of the
+        // rate. Then 500 ms at 10%, then full speed: ~450 ms lost, not 0.
+        let (src, pause, r0) = ticking(0, 10_000_000, 0, &[20_000.0; 40]);
+        let mut dst = stamp(
+            pause + 52_000,
+            &format!("FERRY TICK 0 {} 1 1 1\n", r0 + 1000),
+        );
+        let mut rates = vec![2_000.0; 10];
+        rates.extend([20_000.0; 10]);
+        let (rest, _, _) = ticking(0, pause + 52_000, r0 + 1000, &rates);
+        dst.push_str(&rest);
+        let l = lost_work(&parse_log(&src), &parse_log(&dst)).unwrap();
+        assert!((l.ms - 452.0).abs() < 5.0, "{l:?}");
+        assert!(l.recovered);
     }
 
     #[test]
