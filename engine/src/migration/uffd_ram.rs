@@ -20,6 +20,14 @@ use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 use ferry_protocol::PageBitmap;
 
+/// Most pages one `UFFDIO_COPY` installs. A woken fault thread, even at
+/// real-time priority, waits for the push installer's ioctl on its core to
+/// return (this kernel is `PREEMPT_NONE`), so long copies are the
+/// fault-latency tail: with the destination pinned to one core, p99 ÷ p50
+/// went from 10.4 (one ioctl per 1 MiB frame) to 6.5 with 32 pages, at no
+/// measurable cost in push rate unpinned (659 vs 678 ms, 2G/1G).
+const MAX_COPY_PAGES: u64 = 32;
+
 /// Errors from the userfaultfd-backed RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdRamError {
@@ -161,7 +169,7 @@ impl UffdRam {
                 }
                 // Extend over the run of pages not yet present.
                 let mut run = 1;
-                while i + run < n && !self.present.get(p + run) {
+                while i + run < n && run < MAX_COPY_PAGES && !self.present.get(p + run) {
                     run += 1;
                 }
                 let src = &data[((p - pfn) as usize) * PAGE_SIZE..][..run as usize * PAGE_SIZE];
