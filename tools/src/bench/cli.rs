@@ -50,6 +50,10 @@ pub enum CliError {
     /// --qemu names a file that does not exist.
     #[error("--qemu {0}: no such file")]
     Qemu(String),
+    /// --out names a directory that already holds something: the runs'
+    /// serial logs would be appended to an earlier run's.
+    #[error("--out {0}: the directory is not empty (choose a new one)")]
+    OutNotEmpty(String),
 }
 
 /// Benchmark Ferry's migration modes (and QEMU's) for downtime, total time,
@@ -229,6 +233,11 @@ impl Args {
             pin: parse_pin(self.pin.as_deref().unwrap_or("off"))?,
             pattern: self.pattern,
         };
+        if let Some(out) = &self.out {
+            if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
+                return Err(CliError::OutNotEmpty(out.display().to_string()));
+            }
+        }
         let after = duration("after", &pick(&self.after, "2s", "1s"))?;
         let timeout = duration("timeout", &self.timeout)?;
         if timeout < Duration::from_secs(5) {
@@ -370,5 +379,14 @@ mod tests {
             .unwrap()
             .config(Path::new("/nonexistent"));
         assert!(matches!(e, Err(CliError::Missing(_))));
+        // An --out that holds an earlier run is refused; a new or empty
+        // one is taken.
+        let used = bins();
+        let e = cfg(&["--out", used.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        let empty = used.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        assert!(cfg(&["--out", empty.to_str().unwrap()]).is_ok());
+        assert!(cfg(&["--out", used.join("new").to_str().unwrap()]).is_ok());
     }
 }
