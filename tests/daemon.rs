@@ -270,6 +270,7 @@ fn a_killed_source_resumes_with_the_vm_process_through_the_daemon() {
             .unwrap()
             .as_nanos()
     ));
+    let _cleanup = MemFile(&mem_file);
     let record = std::path::PathBuf::from(format!("{}.session", mem_file.display()));
     let mut src = spawn(
         "ferry-source",

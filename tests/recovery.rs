@@ -236,6 +236,7 @@ fn the_destination_recovers_a_stranded_move_on_request() {
     let (mut dst, addr) = dest(&dir, "2s");
     let mem_file = format!("/dev/shm/ferry-test-dstrec-{}", std::process::id());
     let _ = std::fs::remove_file(&mem_file);
+    let _cleanup = MemFile(std::path::Path::new(&mem_file));
     let mut src = spawn_linked_source(
         &dir,
         ("2G", "ws=1G pattern=random write=80 report_ms=20"),
@@ -248,8 +249,13 @@ fn the_destination_recovers_a_stranded_move_on_request() {
     src.0.kill().unwrap();
     let _ = src.0.wait();
     let dsock = dir.path("dst.sock");
-    let s = wait_stage(&dsock, "failed");
-    assert_eq!(s["run_state"], "paused", "{s}");
+    // The stage turns `failed` a moment before the receive returns and
+    // the controller reports the VM as paused (until then it says
+    // `migrating`): wait for the VM to settle, and check it is held.
+    let s = wait_status(&dsock, "the stranded VM to be paused", |v| {
+        v["migration"]["stage"] == "failed" && v["run_state"] == "paused"
+    });
+    assert!(s["held"].is_string(), "{s}");
     // Recover on the destination (it waits another window, 2 s) while the
     // source is restarted from its memory file.
     let mut resumed = spawn(

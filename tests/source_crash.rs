@@ -19,6 +19,7 @@ fn a_killed_source_is_resumed_from_its_memory_file() {
             .unwrap()
             .as_nanos()
     ));
+    let _cleanup = MemFile(&mem_file);
     let record = format!("{}.session", mem_file.display());
     let (mut dst, addr) = spawn_dest(
         &dir,

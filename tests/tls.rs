@@ -373,6 +373,7 @@ fn another_certificate_cannot_take_over_a_session() {
         "/dev/shm/ferry-tls-binding-{}.mem",
         std::process::id()
     ));
+    let _cleanup = MemFile(&mem_file);
     let src_sock = dir.path("src.sock");
     let (mut src, ctl) = start_move(
         &dir,

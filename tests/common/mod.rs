@@ -33,6 +33,20 @@ impl Drop for Scratch {
     }
 }
 
+/// A source's `--mem-file` (guest RAM, often in `/dev/shm`) and its
+/// session record, removed on drop: a test that fails or is killed before
+/// the source finishes must not leave a guest's RAM in memory.
+pub struct MemFile<'a>(pub &'a std::path::Path);
+
+impl Drop for MemFile<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+        let mut record = self.0.as_os_str().to_owned();
+        record.push(".session");
+        let _ = std::fs::remove_file(record);
+    }
+}
+
 /// A child process killed on drop.
 pub struct Proc(pub Child);
 
