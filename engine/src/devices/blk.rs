@@ -24,9 +24,10 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
+use super::chain::{next_chain, read_config_bytes, return_chain};
 use super::dirty::DirtyLog;
 use super::transport::VirtioBackend;
 use super::{DeviceError, DiskConfig};
@@ -345,14 +346,7 @@ impl VirtioBackend for Blk {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_blk_config starts with `le64 capacity`; the rest
         // (geometry, block size, ...) is not offered and reads as zero.
-        let cap = self.capacity.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cap.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.capacity.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self) -> Result<(), DeviceError> {
@@ -383,22 +377,18 @@ impl VirtioBackend for Blk {
     ) -> (u32, Option<String>) {
         let mut done = 0;
         loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return (done, Some(format!("avail ring: {e}"))),
+            let (head, descs) = match next_chain(queue, mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => return (done, None),
+                Err(why) => return (done, Some(why)),
             };
-            let Some(chain) = chain else {
-                return (done, None);
-            };
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
             // A chain that ends on a descriptor still saying NEXT was cut
             // short: a `next` outside the table, a loop (the chain's TTL),
             // or an unreadable descriptor.
             let broken = descs.last().is_none_or(|d| d.has_next());
             let len = self.serve(&descs, broken, mem, dirty);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                return (done, Some(format!("cannot return descriptor {head}: {e}")));
+            if let Err(why) = return_chain(queue, mem, head, len) {
+                return (done, Some(why));
             }
             done += 1;
         }

@@ -14,6 +14,7 @@
 
 pub mod announce;
 mod blk;
+mod chain;
 mod config;
 mod device;
 pub mod dirty;

@@ -30,10 +30,11 @@ use tracing::{debug, info, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::announce::{self, Schedule};
+use super::chain::{next_chain, read_config_bytes, return_chain};
 use super::dirty::DirtyLog;
 use super::net_config::{format_mac, NetConfig};
 use super::tap::Tap;
@@ -185,17 +186,13 @@ impl Net {
                 },
             };
             self.pending = Some(len);
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return (done, Some(format!("receive avail ring: {e}"))),
-            };
-            let Some(chain) = chain else {
+            let (head, descs) = match next_chain(queue, mem) {
+                Ok(Some(c)) => c,
                 // No buffer: the frame waits (the guest's next notify
                 // brings us back).
-                return (done, None);
+                Ok(None) => return (done, None),
+                Err(why) => return (done, Some(format!("receive {why}"))),
             };
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
             let mut hdr = [0u8; HDR_LEN];
             hdr[10] = 1; // num_buffers
             let used = match usable(&descs, true) {
@@ -227,8 +224,8 @@ impl Net {
                 }
                 None => self.stats.malformed += 1,
             }
-            if let Err(e) = queue.add_used(mem, head, used.unwrap_or(0)) {
-                return (done, Some(format!("cannot return descriptor {head}: {e}")));
+            if let Err(why) = return_chain(queue, mem, head, used.unwrap_or(0)) {
+                return (done, Some(why));
             }
             done += 1;
         }
@@ -239,15 +236,11 @@ impl Net {
         let mut done = 0;
         let mut frame = Vec::new();
         loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return (done, Some(format!("transmit avail ring: {e}"))),
+            let (head, descs) = match next_chain(queue, mem) {
+                Ok(Some(c)) => c,
+                Ok(None) => return (done, None),
+                Err(why) => return (done, Some(format!("transmit {why}"))),
             };
-            let Some(chain) = chain else {
-                return (done, None);
-            };
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
             match self.gather(&descs, mem, &mut frame) {
                 Ok(()) => self.send(&frame[HDR_LEN..]),
                 Err(why) => {
@@ -255,8 +248,8 @@ impl Net {
                     self.stats.malformed += 1;
                 }
             }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                return (done, Some(format!("cannot return descriptor {head}: {e}")));
+            if let Err(why) = return_chain(queue, mem, head, 0) {
+                return (done, Some(why));
             }
             done += 1;
         }
@@ -359,13 +352,7 @@ impl VirtioBackend for Net {
         let mut cfg = [0u8; 8];
         cfg[..6].copy_from_slice(&self.config.mac);
         cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&cfg, offset, data);
     }
 
     fn activate(&mut self) -> Result<(), DeviceError> {
