@@ -291,8 +291,7 @@ pub fn serve_rest(
         last_control_tx: start,
         pacer: cfg.max_bandwidth.map(Pacer::new),
         push_hold: cfg.push_hold,
-        lz4_misses: 0,
-        lz4_rest: 0,
+        lz4_backoff: Lz4Backoff::default(),
     };
     server.initial_left = server.sweep.left;
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
@@ -390,10 +389,40 @@ struct Server<'a> {
     /// Holds the push until the guest's demand quiets down; `None` once
     /// the push has started.
     push_hold: Option<PushHold>,
-    /// Push frames in a row that LZ4 did not shrink, and frames left to
-    /// send without trying.
-    lz4_misses: u32,
-    lz4_rest: u32,
+    /// When the push tries LZ4.
+    lz4_backoff: Lz4Backoff,
+}
+
+/// When the push tries LZ4: after [`LZ4_MISSES`] frames in a row that it
+/// did not shrink, the next [`LZ4_REST`] go raw without trying.
+#[derive(Debug, Default)]
+struct Lz4Backoff {
+    /// Frames in a row that LZ4 did not shrink.
+    misses: u32,
+    /// Push steps left to send without trying.
+    rest: u32,
+}
+
+impl Lz4Backoff {
+    /// Whether this push step tries LZ4 (one call per step).
+    fn try_now(&mut self) -> bool {
+        let now = self.rest == 0;
+        self.rest = self.rest.saturating_sub(1);
+        now
+    }
+
+    /// Notes whether LZ4 shrank a frame it was tried on.
+    fn tried(&mut self, shrank: bool) {
+        if shrank {
+            self.misses = 0;
+            return;
+        }
+        self.misses += 1;
+        if self.misses >= LZ4_MISSES {
+            self.misses = 0;
+            self.rest = LZ4_REST;
+        }
+    }
 }
 
 impl Server<'_> {
@@ -667,8 +696,7 @@ impl Server<'_> {
         let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
         let before = self.control.out.len();
         let mut n = run.min(self.push_pages);
-        let try_lz4 = self.lz4 && self.lz4_rest == 0;
-        self.lz4_rest = self.lz4_rest.saturating_sub(1);
+        let try_lz4 = self.lz4 && self.lz4_backoff.try_now();
         let hole = if self.zero_runs {
             let data = self.source.next_data(pfn).unwrap_or(self.sweep.pages);
             data.saturating_sub(pfn).min(run)
@@ -716,16 +744,7 @@ impl Server<'_> {
                     )
                 };
                 if try_lz4 && !zero {
-                    // Inline (not a method): `data` borrows `self.buf`.
-                    if enc == PageEncoding::Lz4 {
-                        self.lz4_misses = 0;
-                    } else {
-                        self.lz4_misses += 1;
-                        if self.lz4_misses >= LZ4_MISSES {
-                            self.lz4_misses = 0;
-                            self.lz4_rest = LZ4_REST;
-                        }
-                    }
+                    self.lz4_backoff.tried(enc == PageEncoding::Lz4);
                 }
                 sent[enc as usize] += len;
                 at = end;
@@ -827,4 +846,30 @@ impl Server<'_> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lz4_rests_after_misses_and_a_hit_resets_the_count() {
+        let mut b = Lz4Backoff::default();
+        for _ in 0..LZ4_MISSES - 1 {
+            assert!(b.try_now());
+            b.tried(false);
+        }
+        // A hit before the limit: the count starts again.
+        assert!(b.try_now());
+        b.tried(true);
+        for _ in 0..LZ4_MISSES {
+            assert!(b.try_now());
+            b.tried(false);
+        }
+        // Now LZ4_REST steps without trying, then it tries again.
+        for _ in 0..LZ4_REST {
+            assert!(!b.try_now());
+        }
+        assert!(b.try_now());
+    }
 }
