@@ -62,7 +62,12 @@ fn silent_kernel_moves(mode: &str) {
     // The kernel's counters moved and keep moving: the destination's
     // memory holds the 4096 counter pages, non-zero, and the VM runs.
     let sock = dir.path("dst.sock");
-    assert_eq!(ctl(&sock, &["status"])["run_state"], "running");
+    // The source exits on `Complete`; the destination reports `migrating`
+    // until its own side of the move has returned (statistics written,
+    // fault thread joined), then `running`.
+    wait_status(&sock, "the moved VM to run", |v| {
+        v["run_state"] == "running"
+    });
     ctl(&sock, &["pause"]);
     let snap = dir.path("vm.snap");
     let r = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
