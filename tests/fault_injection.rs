@@ -104,13 +104,14 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
             recoveries = stats["source"]["recoveries"].as_u64().unwrap();
             // The destination may still be answering a reconnected source
             // (after a cut near the commit) for a moment after the source
-            // has exited; then it runs the VM.
+            // has exited; then the move completes there.
             let status = wait_for(
                 WAIT,
-                &format!("{name}: the destination to run the VM"),
+                &format!("{name}: the destination to settle the move"),
                 || {
                     let s = ctl(&dir.path("dst.sock"), &["status"]);
-                    (s["run_state"] != "migrating").then_some(s)
+                    let stage = &s["migration"]["stage"];
+                    (stage == "completed" || stage == "failed").then_some(s)
                 },
             );
             assert_eq!(status["run_state"], "running", "{name}: {status}");

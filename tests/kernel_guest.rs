@@ -62,12 +62,15 @@ fn silent_kernel_moves(mode: &str) {
     // The kernel's counters moved and keep moving: the destination's
     // memory holds the 4096 counter pages, non-zero, and the VM runs.
     let sock = dir.path("dst.sock");
-    // The source exits on `Complete`; the destination reports `migrating`
-    // until its own side of the move has returned (statistics written,
-    // fault thread joined), then `running`.
-    wait_status(&sock, "the moved VM to run", |v| {
-        v["run_state"] == "running"
-    });
+    // The source exits on `Complete`, which the destination sends once it
+    // runs the VM with every page: its status says so at once, even while
+    // its side of the move is still writing statistics.
+    let status = ctl(&sock, &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+    assert_eq!(status["migration"]["stage"], "completed", "{status}");
+    // Other requests are refused as busy until that is done; the full
+    // status (with the VM's shape) says it is.
+    wait_status(&sock, "the move to return", |v| v["vcpus"].is_number());
     ctl(&sock, &["pause"]);
     let snap = dir.path("vm.snap");
     let r = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);

@@ -16,23 +16,43 @@ fn dest(dir: &Scratch, window: &str) -> (Proc, String) {
 }
 
 fn source(dir: &Scratch, to: &str, mem: &str, guest: &str) -> Proc {
-    // The guest writes its whole working set before it ticks.
-    let after = if mem == "2G" { "5s" } else { "2s" };
-    spawn_linked_source(dir, (mem, guest), to, after, ("2s", "30s"), &[])
+    // The guest writes its whole working set (256 MiB) before it ticks.
+    spawn_linked_source(dir, (mem, guest), to, "2s", ("2s", "30s"), &[])
 }
 
 /// Starts a slow post-copy move of a 2 GiB guest with a 1 GiB working set
 /// through a proxy that cuts nothing, the destination waiting `window` for
 /// a lost source; returns once the source says post-copy runs, with the
-/// destination, the proxy and the source.
-fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc) {
+/// destination, the proxy, the source and the `ferry-ctl migrate` that
+/// started the move.
+fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc, Proc) {
     let (dst, addr) = dest(dir, window);
     let proxy = Proxy::start(&addr, Vec::new());
-    let src = source(
+    // The guest writes its 1 GiB before it ticks, which takes 2 s here and
+    // more on a loaded host: the move starts (through the API) once the
+    // source has seen it tick, not after a fixed time.
+    let src = spawn_linked_source(
         dir,
+        ("2G", "ws=1G pattern=random write=80 report_ms=20"),
         &proxy.addr,
-        "2G",
-        "ws=1G pattern=random write=80 report_ms=20",
+        "60m",
+        ("2s", "30s"),
+        &[],
+    );
+    wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
+    let sock = dir.path("src.sock");
+    let json = dir.path("src.json");
+    let ctl = spawn(
+        "ferry-ctl",
+        &[
+            "--api",
+            sock.to_str().unwrap(),
+            "migrate",
+            &proxy.addr,
+            "--stats-json",
+            json.to_str().unwrap(),
+        ],
+        &dir.path("ctl.err"),
     );
     // While post-copy runs, the source's status reports it: the stage, pages
     // left, and the bytes sent so far.
@@ -44,7 +64,7 @@ fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc) {
     assert!(m["bytes_sent"].as_u64().unwrap() > 0, "{v}");
     assert!(m["pages_left"].as_u64().is_some(), "{v}");
     assert_eq!(m["recoveries"], 0, "{v}");
-    (dst, proxy, src)
+    (dst, proxy, src, ctl)
 }
 
 /// A small deterministic generator, so a failing draw can be replayed.
@@ -117,7 +137,7 @@ fn twenty_random_cuts_all_recover() {
 fn a_silent_destination_is_noticed_within_the_peer_timeout() {
     let dir = Scratch::new("sigstop");
     // A slow push: the stop lands while pages still move.
-    let (mut dst, _proxy, mut src) = start_postcopy(&dir, "30s");
+    let (mut dst, _proxy, mut src, _ctl) = start_postcopy(&dir, "30s");
     let sock = dir.path("src.sock");
     let pid = nix::unistd::Pid::from_raw(dst.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
@@ -151,7 +171,7 @@ fn assert_moved_and_quit(dir: &Scratch, dst: &mut Proc) {
 #[test]
 fn when_the_window_runs_out_the_vm_waits_paused() {
     let dir = Scratch::new("window");
-    let (mut dst, _proxy, mut src) = start_postcopy(&dir, "3s");
+    let (mut dst, _proxy, mut src, _ctl) = start_postcopy(&dir, "3s");
     src.0.kill().unwrap();
     let _ = src.0.wait();
     let dsock = dir.path("dst.sock");
@@ -249,12 +269,12 @@ fn the_destination_recovers_a_stranded_move_on_request() {
     src.0.kill().unwrap();
     let _ = src.0.wait();
     let dsock = dir.path("dst.sock");
-    // The stage turns `failed` a moment before the receive returns and
-    // the controller reports the VM as paused (until then it says
-    // `migrating`): wait for the VM to settle, and check it is held.
-    let s = wait_status(&dsock, "the stranded VM to be paused", |v| {
-        v["migration"]["stage"] == "failed" && v["run_state"] == "paused"
+    // The engine publishes the hold before the failure, so the status
+    // that first shows the failure already shows the VM paused and held.
+    let s = wait_status(&dsock, "the move to fail", |v| {
+        v["migration"]["stage"] == "failed"
     });
+    assert_eq!(s["run_state"], "paused", "{s}");
     assert!(s["held"].is_string(), "{s}");
     // Recover on the destination (it waits another window, 2 s) while the
     // source is restarted from its memory file.

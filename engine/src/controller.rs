@@ -134,8 +134,13 @@ pub fn answer_while<T: Send>(
             };
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok((ApiRequest::Status, reply)) => {
+                    // Once the migration has settled the VM (resumed it,
+                    // rolled it back or held it), that is what it does, even
+                    // while `work` still writes its statistics.
+                    let here = progress.current_vm_here();
                     let _ = reply.send(ApiResponse::ok(json!({
-                        "run_state": "migrating",
+                        "run_state": here.as_ref().map_or("migrating", |h| h.run_state()),
+                        "held": here.as_ref().and_then(|h| h.held()),
                         "migration": progress.report(),
                         "guest": guest.map_or(Value::Null, |g| g()),
                     })));

@@ -41,7 +41,8 @@ pub struct StateMeta {
     /// Whether pre-copy met its downtime target (None: not pre-copy).
     #[serde(default)]
     pub converged: Option<bool>,
-    /// Host wall clock when the source began pausing, µs since the epoch.
+    /// Host wall clock once the source's vCPUs had all stopped, µs since
+    /// the epoch (the time spent stopping them is `pause_us`).
     pub pause_host_us: u64,
     /// Time the source took to pause the vCPUs, µs.
     pub pause_us: u64,

@@ -146,14 +146,18 @@ impl Drop for Proxy {
 }
 
 /// Closes every open stream and moves on to the next cut.
+///
+/// The cut is counted before any stream closes: the peers react to the
+/// close at once, and a test that sees their reaction must also see the
+/// cut (counting it afterwards lost that race once on a loaded host).
 fn fire(st: &mut State, fired: &AtomicU64) {
+    fired.fetch_add(1, Ordering::AcqRel);
     for s in st.open.drain(..) {
         let _ = s.shutdown(Shutdown::Both);
     }
     st.cuts.remove(0);
     st.seen.clear();
     st.bytes = [0, 0];
-    fired.fetch_add(1, Ordering::AcqRel);
 }
 
 /// Forwards one direction of one connection, frame by frame.

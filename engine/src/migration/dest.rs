@@ -43,7 +43,7 @@ use super::error::{DestError, DRAIN_TIMEOUT};
 use super::fault::{FaultStats, FaultThread};
 use super::install::{install_push, receive_before_state, PushCounters};
 use super::link::{is_link_failure, Heartbeat, Link};
-use super::progress::{Progress, Stage};
+use super::progress::{Progress, Stage, VmHere};
 use super::stats::{Blocktime, FaultLatency, LatencySummary, MigrationStats, Recovery};
 use super::uffd_ram::UffdRam;
 use crate::console::now_us;
@@ -104,6 +104,12 @@ impl DestOptions {
     fn stage(&self, s: Stage) {
         if let Some(p) = &self.progress {
             p.stage(s);
+        }
+    }
+
+    fn vm_here(&self, here: VmHere) {
+        if let Some(p) = &self.progress {
+            p.vm_here(here);
         }
     }
 }
@@ -248,8 +254,11 @@ pub fn receive_from<'a>(
         // The userfaultfd must outlive every vCPU thread.
         vm.keep_alive(Box::new(ram.clone()));
     }
-    vm.resume()?;
+    // Downtime ends as the vCPUs are let go: stamped before, so no guest
+    // output on this side can precede it, whatever the scheduler does next.
     let resume_host_us = now_us();
+    vm.resume()?;
+    opts.vm_here(VmHere::Running);
     let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
     info!(
         downtime_us,
@@ -375,6 +384,7 @@ impl DestMove<'_> {
         self.session.recover(fault, ResumeStatus::Running)?;
         self.resumed_lost = false;
         vm.resume()?;
+        self.session.opts.vm_here(VmHere::Running);
         self.finish(vm)
     }
 
@@ -393,6 +403,11 @@ impl DestMove<'_> {
             "the move could not complete: {e}; the VM is kept here, paused, \
              and will not run on pages it does not have"
         );
+        // The hold is published before the failure: a status that shows the
+        // failure also shows the VM held.
+        self.session
+            .opts
+            .vm_here(VmHere::Held(format!("the move did not complete: {e}")));
         if let Some(p) = &self.session.opts.progress {
             p.fail(e.to_string());
         }

@@ -87,6 +87,12 @@ impl SourceOptions {
         }
     }
 
+    pub(super) fn vm_here(&self, here: super::progress::VmHere) {
+        if let Some(p) = &self.progress {
+            p.vm_here(here);
+        }
+    }
+
     pub(super) fn bytes_counter(&self) -> Option<&std::sync::atomic::AtomicU64> {
         self.progress.as_deref().map(|p| &p.bytes)
     }

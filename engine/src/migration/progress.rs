@@ -31,6 +31,38 @@ pub enum Stage {
     Failed,
 }
 
+/// What the VM does on this side once the migration has settled it. Until
+/// then the API reports the VM as `migrating`; from then on it reports this,
+/// even while the migrating thread still writes its statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmHere {
+    /// Its vCPUs run here (the destination took it, or the source rolled
+    /// back to it).
+    Running,
+    /// Paused here, and free to resume (a source that was paused before).
+    Paused,
+    /// Paused here, and it must not run here: why.
+    Held(String),
+}
+
+impl VmHere {
+    /// The API's `run_state` for it.
+    pub fn run_state(&self) -> &'static str {
+        match self {
+            VmHere::Running => "running",
+            VmHere::Paused | VmHere::Held(_) => "paused",
+        }
+    }
+
+    /// Why it must not run here, if it must not.
+    pub fn held(&self) -> Option<&str> {
+        match self {
+            VmHere::Held(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
 /// Shared between the migrating thread (writer) and a display (reader).
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -41,6 +73,7 @@ pub struct Progress {
     finished: AtomicBool,
     stage: Mutex<Stage>,
     error: Mutex<Option<String>>,
+    here: Mutex<Option<VmHere>>,
     /// Links lost and recovered after `Commit`.
     pub recoveries: AtomicU64,
     /// Bytes sent to the destination so far, all phases.
@@ -83,6 +116,16 @@ impl Progress {
     /// The current stage.
     pub fn current_stage(&self) -> Stage {
         *self.stage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records what the VM now does on this side.
+    pub fn vm_here(&self, here: VmHere) {
+        *self.here.lock().unwrap_or_else(|p| p.into_inner()) = Some(here);
+    }
+
+    /// What the VM does on this side, once the migration has settled it.
+    pub fn current_vm_here(&self) -> Option<VmHere> {
+        self.here.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Marks the migration failed, with why.

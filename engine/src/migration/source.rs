@@ -36,7 +36,7 @@ use super::disk_space::PageSpace;
 use super::error::SourceError;
 use super::options::SourceOptions;
 use super::precopy::PageSender;
-use super::progress::Stage;
+use super::progress::{Stage, VmHere};
 use super::record::SessionRecord;
 use super::rounds::{after_pause, before_pause, PreSwitch};
 use super::session::{final_stats, negotiated, open_session, send_state, Session};
@@ -120,9 +120,10 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         if hot_logging && was_running {
             std::thread::sleep(opts.hot_window);
         }
-        let pause_host_us = now_us();
         opts.stage(Stage::Switching);
         let pause = vm.pause()?;
+        // Downtime starts once every vCPU has stopped (docs/protocol.md).
+        let pause_host_us = now_us();
         if hot_logging {
             let h = space.take_dirty(vm)?;
             info!(
@@ -153,13 +154,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         Ok(r) => r,
         Err(e) => {
             error!("migration failed before switch-over: {e}");
-            if was_running {
-                vm.resume()?;
-            }
-            if let Some(p) = &opts.progress {
-                p.fail(e.to_string());
-            }
-            return Err(SourceError::RolledBack(Box::new(e)));
+            return Err(roll_back(vm, was_running, opts, e));
         }
     };
 
@@ -168,10 +163,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         // Before Commit: a crash after it must find the record.
         if let Err(e) = SessionRecord::of(&dial.addr(), &hello, opts.mode).write(path) {
             error!("cannot write the session record: {e}");
-            if was_running {
-                vm.resume()?;
-            }
-            return Err(SourceError::RolledBack(Box::new(SourceError::Record(e))));
+            return Err(roll_back(vm, was_running, opts, SourceError::Record(e)));
         }
     }
     let commit_sent = match control.send(MsgType::Commit, 0, &[]) {
@@ -193,14 +185,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         }) => {
             // The destination never ran it and never will: this copy is the VM.
             warn!("the destination discarded the VM before running it; resuming it here");
-            if was_running {
-                vm.resume()?;
-            }
-            let e = SourceError::Unknown;
-            if let Some(p) = &opts.progress {
-                p.fail(e.to_string());
-            }
-            return Err(SourceError::RolledBack(Box::new(e)));
+            return Err(roll_back(vm, was_running, opts, SourceError::Unknown));
         }
         Ok(End::Unknown { resumed_seen: true }) => {
             return Err(stranded(
@@ -212,12 +197,38 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         Err(e) => return Err(stranded(opts, e, record)),
     };
     let stats = final_stats(complete, server_stats, t0, &committed.recovery)?;
+    opts.vm_here(VmHere::Held("it moved: the destination runs it".into()));
     opts.stage(Stage::Completed);
     info!(
         total_ms = stats.total_ms,
         "migration complete; releasing source memory"
     );
     Ok(Outcome { stats })
+}
+
+/// A move that failed before `Commit`: this copy is the VM, and it runs
+/// again if it ran before.
+fn roll_back(vm: &mut Vm, was_running: bool, opts: &SourceOptions, e: SourceError) -> SourceError {
+    if was_running {
+        if let Err(re) = vm.resume() {
+            error!("cannot resume the VM after the failed move ({e}): {re}");
+            if let Some(p) = &opts.progress {
+                p.fail(format!("{e}; resuming the VM here failed: {re}"));
+            }
+            return re.into();
+        }
+    }
+    // What the VM does is published before the failure, so a status that
+    // shows the failure also shows the VM back.
+    opts.vm_here(if was_running {
+        VmHere::Running
+    } else {
+        VmHere::Paused
+    });
+    if let Some(p) = &opts.progress {
+        p.fail(e.to_string());
+    }
+    SourceError::RolledBack(Box::new(e))
 }
 
 /// A committed move that cannot finish: the VM stays paused here.
@@ -231,6 +242,7 @@ fn stranded(opts: &SourceOptions, e: SourceError, record: SessionRecord) -> Sour
         record: Some(Box::new(record)),
     };
     error!("{e}");
+    opts.vm_here(VmHere::Held(e.to_string()));
     if let Some(p) = &opts.progress {
         p.fail(e.to_string());
     }

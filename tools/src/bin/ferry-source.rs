@@ -163,11 +163,14 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         migrate_defaults: defaults.clone(),
         ..Default::default()
     };
-    let mut moved = false;
+    // Whether this process is done serving: the VM moved, or `quit`.
+    let mut done = false;
     if let Some(to) = &args.migrate_to {
-        if controller::serve(&mut vm, api_rx.as_ref(), Some(args.after), &mut ctx)
-            == ServeEnd::TimeUp
-        {
+        let waited = controller::serve(&mut vm, api_rx.as_ref(), Some(args.after), &mut ctx);
+        // A `migrate` request may move the VM, or a `quit` end the process,
+        // before --after is up.
+        done = waited != ServeEnd::TimeUp;
+        if waited == ServeEnd::TimeUp {
             let bar = migration_progress_bar();
             let opts = SourceOptions {
                 progress: bar.as_ref().map(|(p, _)| p.clone()),
@@ -186,7 +189,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 let _ = thread.join();
             }
             match result {
-                Ok(_) => moved = true,
+                Ok(_) => done = true,
                 Err(e) => {
                     error!("{e}");
                     exit_code = ExitCode::from(3);
@@ -202,7 +205,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
     }
-    if !moved
+    if !done
         && controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx)
             == ServeEnd::Migrated
     {
