@@ -1,6 +1,5 @@
 //! Pages arriving on the control connection: before the state (pre-copy
-//! modes write them straight into the memory file; hybrid also drops stale
-//! pages), and the background push after it (installed through
+//! modes write them into guest RAM; hybrid also drops stale pages), and the background push after it (installed through
 //! userfaultfd).
 
 use ferry_protocol::{
@@ -41,6 +40,45 @@ fn no_disks(first: u64, n: u64) -> DestError {
         "pages {first}+{n} beyond guest RAM, and no disk is migrated"
     ))
     .into()
+}
+
+/// Writes whole pages at `first` before the state. With userfaultfd, a page
+/// not yet present is installed with `UFFDIO_COPY`, which also maps it, so
+/// the guest's first touch of it after the resume costs no host page fault
+/// (written through the file, each one did: 64,518 of them kept a restored
+/// guest below its rate for 200 ms); a page present already (sent again by a
+/// later pre-copy round) is overwritten through the file, which keeps its
+/// mapping.
+fn write_pages(
+    ram: &GuestRam,
+    uffd: Option<&UffdRam>,
+    first: u64,
+    data: &[u8],
+) -> Result<(), DestError> {
+    let Some(u) = uffd else {
+        ram.write_at(first * PAGE_SIZE as u64, data)?;
+        return Ok(());
+    };
+    let n = (data.len() / PAGE_SIZE) as u64;
+    let mut i = 0;
+    while i < n {
+        let present = u.present.get(first + i);
+        let mut j = i + 1;
+        while j < n && u.present.get(first + j) == present {
+            j += 1;
+        }
+        let run = &data[i as usize * PAGE_SIZE..j as usize * PAGE_SIZE];
+        if present {
+            ram.write_at((first + i) * PAGE_SIZE as u64, run)?;
+        } else {
+            u.install(first + i, run)?;
+        }
+        i = j;
+    }
+    for p in first..first + n {
+        u.zero.clear(p);
+    }
+    Ok(())
 }
 
 /// Receives what comes before `State`: pages (pre-copy modes) and, in
@@ -90,13 +128,7 @@ pub(super) fn receive_before_state(
                     c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;
                     c.bytes_page_raw += pages.len() as u64;
                     if n > 0 {
-                        ram.write_at(first * PAGE_SIZE as u64, &pages[..n as usize * PAGE_SIZE])?;
-                    }
-                    if let Some(u) = uffd {
-                        u.present.set_range(first, n);
-                        for p in first..first + n {
-                            u.zero.clear(p);
-                        }
+                        write_pages(ram, uffd, first, &pages[..n as usize * PAGE_SIZE])?;
                     }
                 }
             }
