@@ -628,7 +628,8 @@ pub fn restore_lazy_with_devices(
     let (src_fault, dst_fault) = Conn::pair().map_err(RestoreError::Socketpair)?;
     let dial = migration::Dial::given(src_control, src_fault);
     // The pages an earlier lazy restore of this snapshot faulted on are
-    // loaded before the vCPUs run; the first restore records them.
+    // loaded before the vCPUs run, straight from the file (see
+    // `migration::preload`); the first restore records them.
     let pages = snap.state.meta.mem_size / PAGE_SIZE as u64;
     let replay_path = crate::snapshot_replay::path_for(path);
     let replay = match replay_mode {
@@ -638,13 +639,18 @@ pub fn restore_lazy_with_devices(
             None
         }),
     };
-    if let Some(r) = &replay {
+    let preloaded = replay.map(|list| {
+        let set = ferry_protocol::PageBitmap::new(pages);
+        for p in list {
+            set.set(p);
+        }
         tracing::info!(
             path = %replay_path.display(),
-            "prefetching {} recorded pages before the vCPUs run",
-            r.len()
+            "loading {} recorded pages before the vCPUs run",
+            set.count()
         );
-    }
+        Arc::new(set)
+    });
     let record = replay_mode == Replay::Record;
     // Both ends share a random session id all the same, so the destination
     // would take no other session.
@@ -662,7 +668,7 @@ pub fn restore_lazy_with_devices(
             ..Default::default()
         },
         session_id: Some(session_id),
-        prefetch: replay.unwrap_or_default(),
+        preloaded: preloaded.clone(),
         ..Default::default()
     };
     // Both ends are in this process: a failure is not a lost network link,
@@ -673,6 +679,10 @@ pub fn restore_lazy_with_devices(
         expect_session: Some(session_id),
         disk_overrides: disks.to_vec(),
         net_overrides: nets.to_vec(),
+        preload: preloaded.map(|set| migration::preload::Preload {
+            set,
+            from: Arc::new(snap.page_source()),
+        }),
         ..Default::default()
     };
     let (received, served) = std::thread::scope(|s| {

@@ -466,15 +466,17 @@ pub fn assert_postcopy_accounting(s: &serde_json::Value, server: &serde_json::Va
         server_pushed,
         "push frames lost or double-counted: {s}"
     );
-    // The push sends each page at most once, and a page it never pushed
-    // was first sent in a demand answer (the faulting page or one fetched
-    // around it), which installed it: so every page is counted at least
-    // once. Not exactly once: a page demanded while its push frame is on
-    // the wire is counted by both when the demand answer lands first.
-    assert!(server_pushed <= n("pages_total"), "{s}");
+    // The push sends each page at most once and never one the destination
+    // preloaded itself (a replayed lazy restore), and a page it never
+    // pushed was first sent in a demand answer (the faulting page or one
+    // fetched around it), which installed it: so every page is counted at
+    // least once. Not exactly once: a page demanded while its push frame
+    // is on the wire is counted by both when the demand answer lands first.
+    let preloaded = n("pages_preloaded");
+    assert!(server_pushed + preloaded <= n("pages_total"), "{s}");
     assert!(
-        n("pages_demand") + n("fault_around_pages") >= n("pages_total") - server_pushed,
-        "pages neither pushed nor demanded: {s}"
+        n("pages_demand") + n("fault_around_pages") >= n("pages_total") - server_pushed - preloaded,
+        "pages neither preloaded, pushed nor demanded: {s}"
     );
     // One latency sample per answered request; an answer that finds its
     // page already pushed counts as a prefetch hit instead of a demand page.

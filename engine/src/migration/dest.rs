@@ -82,6 +82,9 @@ pub struct DestOptions {
     pub net_overrides: Vec<crate::devices::NetConfig>,
     /// How the fault thread asks to be scheduled (see [`crate::sched`]).
     pub fault_priority: crate::sched::FaultPriority,
+    /// Pages to load from a page source in this process before the vCPUs
+    /// run (a lazy restore's replay list; see [`super::preload`]).
+    pub preload: Option<super::preload::Preload>,
 }
 
 impl Default for DestOptions {
@@ -96,6 +99,7 @@ impl Default for DestOptions {
             disk_overrides: Vec::new(),
             net_overrides: Vec::new(),
             fault_priority: crate::sched::FaultPriority::default(),
+            preload: None,
         }
     }
 }
@@ -155,6 +159,16 @@ pub fn receive_from<'a>(
         Ok(p) => p,
         Err(e) => return Err(abort(&ctl, e)),
     };
+    let mut counters = PushCounters::default();
+    if let (Some(p), Some(ram)) = (&opts.preload, &uffd) {
+        let t = Instant::now();
+        counters.pages_preloaded = super::preload::load(p, ram).map_err(|e| abort(&ctl, e))?;
+        info!(
+            pages = counters.pages_preloaded,
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "preloaded the recorded working set"
+        );
+    }
     let accepted = hello.features & features::SUPPORTED;
     ack(&ctl, &hello, accepted, ResumeStatus::Accepted)?;
     let session = hello.session_id;
@@ -168,7 +182,6 @@ pub fn receive_from<'a>(
     let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 
     // Pages sent before the state (pre-copy modes), then the state.
-    let mut counters = PushCounters::default();
     let state_payload = match receive_before_state(
         &mut ctl,
         prepared.ram(),
@@ -955,6 +968,7 @@ fn build_stats(
         pages_demand: fault.pages_demand,
         pages_pushed: push.pages_pushed,
         pages_zero: push.pages_zero,
+        pages_preloaded: push.pages_preloaded,
         prefetch_hits: fault.prefetch_hits,
         zero_faults: fault.zero_faults,
         fault_priority: fault.priority,

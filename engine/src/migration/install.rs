@@ -26,6 +26,8 @@ pub(super) struct PushCounters {
     pub(super) bytes_page_raw: u64,
     /// Migrated-disk blocks among `pages_pushed` and `pages_zero`.
     pub(super) disk_blocks: u64,
+    /// Pages loaded locally before the vCPUs ran (see `super::preload`).
+    pub(super) pages_preloaded: u64,
 }
 
 /// Pages `first..first+n` split into the part in guest RAM (`ram_pages`

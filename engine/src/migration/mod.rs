@@ -16,6 +16,7 @@ pub mod install;
 pub mod link;
 pub mod options;
 pub mod precopy;
+pub mod preload;
 pub mod progress;
 pub mod record;
 pub mod rounds;

@@ -35,11 +35,10 @@ pub struct SourceOptions {
     /// Use this session id instead of a fresh random one: the destination
     /// was told to expect it (an in-process lazy restore).
     pub session_id: Option<u64>,
-    /// Pages sent in one batch before the switch-over, so that the
-    /// destination holds them before any vCPU runs (a lazy restore's
-    /// recorded working set). Makes a post-copy move a hybrid one with a
-    /// single pre-copy pass over these pages.
-    pub prefetch: Vec<u64>,
+    /// Pages the destination loads itself before any vCPU runs, from the
+    /// same page source in its own process (a lazy restore's recorded
+    /// working set, see [`super::preload`]): never sent, and never pushed.
+    pub preloaded: Option<Arc<ferry_protocol::PageBitmap>>,
     /// Mutual TLS on both connections (None: plain TCP). Every
     /// reconnection after a lost link runs the handshake again.
     pub tls: Option<ferry_transport::ClientTls>,
@@ -66,7 +65,7 @@ impl Default for SourceOptions {
             recovery_window: Duration::from_secs(60),
             session_record: None,
             session_id: None,
-            prefetch: Vec::new(),
+            preloaded: None,
             tls: None,
             migrate_disks: false,
             hot_window: Duration::ZERO,

@@ -27,7 +27,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_page_server::source::PageSource;
-use ferry_protocol::{MigrationMode, MsgType, PageBitmap, RoundStats, StateMeta};
+use ferry_protocol::{MigrationMode, MsgType, PageBitmap, StateMeta};
 use tracing::{error, info, warn};
 
 use super::committed::{Committed, End};
@@ -35,7 +35,6 @@ use super::dial::Dial;
 use super::disk_space::PageSpace;
 use super::error::SourceError;
 use super::options::SourceOptions;
-use super::precopy::PageSender;
 use super::progress::{Stage, VmHere};
 use super::record::SessionRecord;
 use super::rounds::{after_pause, before_pause, PreSwitch};
@@ -294,12 +293,7 @@ pub fn migrate_machine(
     opts: &SourceOptions,
     start_host_us: u64,
 ) -> Result<Outcome, SourceError> {
-    // A prefetch is one pre-copy pass over those pages: a hybrid move.
-    let mode = if opts.prefetch.is_empty() {
-        MigrationMode::Postcopy
-    } else {
-        MigrationMode::Hybrid
-    };
+    let mode = MigrationMode::Postcopy;
     let Session {
         mut control,
         fault,
@@ -317,11 +311,15 @@ pub fn migrate_machine(
     )?;
     let cfg = negotiated(&opts.server, &ack);
     let t0 = Instant::now();
-    let (have, rounds) = prefetch(&control, pages, &opts.prefetch, &cfg)?;
+    // The destination loads these itself: the push skips them.
+    let have = opts
+        .preloaded
+        .as_ref()
+        .map(|set| PageBitmap::from_words(set.pages(), set.words()));
     let meta = StateMeta {
         mode,
         start_host_us,
-        rounds,
+        rounds: Vec::new(),
         converged: None,
         pause_host_us: start_host_us,
         pause_us: 0,
@@ -337,42 +335,6 @@ pub fn migrate_machine(
     let stats = final_stats(complete, server, t0, &committed.recovery)?;
     info!(total_ms = stats.total_ms, "every page served");
     Ok(Outcome { stats })
-}
-
-/// Sends `list` (page numbers, any order; out-of-range ones are ignored) as
-/// one pre-copy pass: what the destination then holds, and the round's
-/// figures. Nothing to send is `(None, [])`.
-fn prefetch(
-    control: &super::link::Link,
-    pages: &dyn PageSource,
-    list: &[u64],
-    cfg: &ferry_page_server::server::ServerConfig,
-) -> Result<(Option<PageBitmap>, Vec<RoundStats>), SourceError> {
-    if list.is_empty() {
-        return Ok((None, Vec::new()));
-    }
-    let set = PageBitmap::new(pages.pages());
-    for &p in list.iter().filter(|&&p| p < pages.pages()) {
-        set.set(p);
-    }
-    let mut sender = PageSender::new(&control.stream, pages, cfg.lz4, cfg.zero_runs);
-    let t = Instant::now();
-    let sent = sender.send_set(&set)?;
-    sender.flush()?;
-    let round = RoundStats {
-        round: 0,
-        pages: sent,
-        bytes: sender.bytes,
-        ms: t.elapsed().as_secs_f64() * 1e3,
-        dirty_after: 0,
-        est_downtime_ms: 0.0,
-    };
-    info!(
-        pages = sent,
-        ms = round.ms,
-        "prefetched the recorded working set"
-    );
-    Ok((Some(set), vec![round]))
 }
 
 /// Finishes a committed move whose source process died: `record` names

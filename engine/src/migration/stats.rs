@@ -104,6 +104,10 @@ pub struct MigrationStats {
     pub pages_pushed: u64,
     /// Pages the source reported as zero (no data sent).
     pub pages_zero: u64,
+    /// Pages loaded before the vCPUs ran from a page source in the same
+    /// process, not over the link (a lazy restore's replay list).
+    #[serde(default)]
+    pub pages_preloaded: u64,
     /// Faults resolved by pages the background push had already delivered.
     pub prefetch_hits: u64,
     /// Faults on zero pages, resolved locally.

@@ -191,6 +191,8 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         accept_timeout: args.accept_timeout,
         expect_session: expected_session()?,
         fault_priority: args.fault_priority,
+        // A network move has no local page source to load from.
+        preload: None,
     };
     let mut ctx = ServeContext {
         guest: Some(&guest),
