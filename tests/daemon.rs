@@ -248,7 +248,6 @@ fn a_redirect_loop_is_refused_and_the_source_keeps_its_vm() {
 fn a_killed_source_resumes_with_the_vm_process_through_the_daemon() {
     let dir = Scratch::new("daemoncrash");
     let run = dir.path("run");
-    let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
     let (_daemon, addr) = spawn_dest(
         &dir,
         "daemon",
@@ -262,45 +261,14 @@ fn a_killed_source_resumes_with_the_vm_process_through_the_daemon() {
             "30s",
         ],
     );
-    let mem_file = std::path::PathBuf::from(format!(
-        "/dev/shm/ferry-test-daemon-ram-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let _cleanup = MemFile(&mem_file);
-    let record = std::path::PathBuf::from(format!("{}.session", mem_file.display()));
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "1G",
-            "--guest-args",
-            "ws=512M pattern=random write=80 report_ms=20",
-            "--mem-file",
-            mem_file.to_str().unwrap(),
-            "--serial",
-            &p("src.log"),
-            "--api",
-            &p("src.sock"),
-            "--migrate-to",
-            &addr,
-            "--after",
-            "3s",
-        ],
-        &dir.path("src.err"),
+    let mem_file = MemFile::new("daemon-ram");
+    let record = mem_file.record();
+    let (mut src, _ctl) = start_postcopy_from_file(
+        &dir,
+        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
+        &mem_file,
+        &addr,
     );
-    let sock = dir.path("src.sock");
-    wait_for(WAIT, "post-copy to start", || {
-        let out = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", sock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["migration"]["stage"] == "postcopy").then_some(())
-    });
     src.0.kill().unwrap();
     let _ = src.0.wait();
     let vm = wait_for(WAIT, "the VM's record", || records(&run).pop());
@@ -313,13 +281,11 @@ fn a_killed_source_resumes_with_the_vm_process_through_the_daemon() {
     std::fs::write(&record, rec.to_string()).unwrap();
     let mut resumed = spawn(
         "ferry-source",
-        &["--resume", mem_file.to_str().unwrap()],
+        &["--resume", mem_file.arg()],
         &dir.path("resumed.err"),
     );
     let ok = wait_exit(&mut resumed, WAIT, "the resumed source to finish");
     let err = std::fs::read_to_string(dir.path("resumed.err")).unwrap_or_default();
-    let _ = std::fs::remove_file(&mem_file);
-    let _ = std::fs::remove_file(&record);
     assert!(ok, "{err}");
     assert!(
         err.contains("sent this session to the VM's own process"),

@@ -13,6 +13,7 @@ mod common;
 
 use std::path::Path;
 
+use common::disk_log::final_gens;
 use common::*;
 use ferry_guest::{disk_block, GuestLine, DISK_BLOCK};
 
@@ -22,31 +23,6 @@ const DISK_BYTES: u64 = 2 << 20;
 fn new_disk(path: &Path) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(DISK_BYTES).unwrap();
-}
-
-/// The generations of the guest's final `DISKGEN` lines, once `DISKEND`
-/// came; None before, or when a block's line is not in `log`.
-fn final_gens(log: &[Logged]) -> Option<Vec<u32>> {
-    let end = log
-        .iter()
-        .rposition(|l| matches!(l.line, GuestLine::DiskEnd { .. }))?;
-    let GuestLine::DiskEnd { errors, blocks, .. } = log[end].line else {
-        unreachable!()
-    };
-    assert_eq!(errors, 0, "the guest counted disk errors");
-    let mut gens = vec![None; blocks as usize];
-    // Callers with a log that may lack the first lines get an empty
-    // list (see `wait_disk_end`); the test then joins the logs.
-    for l in &log[..end] {
-        if let GuestLine::DiskGen { first, gens: g } = &l.line {
-            for (i, &x) in g.iter().enumerate() {
-                if let Some(slot) = gens.get_mut(*first as usize + i) {
-                    *slot = Some(x);
-                }
-            }
-        }
-    }
-    gens.into_iter().collect()
 }
 
 /// Waits for `DISKEND` in the console log at `path` (no BAD meanwhile).
@@ -138,24 +114,6 @@ fn drained(err_log: &Path) -> Vec<u64> {
         .collect()
 }
 
-/// A log line without its terminal colour sequences (`ESC [ ... m`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Moves a guest running the disk workload at full speed from
 /// `ferry-source` to `ferry-dest` on a shared disk, in `mode`; checks the
 /// guest's disk checks continue across the move with no BAD, and the file
@@ -190,13 +148,7 @@ fn move_with(
             .map(|s| s.to_string()),
     );
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    let stats = run_source(&dir, &args);
     assert_eq!(stats["mode"], mode, "{stats}");
     let (after, _) = wait_disk_end(&dir.path("dst.log"));
     let before = read_console(&dir.path("src.log"));
@@ -508,14 +460,7 @@ fn shared_disk_survives_three_hops() {
     let dir = Scratch::new("disk-hops");
     let disk = dir.path("shared.img");
     new_disk(&disk);
-    let mut dests = Vec::new();
-    let mut addrs = Vec::new();
-    for i in 0..3 {
-        let name = format!("hop{i}");
-        let (dst, addr) = spawn_dest(&dir, &name, &strs(&io_args(&dir, &name, &[])));
-        dests.push(dst);
-        addrs.push(addr);
-    }
+    let (mut dests, addrs) = spawn_hops(&dir, 3);
     let guest = "ws=32M report_ms=50 disk=1 disk_batch=8 disk_ops=2000000";
     let mut args = source_args(&dir, "256M", 1, guest, &addrs[0], "1s");
     args.extend(["--disk".to_string(), disk.display().to_string()]);

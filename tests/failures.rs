@@ -218,13 +218,46 @@ fn api_socket_is_owner_only() {
 /// goes through: the source finishes and the guest continues there.
 fn migrate_through(dir: &Scratch, addr: &str) {
     let args = source_args(dir, "256M", 1, "ws=32M report_ms=50", addr, "1s");
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    run_source_move(dir, &args);
+}
+
+/// `ferry-source --migrate-to ADDR --after DUR` also takes API requests
+/// while it waits: a `migrate` request that moves the VM before DUR is up
+/// ends the process (it used to go on serving a VM that ran elsewhere), and
+/// so does a `quit` (it used to be ignored until DUR was up).
+#[test]
+fn requests_before_after_is_up_end_the_source() {
+    // A source in `dir` that would move to `addr` only after an hour.
+    let waiting_source = |dir: &Scratch, addr: &str| {
+        let mut args = source_args(dir, "256M", 1, "ws=32M report_ms=50", addr, "60m");
+        args.extend(["--api".into(), dir.path("src.sock").display().to_string()]);
+        let src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+        (src, wait_ticks(&dir.path("src.log"), 1, 2, WAIT))
+    };
+    let err = |dir: &Scratch| std::fs::read_to_string(dir.path("src.err")).unwrap_or_default();
+
+    let dir = Scratch::new("early-migrate");
+    let (_dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
+    let (mut src, before) = waiting_source(&dir, &addr);
+    ctl(&dir.path("src.sock"), &["migrate", &addr]);
     assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
+        wait_exit(&mut src, WAIT, "the moved source to exit"),
         "{}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+        err(&dir)
     );
-    wait_stats(&dir.path("dst.json"), WAIT);
     let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
-    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    assert_continues(&before, &after, 1);
+    assert_eq!(
+        ctl(&dir.path("dst.sock"), &["status"])["run_state"],
+        "running"
+    );
+
+    let dir = Scratch::new("early-quit");
+    let (mut src, _) = waiting_source(&dir, "127.0.0.1:9");
+    ctl(&dir.path("src.sock"), &["quit"]);
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to quit"),
+        "{}",
+        err(&dir)
+    );
 }

@@ -15,35 +15,11 @@ fn move_with_hooks(dir: &Scratch, hook_args: &[&str]) -> (Proc, Vec<Logged>, Vec
     let (dst, addr) = spawn_dest(dir, "dst", &strs(&io_args(dir, "dst", hook_args)));
     let mut args = source_args(dir, "256M", 1, GUEST, &addr, "1s");
     args.extend(["--mode", "postcopy"].map(String::from));
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    let stats = run_source(dir, &args);
     assert_eq!(stats["mode"], "postcopy", "{stats}");
     let before = read_console(&dir.path("src.log"));
     let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
     (dst, before, after)
-}
-
-/// The log without its colour escapes.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use common::disk_log::final_gens;
 use common::*;
 use ferry_guest::{disk_block, GuestLine, DISK_BLOCK};
 
@@ -33,28 +34,6 @@ fn source_disk(path: &Path) {
         }
         f.write_all_at(&chunk, PATTERN_AT + (i << 20)).unwrap();
     }
-}
-
-/// The generations of the guest's final `DISKGEN` lines.
-fn final_gens(log: &[Logged]) -> Option<Vec<u32>> {
-    let end = log
-        .iter()
-        .rposition(|l| matches!(l.line, GuestLine::DiskEnd { .. }))?;
-    let GuestLine::DiskEnd { errors, blocks, .. } = log[end].line else {
-        unreachable!()
-    };
-    assert_eq!(errors, 0, "the guest counted disk errors");
-    let mut gens = vec![None; blocks as usize];
-    for l in &log[..end] {
-        if let GuestLine::DiskGen { first, gens: g } = &l.line {
-            for (i, &x) in g.iter().enumerate() {
-                if let Some(slot) = gens.get_mut(*first as usize + i) {
-                    *slot = Some(x);
-                }
-            }
-        }
-    }
-    gens.into_iter().collect()
 }
 
 fn disk_ops(log: &[Logged]) -> Vec<u64> {
@@ -132,13 +111,7 @@ fn move_disk(name: &str, mode: &str, ops: u64, extra: &[&str]) -> serde_json::Va
             .map(|s| s.to_string()),
     );
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    let stats = run_source(&dir, &args);
     assert_eq!(stats["mode"], mode, "{stats}");
     let after = wait_for(WAIT, "DISKEND on the destination", || {
         let log = read_console(&dir.path("dst.log"));

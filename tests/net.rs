@@ -11,7 +11,6 @@ mod common;
 
 use std::net::UdpSocket;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -39,18 +38,6 @@ fn two_bridged_hosts(tag: &str, subnet: u8) -> Net {
 /// `net=1` guest arguments for subnet `s`: the guest is .50, the peer .1.
 fn guest_args(s: u8) -> String {
     format!("ws=8M report_ms=100 net=1 net_ip=10.77.{s}.50 net_peer=10.77.{s}.1 net_ms=10")
-}
-
-fn spawn_on(net: &Net, side: Side, name: &str, args: &[&str], log: &Path) -> Proc {
-    let err = std::fs::File::create(log).unwrap();
-    Proc(
-        net.command(side, &bin(name))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}")),
-    )
 }
 
 /// What the echo peer saw.
@@ -259,6 +246,25 @@ fn wait_echoed(path: &Path, min: u64) -> (u64, u64, u64, u64) {
     )
 }
 
+/// Boots the networked guest of subnet `s` in a 64M `ferry-source` in the
+/// source's namespace (console `src.log`, API `src.sock` in `dir`).
+fn start_source(net: &Net, dir: &Scratch, s: u8) -> Proc {
+    let guest = guest_args(s);
+    let net_arg = format!("tap={TAP},mac={MAC}");
+    let args = console_args(
+        dir,
+        "src",
+        &["--mem", "64M", "--guest-args", &guest, "--net", &net_arg],
+    );
+    spawn_on(
+        net,
+        Side::Source,
+        "ferry-source",
+        &strs(&args),
+        &dir.path("src.err"),
+    )
+}
+
 fn assert_no_bad(path: &Path) {
     let bad = bad_lines(&read_console(path));
     assert!(bad.is_empty(), "{}: {bad:?}", path.display());
@@ -269,20 +275,7 @@ fn guest_exchanges_datagrams_through_a_tap_on_a_bridge() {
     let net = Arc::new(two_bridged_hosts("fnet1", 211));
     let dir = Scratch::new("net-echo");
     let echo = Echo::start(&net, Side::Source, "10.77.211.1".into());
-    let guest = guest_args(211);
-    let net_arg = format!("tap={TAP},mac={MAC}");
-    let args = console_args(
-        &dir,
-        "src",
-        &["--mem", "64M", "--guest-args", &guest, "--net", &net_arg],
-    );
-    let _src = spawn_on(
-        &net,
-        Side::Source,
-        "ferry-source",
-        &strs(&args),
-        &dir.path("src.err"),
-    );
+    let _src = start_source(&net, &dir, 211);
     let log = dir.path("src.log");
     let (_, sent, echoed, lost) = wait_echoed(&log, 100);
     assert_no_bad(&log);
@@ -319,19 +312,14 @@ fn echo_stream_continues_across_a_postcopy_move_and_the_destination_announces() 
     let net_arg = format!("tap={TAP},mac={MAC}");
     let mut args = source_args(&dir, "64M", 1, &guest, &to, "3s");
     args.extend(["--net".to_string(), net_arg]);
-    let mut src = spawn_on(
+    let src = spawn_on(
         &net,
         Side::Source,
         "ferry-source",
         &strs(&args),
         &dir.path("src.err"),
     );
-    assert!(
-        wait_exit(&mut src, WAIT, "the source"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    let stats = finish_source(&dir, src);
     let src_log = dir.path("src.log");
     let dst_log = dir.path("dst.log");
     let before = net_lines(&read_console(&src_log));
@@ -399,20 +387,7 @@ fn a_snapshot_keeps_the_card_and_a_clone_gets_its_own_mac() {
     let net = Arc::new(two_bridged_hosts("fnet3", s));
     let dir = Scratch::new("net-snap");
     let _echo = Echo::start(&net, Side::Source, format!("10.77.{s}.1"));
-    let guest = guest_args(s);
-    let net_arg = format!("tap={TAP},mac={MAC}");
-    let args = console_args(
-        &dir,
-        "src",
-        &["--mem", "64M", "--guest-args", &guest, "--net", &net_arg],
-    );
-    let _src = spawn_on(
-        &net,
-        Side::Source,
-        "ferry-source",
-        &strs(&args),
-        &dir.path("src.err"),
-    );
+    let _src = start_source(&net, &dir, s);
     let (_, _, echoed, _) = wait_echoed(&dir.path("src.log"), 50);
     let sock = dir.path("src.sock");
     ctl(&sock, &["pause"]);

@@ -79,14 +79,7 @@ fn mostly_zero_4g_guest_moves_only_what_it_touched() {
 fn ping_pong_three_hops() {
     let dir = Scratch::new("pingpong");
     let guest = "ws=128M pattern=random write=80 report_ms=50";
-    let mut dests = Vec::new();
-    let mut addrs = Vec::new();
-    for i in 0..3 {
-        let name = format!("hop{i}");
-        let (dst, addr) = spawn_dest(&dir, &name, &strs(&io_args(&dir, &name, &[])));
-        dests.push(dst);
-        addrs.push(addr);
-    }
+    let (mut dests, addrs) = spawn_hops(&dir, 3);
     let src_log = dir.path("src.log");
     let args = source_args(&dir, "512M", 2, guest, &addrs[0], "1s");
     let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));

@@ -28,9 +28,6 @@ fn source(dir: &Scratch, to: &str, mem: &str, guest: &str) -> Proc {
 fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc, Proc) {
     let (dst, addr) = dest(dir, window);
     let proxy = Proxy::start(&addr, Vec::new());
-    // The guest writes its 1 GiB before it ticks, which takes 2 s here and
-    // more on a loaded host: the move starts (through the API) once the
-    // source has seen it tick, not after a fixed time.
     let src = spawn_linked_source(
         dir,
         ("2G", "ws=1G pattern=random write=80 report_ms=20"),
@@ -39,21 +36,7 @@ fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc, Proc) {
         ("2s", "30s"),
         &[],
     );
-    wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
-    let sock = dir.path("src.sock");
-    let json = dir.path("src.json");
-    let ctl = spawn(
-        "ferry-ctl",
-        &[
-            "--api",
-            sock.to_str().unwrap(),
-            "migrate",
-            &proxy.addr,
-            "--stats-json",
-            json.to_str().unwrap(),
-        ],
-        &dir.path("ctl.err"),
-    );
+    let ctl = migrate_once_ticking(dir, &proxy.addr);
     // While post-copy runs, the source's status reports it: the stage, pages
     // left, and the bytes sent so far.
     let v = wait_status(&dir.path("src.sock"), "post-copy to start", |v| {
@@ -206,10 +189,6 @@ fn when_the_window_runs_out_the_vm_waits_paused() {
 }
 
 /// Waits until the migration stage in `sock`'s status is `stage`.
-fn wait_stage(sock: &std::path::Path, stage: &str) -> serde_json::Value {
-    wait_status(sock, stage, |v| v["migration"]["stage"] == stage)
-}
-
 /// The link dies for longer than the source's recovery window: the source
 /// declares the move stranded and keeps the VM paused (it refuses to resume
 /// it: the destination may run it). `ferry-ctl recover ADDR` on the source,
@@ -223,10 +202,11 @@ fn the_source_recovers_a_stranded_move_on_request() {
         &dir,
         ("2G", "ws=1G pattern=random write=80 report_ms=20"),
         &proxy.addr,
-        "5s",
+        "60m",
         ("1s", "2s"),
         &[],
     );
+    let _ctl = migrate_once_ticking(&dir, &proxy.addr);
     let sock = dir.path("src.sock");
     wait_stage(&sock, "postcopy");
     drop(proxy);
@@ -254,17 +234,16 @@ fn the_source_recovers_a_stranded_move_on_request() {
 fn the_destination_recovers_a_stranded_move_on_request() {
     let dir = Scratch::new("dst-recover");
     let (mut dst, addr) = dest(&dir, "2s");
-    let mem_file = format!("/dev/shm/ferry-test-dstrec-{}", std::process::id());
-    let _ = std::fs::remove_file(&mem_file);
-    let _cleanup = MemFile(std::path::Path::new(&mem_file));
+    let mem_file = MemFile::new("dstrec");
     let mut src = spawn_linked_source(
         &dir,
         ("2G", "ws=1G pattern=random write=80 report_ms=20"),
         &addr,
-        "5s",
+        "60m",
         ("5s", "60s"),
-        &["--mem-file", &mem_file],
+        &["--mem-file", mem_file.arg()],
     );
+    let _ctl = migrate_once_ticking(&dir, &addr);
     wait_stage(&dir.path("src.sock"), "postcopy");
     src.0.kill().unwrap();
     let _ = src.0.wait();
@@ -280,13 +259,11 @@ fn the_destination_recovers_a_stranded_move_on_request() {
     // source is restarted from its memory file.
     let mut resumed = spawn(
         "ferry-source",
-        &["--resume", &mem_file, "--recovery-window", "30s"],
+        &["--resume", mem_file.arg(), "--recovery-window", "30s"],
         &dir.path("resumed.err"),
     );
     let r = ctl(&dsock, &["recover"]);
     let ok = wait_exit(&mut resumed, WAIT, "the resumed source to finish");
-    let _ = std::fs::remove_file(&mem_file);
-    let _ = std::fs::remove_file(format!("{mem_file}.session"));
     assert!(
         ok,
         "{}",

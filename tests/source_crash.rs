@@ -10,17 +10,8 @@ use common::*;
 fn a_killed_source_is_resumed_from_its_memory_file() {
     let dir = Scratch::new("srccrash");
     let p = |f: &str| dir.path(f).to_string_lossy().into_owned();
-    // tmpfs, as a real deployment would use; unique per run.
-    let mem_file = std::path::PathBuf::from(format!(
-        "/dev/shm/ferry-test-ram-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let _cleanup = MemFile(&mem_file);
-    let record = format!("{}.session", mem_file.display());
+    let mem_file = MemFile::new("ram");
+    let record = mem_file.record();
     let (mut dst, addr) = spawn_dest(
         &dir,
         "dst",
@@ -37,36 +28,13 @@ fn a_killed_source_is_resumed_from_its_memory_file() {
             "30s",
         ],
     );
-    let mut src = spawn(
-        "ferry-source",
-        &[
-            "--mem",
-            "2G",
-            "--guest-args",
-            "ws=1G pattern=random write=80 report_ms=20",
-            "--mem-file",
-            mem_file.to_str().unwrap(),
-            "--serial",
-            &p("src.log"),
-            "--api",
-            &p("src.sock"),
-            "--migrate-to",
-            &addr,
-            "--after",
-            "5s",
-        ],
-        &dir.path("src.err"),
+    let (mut src, _ctl) = start_postcopy_from_file(
+        &dir,
+        ("2G", "ws=1G pattern=random write=80 report_ms=20"),
+        &mem_file,
+        &addr,
     );
-    let sock = dir.path("src.sock");
-    wait_for(WAIT, "post-copy to start", || {
-        let out = std::process::Command::new(bin("ferry-ctl"))
-            .args(["--api", sock.to_str().unwrap(), "status"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["migration"]["stage"] == "postcopy").then_some(())
-    });
-    assert!(std::path::Path::new(&record).exists(), "no session record");
+    assert!(record.exists(), "no session record");
     src.0.kill().unwrap();
     let _ = src.0.wait();
     // A new process finishes the move from the file.
@@ -74,7 +42,7 @@ fn a_killed_source_is_resumed_from_its_memory_file() {
         "ferry-source",
         &[
             "--resume",
-            mem_file.to_str().unwrap(),
+            mem_file.arg(),
             "--stats-json",
             &p("resumed.json"),
         ],
@@ -86,14 +54,14 @@ fn a_killed_source_is_resumed_from_its_memory_file() {
         std::fs::read_to_string(dir.path("resumed.err")).unwrap_or_default(),
         std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
     );
-    let _ = std::fs::remove_file(&mem_file);
-    let _ = std::fs::remove_file(&record);
     assert!(ok, "{errs}");
+    // The resumed source removes both once the destination has every page.
+    assert!(!mem_file.path().exists(), "the memory file stays behind");
+    assert!(!record.exists(), "the session record stays behind");
     let s = wait_stats(&dir.path("dst.json"), WAIT);
     assert!(s["recoveries"].as_u64().unwrap() >= 1, "{s}");
     let r = wait_stats(&dir.path("resumed.json"), WAIT);
     assert!(r["source"]["recoveries"].as_u64().unwrap() >= 1, "{r}");
-    assert!(!mem_file.exists(), "the memory file stays behind");
     let dst_log = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
     let src_log = read_console(&dir.path("src.log"));
     assert_continues(&src_log, &dst_log, 1);

@@ -84,6 +84,29 @@ fn start_move(
     (src, std::thread::spawn(move || cmd.output().unwrap()))
 }
 
+/// Starts a slow post-copy move (the push capped at 40 MB/s, so a cut falls
+/// inside post-copy) of a 1G guest writing all over 512M, from a TLS
+/// `ferry-source` (`extra`: more of its arguments) to `to`; returns once
+/// post-copy runs, with the source and `ferry-ctl migrate`.
+fn start_slow_postcopy(
+    dir: &Scratch,
+    certs: &Path,
+    to: &str,
+    extra: &[&str],
+) -> (Proc, std::thread::JoinHandle<std::process::Output>) {
+    let mut args = vec!["--peer-timeout", "2s", "--recovery-window", "30s"];
+    args.extend(extra);
+    let started = start_move(
+        dir,
+        certs,
+        to,
+        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
+        (&args, &["--max-bandwidth", "40M"]),
+    );
+    wait_stage(&dir.path("src.sock"), "postcopy");
+    started
+}
+
 /// Moves a `mem` guest running `guest` from a TLS `ferry-source` to the
 /// destination at `to` (`ctl_extra`: more `ferry-ctl migrate` arguments)
 /// and checks the guest continues there with no BAD; returns the
@@ -95,19 +118,31 @@ fn move_guest(
     (mem, guest): (&str, &str),
     ctl_extra: &[&str],
 ) -> serde_json::Value {
-    let (mut src, ctl) = start_move(dir, certs, to, (mem, guest), (&[], ctl_extra));
+    let (src, ctl) = start_move(dir, certs, to, (mem, guest), (&[], ctl_extra));
+    finish_move(dir, src, ctl)
+}
+
+/// Waits for a move that `start_move` began to end: `ferry-ctl migrate`
+/// succeeds, the source exits, and the guest continues on the destination
+/// with no BAD; returns the destination's stats.
+fn finish_move(
+    dir: &Scratch,
+    mut src: Proc,
+    ctl: std::thread::JoinHandle<std::process::Output>,
+) -> serde_json::Value {
+    let log = |name: &str| std::fs::read_to_string(dir.path(name)).unwrap_or_default();
     let out = ctl.join().unwrap();
     assert!(
         out.status.success(),
         "migrate: {}\nsource: {}\ndestination: {}",
         String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default(),
-        std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
+        log("src.err"),
+        log("dst.err")
     );
     assert!(
         wait_exit(&mut src, WAIT, "the source to finish"),
         "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+        log("src.err")
     );
     let stats = wait_stats(&dir.path("dst.json"), WAIT);
     let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
@@ -301,41 +336,14 @@ fn a_cut_link_recovers_under_tls() {
         &["--peer-timeout", "2s", "--recovery-window", "30s"],
     );
     let tap = Tap::start(&addr, false);
-    let src_sock = dir.path("src.sock");
-    let (mut src, ctl) = start_move(
-        &dir,
-        &certs,
-        &tap.addr,
-        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
-        (
-            &["--peer-timeout", "2s", "--recovery-window", "30s"],
-            // A slow push, so the cut falls inside post-copy.
-            &["--max-bandwidth", "40M"],
-        ),
-    );
-    wait_status(&src_sock, "post-copy to start", |v| {
-        v["migration"]["stage"] == "postcopy"
-    });
+    let (src, ctl) = start_slow_postcopy(&dir, &certs, &tap.addr, &[]);
     std::thread::sleep(Duration::from_millis(300));
     let before = tap.connections();
     tap.cut();
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let out = ctl.join().unwrap();
-    assert!(
-        out.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    let stats = finish_move(&dir, src, ctl);
     assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
     // Both connections were opened again, each with a new handshake.
     assert!(tap.connections() >= before + 2, "{}", tap.connections());
-    let after = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
-    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
     let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
     assert!(err.contains("source reconnected"), "{err}");
     quit(&dir, &mut dst);
@@ -369,33 +377,9 @@ fn another_certificate_cannot_take_over_a_session() {
         ],
     );
     let tap = Tap::start(&addr, false);
-    let mem_file = std::path::PathBuf::from(format!(
-        "/dev/shm/ferry-tls-binding-{}.mem",
-        std::process::id()
-    ));
-    let _cleanup = MemFile(&mem_file);
-    let src_sock = dir.path("src.sock");
-    let (mut src, ctl) = start_move(
-        &dir,
-        &certs,
-        &tap.addr,
-        ("1G", "ws=512M pattern=random write=80 report_ms=20"),
-        (
-            &[
-                "--mem-file",
-                mem_file.to_str().unwrap(),
-                "--peer-timeout",
-                "2s",
-                "--recovery-window",
-                "30s",
-            ],
-            &["--max-bandwidth", "40M"],
-        ),
-    );
-    wait_status(&src_sock, "post-copy to start", |v| {
-        v["migration"]["stage"] == "postcopy"
-    });
-    let record = SessionRecord::read(&SessionRecord::path_for(&mem_file)).unwrap();
+    let mem_file = MemFile::new("tls-binding");
+    let (src, ctl) = start_slow_postcopy(&dir, &certs, &tap.addr, &["--mem-file", mem_file.arg()]);
+    let record = SessionRecord::read(&SessionRecord::path_for(mem_file.path())).unwrap();
     let stranger = ClientTls::load(
         &TlsFiles {
             cert: certs.join("dest.pem"),
@@ -438,21 +422,8 @@ fn another_certificate_cannot_take_over_a_session() {
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     tap.cut();
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let out = ctl.join().unwrap();
-    assert!(
-        out.status.success(),
-        "migrate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats = wait_stats(&dir.path("dst.json"), WAIT);
+    let stats = finish_move(&dir, src, ctl);
     assert!(stats["recoveries"].as_u64().unwrap() >= 1, "{stats}");
-    let after = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);
-    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
     // The strangers were told the session is not theirs (1:
     // UnknownSession), and it went on without them.
     for t in strangers {
@@ -462,8 +433,6 @@ fn another_certificate_cannot_take_over_a_session() {
     assert!(err.contains("from another certificate"), "{err}");
     assert!(err.contains("source reconnected"), "{err}");
     quit(&dir, &mut dst);
-    let _ = std::fs::remove_file(&mem_file);
-    let _ = std::fs::remove_file(SessionRecord::path_for(&mem_file));
 }
 
 /// splitmix64's finaliser, as the workload guest computes it.
@@ -506,15 +475,7 @@ fn capture(tls: bool) -> (usize, usize, u64) {
         args.extend(tls_args(&certs, "source"));
         args.extend(["--tls-server-name".into(), "dest".into()]);
     }
-    let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "{}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    wait_stats(&dir.path("dst.json"), WAIT);
-    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
-    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    run_source_move(&dir, &args);
     quit(&dir, &mut dst);
     let streams = tap.captured();
     let total: u64 = streams.iter().map(|(_, b)| b.len() as u64).sum();

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -18,19 +16,6 @@ const WAIT: Duration = Duration::from_secs(180);
 /// by a veth pair limited to `rate`, removed on drop.
 fn two_hosts(tag: &str, rate: &str) -> Net {
     Net::tagged(tag, tag, 0, Some(rate)).unwrap_or_else(|e| panic!("namespaces {tag}: {e}"))
-}
-
-/// Spawns Ferry's `name` in the namespace of `side`, its stderr in `log`.
-fn spawn_on(net: &Net, side: Side, name: &str, args: &[&str], log: &Path) -> Proc {
-    let err = std::fs::File::create(log).unwrap();
-    Proc(
-        net.command(side, &bin(name))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}")),
-    )
 }
 
 /// Runs a move between the two hosts and returns the destination's stats
@@ -54,24 +39,15 @@ fn move_between(
     let to = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dst_err);
     let mut args = source_args(dir, mem, vcpus, guest, &to, after);
     args.extend(src_args.iter().map(|s| s.to_string()));
-    let (dst_log, dst_json, src_log) = (
-        dir.path("dst.log"),
-        dir.path("dst.json"),
-        dir.path("src.log"),
-    );
-    let mut src = spawn_on(
+    let (dst_log, src_log) = (dir.path("dst.log"), dir.path("src.log"));
+    let src = spawn_on(
         net,
         Side::Source,
         "ferry-source",
         &strs(&args),
         &dir.path("src.err"),
     );
-    assert!(
-        wait_exit(&mut src, WAIT, "the source"),
-        "source failed: {}",
-        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
-    );
-    let stats = wait_stats(&dst_json, WAIT);
+    let stats = finish_source(dir, src);
     let after = wait_ticks(&dst_log, vcpus, 3, WAIT);
     assert_continues(&read_console(&src_log), &after, vcpus);
     let _ = dst.0.kill();

@@ -2,6 +2,7 @@
 //! reading the guest's timestamped console log, and waiting for the guest.
 #![allow(dead_code)]
 
+pub mod disk_log;
 pub mod hostile;
 pub mod proxy;
 pub mod tap;
@@ -33,17 +34,45 @@ impl Drop for Scratch {
     }
 }
 
-/// A source's `--mem-file` (guest RAM, often in `/dev/shm`) and its
-/// session record, removed on drop: a test that fails or is killed before
+/// A source's `--mem-file`: guest RAM in `/dev/shm` (tmpfs, as a
+/// deployment would use), named uniquely for this run, and its session
+/// record. Both are removed on drop: a test that fails or is killed before
 /// the source finishes must not leave a guest's RAM in memory.
-pub struct MemFile<'a>(pub &'a std::path::Path);
+pub struct MemFile(PathBuf);
 
-impl Drop for MemFile<'_> {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(self.0);
+impl MemFile {
+    /// A new, unused name tagged `tag`.
+    pub fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Self(PathBuf::from(format!(
+            "/dev/shm/ferry-test-{tag}-{}-{nanos}",
+            std::process::id()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The path as a command-line argument.
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 path")
+    }
+
+    /// Where the source writes its session record.
+    pub fn record(&self) -> PathBuf {
         let mut record = self.0.as_os_str().to_owned();
         record.push(".session");
-        let _ = std::fs::remove_file(record);
+        record.into()
+    }
+}
+
+impl Drop for MemFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(self.record());
     }
 }
 
@@ -67,10 +96,25 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn spawn(name: &str, args: &[&str], log: &Path) -> Proc {
+    spawn_command(Command::new(bin(name)), name, args, log)
+}
+
+/// Spawns Ferry's `name` in the network namespace of `side`, its stderr in
+/// `log`.
+pub fn spawn_on(
+    net: &ferry_tools::netns::Net,
+    side: ferry_tools::netns::Side,
+    name: &str,
+    args: &[&str],
+    log: &Path,
+) -> Proc {
+    spawn_command(net.command(side, &bin(name)), name, args, log)
+}
+
+fn spawn_command(mut cmd: Command, name: &str, args: &[&str], log: &Path) -> Proc {
     let err = std::fs::File::create(log).unwrap();
     Proc(
-        Command::new(bin(name))
-            .args(args)
+        cmd.args(args)
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
@@ -114,6 +158,130 @@ pub fn wait_status(
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     wait_for(WAIT, what, || try_status(sock).filter(|s| done(s)))
+}
+
+/// Boots `guest` in a `mem` VM whose RAM lives in `mem_file` (a
+/// `ferry-source` in `dir`: console `src.log`, API `src.sock`), moves it to
+/// `to` once the guest ticks, and returns once post-copy runs: the source
+/// and the `ferry-ctl migrate` (see [`migrate_once_ticking`]).
+pub fn start_postcopy_from_file(
+    dir: &Scratch,
+    (mem, guest): (&str, &str),
+    mem_file: &MemFile,
+    to: &str,
+) -> (Proc, Proc) {
+    let args = console_args(
+        dir,
+        "src",
+        &[
+            "--mem",
+            mem,
+            "--guest-args",
+            guest,
+            "--mem-file",
+            mem_file.arg(),
+            "--migrate-to",
+            to,
+            "--after",
+            "60m",
+        ],
+    );
+    let src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    let ctl = migrate_once_ticking(dir, to);
+    wait_stage(&dir.path("src.sock"), "postcopy");
+    (src, ctl)
+}
+
+/// Runs `ferry-source ARGS` (stderr in `dir/src.err`) until its move ends,
+/// which it must end successfully, and returns the destination's
+/// statistics (`dir/dst.json`).
+pub fn run_source(dir: &Scratch, args: &[String]) -> serde_json::Value {
+    finish_source(
+        dir,
+        spawn("ferry-source", &strs(args), &dir.path("src.err")),
+    )
+}
+
+/// Waits for `src`, a `ferry-source` in `dir`, to end its move
+/// successfully, and returns the destination's statistics (`dir/dst.json`).
+pub fn finish_source(dir: &Scratch, mut src: Proc) -> serde_json::Value {
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "source failed: {}",
+        std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+    );
+    wait_stats(&dir.path("dst.json"), WAIT)
+}
+
+/// Runs `ferry-source ARGS` (console `dir/src.log`) until its move ends,
+/// and checks the guest continues on the destination (console
+/// `dir/dst.log`, statistics `dir/dst.json`) with no BAD; returns those
+/// statistics.
+pub fn run_source_move(dir: &Scratch, args: &[String]) -> serde_json::Value {
+    let stats = run_source(dir, args);
+    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    stats
+}
+
+/// `s` without its terminal colour sequences (`ESC [ ... m`), as a user
+/// reads a log.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Starts `n` listening destinations `hop0`, `hop1`, ... in `dir`, each
+/// with its console, API socket and statistics named after it; returns
+/// them and their addresses.
+pub fn spawn_hops(dir: &Scratch, n: usize) -> (Vec<Proc>, Vec<String>) {
+    (0..n)
+        .map(|i| {
+            let name = format!("hop{i}");
+            spawn_dest(dir, &name, &strs(&io_args(dir, &name, &[])))
+        })
+        .unzip()
+}
+
+/// Waits until the migration stage in `sock`'s status is `stage`.
+pub fn wait_stage(sock: &Path, stage: &str) -> serde_json::Value {
+    wait_status(sock, stage, |v| v["migration"]["stage"] == stage)
+}
+
+/// Starts the move of the source in `dir` (API socket `src.sock`, console
+/// `src.log`) to `to` with `ferry-ctl migrate`, once its guest has ticked
+/// twice. The workload guest writes its whole working set before it ticks,
+/// seconds for a large one on a loaded host, so a fixed `--after` could
+/// start the move before the source has any tick to compare with. The
+/// source's statistics go to `src.json`; the returned `ferry-ctl` exits
+/// when the move ends.
+pub fn migrate_once_ticking(dir: &Scratch, to: &str) -> Proc {
+    wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
+    let (sock, json) = (dir.path("src.sock"), dir.path("src.json"));
+    spawn(
+        "ferry-ctl",
+        &[
+            "--api",
+            sock.to_str().unwrap(),
+            "migrate",
+            to,
+            "--stats-json",
+            json.to_str().unwrap(),
+        ],
+        &dir.path("ctl.err"),
+    )
 }
 
 /// `--serial NAME.log --api NAME.sock` in `dir` (where a `ferry-source` or
