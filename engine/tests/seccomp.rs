@@ -32,6 +32,37 @@ fn kind_of(name: &str) -> Thread {
     }
 }
 
+/// Runs `confined_child` in a new process of this test binary, told by
+/// `spec` ("KIND:CALL") which thread to confine and what it then tries;
+/// returns how that process ended and its stderr.
+fn probe(spec: &str) -> (std::process::ExitStatus, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "confined_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, spec)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The probe tried `what`, and its filter ended the process: by SIGSYS
+/// from the kernel, or by the filter's own exit after its report.
+fn assert_stopped_by_the_filter(status: std::process::ExitStatus, err: &str, what: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    assert!(err.contains(&format!("about to try {what}")), "{err}");
+    assert!(!err.contains("SURVIVED"), "{err}");
+    let by_filter =
+        status.signal() == Some(libc::SIGSYS) || status.code() == Some(BAD_SYSCALL_EXIT);
+    assert!(by_filter, "{status:?}: {err}");
+}
+
 /// Runs in the child only: confines a thread, shows that allowed calls
 /// still work, then makes the forbidden one.
 #[test]
@@ -99,19 +130,8 @@ fn confined_child() {
 
 #[test]
 fn a_confined_thread_that_makes_a_forbidden_call_stops_its_process() {
-    let me = std::env::current_exe().unwrap();
     for &(what, kind, nr) in ATTEMPTS {
-        let out = Command::new(&me)
-            .args([
-                "confined_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, format!("{kind:?}:{what}"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (status, err) = probe(&format!("{kind:?}:{what}"));
         let case = format!("{kind:?} thread, {what}");
         assert!(
             err.contains("confined;"),
@@ -121,7 +141,7 @@ fn a_confined_thread_that_makes_a_forbidden_call_stops_its_process() {
             !err.contains("SURVIVED"),
             "{case}: the call went through: {err}"
         );
-        assert_eq!(out.status.code(), Some(BAD_SYSCALL_EXIT), "{case}: {err}");
+        assert_eq!(status.code(), Some(BAD_SYSCALL_EXIT), "{case}: {err}");
         let report = format!("ferry: seccomp: the {} thread (tid ", kind.name());
         assert!(err.contains(&report), "{case}: {err}");
         assert!(
@@ -138,21 +158,11 @@ fn a_confined_thread_that_makes_a_forbidden_call_stops_its_process() {
 #[test]
 fn a_confined_thread_cannot_open_a_file() {
     for kind in ["Vcpu", "Fault", "PageServer"] {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "confined_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, format!("{kind}:openat"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (status, err) = probe(&format!("{kind}:openat"));
         assert!(err.contains("about to try openat"), "{kind}: {err}");
         assert!(err.contains("OPEN REFUSED"), "{kind}: {err}");
         assert!(!err.contains("SURVIVED"), "{kind}: {err}");
-        assert!(out.status.success(), "{kind}: {:?}: {err}", out.status);
+        assert!(status.success(), "{kind}: {status:?}: {err}");
     }
 }
 
@@ -161,53 +171,19 @@ fn a_confined_thread_cannot_open_a_file() {
 /// the process with SIGSYS itself (no report line, same end).
 #[test]
 fn a_confined_thread_cannot_start_a_thread() {
-    use std::os::unix::process::ExitStatusExt;
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "confined_child",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "Fault:thread")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("about to try thread"), "{err}");
-    assert!(!err.contains("SURVIVED"), "{err}");
-    let by_filter =
-        out.status.signal() == Some(libc::SIGSYS) || out.status.code() == Some(BAD_SYSCALL_EXIT);
-    assert!(by_filter, "{:?}: {err}", out.status);
+    let (status, err) = probe("Fault:thread");
+    assert_stopped_by_the_filter(status, &err, "thread");
 }
 
 /// The API thread starts a thread per connection (which inherits its
 /// filter), so its filter allows a thread, but never a new process.
 #[test]
 fn the_api_filter_allows_a_thread_but_not_a_process() {
-    use std::os::unix::process::ExitStatusExt;
-    let run = |what: &str| {
-        Command::new(std::env::current_exe().unwrap())
-            .args([
-                "confined_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, format!("Api:{what}"))
-            .output()
-            .unwrap()
-    };
-    let out = run("thread");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (status, err) = probe("Api:thread");
     assert!(err.contains("SURVIVED thread"), "{err}");
-    assert!(out.status.success(), "{:?}: {err}", out.status);
-    let out = run("fork");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("about to try fork"), "{err}");
-    assert!(!err.contains("SURVIVED"), "{err}");
-    let by_filter =
-        out.status.signal() == Some(libc::SIGSYS) || out.status.code() == Some(BAD_SYSCALL_EXIT);
-    assert!(by_filter, "{:?}: {err}", out.status);
+    assert!(status.success(), "{status:?}: {err}");
+    let (status, err) = probe("Api:fork");
+    assert_stopped_by_the_filter(status, &err, "fork");
 }
 
 #[test]
