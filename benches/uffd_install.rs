@@ -234,19 +234,22 @@ fn main() {
         println!("{name:<22} {secs:>9.3} {mib_s:>10.0} {pages_s:>12.0} {us_call:>10.2}");
         (mib_s, pages_s, us_call)
     };
-    for batch in BATCHES {
-        let secs = (0..reps)
-            .map(|_| copy_secs(pages, batch, &src))
-            .fold(f64::INFINITY, f64::min);
-        let (mib_s, pages_s, us_call) = row(format!("copy {batch:>3} pages/call"), batch, secs);
-        rows.push(json!({
-            "op": "copy",
+    let entry = |op: &str, batch: u64, secs: f64, (mib_s, pages_s, us_call): (f64, f64, f64)| {
+        json!({
+            "op": op,
             "pages_per_call": batch,
             "secs": secs,
             "mib_s": mib_s,
             "pages_s": pages_s,
             "us_per_call": us_call,
-        }));
+        })
+    };
+    for batch in BATCHES {
+        let secs = (0..reps)
+            .map(|_| copy_secs(pages, batch, &src))
+            .fold(f64::INFINITY, f64::min);
+        let rates = row(format!("copy {batch:>3} pages/call"), batch, secs);
+        rows.push(entry("copy", batch, secs, rates));
     }
     for batch in [32, 256] {
         let (alloc, install) = (0..reps)
@@ -255,29 +258,16 @@ fn main() {
                 (a.0.min(b.0), a.1.min(b.1))
             });
         row("fallocate (before)".to_string(), batch, alloc);
-        let (mib_s, pages_s, us_call) = row(format!("write+continue {batch:>3}"), batch, install);
-        rows.push(json!({
-            "op": "minor",
-            "pages_per_call": batch,
-            "alloc_secs": alloc,
-            "secs": install,
-            "mib_s": mib_s,
-            "pages_s": pages_s,
-            "us_per_call": us_call,
-        }));
+        let rates = row(format!("write+continue {batch:>3}"), batch, install);
+        let mut e = entry("minor", batch, install, rates);
+        e["alloc_secs"] = json!(alloc);
+        rows.push(e);
     }
     let secs = (0..reps)
         .map(|_| zero_secs(pages))
         .fold(f64::INFINITY, f64::min);
-    let (mib_s, pages_s, us_call) = row("zeropage   1 page/call".into(), 1, secs);
-    rows.push(json!({
-        "op": "zeropage",
-        "pages_per_call": 1,
-        "secs": secs,
-        "mib_s": mib_s,
-        "pages_s": pages_s,
-        "us_per_call": us_call,
-    }));
+    let rates = row("zeropage   1 page/call".into(), 1, secs);
+    rows.push(entry("zeropage", 1, secs, rates));
 
     let (blocked, handler) = fault_round_trip(pages, &src);
     println!(
