@@ -39,9 +39,7 @@ fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc, Proc) {
     let ctl = migrate_once_ticking(dir, &proxy.addr);
     // While post-copy runs, the source's status reports it: the stage, pages
     // left, and the bytes sent so far.
-    let v = wait_status(&dir.path("src.sock"), "post-copy to start", |v| {
-        v["migration"]["stage"] == "postcopy"
-    });
+    let v = wait_stage(&dir.path("src.sock"), "postcopy");
     assert_eq!(v["run_state"], "migrating", "{v}");
     let m = &v["migration"];
     assert!(m["bytes_sent"].as_u64().unwrap() > 0, "{v}");
@@ -158,9 +156,7 @@ fn when_the_window_runs_out_the_vm_waits_paused() {
     src.0.kill().unwrap();
     let _ = src.0.wait();
     let dsock = dir.path("dst.sock");
-    let status = wait_status(&dsock, "the destination to give up waiting", |v| {
-        v["migration"]["stage"] == "failed"
-    });
+    let status = wait_stage(&dsock, "failed");
     assert_eq!(status["run_state"], "paused", "{status}");
     let why = status["migration"]["error"].as_str().unwrap();
     assert!(why.contains("did not reconnect"), "{why}");
@@ -188,7 +184,6 @@ fn when_the_window_runs_out_the_vm_waits_paused() {
     });
 }
 
-/// Waits until the migration stage in `sock`'s status is `stage`.
 /// The link dies for longer than the source's recovery window: the source
 /// declares the move stranded and keeps the VM paused (it refuses to resume
 /// it: the destination may run it). `ferry-ctl recover ADDR` on the source,
@@ -250,9 +245,7 @@ fn the_destination_recovers_a_stranded_move_on_request() {
     let dsock = dir.path("dst.sock");
     // The engine publishes the hold before the failure, so the status
     // that first shows the failure already shows the VM paused and held.
-    let s = wait_status(&dsock, "the move to fail", |v| {
-        v["migration"]["stage"] == "failed"
-    });
+    let s = wait_stage(&dsock, "failed");
     assert_eq!(s["run_state"], "paused", "{s}");
     assert!(s["held"].is_string(), "{s}");
     // Recover on the destination (it waits another window, 2 s) while the

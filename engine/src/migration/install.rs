@@ -1,6 +1,6 @@
 //! Pages arriving on the control connection: before the state (pre-copy
-//! modes write them into guest RAM; hybrid also drops stale pages), and the background push after it (installed through
-//! userfaultfd).
+//! modes write them into guest RAM; hybrid also drops stale pages), and
+//! the background push after it (installed through userfaultfd).
 
 use ferry_protocol::{
     decode_pages, from_json, MigrationMode, MsgType, PageBitmap, PageEncoding, ProtocolError,

@@ -86,6 +86,12 @@ impl SourceOptions {
         }
     }
 
+    pub(super) fn fail(&self, why: impl Into<String>) {
+        if let Some(p) = &self.progress {
+            p.fail(why);
+        }
+    }
+
     pub(super) fn vm_here(&self, here: super::progress::VmHere) {
         if let Some(p) = &self.progress {
             p.vm_here(here);

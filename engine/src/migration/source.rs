@@ -90,11 +90,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         opts.tls.as_ref(),
         space.hello_options(),
     )
-    .inspect_err(|e| {
-        if let Some(p) = &opts.progress {
-            p.fail(e.to_string());
-        }
-    })?;
+    .inspect_err(|e| opts.fail(e.to_string()))?;
     let cfg = negotiated(&opts.server, &ack);
     let source = &*space.source;
 
@@ -211,9 +207,7 @@ fn roll_back(vm: &mut Vm, was_running: bool, opts: &SourceOptions, e: SourceErro
     if was_running {
         if let Err(re) = vm.resume() {
             error!("cannot resume the VM after the failed move ({e}): {re}");
-            if let Some(p) = &opts.progress {
-                p.fail(format!("{e}; resuming the VM here failed: {re}"));
-            }
+            opts.fail(format!("{e}; resuming the VM here failed: {re}"));
             return re.into();
         }
     }
@@ -224,9 +218,7 @@ fn roll_back(vm: &mut Vm, was_running: bool, opts: &SourceOptions, e: SourceErro
     } else {
         VmHere::Paused
     });
-    if let Some(p) = &opts.progress {
-        p.fail(e.to_string());
-    }
+    opts.fail(e.to_string());
     SourceError::RolledBack(Box::new(e))
 }
 
@@ -242,9 +234,7 @@ fn stranded(opts: &SourceOptions, e: SourceError, record: SessionRecord) -> Sour
     };
     error!("{e}");
     opts.vm_here(VmHere::Held(e.to_string()));
-    if let Some(p) = &opts.progress {
-        p.fail(e.to_string());
-    }
+    opts.fail(e.to_string());
     e
 }
 
