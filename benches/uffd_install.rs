@@ -5,8 +5,13 @@
 //! 2. Minor-fault mode: the memory file allocated first (`fallocate`,
 //!    timed apart), then each batch written through the file and mapped
 //!    with `UFFDIO_CONTINUE`, 32 or 256 pages per call.
-//! 3. `UFFDIO_ZEROPAGE`: `UffdRam::install_zero` of every page, one per call.
-//! 4. Fault round trip: a thread reads missing pages one by one; the main
+//! 3. Huge pages (`--huge-pages`): `UffdRam::install` of every page of
+//!    fresh 2 MiB-page guest RAM, 512 pages per call, so each call stages
+//!    one huge page and maps it with one `UFFDIO_COPY`. Needs that many free
+//!    pages in the pool (scripts/setup.sh reserves some); without them the
+//!    row says so instead of a figure.
+//! 4. `UFFDIO_ZEROPAGE`: `UffdRam::install_zeros` of every page, one per call.
+//! 5. Fault round trip: a thread reads missing pages one by one; the main
 //!    thread spins on the (non-blocking) userfaultfd, and installs each
 //!    faulting page with `UFFDIO_COPY`, which wakes the thread. Reported as
 //!    the thread's blocked time per page, and the handler's share of it
@@ -24,7 +29,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_engine::layout::{MIN_MEM, PAGE_SIZE};
-use ferry_engine::memory::GuestRam;
+use ferry_engine::memory::{Backing, GuestRam};
 use ferry_engine::migration::uffd_ram::UffdRam;
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -38,6 +43,23 @@ fn fresh(bytes: u64) -> (GuestRam, UffdRam) {
     let ram = GuestRam::new(bytes.max(MIN_MEM)).expect("guest RAM");
     let uffd = UffdRam::register(&ram).expect("userfaultfd registration");
     (ram, uffd)
+}
+
+/// Seconds to install the first `pages` pages of fresh huge-page RAM, one
+/// huge page per call (the error when the pool cannot hold it).
+fn huge_secs(pages: u64, src: &[u8]) -> Result<f64, String> {
+    let ram = GuestRam::with_backing((pages * PAGE_SIZE as u64).max(MIN_MEM), Backing::HugePages)
+        .map_err(|e| e.to_string())?;
+    let uffd = UffdRam::register(&ram).expect("userfaultfd registration");
+    let data = &src[..512 * PAGE_SIZE];
+    let t = Instant::now();
+    let mut installed = 0;
+    for pfn in (0..pages).step_by(512) {
+        installed += uffd.install(pfn, data).expect("install");
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(installed, pages, "not every page was installed");
+    Ok(secs)
 }
 
 /// A non-zero source buffer of `pages` pages.
@@ -139,7 +161,7 @@ fn zero_secs(pages: u64) -> f64 {
     let t = Instant::now();
     let mut installed = 0;
     for pfn in 0..pages {
-        installed += u64::from(uffd.install_zero(pfn).expect("install_zero"));
+        installed += uffd.install_zeros(pfn, 1).expect("install_zeros");
     }
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(installed, pages, "not every page was installed");
@@ -262,6 +284,17 @@ fn main() {
         let mut e = entry("minor", batch, install, rates);
         e["alloc_secs"] = json!(alloc);
         rows.push(e);
+    }
+    match (0..reps)
+        .map(|_| huge_secs(pages, &src))
+        .collect::<Result<Vec<f64>, String>>()
+    {
+        Ok(all) => {
+            let secs = all.into_iter().fold(f64::INFINITY, f64::min);
+            let rates = row("huge 512 pages/call".into(), 512, secs);
+            rows.push(entry("huge", 512, secs, rates));
+        }
+        Err(e) => println!("huge 512 pages/call    not measured: {e}"),
     }
     let secs = (0..reps)
         .map(|_| zero_secs(pages))

@@ -28,7 +28,7 @@ use crate::boot::{self, BootError};
 use crate::console::{Console, ConsoleError, ConsoleLine, LineSink, COM1_IRQ};
 use crate::devices::{self, DeviceError, DeviceSpec, DiskConfig, MmioBus};
 use crate::layout::KVM_TSS_ADDR;
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{Backing, GuestRam, MemoryError};
 use crate::state::vm as vm_state;
 use crate::state::{vcpu as vcpu_state, DeviceState, MachineMeta, MachineState};
 use crate::vcpu::{VcpuError, VcpuHandle};
@@ -180,6 +180,21 @@ impl PreparedVm {
         Self::create(GuestRam::new(mem_size)?, vcpus, console_out, false)
     }
 
+    /// Like [`Self::new`], with RAM of the given backing (huge pages).
+    pub fn new_backed(
+        mem_size: u64,
+        vcpus: u32,
+        console_out: ConsoleOutput,
+        backing: Backing,
+    ) -> Result<Self, VmError> {
+        Self::create(
+            GuestRam::with_backing(mem_size, backing)?,
+            vcpus,
+            console_out,
+            false,
+        )
+    }
+
     /// Like [`Self::new`], with guest RAM in a new file at `path` that
     /// outlives the process (see [`GuestRam::in_file`]).
     pub fn new_in_file(
@@ -203,8 +218,14 @@ impl PreparedVm {
         mem_size: u64,
         vcpus: u32,
         console_out: ConsoleOutput,
+        backing: Backing,
     ) -> Result<Self, VmError> {
-        Self::create(GuestRam::new(mem_size)?, vcpus, console_out, true)
+        Self::create(
+            GuestRam::with_backing(mem_size, backing)?,
+            vcpus,
+            console_out,
+            true,
+        )
     }
 
     fn create(

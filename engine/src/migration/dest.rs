@@ -49,6 +49,7 @@ use super::uffd_ram::UffdRam;
 use crate::console::now_us;
 use crate::devices::migrated::{DiskSet, MigratedHandle};
 use crate::layout::PAGE_SIZE;
+use crate::memory::Backing;
 use crate::state;
 use crate::vm::{ConsoleOutput, PreparedVm, Vm};
 
@@ -85,6 +86,8 @@ pub struct DestOptions {
     /// Pages to load from a page source in this process before the vCPUs
     /// run (a lazy restore's replay list; see [`super::preload`]).
     pub preload: Option<super::preload::Preload>,
+    /// What the incoming VM's RAM is made of (`--huge-pages`).
+    pub backing: Backing,
 }
 
 impl Default for DestOptions {
@@ -100,6 +103,7 @@ impl Default for DestOptions {
             net_overrides: Vec::new(),
             fault_priority: crate::sched::FaultPriority::default(),
             preload: None,
+            backing: Backing::Shmem,
         }
     }
 }
@@ -663,11 +667,25 @@ fn prepare(
 ) -> Result<Prepared, DestError> {
     check_hello(hello)?;
     let disks = prepare_disks(hello, opts)?;
+    let backing = opts.backing;
+    if backing == Backing::HugePages && (mode == MigrationMode::Hybrid || opts.preload.is_some()) {
+        // Both install pages before the state with 4 KiB granularity
+        // (hybrid also drops single stale pages), which a 2 MiB page
+        // mapped through userfaultfd cannot take.
+        return Err(DestError::Refused(format!(
+            "huge pages take post-copy, pre-copy and stop-and-copy moves, not {}",
+            if opts.preload.is_some() {
+                "a replayed restore".to_string()
+            } else {
+                format!("{mode:?}").to_lowercase()
+            }
+        )));
+    }
     if !mode.lazy() {
-        let prepared = PreparedVm::new(hello.mem_size, hello.vcpus, console)?;
+        let prepared = PreparedVm::new_backed(hello.mem_size, hello.vcpus, console, backing)?;
         return Ok((prepared, None, disks));
     }
-    let prepared = PreparedVm::new_for_postcopy(hello.mem_size, hello.vcpus, console)?;
+    let prepared = PreparedVm::new_for_postcopy(hello.mem_size, hello.vcpus, console, backing)?;
     let ram = Arc::new(UffdRam::register(prepared.ram())?);
     Ok((prepared, Some(ram), disks))
 }

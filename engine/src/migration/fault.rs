@@ -32,6 +32,7 @@ use userfaultfd::{Event, EventBuffer};
 use super::fault_around::FaultAround;
 use super::link::is_link_failure;
 use super::stats::latency_histogram;
+use super::uffd_huge::Local;
 use super::uffd_ram::{UffdRam, UffdRamError};
 use crate::devices::migrated::{DiskSet, MigratedError};
 use crate::sched::{Applied, FaultPriority};
@@ -237,52 +238,20 @@ fn run(
             if vcpu == u32::MAX {
                 debug!(tid, "fault from a non-vCPU thread");
             }
-            if ram.present.get(pfn) {
-                st.prefetch_hits += 1;
-                ram.wake(pfn);
-            } else if ram.zero.get(pfn) {
-                st.zero_faults += 1;
-                ram.install_zero(pfn)?;
-            } else if let Some(w) = pending.get_mut(&pfn) {
-                // Asked for already: around another fault, or by another
-                // vCPU. A page fetched around a fault now has a waiter.
-                if w.vcpu == AROUND {
-                    around.window(vcpu, pfn);
-                    *w = Pending {
-                        since: Instant::now(),
-                        vcpu,
+            match ram.resolve_local(pfn)? {
+                Local::Hit => st.prefetch_hits += 1,
+                Local::Zero => st.zero_faults += 1,
+                Local::Missing => {
+                    let ask = if ram.is_huge() {
+                        plan_huge(&ram, &mut pending, vcpu, pfn, &mut st)
+                    } else {
+                        plan_small(&ram, &mut pending, &mut around, vcpu, pfn, &mut st)
                     };
-                    st.demand_order.push(pfn);
-                }
-            } else {
-                let now = Instant::now();
-                pending.insert(pfn, Pending { since: now, vcpu });
-                st.demand_order.push(pfn);
-                // Fault-around: the pages after this one that are neither
-                // here nor asked for, up to the vCPU's window.
-                let window = around.window(vcpu, pfn);
-                let mut n = 1;
-                while n < window
-                    && pfn + n < ram.pages()
-                    && !ram.present.get(pfn + n)
-                    && !ram.zero.get(pfn + n)
-                    && !pending.contains_key(&(pfn + n))
-                {
-                    pending.insert(
-                        pfn + n,
-                        Pending {
-                            since: now,
-                            vcpu: AROUND,
-                        },
-                    );
-                    n += 1;
-                }
-                around.asked(vcpu, pfn, n);
-                st.pages_around += n - 1;
-                if let Some(c) = conn.as_mut() {
-                    if let Err(e) = send_request(c, pfn, n as u32, vcpu, &mut st) {
-                        conn = None;
-                        link_lost(&shared, &e.to_string());
+                    if let (Some((first, n)), Some(c)) = (ask, conn.as_mut()) {
+                        if let Err(e) = send_request(c, first, n as u32, vcpu, &mut st) {
+                            conn = None;
+                            link_lost(&shared, &e.to_string());
+                        }
                     }
                 }
             }
@@ -340,6 +309,100 @@ fn run(
     Ok(st)
 }
 
+/// Records a vCPU waiting on missing page `pfn` (4 KiB RAM) and returns
+/// the request to send, if any: the page and, after it, the pages that are
+/// neither here nor asked for, up to the vCPU's fault-around window.
+fn plan_small(
+    ram: &UffdRam,
+    pending: &mut HashMap<u64, Pending>,
+    around: &mut FaultAround,
+    vcpu: u32,
+    pfn: u64,
+    st: &mut FaultStats,
+) -> Option<(u64, u64)> {
+    if let Some(w) = pending.get_mut(&pfn) {
+        // Asked for already: around another fault, or by another vCPU. A
+        // page fetched around a fault now has a waiter.
+        if w.vcpu == AROUND {
+            around.window(vcpu, pfn);
+            *w = Pending {
+                since: Instant::now(),
+                vcpu,
+            };
+            st.demand_order.push(pfn);
+        }
+        return None;
+    }
+    let now = Instant::now();
+    pending.insert(pfn, Pending { since: now, vcpu });
+    st.demand_order.push(pfn);
+    let window = around.window(vcpu, pfn);
+    let mut n = 1;
+    while n < window
+        && pfn + n < ram.pages()
+        && !ram.present.get(pfn + n)
+        && !ram.zero.get(pfn + n)
+        && !pending.contains_key(&(pfn + n))
+    {
+        pending.insert(
+            pfn + n,
+            Pending {
+                since: now,
+                vcpu: AROUND,
+            },
+        );
+        n += 1;
+    }
+    around.asked(vcpu, pfn, n);
+    st.pages_around += n - 1;
+    Some((pfn, n))
+}
+
+/// Huge-page RAM: a fault waits for its whole huge page, so this asks for
+/// every page of it that is neither here nor asked for, in one request
+/// spanning them. The vCPU waits on `pfn`, or on the first missing page
+/// when `pfn` itself is staged already.
+fn plan_huge(
+    ram: &UffdRam,
+    pending: &mut HashMap<u64, Pending>,
+    vcpu: u32,
+    pfn: u64,
+    st: &mut FaultStats,
+) -> Option<(u64, u64)> {
+    let missing: Vec<u64> = ram.missing_in_unit(pfn).collect();
+    let wait = if missing.contains(&pfn) {
+        pfn
+    } else {
+        *missing.first()?
+    };
+    let now = Instant::now();
+    // Pages nobody asked for yet, `wait` included when it is one of them.
+    let ask: Vec<u64> = missing
+        .into_iter()
+        .filter(|q| !pending.contains_key(q))
+        .collect();
+    match pending.get_mut(&wait) {
+        Some(w) if w.vcpu == AROUND => {
+            *w = Pending { since: now, vcpu };
+            st.demand_order.push(wait);
+        }
+        Some(_) => {}
+        None => {
+            pending.insert(wait, Pending { since: now, vcpu });
+            st.demand_order.push(wait);
+        }
+    }
+    let (&first, &last) = (ask.first()?, ask.last()?);
+    for &q in &ask {
+        pending.entry(q).or_insert(Pending {
+            since: now,
+            vcpu: AROUND,
+        });
+    }
+    st.pages_around += ask.len() as u64 - 1;
+    Some((first, last - first + 1))
+}
+
 /// Marks the link down and wakes the receive thread.
 fn link_lost(shared: &Shared, why: &str) {
     warn!("fault connection lost: {why}; faults wait for recovery");
@@ -388,9 +451,7 @@ fn receive(
                 let in_ram = ram.pages().saturating_sub(first).min(n);
                 let mut newly = 0;
                 if ph.encoding == PageEncoding::Zero {
-                    for p in first..first + in_ram {
-                        newly += u64::from(ram.install_zero(p)?);
-                    }
+                    newly += ram.install_zeros(first, in_ram)?;
                     if let Some(d) = disks.filter(|_| in_ram < n) {
                         newly += d.install_zero(first + in_ram, n - in_ram)?;
                     }

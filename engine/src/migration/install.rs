@@ -256,7 +256,7 @@ fn receive_push(
                 }
                 if ph.encoding == PageEncoding::Zero {
                     c.pages_zero += all;
-                    ram.zero.set_range(first, n);
+                    ram.note_zero(first, n)?;
                     if n < all {
                         disks
                             .ok_or_else(|| no_disks(first, all))?

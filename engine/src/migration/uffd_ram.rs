@@ -10,14 +10,20 @@
 //! Zero pages pushed by the source are not installed at all: they are only
 //! recorded. A fault on one is resolved locally with `UFFDIO_ZEROPAGE`, and
 //! the rest stay holes in the memfd, which read as zero after unregistering.
+//!
+//! RAM in 2 MiB huge pages is mapped a whole huge page at a time; pages are
+//! staged until their huge page is complete (see `super::uffd_huge`).
 
 use std::os::fd::{AsRawFd, RawFd};
 
 use userfaultfd::{Error as UffdLibError, FeatureFlags, Uffd, UffdBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use std::sync::Mutex;
+
+use super::uffd_huge::{Local, Staging, UNIT_PAGES};
 use crate::layout::PAGE_SIZE;
-use crate::memory::GuestRam;
+use crate::memory::{Backing, GuestRam};
 use ferry_protocol::PageBitmap;
 
 /// Most pages one `UFFDIO_COPY` installs. A woken fault thread, even at
@@ -66,25 +72,39 @@ struct Region {
 
 /// Guest RAM whose missing pages are served by us.
 pub struct UffdRam {
-    uffd: Uffd,
+    pub(super) uffd: Uffd,
     regions: Vec<Region>,
-    /// Pages that hold their final content.
+    /// Pages that hold their final content (with huge pages: possibly
+    /// still staged, see `mapped`).
     pub present: PageBitmap,
     /// Pages the source reported as zero and that are still holes.
     pub zero: PageBitmap,
+    /// Huge-page RAM: the huge pages mapped (one bit each); empty otherwise.
+    pub(super) mapped: PageBitmap,
+    /// Huge-page RAM: the huge pages being assembled.
+    pub(super) staging: Mutex<Staging>,
+    huge: bool,
 }
 
 impl UffdRam {
     /// Registers all of `ram` for missing-page faults.
     pub fn register(ram: &GuestRam) -> Result<Self, UffdRamError> {
         let setup = |e: UffdLibError| UffdRamError::Setup(e.to_string());
+        let huge = ram.backing() == Backing::HugePages;
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             // KVM resolves guest accesses through get_user_pages in kernel
             // mode, so kernel-mode faults must be delivered too.
             .user_mode_only(false)
-            .require_features(FeatureFlags::THREAD_ID | FeatureFlags::MISSING_SHMEM)
+            .require_features(
+                FeatureFlags::THREAD_ID
+                    | if huge {
+                        FeatureFlags::MISSING_HUGETLBFS
+                    } else {
+                        FeatureFlags::MISSING_SHMEM
+                    },
+            )
             .create()
             .map_err(setup)?;
         let mut regions = Vec::new();
@@ -106,7 +126,19 @@ impl UffdRam {
             regions,
             present: PageBitmap::new(ram.pages()),
             zero: PageBitmap::new(ram.pages()),
+            mapped: PageBitmap::new(if huge {
+                ram.pages().div_ceil(UNIT_PAGES)
+            } else {
+                0
+            }),
+            staging: Mutex::new(Staging::default()),
+            huge,
         })
+    }
+
+    /// True for huge-page RAM, mapped 2 MiB at a time.
+    pub fn is_huge(&self) -> bool {
+        self.huge
     }
 
     /// The userfaultfd, for polling.
@@ -153,10 +185,22 @@ impl UffdRam {
         Ok(out)
     }
 
+    /// The host address of `pfn..pfn+count`, which must lie in one region.
+    pub(super) fn host_of(&self, pfn: u64, count: u64) -> Result<usize, UffdRamError> {
+        match self.spans(pfn, count)?.as_slice() {
+            [(host, _, n)] if *n == count => Ok(*host),
+            _ => Err(UffdRamError::OutOfRange { pfn, count }),
+        }
+    }
+
     /// Installs `data` (whole pages) at `pfn`, skipping pages already
-    /// present. Returns how many pages this call installed.
+    /// present. Returns how many pages this call installed (with huge
+    /// pages: staged, see `super::uffd_huge`).
     pub fn install(&self, pfn: u64, data: &[u8]) -> Result<u64, UffdRamError> {
         let count = (data.len() / PAGE_SIZE) as u64;
+        if self.huge {
+            return self.stage(pfn, count, Some(data));
+        }
         let mut installed = 0;
         let mut retries = 0;
         for (host, first, n) in self.spans(pfn, count)? {
@@ -223,8 +267,51 @@ impl UffdRam {
         Ok(installed)
     }
 
+    /// Records pages `first..first+n` as zero (the push's zero runs): they
+    /// stay holes until a fault on one (with huge pages, this may complete
+    /// a huge page, which is then installed).
+    pub fn note_zero(&self, first: u64, n: u64) -> Result<(), UffdRamError> {
+        if self.huge {
+            self.stage(first, n, None)?;
+        } else {
+            self.zero.set_range(first, n);
+        }
+        Ok(())
+    }
+
+    /// Resolves a fault on `pfn` without the network when it can: the page
+    /// is present (woken) or known to be zero (installed as zero).
+    pub fn resolve_local(&self, pfn: u64) -> Result<Local, UffdRamError> {
+        if self.huge {
+            return self.resolve_huge(pfn);
+        }
+        if self.present.get(pfn) {
+            self.wake(pfn);
+            Ok(Local::Hit)
+        } else if self.zero.get(pfn) {
+            self.install_zero(pfn)?;
+            Ok(Local::Zero)
+        } else {
+            Ok(Local::Missing)
+        }
+    }
+
+    /// Pages `first..first+n` answered as zero on the fault connection:
+    /// installed as zero pages (with huge pages: staged). Returns how many
+    /// were new.
+    pub fn install_zeros(&self, first: u64, n: u64) -> Result<u64, UffdRamError> {
+        if self.huge {
+            return self.stage(first, n, None);
+        }
+        let mut newly = 0;
+        for p in first..first + n {
+            newly += u64::from(self.install_zero(p)?);
+        }
+        Ok(newly)
+    }
+
     /// Resolves a fault on a page known to be zero without data.
-    pub fn install_zero(&self, pfn: u64) -> Result<bool, UffdRamError> {
+    fn install_zero(&self, pfn: u64) -> Result<bool, UffdRamError> {
         if self.present.get(pfn) {
             return Ok(false);
         }
@@ -247,10 +334,18 @@ impl UffdRam {
         }
     }
 
-    /// Wakes threads blocked on `pfn` (after another thread installed it).
+    /// Wakes threads blocked on `pfn` (after another thread installed it);
+    /// with huge pages, on its whole huge page.
     pub fn wake(&self, pfn: u64) {
-        if let Ok(spans) = self.spans(pfn, 1) {
-            let _ = self.uffd.wake(spans[0].0 as *mut libc::c_void, PAGE_SIZE);
+        let (first, n) = if self.huge {
+            ((pfn / UNIT_PAGES) * UNIT_PAGES, UNIT_PAGES)
+        } else {
+            (pfn, 1)
+        };
+        if let Ok(host) = self.host_of(first, n) {
+            let _ = self
+                .uffd
+                .wake(host as *mut libc::c_void, n as usize * PAGE_SIZE);
         }
     }
 

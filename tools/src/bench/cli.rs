@@ -135,6 +135,11 @@ pub struct Args {
     /// long before the pause and push those pages first), e.g. 200ms.
     #[arg(long)]
     pub hot_window: Option<String>,
+    /// Back guest RAM with 2 MiB huge pages on both sides (Ferry's
+    /// `--huge-pages`; QEMU's RAM becomes a hugetlb memfd backend). The
+    /// pool (/proc/sys/vm/nr_hugepages) must hold both sides' RAM.
+    #[arg(long)]
+    pub huge_pages: bool,
     /// Also run every Ferry point over mutual TLS (certificates made with
     /// `gen-certs` in the output directory), alternating with the plain
     /// runs, and add a TLS cost section: push throughput TLS ÷ plain and
@@ -299,6 +304,7 @@ impl Args {
                 tls_certs: None,
                 disk: self.disk,
                 hot_window: self.hot_window.clone(),
+                huge_pages: self.huge_pages,
             },
             tls: self.tls,
         })

@@ -79,6 +79,8 @@ pub struct FerryTools {
     pub tls_certs: Option<PathBuf>,
     /// Run with a shared virtio-blk disk and the guest's disk workload.
     pub disk: bool,
+    /// Back both sides' guest RAM with 2 MiB huge pages.
+    pub huge_pages: bool,
 }
 
 /// Size of the bench's disk: the guest's disk workload uses 1 MiB of it.
@@ -182,6 +184,9 @@ pub fn run(
             "--api",
             &path("dst.sock"),
         ]);
+    if tools.huge_pages {
+        cmd.arg("--huge-pages");
+    }
     let mut dst = Child::spawn(cmd, "ferry-dest", &f("dst.err"))?;
     let pid = dst.pid();
     wait_until(Duration::from_secs(20), "ferry-dest to listen", || {
@@ -220,6 +225,9 @@ pub fn run(
     if tls.is_some() {
         // The certificate names `dest` (and the namespaces' address).
         cmd.args(["--tls-server-name", "dest"]);
+    }
+    if tools.huge_pages {
+        cmd.arg("--huge-pages");
     }
     let mut src = Child::spawn(cmd, "ferry-source", &f("src.err"))?;
     let status = src.wait_exit(timeout)?;
@@ -288,6 +296,7 @@ mod tests {
             hybrid_rounds: Some(3),
             tls_certs: None,
             hot_window: None,
+            huge_pages: false,
         };
         assert!(t.mode_args(Mode::Postcopy).is_empty());
         let hot = FerryTools {

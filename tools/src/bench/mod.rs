@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod ferry;
 pub mod goals;
+pub mod hugepool;
 pub mod markdown;
 pub mod matrix;
 pub use crate::netns;

@@ -82,6 +82,9 @@ pub struct QemuTools {
     /// Like Ferry's `--max-rounds`: after this many dirty syncs a pre-copy
     /// that has not converged is forced to finish (downtime-limit raised).
     pub max_rounds: u64,
+    /// RAM in a hugetlb memfd backend of 2 MiB pages (as Ferry's
+    /// `--huge-pages`).
+    pub huge_pages: bool,
 }
 
 /// A QEMU process whose serial output a thread stamps into a log.
@@ -125,6 +128,17 @@ impl Vm {
                 "unix:{},server=on,wait=off",
                 dir.join(format!("{name}.qmp")).display()
             ));
+        if tools.huge_pages {
+            cmd.args([
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=ram,size={}M,hugetlb=on,hugetlbsize=2M,share=on",
+                    p.mem >> 20
+                ),
+                "-machine",
+                "memory-backend=ram",
+            ]);
+        }
         if let Some(uri) = incoming {
             cmd.args(["-incoming", uri]);
         }

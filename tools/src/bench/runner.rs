@@ -24,6 +24,9 @@ use super::wire::{self, WireFigure};
 /// Errors that stop the whole benchmark (a failed run does not).
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
+    /// The huge page pool could not be warmed (`--huge-pages`).
+    #[error("huge page pool: {0}")]
+    HugePool(String),
     /// The matrix is empty.
     #[error(transparent)]
     Matrix(#[from] MatrixError),
@@ -141,6 +144,10 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     let mut qemu_tools = None;
     let out = out_dir(cfg);
     mkdir(&out.join("runs"))?;
+    if cfg.ferry.huge_pages {
+        let (pages, took) = super::hugepool::warm().map_err(RunnerError::HugePool)?;
+        info!(pages, ms = took.as_millis() as u64, "huge page pool warmed");
+    }
     if let Some(q) = &cfg.qemu {
         let guest = std::fs::canonicalize(&out)
             .unwrap_or_else(|_| out.clone())
@@ -152,6 +159,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
                     guest,
                     downtime_limit_ms: cfg.qemu_downtime_ms,
                     max_rounds: u64::from(cfg.ferry.max_rounds.unwrap_or(30)),
+                    huge_pages: cfg.ferry.huge_pages,
                 })
             }
             Err(e) => warn!("no QEMU rows: {e}"),

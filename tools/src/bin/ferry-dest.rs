@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_engine::controller::ServeContext;
+use ferry_engine::memory::Backing;
 use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::hooks::{HookArgs, Shape};
@@ -72,6 +73,13 @@ struct Args {
     /// slice), realtime, slice or normal.
     #[arg(long, default_value = "auto", env = "FERRY_FAULT_PRIORITY")]
     fault_priority: ferry_engine::sched::FaultPriority,
+    /// Back the incoming VM's RAM with 2 MiB pages from the huge page pool
+    /// (/proc/sys/vm/nr_hugepages; the VM's memory size must be a multiple
+    /// of 2 MiB): post-copy then installs a whole 2 MiB page at a time.
+    /// Post-copy, pre-copy and stop-and-copy moves (not hybrid); not for
+    /// snapshot restores.
+    #[arg(long, conflicts_with = "snapshot_file")]
+    huge_pages: bool,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long, group = "snapshot_file")]
@@ -193,6 +201,11 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         fault_priority: args.fault_priority,
         // A network move has no local page source to load from.
         preload: None,
+        backing: if args.huge_pages {
+            Backing::HugePages
+        } else {
+            Backing::Shmem
+        },
     };
     let mut ctx = ServeContext {
         guest: Some(&guest),
@@ -342,6 +355,9 @@ fn daemon_config(
         "--fault-priority".into(),
         args.fault_priority.to_string().into(),
     ];
+    if args.huge_pages {
+        fwd.push("--huge-pages".into());
+    }
     if args.insecure {
         fwd.push("--insecure".into());
     }

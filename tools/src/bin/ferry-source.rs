@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_engine::controller::{ServeContext, ServeEnd};
+use ferry_engine::memory::Backing;
 use ferry_engine::migration::record::SessionRecord;
 use ferry_engine::migration::{self, SourceOptions};
 use ferry_engine::{api, controller, PreparedVm};
@@ -89,6 +90,10 @@ struct Args {
     /// after the switch-over, `--resume FILE` finishes the move.
     #[arg(long, conflicts_with = "resume")]
     mem_file: Option<PathBuf>,
+    /// Back guest RAM with 2 MiB pages from the huge page pool
+    /// (/proc/sys/vm/nr_hugepages; --mem must be a multiple of 2 MiB).
+    #[arg(long, conflicts_with_all = ["resume", "mem_file"])]
+    huge_pages: bool,
     /// Finish the committed move of a source that died: serve the guest
     /// RAM it left in FILE (its --mem-file) to the destination named in
     /// FILE.session, then remove both files.
@@ -133,6 +138,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut vm = match &args.mem_file {
         Some(path) => PreparedVm::new_in_file(args.mem, args.vcpus, console, path)
             .map_err(|e| format!("guest RAM in {}: {e}", path.display()))?,
+        None if args.huge_pages => {
+            PreparedVm::new_backed(args.mem, args.vcpus, console, Backing::HugePages)?
+        }
         None => PreparedVm::new(args.mem, args.vcpus, console)?,
     }
     .with_disks(disks)
