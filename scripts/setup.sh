@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages Ferry's build and tests need (Debian/Ubuntu,
-# run as root), then builds everything in release mode.
+# run as root), reserves 2 MiB huge pages, then builds everything in
+# release mode.
 #   libclang-dev      bindgen in userfaultfd-sys needs libclang
 #   build-essential   gcc, as and ld build the workload guest
 #   qemu-system-x86   QEMU peer runs of the same guest ELF
@@ -22,4 +23,15 @@ fi
 for dev in /dev/kvm /dev/userfaultfd; do
   [ -e "$dev" ] || { echo "error: $dev is missing; Ferry needs KVM and userfaultfd" >&2; exit 1; }
 done
+# 2 MiB huge pages for --huge-pages and its tests (tests/huge_pages.rs): at
+# least FERRY_HUGE_PAGES of them (default 1024, i.e. 2 GiB) in the pool.
+want=${FERRY_HUGE_PAGES:-1024}
+if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt "$want" ]; then
+  echo "$want" > /proc/sys/vm/nr_hugepages
+  got=$(cat /proc/sys/vm/nr_hugepages)
+  if [ "$got" -lt "$want" ]; then
+    echo "error: asked the kernel for $want huge pages and got $got" >&2
+    exit 1
+  fi
+fi
 cargo build --release --workspace --all-targets

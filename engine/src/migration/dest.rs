@@ -991,6 +991,7 @@ fn build_stats(
         zero_faults: fault.zero_faults,
         fault_priority: fault.priority,
         fault_around_pages: fault.pages_around,
+        backing: vm.ram().backing(),
         bytes_wire: push.bytes_wire + fault.bytes_wire + bytes_state,
         bytes_state,
         compression_ratio: if data == 0 {

@@ -117,9 +117,14 @@ pub struct MigrationStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault_priority: Option<crate::sched::Applied>,
     /// Pages demand requests asked for after the faulting page
-    /// (fault-around, see `migration::fault_around`).
+    /// (fault-around, see `migration::fault_around`; with huge pages, the
+    /// other missing pages of the faulting huge page).
     #[serde(default)]
     pub fault_around_pages: u64,
+    /// What the destination's guest RAM is made of (`shmem`, or
+    /// `huge-pages` for 2 MiB pages).
+    #[serde(default)]
+    pub backing: crate::memory::Backing,
     /// Bytes on both connections, both directions, headers included.
     pub bytes_wire: u64,
     /// Bytes of the state blob.

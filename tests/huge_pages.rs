@@ -1,0 +1,281 @@
+//! Guest RAM in 2 MiB huge pages (`--huge-pages`), judged by the workload
+//! guest and by what the destination process really mapped.
+//!
+//! These tests need free pages in the huge page pool, which
+//! `scripts/setup.sh` reserves. Without them they fail, naming the pool:
+//! a missing pool is a broken set-up, not a reason to skip.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// A guest that writes a 256 MiB working set at random, 80% writes.
+const GUEST: &str = "ws=256M pattern=random write=80 report_ms=50";
+
+/// The kernel page size, in KiB, of the guest RAM mapping of process
+/// `pid` (its memfd `ferry-guest-ram`), from /proc/PID/smaps.
+fn guest_ram_page_kib(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut in_ram = false;
+    for line in smaps.lines() {
+        if line.contains(" /memfd:ferry-guest-ram") {
+            in_ram = true;
+        } else if in_ram {
+            if let Some(v) = line.strip_prefix("KernelPageSize:") {
+                return v.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// Free 2 MiB pages in the pool.
+fn pool_free() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("HugePages_Free in /proc/meminfo")
+}
+
+/// Fails with a clear reason when the pool cannot hold `mib` MiB.
+fn need_pool(mib: u64) {
+    let free = pool_free();
+    assert!(
+        free * 2 >= mib,
+        "these tests need {mib} MiB of free 2 MiB huge pages and the pool has {} MiB: \
+         run scripts/setup.sh (or raise /proc/sys/vm/nr_hugepages)",
+        free * 2
+    );
+}
+
+/// `ferry-dest --huge-pages` in `dir` (console, API, statistics named
+/// `name`).
+fn spawn_huge_dest(dir: &Scratch, name: &str) -> (Proc, String) {
+    spawn_dest(dir, name, &strs(&io_args(dir, name, &["--huge-pages"])))
+}
+
+/// Moves a ticking source in `dir` to `to` through the API (`ferry-ctl
+/// migrate`, with `extra` arguments) and waits for the move to end.
+fn move_once_ticking(dir: &Scratch, to: &str, extra: &[&str]) -> bool {
+    wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
+    let sock = dir.path("src.sock");
+    let mut args = vec!["--api", sock.to_str().unwrap(), "migrate", to];
+    args.extend(extra);
+    let mut ctl = spawn("ferry-ctl", &args, &dir.path("ctl.err"));
+    wait_exit(&mut ctl, WAIT, "the move to end")
+}
+
+/// The destination's view after a move into huge pages: the guest goes
+/// on with no BAD, the statistics say huge pages, and the process really
+/// maps its guest RAM in 2 MiB pages.
+/// The source, its VM gone, ends by itself.
+fn check_moved_into_huge_pages(dir: &Scratch, name: &str, dst: &mut Proc) -> serde_json::Value {
+    let f = |ext: &str| dir.path(&format!("{name}.{ext}"));
+    let stats = wait_stats(&f("json"), WAIT);
+    assert_eq!(stats["backing"], "huge-pages", "{stats}");
+    let after = wait_ticks(&f("log"), 1, 3, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    assert_eq!(
+        guest_ram_page_kib(dst.0.id()),
+        Some(2048),
+        "the destination's guest RAM is not in 2 MiB pages"
+    );
+    ctl(&f("sock"), &["quit"]);
+    assert!(wait_exit(dst, WAIT, "the destination to quit"));
+    stats
+}
+
+/// Post-copy between two huge-page VMs: every fault fetches its whole huge
+/// page, the push fills the rest, and the guest verifies every page.
+#[test]
+fn postcopy_between_huge_page_vms() {
+    need_pool(1024);
+    let dir = Scratch::new("huge-pc");
+    let (mut dst, addr) = spawn_huge_dest(&dir, "dst");
+    let mut src = spawn_guest_source(&dir, "512M", 1, GUEST, &["--huge-pages"]);
+    assert_eq!(
+        guest_ram_page_kib(src.0.id()).or_else(|| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            guest_ram_page_kib(src.0.id())
+        }),
+        Some(2048),
+        "the source's guest RAM is not in 2 MiB pages"
+    );
+    assert!(
+        move_once_ticking(&dir, &addr, &[]),
+        "the move failed: {}",
+        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
+    );
+    let s = check_moved_into_huge_pages(&dir, "dst", &mut dst);
+    assert_eq!(s["mode"], "postcopy");
+    assert_eq!(s["pages_total"], (512u64 << 20) / 4096, "{s}");
+    assert_postcopy_accounting(&s, &s["source"]);
+    assert!(s["pages_demand"].as_u64().unwrap() > 0, "no demand: {s}");
+    // A fault asks for the rest of its huge page with it.
+    assert!(s["fault_around_pages"].as_u64().unwrap() > 0, "{s}");
+    assert!(wait_exit(
+        &mut src,
+        WAIT,
+        "the source to end after the move"
+    ));
+}
+
+/// Stop-and-copy from ordinary RAM into huge pages: pages are written
+/// through the mapping (hugetlbfs has no write(2)) and zero pages zeroed in
+/// place.
+#[test]
+fn stop_and_copy_from_small_into_huge_pages() {
+    need_pool(512);
+    let dir = Scratch::new("huge-sc");
+    let (mut dst, addr) = spawn_huge_dest(&dir, "dst");
+    let mut src = spawn_guest_source(&dir, "512M", 1, GUEST, &[]);
+    assert!(
+        move_once_ticking(&dir, &addr, &["--mode", "stop-and-copy"]),
+        "the move failed: {}",
+        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
+    );
+    let s = check_moved_into_huge_pages(&dir, "dst", &mut dst);
+    assert_eq!(s["mode"], "stop-and-copy", "{s}");
+    assert!(s["pages_zero"].as_u64().unwrap() > 0, "{s}");
+    assert!(wait_exit(
+        &mut src,
+        WAIT,
+        "the source to end after the move"
+    ));
+}
+
+/// Hybrid installs single stale pages, which a huge page cannot take: the
+/// destination refuses it by name and ends, the guest keeps running on the
+/// source, and a new huge-page destination then takes a post-copy move.
+#[test]
+fn hybrid_into_huge_pages_is_refused_and_the_vm_stays() {
+    need_pool(512);
+    let dir = Scratch::new("huge-hy");
+    let (mut dst, addr) = spawn_huge_dest(&dir, "dst");
+    let mut src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
+    assert!(
+        !move_once_ticking(&dir, &addr, &["--mode", "hybrid"]),
+        "a hybrid move into huge pages went through"
+    );
+    let err = std::fs::read_to_string(dir.path("ctl.err")).unwrap();
+    assert!(
+        err.contains("huge pages take post-copy, pre-copy and stop-and-copy moves, not hybrid"),
+        "{err}"
+    );
+    assert!(
+        wait_exit_failed(&mut dst),
+        "the refusing destination did not fail"
+    );
+    let dst_err = strip_ansi(&std::fs::read_to_string(dir.path("dst.err")).unwrap());
+    assert!(dst_err.contains("not hybrid"), "{dst_err}");
+    let status = ctl(&dir.path("src.sock"), &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+    let seen = read_console(&dir.path("src.log")).len();
+    wait_lines(
+        &dir.path("src.log"),
+        seen + 3,
+        WAIT,
+        "source ticks after the refusal",
+    );
+    let (mut dst2, addr2) = spawn_huge_dest(&dir, "dst2");
+    assert!(
+        move_once_ticking(&dir, &addr2, &[]),
+        "the post-copy move after the refusal failed: {}",
+        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
+    );
+    let s = check_moved_into_huge_pages(&dir, "dst2", &mut dst2);
+    assert_eq!(s["mode"], "postcopy", "{s}");
+    assert!(wait_exit(
+        &mut src,
+        WAIT,
+        "the source to end after the move"
+    ));
+}
+
+/// Waits for `p` to end, and says whether it ended in failure.
+fn wait_exit_failed(p: &mut Proc) -> bool {
+    wait_for(WAIT, "the process to end", || p.0.try_wait().unwrap())
+        .code()
+        .is_some_and(|c| c != 0)
+}
+
+/// What ferry-source says about huge-page RAM it cannot have.
+fn source_refusal(dir: &Scratch, mem: &str) -> String {
+    let out = Command::new(bin("ferry-source"))
+        .args(["--mem", mem, "--huge-pages", "--run-for", "1s"])
+        .arg("--serial")
+        .arg(dir.path("src.log"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "ferry-source ran with --mem {mem}");
+    strip_ansi(&String::from_utf8_lossy(&out.stderr))
+}
+
+/// Sizes the pool cannot give are refused with the reason.
+#[test]
+fn impossible_huge_page_ram_is_refused_with_the_reason() {
+    let dir = Scratch::new("huge-no");
+    let err = source_refusal(&dir, "17M");
+    assert!(err.contains("is not a multiple of 2 MiB"), "{err}");
+    let err = source_refusal(&dir, "1T");
+    assert!(
+        err.contains("the guest needs 524288 free 2 MiB huge pages and the pool has")
+            && err.contains("/proc/sys/vm/nr_hugepages"),
+        "{err}"
+    );
+    // No guest ever ran.
+    assert!(
+        !Path::new(&dir.path("src.log")).exists() || read_console(&dir.path("src.log")).is_empty()
+    );
+}
+
+/// Post-copy between huge-page VMs through a proxy that cuts the push at a
+/// random byte offset, three moves: huge pages half staged when the link
+/// died keep their staged pages, every move completes after its recovery,
+/// and the guest verifies every page.
+#[test]
+fn cut_links_during_huge_page_postcopy_recover() {
+    use common::proxy::{Cut, Dir, Proxy};
+    need_pool(1024);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..3 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // The push carries ~256 MiB of non-zero pages; cut in its first 120.
+        let cut = Cut::AtByte(Dir::ToDest, (1 << 20) + x % (120 << 20));
+        let dir = Scratch::new(&format!("huge-cut-{i}"));
+        let link = ["--peer-timeout", "2s", "--recovery-window", "30s"];
+        let mut dest_args = link.to_vec();
+        dest_args.push("--huge-pages");
+        let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &dest_args)));
+        let proxy = Proxy::start(&addr, vec![cut.clone()]);
+        let mut src = spawn_linked_source(
+            &dir,
+            ("512M", GUEST),
+            &proxy.addr,
+            "60m",
+            ("2s", "30s"),
+            &["--huge-pages"],
+        );
+        let mut ctl_proc = migrate_once_ticking(&dir, &proxy.addr);
+        assert!(
+            wait_exit(&mut ctl_proc, WAIT, "the move to end"),
+            "move {i} {cut:?}: {}\n{}",
+            std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default(),
+            std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
+        );
+        assert_eq!(proxy.fired(), 1, "move {i}: {cut:?} did not fire");
+        let s = check_moved_into_huge_pages(&dir, "dst", &mut dst);
+        assert_eq!(s["recoveries"], 1, "move {i}: {s}");
+        assert!(wait_exit(
+            &mut src,
+            WAIT,
+            "the source to end after the move"
+        ));
+    }
+}
