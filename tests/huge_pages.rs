@@ -253,7 +253,7 @@ fn cut_links_during_huge_page_postcopy_recover() {
         let mut dest_args = link.to_vec();
         dest_args.push("--huge-pages");
         let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &dest_args)));
-        let proxy = Proxy::start(&addr, vec![cut.clone()]);
+        let proxy = Proxy::start(&addr, vec![cut]);
         let mut src = spawn_linked_source(
             &dir,
             ("512M", GUEST),
