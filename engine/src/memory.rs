@@ -101,6 +101,43 @@ pub struct GuestRam {
     backing: Backing,
 }
 
+/// Reserves the pool pages for all of hugetlbfs `file` (`size` bytes):
+/// one shared mapping of it without `MAP_NORESERVE` (vm-memory maps with
+/// it), unmapped at once. A shared mapping's reservation belongs to the
+/// file, so it outlives the mapping: from here on every page of the file
+/// is guaranteed, and a pool that cannot hold the guest is an error now,
+/// not a `SIGBUS` or a failed install in the middle of a move.
+fn reserve_huge_pages(file: &File, size: u64) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a new mapping of the whole file at an address the kernel
+    // picks; nothing else refers to it, and it is unmapped below without
+    // ever being touched.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::ENOMEM) {
+            MemoryError::HugePool {
+                need: size / HUGE_PAGE_SIZE,
+                free: huge_pages_available().unwrap_or(0),
+            }
+        } else {
+            MemoryError::CreateFile(e)
+        });
+    }
+    // SAFETY: `addr..addr + size` is exactly the mapping made above.
+    unsafe { libc::munmap(addr, size as usize) };
+    Ok(())
+}
+
 /// Free 2 MiB pages in the pool that no mapping has reserved yet.
 fn huge_pages_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -122,8 +159,8 @@ impl GuestRam {
 
     /// Creates `size` bytes of zeroed guest RAM in an anonymous memfd of
     /// the given backing. Huge pages need `size` to be a multiple of 2 MiB
-    /// and that many free pages in the pool; both are checked, with errors
-    /// that say what is missing.
+    /// and that many free pages in the pool, which are reserved here for
+    /// the file; both are checked, with errors that say what is missing.
     pub fn with_backing(size: u64, backing: Backing) -> Result<Self, MemoryError> {
         if !layout::valid_mem_size(size) {
             return Err(MemoryError::InvalidSize(size));
@@ -133,24 +170,17 @@ impl GuestRam {
             if !size.is_multiple_of(HUGE_PAGE_SIZE) {
                 return Err(MemoryError::HugeSize(size));
             }
-            let need = size / HUGE_PAGE_SIZE;
-            let free = huge_pages_available().unwrap_or(0);
-            if free < need {
-                return Err(MemoryError::HugePool { need, free });
-            }
             flags |=
                 nix::sys::memfd::MFdFlags::MFD_HUGETLB | nix::sys::memfd::MFdFlags::MFD_HUGE_2MB;
         }
         let fd = nix::sys::memfd::memfd_create(c"ferry-guest-ram", flags)
             .map_err(|e| MemoryError::CreateFile(e.into()))?;
-        let mut ram = Self::from_file(File::from(fd), size).map_err(|e| match e {
-            // Another process took the pages between the check and the map.
-            MemoryError::Map(_) if backing == Backing::HugePages => MemoryError::HugePool {
-                need: size / HUGE_PAGE_SIZE,
-                free: huge_pages_available().unwrap_or(0),
-            },
-            e => e,
-        })?;
+        let file = File::from(fd);
+        if backing == Backing::HugePages {
+            file.set_len(size).map_err(MemoryError::CreateFile)?;
+            reserve_huge_pages(&file, size)?;
+        }
+        let mut ram = Self::from_file(file, size)?;
         ram.backing = backing;
         Ok(ram)
     }
@@ -356,6 +386,49 @@ mod tests {
         ram.read_at(4096, &mut b).unwrap();
         assert!(is_zero(&b[..4096]) && b[4096..].iter().all(|&x| x == 7));
         assert!(ram.discard(16 << 20, 4096).is_err());
+    }
+
+    /// Reserved 2 MiB pages in the pool, from /proc/meminfo.
+    fn huge_reserved() -> u64 {
+        let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("HugePages_Rsvd:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Needs 8 free pages in the pool (scripts/setup.sh reserves them).
+    #[test]
+    fn huge_page_ram_is_reserved_whole_and_written_through_the_mapping() {
+        let before = huge_reserved();
+        let ram = GuestRam::with_backing(16 << 20, Backing::HugePages)
+            .expect("16 MiB of huge pages (run scripts/setup.sh for a pool)");
+        assert_eq!(ram.backing(), Backing::HugePages);
+        // All 8 pages are the file's before any is touched (other tests may
+        // reserve too, so at least 8 more).
+        assert!(huge_reserved() >= before + 8);
+        ram.write_at((2 << 20) - 3, b"ferry").unwrap();
+        let mut b = [0u8; 5];
+        ram.read_at((2 << 20) - 3, &mut b).unwrap();
+        assert_eq!(&b, b"ferry");
+        // A part of a huge page is zeroed in place; whole ones are punched.
+        ram.write_at(4 << 20, &[7u8; 3 * 4096]).unwrap();
+        ram.discard((4 << 20) + 4096, 4096).unwrap();
+        let mut p = vec![1u8; 3 * 4096];
+        ram.read_at(4 << 20, &mut p).unwrap();
+        assert!(p[..4096].iter().all(|&x| x == 7) && is_zero(&p[4096..8192]));
+        assert!(p[8192..].iter().all(|&x| x == 7));
+        ram.discard(4 << 20, 2 << 20).unwrap();
+        ram.read_at(4 << 20, &mut p).unwrap();
+        assert!(is_zero(&p));
+        assert!(matches!(
+            GuestRam::with_backing((16 << 20) + 4096, Backing::HugePages),
+            Err(MemoryError::HugeSize(_))
+        ));
+        assert!(matches!(
+            GuestRam::with_backing(1 << 40, Backing::HugePages),
+            Err(MemoryError::HugePool { need: 524288, .. })
+        ));
     }
 
     #[test]
