@@ -147,6 +147,33 @@ pub fn decode_pages(
     mem_pages: u64,
     out: &mut Vec<u8>,
 ) -> Result<PagesHeader, ProtocolError> {
+    let mut lz4 = std::mem::take(out);
+    let h = decode_pages_ref(payload, mem_pages, &mut lz4)?.0;
+    *out = lz4;
+    match h.encoding {
+        PageEncoding::Lz4 => {}
+        PageEncoding::Zero => out.clear(),
+        PageEncoding::Raw => {
+            let data = &payload[PAGES_PREFIX..];
+            out.clear();
+            // Exactly the checked size: a reused buffer must not double
+            // past the largest frame.
+            out.reserve_exact(data.len());
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(h)
+}
+
+/// Decodes a `Pages` payload without copying raw page data: returns the
+/// header and the pages' bytes, a slice of `payload` for raw frames, of
+/// `lz4` (decompressed into it) for LZ4 ones, and empty for zero runs.
+/// `mem_pages` bounds the page numbers.
+pub fn decode_pages_ref<'a>(
+    payload: &'a [u8],
+    mem_pages: u64,
+    lz4: &'a mut Vec<u8>,
+) -> Result<(PagesHeader, &'a [u8]), ProtocolError> {
     let bad = |s: String| ProtocolError::BadPages(s);
     let Ok((prefix, data)) = RawPagesPrefix::ref_from_prefix(payload) else {
         return Err(bad(format!(
@@ -168,42 +195,39 @@ pub fn decode_pages(
         )));
     }
     let size = count as usize * PAGE_SIZE;
-    let encoding = match prefix.encoding {
+    let (encoding, pages): (PageEncoding, &'a [u8]) = match prefix.encoding {
         0 => {
             if data.len() != size {
                 return Err(bad(format!("{} raw bytes for {count} pages", data.len())));
             }
-            out.clear();
-            // Exactly the checked size: a reused buffer must not double
-            // past the largest frame.
-            out.reserve_exact(size);
-            out.extend_from_slice(data);
-            PageEncoding::Raw
+            (PageEncoding::Raw, data)
         }
         1 => {
-            out.reserve_exact(size.saturating_sub(out.len()));
-            out.resize(size, 0);
-            let n = lz4_flex::block::decompress_into(data, out)
+            lz4.reserve_exact(size.saturating_sub(lz4.len()));
+            lz4.resize(size, 0);
+            let n = lz4_flex::block::decompress_into(data, lz4)
                 .map_err(|e| bad(format!("LZ4: {e}")))?;
             if n != size {
                 return Err(bad(format!("LZ4 gave {n} bytes for {count} pages")));
             }
-            PageEncoding::Lz4
+            (PageEncoding::Lz4, &lz4[..])
         }
         2 => {
             if !data.is_empty() {
                 return Err(bad("zero run with data".into()));
             }
-            out.clear();
-            PageEncoding::Zero
+            (PageEncoding::Zero, &[][..])
         }
         e => return Err(bad(format!("unknown encoding {e}"))),
     };
-    Ok(PagesHeader {
-        first_pfn,
-        count,
-        encoding,
-    })
+    Ok((
+        PagesHeader {
+            first_pfn,
+            count,
+            encoding,
+        },
+        pages,
+    ))
 }
 
 /// A demand request: `count` pages from `pfn`, faulted by `vcpu`

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
-    decode_pages, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError, PAGE_SIZE,
+    decode_pages_ref, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError, PAGE_SIZE,
 };
 use ferry_transport::Conn as Stream;
 use hdrhistogram::Histogram;
@@ -445,7 +445,8 @@ fn receive(
         match frame.header.kind {
             MsgType::Pages => {
                 let total = disks.map_or(ram.pages(), DiskSet::total_pages);
-                let ph = decode_pages(payload, total, pages)?;
+                // Raw answers are installed straight from the frame.
+                let (ph, data) = decode_pages_ref(payload, total, pages)?;
                 let (first, n) = (ph.first_pfn, u64::from(ph.count));
                 // The part in guest RAM, then the part on migrated disks.
                 let in_ram = ram.pages().saturating_sub(first).min(n);
@@ -457,13 +458,13 @@ fn receive(
                     }
                 } else {
                     st.bytes_page_data += payload.len() as u64 - 16;
-                    st.bytes_page_raw += pages.len() as u64;
+                    st.bytes_page_raw += data.len() as u64;
                     let split = (in_ram as usize) * PAGE_SIZE;
                     if in_ram > 0 {
-                        newly = ram.install(first, &pages[..split])?;
+                        newly = ram.install(first, &data[..split])?;
                     }
                     if let Some(d) = disks.filter(|_| in_ram < n) {
-                        newly += d.install(first + in_ram, &pages[split..])?;
+                        newly += d.install(first + in_ram, &data[split..])?;
                     }
                 }
                 for p in first..first + n {

@@ -68,7 +68,19 @@ impl UffdRam {
         while p < end {
             let unit = p / UNIT_PAGES;
             let unit_end = ((unit + 1) * UNIT_PAGES).min(end);
-            if !self.mapped.get(unit) {
+            let whole = p.is_multiple_of(UNIT_PAGES) && unit_end - p == UNIT_PAGES;
+            if let Some(d) = data.filter(|_| {
+                whole
+                    && !st.units.contains_key(&unit)
+                    && self.missing_in_unit(p).count() as u64 == UNIT_PAGES
+            }) {
+                // A whole huge page of which nothing is here yet (a push
+                // frame or a demand answer): mapped straight from `data`,
+                // with no staging copy.
+                let from = ((p - pfn) as usize) * PAGE_SIZE;
+                self.copy_unit(unit, &d[from..from + HUGE_PAGE_SIZE as usize])?;
+                newly += self.present.set_range(p, UNIT_PAGES);
+            } else if !self.mapped.get(unit) {
                 for q in p..unit_end {
                     if self.present.get(q) || self.zero.get(q) {
                         continue;
@@ -136,12 +148,33 @@ impl UffdRam {
                 (std::mem::take(&mut st.zeros), true)
             }
         };
+        let outcome = self.copy_unit(unit, &src);
+        if zeros {
+            st.zeros = src;
+        } else if st.spare.len() < MAX_SPARE {
+            st.spare.push(src);
+        }
+        outcome.map(|()| true)
+    }
+
+    /// Maps huge page `unit` from `src` (exactly one huge page of data)
+    /// with one `UFFDIO_COPY`, which wakes its waiters.
+    fn copy_unit(&self, unit: u64, src: &[u8]) -> Result<(), UffdRamError> {
+        let first = unit * UNIT_PAGES;
+        let install_err = |why: String| UffdRamError::Install {
+            pfn: first,
+            count: UNIT_PAGES,
+            why,
+        };
+        if src.len() as u64 != HUGE_PAGE_SIZE {
+            return Err(install_err(format!("{} bytes for a huge page", src.len())));
+        }
         let host = self.host_of(first, UNIT_PAGES)?;
         // SAFETY: `host` is the start of a whole huge page of registered
         // guest RAM that this VM keeps mapped (`host_of` checked that the
         // unit lies in one region, and regions are huge-page aligned); `src`
-        // is a live buffer of exactly one huge page. UFFDIO_COPY only fills
-        // a missing page, atomically.
+        // is a live slice of exactly one huge page (checked above).
+        // UFFDIO_COPY only fills a missing page, atomically.
         let r = unsafe {
             self.uffd.copy(
                 src.as_ptr().cast(),
@@ -150,24 +183,13 @@ impl UffdRam {
                 true,
             )
         };
-        let outcome = match r {
-            Ok(_) => Ok(true),
-            Err(UffdLibError::CopyFailed(e)) if e as i32 == libc::EEXIST => Ok(true),
-            Err(e) => Err(UffdRamError::Install {
-                pfn: first,
-                count: UNIT_PAGES,
-                why: e.to_string(),
-            }),
-        };
-        if zeros {
-            st.zeros = src;
-        } else if st.spare.len() < MAX_SPARE {
-            st.spare.push(src);
+        match r {
+            Ok(_) => {}
+            Err(UffdLibError::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
+            Err(e) => return Err(install_err(e.to_string())),
         }
-        if outcome.is_ok() {
-            self.mapped.set(unit);
-        }
-        outcome
+        self.mapped.set(unit);
+        Ok(())
     }
 
     /// Resolves a fault on `pfn` locally when it can be: the page is

@@ -64,6 +64,8 @@ const FAULT_EOF_GRACE: Duration = Duration::from_secs(1);
 /// Most bytes handed to the control socket per write: between two writes
 /// the event loop reads and answers demand requests.
 pub const PUSH_WRITE: usize = 256 << 10;
+/// Push frames never cross a multiple of this many pages (2 MiB).
+const FRAME_ALIGN_PAGES: u64 = 512;
 /// After this many push frames in a row that LZ4 could not shrink, the push
 /// stops trying for [`LZ4_REST`] frames (guest data that does not compress
 /// would otherwise cost a compression pass per byte sent).
@@ -115,7 +117,7 @@ impl Default for ServerConfig {
         Self {
             lz4: true,
             zero_runs: true,
-            push_pages: 256,
+            push_pages: 512,
             push_sndbuf: None,
             peer_timeout: Duration::from_secs(5),
             max_bandwidth: None,
@@ -695,7 +697,12 @@ impl Server<'_> {
         }
         let run = self.sweep.unsent_run(pfn, u64::from(MAX_PAGES_PER_FRAME));
         let before = self.control.out.len();
-        let mut n = run.min(self.push_pages);
+        // Frames end at 2 MiB boundaries, so that for a destination whose
+        // RAM is in huge pages a full frame is one whole huge page, mapped
+        // straight from the frame.
+        let mut n = run
+            .min(self.push_pages)
+            .min(FRAME_ALIGN_PAGES - pfn % FRAME_ALIGN_PAGES);
         let try_lz4 = self.lz4 && self.lz4_backoff.try_now();
         let hole = if self.zero_runs {
             let data = self.source.next_data(pfn).unwrap_or(self.sweep.pages);
