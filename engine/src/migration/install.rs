@@ -177,7 +177,8 @@ pub(super) fn receive_before_state(
 }
 
 /// Push frames decoded and waiting for the installer thread at most; with
-/// one free buffer each, this bounds the pipeline to about 8 MiB.
+/// one free buffer each, this bounds the pipeline to about 16 MiB (2 MiB
+/// frames).
 const IN_FLIGHT: usize = 8;
 
 /// Installs pushed pages until `PushDone`, counting them into `c`; returns
