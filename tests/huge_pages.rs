@@ -279,3 +279,52 @@ fn cut_links_during_huge_page_postcopy_recover() {
         ));
     }
 }
+
+/// `ferry-dest --daemon --huge-pages`: the VM process the daemon starts
+/// for an incoming move maps its guest RAM in 2 MiB pages too.
+#[test]
+fn a_daemon_gives_its_vm_processes_huge_pages() {
+    need_pool(512);
+    let dir = Scratch::new("huge-daemon");
+    let run = dir.path("run");
+    let (mut daemon, addr) = spawn_dest(
+        &dir,
+        "daemon",
+        &[
+            "--daemon",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--huge-pages",
+        ],
+    );
+    let mut src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
+    assert!(
+        move_once_ticking(&dir, &addr, &[]),
+        "the move failed: {}",
+        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
+    );
+    let vm = wait_for(WAIT, "the VM process's record", || {
+        std::fs::read_dir(&run)
+            .ok()?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("vm-") && n.ends_with(".json") && !n.ends_with(".stats.json"))
+            .and_then(|n| std::fs::read(run.join(n)).ok())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    });
+    let stats = wait_stats(Path::new(vm["stats"].as_str().unwrap()), WAIT);
+    assert_eq!(stats["backing"], "huge-pages", "{stats}");
+    let serial = Path::new(vm["serial"].as_str().unwrap()).to_path_buf();
+    let after = wait_ticks(&serial, 1, 3, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    let pid = vm["pid"].as_u64().unwrap() as u32;
+    assert_eq!(guest_ram_page_kib(pid), Some(2048), "{vm}");
+    ctl(Path::new(vm["api"].as_str().unwrap()), &["quit"]);
+    assert!(wait_exit(
+        &mut src,
+        WAIT,
+        "the source to end after the move"
+    ));
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+}

@@ -256,7 +256,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     drop(net);
     let title = format!(
         "ferry-bench results ({}, guest runs {} ms before the move, Ferry: plus 4 ms per MiB \
-         of working set to set it up; QEMU: and ≥ 1.1 s after its first TICK{})",
+         of working set to set it up; QEMU: and ≥ 1.1 s after its first TICK{}{})",
         if cfg.netns {
             match &cfg.link_rate {
                 Some(r) => format!("two network namespaces, {r} veth"),
@@ -269,6 +269,12 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         if cfg.ferry.disk {
             "; Ferry VMs with a shared virtio-blk disk and the guest's disk workload \
              (device drain and state included in the downtime; QEMU rows without)"
+        } else {
+            ""
+        },
+        if cfg.ferry.huge_pages {
+            "; guest RAM in 2 MiB huge pages on both sides of both peers (Ferry's \
+             `--huge-pages`, QEMU's hugetlb memfd backend), from a pool warmed first"
         } else {
             ""
         }
