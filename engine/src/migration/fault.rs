@@ -32,8 +32,7 @@ use userfaultfd::{Event, EventBuffer};
 use super::fault_around::FaultAround;
 use super::link::is_link_failure;
 use super::stats::latency_histogram;
-use super::uffd_huge::Local;
-use super::uffd_ram::{UffdRam, UffdRamError};
+use super::uffd_ram::{Local, UffdRam, UffdRamError};
 use crate::devices::migrated::{DiskSet, MigratedError};
 use crate::sched::{Applied, FaultPriority};
 
@@ -360,8 +359,7 @@ fn plan_small(
 
 /// Huge-page RAM: a fault waits for its whole huge page, so this asks for
 /// every page of it that is neither here nor asked for, in one request
-/// spanning them. The vCPU waits on `pfn`, or on the first missing page
-/// when `pfn` itself is staged already.
+/// spanning them. The vCPU's wait is recorded on the last missing page.
 fn plan_huge(
     ram: &UffdRam,
     pending: &mut HashMap<u64, Pending>,
@@ -370,11 +368,9 @@ fn plan_huge(
     st: &mut FaultStats,
 ) -> Option<(u64, u64)> {
     let missing: Vec<u64> = ram.missing_in_unit(pfn).collect();
-    let wait = if missing.contains(&pfn) {
-        pfn
-    } else {
-        *missing.first()?
-    };
+    // The vCPU waits for the whole huge page, which is complete when the
+    // last of its missing pages arrives (answers come in page order).
+    let wait = *missing.last()?;
     let now = Instant::now();
     // Pages nobody asked for yet, `wait` included when it is one of them.
     let ask: Vec<u64> = missing

@@ -23,7 +23,6 @@ pub mod rounds;
 pub mod session;
 pub mod source;
 pub mod stats;
-pub mod uffd_huge;
 pub mod uffd_ram;
 
 pub use dest::{receive, receive_from, DestOptions, Received};

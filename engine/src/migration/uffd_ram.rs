@@ -12,7 +12,7 @@
 //! the rest stay holes in the memfd, which read as zero after unregistering.
 //!
 //! RAM in 2 MiB huge pages is mapped a whole huge page at a time; pages are
-//! staged until their huge page is complete (see `super::uffd_huge`).
+//! staged until their huge page is complete (see the `huge` submodule).
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -21,10 +21,12 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use std::sync::Mutex;
 
-use super::uffd_huge::{Local, Staging, UNIT_PAGES};
+mod huge;
+
 use crate::layout::PAGE_SIZE;
 use crate::memory::{Backing, GuestRam};
 use ferry_protocol::PageBitmap;
+use huge::{Staging, UNIT_PAGES};
 
 /// Most pages one `UFFDIO_COPY` installs. A woken fault thread, even at
 /// real-time priority, waits for the push installer's ioctl on its core to
@@ -33,6 +35,17 @@ use ferry_protocol::PageBitmap;
 /// went from 10.4 (one ioctl per 1 MiB frame) to 6.5 with 32 pages, at no
 /// measurable cost in push rate unpinned (659 vs 678 ms, 2G/1G).
 const MAX_COPY_PAGES: u64 = 32;
+
+/// How a fault was resolved without the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// The page was there (installed by the push or another fault).
+    Hit,
+    /// The page is known to be zero and was installed here.
+    Zero,
+    /// The page must come from the source.
+    Missing,
+}
 
 /// Errors from the userfaultfd-backed RAM.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +85,7 @@ struct Region {
 
 /// Guest RAM whose missing pages are served by us.
 pub struct UffdRam {
-    pub(super) uffd: Uffd,
+    uffd: Uffd,
     regions: Vec<Region>,
     /// Pages that hold their final content (with huge pages: possibly
     /// still staged, see `mapped`).
@@ -80,9 +93,9 @@ pub struct UffdRam {
     /// Pages the source reported as zero and that are still holes.
     pub zero: PageBitmap,
     /// Huge-page RAM: the huge pages mapped (one bit each); empty otherwise.
-    pub(super) mapped: PageBitmap,
+    mapped: PageBitmap,
     /// Huge-page RAM: the huge pages being assembled.
-    pub(super) staging: Mutex<Staging>,
+    staging: Mutex<Staging>,
     huge: bool,
 }
 
@@ -186,7 +199,7 @@ impl UffdRam {
     }
 
     /// The host address of `pfn..pfn+count`, which must lie in one region.
-    pub(super) fn host_of(&self, pfn: u64, count: u64) -> Result<usize, UffdRamError> {
+    fn host_of(&self, pfn: u64, count: u64) -> Result<usize, UffdRamError> {
         match self.spans(pfn, count)?.as_slice() {
             [(host, _, n)] if *n == count => Ok(*host),
             _ => Err(UffdRamError::OutOfRange { pfn, count }),
@@ -195,7 +208,7 @@ impl UffdRam {
 
     /// Installs `data` (whole pages) at `pfn`, skipping pages already
     /// present. Returns how many pages this call installed (with huge
-    /// pages: staged, see `super::uffd_huge`).
+    /// pages: staged, see the `huge` submodule).
     pub fn install(&self, pfn: u64, data: &[u8]) -> Result<u64, UffdRamError> {
         let count = (data.len() / PAGE_SIZE) as u64;
         if self.huge {

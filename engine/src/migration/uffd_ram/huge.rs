@@ -9,14 +9,15 @@
 //! installed until a vCPU touches it: it stays a hole, which reads as zero.
 //!
 //! A fault on a huge page not yet complete asks for all of its missing
-//! pages at once (see `fault.rs`); that is fault-around to the mapping unit.
+//! pages at once (see `migration::fault`); that is fault-around to the
+//! mapping unit.
 //! Staging buffers are reused, so their memory stays backed.
 
 use std::collections::HashMap;
 
 use userfaultfd::Error as UffdLibError;
 
-use super::uffd_ram::{UffdRam, UffdRamError};
+use super::{Local, UffdRam, UffdRamError};
 use crate::layout::PAGE_SIZE;
 use crate::memory::HUGE_PAGE_SIZE;
 
@@ -35,17 +36,6 @@ pub(super) struct Staging {
     spare: Vec<Vec<u8>>,
     /// One huge page of zeros, for an all-zero page a vCPU touches.
     zeros: Vec<u8>,
-}
-
-/// How a fault was resolved without the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Local {
-    /// The page was there (installed by the push or another fault).
-    Hit,
-    /// The page is known to be zero and was installed here.
-    Zero,
-    /// The page must come from the source.
-    Missing,
 }
 
 impl UffdRam {
