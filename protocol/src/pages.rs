@@ -117,6 +117,19 @@ pub fn append_pages_frame(
     encoding
 }
 
+/// True when LZ4 would send `data` in at most 7/8 of its size (what
+/// [`append_pages_frame`] uses LZ4 for); `scratch` takes the output.
+pub fn lz4_shrinks(data: &[u8], scratch: &mut Vec<u8>) -> bool {
+    scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+    matches!(lz4_flex::block::compress_into(data, scratch), Ok(n) if n < data.len() * 7 / 8)
+}
+
+/// Appends the header and prefix of a raw `Pages` frame of `count` pages
+/// from `first_pfn` whose `body_len` bytes of data the caller sends next.
+pub fn append_pages_head(out: &mut Vec<u8>, arg: u64, first_pfn: u64, count: u32, body_len: usize) {
+    append_pages_prefix(out, arg, first_pfn, count, PageEncoding::Raw, body_len);
+}
+
 /// Appends a `Pages` frame marking `count` pages from `first_pfn` as zero.
 pub fn append_zero_pages_frame(out: &mut Vec<u8>, arg: u64, first_pfn: u64, count: u32) {
     append_pages_prefix(out, arg, first_pfn, count, PageEncoding::Zero, 0);

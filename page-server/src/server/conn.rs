@@ -119,6 +119,37 @@ impl Conn {
         Ok(self.written - before)
     }
 
+    /// Queues `head` then `body`, writing them straight from the caller's
+    /// buffers when nothing else waits (one `writev`, no copy into `out`);
+    /// what the socket does not take is copied into `out`. Returns the
+    /// bytes written now.
+    pub(super) fn write_through(&mut self, head: &[u8], body: &[u8]) -> Result<u64, ServerError> {
+        let total = head.len() + body.len();
+        let mut n = 0;
+        if self.writable && self.pending() == 0 {
+            let bufs = [io::IoSlice::new(head), io::IoSlice::new(body)];
+            loop {
+                match (&self.stream).write_vectored(&bufs) {
+                    Ok(0) => return Err(self.err(io::Error::from(io::ErrorKind::WriteZero))),
+                    Ok(w) => n = w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(self.err(e)),
+                }
+                break;
+            }
+        }
+        if n < head.len() {
+            self.out.extend_from_slice(&head[n..]);
+            self.out.extend_from_slice(body);
+        } else {
+            self.out.extend_from_slice(&body[n - head.len()..]);
+        }
+        self.queued += total as u64;
+        self.written += n as u64;
+        Ok(n as u64)
+    }
+
     /// Reads once from the socket into `input`.
     pub(super) fn fill(&mut self) -> Result<Fill, ServerError> {
         let got = self.input.read_from(&mut &self.stream);
