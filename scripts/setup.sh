@@ -23,15 +23,5 @@ fi
 for dev in /dev/kvm /dev/userfaultfd; do
   [ -e "$dev" ] || { echo "error: $dev is missing; Ferry needs KVM and userfaultfd" >&2; exit 1; }
 done
-# 2 MiB huge pages for --huge-pages and its tests (tests/huge_pages.rs): at
-# least FERRY_HUGE_PAGES of them (default 1024, i.e. 2 GiB) in the pool.
-want=${FERRY_HUGE_PAGES:-1024}
-if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt "$want" ]; then
-  echo "$want" > /proc/sys/vm/nr_hugepages
-  got=$(cat /proc/sys/vm/nr_hugepages)
-  if [ "$got" -lt "$want" ]; then
-    echo "error: asked the kernel for $want huge pages and got $got" >&2
-    exit 1
-  fi
-fi
+bash scripts/hugepages.sh
 cargo build --release --workspace --all-targets

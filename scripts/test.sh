@@ -4,6 +4,8 @@
 # (each in its own process under nextest): they boot VMs on a 2-core host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The huge-page tests need pool pages (a reboot empties the pool).
+bash scripts/hugepages.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release --doc
