@@ -89,6 +89,30 @@ fn check_moved_into_huge_pages(dir: &Scratch, name: &str, dst: &mut Proc) -> ser
     stats
 }
 
+/// Moves the ticking source `src` of `dir` to the huge-page destination
+/// `name` at `addr` (`ferry-ctl migrate`, with `extra`), checks the result
+/// ([`check_moved_into_huge_pages`]) and that the source then ends; returns
+/// the destination's statistics.
+fn move_into_huge_pages(
+    dir: &Scratch,
+    (name, dst, addr): (&str, &mut Proc, &str),
+    mut src: Proc,
+    extra: &[&str],
+) -> serde_json::Value {
+    assert!(
+        move_once_ticking(dir, addr, extra),
+        "the move failed: {}",
+        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
+    );
+    let s = check_moved_into_huge_pages(dir, name, dst);
+    assert!(wait_exit(
+        &mut src,
+        WAIT,
+        "the source to end after the move"
+    ));
+    s
+}
+
 /// Post-copy between two huge-page VMs: every fault fetches its whole huge
 /// page, the push fills the rest, and the guest verifies every page.
 #[test]
@@ -96,7 +120,7 @@ fn postcopy_between_huge_page_vms() {
     need_pool(1024);
     let dir = Scratch::new("huge-pc");
     let (mut dst, addr) = spawn_huge_dest(&dir, "dst");
-    let mut src = spawn_guest_source(&dir, "512M", 1, GUEST, &["--huge-pages"]);
+    let src = spawn_guest_source(&dir, "512M", 1, GUEST, &["--huge-pages"]);
     assert_eq!(
         guest_ram_page_kib(src.0.id()).or_else(|| {
             std::thread::sleep(std::time::Duration::from_millis(500));
@@ -105,23 +129,13 @@ fn postcopy_between_huge_page_vms() {
         Some(2048),
         "the source's guest RAM is not in 2 MiB pages"
     );
-    assert!(
-        move_once_ticking(&dir, &addr, &[]),
-        "the move failed: {}",
-        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
-    );
-    let s = check_moved_into_huge_pages(&dir, "dst", &mut dst);
+    let s = move_into_huge_pages(&dir, ("dst", &mut dst, &addr), src, &[]);
     assert_eq!(s["mode"], "postcopy");
     assert_eq!(s["pages_total"], (512u64 << 20) / 4096, "{s}");
     assert_postcopy_accounting(&s, &s["source"]);
     assert!(s["pages_demand"].as_u64().unwrap() > 0, "no demand: {s}");
     // A fault asks for the rest of its huge page with it.
     assert!(s["fault_around_pages"].as_u64().unwrap() > 0, "{s}");
-    assert!(wait_exit(
-        &mut src,
-        WAIT,
-        "the source to end after the move"
-    ));
 }
 
 /// Stop-and-copy from ordinary RAM into huge pages: pages are written
@@ -132,20 +146,11 @@ fn stop_and_copy_from_small_into_huge_pages() {
     need_pool(512);
     let dir = Scratch::new("huge-sc");
     let (mut dst, addr) = spawn_huge_dest(&dir, "dst");
-    let mut src = spawn_guest_source(&dir, "512M", 1, GUEST, &[]);
-    assert!(
-        move_once_ticking(&dir, &addr, &["--mode", "stop-and-copy"]),
-        "the move failed: {}",
-        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
-    );
-    let s = check_moved_into_huge_pages(&dir, "dst", &mut dst);
+    let src = spawn_guest_source(&dir, "512M", 1, GUEST, &[]);
+    let stop_and_copy = ["--mode", "stop-and-copy"];
+    let s = move_into_huge_pages(&dir, ("dst", &mut dst, &addr), src, &stop_and_copy);
     assert_eq!(s["mode"], "stop-and-copy", "{s}");
     assert!(s["pages_zero"].as_u64().unwrap() > 0, "{s}");
-    assert!(wait_exit(
-        &mut src,
-        WAIT,
-        "the source to end after the move"
-    ));
 }
 
 /// Hybrid installs single stale pages, which a huge page cannot take: the
@@ -156,7 +161,7 @@ fn hybrid_into_huge_pages_is_refused_and_the_vm_stays() {
     need_pool(512);
     let dir = Scratch::new("huge-hy");
     let (mut dst, addr) = spawn_huge_dest(&dir, "dst");
-    let mut src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
+    let src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
     assert!(
         !move_once_ticking(&dir, &addr, &["--mode", "hybrid"]),
         "a hybrid move into huge pages went through"
@@ -182,18 +187,8 @@ fn hybrid_into_huge_pages_is_refused_and_the_vm_stays() {
         "source ticks after the refusal",
     );
     let (mut dst2, addr2) = spawn_huge_dest(&dir, "dst2");
-    assert!(
-        move_once_ticking(&dir, &addr2, &[]),
-        "the post-copy move after the refusal failed: {}",
-        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
-    );
-    let s = check_moved_into_huge_pages(&dir, "dst2", &mut dst2);
+    let s = move_into_huge_pages(&dir, ("dst2", &mut dst2, &addr2), src, &[]);
     assert_eq!(s["mode"], "postcopy", "{s}");
-    assert!(wait_exit(
-        &mut src,
-        WAIT,
-        "the source to end after the move"
-    ));
 }
 
 /// Waits for `p` to end, and says whether it ended in failure.

@@ -177,7 +177,7 @@ pub struct PreparedVm {
 impl PreparedVm {
     /// Creates the VM, its RAM and its vCPUs.
     pub fn new(mem_size: u64, vcpus: u32, console_out: ConsoleOutput) -> Result<Self, VmError> {
-        Self::create(GuestRam::new(mem_size)?, vcpus, console_out, false)
+        Self::backed(mem_size, vcpus, console_out, Backing::Shmem, false)
     }
 
     /// Like [`Self::new`], with RAM of the given backing (huge pages).
@@ -187,12 +187,7 @@ impl PreparedVm {
         console_out: ConsoleOutput,
         backing: Backing,
     ) -> Result<Self, VmError> {
-        Self::create(
-            GuestRam::with_backing(mem_size, backing)?,
-            vcpus,
-            console_out,
-            false,
-        )
+        Self::backed(mem_size, vcpus, console_out, backing, false)
     }
 
     /// Like [`Self::new`], with guest RAM in a new file at `path` that
@@ -220,12 +215,18 @@ impl PreparedVm {
         console_out: ConsoleOutput,
         backing: Backing,
     ) -> Result<Self, VmError> {
-        Self::create(
-            GuestRam::with_backing(mem_size, backing)?,
-            vcpus,
-            console_out,
-            true,
-        )
+        Self::backed(mem_size, vcpus, console_out, backing, true)
+    }
+
+    fn backed(
+        mem_size: u64,
+        vcpus: u32,
+        console_out: ConsoleOutput,
+        backing: Backing,
+        sync_faults: bool,
+    ) -> Result<Self, VmError> {
+        let ram = GuestRam::with_backing(mem_size, backing)?;
+        Self::create(ram, vcpus, console_out, sync_faults)
     }
 
     fn create(
