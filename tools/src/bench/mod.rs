@@ -25,6 +25,7 @@
 pub mod cli;
 pub mod ferry;
 pub mod goals;
+pub mod host;
 pub mod hugepool;
 pub mod markdown;
 pub mod matrix;

@@ -214,7 +214,8 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         bar.set_message(spec.label());
         let rel = format!("runs/{i:03}-{}", spec.label());
         let dir = out_abs.join(&rel);
-        let rec = match mkdir(&dir) {
+        let host_before = super::host::HostCounters::read();
+        let mut rec = match mkdir(&dir) {
             Ok(()) => run_one(cfg, spec, &net, qemu_tools.as_ref(), i, &dir, &rel),
             Err(e) => {
                 let mut r = RunRecord::new(spec, &net.describe(), &rel);
@@ -222,6 +223,8 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
                 r
             }
         };
+        rec.stats
+            .extend(super::host::HostCounters::read().since(&host_before));
         let line = match &rec.error {
             None => format!(
                 "{}: downtime {} ms, stall {} ms, lost {} ms, total {} ms",
