@@ -15,26 +15,6 @@ use ferry_protocol::{
 
 const GUEST: &str = "ws=32M write=50 report_ms=50";
 
-/// The VM records the daemon lists in `run`.
-fn records(run: &Path) -> Vec<serde_json::Value> {
-    let Ok(dir) = std::fs::read_dir(run) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("vm-") && name.ends_with(".json") && !name.ends_with(".stats.json") {
-            if let Some(v) = std::fs::read(e.path())
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-            {
-                out.push(v);
-            }
-        }
-    }
-    out
-}
-
 /// Sends `hello` on a new connection to `addr`; returns what came back
 /// (an error for `Abort`).
 fn send_hello(addr: &str, hello: &Hello) -> Result<MsgType, String> {
@@ -81,7 +61,10 @@ fn hostile_connections_then_three_migrations_each_in_its_own_process() {
     let too_big = hand_built(features::SUPPORTED, 1 << 40);
     let e = send_hello(&addr, &too_big).unwrap_err();
     assert!(e.contains("does not fit this host"), "{e}");
-    assert!(records(&run).is_empty(), "a stranger got a VM process");
+    assert!(
+        daemon_records(&run).is_empty(),
+        "a stranger got a VM process"
+    );
     assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon died");
     let mode = std::fs::metadata(&run).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700, "{mode:o}");
@@ -119,7 +102,7 @@ fn hostile_connections_then_three_migrations_each_in_its_own_process() {
             "{source_err}"
         );
         let vm = wait_for(WAIT, "the new VM's record", || {
-            records(&run)
+            daemon_records(&run)
                 .into_iter()
                 .find(|r| !vms.iter().any(|v| v["vm"] == r["vm"]))
         });
@@ -185,7 +168,7 @@ fn hostile_connections_then_three_migrations_each_in_its_own_process() {
         ctl(Path::new(vm["api"].as_str().unwrap()), &["quit"]);
     }
     wait_for(WAIT, "the daemon to reap the VM processes", || {
-        records(&run).is_empty().then_some(())
+        daemon_records(&run).is_empty().then_some(())
     });
     assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon died");
 }
@@ -271,7 +254,7 @@ fn a_killed_source_resumes_with_the_vm_process_through_the_daemon() {
     );
     src.0.kill().unwrap();
     let _ = src.0.wait();
-    let vm = wait_for(WAIT, "the VM's record", || records(&run).pop());
+    let vm = wait_for(WAIT, "the VM's record", || daemon_records(&run).pop());
     let mut rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&record).expect("no session record")).unwrap();
     let port = vm["port"].as_u64().unwrap();

@@ -32,18 +32,10 @@ fn guest_ram_page_kib(pid: u32) -> Option<u64> {
     None
 }
 
-/// Free 2 MiB pages in the pool.
-fn pool_free() -> u64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("HugePages_Free in /proc/meminfo")
-}
-
 /// Fails with a clear reason when the pool cannot hold `mib` MiB.
 fn need_pool(mib: u64) {
-    let free = pool_free();
+    let free = ferry_engine::memory::huge_pages_available()
+        .expect("HugePages_Free and HugePages_Rsvd in /proc/meminfo");
     assert!(
         free * 2 >= mib,
         "these tests need {mib} MiB of free 2 MiB huge pages and the pool has {} MiB: \
@@ -61,18 +53,16 @@ fn spawn_huge_dest(dir: &Scratch, name: &str) -> (Proc, String) {
 /// Moves a ticking source in `dir` to `to` through the API (`ferry-ctl
 /// migrate`, with `extra` arguments) and waits for the move to end.
 fn move_once_ticking(dir: &Scratch, to: &str, extra: &[&str]) -> bool {
-    wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
-    let sock = dir.path("src.sock");
-    let mut args = vec!["--api", sock.to_str().unwrap(), "migrate", to];
-    args.extend(extra);
-    let mut ctl = spawn("ferry-ctl", &args, &dir.path("ctl.err"));
-    wait_exit(&mut ctl, WAIT, "the move to end")
+    wait_exit(
+        &mut migrate_once_ticking_with(dir, to, extra),
+        WAIT,
+        "the move to end",
+    )
 }
 
 /// The destination's view after a move into huge pages: the guest goes
 /// on with no BAD, the statistics say huge pages, and the process really
 /// maps its guest RAM in 2 MiB pages.
-/// The source, its VM gone, ends by itself.
 fn check_moved_into_huge_pages(dir: &Scratch, name: &str, dst: &mut Proc) -> serde_json::Value {
     let f = |ext: &str| dir.path(&format!("{name}.{ext}"));
     let stats = wait_stats(&f("json"), WAIT);
@@ -91,7 +81,8 @@ fn check_moved_into_huge_pages(dir: &Scratch, name: &str, dst: &mut Proc) -> ser
 
 /// Moves the ticking source `src` of `dir` to the huge-page destination
 /// `name` at `addr` (`ferry-ctl migrate`, with `extra`), checks the result
-/// ([`check_moved_into_huge_pages`]) and that the source then ends; returns
+/// ([`check_moved_into_huge_pages`]) and that the source, its VM gone,
+/// then ends by itself; returns
 /// the destination's statistics.
 fn move_into_huge_pages(
     dir: &Scratch,
@@ -299,13 +290,7 @@ fn a_daemon_gives_its_vm_processes_huge_pages() {
         std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
     );
     let vm = wait_for(WAIT, "the VM process's record", || {
-        std::fs::read_dir(&run)
-            .ok()?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with("vm-") && n.ends_with(".json") && !n.ends_with(".stats.json"))
-            .and_then(|n| std::fs::read(run.join(n)).ok())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        daemon_records(&run).into_iter().next()
     });
     let stats = wait_stats(Path::new(vm["stats"].as_str().unwrap()), WAIT);
     assert_eq!(stats["backing"], "huge-pages", "{stats}");

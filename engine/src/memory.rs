@@ -81,16 +81,6 @@ pub enum Backing {
 /// Bytes in one huge page of [`Backing::HugePages`].
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
-impl Backing {
-    /// The unit the memory file allocates and maps in, in bytes.
-    pub fn page_size(self) -> u64 {
-        match self {
-            Backing::Shmem => PAGE_SIZE as u64,
-            Backing::HugePages => HUGE_PAGE_SIZE,
-        }
-    }
-}
-
 /// Guest RAM of one VM.
 #[derive(Debug, Clone)]
 pub struct GuestRam {
@@ -138,8 +128,9 @@ fn reserve_huge_pages(file: &File, size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// Free 2 MiB pages in the pool that no mapping has reserved yet.
-fn huge_pages_available() -> Option<u64> {
+/// Free 2 MiB pages in the pool that no mapping has reserved yet (what a
+/// new file of huge pages can still have), from /proc/meminfo.
+pub fn huge_pages_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<u64> {
         info.lines()
@@ -180,9 +171,7 @@ impl GuestRam {
             file.set_len(size).map_err(MemoryError::CreateFile)?;
             reserve_huge_pages(&file, size)?;
         }
-        let mut ram = Self::from_file(file, size)?;
-        ram.backing = backing;
-        Ok(ram)
+        Self::from_file(file, size, backing)
     }
 
     /// Creates `size` bytes of zeroed guest RAM in a new file at `path`
@@ -198,10 +187,10 @@ impl GuestRam {
             .create_new(true)
             .open(path)
             .map_err(MemoryError::CreateFile)?;
-        Self::from_file(file, size)
+        Self::from_file(file, size, Backing::Shmem)
     }
 
-    fn from_file(file: File, size: u64) -> Result<Self, MemoryError> {
+    fn from_file(file: File, size: u64, backing: Backing) -> Result<Self, MemoryError> {
         file.set_len(size).map_err(MemoryError::CreateFile)?;
         let file = Arc::new(file);
         let ranges = layout::ram_ranges(size);
@@ -217,7 +206,7 @@ impl GuestRam {
             mem,
             ranges,
             size,
-            backing: Backing::Shmem,
+            backing,
         })
     }
 

@@ -33,8 +33,8 @@ pub use hello::{
     OPT_DISKS, OPT_MODE,
 };
 pub use pages::{
-    append_pages_frame, append_pages_head, append_zero_pages_frame, decode_pages, decode_pages_ref,
-    encode_pages, lz4_shrinks, PageEncoding, PageRequest, PagesHeader,
+    append_pages_frame, append_pages_head, append_zero_pages_frame, choose_encoding, decode_pages,
+    decode_pages_ref, encode_pages, PageEncoding, PageRequest, PagesHeader,
 };
 pub use redirect::{Redirect, REDIRECT_LEN};
 pub use state::{decode_state, encode_state, Resumed, RoundStats, StateMeta};

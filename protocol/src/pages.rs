@@ -99,43 +99,44 @@ pub fn append_pages_frame(
     zero_runs: bool,
 ) -> PageEncoding {
     let count = (data.len() / PAGE_SIZE) as u32;
-    if zero_runs && is_zero(data) {
-        append_zero_pages_frame(out, arg, first_pfn, count);
-        return PageEncoding::Zero;
-    }
-    let (encoding, body) = if lz4 {
-        scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
-        match lz4_flex::block::compress_into(data, scratch) {
-            Ok(n) if n < data.len() * 7 / 8 => (PageEncoding::Lz4, &scratch[..n]),
-            _ => (PageEncoding::Raw, data),
-        }
-    } else {
-        (PageEncoding::Raw, data)
-    };
-    append_pages_prefix(out, arg, first_pfn, count, encoding, body.len());
+    let (encoding, body) = choose_encoding(data, scratch, lz4, zero_runs);
+    append_pages_head(out, arg, first_pfn, count, encoding, body.len());
     out.extend_from_slice(body);
     encoding
 }
 
-/// True when LZ4 would send `data` in at most 7/8 of its size (what
-/// [`append_pages_frame`] uses LZ4 for); `scratch` takes the output.
-pub fn lz4_shrinks(data: &[u8], scratch: &mut Vec<u8>) -> bool {
-    scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
-    matches!(lz4_flex::block::compress_into(data, scratch), Ok(n) if n < data.len() * 7 / 8)
-}
-
-/// Appends the header and prefix of a raw `Pages` frame of `count` pages
-/// from `first_pfn` whose `body_len` bytes of data the caller sends next.
-pub fn append_pages_head(out: &mut Vec<u8>, arg: u64, first_pfn: u64, count: u32, body_len: usize) {
-    append_pages_prefix(out, arg, first_pfn, count, PageEncoding::Raw, body_len);
+/// How [`append_pages_frame`] sends `data`: a zero-run marker (when
+/// `zero_runs` and it is all zero), LZ4 (when `lz4` and that takes at most
+/// 7/8 of the bytes; compressed into `scratch`) or raw. Returns the
+/// encoding and the frame's body: empty, a slice of `scratch`, or `data`.
+pub fn choose_encoding<'a>(
+    data: &'a [u8],
+    scratch: &'a mut Vec<u8>,
+    lz4: bool,
+    zero_runs: bool,
+) -> (PageEncoding, &'a [u8]) {
+    if zero_runs && is_zero(data) {
+        return (PageEncoding::Zero, &[]);
+    }
+    if lz4 {
+        scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+        if let Ok(n) = lz4_flex::block::compress_into(data, scratch) {
+            if n < data.len() * 7 / 8 {
+                return (PageEncoding::Lz4, &scratch[..n]);
+            }
+        }
+    }
+    (PageEncoding::Raw, data)
 }
 
 /// Appends a `Pages` frame marking `count` pages from `first_pfn` as zero.
 pub fn append_zero_pages_frame(out: &mut Vec<u8>, arg: u64, first_pfn: u64, count: u32) {
-    append_pages_prefix(out, arg, first_pfn, count, PageEncoding::Zero, 0);
+    append_pages_head(out, arg, first_pfn, count, PageEncoding::Zero, 0);
 }
 
-fn append_pages_prefix(
+/// Appends the frame header and prefix of a `Pages` frame of `count` pages
+/// from `first_pfn` in `encoding`, whose `body_len` bytes follow.
+pub fn append_pages_head(
     out: &mut Vec<u8>,
     arg: u64,
     first_pfn: u64,

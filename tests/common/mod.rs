@@ -268,20 +268,24 @@ pub fn wait_stage(sock: &Path, stage: &str) -> serde_json::Value {
 /// source's statistics go to `src.json`; the returned `ferry-ctl` exits
 /// when the move ends.
 pub fn migrate_once_ticking(dir: &Scratch, to: &str) -> Proc {
+    migrate_once_ticking_with(dir, to, &[])
+}
+
+/// [`migrate_once_ticking`] with `extra` arguments to `ferry-ctl migrate`
+/// (`--mode stop-and-copy`, say).
+pub fn migrate_once_ticking_with(dir: &Scratch, to: &str, extra: &[&str]) -> Proc {
     wait_ticks(&dir.path("src.log"), 1, 2, WAIT);
     let (sock, json) = (dir.path("src.sock"), dir.path("src.json"));
-    spawn(
-        "ferry-ctl",
-        &[
-            "--api",
-            sock.to_str().unwrap(),
-            "migrate",
-            to,
-            "--stats-json",
-            json.to_str().unwrap(),
-        ],
-        &dir.path("ctl.err"),
-    )
+    let mut args = vec![
+        "--api",
+        sock.to_str().unwrap(),
+        "migrate",
+        to,
+        "--stats-json",
+        json.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    spawn("ferry-ctl", &args, &dir.path("ctl.err"))
 }
 
 /// `--serial NAME.log --api NAME.sock` in `dir` (where a `ferry-source` or
@@ -847,4 +851,25 @@ pub fn snapshot_from_source(
         answer,
         before,
     }
+}
+
+/// The VM records a `ferry-dest --daemon` lists in its run directory `run`
+/// (`vm-*.json`, not the statistics beside them).
+pub fn daemon_records(run: &Path) -> Vec<serde_json::Value> {
+    let Ok(dir) = std::fs::read_dir(run) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("vm-") && name.ends_with(".json") && !name.ends_with(".stats.json") {
+            if let Some(v) = std::fs::read(e.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                out.push(v);
+            }
+        }
+    }
+    out
 }

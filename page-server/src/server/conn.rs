@@ -124,7 +124,6 @@ impl Conn {
     /// what the socket does not take is copied into `out`. Returns the
     /// bytes written now.
     pub(super) fn write_through(&mut self, head: &[u8], body: &[u8]) -> Result<u64, ServerError> {
-        let total = head.len() + body.len();
         let mut n = 0;
         if self.writable && self.pending() == 0 {
             let bufs = [io::IoSlice::new(head), io::IoSlice::new(body)];
@@ -139,15 +138,23 @@ impl Conn {
                 break;
             }
         }
-        if n < head.len() {
-            self.out.extend_from_slice(&head[n..]);
-            self.out.extend_from_slice(body);
-        } else {
-            self.out.extend_from_slice(&body[n - head.len()..]);
-        }
-        self.queued += total as u64;
         self.written += n as u64;
+        let (head_left, body_left) = if n < head.len() {
+            (&head[n..], body)
+        } else {
+            (&[][..], &body[n - head.len()..])
+        };
+        // Counted as queued in full: the part written counts as written.
+        self.queue(head_left, body_left);
+        self.queued += n as u64;
         Ok(n as u64)
+    }
+
+    /// Appends `head` then `body` to `out` (bytes written later).
+    pub(super) fn queue(&mut self, head: &[u8], body: &[u8]) {
+        self.out.extend_from_slice(head);
+        self.out.extend_from_slice(body);
+        self.queued += (head.len() + body.len()) as u64;
     }
 
     /// Reads once from the socket into `input`.

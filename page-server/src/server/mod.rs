@@ -607,30 +607,17 @@ impl Server<'_> {
                 pfn: req.pfn,
                 source,
             })?;
-        let zero = self.zero_runs && protocol::is_zero(data);
-        let shrinks = !zero && self.lz4 && protocol::lz4_shrinks(data, &mut self.scratch);
-        let raw = !zero && !shrinks;
-        let enc = if raw && self.fault_closed.is_none() {
-            // The common case, data that does not compress: written from
-            // `buf` itself, not copied into the send queue first.
-            let mut head = Vec::with_capacity(protocol::HEADER_LEN + protocol::PAGES_PREFIX);
-            protocol::append_pages_head(&mut head, id, req.pfn, req.count, data.len());
-            self.stats.bytes_wire += self.fault.write_through(&head, data)?;
-            PageEncoding::Raw
+        // Written from `buf` (or the LZ4 output) itself, not copied into
+        // the send queue first, when nothing else waits to be sent.
+        let (enc, body) =
+            protocol::choose_encoding(data, &mut self.scratch, self.lz4, self.zero_runs);
+        let mut head = Vec::with_capacity(protocol::HEADER_LEN + protocol::PAGES_PREFIX);
+        protocol::append_pages_head(&mut head, id, req.pfn, req.count, enc, body.len());
+        if self.fault_closed.is_none() {
+            self.stats.bytes_wire += self.fault.write_through(&head, body)?;
         } else {
-            let before = self.fault.out.len();
-            let enc = protocol::append_pages_frame(
-                &mut self.fault.out,
-                &mut self.scratch,
-                id,
-                req.pfn,
-                data,
-                self.lz4,
-                self.zero_runs,
-            );
-            self.fault.queued_since(before);
-            enc
-        };
+            self.fault.queue(&head, body);
+        }
         self.count(enc, count);
         self.stats.pages_demand += count;
         self.stats.requests += 1;

@@ -12,21 +12,13 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_engine::memory::HUGE_PAGE_SIZE;
+use ferry_engine::memory::{huge_pages_available, HUGE_PAGE_SIZE};
 
-/// Free pool pages, from /proc/meminfo.
-fn free_pages() -> Result<u64, String> {
-    let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| e.to_string())?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| "no HugePages_Free in /proc/meminfo".into())
-}
-
-/// Allocates (and so zeroes) every free 2 MiB page of the pool once, then
-/// frees them; returns how many there were and how long it took.
+/// Allocates (and so zeroes) every free 2 MiB page of the pool that no
+/// mapping has reserved, once, then frees them; returns how many there were
+/// and how long it took.
 pub fn warm() -> Result<(u64, Duration), String> {
-    let pages = free_pages()?;
+    let pages = huge_pages_available().ok_or("no HugePages_Free in /proc/meminfo")?;
     if pages == 0 {
         return Err("the huge page pool is empty: raise /proc/sys/vm/nr_hugepages".into());
     }

@@ -59,11 +59,10 @@ impl UffdRam {
             let unit = p / UNIT_PAGES;
             let unit_end = ((unit + 1) * UNIT_PAGES).min(end);
             let whole = p.is_multiple_of(UNIT_PAGES) && unit_end - p == UNIT_PAGES;
-            if let Some(d) = data.filter(|_| {
-                whole
-                    && !st.units.contains_key(&unit)
-                    && self.missing_in_unit(p).count() as u64 == UNIT_PAGES
-            }) {
+            // (Nothing here yet also means nothing staged and not mapped.)
+            if let Some(d) =
+                data.filter(|_| whole && self.missing_in_unit(p).count() as u64 == UNIT_PAGES)
+            {
                 // A whole huge page of which nothing is here yet (a push
                 // frame or a demand answer): mapped straight from `data`,
                 // with no staging copy.
@@ -107,18 +106,12 @@ impl UffdRam {
     }
 
     /// Installs complete huge page `unit`. One whose pages are all zero is
-    /// left a hole unless `touched` (a vCPU waits on it). Returns whether
-    /// it is mapped now.
-    fn install_unit(
-        &self,
-        st: &mut Staging,
-        unit: u64,
-        touched: bool,
-    ) -> Result<bool, UffdRamError> {
+    /// left a hole unless `touched` (a vCPU waits on it).
+    fn install_unit(&self, st: &mut Staging, unit: u64, touched: bool) -> Result<(), UffdRamError> {
         let first = unit * UNIT_PAGES;
         let buf = st.units.remove(&unit);
         if buf.is_none() && !touched {
-            return Ok(false);
+            return Ok(());
         }
         let (src, zeros) = match buf {
             Some(mut b) => {
@@ -144,7 +137,7 @@ impl UffdRam {
         } else if st.spare.len() < MAX_SPARE {
             st.spare.push(src);
         }
-        outcome.map(|()| true)
+        outcome
     }
 
     /// Maps huge page `unit` from `src` (exactly one huge page of data)
