@@ -303,7 +303,7 @@ fn recover(
             progress: Some(progress.clone()),
             ..ctx.migrate_defaults.clone()
         };
-        let pages = ferry_page_server::FileSource::new(vm.ram().file().clone(), vm.ram().pages());
+        let pages = crate::ram_pages::RamPages::new(vm.ram());
         let r = answer_while(api, ctx.guest, &progress, || {
             migration::finish_after_crash(&record, &pages, &opts)
         });

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod os;
+pub mod ram_pages;
 pub mod sched;
 pub mod seccomp;
 pub mod snapshot;

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_page_server::source::{FileSource, PageSource};
+use ferry_page_server::source::PageSource;
 use ferry_protocol::PageBitmap;
 use ferry_transport::Conn;
 use serde::Serialize;
@@ -45,6 +45,7 @@ use crate::layout::PAGE_SIZE;
 use crate::memory::{is_zero, GuestRam, MemoryError};
 use crate::migration::acceptor::Acceptor;
 use crate::migration::{self, DestError, MigrationStats, SourceError, SourceOptions};
+use crate::ram_pages::RamPages;
 use crate::snapshot_source::SnapshotPages;
 use crate::state::{self, codec, CodecError, MachineState};
 
@@ -200,7 +201,7 @@ pub fn write(
     let mut stored = 0u64;
     let mut buf = vec![0u8; CHUNK];
     // Holes in the memory file (never-touched RAM) are skipped unread.
-    let pages = FileSource::new(ram.file().clone(), ram.pages());
+    let pages = RamPages::new(ram);
     let mut offset = 0u64;
     while offset < mem_size {
         match pages.next_data(offset / PAGE_SIZE as u64) {

@@ -21,7 +21,9 @@ pub trait PageSource: Send + Sync {
 
     /// The first pfn `>= pfn` that may hold non-zero data, or `None` when
     /// every page from `pfn` on is known to be zero. The default knows nothing
-    /// and answers `Some(pfn)`.
+    /// and answers `Some(pfn)`. The page server asks once per hole and
+    /// trusts the answer for as long as it serves, since what it serves
+    /// (a paused VM's memory, a snapshot) does not change meanwhile.
     fn next_data(&self, pfn: u64) -> Option<u64> {
         (pfn < self.pages()).then_some(pfn)
     }

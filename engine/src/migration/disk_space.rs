@@ -14,6 +14,7 @@ use tracing::info;
 
 use super::error::SourceError;
 use crate::layout::PAGE_SIZE;
+use crate::ram_pages::RamPages;
 use crate::vm::Vm;
 
 /// One disk in the page space.
@@ -34,7 +35,7 @@ impl PageSpace {
     /// `vm`'s RAM, and with `migrate_disks` every disk of the VM after it.
     /// A disk whose size is not whole 4 KiB blocks is refused.
     pub(super) fn of(vm: &Vm, migrate_disks: bool) -> Result<Self, SourceError> {
-        let ram = FileSource::new(vm.ram().file().clone(), vm.ram().pages());
+        let ram = RamPages::new(vm.ram());
         if !migrate_disks {
             return Ok(Self {
                 source: Box::new(ram),

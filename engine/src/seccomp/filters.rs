@@ -155,6 +155,8 @@ fn rules(kind: Thread) -> Result<Rules, seccompiler::BackendError> {
                     libc::SYS_pread64,
                     libc::SYS_preadv,
                     libc::SYS_lseek,
+                    // Holes in huge-page RAM (`ram_pages`).
+                    libc::SYS_mincore,
                     libc::SYS_fcntl,
                 ]
                 .map(|s| (s, Vec::new())),

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | each vCPU (`vcpuN`) | `Vcpu` | `ioctl` on KVM (type `0xAE`) only |
 //! | the destination's demand-fault thread (`uffd-fault`) | `Fault` | `ioctl` on userfaultfd (type `0xAA`) and `FIONBIO`; `poll`; socket I/O and `shutdown` |
-//! | the source's page server (`page-server`) | `PageServer` | `epoll_*`; `pread64` and `lseek`; socket I/O, `setsockopt`, `FIONBIO` |
+//! | the source's page server (`page-server`) | `PageServer` | `epoll_*`; `pread64`, `lseek` and `mincore`; socket I/O, `setsockopt`, `FIONBIO` |
 //! | the destination's push installer (`installer`) | `Installer` | as `Fault` |
 //! | the control API (`api`, `api-conn`) | `Api` | `accept4`; `clone` of a thread (`CLONE_THREAD`) and what a new thread sets up; socket I/O; `fcntl` |
 //!

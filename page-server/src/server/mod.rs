@@ -294,6 +294,7 @@ pub fn serve_rest(
         pacer: cfg.max_bandwidth.map(Pacer::new),
         push_hold: cfg.push_hold,
         lz4_backoff: Lz4Backoff::default(),
+        no_data: 0..0,
     };
     server.initial_left = server.sweep.left;
     for (conn, token) in [(&mut server.control, CONTROL), (&mut server.fault, FAULT)] {
@@ -393,6 +394,12 @@ struct Server<'a> {
     push_hold: Option<PushHold>,
     /// When the push tries LZ4.
     lz4_backoff: Lz4Backoff,
+    /// Pages the source last said hold no data. Pages do not change while
+    /// they are served (the VM is paused for good), so the answer holds for
+    /// the rest of the push, which asks once per hole, not once per frame:
+    /// a source that has to search for data (huge-page RAM) would otherwise
+    /// search the same hole again for each of its frames.
+    no_data: std::ops::Range<u64>,
 }
 
 /// When the push tries LZ4: after [`LZ4_MISSES`] frames in a row that it
@@ -705,8 +712,11 @@ impl Server<'_> {
             .min(FRAME_ALIGN_PAGES - pfn % FRAME_ALIGN_PAGES);
         let try_lz4 = self.lz4 && self.lz4_backoff.try_now();
         let hole = if self.zero_runs {
-            let data = self.source.next_data(pfn).unwrap_or(self.sweep.pages);
-            data.saturating_sub(pfn).min(run)
+            if !self.no_data.contains(&pfn) {
+                let data = self.source.next_data(pfn).unwrap_or(self.sweep.pages);
+                self.no_data = pfn..data.max(pfn);
+            }
+            (self.no_data.end - pfn).min(run)
         } else {
             0
         };
