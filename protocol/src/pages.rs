@@ -105,6 +105,11 @@ pub fn append_pages_frame(
     encoding
 }
 
+/// Bytes of scratch space LZ4 may need to compress `len` bytes.
+pub fn lz4_room(len: usize) -> usize {
+    lz4_flex::block::get_maximum_output_size(len)
+}
+
 /// How [`append_pages_frame`] sends `data`: a zero-run marker (when
 /// `zero_runs` and it is all zero), LZ4 (when `lz4` and that takes at most
 /// 7/8 of the bytes; compressed into `scratch`) or raw. Returns the
@@ -119,7 +124,7 @@ pub fn choose_encoding<'a>(
         return (PageEncoding::Zero, &[]);
     }
     if lz4 {
-        scratch.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+        scratch.resize(lz4_room(data.len()), 0);
         if let Ok(n) = lz4_flex::block::compress_into(data, scratch) {
             if n < data.len() * 7 / 8 {
                 return (PageEncoding::Lz4, &scratch[..n]);

@@ -72,6 +72,9 @@ pub(super) struct Committed<'a> {
     pub(super) recovery: Recovery,
     /// Pages the push sends first (the hot set), on every connection.
     pub(super) hot: Option<PageBitmap>,
+    /// The page server's read buffers, made before the pause (the first
+    /// serve takes them).
+    pub(super) buffers: Option<server::Buffers>,
     resumed_seen: bool,
 }
 
@@ -93,6 +96,7 @@ impl<'a> Committed<'a> {
             lazy,
             recovery: Recovery::default(),
             hot: None,
+            buffers: None,
             resumed_seen: false,
         }
     }
@@ -140,6 +144,7 @@ impl<'a> Committed<'a> {
                         sent_bytes: self.opts.bytes_counter(),
                         control_buffered,
                         fault_buffered,
+                        buffers: self.buffers.take().unwrap_or_default(),
                     };
                     // On a thread of its own, confined to what serving needs.
                     let served = seccomp::run_confined(Thread::PageServer, "page-server", || {

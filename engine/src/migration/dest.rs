@@ -180,9 +180,17 @@ pub fn receive_from<'a>(
     let peer = Peer(ctl.peer_certificate().map(<[u8]>::to_vec));
     // The source opens the fault connection right after the control one.
     let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 2;
-    let (fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
+    let (mut fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
         .map_err(|e| abort(&ctl, e))?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
+    // The first demand answer arrives into backed memory (2G guest on huge
+    // pages: the first fault after the resume took 6-8 ms, against under
+    // 1 ms for the rest).
+    fault_link.rx.reserve_backed(
+        ferry_protocol::HEADER_LEN
+            + ferry_protocol::PAGES_PREFIX
+            + ferry_protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE,
+    );
     let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 
     // Pages sent before the state (pre-copy modes), then the state.

@@ -14,6 +14,9 @@
 //! again on it.
 
 use std::collections::HashMap;
+
+/// Demand faults this slow (µs) are logged at debug level, for tail hunts.
+const SLOW_FAULT_US: u64 = 4_000;
 use std::io::{ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -475,6 +478,9 @@ fn receive(
                             continue;
                         }
                         let us = w.since.elapsed().as_micros() as u64;
+                        if us >= SLOW_FAULT_US {
+                            debug!(pfn = p, us, newly, "slow demand fault");
+                        }
                         let _ = st.overall.record(us.max(1));
                         let _ = st
                             .per_vcpu

@@ -73,6 +73,11 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     let start_host_us = now_us();
     opts.stage(Stage::Precopy);
     let space = PageSpace::of(vm, opts.migrate_disks)?;
+    // The page server's buffers, backed now rather than at the first fault.
+    let buffers = opts
+        .mode
+        .lazy()
+        .then(ferry_page_server::server::Buffers::backed);
     let peer_timeout = opts.server.peer_timeout;
     let dial = Dial::tcp(addr);
     let Session {
@@ -172,6 +177,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     let record = SessionRecord::of(&dial.addr(), &hello, opts.mode);
     let mut committed = Committed::new(&dial, hello, opts, cfg, source, opts.mode.lazy());
     committed.hot = hot;
+    committed.buffers = buffers;
     let end = committed.run(Some((control, fault)), commit_sent, pre.have);
     let (complete, server_stats) = match end {
         Ok(End::Complete { complete, server }) => (complete, server),

@@ -25,7 +25,13 @@ pub(super) struct Conn {
     pub(super) input: FrameDecoder,
     pub(super) out: Vec<u8>,
     pub(super) out_pos: usize,
-    /// Bytes ever queued in `out`.
+    /// A frame body written from its own buffer instead of copied into
+    /// `out` (see [`Conn::queue_body`]): it goes out after `out[..at]` and
+    /// before the rest of `out`, whatever is queued meanwhile.
+    body: Vec<u8>,
+    body_pos: usize,
+    body_at: Option<usize>,
+    /// Bytes ever queued in `out` (and as bodies).
     pub(super) queued: u64,
     /// Bytes ever written.
     pub(super) written: u64,
@@ -56,6 +62,9 @@ impl Conn {
             input: FrameDecoder::with_bytes(already_read),
             out: Vec::new(),
             out_pos: 0,
+            body: Vec::new(),
+            body_pos: 0,
+            body_at: None,
             queued: 0,
             written: 0,
             readable: true,
@@ -74,7 +83,57 @@ impl Conn {
     /// Bytes queued but not yet written (a TLS connection's ciphertext
     /// not yet taken by the socket counts as one).
     pub(super) fn pending(&self) -> usize {
-        self.out.len() - self.out_pos + usize::from(self.stream.wants_write())
+        let body = if self.body_at.is_some() {
+            self.body.len() - self.body_pos
+        } else {
+            0
+        };
+        self.out.len() - self.out_pos + body + usize::from(self.stream.wants_write())
+    }
+
+    /// Queues `body` to go out next, after what `out` holds now, without
+    /// copying it, and returns the buffer of the body before it for the
+    /// caller to fill again (empty the first time). If a body is still
+    /// waiting, this one is copied into `out` instead (and handed back),
+    /// to be counted by the caller's [`Conn::queued_since`] like any other
+    /// append to `out`.
+    pub(super) fn queue_body(&mut self, body: Vec<u8>) -> Vec<u8> {
+        if self.body_at.is_some() {
+            self.out.extend_from_slice(&body);
+            return body;
+        }
+        if body.is_empty() {
+            return body;
+        }
+        self.queued += body.len() as u64;
+        self.body_at = Some(self.out.len());
+        self.body_pos = 0;
+        std::mem::replace(&mut self.body, body)
+    }
+
+    /// The bytes to write next, at most `max`: `out` up to a waiting body,
+    /// then the body, then the rest of `out`.
+    fn next_bytes(&self, max: usize) -> &[u8] {
+        let bytes = match self.body_at {
+            Some(at) if self.out_pos < at => &self.out[self.out_pos..at],
+            Some(_) => &self.body[self.body_pos..],
+            None => &self.out[self.out_pos..],
+        };
+        &bytes[..bytes.len().min(max)]
+    }
+
+    /// Notes `n` bytes of [`Conn::next_bytes`] as written.
+    fn advance(&mut self, n: usize) {
+        match self.body_at {
+            Some(at) if self.out_pos >= at => {
+                self.body_pos += n;
+                if self.body_pos == self.body.len() {
+                    self.body_at = None;
+                }
+            }
+            _ => self.out_pos += n,
+        }
+        self.written += n as u64;
     }
 
     /// Notes bytes appended to `out` since `before` (its old length).
@@ -87,14 +146,14 @@ impl Conn {
     /// count.
     pub(super) fn flush(&mut self, max: usize) -> Result<u64, ServerError> {
         let before = self.written;
-        while self.writable && self.out_pos < self.out.len() && self.written - before < max as u64 {
-            let end = self.out.len().min(self.out_pos.saturating_add(max));
-            match (&self.stream).write(&self.out[self.out_pos..end]) {
+        while self.writable && self.written - before < max as u64 {
+            let bytes = self.next_bytes(max);
+            if bytes.is_empty() {
+                break;
+            }
+            match (&self.stream).write(bytes) {
                 Ok(0) => return Err(self.err(io::Error::from(io::ErrorKind::WriteZero))),
-                Ok(n) => {
-                    self.out_pos += n;
-                    self.written += n as u64;
-                }
+                Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.err(e)),
@@ -109,7 +168,9 @@ impl Conn {
                 Err(e) => return Err(self.err(e)),
             }
         }
-        if self.out_pos == self.out.len() {
+        if self.body_at.is_some() {
+            // `out` keeps its offsets while a body waits.
+        } else if self.out_pos == self.out.len() {
             self.out.clear();
             self.out_pos = 0;
         } else if self.out_pos > 1 << 20 && self.out_pos * 2 > self.out.len() {
@@ -207,4 +268,47 @@ impl Conn {
 pub(super) fn set_sndbuf(stream: &impl std::os::fd::AsFd, size: usize) -> io::Result<()> {
     let size = usize::try_from(i32::MAX).map_or(size, |max| size.min(max));
     setsockopt(stream, sockopt::SndBuf, &size).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A body goes out after what `out` held when it was queued and before
+    /// anything appended later, in writes of any size; `pending` counts it.
+    #[test]
+    fn a_body_keeps_its_place_in_the_stream() {
+        for max in [3, 4096, usize::MAX] {
+            let (a, b) = Stream::pair().unwrap();
+            let mut conn = Conn::new("test", a, None, Vec::new()).unwrap();
+            conn.out.extend_from_slice(b"head");
+            let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+            assert!(conn.queue_body(body.clone()).is_empty());
+            conn.out.extend_from_slice(b"tail");
+            assert_eq!(conn.pending(), 4 + body.len() + 4);
+            // A second body while the first waits is copied, after "tail".
+            let again = conn.queue_body(b"more".to_vec());
+            assert_eq!(again, b"more");
+            let total = 4 + body.len() + 4 + 4;
+            let reader = std::thread::spawn(move || {
+                let mut got = vec![0u8; total];
+                (&b).read_exact(&mut got).unwrap();
+                got
+            });
+            while conn.pending() > 0 {
+                conn.writable = true;
+                conn.flush(max).unwrap();
+            }
+            assert_eq!(conn.written, total as u64);
+            let got = reader.join().unwrap();
+            let mut want = b"head".to_vec();
+            want.extend_from_slice(&body);
+            want.extend_from_slice(b"tailmore");
+            assert!(got == want, "max {max}: the stream is out of order");
+            // The sent body's buffer comes back for the next one.
+            let back = conn.queue_body(vec![1; 10]);
+            assert_eq!(back, body);
+        }
+    }
 }
