@@ -66,9 +66,7 @@ impl FrameDecoder {
     pub fn reserve_backed(&mut self, n: usize) {
         self.compact();
         self.reserve(n);
-        // Not zeros: an allocation followed by zeroing may become `calloc`,
-        // which hands out untouched pages.
-        self.buf[self.end..].fill(0xA5);
+        write_every_byte(&mut self.buf[self.end..]);
     }
 
     /// Bytes received but not yet handed out as frames.
@@ -190,6 +188,21 @@ impl FrameDecoder {
             self.start = 0;
         }
     }
+}
+
+/// `n` bytes of storage whose memory is backed now (every byte written),
+/// for a buffer on a latency-critical path: see
+/// [`FrameDecoder::reserve_backed`]. The contents are unspecified.
+pub fn backed_buffer(n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    write_every_byte(&mut v);
+    v
+}
+
+/// Writes `buf` with a non-zero byte: zeroing a fresh allocation may be
+/// turned into `calloc` by the compiler, which hands out untouched pages.
+fn write_every_byte(buf: &mut [u8]) {
+    buf.fill(0xA5);
 }
 
 /// Reads exactly one frame from a blocking stream that carries nothing

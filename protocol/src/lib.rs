@@ -26,7 +26,7 @@ mod redirect;
 mod state;
 
 pub use bitmap::PageBitmap;
-pub use decoder::{read_frame, Frame, FrameDecoder};
+pub use decoder::{backed_buffer, read_frame, Frame, FrameDecoder};
 pub use frame::{write_frame, FrameHeader, MsgType};
 pub use hello::{
     Hello, HelloAck, MigratedDisk, MigrationMode, Role, MAX_DISK_BLOCKS, MAX_MIGRATED_DISKS,

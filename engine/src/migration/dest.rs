@@ -186,11 +186,12 @@ pub fn receive_from<'a>(
     // The first demand answer arrives into backed memory (2G guest on huge
     // pages: the first fault after the resume took 6-8 ms, against under
     // 1 ms for the rest).
-    fault_link.rx.reserve_backed(
-        ferry_protocol::HEADER_LEN
-            + ferry_protocol::PAGES_PREFIX
-            + ferry_protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE,
-    );
+    let frame_pages = ferry_protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE;
+    fault_link
+        .rx
+        .reserve_backed(ferry_protocol::HEADER_LEN + ferry_protocol::PAGES_PREFIX + frame_pages);
+    // And so are compressed answers, decoded into this.
+    let fault_decode = ferry_protocol::backed_buffer(frame_pages);
     let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 
     // Pages sent before the state (pre-copy modes), then the state.
@@ -239,6 +240,7 @@ pub fn receive_from<'a>(
                 fault_buffered,
                 ctl.stream.try_clone().ok(),
                 opts.fault_priority,
+                fault_decode,
             )
             .map_err(|e| abort(&ctl, e.into()))?,
         ),

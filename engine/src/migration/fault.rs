@@ -179,12 +179,13 @@ fn run(
     disks: Option<Arc<DiskSet>>,
     first: Conn,
     shared: Arc<Shared>,
+    decode: Vec<u8>,
 ) -> Result<FaultStats, FaultError> {
     let mut conn = Some(first);
     let mut st = FaultStats::empty();
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut events = EventBuffer::new(64);
-    let mut pages = Vec::new();
+    let mut pages = decode;
     let mut around = FaultAround::default();
     while !shared.stop.load(Ordering::Acquire) {
         let mut active = false;
@@ -577,7 +578,9 @@ pub(super) struct FaultThread {
 impl FaultThread {
     /// Starts the thread on the fault connection (and the bytes already
     /// read from it). `control` is shut down whenever the fault connection
-    /// fails, so the thread reading it notices too.
+    /// fails, so the thread reading it notices too. `decode` is where
+    /// compressed answers are decoded: made backed ahead of time, so the
+    /// first ones after the resume do not pay for fresh memory.
     pub(super) fn start(
         ram: Arc<UffdRam>,
         disks: Option<Arc<DiskSet>>,
@@ -585,6 +588,7 @@ impl FaultThread {
         buffered: Vec<u8>,
         control: Option<Stream>,
         priority: FaultPriority,
+        decode: Vec<u8>,
     ) -> Result<Self, FaultError> {
         let shared = Arc::new(Shared {
             control: Mutex::new(control),
@@ -607,7 +611,7 @@ impl FaultThread {
                         }
                     };
                     crate::seccomp::apply(crate::seccomp::Thread::Fault)?;
-                    let mut st = run(ram, disks, first, shared)?;
+                    let mut st = run(ram, disks, first, shared, decode)?;
                     st.priority = Some(applied);
                     Ok(st)
                 })

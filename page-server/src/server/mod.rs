@@ -233,15 +233,15 @@ pub struct Resume<'a> {
     pub hot: Option<&'a PageBitmap>,
     /// Bytes the caller already read from `control` past its last frame.
     pub control_buffered: Vec<u8>,
-    /// Read buffers made ahead of time ([`Buffers::backed`]); made here
-    /// when empty.
-    pub buffers: Buffers,
     /// The same for `fault`.
     pub fault_buffered: Vec<u8>,
+    /// Buffers made ahead of time ([`Buffers::backed`]); made here when
+    /// empty.
+    pub buffers: Buffers,
 }
 
-/// The page server's two read buffers, one frame of pages each: one for
-/// demand answers, one for the push.
+/// The page server's big buffers: one frame of pages for demand answers,
+/// one for the push, and LZ4's output for one frame.
 #[derive(Debug, Default)]
 pub struct Buffers {
     demand: Vec<u8>,
@@ -250,38 +250,19 @@ pub struct Buffers {
 }
 
 impl Buffers {
-    /// Both buffers, written once now so that their memory is backed
+    /// All three, written once now so that their memory is backed
     /// before the first answer needs it: the first write to fresh memory
     /// costs a page fault per 4 KiB (about 1 ms per 2 MiB here, and far
     /// more on a host that has handed recently freed memory back to its
     /// own hypervisor). Make them before the pause, off the critical path.
     pub fn backed() -> Self {
-        let mut lz4 = Vec::new();
-        backed(
-            &mut lz4,
-            protocol::lz4_room(MAX_PAGES_PER_FRAME as usize * PAGE_SIZE),
-        );
+        let frame = MAX_PAGES_PER_FRAME as usize * PAGE_SIZE;
         Self {
-            demand: backed_frame(),
-            push: backed_frame(),
-            lz4,
+            demand: protocol::backed_buffer(frame),
+            push: protocol::backed_buffer(frame),
+            lz4: protocol::backed_buffer(protocol::lz4_room(frame)),
         }
     }
-}
-
-/// One frame's worth of page storage, every byte written.
-fn backed_frame() -> Vec<u8> {
-    let mut v = Vec::new();
-    backed(&mut v, MAX_PAGES_PER_FRAME as usize * PAGE_SIZE);
-    v
-}
-
-/// Makes `v` `n` bytes long, writing every byte. Not zeros: an allocation
-/// followed by zeroing may be turned into `calloc` by the compiler, which
-/// hands out untouched pages, the very thing this is meant to avoid.
-fn backed(v: &mut Vec<u8>, n: usize) {
-    v.clear();
-    v.resize(n, 0xA5);
 }
 
 /// Like [`serve`], from where `resume` says: pages the destination already
@@ -304,7 +285,7 @@ pub fn serve_rest(
     } = resume;
     let Buffers { demand, push, lz4 } = buffers;
     let demand = if demand.is_empty() {
-        backed_frame()
+        protocol::backed_buffer(MAX_PAGES_PER_FRAME as usize * PAGE_SIZE)
     } else {
         demand
     };
