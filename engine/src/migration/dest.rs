@@ -183,15 +183,18 @@ pub fn receive_from<'a>(
     let (mut fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
         .map_err(|e| abort(&ctl, e))?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
-    // The first demand answer arrives into backed memory (2G guest on huge
-    // pages: the first fault after the resume took 6-8 ms, against under
-    // 1 ms for the rest).
-    let frame_pages = ferry_protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE;
-    fault_link
-        .rx
-        .reserve_backed(ferry_protocol::HEADER_LEN + ferry_protocol::PAGES_PREFIX + frame_pages);
-    // And so are compressed answers, decoded into this.
-    let fault_decode = ferry_protocol::backed_buffer(frame_pages);
+    // In lazy modes the first demand answers arrive into backed memory (2G
+    // guest on huge pages: the first fault after the resume took 6-8 ms,
+    // against under 1 ms for the rest), and compressed ones are decoded
+    // into backed memory too.
+    let mut fault_decode = Vec::new();
+    if mode.lazy() {
+        let frame_pages = ferry_protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE;
+        fault_link.rx.reserve_backed(
+            ferry_protocol::HEADER_LEN + ferry_protocol::PAGES_PREFIX + frame_pages,
+        );
+        fault_decode = ferry_protocol::backed_buffer(frame_pages);
+    }
     let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 
     // Pages sent before the state (pre-copy modes), then the state.

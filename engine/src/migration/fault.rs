@@ -14,9 +14,6 @@
 //! again on it.
 
 use std::collections::HashMap;
-
-/// Demand faults this slow (µs) are logged at debug level, for tail hunts.
-const SLOW_FAULT_US: u64 = 4_000;
 use std::io::{ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +35,9 @@ use super::stats::latency_histogram;
 use super::uffd_ram::{Local, UffdRam, UffdRamError};
 use crate::devices::migrated::{DiskSet, MigratedError};
 use crate::sched::{Applied, FaultPriority};
+
+/// Demand faults this slow (µs) are logged at debug level, for tail hunts.
+const SLOW_FAULT_US: u64 = 4_000;
 
 /// Longest sleep in `poll`, so a stop request is noticed.
 const POLL_MS: u16 = 20;
