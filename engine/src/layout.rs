@@ -80,7 +80,8 @@ impl RamRange {
     }
 }
 
-/// Splits `mem_size` bytes of RAM around the MMIO hole.
+/// Splits `mem_size` bytes of RAM around the MMIO hole, in guest-address
+/// order, which is also file order (the ranges lie back to back in the file).
 pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
     let low = mem_size.min(LOW_RAM_MAX);
     let mut ranges = vec![RamRange {

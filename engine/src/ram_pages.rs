@@ -60,11 +60,10 @@ impl RamPages {
     /// file instead (2G guest: 23 ms per 1.75 GiB of holes, against well
     /// under 1 ms this way).
     fn next_mapped(&self, pfn: u64) -> Option<u64> {
-        let mut ranges: Vec<_> = self.ram.ranges().to_vec();
-        ranges.sort_by_key(|r| r.file_offset);
         let page = PAGE_SIZE as u64;
         let mut at = pfn;
-        for r in ranges {
+        // The ranges are in file order (`layout::ram_ranges`).
+        for r in self.ram.ranges() {
             let (first, end) = (r.file_offset / page, (r.file_offset + r.len) / page);
             if at >= end {
                 continue;
