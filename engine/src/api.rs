@@ -18,7 +18,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -143,7 +143,37 @@ impl ApiResponse {
 }
 
 /// A request waiting for the VM's controller to answer it.
-pub type PendingRequest = (ApiRequest, Sender<ApiResponse>);
+pub type PendingRequest = (ApiRequest, Reply);
+
+/// How long [`Reply::send_and_flush`] waits for the connection thread.
+pub const FLUSH_WITHIN: Duration = Duration::from_secs(2);
+
+/// Where the controller's answer to one request goes: the connection
+/// thread that read the request writes it to the client.
+#[derive(Debug)]
+pub struct Reply {
+    tx: Sender<(ApiResponse, Option<SyncSender<()>>)>,
+}
+
+impl Reply {
+    /// Hands `r` to the connection thread, which writes it when it can.
+    pub fn send(self, r: ApiResponse) {
+        let _ = self.tx.send((r, None));
+    }
+
+    /// Hands `r` to the connection thread and waits, at most `within`,
+    /// until it has written it to the client's socket. For an answer after
+    /// which the process may end (`quit`, a finished `migrate`): without
+    /// the wait the process can exit first and the client reads nothing.
+    /// Returns whether the answer was written.
+    pub fn send_and_flush(self, r: ApiResponse, within: Duration) -> bool {
+        let (done_tx, done_rx) = sync_channel(1);
+        if self.tx.send((r, Some(done_tx))).is_err() {
+            return false;
+        }
+        done_rx.recv_timeout(within).is_ok()
+    }
+}
 
 /// Parses one request line.
 pub fn parse_request(line: &str) -> Result<ApiRequest, String> {
@@ -233,17 +263,23 @@ fn handle_connection(stream: UnixStream, tx: Sender<PendingRequest>) {
                 Ok(req) => {
                     debug!(?req, "API request");
                     let (rtx, rrx) = channel();
-                    if tx.send((req, rtx)).is_err() {
-                        ApiResponse::err("the VM is shutting down")
+                    if tx.send((req, Reply { tx: rtx })).is_err() {
+                        (ApiResponse::err("the VM is shutting down"), None)
                     } else {
                         rrx.recv()
-                            .unwrap_or_else(|_| ApiResponse::err("the VM is shutting down"))
+                            .unwrap_or_else(|_| (ApiResponse::err("the VM is shutting down"), None))
                     }
                 }
-                Err(e) => ApiResponse::err(e),
+                Err(e) => (ApiResponse::err(e), None),
             }
         };
-        if send(&mut writer, &response).is_err() {
+        let (response, written) = response;
+        let sent = send(&mut writer, &response);
+        if let Some(written) = written {
+            // Only now may the controller let the process end.
+            let _ = written.send(());
+        }
+        if sent.is_err() {
             return;
         }
     }
@@ -313,7 +349,7 @@ mod tests {
         let rx = serve(&sock).unwrap();
         std::thread::spawn(move || {
             while let Ok((req, reply)) = rx.recv() {
-                let _ = reply.send(ApiResponse::ok(
+                reply.send(ApiResponse::ok(
                     serde_json::json!({ "echo": format!("{req:?}") }),
                 ));
             }
@@ -337,6 +373,38 @@ mod tests {
         let mut l3 = String::new();
         BufReader::new(s).read_line(&mut l3).unwrap();
         assert!(l3.contains("longer than"), "{l3}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The `quit` race: the controller answers and the process ends. The
+    /// answer must already be in the client's socket when the controller
+    /// goes on, or the client reads an empty reply.
+    #[test]
+    fn a_flushed_answer_is_in_the_socket_before_the_controller_goes_on() {
+        let dir = std::env::temp_dir().join(format!("ferry-api-flush-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let rx = serve(&sock).unwrap();
+        for round in 0..50 {
+            let mut client = UnixStream::connect(&sock).unwrap();
+            client.write_all(b"{\"cmd\":\"quit\"}\n").unwrap();
+            let (req, reply) = rx.recv().unwrap();
+            assert_eq!(req, ApiRequest::Quit);
+            assert!(reply.send_and_flush(
+                ApiResponse::ok(serde_json::json!({ "round": round })),
+                FLUSH_WITHIN
+            ));
+            // The process would exit here. Whatever the client can read
+            // now is all it would ever get.
+            client.set_nonblocking(true).unwrap();
+            let mut got = [0u8; 256];
+            let n = client.read(&mut got).unwrap_or(0);
+            let line = String::from_utf8_lossy(&got[..n]);
+            assert!(
+                line.ends_with('\n') && line.contains(&format!("\"round\":{round}")),
+                "round {round}: the client had {line:?} when the controller went on"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

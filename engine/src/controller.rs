@@ -5,7 +5,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use std::sync::Arc;
 
@@ -138,7 +138,7 @@ pub fn answer_while<T: Send>(
                     // rolled it back or held it), that is what it does, even
                     // while `work` still writes its statistics.
                     let here = progress.current_vm_here();
-                    let _ = reply.send(ApiResponse::ok(json!({
+                    reply.send(ApiResponse::ok(json!({
                         "run_state": here.as_ref().map_or("migrating", |h| h.run_state()),
                         "held": here.as_ref().and_then(|h| h.held()),
                         "migration": progress.report(),
@@ -146,7 +146,7 @@ pub fn answer_while<T: Send>(
                     })));
                 }
                 Ok((_, reply)) => {
-                    let _ = reply.send(ApiResponse::err("busy: a migration is in progress"));
+                    reply.send(ApiResponse::err("busy: a migration is in progress"));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -386,8 +386,14 @@ pub fn serve(
                 let migrated =
                     matches!(req, ApiRequest::Migrate { .. } | ApiRequest::Recover { .. });
                 let (resp, end) = handle(vm, &req, api, ctx);
-                let _ = reply.send(resp);
-                if end {
+                if !end {
+                    reply.send(resp);
+                } else {
+                    // The caller may end the process next: the answer
+                    // must be in the client's socket first.
+                    if !reply.send_and_flush(resp, crate::api::FLUSH_WITHIN) {
+                        warn!("the answer to {req:?} was not written to its client");
+                    }
                     return if migrated {
                         ServeEnd::Migrated
                     } else {
