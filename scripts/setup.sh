@@ -7,9 +7,10 @@
 #   qemu-system-x86   QEMU peer runs of the same guest ELF
 #   iproute2          network namespaces, bridges and tbf for two-host tests
 #   strace            the lazy-restore test checks that no TCP socket is made
+#   util-linux        taskset pins a side to one CPU (ferry-bench --pin, tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(libclang-dev build-essential qemu-system-x86 iproute2 strace)
+pkgs=(libclang-dev build-essential qemu-system-x86 iproute2 strace util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -30,7 +30,30 @@ fn loopback_1g(vcpus: u32) -> Move {
     );
     assert_continues(&m.src_log, &m.dst_log, vcpus);
     assert_stall_covers_downtime(&m.src_log, &m.dst_log, vcpus, &m.stats);
+    // A destination that may use more than one CPU installs the push on a
+    // thread of its own.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let expected = if cpus > 1 { "pipelined" } else { "inline" };
+    assert_eq!(m.stats["push_install"], expected, "{cpus} CPUs: {}", m.stats);
     m
+}
+
+/// A destination allowed onto one CPU only installs each push frame on the
+/// thread that reads it, straight from the connection's buffer (no second
+/// thread could run beside it): the guest still finds every page it wrote.
+#[test]
+fn a_destination_on_one_cpu_installs_the_push_as_it_reads_it() {
+    let dir = Scratch::new("pc-inline");
+    let guest = "ws=256M pattern=random write=80 report_ms=50";
+    let m = migrate_to(&dir, ("1G", 1, guest), "2s", &[], Some(0));
+    check_stats(&m.stats, 1 << 30);
+    assert_eq!(m.stats["push_install"], "inline", "{}", m.stats);
+    assert!(
+        m.stats["pages_pushed"].as_u64().unwrap() > 0,
+        "nothing pushed: {}",
+        m.stats
+    );
+    assert_continues(&m.src_log, &m.dst_log, 1);
 }
 
 #[test]

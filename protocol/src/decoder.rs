@@ -81,6 +81,20 @@ impl FrameDecoder {
         self.buf
     }
 
+    /// Bytes still to come before the frame whose header is buffered is
+    /// whole; 0 when no header is buffered or the frame is complete (a
+    /// header that does not decode counts as complete: reading it reports
+    /// the error).
+    pub fn missing(&self) -> usize {
+        let avail = &self.buf[self.start..self.end];
+        let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
+            return 0;
+        };
+        FrameHeader::decode(head).map_or(0, |h| {
+            (HEADER_LEN + h.len as usize).saturating_sub(avail.len())
+        })
+    }
+
     /// Appends bytes that arrived.
     pub fn extend(&mut self, data: &[u8]) {
         self.compact();
@@ -292,6 +306,24 @@ mod tests {
             d.next_frame(),
             Err(ProtocolError::UnknownType(0x5555))
         ));
+    }
+
+    #[test]
+    fn missing_counts_the_rest_of_the_frame_under_way() {
+        let wire = two_frames();
+        let first = HEADER_LEN + 7;
+        let mut d = FrameDecoder::new();
+        assert_eq!(d.missing(), 0);
+        d.extend(&wire[..HEADER_LEN - 1]);
+        assert_eq!(d.missing(), 0, "no whole header yet");
+        d.extend(&wire[HEADER_LEN - 1..HEADER_LEN + 3]);
+        assert_eq!(d.missing(), first - (HEADER_LEN + 3));
+        d.extend(&wire[HEADER_LEN + 3..first + 1]);
+        assert_eq!(d.missing(), 0, "the first frame is whole");
+        assert!(d.next_frame().unwrap().is_some());
+        assert_eq!(d.missing(), 0, "one byte of the next header only");
+        d.extend(&wire[first + 1..first + HEADER_LEN]);
+        assert_eq!(d.missing(), 2, "the second frame's payload is 2 bytes");
     }
 
     #[test]

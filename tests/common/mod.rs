@@ -111,6 +111,14 @@ pub fn spawn_on(
     spawn_command(net.command(side, &bin(name)), name, args, log)
 }
 
+/// Spawns Ferry's `name` allowed onto CPU `cpu` only (`taskset`), its
+/// stderr in `log`.
+pub fn spawn_pinned(cpu: usize, name: &str, args: &[&str], log: &Path) -> Proc {
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c").arg(cpu.to_string()).arg(bin(name));
+    spawn_command(cmd, name, args, log)
+}
+
 fn spawn_command(mut cmd: Command, name: &str, args: &[&str], log: &Path) -> Proc {
     let err = std::fs::File::create(log).unwrap();
     Proc(
@@ -710,11 +718,23 @@ pub fn migrate(
     after: &str,
     source_args_extra: &[&str],
 ) -> Move {
-    let mut dst = spawn(
-        "ferry-dest",
-        &strs(&dest_args(dir, "127.0.0.1")),
-        &dir.path("dst.err"),
-    );
+    migrate_to(dir, (mem, vcpus, guest), after, source_args_extra, None)
+}
+
+/// [`migrate`] with the destination allowed onto CPU `dest_cpu` only, when
+/// given; `vm` is the guest's `(mem, vcpus, args)`.
+pub fn migrate_to(
+    dir: &Scratch,
+    (mem, vcpus, guest): (&str, u32, &str),
+    after: &str,
+    source_args_extra: &[&str],
+    dest_cpu: Option<usize>,
+) -> Move {
+    let (args, err) = (dest_args(dir, "127.0.0.1"), dir.path("dst.err"));
+    let mut dst = match dest_cpu {
+        Some(cpu) => spawn_pinned(cpu, "ferry-dest", &strs(&args), &err),
+        None => spawn("ferry-dest", &strs(&args), &err),
+    };
     let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
     let mut args = source_args(dir, mem, vcpus, guest, &addr, after);
     args.extend(source_args_extra.iter().map(|s| s.to_string()));

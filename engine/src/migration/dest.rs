@@ -1005,6 +1005,7 @@ fn build_stats(
         fault_priority: fault.priority,
         fault_around_pages: fault.pages_around,
         backing: vm.ram().backing(),
+        push_install: push.install,
         bytes_wire: push.bytes_wire + fault.bytes_wire + bytes_state,
         bytes_state,
         compression_ratio: if data == 0 {

@@ -142,7 +142,35 @@ struct Shared {
 struct Conn {
     stream: Stream,
     rx: FrameDecoder,
+    /// The socket's `SO_RCVLOWAT` as last set.
+    lowat: usize,
 }
+
+/// Sets `SO_RCVLOWAT`: `poll` reports a TCP socket readable only once this
+/// many bytes are queued (a read still returns whatever is there).
+fn set_rcvlowat(sock: &impl AsFd, bytes: usize) -> std::io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `sock` is an open socket for the call's duration, and the
+    // option value is a live `c_int` whose size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A frame still this many bytes short (or more) makes `poll` wait for
+/// all of them (see [`Conn::wait_for_whole_frames`]).
+const LOWAT_FROM: usize = 64 << 10;
 
 impl Conn {
     fn new(stream: Stream, buffered: Vec<u8>) -> Result<Self, ProtocolError> {
@@ -150,7 +178,30 @@ impl Conn {
         Ok(Self {
             stream,
             rx: FrameDecoder::with_bytes(buffered),
+            lowat: 1,
         })
+    }
+
+    /// While an answer of a huge page arrives (2 MiB, in some thirty
+    /// pieces on loopback), `poll` would wake the thread for every piece;
+    /// at real-time priority each wake-up also preempts the push on its
+    /// core. So once the frame's header is here, the socket's low-water
+    /// mark is set to the bytes still missing: one wake-up per answer, or
+    /// earlier for a new fault on the userfaultfd. Those bytes are sure to
+    /// come. Plain TCP only: under TLS the socket carries ciphertext, and
+    /// part of the frame may already wait inside the TLS session.
+    fn wait_for_whole_frames(&mut self) {
+        if self.stream.is_tls() {
+            return;
+        }
+        let Some(tcp) = self.stream.tcp() else {
+            return;
+        };
+        let missing = self.rx.missing();
+        let want = if missing >= LOWAT_FROM { missing } else { 1 };
+        if want != self.lowat && set_rcvlowat(tcp, want).is_ok() {
+            self.lowat = want;
+        }
     }
 }
 
@@ -300,6 +351,9 @@ fn run(
         // after activity, 1.02 s without). Latency comes from priority
         // instead (`crate::sched`).
         if !active {
+            if let Some(c) = conn.as_mut() {
+                c.wait_for_whole_frames();
+            }
             wait_readable(
                 ram.uffd(),
                 conn.as_ref().map(|c| &c.stream),

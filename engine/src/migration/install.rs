@@ -3,8 +3,8 @@
 //! the background push after it (installed through userfaultfd).
 
 use ferry_protocol::{
-    decode_pages, from_json, MigrationMode, MsgType, PageBitmap, PageEncoding, ProtocolError,
-    HEADER_LEN, PAGES_PREFIX,
+    decode_pages, decode_pages_ref, from_json, MigrationMode, MsgType, PageBitmap, PageEncoding,
+    ProtocolError, HEADER_LEN, PAGES_PREFIX,
 };
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
@@ -28,6 +28,19 @@ pub(super) struct PushCounters {
     pub(super) disk_blocks: u64,
     /// Pages loaded locally before the vCPUs ran (see `super::preload`).
     pub(super) pages_preloaded: u64,
+    /// How the push was installed, once it ran.
+    pub(super) install: Option<PushInstall>,
+}
+
+/// How the destination installed the background push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PushInstall {
+    /// Two threads: one reads frames, an installer thread maps them.
+    Pipelined,
+    /// The reading thread maps each frame itself (a destination limited
+    /// to one CPU).
+    Inline,
 }
 
 /// Pages `first..first+n` split into the part in guest RAM (`ram_pages`
@@ -196,6 +209,11 @@ pub(super) fn install_push(
     disks: Option<&DiskSet>,
     c: &mut PushCounters,
 ) -> Result<serde_json::Value, DestError> {
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() == 1) {
+        c.install = Some(PushInstall::Inline);
+        return install_push_inline(ctl, ram, disks, c);
+    }
+    c.install = Some(PushInstall::Pipelined);
     let (work_tx, work_rx) = sync_channel::<(u64, Vec<u8>)>(IN_FLIGHT);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
     std::thread::scope(|s| {
@@ -229,6 +247,62 @@ pub(super) fn install_push(
         installed?;
         received
     })
+}
+
+/// [`install_push`] on a destination that may use one CPU only (pinned):
+/// two stages could not overlap there, so this thread installs each frame
+/// itself, straight from the connection's buffer. That saves the copy into
+/// the installer's buffer and two thread switches per frame.
+fn install_push_inline(
+    ctl: &mut Link,
+    ram: &UffdRam,
+    disks: Option<&DiskSet>,
+    c: &mut PushCounters,
+) -> Result<serde_json::Value, DestError> {
+    let mut lz4 = Vec::new();
+    let total = disks.map_or(ram.pages(), DiskSet::total_pages);
+    loop {
+        let frame = ctl.recv()?;
+        let payload = frame.payload;
+        c.bytes_wire += (HEADER_LEN + payload.len()) as u64;
+        match frame.header.kind {
+            MsgType::Pages => {
+                let (ph, data) = decode_pages_ref(payload, total, &mut lz4)?;
+                let (first, all) = (ph.first_pfn, u64::from(ph.count));
+                let n = in_ram(ram.pages(), first, all);
+                if n < all {
+                    c.disk_blocks += all - n;
+                }
+                let disks = || disks.ok_or_else(|| no_disks(first, all));
+                if ph.encoding == PageEncoding::Zero {
+                    c.pages_zero += all;
+                    ram.note_zero(first, n)?;
+                    if n < all {
+                        disks()?.install_zero(first + n, all - n)?;
+                    }
+                } else {
+                    c.pages_pushed += all;
+                    c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;
+                    c.bytes_page_raw += data.len() as u64;
+                    let split = n as usize * PAGE_SIZE;
+                    if n > 0 {
+                        ram.install(first, &data[..split])?;
+                    }
+                    if n < all {
+                        disks()?.install(first + n, &data[split..])?;
+                    }
+                }
+            }
+            MsgType::PushDone => return Ok(from_json("PushDone", payload)?),
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other,
+                    expected: "Pages or PushDone",
+                }
+                .into())
+            }
+        }
+    }
 }
 
 /// The receiving stage of [`install_push`]: hands data frames to the

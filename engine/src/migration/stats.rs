@@ -125,6 +125,10 @@ pub struct MigrationStats {
     /// `huge-pages` for 2 MiB pages).
     #[serde(default)]
     pub backing: crate::memory::Backing,
+    /// How the destination installed the push (`pipelined`, or `inline`
+    /// when it may use one CPU only); absent without a push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_install: Option<super::install::PushInstall>,
     /// Bytes on both connections, both directions, headers included.
     pub bytes_wire: u64,
     /// Bytes of the state blob.
