@@ -34,7 +34,11 @@ fn loopback_1g(vcpus: u32) -> Move {
     // thread of its own.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let expected = if cpus > 1 { "pipelined" } else { "inline" };
-    assert_eq!(m.stats["push_install"], expected, "{cpus} CPUs: {}", m.stats);
+    assert_eq!(
+        m.stats["push_install"], expected,
+        "{cpus} CPUs: {}",
+        m.stats
+    );
     m
 }
 
