@@ -32,6 +32,9 @@ use crate::memory::{Backing, GuestRam, HUGE_PAGE_SIZE};
 /// Pages in one huge page.
 const UNIT_PAGES: u64 = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
 
+/// Most pages lent at once (one frame).
+const LEND_MAX: usize = 512;
+
 /// A VM's RAM as a [`PageSource`]: reads come from the memory file, and
 /// holes are found by the file (shared memory) or by the guest mapping's
 /// page tables (huge pages). Holds the mapping alive while it exists.
@@ -84,6 +87,23 @@ impl RamPages {
         (at < self.ram.pages()).then_some(at)
     }
 
+    /// True when each of the `n` pages at `host` (in the guest mapping)
+    /// is in memory, so reading them allocates nothing; at most
+    /// [`LEND_MAX`] pages.
+    fn resident(&self, host: *mut u8, n: u64) -> bool {
+        let mut vec = [0u8; LEND_MAX];
+        let Some(vec) = usize::try_from(n).ok().and_then(|n| vec.get_mut(..n)) else {
+            return false;
+        };
+        // SAFETY: `host` is a page-aligned address inside the guest
+        // mapping with `n` pages of it after (the caller found them in one
+        // RAM range), which `self.ram` keeps mapped. `mincore` only reads
+        // page tables and the page cache and writes one byte per page into
+        // `vec`, which has `n`.
+        let rc = unsafe { libc::mincore(host.cast(), vec.len() * PAGE_SIZE, vec.as_mut_ptr()) };
+        rc == 0 && vec.iter().all(|v| v & 1 != 0)
+    }
+
     /// True when the 4 KiB page at `guest` is mapped in this process.
     fn is_mapped(&self, guest: GuestAddress) -> io::Result<bool> {
         let host = self
@@ -119,6 +139,33 @@ impl PageSource for RamPages {
             Backing::Shmem => self.file.next_data(pfn),
             Backing::HugePages => self.next_mapped(pfn),
         }
+    }
+
+    /// The run from the guest mapping, when it lies within one RAM range
+    /// (one mapping).
+    unsafe fn lend_unchecked(&self, pfn: u64, n: u64) -> Option<&[u8]> {
+        let page = PAGE_SIZE as u64;
+        let (start, len) = (pfn.checked_mul(page)?, n.checked_mul(page)?);
+        let r = self
+            .ram
+            .ranges()
+            .iter()
+            .find(|r| start >= r.file_offset && start - r.file_offset + len <= r.len)?;
+        let guest = GuestAddress(r.guest_addr + (start - r.file_offset));
+        let host = self.ram.guest_memory().get_host_address(guest).ok()?;
+        let len = usize::try_from(len).ok()?;
+        if !self.resident(host, n) {
+            // A hole: read through the mapping it would be filled (a page
+            // allocated, a huge page zeroed); `read` finds zeros for free.
+            return None;
+        }
+        // SAFETY: `host..host + len` lies inside one RAM range, which is
+        // one mapping of the guest's memory that lives as long as
+        // `self.ram` (a clone of the VM's `GuestRam`), so as long as the
+        // slice borrows `self`; every byte of it is initialized (mapped
+        // file pages read as their contents or zero). The caller promises
+        // that nothing writes it meanwhile, so a shared slice is sound.
+        Some(unsafe { std::slice::from_raw_parts(host.cast_const(), len) })
     }
 }
 
@@ -166,6 +213,41 @@ mod tests {
         if ram.backing() == Backing::HugePages {
             assert!(read <= written.len() as u64 * huge, "{read} pages read");
         }
+        lends_what_it_holds(&src, &written);
+    }
+
+    /// Lent pages are the pages `read` gives; a hole is not lent (reading
+    /// it through the mapping would fill it) and stays a hole.
+    fn lends_what_it_holds(src: &RamPages, written: &[u64]) {
+        let huge = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
+        let mut buf = vec![0u8; 2 * PAGE_SIZE];
+        for &p in written {
+            // SAFETY: nothing writes this test's RAM while the slice lives.
+            let lent = unsafe { src.lend_unchecked(p, 1) }.expect("a written page is lent");
+            src.read(p, &mut buf[..PAGE_SIZE]).unwrap();
+            assert_eq!(lent, &buf[..PAGE_SIZE], "page {p}");
+        }
+        // Pages 3*huge+7 and +9 were written; +8 between them is data only
+        // where its huge page is mapped whole.
+        // SAFETY: as above.
+        let run = unsafe { src.lend_unchecked(3 * huge + 7, 2) };
+        match src.ram.backing() {
+            Backing::HugePages => {
+                src.read(3 * huge + 7, &mut buf).unwrap();
+                assert_eq!(run, Some(&buf[..]), "a run in a mapped huge page");
+            }
+            Backing::Shmem => assert_eq!(run, None, "a run with a hole is read instead"),
+        }
+        let hole = 20 * huge;
+        // SAFETY: as above.
+        assert_eq!(unsafe { src.lend_unchecked(hole, 1) }, None);
+        assert!(
+            src.next_data(hole).is_some_and(|d| d > hole),
+            "asking to lend a hole filled it"
+        );
+        // Beyond RAM: nothing.
+        // SAFETY: as above.
+        assert_eq!(unsafe { src.lend_unchecked(src.pages(), 1) }, None);
     }
 
     #[test]

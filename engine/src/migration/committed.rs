@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_page_server::server::{self, Resume, ServerConfig};
-use ferry_page_server::source::PageSource;
+use ferry_page_server::source::{Frozen, PageSource};
 use ferry_protocol::{from_json, Hello, MsgType, PageBitmap, ProtocolError, ResumeStatus};
 use tracing::{info, warn};
 
@@ -146,9 +146,15 @@ impl<'a> Committed<'a> {
                         fault_buffered,
                         buffers: self.buffers.take().unwrap_or_default(),
                     };
+                    // SAFETY: the destination runs the VM (it said
+                    // `Resumed`, or a resumed session says `Running`): this
+                    // side never runs it again, and its vCPUs and devices
+                    // are stopped, so nothing writes its RAM while the page
+                    // server, which lends pages from it, serves.
+                    let frozen = unsafe { Frozen::new(self.pages) };
                     // On a thread of its own, confined to what serving needs.
                     let served = seccomp::run_confined(Thread::PageServer, "page-server", || {
-                        server::serve_rest(control, fault, self.pages, &self.cfg, resume)
+                        server::serve_rest(control, fault, &frozen, &self.cfg, resume)
                     })?;
                     match served {
                         Ok((s, complete)) => {

@@ -15,8 +15,9 @@ pub(super) enum Fill {
     Eof,
 }
 
-/// One connection: its socket, input and output buffers.
-pub(super) struct Conn {
+/// One connection: its socket, input and output buffers; `'a` is the
+/// life of the pages its bodies may borrow (see [`Conn::queue_lent`]).
+pub(super) struct Conn<'a> {
     pub(super) name: &'static str,
     /// Plain TCP, TLS or a socketpair, non-blocking; registered with the
     /// event loop by its descriptor. Under TLS every byte of `out` is
@@ -29,6 +30,8 @@ pub(super) struct Conn {
     /// `out` (see [`Conn::queue_body`]): it goes out after `out[..at]` and
     /// before the rest of `out`, whatever is queued meanwhile.
     body: Vec<u8>,
+    /// A body lent by the page source, sent instead of `body`.
+    lent: Option<&'a [u8]>,
     body_pos: usize,
     body_at: Option<usize>,
     /// Bytes ever queued in `out` (and as bodies).
@@ -40,7 +43,7 @@ pub(super) struct Conn {
     pub(super) eof: bool,
 }
 
-impl Conn {
+impl<'a> Conn<'a> {
     pub(super) fn new(
         name: &'static str,
         stream: Stream,
@@ -63,6 +66,7 @@ impl Conn {
             out: Vec::new(),
             out_pos: 0,
             body: Vec::new(),
+            lent: None,
             body_pos: 0,
             body_at: None,
             queued: 0,
@@ -84,7 +88,7 @@ impl Conn {
     /// not yet taken by the socket counts as one).
     pub(super) fn pending(&self) -> usize {
         let body = if self.body_at.is_some() {
-            self.body.len() - self.body_pos
+            self.body_bytes().len() - self.body_pos
         } else {
             0
         };
@@ -111,12 +115,34 @@ impl Conn {
         std::mem::replace(&mut self.body, body)
     }
 
+    /// Queues `body`, pages lent by the page source, exactly as
+    /// [`Conn::queue_body`] queues a buffer: sent from where they are. If a
+    /// body is still waiting, this one is copied into `out` instead.
+    pub(super) fn queue_lent(&mut self, body: &'a [u8]) {
+        if self.body_at.is_some() {
+            self.out.extend_from_slice(body);
+            return;
+        }
+        if body.is_empty() {
+            return;
+        }
+        self.queued += body.len() as u64;
+        self.body_at = Some(self.out.len());
+        self.body_pos = 0;
+        self.lent = Some(body);
+    }
+
+    /// The waiting body's bytes.
+    fn body_bytes(&self) -> &[u8] {
+        self.lent.unwrap_or(&self.body)
+    }
+
     /// The bytes to write next, at most `max`: `out` up to a waiting body,
     /// then the body, then the rest of `out`.
     fn next_bytes(&self, max: usize) -> &[u8] {
         let bytes = match self.body_at {
             Some(at) if self.out_pos < at => &self.out[self.out_pos..at],
-            Some(_) => &self.body[self.body_pos..],
+            Some(_) => &self.body_bytes()[self.body_pos..],
             None => &self.out[self.out_pos..],
         };
         &bytes[..bytes.len().min(max)]
@@ -127,8 +153,9 @@ impl Conn {
         match self.body_at {
             Some(at) if self.out_pos >= at => {
                 self.body_pos += n;
-                if self.body_pos == self.body.len() {
+                if self.body_pos == self.body_bytes().len() {
                     self.body_at = None;
+                    self.lent = None;
                 }
             }
             _ => self.out_pos += n,
@@ -309,6 +336,44 @@ mod tests {
             // The sent body's buffer comes back for the next one.
             let back = conn.queue_body(vec![1; 10]);
             assert_eq!(back, body);
+        }
+    }
+
+    /// A lent body keeps its place like an owned one: after the head,
+    /// before a second body (copied) and the tail; then an owned body
+    /// after it goes out in turn.
+    #[test]
+    fn a_lent_body_keeps_its_place_in_the_stream() {
+        let lent: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        for max in [3, 4096, usize::MAX] {
+            let (a, b) = Stream::pair().unwrap();
+            let mut conn = Conn::new("test", a, None, Vec::new()).unwrap();
+            conn.out.extend_from_slice(b"head");
+            conn.queue_lent(&lent);
+            conn.queue_lent(b"second");
+            conn.out.extend_from_slice(b"tail");
+            assert_eq!(conn.pending(), 4 + lent.len() + 6 + 4);
+            let total = 4 + lent.len() + 6 + 4 + 5;
+            let reader = std::thread::spawn(move || {
+                let mut got = vec![0u8; total];
+                (&b).read_exact(&mut got).unwrap();
+                got
+            });
+            while conn.pending() > 0 {
+                conn.writable = true;
+                conn.flush(max).unwrap();
+            }
+            // The lent body is done with: an owned one is queued as a body.
+            assert!(conn.queue_body(b"owned".to_vec()).is_empty());
+            while conn.pending() > 0 {
+                conn.writable = true;
+                conn.flush(max).unwrap();
+            }
+            let got = reader.join().unwrap();
+            let mut want = b"head".to_vec();
+            want.extend_from_slice(&lent);
+            want.extend_from_slice(b"secondtailowned");
+            assert!(got == want, "max {max}: the stream is out of order");
         }
     }
 }

@@ -386,8 +386,8 @@ pub(super) fn setup(what: &'static str) -> impl Fn(io::Error) -> ServerError {
 
 /// The event loop's state.
 struct Server<'a> {
-    control: Conn,
-    fault: Conn,
+    control: Conn<'a>,
+    fault: Conn<'a>,
     source: &'a dyn PageSource,
     lz4: bool,
     zero_runs: bool,
@@ -474,7 +474,7 @@ impl Lz4Backoff {
     }
 }
 
-impl Server<'_> {
+impl<'a> Server<'a> {
     /// How much longer a held push waits (zero once it runs).
     fn held_for(&mut self) -> Duration {
         let Some(h) = self.push_hold else {
@@ -647,13 +647,21 @@ impl Server<'_> {
         let read_at = Instant::now();
         self.last_demand = Some(read_at);
         let count = u64::from(req.count);
-        let data = &mut self.buf[..req.count as usize * PAGE_SIZE];
-        self.source
-            .read(req.pfn, data)
-            .map_err(|source| ServerError::Source {
-                pfn: req.pfn,
-                source,
-            })?;
+        // Lent pages (a paused VM's RAM) are sent from where they are.
+        let source: &'a dyn PageSource = self.source;
+        let data = match source.lend(req.pfn, count) {
+            Some(lent) => lent,
+            None => {
+                let buf = &mut self.buf[..req.count as usize * PAGE_SIZE];
+                source
+                    .read(req.pfn, buf)
+                    .map_err(|source| ServerError::Source {
+                        pfn: req.pfn,
+                        source,
+                    })?;
+                buf
+            }
+        };
         // Written from `buf` (or the LZ4 output) itself, not copied into
         // the send queue first, when nothing else waits to be sent.
         // LZ4 is tried as for the push: a 2 MiB answer of incompressible
@@ -773,13 +781,18 @@ impl Server<'_> {
         } else {
             let len = n as usize * PAGE_SIZE;
             let mut buf = std::mem::take(&mut self.push_buf);
-            buf.resize(len, 0);
-            self.source
-                .read(pfn, &mut buf)
-                .map_err(|source| ServerError::Source { pfn, source })?;
+            let source: &'a dyn PageSource = self.source;
+            let lent = source.lend(pfn, n);
+            if lent.is_none() {
+                buf.resize(len, 0);
+                source
+                    .read(pfn, &mut buf)
+                    .map_err(|source| ServerError::Source { pfn, source })?;
+            }
+            let pages: &[u8] = lent.unwrap_or(&buf);
             // Split into runs of zero and non-zero pages.
             let total = n as usize;
-            let page = |i: usize| &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            let page = |i: usize| &pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             let mut sent = [0u64; 3]; // pages per PageEncoding
             let mut whole_raw = false;
             let mut at = 0;
@@ -794,7 +807,7 @@ impl Server<'_> {
                 };
                 let first = pfn + at as u64;
                 let len = (end - at) as u64;
-                let bytes = &buf[at * PAGE_SIZE..end * PAGE_SIZE];
+                let bytes = &pages[at * PAGE_SIZE..end * PAGE_SIZE];
                 let enc = if zero {
                     protocol::append_zero_pages_frame(&mut self.control.out, 0, first, len as u32);
                     PageEncoding::Zero
@@ -822,8 +835,12 @@ impl Server<'_> {
                 at = end;
             }
             if whole_raw {
-                // The frame's head is queued; its pages go from `buf`.
-                buf = self.control.queue_body(buf);
+                // The frame's head is queued; its pages go from where they
+                // were lent, or from `buf`.
+                match lent {
+                    Some(lent) => self.control.queue_lent(lent),
+                    None => buf = self.control.queue_body(buf),
+                }
             }
             self.push_buf = buf;
             for enc in [PageEncoding::Raw, PageEncoding::Lz4, PageEncoding::Zero] {
