@@ -11,6 +11,7 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
 use super::error::DestError;
 use super::link::Link;
+use super::stats::PushInstall;
 use super::uffd_ram::UffdRam;
 use crate::devices::migrated::DiskSet;
 use crate::layout::PAGE_SIZE;
@@ -30,17 +31,6 @@ pub(super) struct PushCounters {
     pub(super) pages_preloaded: u64,
     /// How the push was installed, once it ran.
     pub(super) install: Option<PushInstall>,
-}
-
-/// How the destination installed the background push.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PushInstall {
-    /// Two threads: one reads frames, an installer thread maps them.
-    Pipelined,
-    /// The reading thread maps each frame itself (a destination limited
-    /// to one CPU).
-    Inline,
 }
 
 /// Pages `first..first+n` split into the part in guest RAM (`ram_pages`

@@ -128,7 +128,7 @@ pub struct MigrationStats {
     /// How the destination installed the push (`pipelined`, or `inline`
     /// when it may use one CPU only); absent without a push.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub push_install: Option<super::install::PushInstall>,
+    pub push_install: Option<PushInstall>,
     /// Bytes on both connections, both directions, headers included.
     pub bytes_wire: u64,
     /// Bytes of the state blob.
@@ -282,4 +282,15 @@ impl MigrationStats {
         );
         s
     }
+}
+
+/// How the destination installed the background push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PushInstall {
+    /// Two threads: one reads frames, an installer thread maps them.
+    Pipelined,
+    /// The reading thread maps each frame itself (a destination limited
+    /// to one CPU).
+    Inline,
 }
