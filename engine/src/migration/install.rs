@@ -212,16 +212,7 @@ pub(super) fn install_push(
             .spawn_scoped(s, move || -> Result<(), DestError> {
                 crate::seccomp::apply(crate::seccomp::Thread::Installer)?;
                 for (pfn, pages) in work_rx {
-                    let all = (pages.len() / PAGE_SIZE) as u64;
-                    let n = in_ram(ram.pages(), pfn, all);
-                    if n > 0 {
-                        ram.install(pfn, &pages[..n as usize * PAGE_SIZE])?;
-                    }
-                    if n < all {
-                        disks
-                            .ok_or_else(|| no_disks(pfn, all))?
-                            .install(pfn + n, &pages[n as usize * PAGE_SIZE..])?;
-                    }
+                    install_data(ram, disks, pfn, &pages)?;
                     // The receiver may be gone (it failed): drop the buffer.
                     let _ = free_tx.send(pages);
                 }
@@ -237,6 +228,28 @@ pub(super) fn install_push(
         installed?;
         received
     })
+}
+
+/// Installs the pages of `data` at `pfn`: the part in guest RAM through
+/// userfaultfd, the rest on the migrated disks.
+fn install_data(
+    ram: &UffdRam,
+    disks: Option<&DiskSet>,
+    pfn: u64,
+    data: &[u8],
+) -> Result<(), DestError> {
+    let all = (data.len() / PAGE_SIZE) as u64;
+    let n = in_ram(ram.pages(), pfn, all);
+    let split = n as usize * PAGE_SIZE;
+    if n > 0 {
+        ram.install(pfn, &data[..split])?;
+    }
+    if n < all {
+        disks
+            .ok_or_else(|| no_disks(pfn, all))?
+            .install(pfn + n, &data[split..])?;
+    }
+    Ok(())
 }
 
 /// [`install_push`] on a destination that may use one CPU only (pinned):
@@ -263,24 +276,19 @@ fn install_push_inline(
                 if n < all {
                     c.disk_blocks += all - n;
                 }
-                let disks = || disks.ok_or_else(|| no_disks(first, all));
                 if ph.encoding == PageEncoding::Zero {
                     c.pages_zero += all;
                     ram.note_zero(first, n)?;
                     if n < all {
-                        disks()?.install_zero(first + n, all - n)?;
+                        disks
+                            .ok_or_else(|| no_disks(first, all))?
+                            .install_zero(first + n, all - n)?;
                     }
                 } else {
                     c.pages_pushed += all;
                     c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;
                     c.bytes_page_raw += data.len() as u64;
-                    let split = n as usize * PAGE_SIZE;
-                    if n > 0 {
-                        ram.install(first, &data[..split])?;
-                    }
-                    if n < all {
-                        disks()?.install(first + n, &data[split..])?;
-                    }
+                    install_data(ram, disks, first, data)?;
                 }
             }
             MsgType::PushDone => return Ok(from_json("PushDone", payload)?),
