@@ -738,12 +738,14 @@ pub fn migrate_to(
     let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
     let mut args = source_args(dir, mem, vcpus, guest, &addr, after);
     args.extend(source_args_extra.iter().map(|s| s.to_string()));
-    let (dst_log, dst_json, dst_sock, src_log) = (
+    let (dst_log, dst_json, dst_sock, src_log, src_json) = (
         dir.path("dst.log"),
         dir.path("dst.json"),
         dir.path("dst.sock"),
         dir.path("src.log"),
+        dir.path("src.json"),
     );
+    args.extend(["--stats-json".into(), src_json.to_string_lossy().into()]);
     let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     assert!(
         wait_exit(&mut src, WAIT, "the source to finish"),
@@ -751,6 +753,17 @@ pub fn migrate_to(
         std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
     );
     let stats = wait_stats(&dst_json, WAIT);
+    // Nothing cut the links, so neither side may have lost one: a side
+    // that closes a connection with bytes still coming makes TCP reset it.
+    let src_stats = wait_stats(&src_json, WAIT);
+    for (side, s) in [("source", &src_stats), ("destination", &stats)] {
+        assert_eq!(
+            s["recoveries"],
+            0,
+            "the {side} recovered a link no one cut: {s}\n{}",
+            std::fs::read_to_string(dir.path("src.err")).unwrap_or_default()
+        );
+    }
     let before = read_console(&src_log);
     let after_log = wait_ticks(&dst_log, vcpus, 3, WAIT);
     let status = ctl(&dst_sock, &["status"]);

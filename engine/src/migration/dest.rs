@@ -541,8 +541,16 @@ impl Session<'_> {
         let source = install_push(&mut self.ctl, ram, disks.as_deref(), counters)?;
         let t = Instant::now();
         let mut last_heard = Instant::now();
+        let mut last_polled = Instant::now();
         let complete = || ram.complete() && disks.as_ref().is_none_or(|d| d.complete());
-        while !complete() {
+        // The last pages come as demand answers to the fault thread: wake
+        // as it installs them, and look at the control connection (for
+        // pings, a frame out of place, a lost link) every `POLL`.
+        loop {
+            let seen = fault.progress();
+            if complete() {
+                break;
+            }
             if fault.is_down() {
                 return Err(ProtocolError::Closed.into());
             }
@@ -554,13 +562,17 @@ impl Session<'_> {
                     + disks.as_ref().map_or(0, |d| d.missing());
                 return Err(DestError::Incomplete(missing));
             }
-            if let Some(f) = self.ctl.poll(POLL, &mut last_heard)? {
-                return Err(ProtocolError::Unexpected {
-                    got: f.header.kind,
-                    expected: "nothing but Ping after PushDone",
+            if last_polled.elapsed() >= POLL {
+                if let Some(f) = self.ctl.poll(Duration::ZERO, &mut last_heard)? {
+                    return Err(ProtocolError::Unexpected {
+                        got: f.header.kind,
+                        expected: "nothing but Ping after PushDone",
+                    }
+                    .into());
                 }
-                .into());
+                last_polled = Instant::now();
             }
+            fault.wait_for_progress(seen, POLL.saturating_sub(last_polled.elapsed()));
         }
         Ok(Some(source))
     }

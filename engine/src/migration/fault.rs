@@ -2,9 +2,10 @@
 //!
 //! One thread owns both the userfaultfd and the fault connection, so a fault
 //! goes out as a request and its answer is installed without any hand-off
-//! between threads. On this host a blocking uffd read costs ~60 µs per fault
-//! and a polling one ~20 µs, so the loop spins (non-blocking reads of both
-//! fds) for a short while after any activity before it sleeps in `poll`.
+//! between threads. It reads both fds without blocking while there is work
+//! and sleeps in `poll` when a pass finds none (see `run`, step 3). The
+//! owner is woken as answers are installed ([`FaultThread::wait_for_progress`]),
+//! and the thread is woken at once to stop or to take a new connection.
 //!
 //! The connection can be lost and replaced (post-copy recovery). Losing it
 //! never ends the thread and never releases the userfaultfd: faults keep
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
@@ -28,6 +29,7 @@ use hdrhistogram::Histogram;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, warn};
 use userfaultfd::{Event, EventBuffer};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::fault_around::FaultAround;
 use super::link::is_link_failure;
@@ -39,8 +41,12 @@ use crate::sched::{Applied, FaultPriority};
 /// Demand faults this slow (µs) are logged at debug level, for tail hunts.
 const SLOW_FAULT_US: u64 = 4_000;
 
-/// Longest sleep in `poll`, so a stop request is noticed.
+/// Longest sleep in `poll` (a stop request or a new connection wakes it
+/// at once; this only bounds a missed wake-up).
 const POLL_MS: u16 = 20;
+
+/// Longest wait, once stopped, for answers still owed by the source.
+const STOP_DRAIN: Duration = Duration::from_millis(500);
 
 /// Errors that end the fault handler.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +129,6 @@ struct Pending {
 }
 
 /// What the fault thread shares with its owner.
-#[derive(Default)]
 struct Shared {
     tids: OnceLock<Vec<i32>>,
     stop: AtomicBool,
@@ -134,6 +139,27 @@ struct Shared {
     /// Shut down when the fault connection fails, so the receive thread
     /// (blocked on it) notices at once.
     control: Mutex<Option<Stream>>,
+    /// Written by the owner to wake the thread from `poll` (stop, a new
+    /// connection).
+    wake: EventFd,
+    /// Counts the thread's passes that installed answers, lost the link or
+    /// ended it; the owner waits on `progressed` for it to move.
+    progress: Mutex<u64>,
+    progressed: Condvar,
+}
+
+impl Shared {
+    /// Tells the owner something changed (pages installed, link lost, the
+    /// thread ended).
+    fn notify(&self) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.progressed.notify_all();
+    }
+
+    /// Wakes the thread from its `poll`.
+    fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
 }
 
 /// The connection side of the fault loop (non-blocking; under TLS every
@@ -238,7 +264,17 @@ fn run(
     let mut events = EventBuffer::new(64);
     let mut pages = decode;
     let mut around = FaultAround::default();
-    while !shared.stop.load(Ordering::Acquire) {
+    let mut stopping: Option<Instant> = None;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            // End once no answer is owed: a socket closed while bytes are
+            // still on their way is reset by TCP, which the source takes
+            // for a lost link (and recovers from, needlessly).
+            let since = *stopping.get_or_insert_with(Instant::now);
+            if pending.is_empty() || conn.is_none() || since.elapsed() >= STOP_DRAIN {
+                break;
+            }
+        }
         let mut active = false;
 
         // 0. The owner gave up on the connection (the control connection
@@ -336,7 +372,12 @@ fn run(
         // 2. Answers.
         if let Some(c) = conn.as_mut() {
             match receive(c, &ram, disks.as_deref(), &mut pending, &mut pages, &mut st) {
-                Ok(got) => active |= got,
+                Ok(got) => {
+                    if got {
+                        shared.notify();
+                    }
+                    active |= got;
+                }
                 Err(FaultError::Protocol(e)) if is_link_failure(&e) => {
                     conn = None;
                     link_lost(&shared, &e.to_string());
@@ -357,9 +398,12 @@ fn run(
             wait_readable(
                 ram.uffd(),
                 conn.as_ref().map(|c| &c.stream),
-                disks.as_ref().map(|d| d.requests.fd()),
+                [Some(&shared.wake), disks.as_ref().map(|d| d.requests.fd())],
                 POLL_MS,
             );
+            // Consumed here only: a wake-up written while the thread
+            // worked makes the next `poll` return at once.
+            let _ = shared.wake.read();
         }
     }
     debug!(pending = pending.len(), "fault handler stopping");
@@ -461,6 +505,7 @@ fn plan_huge(
 fn link_lost(shared: &Shared, why: &str) {
     warn!("fault connection lost: {why}; faults wait for recovery");
     shared.down.store(true, Ordering::Release);
+    shared.notify();
     if let Some(c) = shared
         .control
         .lock()
@@ -602,21 +647,22 @@ fn wait_writable(conn: &Stream) {
     let _ = poll(&mut fds, PollTimeout::from(10u16));
 }
 
-/// Sleeps until the userfaultfd or the connection is readable, or
-/// `timeout_ms` passes.
+/// Sleeps until the userfaultfd, the connection or one of the eventfds
+/// is readable, or `timeout_ms` passes.
 fn wait_readable(
     uffd: &impl AsFd,
     conn: Option<&Stream>,
-    disk: Option<&vmm_sys_util::eventfd::EventFd>,
+    events: [Option<&EventFd>; 2],
     timeout_ms: u16,
 ) {
     let mut fds = vec![PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
     if let Some(c) = conn {
         fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
     }
-    // SAFETY: the eventfd outlives this call (the caller holds the set).
-    let disk_fd = disk.map(|e| unsafe { std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd()) });
-    if let Some(fd) = disk_fd {
+    for e in events.into_iter().flatten() {
+        // SAFETY: the eventfd outlives this call (the caller holds it
+        // borrowed), so its descriptor stays open while `fds` lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd()) };
         fds.push(PollFd::new(fd, PollFlags::POLLIN));
     }
     // EINTR or a spurious wake-up only ends the nap early.
@@ -645,8 +691,14 @@ impl FaultThread {
         decode: Vec<u8>,
     ) -> Result<Self, FaultError> {
         let shared = Arc::new(Shared {
+            tids: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+            next: Mutex::new(None),
             control: Mutex::new(control),
-            ..Shared::default()
+            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(FaultError::Spawn)?,
+            progress: Mutex::new(0),
+            progressed: Condvar::new(),
         });
         let first = Conn::new(conn, buffered)?;
         let thread = {
@@ -665,7 +717,9 @@ impl FaultThread {
                         }
                     };
                     crate::seccomp::apply(crate::seccomp::Thread::Fault)?;
-                    let mut st = run(ram, disks, first, shared, decode)?;
+                    let ran = run(ram, disks, first, shared.clone(), decode);
+                    shared.notify();
+                    let mut st = ran?;
                     st.priority = Some(applied);
                     Ok(st)
                 })
@@ -692,6 +746,7 @@ impl FaultThread {
     pub(super) fn mark_down(&self) {
         self.shared.down.store(true, Ordering::Release);
         *self.shared.next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.shared.wake();
     }
 
     /// Hands the thread a new fault connection (after a resume handshake)
@@ -703,6 +758,33 @@ impl FaultThread {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = control;
         *self.shared.next.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn, buffered));
+        self.shared.wake();
+    }
+
+    /// Where the thread's progress count stands (see
+    /// [`FaultThread::wait_for_progress`]).
+    pub(super) fn progress(&self) -> u64 {
+        *self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the progress count moves past `seen` (answers were
+    /// installed, the link was lost, or the thread ended), or `timeout`
+    /// passes. Read `seen` before checking what the wait is for, so that
+    /// progress made in between ends the wait at once.
+    pub(super) fn wait_for_progress(&self, seen: u64, timeout: Duration) {
+        let count = self
+            .shared
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .shared
+            .progressed
+            .wait_timeout_while(count, timeout, |c| *c == seen);
     }
 
     /// True when the thread ended (an error it could not wait out).
@@ -713,6 +795,7 @@ impl FaultThread {
     /// Stops the thread and returns what it measured.
     pub(super) fn stop(mut self) -> Result<FaultStats, FaultError> {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake();
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             _ => Err(FaultError::Uffd("fault handler panicked".into())),
@@ -723,8 +806,12 @@ impl FaultThread {
 impl Drop for FaultThread {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
