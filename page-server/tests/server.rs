@@ -54,12 +54,14 @@ fn text_page(seed: u64) -> Vec<u8> {
 
 const PAGES: u64 = 4096;
 
-/// The test guest: random, compressible, written-zero and hole regions, and
-/// a mixed region where single zero pages sit between data pages.
+/// The test guest: compressible, random, written-zero and hole regions, and
+/// a mixed region where single zero pages sit between data pages. The
+/// compressible pages come first, where the push surely tries LZ4: after
+/// the random ones it may be resting from it (see the server's `LZ4_REST`).
 fn pattern(pfn: u64) -> Option<Vec<u8>> {
     match pfn {
-        0..1024 | 3000..3200 | 4095 => Some(random_page(pfn)),
-        1024..1100 => Some(text_page(pfn)),
+        0..76 => Some(text_page(pfn)),
+        76..1100 | 3000..3200 | 4095 => Some(random_page(pfn)),
         1100..1400 => Some(vec![0; PAGE_SIZE]),
         2400..3000 => Some(match pfn % 5 {
             0 => vec![0; PAGE_SIZE],
@@ -229,7 +231,7 @@ fn push_and_demand_deliver_every_page() {
     let (mut control, mut fault, outcome) = start(FileSource::new(file, PAGES), cfg);
 
     // Demand does not move the push: a request for 3001..3003 while the
-    // sweep is stuck in the first (random) 4 MiB (the destination reads
+    // sweep is stuck in the first 4 MiB, nearly all random (the destination reads
     // nothing on the control connection) is answered on the fault
     // connection, and the sweep later steps over those pages. (Sent once
     // the push has begun.)

@@ -34,7 +34,7 @@ pub use hello::{
 };
 pub use pages::{
     append_pages_frame, append_pages_head, append_zero_pages_frame, choose_encoding, decode_pages,
-    decode_pages_ref, encode_pages, lz4_room, PageEncoding, PageRequest, PagesHeader,
+    decode_pages_ref, encode_pages, lz4_room, pages_header, PageEncoding, PageRequest, PagesHeader,
 };
 pub use redirect::{Redirect, REDIRECT_LEN};
 pub use state::{decode_state, encode_state, Resumed, RoundStats, StateMeta};

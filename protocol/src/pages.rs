@@ -184,15 +184,10 @@ pub fn decode_pages(
     Ok(h)
 }
 
-/// Decodes a `Pages` payload without copying raw page data: returns the
-/// header and the pages' bytes, a slice of `payload` for raw frames, of
-/// `lz4` (decompressed into it) for LZ4 ones, and empty for zero runs.
-/// `mem_pages` bounds the page numbers.
-pub fn decode_pages_ref<'a>(
-    payload: &'a [u8],
-    mem_pages: u64,
-    lz4: &'a mut Vec<u8>,
-) -> Result<(PagesHeader, &'a [u8]), ProtocolError> {
+/// Checks a `Pages` payload's prefix (page count, page numbers within
+/// `mem_pages`, encoding) and returns it with the bytes after it; the data
+/// itself is checked by [`decode_pages_ref`].
+pub fn pages_header(payload: &[u8], mem_pages: u64) -> Result<(PagesHeader, &[u8]), ProtocolError> {
     let bad = |s: String| ProtocolError::BadPages(s);
     let Ok((prefix, data)) = RawPagesPrefix::ref_from_prefix(payload) else {
         return Err(bad(format!(
@@ -213,30 +208,10 @@ pub fn decode_pages_ref<'a>(
             "pages {first_pfn}+{count} are outside the {mem_pages}-page guest"
         )));
     }
-    let size = count as usize * PAGE_SIZE;
-    let (encoding, pages): (PageEncoding, &'a [u8]) = match prefix.encoding {
-        0 => {
-            if data.len() != size {
-                return Err(bad(format!("{} raw bytes for {count} pages", data.len())));
-            }
-            (PageEncoding::Raw, data)
-        }
-        1 => {
-            lz4.reserve_exact(size.saturating_sub(lz4.len()));
-            lz4.resize(size, 0);
-            let n = lz4_flex::block::decompress_into(data, lz4)
-                .map_err(|e| bad(format!("LZ4: {e}")))?;
-            if n != size {
-                return Err(bad(format!("LZ4 gave {n} bytes for {count} pages")));
-            }
-            (PageEncoding::Lz4, &lz4[..])
-        }
-        2 => {
-            if !data.is_empty() {
-                return Err(bad("zero run with data".into()));
-            }
-            (PageEncoding::Zero, &[][..])
-        }
+    let encoding = match prefix.encoding {
+        0 => PageEncoding::Raw,
+        1 => PageEncoding::Lz4,
+        2 => PageEncoding::Zero,
         e => return Err(bad(format!("unknown encoding {e}"))),
     };
     Ok((
@@ -245,8 +220,48 @@ pub fn decode_pages_ref<'a>(
             count,
             encoding,
         },
-        pages,
+        data,
     ))
+}
+
+/// Decodes a `Pages` payload without copying raw page data: returns the
+/// header and the pages' bytes, a slice of `payload` for raw frames, of
+/// `lz4` (decompressed into it) for LZ4 ones, and empty for zero runs.
+/// `mem_pages` bounds the page numbers.
+pub fn decode_pages_ref<'a>(
+    payload: &'a [u8],
+    mem_pages: u64,
+    lz4: &'a mut Vec<u8>,
+) -> Result<(PagesHeader, &'a [u8]), ProtocolError> {
+    let bad = |s: String| ProtocolError::BadPages(s);
+    let (h, data) = pages_header(payload, mem_pages)?;
+    let count = h.count;
+    let size = count as usize * PAGE_SIZE;
+    let pages: &'a [u8] = match h.encoding {
+        PageEncoding::Raw => {
+            if data.len() != size {
+                return Err(bad(format!("{} raw bytes for {count} pages", data.len())));
+            }
+            data
+        }
+        PageEncoding::Lz4 => {
+            lz4.reserve_exact(size.saturating_sub(lz4.len()));
+            lz4.resize(size, 0);
+            let n = lz4_flex::block::decompress_into(data, lz4)
+                .map_err(|e| bad(format!("LZ4: {e}")))?;
+            if n != size {
+                return Err(bad(format!("LZ4 gave {n} bytes for {count} pages")));
+            }
+            &lz4[..]
+        }
+        PageEncoding::Zero => {
+            if !data.is_empty() {
+                return Err(bad("zero run with data".into()));
+            }
+            &[][..]
+        }
+    };
+    Ok((h, pages))
 }
 
 /// A demand request: `count` pages from `pfn`, faulted by `vcpu`

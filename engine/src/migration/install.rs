@@ -3,8 +3,8 @@
 //! the background push after it (installed through userfaultfd).
 
 use ferry_protocol::{
-    decode_pages, decode_pages_ref, from_json, MigrationMode, MsgType, PageBitmap, PageEncoding,
-    ProtocolError, HEADER_LEN, PAGES_PREFIX,
+    decode_pages, decode_pages_ref, from_json, pages_header, MigrationMode, MsgType, PageBitmap,
+    PageEncoding, ProtocolError, HEADER_LEN, PAGES_PREFIX,
 };
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
@@ -263,48 +263,14 @@ fn install_push_inline(
     c: &mut PushCounters,
 ) -> Result<serde_json::Value, DestError> {
     let mut lz4 = Vec::new();
-    let total = disks.map_or(ram.pages(), DiskSet::total_pages);
-    loop {
-        let frame = ctl.recv()?;
-        let payload = frame.payload;
-        c.bytes_wire += (HEADER_LEN + payload.len()) as u64;
-        match frame.header.kind {
-            MsgType::Pages => {
-                let (ph, data) = decode_pages_ref(payload, total, &mut lz4)?;
-                let (first, all) = (ph.first_pfn, u64::from(ph.count));
-                let n = in_ram(ram.pages(), first, all);
-                if n < all {
-                    c.disk_blocks += all - n;
-                }
-                if ph.encoding == PageEncoding::Zero {
-                    c.pages_zero += all;
-                    ram.note_zero(first, n)?;
-                    if n < all {
-                        disks
-                            .ok_or_else(|| no_disks(first, all))?
-                            .install_zero(first + n, all - n)?;
-                    }
-                } else {
-                    c.pages_pushed += all;
-                    c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;
-                    c.bytes_page_raw += data.len() as u64;
-                    install_data(ram, disks, first, data)?;
-                }
-            }
-            MsgType::PushDone => return Ok(from_json("PushDone", payload)?),
-            other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other,
-                    expected: "Pages or PushDone",
-                }
-                .into())
-            }
-        }
-    }
+    push_frames(ctl, ram, disks, c, |payload, total| {
+        let (ph, data) = decode_pages_ref(payload, total, &mut lz4)?;
+        install_data(ram, disks, ph.first_pfn, data)
+    })
 }
 
 /// The receiving stage of [`install_push`]: hands data frames to the
-/// installer through `work`, records zero runs itself.
+/// installer through `work`, decoded into a buffer it gave back (`free`).
 fn receive_push(
     ctl: &mut Link,
     ram: &UffdRam,
@@ -313,15 +279,33 @@ fn receive_push(
     work: &SyncSender<(u64, Vec<u8>)>,
     free: &Receiver<Vec<u8>>,
 ) -> Result<serde_json::Value, DestError> {
+    push_frames(ctl, ram, disks, c, |payload, total| {
+        let mut pages = free.try_recv().unwrap_or_default();
+        let ph = decode_pages(payload, total, &mut pages)?;
+        work.send((ph.first_pfn, pages))
+            .map_err(|_| DestError::Refused("the installer thread stopped".into()))
+    })
+}
+
+/// Reads the push until `PushDone` and returns the source's stats from it.
+/// Counts every frame into `c` and records zero runs itself; each data
+/// frame's payload goes to `data` (with the page space's size, for
+/// decoding), which installs it or hands it on.
+fn push_frames(
+    ctl: &mut Link,
+    ram: &UffdRam,
+    disks: Option<&DiskSet>,
+    c: &mut PushCounters,
+    mut data: impl FnMut(&[u8], u64) -> Result<(), DestError>,
+) -> Result<serde_json::Value, DestError> {
+    let total = disks.map_or(ram.pages(), DiskSet::total_pages);
     loop {
         let frame = ctl.recv()?;
         let payload = frame.payload;
         c.bytes_wire += (HEADER_LEN + payload.len()) as u64;
         match frame.header.kind {
             MsgType::Pages => {
-                let mut pages = free.try_recv().unwrap_or_default();
-                let total = disks.map_or(ram.pages(), DiskSet::total_pages);
-                let ph = decode_pages(payload, total, &mut pages)?;
+                let (ph, _) = pages_header(payload, total)?;
                 let (first, all) = (ph.first_pfn, u64::from(ph.count));
                 let n = in_ram(ram.pages(), first, all);
                 if n < all {
@@ -336,16 +320,13 @@ fn receive_push(
                             .install_zero(first + n, all - n)?;
                     }
                 } else {
-                    c.pages_pushed += u64::from(ph.count);
+                    data(payload, total)?;
+                    c.pages_pushed += all;
                     c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;
-                    c.bytes_page_raw += pages.len() as u64;
-                    work.send((ph.first_pfn, pages))
-                        .map_err(|_| DestError::Refused("the installer thread stopped".into()))?;
+                    c.bytes_page_raw += all * PAGE_SIZE as u64;
                 }
             }
-            MsgType::PushDone => {
-                return Ok(from_json("PushDone", payload)?);
-            }
+            MsgType::PushDone => return Ok(from_json("PushDone", payload)?),
             other => {
                 return Err(ProtocolError::Unexpected {
                     got: other,

@@ -302,31 +302,43 @@ mod tests {
     use super::*;
     use std::io::Read;
 
+    /// A connection to a reader thread that collects the first `total`
+    /// bytes it receives.
+    fn to_reader(total: usize) -> (Conn<'static>, std::thread::JoinHandle<Vec<u8>>) {
+        let (a, b) = Stream::pair().unwrap();
+        let conn = Conn::new("test", a, None, Vec::new()).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; total];
+            (&b).read_exact(&mut got).unwrap();
+            got
+        });
+        (conn, reader)
+    }
+
+    /// Writes everything queued, at most `max` bytes per write.
+    fn flush_all(conn: &mut Conn, max: usize) {
+        while conn.pending() > 0 {
+            conn.writable = true;
+            conn.flush(max).unwrap();
+        }
+    }
+
     /// A body goes out after what `out` held when it was queued and before
     /// anything appended later, in writes of any size; `pending` counts it.
     #[test]
     fn a_body_keeps_its_place_in_the_stream() {
+        let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let total = 4 + body.len() + 4 + 4;
         for max in [3, 4096, usize::MAX] {
-            let (a, b) = Stream::pair().unwrap();
-            let mut conn = Conn::new("test", a, None, Vec::new()).unwrap();
+            let (mut conn, reader) = to_reader(total);
             conn.out.extend_from_slice(b"head");
-            let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
             assert!(conn.queue_body(body.clone()).is_empty());
             conn.out.extend_from_slice(b"tail");
             assert_eq!(conn.pending(), 4 + body.len() + 4);
             // A second body while the first waits is copied, after "tail".
             let again = conn.queue_body(b"more".to_vec());
             assert_eq!(again, b"more");
-            let total = 4 + body.len() + 4 + 4;
-            let reader = std::thread::spawn(move || {
-                let mut got = vec![0u8; total];
-                (&b).read_exact(&mut got).unwrap();
-                got
-            });
-            while conn.pending() > 0 {
-                conn.writable = true;
-                conn.flush(max).unwrap();
-            }
+            flush_all(&mut conn, max);
             assert_eq!(conn.written, total as u64);
             let got = reader.join().unwrap();
             let mut want = b"head".to_vec();
@@ -345,30 +357,18 @@ mod tests {
     #[test]
     fn a_lent_body_keeps_its_place_in_the_stream() {
         let lent: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        let total = 4 + lent.len() + 6 + 4 + 5;
         for max in [3, 4096, usize::MAX] {
-            let (a, b) = Stream::pair().unwrap();
-            let mut conn = Conn::new("test", a, None, Vec::new()).unwrap();
+            let (mut conn, reader) = to_reader(total);
             conn.out.extend_from_slice(b"head");
             conn.queue_lent(&lent);
             conn.queue_lent(b"second");
             conn.out.extend_from_slice(b"tail");
             assert_eq!(conn.pending(), 4 + lent.len() + 6 + 4);
-            let total = 4 + lent.len() + 6 + 4 + 5;
-            let reader = std::thread::spawn(move || {
-                let mut got = vec![0u8; total];
-                (&b).read_exact(&mut got).unwrap();
-                got
-            });
-            while conn.pending() > 0 {
-                conn.writable = true;
-                conn.flush(max).unwrap();
-            }
+            flush_all(&mut conn, max);
             // The lent body is done with: an owned one is queued as a body.
             assert!(conn.queue_body(b"owned".to_vec()).is_empty());
-            while conn.pending() > 0 {
-                conn.writable = true;
-                conn.flush(max).unwrap();
-            }
+            flush_all(&mut conn, max);
             let got = reader.join().unwrap();
             let mut want = b"head".to_vec();
             want.extend_from_slice(&lent);
