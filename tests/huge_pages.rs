@@ -32,18 +32,6 @@ fn guest_ram_page_kib(pid: u32) -> Option<u64> {
     None
 }
 
-/// Fails with a clear reason when the pool cannot hold `mib` MiB.
-fn need_pool(mib: u64) {
-    let free = ferry_engine::memory::huge_pages_available()
-        .expect("HugePages_Free and HugePages_Rsvd in /proc/meminfo");
-    assert!(
-        free * 2 >= mib,
-        "these tests need {mib} MiB of free 2 MiB huge pages and the pool has {} MiB: \
-         run scripts/setup.sh (or raise /proc/sys/vm/nr_hugepages)",
-        free * 2
-    );
-}
-
 /// `ferry-dest --huge-pages` in `dir` (console, API, statistics named
 /// `name`).
 fn spawn_huge_dest(dir: &Scratch, name: &str) -> (Proc, String) {

@@ -183,7 +183,24 @@ fn one_snapshot_restores_into_two_independent_clones() {
 /// names.
 #[test]
 fn a_second_lazy_restore_replays_the_first_ones_working_set() {
-    let dir = Scratch::new("replay");
+    replays_the_working_set("replay", &[], 1);
+}
+
+/// The same into guest RAM in 2 MiB huge pages (`--huge-pages`): the
+/// replayed restore loads the whole huge pages the list touches.
+#[test]
+fn a_lazy_restore_into_huge_pages_replays_whole_huge_pages() {
+    need_pool(1024);
+    let s = replays_the_working_set("replay-huge", &["--huge-pages"], 512);
+    assert_eq!(s["backing"], "huge-pages", "{s}");
+}
+
+/// Snapshots a 1 GiB guest with a 256 MiB working set, then restores it
+/// lazily (with `dest_extra`) three times: plain, recording, replayed.
+/// Pages load in units of `unit` pages (512: huge pages). Returns the
+/// replayed restore's statistics.
+fn replays_the_working_set(name: &str, dest_extra: &[&str], unit: u64) -> serde_json::Value {
+    let dir = Scratch::new(name);
     let Snapped {
         path: snap, before, ..
     } = snapshot_from_source(
@@ -196,9 +213,11 @@ fn a_second_lazy_restore_replays_the_first_ones_working_set() {
     let replay = std::path::PathBuf::from(format!("{}.replay", snap.display()));
     assert!(!replay.exists());
     let mut demand = Vec::new();
+    let mut replayed = serde_json::Value::Null;
     for name in ["plain", "record", "replay"] {
         let json = dir.path(&format!("{name}.json"));
         let mut args = vec!["--lazy", "--stats-json", json.to_str().unwrap()];
+        args.extend(dest_extra);
         if name == "record" {
             args.extend(["--replay", "record"]);
         }
@@ -227,22 +246,24 @@ fn a_second_lazy_restore_replays_the_first_ones_working_set() {
                 assert!(!err.contains("recorded pages"), "{err}");
             }
             _ => {
-                // The listed pages were loaded from the snapshot file before
-                // the vCPUs ran, each once, and the page server (whose
-                // counters are final at `Complete`) pushed none of them.
+                // The listed pages (in whole units) were loaded from the
+                // snapshot file before the vCPUs ran, each once, and the
+                // page server (whose counters are final at `Complete`)
+                // pushed none of them.
                 let b = std::fs::read(&replay).unwrap();
-                let distinct: std::collections::HashSet<u64> = b[16..b.len() - 4]
+                let units: std::collections::HashSet<u64> = b[16..b.len() - 4]
                     .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap()) / unit)
                     .collect();
-                let distinct = distinct.len() as u64;
+                let loaded = units.len() as u64 * unit;
                 assert!(
-                    err.contains(&format!("loading {distinct} recorded pages")),
+                    err.contains(&format!("loading {loaded} recorded pages")),
                     "{err}"
                 );
                 assert_eq!(s["mode"], "postcopy", "{s}");
-                assert_eq!(s["pages_preloaded"], distinct, "{s}");
+                assert_eq!(s["pages_preloaded"], loaded, "{s}");
                 assert_postcopy_accounting(&s, &s["source"]["page_server"]);
+                replayed = s;
             }
         }
     }
@@ -259,6 +280,7 @@ fn a_second_lazy_restore_replays_the_first_ones_working_set() {
         "the replayed restore faulted on {} pages; the list has {listed}",
         demand[2]
     );
+    replayed
 }
 
 /// A lazy restore opens no network socket at all: its source and

@@ -42,7 +42,7 @@ use ferry_transport::Conn;
 use serde::Serialize;
 
 use crate::layout::PAGE_SIZE;
-use crate::memory::{is_zero, GuestRam, MemoryError};
+use crate::memory::{is_zero, Backing, GuestRam, MemoryError};
 use crate::migration::acceptor::Acceptor;
 use crate::migration::{self, DestError, MigrationStats, SourceError, SourceOptions};
 use crate::ram_pages::RamPages;
@@ -609,17 +609,19 @@ pub fn restore_lazy_with(
     replay_mode: Replay,
     disks: &[crate::devices::DiskConfig],
 ) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
-    restore_lazy_with_devices(path, console, replay_mode, disks, &[])
+    restore_lazy_with_devices(path, console, replay_mode, disks, &[], Backing::Shmem)
 }
 
 /// [`restore_lazy_with`], with `--net` overrides too (see
-/// [`restore_with_devices`]).
+/// [`restore_with_devices`]), into RAM of `backing`. Into huge pages, the
+/// replay list loads the whole huge pages it touches.
 pub fn restore_lazy_with_devices(
     path: &Path,
     console: crate::vm::ConsoleOutput,
     replay_mode: Replay,
     disks: &[crate::devices::DiskConfig],
     nets: &[crate::devices::NetConfig],
+    backing: Backing,
 ) -> Result<(crate::vm::Vm, MigrationStats), RestoreError> {
     let start_host_us = crate::console::now_us();
     let snap = Snapshot::open(path)?;
@@ -645,6 +647,10 @@ pub fn restore_lazy_with_devices(
         for p in list {
             set.set(p);
         }
+        let set = match backing {
+            Backing::HugePages => migration::preload::whole_huge_pages(&set),
+            Backing::Shmem => set,
+        };
         tracing::info!(
             path = %replay_path.display(),
             "loading {} recorded pages before the vCPUs run",
@@ -680,6 +686,7 @@ pub fn restore_lazy_with_devices(
         expect_session: Some(session_id),
         disk_overrides: disks.to_vec(),
         net_overrides: nets.to_vec(),
+        backing,
         preload: preloaded.map(|set| migration::preload::Preload {
             set,
             from: Arc::new(snap.page_source()),

@@ -906,3 +906,15 @@ pub fn daemon_records(run: &Path) -> Vec<serde_json::Value> {
     }
     out
 }
+
+/// Fails with a clear reason when the pool cannot hold `mib` MiB.
+pub fn need_pool(mib: u64) {
+    let free = ferry_engine::memory::huge_pages_available()
+        .expect("HugePages_Free and HugePages_Rsvd in /proc/meminfo");
+    assert!(
+        free * 2 >= mib,
+        "these tests need {mib} MiB of free 2 MiB huge pages and the pool has {} MiB: \
+         run scripts/setup.sh (or raise /proc/sys/vm/nr_hugepages)",
+        free * 2
+    );
+}

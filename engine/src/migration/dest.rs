@@ -693,18 +693,14 @@ fn prepare(
     check_hello(hello)?;
     let disks = prepare_disks(hello, opts)?;
     let backing = opts.backing;
-    if backing == Backing::HugePages && (mode == MigrationMode::Hybrid || opts.preload.is_some()) {
-        // Both install pages before the state with 4 KiB granularity
-        // (hybrid also drops single stale pages), which a 2 MiB page
-        // mapped through userfaultfd cannot take.
-        return Err(DestError::Refused(format!(
-            "huge pages take post-copy, pre-copy and stop-and-copy moves, not {}",
-            if opts.preload.is_some() {
-                "a replayed restore".to_string()
-            } else {
-                format!("{mode:?}").to_lowercase()
-            }
-        )));
+    if backing == Backing::HugePages && mode == MigrationMode::Hybrid {
+        // Hybrid installs pages before the state and drops single stale
+        // pages, with 4 KiB granularity, which a 2 MiB page mapped through
+        // userfaultfd cannot take. (A replayed restore's preload loads
+        // whole huge pages: see `super::preload`.)
+        return Err(DestError::Refused(
+            "huge pages take post-copy, pre-copy and stop-and-copy moves, not hybrid".into(),
+        ));
     }
     if !mode.lazy() {
         let prepared = PreparedVm::new_backed(hello.mem_size, hello.vcpus, console, backing)?;

@@ -8,6 +8,10 @@
 //! and the two halves go in parallel. The source half of the restore is
 //! told which pages these are ([`super::SourceOptions::preloaded`]) and
 //! never sends them.
+//!
+//! RAM in 2 MiB huge pages is mapped a whole huge page at a time, so its
+//! set must name whole huge pages ([`whole_huge_pages`]); each is read and
+//! mapped with one `UFFDIO_COPY`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,9 +22,13 @@ use ferry_protocol::PageBitmap;
 use super::error::DestError;
 use super::uffd_ram::UffdRam;
 use crate::layout::PAGE_SIZE;
+use crate::memory::HUGE_PAGE_SIZE;
 
-/// Pages per read and install.
+/// Pages per read and install (4 KiB RAM).
 const RUN_PAGES: u64 = 64;
+
+/// 4 KiB pages in one huge page: the run of huge-page RAM.
+const HUGE_RUN_PAGES: u64 = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
 
 /// Loader threads. Two cores on the hosts Ferry was measured on; more would
 /// only contend for the same page-cache and memory-cgroup locks.
@@ -43,8 +51,24 @@ impl fmt::Debug for Preload {
     }
 }
 
+/// `set` widened to the whole huge pages it touches: what a preload into
+/// huge-page RAM loads.
+pub fn whole_huge_pages(set: &PageBitmap) -> PageBitmap {
+    let wide = PageBitmap::new(set.pages());
+    for (first, n) in set.runs(0, u64::MAX) {
+        let from = first - first % HUGE_RUN_PAGES;
+        let to = (first + n)
+            .div_ceil(HUGE_RUN_PAGES)
+            .saturating_mul(HUGE_RUN_PAGES)
+            .min(set.pages());
+        wide.set_range(from, to - from);
+    }
+    wide
+}
+
 /// Loads `p` into `ram`; returns how many pages were installed (pages
-/// already present are skipped).
+/// already present are skipped). Into huge-page RAM, `p`'s set must be
+/// whole huge pages (see [`whole_huge_pages`]).
 pub(super) fn load(p: &Preload, ram: &UffdRam) -> Result<u64, DestError> {
     if p.set.pages() != ram.pages() || p.from.pages() != ram.pages() {
         return Err(DestError::Refused(format!(
@@ -70,9 +94,19 @@ pub(super) fn load(p: &Preload, ram: &UffdRam) -> Result<u64, DestError> {
 
 /// Loads every `THREADS`-th run of `p`'s set, starting with run `share`.
 fn load_share(p: &Preload, ram: &UffdRam, share: usize) -> Result<u64, DestError> {
-    let mut buf = vec![0u8; RUN_PAGES as usize * PAGE_SIZE];
+    let run = if ram.is_huge() {
+        HUGE_RUN_PAGES
+    } else {
+        RUN_PAGES
+    };
+    let mut buf = vec![0u8; run as usize * PAGE_SIZE];
     let mut installed = 0;
-    for (first, n) in p.set.runs(0, RUN_PAGES).skip(share).step_by(THREADS) {
+    for (first, n) in p.set.runs(0, run).skip(share).step_by(THREADS) {
+        if ram.is_huge() && (first % run != 0 || n != run) {
+            return Err(DestError::Refused(format!(
+                "preloading huge-page RAM takes whole huge pages, not pages {first}+{n}"
+            )));
+        }
         let data = &mut buf[..n as usize * PAGE_SIZE];
         p.from.read(first, data).map_err(|e| {
             DestError::Refused(format!("reading pages {first}+{n} to preload: {e}"))
@@ -80,4 +114,25 @@ fn load_share(p: &Preload, ram: &UffdRam, share: usize) -> Result<u64, DestError
         installed += ram.install(first, data)?;
     }
     Ok(installed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_set_widens_to_the_huge_pages_it_touches() {
+        let set = PageBitmap::new(4 * HUGE_RUN_PAGES);
+        set.set(3);
+        set.set_range(HUGE_RUN_PAGES * 2 - 1, 2);
+        let wide = whole_huge_pages(&set);
+        let runs: Vec<_> = wide.runs(0, u64::MAX).collect();
+        assert_eq!(runs, vec![(0, 3 * HUGE_RUN_PAGES)]);
+        // Nothing set, nothing widened; the last huge page ends at the end.
+        assert_eq!(whole_huge_pages(&PageBitmap::new(1024)).count(), 0);
+        let last = PageBitmap::new(2 * HUGE_RUN_PAGES);
+        last.set(2 * HUGE_RUN_PAGES - 1);
+        let runs: Vec<_> = whole_huge_pages(&last).runs(0, u64::MAX).collect();
+        assert_eq!(runs, vec![(HUGE_RUN_PAGES, HUGE_RUN_PAGES)]);
+    }
 }

@@ -154,6 +154,7 @@ fn restore(
     cmd.arg("--restore")
         .arg(dir.join("vm.snap"))
         .args(["--lazy", "--replay", kind.flag()])
+        .args(cfg.ferry.huge_pages.then_some("--huge-pages"))
         .arg("--serial")
         .arg(f("log"))
         .arg("--stats-json")

@@ -135,6 +135,10 @@ fn out_dir(cfg: &Config) -> PathBuf {
 pub fn run_restore(cfg: &Config) -> Result<String, Box<dyn std::error::Error>> {
     let out = out_dir(cfg);
     mkdir(&out)?;
+    if cfg.ferry.huge_pages {
+        let (pages, took) = super::hugepool::warm().map_err(RunnerError::HugePool)?;
+        info!(pages, ms = took.as_millis() as u64, "huge page pool warmed");
+    }
     let out = std::fs::canonicalize(&out)?;
     Ok(restore::run(cfg, &out)?)
 }

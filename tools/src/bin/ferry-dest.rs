@@ -76,9 +76,10 @@ struct Args {
     /// Back the incoming VM's RAM with 2 MiB pages from the huge page pool
     /// (/proc/sys/vm/nr_hugepages; the VM's memory size must be a multiple
     /// of 2 MiB): post-copy then installs a whole 2 MiB page at a time.
-    /// Post-copy, pre-copy and stop-and-copy moves (not hybrid); not for
-    /// snapshot restores.
-    #[arg(long, conflicts_with = "snapshot_file")]
+    /// Post-copy, pre-copy and stop-and-copy moves (not hybrid), and lazy
+    /// restores (--restore or --import with --lazy; a replay list then
+    /// loads the whole huge pages it touches).
+    #[arg(long)]
     huge_pages: bool,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
@@ -263,8 +264,14 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         received.vm
     } else if let Some(path) = restore.as_ref().filter(|_| args.lazy) {
-        let (vm, stats) =
-            snapshot::restore_lazy_with_devices(path, console, args.replay, &disks, &nets)?;
+        let (vm, stats) = snapshot::restore_lazy_with_devices(
+            path,
+            console,
+            args.replay,
+            &disks,
+            &nets,
+            opts.backing,
+        )?;
         info!(path = %path.display(), "snapshot restored lazily");
         println!("{}", stats.table());
         if let Some(p) = &args.stats_json {
@@ -275,6 +282,9 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         hooks.fire_both(shape(&vm));
         vm
     } else if let Some(path) = &restore {
+        if args.huge_pages {
+            return Err("--huge-pages restores a snapshot lazily only: add --lazy".into());
+        }
         let (mut vm, stats) = snapshot::restore_with_devices(path, console, &disks, &nets)?;
         info!(
             path = %path.display(),
