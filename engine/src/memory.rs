@@ -81,6 +81,9 @@ pub enum Backing {
 /// Bytes in one huge page of [`Backing::HugePages`].
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
+/// 4 KiB pages in one huge page.
+pub const HUGE_PAGE_PAGES: u64 = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
+
 /// Guest RAM of one VM.
 #[derive(Debug, Clone)]
 pub struct GuestRam {

@@ -27,10 +27,7 @@ use ferry_page_server::source::{FileSource, PageSource};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::layout::PAGE_SIZE;
-use crate::memory::{Backing, GuestRam, HUGE_PAGE_SIZE};
-
-/// Pages in one huge page.
-const UNIT_PAGES: u64 = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
+use crate::memory::{Backing, GuestRam, HUGE_PAGE_PAGES as UNIT_PAGES};
 
 /// Most pages lent at once (one frame).
 const LEND_MAX: usize = 512;
@@ -172,12 +169,12 @@ impl PageSource for RamPages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::huge_pages_available;
+    use crate::memory::{huge_pages_available, HUGE_PAGE_SIZE};
 
     /// Every page holding data is found, in order, and the holes between
     /// are skipped; checked against the file's own contents.
     fn finds_every_page_with_data(ram: &GuestRam) {
-        let huge = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
+        let huge = UNIT_PAGES;
         let written = [3 * huge + 7, 3 * huge + 9, 40 * huge, ram.pages() - 1];
         for &p in &written {
             ram.write_at(p * PAGE_SIZE as u64, &[0xA5; PAGE_SIZE])
@@ -219,7 +216,7 @@ mod tests {
     /// Lent pages are the pages `read` gives; a hole is not lent (reading
     /// it through the mapping would fill it) and stays a hole.
     fn lends_what_it_holds(src: &RamPages, written: &[u64]) {
-        let huge = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
+        let huge = UNIT_PAGES;
         let mut buf = vec![0u8; 2 * PAGE_SIZE];
         for &p in written {
             // SAFETY: nothing writes this test's RAM while the slice lives.
@@ -270,7 +267,7 @@ mod tests {
         finds_every_page_with_data(&ram);
         // A punched huge page is a hole again.
         let last = ram.pages() - 1;
-        let unit = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
+        let unit = UNIT_PAGES;
         ram.discard((last / unit) * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE)
             .unwrap();
         assert_eq!(RamPages::new(&ram).next_data(41 * unit), None);

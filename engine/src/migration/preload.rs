@@ -22,13 +22,10 @@ use ferry_protocol::PageBitmap;
 use super::error::DestError;
 use super::uffd_ram::UffdRam;
 use crate::layout::PAGE_SIZE;
-use crate::memory::HUGE_PAGE_SIZE;
+use crate::memory::HUGE_PAGE_PAGES;
 
-/// Pages per read and install (4 KiB RAM).
+/// Pages per read and install (4 KiB RAM; huge-page RAM: one huge page).
 const RUN_PAGES: u64 = 64;
-
-/// 4 KiB pages in one huge page: the run of huge-page RAM.
-const HUGE_RUN_PAGES: u64 = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
 
 /// Loader threads. Two cores on the hosts Ferry was measured on; more would
 /// only contend for the same page-cache and memory-cgroup locks.
@@ -56,10 +53,10 @@ impl fmt::Debug for Preload {
 pub fn whole_huge_pages(set: &PageBitmap) -> PageBitmap {
     let wide = PageBitmap::new(set.pages());
     for (first, n) in set.runs(0, u64::MAX) {
-        let from = first - first % HUGE_RUN_PAGES;
+        let from = first - first % HUGE_PAGE_PAGES;
         let to = (first + n)
-            .div_ceil(HUGE_RUN_PAGES)
-            .saturating_mul(HUGE_RUN_PAGES)
+            .div_ceil(HUGE_PAGE_PAGES)
+            .saturating_mul(HUGE_PAGE_PAGES)
             .min(set.pages());
         wide.set_range(from, to - from);
     }
@@ -95,7 +92,7 @@ pub(super) fn load(p: &Preload, ram: &UffdRam) -> Result<u64, DestError> {
 /// Loads every `THREADS`-th run of `p`'s set, starting with run `share`.
 fn load_share(p: &Preload, ram: &UffdRam, share: usize) -> Result<u64, DestError> {
     let run = if ram.is_huge() {
-        HUGE_RUN_PAGES
+        HUGE_PAGE_PAGES
     } else {
         RUN_PAGES
     };
@@ -122,17 +119,17 @@ mod tests {
 
     #[test]
     fn a_set_widens_to_the_huge_pages_it_touches() {
-        let set = PageBitmap::new(4 * HUGE_RUN_PAGES);
+        let set = PageBitmap::new(4 * HUGE_PAGE_PAGES);
         set.set(3);
-        set.set_range(HUGE_RUN_PAGES * 2 - 1, 2);
+        set.set_range(HUGE_PAGE_PAGES * 2 - 1, 2);
         let wide = whole_huge_pages(&set);
         let runs: Vec<_> = wide.runs(0, u64::MAX).collect();
-        assert_eq!(runs, vec![(0, 3 * HUGE_RUN_PAGES)]);
+        assert_eq!(runs, vec![(0, 3 * HUGE_PAGE_PAGES)]);
         // Nothing set, nothing widened; the last huge page ends at the end.
         assert_eq!(whole_huge_pages(&PageBitmap::new(1024)).count(), 0);
-        let last = PageBitmap::new(2 * HUGE_RUN_PAGES);
-        last.set(2 * HUGE_RUN_PAGES - 1);
+        let last = PageBitmap::new(2 * HUGE_PAGE_PAGES);
+        last.set(2 * HUGE_PAGE_PAGES - 1);
         let runs: Vec<_> = whole_huge_pages(&last).runs(0, u64::MAX).collect();
-        assert_eq!(runs, vec![(HUGE_RUN_PAGES, HUGE_RUN_PAGES)]);
+        assert_eq!(runs, vec![(HUGE_PAGE_PAGES, HUGE_PAGE_PAGES)]);
     }
 }

@@ -21,8 +21,8 @@ use super::{Local, UffdRam, UffdRamError};
 use crate::layout::PAGE_SIZE;
 use crate::memory::HUGE_PAGE_SIZE;
 
-/// 4 KiB pages in one huge page.
-pub const UNIT_PAGES: u64 = HUGE_PAGE_SIZE / PAGE_SIZE as u64;
+/// 4 KiB pages in one huge page: the unit mapped at once.
+pub use crate::memory::HUGE_PAGE_PAGES as UNIT_PAGES;
 
 /// Spare buffers kept for reuse at most (16 × 2 MiB).
 const MAX_SPARE: usize = 16;
