@@ -385,6 +385,15 @@ fn push_and_demand_deliver_every_page() {
         stats.push_ms
     );
     assert!(stats.push_ms <= push_seen.as_secs_f64() * 1e3, "{stats:?}");
+    // The push's CPU time is the server thread's own: some, and no more
+    // than the push's wall time (one thread cannot run faster than the
+    // clock; 1 ms for the two clocks' granularity).
+    assert!(
+        stats.push_cpu_ms > 0.0 && stats.push_cpu_ms <= stats.push_ms + 1.0,
+        "push CPU {} ms against a {} ms push",
+        stats.push_cpu_ms,
+        stats.push_ms
+    );
     assert!(stats.total_ms <= served.as_secs_f64() * 1e3, "{stats:?}");
 }
 

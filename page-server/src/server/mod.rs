@@ -157,6 +157,11 @@ pub struct ServerStats {
     pub bytes_raw: u64,
     /// Milliseconds from the start of [`serve`] until every page was pushed.
     pub push_ms: f64,
+    /// CPU time of the page server's thread, in milliseconds, from the
+    /// start of [`serve`] until every page was pushed (on loopback the
+    /// sender's socket writes also carry the receiving side's TCP work).
+    #[serde(default)]
+    pub push_cpu_ms: f64,
     /// Pages pushed first as the hot set (zero without one).
     #[serde(default)]
     pub pages_hot: u64,
@@ -317,6 +322,7 @@ pub fn serve_rest(
         scratch: lz4,
         payload: Vec::new(),
         start,
+        start_cpu: thread_cpu(),
         push_done: false,
         fault_closed: None,
         last_demand: None,
@@ -410,6 +416,8 @@ struct Server<'a> {
     /// Payload of the frame being handled.
     payload: Vec<u8>,
     start: Instant,
+    /// This thread's CPU time at `start`.
+    start_cpu: Duration,
     push_done: bool,
     /// When the fault connection reached EOF.
     fault_closed: Option<Instant>,
@@ -887,6 +895,7 @@ impl<'a> Server<'a> {
 
     fn queue_push_done(&mut self) {
         self.stats.push_ms = ms(self.start.elapsed());
+        self.stats.push_cpu_ms = ms(thread_cpu().saturating_sub(self.start_cpu));
         let stats = self.snapshot();
         debug!(?stats, "push done");
         let json = serde_json::to_vec(&stats).unwrap_or_default();
@@ -940,6 +949,13 @@ impl<'a> Server<'a> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// CPU time the calling thread has used (zero if the clock cannot be read).
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
