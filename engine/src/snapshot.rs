@@ -706,14 +706,13 @@ pub fn restore_lazy_with_devices(
                 )
             })
             .map_err(|e| RestoreError::Thread(e.to_string()))?;
-        let acceptor = Acceptor::given(vec![dst_control, dst_fault], dest_opts.peer_timeout);
-        let received =
-            migration::receive_from(acceptor, console, &dest_opts).and_then(|r| {
-                match (r.failure, r.stats) {
-                    (None, Some(stats)) => Ok((r.vm, stats)),
-                    (Some(e), _) => Err(e),
-                    (None, None) => Err(DestError::Refused("no statistics".into())),
-                }
+        let received = Acceptor::given(vec![dst_control, dst_fault], dest_opts.peer_timeout)
+            .map_err(migration::DestError::from)
+            .and_then(|acceptor| migration::receive_from(acceptor, console, &dest_opts))
+            .and_then(|r| match (r.failure, r.stats) {
+                (None, Some(stats)) => Ok((r.vm, stats)),
+                (Some(e), _) => Err(e),
+                (None, None) => Err(DestError::Refused("no statistics".into())),
             });
         let served = server
             .join()

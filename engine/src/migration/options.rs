@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_page_server::server::ServerConfig;
+use ferry_page_server::server::{ServerConfig, SpareBuffers};
 use ferry_protocol::{features, MigrationMode};
 
 use super::progress::{Progress, Stage};
@@ -50,6 +50,9 @@ pub struct SourceOptions {
     /// which pages the guest writes; the push sends those (the hot set)
     /// first, then the rest. Zero: no dirty logging, plain page order.
     pub hot_window: Duration,
+    /// The page server's buffers, made ahead (see [`SpareBuffers`]); a
+    /// lazy move takes them, or makes its own when there are none.
+    pub spare_buffers: SpareBuffers,
 }
 
 impl Default for SourceOptions {
@@ -69,6 +72,7 @@ impl Default for SourceOptions {
             tls: None,
             migrate_disks: false,
             hot_window: Duration::ZERO,
+            spare_buffers: SpareBuffers::default(),
         }
     }
 }

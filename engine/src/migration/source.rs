@@ -73,11 +73,9 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     let start_host_us = now_us();
     opts.stage(Stage::Precopy);
     let space = PageSpace::of(vm, opts.migrate_disks)?;
-    // The page server's buffers, backed now rather than at the first fault.
-    let buffers = opts
-        .mode
-        .lazy()
-        .then(ferry_page_server::server::Buffers::backed);
+    // The page server's buffers, made when the VM started if its owner
+    // asked, else backed now rather than at the first fault.
+    let buffers = opts.mode.lazy().then(|| opts.spare_buffers.take());
     let peer_timeout = opts.server.peer_timeout;
     let dial = Dial::tcp(addr);
     let Session {

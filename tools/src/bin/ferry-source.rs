@@ -166,6 +166,10 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         },
         ..Default::default()
     };
+    // The page server's buffers, made now rather than in the first
+    // milliseconds of a move (a `migrate` request may ask for post-copy
+    // whatever --mode says).
+    defaults.spare_buffers.fill();
     let mut ctx = ServeContext {
         guest: Some(&guest),
         migrate_defaults: defaults.clone(),
