@@ -69,6 +69,23 @@ impl FrameDecoder {
         write_every_byte(&mut self.buf[self.end..]);
     }
 
+    /// Like [`FrameDecoder::reserve_backed`], with storage made and
+    /// written ahead (when a process starts, say): the bytes buffered now
+    /// move to the front of `room`, which becomes the storage, when it can
+    /// hold them and `n` more; otherwise this is `reserve_backed(n)`.
+    pub fn reserve_backed_from(&mut self, mut room: Vec<u8>, n: usize) {
+        let pending = self.end - self.start;
+        if room.len() < pending + n {
+            self.reserve_backed(n);
+            return;
+        }
+        room[..pending].copy_from_slice(&self.buf[self.start..self.end]);
+        self.buf = room;
+        self.start = 0;
+        self.end = pending;
+        self.last = None;
+    }
+
     /// Bytes received but not yet handed out as frames.
     pub fn buffered(&self) -> &[u8] {
         &self.buf[self.start..self.end]
@@ -282,6 +299,26 @@ mod tests {
             );
             assert!(d.buffered().is_empty());
         }
+    }
+
+    #[test]
+    fn storage_made_ahead_keeps_the_bytes_already_buffered() {
+        let wire = two_frames();
+        let split = 5; // part of the first header
+        let mut d = FrameDecoder::with_bytes(wire[..split].to_vec());
+        let room = vec![0xA5; 1 << 16];
+        let at = room.as_ptr();
+        d.reserve_backed_from(room, 4096);
+        assert_eq!(d.buf.as_ptr(), at, "the storage made ahead is used");
+        assert_eq!(d.buffered(), &wire[..split]);
+        let mut r = &wire[split..];
+        assert_eq!(d.recv(&mut r).unwrap().header.kind, MsgType::PushDone);
+        assert_eq!(d.recv(&mut r).unwrap().header.kind, MsgType::Complete);
+        // Too small for what is asked: it makes its own, bytes kept too.
+        let mut d = FrameDecoder::with_bytes(wire.clone());
+        d.reserve_backed_from(vec![0; 8], 4096);
+        assert!(d.buf.len() >= wire.len() + 4096);
+        assert_eq!(d.next_frame().unwrap().unwrap().header.arg, 7);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub struct DestOptions {
     pub preload: Option<super::preload::Preload>,
     /// What the incoming VM's RAM is made of (`--huge-pages`).
     pub backing: Backing,
+    /// The fault connection's buffers, made ahead (see
+    /// [`super::fault_buffers`]); a lazy move takes them, or makes its own.
+    pub fault_buffers: super::fault_buffers::SpareFaultBuffers,
 }
 
 impl Default for DestOptions {
@@ -104,6 +107,7 @@ impl Default for DestOptions {
             fault_priority: crate::sched::FaultPriority::default(),
             preload: None,
             backing: Backing::Shmem,
+            fault_buffers: Default::default(),
         }
     }
 }
@@ -183,17 +187,15 @@ pub fn receive_from<'a>(
     let (mut fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
         .map_err(|e| abort(&ctl, e))?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
-    // In lazy modes the first demand answers arrive into backed memory (2G
-    // guest on huge pages: the first fault after the resume took 6-8 ms,
-    // against under 1 ms for the rest), and compressed ones are decoded
-    // into backed memory too.
+    // In lazy modes the first demand answers arrive into backed memory,
+    // made ahead when the process filled the spare (`fault_buffers`).
     let mut fault_decode = Vec::new();
     if mode.lazy() {
-        let frame_pages = ferry_protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE;
-        fault_link.rx.reserve_backed(
-            ferry_protocol::HEADER_LEN + ferry_protocol::PAGES_PREFIX + frame_pages,
-        );
-        fault_decode = ferry_protocol::backed_buffer(frame_pages);
+        let b = opts.fault_buffers.take();
+        fault_link
+            .rx
+            .reserve_backed_from(b.rx, super::fault_buffers::RX_ROOM);
+        fault_decode = b.decode;
     }
     let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
 

@@ -12,6 +12,7 @@ mod disk_space;
 pub mod error;
 pub mod fault;
 pub mod fault_around;
+pub mod fault_buffers;
 pub mod install;
 pub mod link;
 pub mod options;

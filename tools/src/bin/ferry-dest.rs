@@ -207,7 +207,11 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             Backing::Shmem
         },
+        fault_buffers: Default::default(),
     };
+    // The first demand answers' buffers, made now rather than inside the
+    // pause of a move.
+    opts.fault_buffers.fill();
     let mut ctx = ServeContext {
         guest: Some(&guest),
         ..Default::default()
