@@ -117,7 +117,10 @@ fn one_snapshot_restores_into_two_independent_clones() {
     let (b, _) =
         snapshot::restore_lazy(&snap, ConsoleOutput::File(b_log.clone()), Replay::Auto).unwrap();
     for log in [&a_log, &b_log] {
-        let after = wait_ticks(log, 1, 2, WAIT);
+        // Three reports (100 ms of the guest's time) rather than two: on a
+        // busy host two can come so close together after the resume that
+        // no timer interrupt falls between them.
+        let after = wait_ticks(log, 1, 3, WAIT);
         assert_continues(&before, &after, 1);
     }
 
