@@ -5,6 +5,7 @@
 pub mod pacer;
 pub mod server;
 pub mod source;
+pub mod spare;
 
 pub use server::{serve, serve_rest, LatencyUs, Resume, ServerConfig, ServerError, ServerStats};
 pub use source::{FileSource, PageSource};

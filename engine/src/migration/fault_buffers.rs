@@ -9,8 +9,7 @@
 //! pause. [`SpareFaultBuffers::fill`] makes them when the process starts
 //! (`ferry-dest` does); a move that finds none makes its own, as before.
 
-use std::sync::{Arc, Mutex};
-
+use ferry_page_server::spare::{Backed, Spare};
 use ferry_protocol::{backed_buffer, HEADER_LEN, MAX_PAGES_PER_FRAME, PAGES_PREFIX, PAGE_SIZE};
 
 /// Bytes of one whole page frame's pages.
@@ -31,9 +30,9 @@ pub struct FaultBuffers {
     pub decode: Vec<u8>,
 }
 
-impl FaultBuffers {
+impl Backed for FaultBuffers {
     /// Both, backed now.
-    pub fn backed() -> Self {
+    fn backed() -> Self {
         Self {
             rx: backed_buffer(RX_STORAGE),
             decode: backed_buffer(FRAME_PAGES),
@@ -41,46 +40,18 @@ impl FaultBuffers {
     }
 }
 
-/// One set of [`FaultBuffers`] kept for the next move; clones share it.
-#[derive(Debug, Clone, Default)]
-pub struct SpareFaultBuffers(Arc<Mutex<Option<FaultBuffers>>>);
-
-impl SpareFaultBuffers {
-    /// Makes the spare set now, unless there is one.
-    pub fn fill(&self) {
-        let mut spare = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.is_none() {
-            *spare = Some(FaultBuffers::backed());
-        }
-    }
-
-    /// The spare set, or one made now when there is none.
-    pub fn take(&self) -> FaultBuffers {
-        let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-        spare.unwrap_or_else(FaultBuffers::backed)
-    }
-}
+/// One set of [`FaultBuffers`] kept for the next move (see
+/// [`ferry_page_server::spare`]).
+pub type SpareFaultBuffers = Spare<FaultBuffers>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_spare_set_is_taken_once_then_made_on_demand() {
-        let spare = SpareFaultBuffers::default();
-        spare.fill();
-        let at = spare.0.lock().unwrap().as_ref().unwrap().rx.as_ptr();
-        let first = spare.clone().take();
-        assert_eq!(first.rx.as_ptr(), at, "took the set made ahead");
-        assert_eq!(
-            (first.rx.len(), first.decode.len()),
-            (RX_STORAGE, FRAME_PAGES)
-        );
-        assert!(spare.0.lock().unwrap().is_none());
-        let second = spare.take();
-        assert_eq!(
-            (second.rx.len(), second.decode.len()),
-            (RX_STORAGE, FRAME_PAGES)
-        );
+    fn the_set_holds_a_whole_answer() {
+        let b = SpareFaultBuffers::default().take();
+        assert_eq!((b.rx.len(), b.decode.len()), (RX_STORAGE, FRAME_PAGES));
+        assert!(b.rx.len() >= RX_ROOM);
     }
 }

@@ -240,7 +240,7 @@ pub struct Resume<'a> {
     pub control_buffered: Vec<u8>,
     /// The same for `fault`.
     pub fault_buffered: Vec<u8>,
-    /// Buffers made ahead of time ([`Buffers::backed`]); made here when
+    /// Buffers made ahead of time (`Backed::backed`); made here when
     /// empty.
     pub buffers: Buffers,
 }
@@ -254,42 +254,18 @@ pub struct Buffers {
     lz4: Vec<u8>,
 }
 
-/// A place to keep one set of [`Buffers`] made ahead of any move (when
-/// the VM starts), so that a move does not spend its first milliseconds
-/// backing fresh memory: 3-7 ms here, with the guest's vCPU on the same
-/// core. Clones share the one set.
-#[derive(Debug, Clone, Default)]
-pub struct SpareBuffers(std::sync::Arc<std::sync::Mutex<Option<Buffers>>>);
+/// One set of [`Buffers`] kept for the next move (see [`crate::spare`]):
+/// made when the VM starts, a move does not spend 3-7 ms of its set-up
+/// backing them, with the guest's vCPU on the same core.
+pub type SpareBuffers = crate::spare::Spare<Buffers>;
 
-impl SpareBuffers {
-    /// Makes the spare set now, unless there is one.
-    pub fn fill(&self) {
-        let mut spare = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if spare.is_none() {
-            *spare = Some(Buffers::backed());
-        }
-    }
-
-    /// The spare set, or a new one made now when there is none (the first
-    /// move of a process that never filled it, or a second move).
-    pub fn take(&self) -> Buffers {
-        let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-        spare.unwrap_or_else(Buffers::backed)
-    }
-
-    /// True while a spare set waits.
-    pub fn is_filled(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
-    }
-}
-
-impl Buffers {
+impl crate::spare::Backed for Buffers {
     /// All three, written once now so that their memory is backed
     /// before the first answer needs it: the first write to fresh memory
     /// costs a page fault per 4 KiB (about 1 ms per 2 MiB here, and far
     /// more on a host that has handed recently freed memory back to its
     /// own hypervisor). Make them before the pause, off the critical path.
-    pub fn backed() -> Self {
+    fn backed() -> Self {
         let frame = MAX_PAGES_PER_FRAME as usize * PAGE_SIZE;
         Self {
             demand: protocol::backed_buffer(frame),
@@ -992,23 +968,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spare_buffers_are_made_once_and_taken_once() {
+    fn buffers_are_made_whole() {
+        use crate::spare::Backed;
         let frame = MAX_PAGES_PER_FRAME as usize * PAGE_SIZE;
-        let spare = SpareBuffers::default();
-        assert!(!spare.is_filled());
-        spare.fill();
-        let shared = spare.clone();
-        assert!(shared.is_filled(), "clones share the one set");
-        let demand_at = spare.0.lock().unwrap().as_ref().unwrap().demand.as_ptr();
-        spare.fill(); // already filled: the same set stays
-        let b = shared.take();
-        assert_eq!(b.demand.as_ptr(), demand_at, "took the set made ahead");
+        let b = Buffers::backed();
         assert_eq!((b.demand.len(), b.push.len()), (frame, frame));
         assert!(b.lz4.len() >= protocol::lz4_room(frame));
-        assert!(!spare.is_filled());
-        // With none left, take makes a new, full-sized set.
-        let again = spare.take();
-        assert_eq!(again.push.len(), frame);
     }
 
     #[test]
