@@ -210,8 +210,11 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         fault_buffers: Default::default(),
     };
     // The first demand answers' buffers, made now rather than inside the
-    // pause of a move.
-    opts.fault_buffers.fill();
+    // pause of a move. Only a process that waits for a move uses them (a
+    // restore, lazy or not, makes its own move in process).
+    if listener.is_some() {
+        opts.fault_buffers.fill();
+    }
     let mut ctx = ServeContext {
         guest: Some(&guest),
         ..Default::default()
