@@ -76,12 +76,13 @@ impl SnapshotPages {
     /// Length of the run at `pfn` of pages that are all stored or all not,
     /// at most `max`.
     fn run(&self, pfn: u64, max: u64) -> u64 {
+        let limit = pfn.saturating_add(max);
         let end = if self.is_stored(pfn) {
-            self.stored.next_clear(pfn)
+            self.stored.next_clear_before(pfn, limit)
         } else {
-            self.stored.next_set(pfn)
+            self.stored.next_set_before(pfn, limit)
         };
-        end.map_or(max, |e| (e - pfn).min(max))
+        end.map_or(max, |e| e - pfn)
     }
 }
 

@@ -201,27 +201,45 @@ impl PageBitmap {
 
     /// The first set page at or after `from`.
     pub fn next_set(&self, from: u64) -> Option<u64> {
-        self.next_where(from, false)
+        self.next_where(from, self.pages, false)
     }
 
     /// The first clear page at or after `from`.
     pub fn next_clear(&self, from: u64) -> Option<u64> {
-        self.next_where(from, true)
+        self.next_where(from, self.pages, true)
     }
 
-    fn next_where(&self, from: u64, clear: bool) -> Option<u64> {
-        if from >= self.pages {
+    /// The first set page in `from..end`. It reads only the words that
+    /// range covers, where [`PageBitmap::next_set`] reads on to the end
+    /// of the bitmap when nothing is set (a 2G guest's bitmap is 8,192
+    /// words: the push asked that once per frame).
+    pub fn next_set_before(&self, from: u64, end: u64) -> Option<u64> {
+        self.next_where(from, end.min(self.pages), false)
+    }
+
+    /// The first clear page in `from..end`, reading only the words that
+    /// range covers.
+    pub fn next_clear_before(&self, from: u64, end: u64) -> Option<u64> {
+        self.next_where(from, end.min(self.pages), true)
+    }
+
+    /// The first page in `from..end` (`end` at most `pages`) that is clear
+    /// when `clear`, else set.
+    fn next_where(&self, from: u64, end: u64, clear: bool) -> Option<u64> {
+        if from >= end {
             return None;
         }
         let flip = if clear { u64::MAX } else { 0 };
+        let last = ((end - 1) / 64) as usize;
         let mut i = (from / 64) as usize;
         let mut word = ((self.word(i) ^ flip) & valid_mask(self.pages, i)) & (!0u64 << (from % 64));
         loop {
             if word != 0 {
-                return Some(i as u64 * 64 + u64::from(word.trailing_zeros()));
+                let p = i as u64 * 64 + u64::from(word.trailing_zeros());
+                return (p < end).then_some(p);
             }
             i += 1;
-            if i >= self.words.len() {
+            if i > last {
                 return None;
             }
             word = (self.word(i) ^ flip) & valid_mask(self.pages, i);
@@ -319,6 +337,34 @@ mod tests {
         assert_eq!(b.rank(64), 4);
         assert_eq!(b.rank(200), 8);
         assert_eq!(PageBitmap::full(130).next_clear(0), None);
+    }
+
+    #[test]
+    fn bounded_searches_stop_at_their_end() {
+        let b = PageBitmap::new(1000);
+        b.set(5);
+        b.set(700);
+        assert_eq!(b.next_set_before(0, 5), None);
+        assert_eq!(b.next_set_before(0, 6), Some(5));
+        assert_eq!(b.next_set_before(6, 700), None, "700 is past the end");
+        assert_eq!(b.next_set_before(6, 701), Some(700));
+        assert_eq!(b.next_set_before(6, 5000), Some(700), "end clipped");
+        assert_eq!(b.next_set_before(701, 5000), None);
+        assert_eq!(b.next_set_before(9, 9), None, "empty range");
+        assert_eq!(b.next_set_before(2000, 3000), None);
+        b.set_range(64, 128);
+        assert_eq!(b.next_clear_before(64, 192), None);
+        assert_eq!(b.next_clear_before(64, 193), Some(192));
+        assert_eq!(b.next_clear_before(100, 120), None);
+        // Agrees with the unbounded search wherever that answer is in range.
+        for from in [0, 5, 63, 64, 191, 192, 699, 700, 999] {
+            for end in [from, from + 1, from + 64, from + 600, 1000] {
+                let want = b.next_set(from).filter(|&p| p < end);
+                assert_eq!(b.next_set_before(from, end), want, "{from}..{end}");
+                let want = b.next_clear(from).filter(|&p| p < end);
+                assert_eq!(b.next_clear_before(from, end), want, "{from}..{end}");
+            }
+        }
     }
 
     #[test]

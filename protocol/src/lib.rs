@@ -35,6 +35,7 @@ pub use hello::{
 pub use pages::{
     append_pages_frame, append_pages_head, append_zero_pages_frame, choose_encoding, decode_pages,
     decode_pages_ref, encode_pages, lz4_room, pages_header, PageEncoding, PageRequest, PagesHeader,
+    LZ4_PROBE,
 };
 pub use redirect::{Redirect, REDIRECT_LEN};
 pub use state::{decode_state, encode_state, Resumed, RoundStats, StateMeta};
@@ -360,6 +361,47 @@ mod tests {
                 assert!(d.buffered().is_empty());
             }
         }
+    }
+
+    #[test]
+    fn lz4_is_tried_on_a_large_body_only_when_its_start_shrinks() {
+        let pages = 256; // 1 MiB: more than twice the probe
+        let text: Vec<u8> = (0..pages * PAGE_SIZE).map(|i| (i % 7) as u8).collect();
+        let random: Vec<u8> = (0..pages as u64)
+            .flat_map(|i| random_page(0x9e37_79b9_7f4a_7c15 ^ i))
+            .collect();
+        let probe_pages = LZ4_PROBE / PAGE_SIZE;
+        // Random at the start, text after: the probe says no, so the body
+        // goes raw although LZ4 would have shrunk it as a whole.
+        let mut late = random[..LZ4_PROBE].to_vec();
+        late.extend_from_slice(&text[LZ4_PROBE..]);
+        assert!(lz4_flex::block::compress(&late).len() < late.len() * 7 / 8);
+        // Text at the start, random after: the probe says yes, the whole
+        // does not shrink enough, so it goes raw too.
+        let mut early = text[..LZ4_PROBE].to_vec();
+        early.extend_from_slice(&random[LZ4_PROBE..]);
+        let mut scratch = Vec::new();
+        for (data, want) in [
+            (&text, PageEncoding::Lz4),
+            (&random, PageEncoding::Raw),
+            (&late, PageEncoding::Raw),
+            (&early, PageEncoding::Raw),
+        ] {
+            let (enc, body) = choose_encoding(data, &mut scratch, true, true);
+            assert_eq!(enc, want, "{} pages", data.len() / PAGE_SIZE);
+            let body = body.to_vec();
+            let mut out = Vec::new();
+            let p = encode_pages(3, data, true, true);
+            assert_eq!(p[PAGES_PREFIX..], body[..], "encode_pages agrees");
+            decode_pages(&p, 3 + pages as u64, &mut out).unwrap();
+            assert_eq!(&out, data, "round trip");
+        }
+        // A small body is tried whole, whatever its start.
+        let small = &late[LZ4_PROBE - PAGE_SIZE..LZ4_PROBE + (probe_pages - 1) * PAGE_SIZE];
+        assert_eq!(
+            choose_encoding(small, &mut scratch, true, true).0,
+            PageEncoding::Lz4
+        );
     }
 
     #[test]

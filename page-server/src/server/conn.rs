@@ -212,6 +212,35 @@ impl<'a> Conn<'a> {
     /// what the socket does not take is copied into `out`. Returns the
     /// bytes written now.
     pub(super) fn write_through(&mut self, head: &[u8], body: &[u8]) -> Result<u64, ServerError> {
+        let n = self.write_now(head, body)?;
+        let (head_left, body_left) = split_written(head, body, n);
+        // Counted as queued in full: the part written counts as written.
+        self.queue(head_left, body_left);
+        self.queued += n as u64;
+        Ok(n as u64)
+    }
+
+    /// As [`Conn::write_through`], for a body lent by the page source:
+    /// what the socket does not take of it waits where it is (as
+    /// [`Conn::queue_lent`] queues it), not copied into `out`, unless a
+    /// body is waiting already.
+    pub(super) fn write_through_lent(
+        &mut self,
+        head: &[u8],
+        body: &'a [u8],
+    ) -> Result<u64, ServerError> {
+        let n = self.write_now(head, body)?;
+        let head_left = &head[n.min(head.len())..];
+        let body_left = &body[n.saturating_sub(head.len())..];
+        self.out.extend_from_slice(head_left);
+        self.queued += (head_left.len() + n) as u64;
+        self.queue_lent(body_left);
+        Ok(n as u64)
+    }
+
+    /// Writes `head` and `body` with one `writev` when nothing else waits
+    /// to be written; returns the bytes the socket took.
+    fn write_now(&mut self, head: &[u8], body: &[u8]) -> Result<usize, ServerError> {
         let mut n = 0;
         if self.writable && self.pending() == 0 {
             let bufs = [io::IoSlice::new(head), io::IoSlice::new(body)];
@@ -227,15 +256,7 @@ impl<'a> Conn<'a> {
             }
         }
         self.written += n as u64;
-        let (head_left, body_left) = if n < head.len() {
-            (&head[n..], body)
-        } else {
-            (&[][..], &body[n - head.len()..])
-        };
-        // Counted as queued in full: the part written counts as written.
-        self.queue(head_left, body_left);
-        self.queued += n as u64;
-        Ok(n as u64)
+        Ok(n)
     }
 
     /// Appends `head` then `body` to `out` (bytes written later).
@@ -289,6 +310,15 @@ impl<'a> Conn<'a> {
             Ok(None) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
+    }
+}
+
+/// What is left of `head` then `body` once their first `n` bytes went.
+fn split_written<'b>(head: &'b [u8], body: &'b [u8], n: usize) -> (&'b [u8], &'b [u8]) {
+    if n < head.len() {
+        (&head[n..], body)
+    } else {
+        (&[][..], &body[n - head.len()..])
     }
 }
 
@@ -375,5 +405,31 @@ mod tests {
             want.extend_from_slice(b"secondtailowned");
             assert!(got == want, "max {max}: the stream is out of order");
         }
+    }
+
+    /// A demand answer written through from lent pages: what the socket
+    /// does not take waits where it is (a body, not `out`), and the
+    /// stream stays in order with an answer queued after it.
+    #[test]
+    fn a_lent_answer_not_taken_whole_waits_as_a_body() {
+        let lent: Vec<u8> = (0..8_000_000u32).map(|i| (i % 241) as u8).collect();
+        let total = 3 + lent.len() + 3 + 5;
+        let (mut conn, reader) = to_reader(total);
+        let now = conn.write_through_lent(b"hd1", &lent).unwrap();
+        assert!(now < total as u64, "an 8 MB write is taken whole");
+        assert_eq!(conn.queued, 3 + lent.len() as u64);
+        assert_eq!(conn.written, now);
+        assert!(conn.out.len() <= 3, "the lent pages were copied");
+        assert_eq!(conn.pending() as u64, conn.queued - conn.written);
+        // A second answer while the first waits goes after it, copied.
+        conn.write_through(b"hd2", b"owned").unwrap();
+        flush_all(&mut conn, usize::MAX);
+        assert_eq!(conn.written, total as u64);
+        assert_eq!(conn.queued, total as u64);
+        let got = reader.join().unwrap();
+        let mut want = b"hd1".to_vec();
+        want.extend_from_slice(&lent);
+        want.extend_from_slice(b"hd2owned");
+        assert!(got == want, "the stream is out of order");
     }
 }

@@ -662,7 +662,8 @@ impl<'a> Server<'a> {
         let count = u64::from(req.count);
         // Lent pages (a paused VM's RAM) are sent from where they are.
         let source: &'a dyn PageSource = self.source;
-        let data = match source.lend(req.pfn, count) {
+        let lent = source.lend(req.pfn, count);
+        let data = match lent {
             Some(lent) => lent,
             None => {
                 let buf = &mut self.buf[..req.count as usize * PAGE_SIZE];
@@ -688,7 +689,12 @@ impl<'a> Server<'a> {
         let mut head = Vec::with_capacity(protocol::HEADER_LEN + protocol::PAGES_PREFIX);
         protocol::append_pages_head(&mut head, id, req.pfn, req.count, enc, body.len());
         if self.fault_closed.is_none() {
-            self.stats.bytes_wire += self.fault.write_through(&head, body)?;
+            // Raw lent pages: what the socket does not take now waits
+            // where it is, not copied into the send queue.
+            self.stats.bytes_wire += match lent.filter(|_| enc == PageEncoding::Raw) {
+                Some(lent) => self.fault.write_through_lent(&head, lent)?,
+                None => self.fault.write_through(&head, body)?,
+            };
         } else {
             self.fault.queue(&head, body);
         }

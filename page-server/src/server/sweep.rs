@@ -48,7 +48,7 @@ impl Sweep {
             let end = (chunk + HOT_CHUNK).min(self.pages);
             let mut n = 0;
             let mut at = chunk;
-            while let Some(p) = hot.next_set(at).filter(|&p| p < end) {
+            while let Some(p) = hot.next_set_before(at, end) {
                 n += 1;
                 at = p + 1;
             }
@@ -119,10 +119,10 @@ impl Sweep {
     /// Length of the run of unsent pages at `pfn`, at most `max`.
     pub(super) fn unsent_run(&self, pfn: u64, max: u64) -> u64 {
         let end = pfn.saturating_add(max).min(self.pages);
-        let end = self.sent.next_set(pfn).map_or(end, |s| s.min(end));
+        let end = self.sent.next_set_before(pfn, end).unwrap_or(end);
         // While hot pages are left, a run is hot pages only.
         let end = match &self.hot {
-            Some(h) if h.get(pfn) => h.next_clear(pfn).map_or(end, |c| c.min(end)),
+            Some(h) if h.get(pfn) => h.next_clear_before(pfn, end).unwrap_or(end),
             _ => end,
         };
         end - pfn

@@ -24,6 +24,8 @@ use crate::memory::HUGE_PAGE_SIZE;
 /// 4 KiB pages in one huge page: the unit mapped at once.
 pub use crate::memory::HUGE_PAGE_PAGES as UNIT_PAGES;
 
+const _: () = assert!(UNIT_PAGES % 64 == 0, "a huge page is whole bitmap words");
+
 /// Spare buffers kept for reuse at most (16 × 2 MiB).
 const MAX_SPARE: usize = 16;
 
@@ -60,9 +62,7 @@ impl UffdRam {
             let unit_end = ((unit + 1) * UNIT_PAGES).min(end);
             let whole = p.is_multiple_of(UNIT_PAGES) && unit_end - p == UNIT_PAGES;
             // (Nothing here yet also means nothing staged and not mapped.)
-            if let Some(d) =
-                data.filter(|_| whole && self.missing_in_unit(p).count() as u64 == UNIT_PAGES)
-            {
+            if let Some(d) = data.filter(|_| whole && self.unit_untouched(unit)) {
                 // A whole huge page of which nothing is here yet (a push
                 // frame or a demand answer): mapped straight from `data`,
                 // with no staging copy.
@@ -102,7 +102,33 @@ impl UffdRam {
     /// True when every page of huge page `unit` is present or zero.
     fn unit_known(&self, unit: u64) -> bool {
         let first = unit * UNIT_PAGES;
-        (first..first + UNIT_PAGES).all(|q| self.present.get(q) || self.zero.get(q))
+        match self.unit_words(unit) {
+            Some(words) => words.into_iter().all(|i| self.known_word(i) == u64::MAX),
+            None => (first..first + UNIT_PAGES).all(|q| self.present.get(q) || self.zero.get(q)),
+        }
+    }
+
+    /// True when no page of huge page `unit` is present or zero yet.
+    fn unit_untouched(&self, unit: u64) -> bool {
+        match self.unit_words(unit) {
+            Some(words) => words.into_iter().all(|i| self.known_word(i) == 0),
+            None => self.missing_in_unit(unit * UNIT_PAGES).count() as u64 == UNIT_PAGES,
+        }
+    }
+
+    /// The bitmap words of huge page `unit` when it lies whole in RAM (a
+    /// huge page is a whole number of words), so that the questions above
+    /// read 8 words each, not 1,024 bits (they are asked for every frame).
+    fn unit_words(&self, unit: u64) -> Option<std::ops::Range<usize>> {
+        let first = unit.checked_mul(UNIT_PAGES)?;
+        let end = first.checked_add(UNIT_PAGES)?;
+        let words = usize::try_from(first / 64).ok()?..usize::try_from(end / 64).ok()?;
+        (end <= self.pages()).then_some(words)
+    }
+
+    /// Word `i` of the pages known: present or zero.
+    fn known_word(&self, i: usize) -> u64 {
+        self.present.word(i) | self.zero.word(i)
     }
 
     /// Installs complete huge page `unit`. One whose pages are all zero is
