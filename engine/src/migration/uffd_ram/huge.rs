@@ -24,7 +24,10 @@ use crate::memory::HUGE_PAGE_SIZE;
 /// 4 KiB pages in one huge page: the unit mapped at once.
 pub use crate::memory::HUGE_PAGE_PAGES as UNIT_PAGES;
 
-const _: () = assert!(UNIT_PAGES % 64 == 0, "a huge page is whole bitmap words");
+const _: () = assert!(
+    UNIT_PAGES.is_multiple_of(64),
+    "a huge page is whole bitmap words"
+);
 
 /// Spare buffers kept for reuse at most (16 × 2 MiB).
 const MAX_SPARE: usize = 16;
