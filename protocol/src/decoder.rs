@@ -14,6 +14,9 @@ use crate::{FrameHeader, MsgType, ProtocolError, HEADER_LEN};
 
 /// Bytes asked of the socket per read when no larger frame is pending.
 const READ_CHUNK: usize = 256 << 10;
+/// A pending frame missing at least this many bytes is read to its end and
+/// no further.
+const EXACT_READ: usize = 64 << 10;
 
 /// Buffers a byte stream and splits it into frames.
 #[derive(Debug, Default)]
@@ -135,7 +138,10 @@ impl FrameDecoder {
         self.compact();
         let pending = self.end - self.start;
         let need = self.want.map_or(0, |w| HEADER_LEN + w);
-        let room = READ_CHUNK.max(need.saturating_sub(pending));
+        // The rest of a large frame is read exactly, so that the frame
+        // ends its storage (see `take_last_frame`); small ones share reads.
+        let rest = need.saturating_sub(pending);
+        let room = if rest >= EXACT_READ { rest } else { READ_CHUNK };
         self.reserve(room);
         let got = r.read(&mut self.buf[self.end..self.end + room]);
         self.end += *got.as_ref().unwrap_or(&0);
@@ -178,6 +184,31 @@ impl FrameDecoder {
         })
     }
 
+    /// Hands out the storage that holds the last frame handed out (as
+    /// [`FrameDecoder::last_frame`] would), with the range of its payload
+    /// in it, so the payload can go elsewhere (another thread) without a
+    /// copy. `room` becomes the storage; the bytes buffered after the frame
+    /// move to its front (none, usually: a large frame is read to its end
+    /// and no further). `None`, and `room` unused, when there is no such
+    /// frame.
+    pub fn take_last_frame(
+        &mut self,
+        mut room: Vec<u8>,
+    ) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
+        let (at, header) = self.last?;
+        let payload = at + HEADER_LEN..at + HEADER_LEN + header.len as usize;
+        let rest = self.end - self.start;
+        if room.len() < rest {
+            room.resize(rest, 0);
+        }
+        room[..rest].copy_from_slice(&self.buf[self.start..self.end]);
+        let storage = std::mem::replace(&mut self.buf, room);
+        self.start = 0;
+        self.end = rest;
+        self.last = None;
+        Some((storage, payload))
+    }
+
     /// Blocks on `r` until a whole frame is buffered and returns it. End of
     /// stream is [`ProtocolError::Closed`]; a read timeout is an I/O error.
     pub fn recv(&mut self, r: &mut impl Read) -> Result<Frame<'_>, ProtocolError> {
@@ -204,7 +235,10 @@ impl FrameDecoder {
             return Ok(false);
         };
         let header = FrameHeader::decode(head)?;
-        Ok(avail.len() >= HEADER_LEN + header.len as usize)
+        let whole = avail.len() >= HEADER_LEN + header.len as usize;
+        // The next read may ask for the rest of the frame at once.
+        self.want = (!whole).then_some(header.len as usize);
+        Ok(whole)
     }
 
     /// Drops consumed bytes when that is cheap or needed.
@@ -319,6 +353,58 @@ mod tests {
         d.reserve_backed_from(vec![0; 8], 4096);
         assert!(d.buf.len() >= wire.len() + 4096);
         assert_eq!(d.next_frame().unwrap().unwrap().header.arg, 7);
+    }
+
+    /// A reader that hands out at most `step` bytes per read and counts
+    /// what it was asked for.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+        asked: Vec<usize>,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.asked.push(buf.len());
+            let n = buf.len().min(self.step).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_frame_taken_with_its_storage_leaves_the_stream_whole() {
+        let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 251) as u8).collect();
+        let mut wire = Vec::new();
+        for arg in 0..3 {
+            write_frame(&mut wire, MsgType::Pages, arg, &big).unwrap();
+            write_frame(&mut wire, MsgType::Ping, 0, b"").unwrap();
+        }
+        write_frame(&mut wire, MsgType::PushDone, 9, b"{}").unwrap();
+        for step in [100_000, usize::MAX] {
+            let mut r = Trickle {
+                data: &wire,
+                step,
+                asked: Vec::new(),
+            };
+            let mut d = FrameDecoder::new();
+            let mut spare = Vec::new();
+            for arg in 0..3 {
+                let f = d.recv(&mut r).unwrap();
+                assert_eq!((f.header.kind, f.header.arg), (MsgType::Pages, arg));
+                let (storage, range) = d.take_last_frame(spare).unwrap();
+                assert!(storage[range] == big[..], "step {step}: payload {arg}");
+                assert!(d.last_frame().is_none());
+                assert!(d.take_last_frame(Vec::new()).is_none());
+                spare = storage; // reused as storage for a later frame
+                assert_eq!(d.recv(&mut r).unwrap().header.kind, MsgType::Ping);
+            }
+            assert_eq!(d.recv(&mut r).unwrap().header.arg, 9);
+            // A large frame's rest was asked for exactly.
+            let rest = HEADER_LEN + big.len() - step.min(READ_CHUNK);
+            assert!(r.asked.contains(&rest), "step {step}: asked {:?}", r.asked);
+        }
     }
 
     #[test]

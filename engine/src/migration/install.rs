@@ -179,6 +179,10 @@ pub(super) fn receive_before_state(
     }
 }
 
+/// Pages for the installer thread: the first page, and a buffer with the
+/// range of it that holds the pages.
+type PushJob = (u64, Vec<u8>, std::ops::Range<usize>);
+
 /// Push frames decoded and waiting for the installer thread at most; with
 /// one free buffer each, this bounds the pipeline to about 16 MiB (2 MiB
 /// frames).
@@ -204,15 +208,15 @@ pub(super) fn install_push(
         return install_push_inline(ctl, ram, disks, c);
     }
     c.install = Some(PushInstall::Pipelined);
-    let (work_tx, work_rx) = sync_channel::<(u64, Vec<u8>)>(IN_FLIGHT);
+    let (work_tx, work_rx) = sync_channel::<PushJob>(IN_FLIGHT);
     let (free_tx, free_rx) = channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let installer = std::thread::Builder::new()
             .name("installer".into())
             .spawn_scoped(s, move || -> Result<(), DestError> {
                 crate::seccomp::apply(crate::seccomp::Thread::Installer)?;
-                for (pfn, pages) in work_rx {
-                    install_data(ram, disks, pfn, &pages)?;
+                for (pfn, pages, range) in work_rx {
+                    install_data(ram, disks, pfn, &pages[range])?;
                     // The receiver may be gone (it failed): drop the buffer.
                     let _ = free_tx.send(pages);
                 }
@@ -263,26 +267,46 @@ fn install_push_inline(
     c: &mut PushCounters,
 ) -> Result<serde_json::Value, DestError> {
     let mut lz4 = Vec::new();
-    push_frames(ctl, ram, disks, c, |payload, total| {
-        let (ph, data) = decode_pages_ref(payload, total, &mut lz4)?;
+    push_frames(ctl, ram, disks, c, |ctl, total| {
+        let frame = ctl.rx.last_frame().ok_or(ProtocolError::Closed)?;
+        let (ph, data) = decode_pages_ref(frame.payload, total, &mut lz4)?;
         install_data(ram, disks, ph.first_pfn, data)
     })
 }
 
 /// The receiving stage of [`install_push`]: hands data frames to the
-/// installer through `work`, decoded into a buffer it gave back (`free`).
+/// installer through `work` without copying them. A raw frame goes in the
+/// storage the connection read it into, which takes a buffer the installer
+/// gave back (`free`) in its place; an LZ4 frame goes in the buffer it was
+/// decompressed into. (Copying each frame into a buffer of its own cost as
+/// much CPU as its `UFFDIO_COPY`.)
 fn receive_push(
     ctl: &mut Link,
     ram: &UffdRam,
     disks: Option<&DiskSet>,
     c: &mut PushCounters,
-    work: &SyncSender<(u64, Vec<u8>)>,
+    work: &SyncSender<PushJob>,
     free: &Receiver<Vec<u8>>,
 ) -> Result<serde_json::Value, DestError> {
-    push_frames(ctl, ram, disks, c, |payload, total| {
-        let mut pages = free.try_recv().unwrap_or_default();
-        let ph = decode_pages(payload, total, &mut pages)?;
-        work.send((ph.first_pfn, pages))
+    let mut lz4 = Vec::new();
+    push_frames(ctl, ram, disks, c, |ctl, total| {
+        let frame = ctl.rx.last_frame().ok_or(ProtocolError::Closed)?;
+        // Checks the frame (and inflates an LZ4 one into `lz4`).
+        let (ph, _) = decode_pages_ref(frame.payload, total, &mut lz4)?;
+        let spare = free.try_recv().unwrap_or_default();
+        let job = if ph.encoding == PageEncoding::Raw {
+            let (storage, payload) = ctl.rx.take_last_frame(spare).ok_or(ProtocolError::Closed)?;
+            (
+                ph.first_pfn,
+                storage,
+                payload.start + PAGES_PREFIX..payload.end,
+            )
+        } else {
+            let pages = std::mem::replace(&mut lz4, spare);
+            let n = ph.count as usize * PAGE_SIZE;
+            (ph.first_pfn, pages, 0..n)
+        };
+        work.send(job)
             .map_err(|_| DestError::Refused("the installer thread stopped".into()))
     })
 }
@@ -290,20 +314,22 @@ fn receive_push(
 /// Reads the push until `PushDone` and returns the source's stats from it.
 /// Counts every frame into `c` and records zero runs itself; each data
 /// frame's payload goes to `data` (with the page space's size, for
-/// decoding), which installs it or hands it on.
+/// decoding), which takes it from the connection (`ctl.rx.last_frame()`)
+/// and installs it or hands it on.
 fn push_frames(
     ctl: &mut Link,
     ram: &UffdRam,
     disks: Option<&DiskSet>,
     c: &mut PushCounters,
-    mut data: impl FnMut(&[u8], u64) -> Result<(), DestError>,
+    mut data: impl FnMut(&mut Link, u64) -> Result<(), DestError>,
 ) -> Result<serde_json::Value, DestError> {
     let total = disks.map_or(ram.pages(), DiskSet::total_pages);
     loop {
         let frame = ctl.recv()?;
-        let payload = frame.payload;
-        c.bytes_wire += (HEADER_LEN + payload.len()) as u64;
-        match frame.header.kind {
+        let (kind, payload) = (frame.header.kind, frame.payload);
+        let payload_len = payload.len();
+        c.bytes_wire += (HEADER_LEN + payload_len) as u64;
+        match kind {
             MsgType::Pages => {
                 let (ph, _) = pages_header(payload, total)?;
                 let (first, all) = (ph.first_pfn, u64::from(ph.count));
@@ -320,9 +346,9 @@ fn push_frames(
                             .install_zero(first + n, all - n)?;
                     }
                 } else {
-                    data(payload, total)?;
+                    data(ctl, total)?;
                     c.pages_pushed += all;
-                    c.bytes_page_data += (payload.len() - PAGES_PREFIX) as u64;
+                    c.bytes_page_data += (payload_len - PAGES_PREFIX) as u64;
                     c.bytes_page_raw += all * PAGE_SIZE as u64;
                 }
             }
