@@ -345,6 +345,11 @@ mod tests {
         (conn, reader)
     }
 
+    /// The bytes a reader should see: `parts`, one after the other.
+    fn stream_of(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
     /// Writes everything queued, at most `max` bytes per write.
     fn flush_all(conn: &mut Conn, max: usize) {
         while conn.pending() > 0 {
@@ -370,11 +375,8 @@ mod tests {
             assert_eq!(again, b"more");
             flush_all(&mut conn, max);
             assert_eq!(conn.written, total as u64);
-            let got = reader.join().unwrap();
-            let mut want = b"head".to_vec();
-            want.extend_from_slice(&body);
-            want.extend_from_slice(b"tailmore");
-            assert!(got == want, "max {max}: the stream is out of order");
+            let want = stream_of(&[b"head", &body, b"tailmore"]);
+            assert!(reader.join().unwrap() == want, "max {max}: out of order");
             // The sent body's buffer comes back for the next one.
             let back = conn.queue_body(vec![1; 10]);
             assert_eq!(back, body);
@@ -399,11 +401,8 @@ mod tests {
             // The lent body is done with: an owned one is queued as a body.
             assert!(conn.queue_body(b"owned".to_vec()).is_empty());
             flush_all(&mut conn, max);
-            let got = reader.join().unwrap();
-            let mut want = b"head".to_vec();
-            want.extend_from_slice(&lent);
-            want.extend_from_slice(b"secondtailowned");
-            assert!(got == want, "max {max}: the stream is out of order");
+            let want = stream_of(&[b"head", &lent, b"secondtailowned"]);
+            assert!(reader.join().unwrap() == want, "max {max}: out of order");
         }
     }
 
@@ -426,10 +425,7 @@ mod tests {
         flush_all(&mut conn, usize::MAX);
         assert_eq!(conn.written, total as u64);
         assert_eq!(conn.queued, total as u64);
-        let got = reader.join().unwrap();
-        let mut want = b"hd1".to_vec();
-        want.extend_from_slice(&lent);
-        want.extend_from_slice(b"hd2owned");
-        assert!(got == want, "the stream is out of order");
+        let want = stream_of(&[b"hd1", &lent, b"hd2owned"]);
+        assert!(reader.join().unwrap() == want, "the stream is out of order");
     }
 }
