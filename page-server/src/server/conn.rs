@@ -230,8 +230,7 @@ impl<'a> Conn<'a> {
         body: &'a [u8],
     ) -> Result<u64, ServerError> {
         let n = self.write_now(head, body)?;
-        let head_left = &head[n.min(head.len())..];
-        let body_left = &body[n.saturating_sub(head.len())..];
+        let (head_left, body_left) = split_written(head, body, n);
         self.out.extend_from_slice(head_left);
         self.queued += (head_left.len() + n) as u64;
         self.queue_lent(body_left);
@@ -314,7 +313,7 @@ impl<'a> Conn<'a> {
 }
 
 /// What is left of `head` then `body` once their first `n` bytes went.
-fn split_written<'b>(head: &'b [u8], body: &'b [u8], n: usize) -> (&'b [u8], &'b [u8]) {
+fn split_written<'h, 'b>(head: &'h [u8], body: &'b [u8], n: usize) -> (&'h [u8], &'b [u8]) {
     if n < head.len() {
         (&head[n..], body)
     } else {
