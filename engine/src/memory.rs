@@ -213,6 +213,22 @@ impl GuestRam {
         })
     }
 
+    /// A second mapping of the memory file, with the same guest addresses
+    /// as [`GuestRam::guest_memory`] at other host addresses: a write
+    /// through it reaches the guest's pages without touching the guest's
+    /// own mapping (nor a userfaultfd registered on it).
+    pub fn alias(&self) -> Result<GuestMemoryMmap, MemoryError> {
+        Ok(GuestMemoryMmap::from_ranges_with_files(
+            self.ranges.iter().map(|r| {
+                (
+                    GuestAddress(r.guest_addr),
+                    r.len as usize,
+                    Some(FileOffset::from_arc(self.file.clone(), r.file_offset)),
+                )
+            }),
+        )?)
+    }
+
     /// What the memory file is made of.
     pub fn backing(&self) -> Backing {
         self.backing

@@ -32,6 +32,22 @@ pub struct FrameDecoder {
     want: Option<usize>,
     /// Where the last frame handed out starts, and its header.
     last: Option<(usize, FrameHeader)>,
+    /// With no frame pending, read only this many payload bytes past the
+    /// next header (see [`FrameDecoder::set_head_reads`]).
+    head_reads: Option<usize>,
+}
+
+/// A frame at the front of the buffer of which only a part is buffered:
+/// its header, at least the head of its payload asked for, and how much
+/// of it is still in the stream (see [`FrameDecoder::partial_frame`]).
+#[derive(Debug)]
+pub struct PartialFrame<'a> {
+    /// Its checked header.
+    pub header: FrameHeader,
+    /// The first bytes of its payload: all that is buffered of it.
+    pub buffered: &'a [u8],
+    /// Payload bytes not yet read from the stream.
+    pub rest: usize,
 }
 
 /// One complete frame, borrowed from the decoder.
@@ -57,6 +73,7 @@ impl FrameDecoder {
             start: 0,
             want: None,
             last: None,
+            head_reads: None,
         }
     }
 
@@ -141,7 +158,15 @@ impl FrameDecoder {
         // The rest of a large frame is read exactly, so that the frame
         // ends its storage (see `take_last_frame`); small ones share reads.
         let rest = need.saturating_sub(pending);
-        let room = if rest >= EXACT_READ { rest } else { READ_CHUNK };
+        let room = match self.head_reads {
+            // Only the next header and the head of its payload, so that
+            // the caller can read the rest of a large frame itself.
+            Some(head) if self.want.is_none() && pending < HEADER_LEN + head => {
+                HEADER_LEN + head - pending
+            }
+            _ if rest >= EXACT_READ => rest,
+            _ => READ_CHUNK,
+        };
         self.reserve(room);
         let got = r.read(&mut self.buf[self.end..self.end + room]);
         self.end += *got.as_ref().unwrap_or(&0);
@@ -218,6 +243,67 @@ impl FrameDecoder {
                 return self
                     .next_frame()?
                     .ok_or(ProtocolError::Io(ErrorKind::UnexpectedEof.into()));
+            }
+            match self.read_from(r) {
+                Ok(0) => return Err(ProtocolError::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Makes reads stop after the next frame's header and `head` bytes
+    /// of its payload when no frame is pending (`None`: read as much as
+    /// there is room for). For a reader that takes the rest of large
+    /// frames straight from the stream ([`FrameDecoder::recv_or_partial`]):
+    /// what the decoder reads of such a frame's body is copied once more.
+    pub fn set_head_reads(&mut self, head: Option<usize>) {
+        self.head_reads = head;
+    }
+
+    /// The frame at the front when its header and at least `head` bytes of
+    /// its payload are buffered, but not the whole frame.
+    pub fn partial_frame(&self, head: usize) -> Option<PartialFrame<'_>> {
+        let avail = &self.buf[self.start..self.end];
+        let header = FrameHeader::decode(avail.first_chunk::<HEADER_LEN>()?).ok()?;
+        let len = header.len as usize;
+        let have = avail.len() - HEADER_LEN;
+        (have >= head.min(len) && have < len).then(|| PartialFrame {
+            header,
+            buffered: &avail[HEADER_LEN..],
+            rest: len - have,
+        })
+    }
+
+    /// Drops the partial frame at the front (see
+    /// [`FrameDecoder::partial_frame`]): the caller has taken what was
+    /// buffered of it and reads its `rest` bytes from the stream itself;
+    /// the next frame starts after them.
+    pub fn skip_partial(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.want = None;
+        self.last = None;
+    }
+
+    /// Blocks on `r` until a whole frame is buffered (`Ok(false)`: take it
+    /// with [`FrameDecoder::next_frame`]) or a partial one whose header and
+    /// first `head` payload bytes `take` accepts (`Ok(true)`: see
+    /// [`FrameDecoder::partial_frame`]). End of stream is
+    /// [`ProtocolError::Closed`].
+    pub fn recv_or_partial(
+        &mut self,
+        r: &mut impl Read,
+        head: usize,
+        take: impl Fn(&PartialFrame<'_>) -> bool,
+    ) -> Result<bool, ProtocolError> {
+        loop {
+            if self.has_frame()? {
+                return Ok(false);
+            }
+            if self.partial_frame(head).is_some_and(|p| take(&p)) {
+                return Ok(true);
             }
             match self.read_from(r) {
                 Ok(0) => return Err(ProtocolError::Closed),

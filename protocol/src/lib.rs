@@ -26,7 +26,7 @@ mod redirect;
 mod state;
 
 pub use bitmap::PageBitmap;
-pub use decoder::{backed_buffer, read_frame, Frame, FrameDecoder};
+pub use decoder::{backed_buffer, read_frame, Frame, FrameDecoder, PartialFrame};
 pub use frame::{write_frame, FrameHeader, MsgType};
 pub use hello::{
     Hello, HelloAck, MigratedDisk, MigrationMode, Role, MAX_DISK_BLOCKS, MAX_MIGRATED_DISKS,
@@ -34,8 +34,8 @@ pub use hello::{
 };
 pub use pages::{
     append_pages_frame, append_pages_head, append_zero_pages_frame, choose_encoding, decode_pages,
-    decode_pages_ref, encode_pages, lz4_room, pages_header, PageEncoding, PageRequest, PagesHeader,
-    LZ4_PROBE,
+    decode_pages_ref, encode_pages, lz4_room, pages_header, raw_pages_head, PageEncoding,
+    PageRequest, PagesHeader, LZ4_PROBE,
 };
 pub use redirect::{Redirect, REDIRECT_LEN};
 pub use state::{decode_state, encode_state, Resumed, RoundStats, StateMeta};

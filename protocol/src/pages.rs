@@ -231,6 +231,31 @@ pub fn pages_header(payload: &[u8], mem_pages: u64) -> Result<(PagesHeader, &[u8
     ))
 }
 
+/// The header of a raw `Pages` frame of which only the head is at hand
+/// (`head`: at least the 16-byte prefix; `payload_len`: the frame's whole
+/// payload, from its frame header), for a reader that takes the pages'
+/// bytes straight from the stream. Checked as [`decode_pages_ref`] checks
+/// a whole frame: an error when it is not a raw frame of exactly its
+/// pages' size inside `mem_pages`.
+pub fn raw_pages_head(
+    head: &[u8],
+    payload_len: usize,
+    mem_pages: u64,
+) -> Result<PagesHeader, ProtocolError> {
+    let prefix = head.get(..PAGES_PREFIX).ok_or_else(|| {
+        ProtocolError::BadPages(format!("{} bytes is shorter than the prefix", head.len()))
+    })?;
+    let (h, _) = pages_header(prefix, mem_pages)?;
+    let size = h.count as usize * PAGE_SIZE;
+    if h.encoding != PageEncoding::Raw || payload_len != PAGES_PREFIX + size {
+        return Err(ProtocolError::BadPages(format!(
+            "{:?} frame of {payload_len} bytes for {} pages, not raw pages",
+            h.encoding, h.count
+        )));
+    }
+    Ok(h)
+}
+
 /// Decodes a `Pages` payload without copying raw page data: returns the
 /// header and the pages' bytes, a slice of `payload` for raw frames, of
 /// `lz4` (decompressed into it) for LZ4 ones, and empty for zero runs.

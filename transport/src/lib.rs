@@ -90,6 +90,17 @@ impl Conn {
         })
     }
 
+    /// The socket whose bytes are the stream's own (plain TCP or a
+    /// socketpair), for a reader that moves them straight into their
+    /// destination; `None` under TLS, where the socket carries ciphertext.
+    pub fn plain_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Conn::Plain(s) => Some(s.as_fd()),
+            Conn::Local(s) => Some(s.as_fd()),
+            Conn::Tls(_) => None,
+        }
+    }
+
     /// True when the connection is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Conn::Tls(_))

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_protocol::{write_frame, Frame, FrameDecoder, MsgType, ProtocolError};
+use ferry_protocol::{write_frame, Frame, FrameDecoder, MsgType, PartialFrame, ProtocolError};
 use ferry_transport::Conn;
 
 /// A connection and the frames buffered from it.
@@ -90,6 +90,36 @@ impl Link {
         self.rx.last_frame().ok_or(ProtocolError::Closed)
     }
 
+    /// Like [`Link::recv`], but a frame of which only the header and the
+    /// first `head` payload bytes are here comes back at once as
+    /// [`Received::Partial`] when `take` accepts it: the caller then takes
+    /// its buffered part, calls `self.rx.skip_partial()` and reads its
+    /// `rest` from `self.stream` itself.
+    pub fn recv_or_partial(
+        &mut self,
+        head: usize,
+        take: impl Fn(&PartialFrame<'_>) -> bool,
+    ) -> Result<Received<'_>, ProtocolError> {
+        loop {
+            if self.rx.recv_or_partial(&mut self.stream, head, &take)? {
+                let p = self.rx.partial_frame(head).ok_or(ProtocolError::Closed)?;
+                return Ok(Received::Partial(p));
+            }
+            let kind = self
+                .rx
+                .next_frame()?
+                .ok_or(ProtocolError::Closed)?
+                .header
+                .kind;
+            if kind != MsgType::Ping {
+                break;
+            }
+        }
+        Ok(Received::Frame(
+            self.rx.last_frame().ok_or(ProtocolError::Closed)?,
+        ))
+    }
+
     /// Like [`Link::recv`], but returns `None` after `wait` without a frame
     /// (the peer timeout still applies to the silence as a whole, counted
     /// from `last_heard`, which is updated whenever any frame arrives).
@@ -158,6 +188,15 @@ impl Link {
     pub fn into_parts(self) -> (Conn, Vec<u8>) {
         (self.stream, self.rx.into_buffered())
     }
+}
+
+/// What [`Link::recv_or_partial`] received.
+#[derive(Debug)]
+pub enum Received<'a> {
+    /// A whole frame.
+    Frame(Frame<'a>),
+    /// The head of a frame whose rest is still in the stream.
+    Partial(PartialFrame<'a>),
 }
 
 /// True when `e` means the connection is gone (closed, reset, timed out or

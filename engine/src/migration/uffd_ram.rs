@@ -11,22 +11,24 @@
 //! recorded. A fault on one is resolved locally with `UFFDIO_ZEROPAGE`, and
 //! the rest stay holes in the memfd, which read as zero after unregistering.
 //!
-//! RAM in 2 MiB huge pages is mapped a whole huge page at a time; pages are
-//! staged until their huge page is complete (see the `huge` submodule).
+//! RAM in 2 MiB huge pages is mapped a whole huge page at a time: pages are
+//! written in place through a second mapping and mapped into the guest's
+//! with `UFFDIO_CONTINUE` once their huge page is complete (see the `huge`
+//! submodule).
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
 
-use userfaultfd::{Error as UffdLibError, FeatureFlags, Uffd, UffdBuilder};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
-
-use std::sync::Mutex;
+use userfaultfd::{Error as UffdLibError, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 mod huge;
 
 use crate::layout::PAGE_SIZE;
 use crate::memory::{Backing, GuestRam};
 use ferry_protocol::PageBitmap;
-use huge::{Staging, UNIT_PAGES};
+use huge::{Writers, UNIT_PAGES};
 
 /// Most pages one `UFFDIO_COPY` installs. A woken fault thread, even at
 /// real-time priority, waits for the push installer's ioctl on its core to
@@ -79,6 +81,7 @@ const MAX_RETRIES: u32 = 1000;
 #[derive(Debug, Clone, Copy)]
 struct Region {
     host: usize,
+    guest: u64,
     first_pfn: u64,
     pages: u64,
 }
@@ -94,13 +97,19 @@ pub struct UffdRam {
     pub zero: PageBitmap,
     /// Huge-page RAM: the huge pages mapped (one bit each); empty otherwise.
     mapped: PageBitmap,
-    /// Huge-page RAM: the huge pages being assembled.
-    staging: Mutex<Staging>,
+    /// Huge-page RAM: who writes which huge page (see the `huge` module).
+    writers: Mutex<Writers>,
+    /// Huge-page RAM: a second mapping of the memory file, which no
+    /// userfaultfd watches, to write pages in place.
+    alias: Option<GuestMemoryMmap>,
+    /// Huge-page RAM: the memory file, to allocate a huge page of zeros.
+    file: Option<Arc<File>>,
     huge: bool,
 }
 
 impl UffdRam {
-    /// Registers all of `ram` for missing-page faults.
+    /// Registers all of `ram` for missing-page faults (huge-page RAM also
+    /// for minor faults: a page of the file not yet mapped by the guest).
     pub fn register(ram: &GuestRam) -> Result<Self, UffdRamError> {
         let setup = |e: UffdLibError| UffdRamError::Setup(e.to_string());
         let huge = ram.backing() == Backing::HugePages;
@@ -120,16 +129,22 @@ impl UffdRam {
             )
             .create()
             .map_err(setup)?;
+        let mode = if huge {
+            RegisterMode::MISSING | RegisterMode::MINOR
+        } else {
+            RegisterMode::MISSING
+        };
         let mut regions = Vec::new();
         for r in ram.ranges() {
             let host = ram
                 .guest_memory()
                 .get_host_address(GuestAddress(r.guest_addr))
                 .map_err(|e| UffdRamError::Setup(e.to_string()))? as usize;
-            uffd.register(host as *mut libc::c_void, r.len as usize)
+            uffd.register_with_mode(host as *mut libc::c_void, r.len as usize, mode)
                 .map_err(setup)?;
             regions.push(Region {
                 host,
+                guest: r.guest_addr,
                 first_pfn: r.file_offset / PAGE_SIZE as u64,
                 pages: r.len / PAGE_SIZE as u64,
             });
@@ -144,9 +159,24 @@ impl UffdRam {
             } else {
                 0
             }),
-            staging: Mutex::new(Staging::default()),
+            writers: Mutex::new(Writers::default()),
+            alias: if huge {
+                Some(
+                    ram.alias()
+                        .map_err(|e| UffdRamError::Setup(format!("second mapping: {e}")))?,
+                )
+            } else {
+                None
+            },
+            file: huge.then(|| ram.file().clone()),
             huge,
         })
+    }
+
+    /// True when pages are written in place ([`UffdRam::fill`]): huge-page
+    /// RAM.
+    pub fn fills_in_place(&self) -> bool {
+        self.alias.is_some()
     }
 
     /// True for huge-page RAM, mapped 2 MiB at a time.
@@ -198,6 +228,19 @@ impl UffdRam {
         Ok(out)
     }
 
+    /// The guest address of page `pfn`.
+    fn guest_addr_of(&self, pfn: u64) -> Result<u64, UffdRamError> {
+        let [(_, p, _)] = self.spans(pfn, 1)?[..] else {
+            return Err(UffdRamError::OutOfRange { pfn, count: 1 });
+        };
+        let r = self
+            .regions
+            .iter()
+            .find(|r| p >= r.first_pfn && p < r.first_pfn + r.pages)
+            .ok_or(UffdRamError::OutOfRange { pfn, count: 1 })?;
+        Ok(r.guest + (p - r.first_pfn) * PAGE_SIZE as u64)
+    }
+
     /// The host address of `pfn..pfn+count`, which must lie in one region.
     fn host_of(&self, pfn: u64, count: u64) -> Result<usize, UffdRamError> {
         match self.spans(pfn, count)?.as_slice() {
@@ -208,11 +251,11 @@ impl UffdRam {
 
     /// Installs `data` (whole pages) at `pfn`, skipping pages already
     /// present. Returns how many pages this call installed (with huge
-    /// pages: staged, see the `huge` submodule).
+    /// pages: wrote in place, see the `huge` submodule).
     pub fn install(&self, pfn: u64, data: &[u8]) -> Result<u64, UffdRamError> {
         let count = (data.len() / PAGE_SIZE) as u64;
         if self.huge {
-            return self.stage(pfn, count, Some(data));
+            return self.fill_from(pfn, data);
         }
         let mut installed = 0;
         let mut retries = 0;
@@ -285,7 +328,7 @@ impl UffdRam {
     /// a huge page, which is then installed).
     pub fn note_zero(&self, first: u64, n: u64) -> Result<(), UffdRamError> {
         if self.huge {
-            self.stage(first, n, None)?;
+            self.zeros(first, n)?;
         } else {
             self.zero.set_range(first, n);
         }
@@ -314,7 +357,7 @@ impl UffdRam {
     /// were new.
     pub fn install_zeros(&self, first: u64, n: u64) -> Result<u64, UffdRamError> {
         if self.huge {
-            return self.stage(first, n, None);
+            return self.zeros(first, n);
         }
         let mut newly = 0;
         for p in first..first + n {

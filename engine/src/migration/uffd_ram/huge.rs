@@ -1,21 +1,34 @@
-//! Huge-page RAM behind userfaultfd: 2 MiB pages assembled from 4 KiB ones.
+//! Huge-page RAM behind userfaultfd: 2 MiB pages filled in place, then
+//! mapped whole.
 //!
 //! The protocol moves 4 KiB pages, but a 2 MiB page of hugetlbfs can only
-//! be mapped whole (`UFFDIO_COPY` of the full page; there is no
-//! `UFFDIO_ZEROPAGE` for it). So pages are staged: each arriving page is
-//! copied into its huge page's staging buffer and marked `present`, a zero
-//! page is only marked `zero`, and the huge page is installed when the last
-//! of its 512 pages is known. A huge page whose pages are all zero is not
-//! installed until a vCPU touches it: it stays a hole, which reads as zero.
+//! be mapped whole. Pages are written into the memory file through a
+//! second mapping of it, the alias, which no userfaultfd watches: a page
+//! that arrives goes straight to its place in the file's page cache (read
+//! from the socket into it, when the connection allows: [`UffdRam::fill`]),
+//! and a zero page is only marked `zero` (the file reads as zero where
+//! nothing was written). When the last of a huge page's 512 pages is known,
+//! `UFFDIO_CONTINUE` maps that page-cache page into the guest's mapping
+//! (registered for minor faults as well as missing ones) and wakes its
+//! waiters. No byte is copied a second time: `UFFDIO_COPY` copied each one
+//! again, from a buffer into a new page.
 //!
-//! A fault on a huge page not yet complete asks for all of its missing
-//! pages at once (see `migration::fault`); that is fault-around to the
-//! mapping unit.
-//! Staging buffers are reused, so their memory stays backed.
+//! Nothing writes a huge page once it is mapped: from then on its contents
+//! are the guest's. Every byte written through the alias is the source's
+//! final content of that byte (the source is paused), so two writers of one
+//! huge page (the push and a demand answer) write the same bytes, and a
+//! write cut short leaves only correct bytes. A huge page is mapped only
+//! while no one writes it (`Writers`), by whoever finishes last.
+//!
+//! A huge page all of whose pages are zero is not mapped until a vCPU
+//! touches it: it stays a hole, which reads as zero. A fault on a huge page
+//! not yet complete asks for all of its missing pages at once (see
+//! `migration::fault`); that is fault-around to the mapping unit.
 
 use std::collections::HashMap;
 
 use userfaultfd::Error as UffdLibError;
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::{Local, UffdRam, UffdRamError};
 use crate::layout::PAGE_SIZE;
@@ -29,72 +42,85 @@ const _: () = assert!(
     "a huge page is whole bitmap words"
 );
 
-/// Spare buffers kept for reuse at most (16 × 2 MiB).
-const MAX_SPARE: usize = 16;
-
-/// Huge pages being assembled.
+/// Who is writing which huge page through the alias.
 #[derive(Default)]
-pub(super) struct Staging {
-    /// Huge page index → its buffer (the data pages that arrived so far).
-    units: HashMap<u64, Vec<u8>>,
-    /// Buffers of installed huge pages, for reuse.
-    spare: Vec<Vec<u8>>,
-    /// One huge page of zeros, for an all-zero page a vCPU touches.
-    zeros: Vec<u8>,
+pub(super) struct Writers {
+    /// Huge page index → writers at work in it (no entry: none).
+    active: HashMap<u64, u32>,
+}
+
+/// One writer's claim on a huge page; ends the write when dropped, so
+/// that a failed write never keeps its huge page from being mapped.
+struct Claim<'a> {
+    ram: &'a UffdRam,
+    unit: u64,
+    done: bool,
+}
+
+impl Claim<'_> {
+    /// Ends the write of pages `first..first+n`, which now hold their
+    /// data; returns how many of them were not present before.
+    fn finish(mut self, first: u64, n: u64) -> Result<u64, UffdRamError> {
+        self.done = true;
+        self.ram.end_write(self.unit, Some((first, n)))
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Err(e) = self.ram.end_write(self.unit, None) {
+                tracing::warn!(
+                    unit = self.unit,
+                    "mapping a huge page after a failed write: {e}"
+                );
+            }
+        }
+    }
 }
 
 impl UffdRam {
-    /// Stages pages `pfn..pfn+count` (from `data`, or zero pages when
-    /// `None`) and installs every huge page that became complete. Returns
-    /// how many pages became known.
-    pub(super) fn stage(
+    /// Writes pages `pfn..pfn+count` of huge-page RAM in place: `fill` is
+    /// called with each huge page's part of the range in turn (in the
+    /// page cache, through the alias) and must fill all of it with the
+    /// pages' data. A part whose huge page the guest owns already is
+    /// handed over in a scratch buffer and dropped. Every huge page that
+    /// became complete is mapped. Returns how many pages became present.
+    pub fn fill<E: From<UffdRamError>>(
         &self,
         pfn: u64,
         count: u64,
-        data: Option<&[u8]>,
-    ) -> Result<u64, UffdRamError> {
-        let end = pfn
-            .checked_add(count)
-            .filter(|&e| e <= self.pages())
-            .ok_or(UffdRamError::OutOfRange { pfn, count })?;
-        let mut st = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        mut fill: impl FnMut(&mut VolatileSlice<'_>) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let end = self.check_range(pfn, count)?;
+        let alias = self.alias.as_ref().ok_or(UffdRamError::Install {
+            pfn,
+            count,
+            why: "RAM in 4 KiB pages is not filled in place".into(),
+        })?;
+        let mut scratch = Vec::new();
         let mut newly = 0;
         let mut p = pfn;
         while p < end {
             let unit = p / UNIT_PAGES;
             let unit_end = ((unit + 1) * UNIT_PAGES).min(end);
-            let whole = p.is_multiple_of(UNIT_PAGES) && unit_end - p == UNIT_PAGES;
-            // (Nothing here yet also means nothing staged and not mapped.)
-            if let Some(d) = data.filter(|_| whole && self.unit_untouched(unit)) {
-                // A whole huge page of which nothing is here yet (a push
-                // frame or a demand answer): mapped straight from `data`,
-                // with no staging copy.
-                let from = ((p - pfn) as usize) * PAGE_SIZE;
-                self.copy_unit(unit, &d[from..from + HUGE_PAGE_SIZE as usize])?;
-                newly += self.present.set_range(p, UNIT_PAGES);
-            } else if !self.mapped.get(unit) {
-                for q in p..unit_end {
-                    if self.present.get(q) || self.zero.get(q) {
-                        continue;
-                    }
-                    newly += 1;
-                    let Some(d) = data else {
-                        self.zero.set(q);
-                        continue;
-                    };
-                    let Staging { units, spare, .. } = &mut *st;
-                    let buf = units.entry(unit).or_insert_with(|| {
-                        spare
-                            .pop()
-                            .unwrap_or_else(|| vec![0; HUGE_PAGE_SIZE as usize])
-                    });
-                    let at = ((q % UNIT_PAGES) as usize) * PAGE_SIZE;
-                    let from = ((q - pfn) as usize) * PAGE_SIZE;
-                    buf[at..at + PAGE_SIZE].copy_from_slice(&d[from..from + PAGE_SIZE]);
-                    self.present.set(q);
+            let (n, len) = (unit_end - p, ((unit_end - p) as usize) * PAGE_SIZE);
+            match self.begin_write(unit) {
+                Some(claim) => {
+                    let at = self.guest_addr_of(p)?;
+                    let mut dst = alias.get_slice(GuestAddress(at), len).map_err(|e| {
+                        UffdRamError::Install {
+                            pfn: p,
+                            count: n,
+                            why: format!("the alias of guest RAM: {e}"),
+                        }
+                    })?;
+                    fill(&mut dst)?;
+                    newly += claim.finish(p, n)?;
                 }
-                if self.unit_known(unit) {
-                    self.install_unit(&mut st, unit, false)?;
+                None => {
+                    scratch.resize(len, 0);
+                    fill(&mut VolatileSlice::from(&mut scratch[..]))?;
                 }
             }
             p = unit_end;
@@ -102,20 +128,105 @@ impl UffdRam {
         Ok(newly)
     }
 
+    /// [`UffdRam::fill`] from pages at hand.
+    pub(super) fn fill_from(&self, pfn: u64, data: &[u8]) -> Result<u64, UffdRamError> {
+        let mut from = 0;
+        self.fill(pfn, (data.len() / PAGE_SIZE) as u64, |dst| {
+            dst.copy_from(&data[from..from + dst.len()]);
+            from += dst.len();
+            Ok::<_, UffdRamError>(())
+        })
+    }
+
+    /// Marks pages `pfn..pfn+count` zero (those not present) and maps every
+    /// huge page that became complete and holds data. Returns how many
+    /// pages became known.
+    pub(super) fn zeros(&self, pfn: u64, count: u64) -> Result<u64, UffdRamError> {
+        let end = self.check_range(pfn, count)?;
+        let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut newly = 0;
+        let mut p = pfn;
+        while p < end {
+            let unit = p / UNIT_PAGES;
+            let unit_end = ((unit + 1) * UNIT_PAGES).min(end);
+            for q in p..unit_end {
+                if !self.present.get(q) && !self.zero.get(q) {
+                    self.zero.set(q);
+                    newly += 1;
+                }
+            }
+            if !w.active.contains_key(&unit) && self.unit_has_data(unit) {
+                self.map_if_complete(unit)?;
+            }
+            p = unit_end;
+        }
+        Ok(newly)
+    }
+
+    fn check_range(&self, pfn: u64, count: u64) -> Result<u64, UffdRamError> {
+        pfn.checked_add(count)
+            .filter(|&e| e <= self.pages())
+            .ok_or(UffdRamError::OutOfRange { pfn, count })
+    }
+
+    /// A claim to write huge page `unit`, or `None` when it is mapped.
+    fn begin_write(&self, unit: u64) -> Option<Claim<'_>> {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if self.mapped.get(unit) {
+            return None;
+        }
+        *w.active.entry(unit).or_default() += 1;
+        Some(Claim {
+            ram: self,
+            unit,
+            done: false,
+        })
+    }
+
+    /// Ends a write of huge page `unit` (`written`: the pages it filled)
+    /// and maps the huge page if it is complete and no one else writes it.
+    fn end_write(&self, unit: u64, written: Option<(u64, u64)>) -> Result<u64, UffdRamError> {
+        let mut w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let newly = written.map_or(0, |(first, n)| self.present.set_range(first, n));
+        if let Some(c) = w.active.get_mut(&unit) {
+            *c -= 1;
+            if *c == 0 {
+                w.active.remove(&unit);
+            }
+        }
+        if !w.active.contains_key(&unit) && self.unit_has_data(unit) {
+            self.map_if_complete(unit)?;
+        }
+        Ok(newly)
+    }
+
+    /// Maps huge page `unit` when all its pages are known (and it is not
+    /// mapped yet). The caller holds the writers' lock and knows no one
+    /// writes the huge page.
+    fn map_if_complete(&self, unit: u64) -> Result<(), UffdRamError> {
+        if self.mapped.get(unit) || !self.unit_known(unit) {
+            return Ok(());
+        }
+        self.map_unit(unit)
+    }
+
     /// True when every page of huge page `unit` is present or zero.
     fn unit_known(&self, unit: u64) -> bool {
         let first = unit * UNIT_PAGES;
         match self.unit_words(unit) {
             Some(words) => words.into_iter().all(|i| self.known_word(i) == u64::MAX),
-            None => (first..first + UNIT_PAGES).all(|q| self.present.get(q) || self.zero.get(q)),
+            None => (first..(first + UNIT_PAGES).min(self.pages()))
+                .all(|q| self.present.get(q) || self.zero.get(q)),
         }
     }
 
-    /// True when no page of huge page `unit` is present or zero yet.
-    fn unit_untouched(&self, unit: u64) -> bool {
+    /// True when some page of huge page `unit` holds data (was written):
+    /// its page exists in the page cache.
+    fn unit_has_data(&self, unit: u64) -> bool {
+        let first = unit * UNIT_PAGES;
         match self.unit_words(unit) {
-            Some(words) => words.into_iter().all(|i| self.known_word(i) == 0),
-            None => self.missing_in_unit(unit * UNIT_PAGES).count() as u64 == UNIT_PAGES,
+            Some(words) => words.into_iter().any(|i| self.present.word(i) != 0),
+            None => (first..(first + UNIT_PAGES).min(self.pages())).any(|q| self.present.get(q)),
         }
     }
 
@@ -134,92 +245,59 @@ impl UffdRam {
         self.present.word(i) | self.zero.word(i)
     }
 
-    /// Installs complete huge page `unit`. One whose pages are all zero is
-    /// left a hole unless `touched` (a vCPU waits on it).
-    fn install_unit(&self, st: &mut Staging, unit: u64, touched: bool) -> Result<(), UffdRamError> {
-        let first = unit * UNIT_PAGES;
-        let buf = st.units.remove(&unit);
-        if buf.is_none() && !touched {
-            return Ok(());
-        }
-        let (src, zeros) = match buf {
-            Some(mut b) => {
-                // Zero pages never wrote their part of a reused buffer.
-                for q in first..first + UNIT_PAGES {
-                    if !self.present.get(q) {
-                        let at = ((q - first) as usize) * PAGE_SIZE;
-                        b[at..at + PAGE_SIZE].fill(0);
-                    }
-                }
-                (b, false)
-            }
-            None => {
-                if st.zeros.is_empty() {
-                    st.zeros = vec![0; HUGE_PAGE_SIZE as usize];
-                }
-                (std::mem::take(&mut st.zeros), true)
-            }
-        };
-        let outcome = self.copy_unit(unit, &src);
-        if zeros {
-            st.zeros = src;
-        } else if st.spare.len() < MAX_SPARE {
-            st.spare.push(src);
-        }
-        outcome
-    }
-
-    /// Maps huge page `unit` from `src` (exactly one huge page of data)
-    /// with one `UFFDIO_COPY`, which wakes its waiters.
-    fn copy_unit(&self, unit: u64, src: &[u8]) -> Result<(), UffdRamError> {
+    /// Maps huge page `unit`'s page-cache page into the guest's mapping
+    /// with `UFFDIO_CONTINUE`, which wakes its waiters. A hole (a huge page
+    /// of zero pages) is allocated first, as zeros.
+    fn map_unit(&self, unit: u64) -> Result<(), UffdRamError> {
         let first = unit * UNIT_PAGES;
         let install_err = |why: String| UffdRamError::Install {
             pfn: first,
             count: UNIT_PAGES,
             why,
         };
-        if src.len() as u64 != HUGE_PAGE_SIZE {
-            return Err(install_err(format!("{} bytes for a huge page", src.len())));
-        }
         let host = self.host_of(first, UNIT_PAGES)?;
-        // SAFETY: `host` is the start of a whole huge page of registered
-        // guest RAM that this VM keeps mapped (`host_of` checked that the
-        // unit lies in one region, and regions are huge-page aligned); `src`
-        // is a live slice of exactly one huge page (checked above).
-        // UFFDIO_COPY only fills a missing page, atomically.
-        let r = unsafe {
-            self.uffd.copy(
-                src.as_ptr().cast(),
-                host as *mut libc::c_void,
-                HUGE_PAGE_SIZE as usize,
-                true,
-            )
-        };
-        match r {
+        if !self.unit_has_data(unit) {
+            if let Some(file) = &self.file {
+                nix::fcntl::fallocate(
+                    &**file,
+                    nix::fcntl::FallocateFlags::empty(),
+                    (unit * HUGE_PAGE_SIZE) as i64,
+                    HUGE_PAGE_SIZE as i64,
+                )
+                .map_err(|e| install_err(format!("allocating a zero huge page: {e}")))?;
+            }
+        }
+        match self
+            .uffd
+            .r#continue(host as *mut libc::c_void, HUGE_PAGE_SIZE as usize, true)
+        {
             Ok(_) => {}
-            Err(UffdLibError::CopyFailed(e)) if e as i32 == libc::EEXIST => {}
-            Err(e) => return Err(install_err(e.to_string())),
+            Err(UffdLibError::SystemError(e)) if e as i32 == libc::EEXIST => {}
+            Err(e) => return Err(install_err(format!("UFFDIO_CONTINUE: {e}"))),
         }
         self.mapped.set(unit);
         Ok(())
     }
 
     /// Resolves a fault on `pfn` locally when it can be: the page is
-    /// mapped already (woken), or its huge page is complete (installed
-    /// now). Otherwise the page, or another of its huge page, is missing.
+    /// mapped already (woken), or its huge page is complete (mapped now,
+    /// or by the writer still at work in it). Otherwise the page, or
+    /// another of its huge page, is missing.
     pub(super) fn resolve_huge(&self, pfn: u64) -> Result<Local, UffdRamError> {
         let unit = pfn / UNIT_PAGES;
-        let mut st = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         if self.mapped.get(unit) {
-            drop(st);
+            drop(w);
             self.wake(pfn);
             return Ok(Local::Hit);
         }
         if !self.unit_known(unit) {
             return Ok(Local::Missing);
         }
-        let zero = !st.units.contains_key(&unit);
-        self.install_unit(&mut st, unit, true)?;
+        let zero = !self.unit_has_data(unit);
+        if !w.active.contains_key(&unit) {
+            self.map_unit(unit)?;
+        }
         Ok(if zero { Local::Zero } else { Local::Hit })
     }
 
