@@ -22,7 +22,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
-    decode_pages_ref, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError, PAGE_SIZE,
+    decode_pages_ref, FrameDecoder, MsgType, PageEncoding, PageRequest, ProtocolError,
+    PAGES_PREFIX, PAGE_SIZE,
 };
 use ferry_transport::Conn as Stream;
 use hdrhistogram::Histogram;
@@ -170,6 +171,8 @@ struct Conn {
     rx: FrameDecoder,
     /// The socket's `SO_RCVLOWAT` as last set.
     lowat: usize,
+    /// The answer being read into guest RAM, when one is (see `in_place`).
+    in_place: Option<in_place::Answer>,
 }
 
 /// Sets `SO_RCVLOWAT`: `poll` reports a TCP socket readable only once this
@@ -205,6 +208,7 @@ impl Conn {
             stream,
             rx: FrameDecoder::with_bytes(buffered),
             lowat: 1,
+            in_place: None,
         })
     }
 
@@ -223,7 +227,10 @@ impl Conn {
         let Some(tcp) = self.stream.tcp() else {
             return;
         };
-        let missing = self.rx.missing();
+        let missing = self
+            .in_place
+            .as_ref()
+            .map_or_else(|| self.rx.missing(), in_place::Answer::missing);
         let want = if missing >= LOWAT_FROM { missing } else { 1 };
         if want != self.lowat && set_rcvlowat(tcp, want).is_ok() {
             self.lowat = want;
@@ -517,7 +524,9 @@ fn link_lost(shared: &Shared, why: &str) {
 }
 
 /// Reads what arrived on the fault connection and installs the answers;
-/// returns whether anything arrived.
+/// returns whether anything arrived. Into huge-page RAM over a plain
+/// socket, a large raw answer is read straight into guest RAM once all of
+/// it has arrived (see `in_place`).
 fn receive(
     c: &mut Conn,
     ram: &UffdRam,
@@ -526,8 +535,65 @@ fn receive(
     pages: &mut Vec<u8>,
     st: &mut FaultStats,
 ) -> Result<bool, FaultError> {
+    let total = disks.map_or(ram.pages(), DiskSet::total_pages);
+    let fill_in_place = ram.fills_in_place() && c.stream.plain_fd().is_some();
+    c.rx.set_head_reads(fill_in_place.then_some(PAGES_PREFIX));
     let mut active = false;
     loop {
+        while let Some(frame) = c.rx.next_frame()? {
+            let (header, payload) = (frame.header, frame.payload);
+            if header.kind != MsgType::Pages {
+                return Err(ProtocolError::Unexpected {
+                    got: header.kind,
+                    expected: "Pages on the fault connection",
+                }
+                .into());
+            }
+            // Raw answers are installed straight from the frame.
+            let (ph, data) = decode_pages_ref(payload, total, pages)?;
+            let (first, n) = (ph.first_pfn, u64::from(ph.count));
+            // The part in guest RAM, then the part on migrated disks.
+            let in_ram = ram.pages().saturating_sub(first).min(n);
+            let mut newly = 0;
+            if ph.encoding == PageEncoding::Zero {
+                newly += ram.install_zeros(first, in_ram)?;
+                if let Some(d) = disks.filter(|_| in_ram < n) {
+                    newly += d.install_zero(first + in_ram, n - in_ram)?;
+                }
+            } else {
+                st.bytes_page_data += payload.len() as u64 - PAGES_PREFIX as u64;
+                st.bytes_page_raw += data.len() as u64;
+                let split = (in_ram as usize) * PAGE_SIZE;
+                if in_ram > 0 {
+                    newly = ram.install(first, &data[..split])?;
+                }
+                if let Some(d) = disks.filter(|_| in_ram < n) {
+                    newly += d.install(first + in_ram, &data[split..])?;
+                }
+            }
+            record_answer(first, n, newly, pending, st);
+        }
+        if fill_in_place {
+            match in_place::fill_ready(c, ram, total, pages)? {
+                in_place::Ready::Filled(a) => {
+                    st.bytes_wire += a.read as u64;
+                    st.bytes_page_data += a.count * PAGE_SIZE as u64;
+                    st.bytes_page_raw += a.count * PAGE_SIZE as u64;
+                    record_answer(a.first, a.count, a.newly, pending, st);
+                    active = true;
+                    continue;
+                }
+                in_place::Ready::Progress(read) => {
+                    st.bytes_wire += read as u64;
+                    active = true;
+                    continue;
+                }
+                // The rest of the answer is on its way: `poll` wakes the
+                // thread as it arrives.
+                in_place::Ready::Waiting => break,
+                in_place::Ready::No => {}
+            }
+        }
         match c.rx.read_from(&mut &c.stream) {
             Ok(0) => return Err(ProtocolError::Closed.into()),
             Ok(n) => {
@@ -539,73 +605,47 @@ fn receive(
             Err(e) => return Err(ProtocolError::Io(e).into()),
         }
     }
-    while let Some(frame) = c.rx.next_frame()? {
-        let payload = frame.payload;
-        match frame.header.kind {
-            MsgType::Pages => {
-                let total = disks.map_or(ram.pages(), DiskSet::total_pages);
-                // Raw answers are installed straight from the frame.
-                let (ph, data) = decode_pages_ref(payload, total, pages)?;
-                let (first, n) = (ph.first_pfn, u64::from(ph.count));
-                // The part in guest RAM, then the part on migrated disks.
-                let in_ram = ram.pages().saturating_sub(first).min(n);
-                let mut newly = 0;
-                if ph.encoding == PageEncoding::Zero {
-                    newly += ram.install_zeros(first, in_ram)?;
-                    if let Some(d) = disks.filter(|_| in_ram < n) {
-                        newly += d.install_zero(first + in_ram, n - in_ram)?;
-                    }
-                } else {
-                    st.bytes_page_data += payload.len() as u64 - 16;
-                    st.bytes_page_raw += data.len() as u64;
-                    let split = (in_ram as usize) * PAGE_SIZE;
-                    if in_ram > 0 {
-                        newly = ram.install(first, &data[..split])?;
-                    }
-                    if let Some(d) = disks.filter(|_| in_ram < n) {
-                        newly += d.install(first + in_ram, &data[split..])?;
-                    }
-                }
-                for p in first..first + n {
-                    if let Some(w) = pending.remove(&p) {
-                        if w.vcpu == DISK_READER {
-                            st.disk_demand += 1;
-                            continue;
-                        }
-                        if w.vcpu == AROUND {
-                            // Fetched around a fault; nobody faulted on it
-                            // before it came.
-                            continue;
-                        }
-                        let us = w.since.elapsed().as_micros() as u64;
-                        if us >= SLOW_FAULT_US {
-                            debug!(pfn = p, us, newly, "slow demand fault");
-                        }
-                        let _ = st.overall.record(us.max(1));
-                        let _ = st
-                            .per_vcpu
-                            .entry(w.vcpu)
-                            .or_insert_with(latency_histogram)
-                            .record(us.max(1));
-                        *st.blocktime_us.entry(w.vcpu).or_default() += us;
-                        if newly == 0 {
-                            st.prefetch_hits += 1;
-                        } else {
-                            st.pages_demand += 1;
-                        }
-                    }
-                }
-            }
-            other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other,
-                    expected: "Pages on the fault connection",
-                }
-                .into())
-            }
+    Ok(active)
+}
+
+/// Accounts an answer of pages `first..first+n`, `newly` of them new: the
+/// faults that waited on them are served.
+fn record_answer(
+    first: u64,
+    n: u64,
+    newly: u64,
+    pending: &mut HashMap<u64, Pending>,
+    st: &mut FaultStats,
+) {
+    for p in first..first + n {
+        let Some(w) = pending.remove(&p) else {
+            continue;
+        };
+        if w.vcpu == DISK_READER {
+            st.disk_demand += 1;
+            continue;
+        }
+        if w.vcpu == AROUND {
+            // Fetched around a fault; nobody faulted on it before it came.
+            continue;
+        }
+        let us = w.since.elapsed().as_micros() as u64;
+        if us >= SLOW_FAULT_US {
+            debug!(pfn = p, us, newly, "slow demand fault");
+        }
+        let _ = st.overall.record(us.max(1));
+        let _ = st
+            .per_vcpu
+            .entry(w.vcpu)
+            .or_insert_with(latency_histogram)
+            .record(us.max(1));
+        *st.blocktime_us.entry(w.vcpu).or_default() += us;
+        if newly == 0 {
+            st.prefetch_hits += 1;
+        } else {
+            st.pages_demand += 1;
         }
     }
-    Ok(active)
 }
 
 fn write_all_nonblocking(mut conn: &Stream, mut buf: &[u8]) -> Result<(), ProtocolError> {
@@ -812,6 +852,8 @@ impl Drop for FaultThread {
         }
     }
 }
+
+mod in_place;
 
 #[cfg(test)]
 mod tests;

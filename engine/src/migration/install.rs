@@ -3,14 +3,15 @@
 //! the background push after it (installed through userfaultfd).
 
 use ferry_protocol::{
-    decode_pages, decode_pages_ref, from_json, pages_header, MigrationMode, MsgType, PageBitmap,
-    PageEncoding, ProtocolError, HEADER_LEN, PAGES_PREFIX,
+    decode_pages, decode_pages_ref, from_json, pages_header, raw_pages_head, MigrationMode,
+    MsgType, PageBitmap, PageEncoding, ProtocolError, HEADER_LEN, PAGES_PREFIX,
 };
+use vm_memory::{ReadVolatile, VolatileMemoryError};
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
 use super::error::DestError;
-use super::link::Link;
+use super::link::{Link, Received};
 use super::stats::PushInstall;
 use super::uffd_ram::UffdRam;
 use crate::devices::migrated::DiskSet;
@@ -311,6 +312,42 @@ fn receive_push(
     })
 }
 
+/// Fills pages `first..first+n` of guest RAM in place with the bytes of a
+/// raw frame: `lead` (what the decoder had read of them), then the rest
+/// read from the link's socket straight into RAM.
+fn fill_from_stream(
+    ctl: &Link,
+    ram: &UffdRam,
+    first: u64,
+    n: u64,
+    mut lead: &[u8],
+) -> Result<(), DestError> {
+    let mut fd = ctl
+        .stream
+        .plain_fd()
+        .ok_or_else(|| DestError::Refused("in-place fill over TLS".into()))?;
+    ram.fill(first, n, |dst| {
+        let k = lead.len().min(dst.len());
+        dst.copy_from(&lead[..k]);
+        lead = &lead[k..];
+        let mut rest = dst.offset(k).map_err(volatile_error)?;
+        fd.read_exact_volatile(&mut rest).map_err(volatile_error)?;
+        Ok::<_, DestError>(())
+    })?;
+    Ok(())
+}
+
+/// A read into guest RAM that failed: the link's error.
+pub(super) fn volatile_error(e: VolatileMemoryError) -> ProtocolError {
+    match e {
+        VolatileMemoryError::IOError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ProtocolError::Closed
+        }
+        VolatileMemoryError::IOError(e) => ProtocolError::Io(e),
+        other => ProtocolError::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
 /// Reads the push until `PushDone` and returns the source's stats from it.
 /// Counts every frame into `c` and records zero runs itself; each data
 /// frame's payload goes to `data` (with the page space's size, for
@@ -324,8 +361,55 @@ fn push_frames(
     mut data: impl FnMut(&mut Link, u64) -> Result<(), DestError>,
 ) -> Result<serde_json::Value, DestError> {
     let total = disks.map_or(ram.pages(), DiskSet::total_pages);
+    let in_place = ram.fills_in_place() && ctl.stream.plain_fd().is_some();
+    if in_place {
+        ctl.rx.set_head_reads(Some(PAGES_PREFIX));
+    }
+    let done = push_frames_from(ctl, ram, disks, c, in_place, total, &mut data);
+    ctl.rx.set_head_reads(None);
+    done
+}
+
+/// A raw frame at least this long is read from the socket straight into
+/// guest RAM when RAM is filled in place.
+const IN_PLACE_FROM: usize = 64 << 10;
+
+/// The loop of [`push_frames`].
+fn push_frames_from(
+    ctl: &mut Link,
+    ram: &UffdRam,
+    disks: Option<&DiskSet>,
+    c: &mut PushCounters,
+    in_place: bool,
+    total: u64,
+    data: &mut impl FnMut(&mut Link, u64) -> Result<(), DestError>,
+) -> Result<serde_json::Value, DestError> {
+    let ram_pages = ram.pages();
+    let take = |p: &ferry_protocol::PartialFrame<'_>| {
+        in_place
+            && p.header.kind == MsgType::Pages
+            && p.rest >= IN_PLACE_FROM
+            && raw_pages_head(p.buffered, p.header.len as usize, total)
+                .is_ok_and(|h| h.first_pfn + u64::from(h.count) <= ram_pages)
+    };
+    let mut lead = Vec::new();
     loop {
-        let frame = ctl.recv()?;
+        let frame = match ctl.recv_or_partial(PAGES_PREFIX, take)? {
+            Received::Frame(f) => f,
+            Received::Partial(p) => {
+                let len = p.header.len as usize;
+                let h = raw_pages_head(p.buffered, len, total)?;
+                lead.clear();
+                lead.extend_from_slice(&p.buffered[PAGES_PREFIX..]);
+                ctl.rx.skip_partial();
+                fill_from_stream(ctl, ram, h.first_pfn, u64::from(h.count), &lead)?;
+                c.bytes_wire += (HEADER_LEN + len) as u64;
+                c.pages_pushed += u64::from(h.count);
+                c.bytes_page_data += (len - PAGES_PREFIX) as u64;
+                c.bytes_page_raw += u64::from(h.count) * PAGE_SIZE as u64;
+                continue;
+            }
+        };
         let (kind, payload) = (frame.header.kind, frame.payload);
         let payload_len = payload.len();
         c.bytes_wire += (HEADER_LEN + payload_len) as u64;

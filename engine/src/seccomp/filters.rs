@@ -135,12 +135,14 @@ fn rules(kind: Thread) -> Result<Rules, seccompiler::BackendError> {
                     .iter()
                     .map(|&s| (s, Vec::new())),
             );
-            // UFFDIO_COPY/ZEROPAGE/WAKE, and FIONBIO on a new connection.
+            // UFFDIO_COPY/ZEROPAGE/CONTINUE/WAKE, FIONBIO on a new
+            // connection, and FIONREAD before an answer is read in place.
             r.insert(
                 libc::SYS_ioctl,
                 vec![
                     masked(1, IOCTL_TYPE_MASK, UFFD_IOCTL_TYPE << 8)?,
                     equal(1, libc::FIONBIO)?,
+                    equal(1, libc::FIONREAD)?,
                 ],
             );
         }
