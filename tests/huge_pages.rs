@@ -117,6 +117,47 @@ fn postcopy_between_huge_page_vms() {
     assert!(s["fault_around_pages"].as_u64().unwrap() > 0, "{s}");
 }
 
+/// `ferry-dest --huge-pages --prealloc SIZE` in `dir`, named `dst`.
+fn spawn_dest_ahead(dir: &Scratch, size: &str) -> (Proc, String) {
+    let extra = ["--huge-pages", "--prealloc", size];
+    spawn_dest(dir, "dst", &strs(&io_args(dir, "dst", &extra)))
+}
+
+/// `ferry-dest --prealloc`: the destination makes and allocates the guest's
+/// RAM before it listens. A move of that size takes it (the statistics say
+/// so), every page still faults until it arrives (the guest verifies every
+/// page), and a move of another size gets RAM of its own.
+#[test]
+fn postcopy_into_ram_allocated_ahead() {
+    need_pool(1024);
+    let dir = Scratch::new("huge-ahead");
+    let (mut dst, addr) = spawn_dest_ahead(&dir, "512M");
+    let src = spawn_guest_source(&dir, "512M", 1, GUEST, &["--huge-pages"]);
+    let s = move_into_huge_pages(&dir, ("dst", &mut dst, &addr), src, &[]);
+    assert_eq!(s["ram_allocated_ahead"], true, "{s}");
+    assert_postcopy_accounting(&s, &s["source"]);
+    assert!(s["pages_demand"].as_u64().unwrap() > 0, "no demand: {s}");
+
+    let dir = Scratch::new("huge-ahead-other");
+    let (mut dst, addr) = spawn_dest_ahead(&dir, "256M");
+    let src = spawn_guest_source(&dir, "512M", 1, GUEST, &["--huge-pages"]);
+    let s = move_into_huge_pages(&dir, ("dst", &mut dst, &addr), src, &[]);
+    assert_eq!(s["ram_allocated_ahead"], false, "{s}");
+}
+
+/// `--prealloc` allocates huge-page RAM only: without `--huge-pages` it
+/// is refused, naming what it needs.
+#[test]
+fn prealloc_without_huge_pages_is_refused() {
+    let out = Command::new(bin("ferry-dest"))
+        .args(["--listen", "127.0.0.1:0", "--prealloc", "256M"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    assert!(err.contains("--huge-pages"), "{err}");
+}
+
 /// Stop-and-copy from ordinary RAM into huge pages: pages are written
 /// through the mapping (hugetlbfs has no write(2)) and zero pages zeroed in
 /// place.
@@ -208,8 +249,8 @@ fn impossible_huge_page_ram_is_refused_with_the_reason() {
 }
 
 /// Post-copy between huge-page VMs through a proxy that cuts the push at a
-/// random byte offset, three moves: huge pages half staged when the link
-/// died keep their staged pages, every move completes after its recovery,
+/// random byte offset, three moves: huge pages half written when the link
+/// died keep the pages written in full, every move completes after its recovery,
 /// and the guest verifies every page.
 #[test]
 fn cut_links_during_huge_page_postcopy_recover() {

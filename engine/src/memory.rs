@@ -229,6 +229,28 @@ impl GuestRam {
         )?)
     }
 
+    /// Allocates every page of the memory file now (zeroed), so that no
+    /// later first write pays for it; huge-page RAM only (see
+    /// `migration::ram_ahead`).
+    pub fn allocate_all(&self) -> Result<(), MemoryError> {
+        if self.backing != Backing::HugePages {
+            return Err(MemoryError::Io {
+                offset: 0,
+                source: std::io::Error::other("only huge-page RAM is allocated ahead"),
+            });
+        }
+        nix::fcntl::fallocate(
+            &*self.file,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            self.size as i64,
+        )
+        .map_err(|e| MemoryError::Io {
+            offset: 0,
+            source: e.into(),
+        })
+    }
+
     /// What the memory file is made of.
     pub fn backing(&self) -> Backing {
         self.backing

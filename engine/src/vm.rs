@@ -218,6 +218,18 @@ impl PreparedVm {
         Self::backed(mem_size, vcpus, console_out, backing, true)
     }
 
+    /// Like [`Self::new_backed`] (`sync_faults: false`) or
+    /// [`Self::new_for_postcopy`] (`true`), in guest RAM made already (see
+    /// `migration::ram_ahead`).
+    pub fn in_ram(
+        ram: GuestRam,
+        vcpus: u32,
+        console_out: ConsoleOutput,
+        sync_faults: bool,
+    ) -> Result<Self, VmError> {
+        Self::create(ram, vcpus, console_out, sync_faults)
+    }
+
     fn backed(
         mem_size: u64,
         vcpus: u32,

@@ -161,9 +161,7 @@ impl FrameDecoder {
         let room = match self.head_reads {
             // Only the next header and the head of its payload, so that
             // the caller can read the rest of a large frame itself.
-            Some(head) if self.want.is_none() && pending < HEADER_LEN + head => {
-                HEADER_LEN + head - pending
-            }
+            Some(head) if pending < HEADER_LEN + head => HEADER_LEN + head - pending,
             _ if rest >= EXACT_READ => rest,
             _ => READ_CHUNK,
         };
@@ -254,7 +252,7 @@ impl FrameDecoder {
     }
 
     /// Makes reads stop after the next frame's header and `head` bytes
-    /// of its payload when no frame is pending (`None`: read as much as
+    /// of its payload while those are not all here (`None`: read as much as
     /// there is room for). For a reader that takes the rest of large
     /// frames straight from the stream ([`FrameDecoder::recv_or_partial`]):
     /// what the decoder reads of such a frame's body is copied once more.
@@ -490,6 +488,58 @@ mod tests {
             // A large frame's rest was asked for exactly.
             let rest = HEADER_LEN + big.len() - step.min(READ_CHUNK);
             assert!(r.asked.contains(&rest), "step {step}: asked {:?}", r.asked);
+        }
+    }
+
+    #[test]
+    fn a_large_frame_left_in_the_stream_is_read_by_the_caller() {
+        let big: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 251) as u8).collect();
+        let mut wire = Vec::new();
+        write_frame(&mut wire, MsgType::PushDone, 1, b"{}").unwrap();
+        for arg in 0..2 {
+            write_frame(&mut wire, MsgType::Pages, arg, &big).unwrap();
+            write_frame(&mut wire, MsgType::Ping, 0, b"").unwrap();
+        }
+        write_frame(&mut wire, MsgType::PushDone, 9, b"{}").unwrap();
+        let head = 16;
+        for step in [7, 100_000, usize::MAX] {
+            let mut r = Trickle {
+                data: &wire,
+                step,
+                asked: Vec::new(),
+            };
+            let mut d = FrameDecoder::new();
+            d.set_head_reads(Some(head));
+            let big_pages = |p: &PartialFrame<'_>| p.header.kind == MsgType::Pages;
+            // A small frame comes out whole.
+            assert!(!d.recv_or_partial(&mut r, head, big_pages).unwrap());
+            assert_eq!(d.next_frame().unwrap().unwrap().header.arg, 1);
+            for arg in 0..2 {
+                assert!(d.recv_or_partial(&mut r, head, big_pages).unwrap());
+                let p = d.partial_frame(head).unwrap();
+                assert_eq!((p.header.kind, p.header.arg), (MsgType::Pages, arg));
+                // Head reads: nothing past the head was read.
+                assert_eq!(p.buffered.len(), head, "step {step}");
+                let mut got = p.buffered.to_vec();
+                let rest = p.rest;
+                assert_eq!(got.len() + rest, big.len());
+                d.skip_partial();
+                assert!(d.partial_frame(head).is_none());
+                let mut tail = vec![0; rest];
+                std::io::Read::read_exact(&mut r, &mut tail).unwrap();
+                got.extend_from_slice(&tail);
+                assert!(got == big, "step {step}: payload {arg}");
+                // The frame after it is whole (a Ping is never split).
+                assert!(!d.recv_or_partial(&mut r, head, |_| true).unwrap());
+                assert_eq!(d.next_frame().unwrap().unwrap().header.kind, MsgType::Ping);
+            }
+            // Frames not taken come out whole, read as before.
+            assert!(!d.recv_or_partial(&mut r, head, |_| false).unwrap());
+            assert_eq!(d.next_frame().unwrap().unwrap().header.arg, 9);
+            assert!(matches!(
+                d.recv_or_partial(&mut r, head, |_| true),
+                Err(ProtocolError::Closed)
+            ));
         }
     }
 

@@ -91,6 +91,9 @@ pub struct DestOptions {
     /// The fault connection's buffers, made ahead (see
     /// [`super::fault_buffers`]); a lazy move takes them, or makes its own.
     pub fault_buffers: super::fault_buffers::SpareFaultBuffers,
+    /// Guest RAM made and allocated ahead (`--prealloc`, see
+    /// [`super::ram_ahead`]); a move of its size and kind takes it.
+    pub ram_ahead: super::ram_ahead::RamAhead,
 }
 
 impl Default for DestOptions {
@@ -108,6 +111,7 @@ impl Default for DestOptions {
             preload: None,
             backing: Backing::Shmem,
             fault_buffers: Default::default(),
+            ram_ahead: Default::default(),
         }
     }
 }
@@ -387,7 +391,7 @@ impl DestMove<'_> {
         let total_ms = (now_us().saturating_sub(self.meta.start_host_us)) as f64 / 1e3;
         info!(total_ms, "every page present");
         self.session.opts.stage(Stage::Completed);
-        let stats = build_stats(
+        let mut stats = build_stats(
             vm,
             &self.meta,
             Timing {
@@ -402,6 +406,7 @@ impl DestMove<'_> {
             self.session.recovery.clone(),
             self.session.disks.as_deref(),
         );
+        stats.ram_allocated_ahead = self.session.opts.ram_ahead.was_taken();
         let complete = serde_json::to_vec(&stats).unwrap_or_default();
         self.session.send_complete(&complete);
         Ok(stats)
@@ -704,11 +709,20 @@ fn prepare(
             "huge pages take post-copy, pre-copy and stop-and-copy moves, not hybrid".into(),
         ));
     }
-    if !mode.lazy() {
-        let prepared = PreparedVm::new_backed(hello.mem_size, hello.vcpus, console, backing)?;
+    let lazy = mode.lazy();
+    let prepared = match opts.ram_ahead.take(hello.mem_size, backing) {
+        Some(ram) => {
+            info!(mib = hello.mem_size >> 20, "guest RAM made ahead taken");
+            PreparedVm::in_ram(ram, hello.vcpus, console, lazy)?
+        }
+        None if lazy => {
+            PreparedVm::new_for_postcopy(hello.mem_size, hello.vcpus, console, backing)?
+        }
+        None => PreparedVm::new_backed(hello.mem_size, hello.vcpus, console, backing)?,
+    };
+    if !lazy {
         return Ok((prepared, None, disks));
     }
-    let prepared = PreparedVm::new_for_postcopy(hello.mem_size, hello.vcpus, console, backing)?;
     let ram = Arc::new(UffdRam::register(prepared.ram())?);
     Ok((prepared, Some(ram), disks))
 }
@@ -1015,6 +1029,8 @@ fn build_stats(
         fault_priority: fault.priority,
         fault_around_pages: fault.pages_around,
         backing: vm.ram().backing(),
+        // Set by the caller, which knows where the RAM came from.
+        ram_allocated_ahead: false,
         push_install: push.install,
         bytes_wire: push.bytes_wire + fault.bytes_wire + bytes_state,
         bytes_state,

@@ -19,6 +19,7 @@ pub mod options;
 pub mod precopy;
 pub mod preload;
 pub mod progress;
+pub mod ram_ahead;
 pub mod record;
 pub mod rounds;
 pub mod session;

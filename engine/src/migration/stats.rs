@@ -125,6 +125,10 @@ pub struct MigrationStats {
     /// `huge-pages` for 2 MiB pages).
     #[serde(default)]
     pub backing: crate::memory::Backing,
+    /// The destination's guest RAM was made and allocated before the move
+    /// (`ferry-dest --prealloc`, see `migration::ram_ahead`).
+    #[serde(default)]
+    pub ram_allocated_ahead: bool,
     /// How the destination installed the push (`pipelined`, or `inline`
     /// when it may use one CPU only); absent without a push.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -140,6 +140,12 @@ pub struct Args {
     /// pool (/proc/sys/vm/nr_hugepages) must hold both sides' RAM.
     #[arg(long)]
     pub huge_pages: bool,
+    /// With --huge-pages: Ferry's destination makes and allocates the
+    /// guest's RAM before it listens (`ferry-dest --prealloc`), so no move
+    /// zeroes pages on its critical path. (QEMU's destination discards its
+    /// RAM when post-copy starts, so `prealloc=on` would not help it.)
+    #[arg(long, requires = "huge_pages")]
+    pub prealloc: bool,
     /// Also run every Ferry point over mutual TLS (certificates made with
     /// `gen-certs` in the output directory), alternating with the plain
     /// runs, and add a TLS cost section: push throughput TLS ÷ plain and
@@ -305,6 +311,7 @@ impl Args {
                 disk: self.disk,
                 hot_window: self.hot_window.clone(),
                 huge_pages: self.huge_pages,
+                prealloc: self.prealloc,
             },
             tls: self.tls,
         })

@@ -81,6 +81,9 @@ pub struct FerryTools {
     pub disk: bool,
     /// Back both sides' guest RAM with 2 MiB huge pages.
     pub huge_pages: bool,
+    /// With `huge_pages`: the destination allocates the guest's RAM
+    /// before it listens (`ferry-dest --prealloc`).
+    pub prealloc: bool,
 }
 
 /// Size of the bench's disk: the guest's disk workload uses 1 MiB of it.
@@ -186,6 +189,9 @@ pub fn run(
         ]);
     if tools.huge_pages {
         cmd.arg("--huge-pages");
+        if tools.prealloc {
+            cmd.args(["--prealloc", &spec.point.mem.to_string()]);
+        }
     }
     let mut dst = Child::spawn(cmd, "ferry-dest", &f("dst.err"))?;
     let pid = dst.pid();
@@ -297,6 +303,7 @@ mod tests {
             tls_certs: None,
             hot_window: None,
             huge_pages: false,
+            prealloc: false,
         };
         assert!(t.mode_args(Mode::Postcopy).is_empty());
         let hot = FerryTools {

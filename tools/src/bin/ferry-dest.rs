@@ -12,7 +12,8 @@ use ferry_engine::migration::progress::Progress;
 use ferry_engine::{api, controller, migration, snapshot};
 use ferry_tools::hooks::{HookArgs, Shape};
 use ferry_tools::{
-    archive, console_output, daemon, init_tracing, monitor, templates, LinkArgs, TlsArgs, VmIoArgs,
+    archive, console_output, daemon, init_tracing, monitor, parse_size, templates, LinkArgs,
+    TlsArgs, VmIoArgs,
 };
 use tracing::{error, info, warn};
 
@@ -81,6 +82,13 @@ struct Args {
     /// loads the whole huge pages it touches).
     #[arg(long)]
     huge_pages: bool,
+    /// With --huge-pages and --listen: make the incoming VM's RAM now,
+    /// SIZE bytes, and allocate every 2 MiB page of it, so that a move of
+    /// a VM of that size does not zero them inside its post-copy phase
+    /// (QEMU's -m with -mem-prealloc on the incoming side). A VM of
+    /// another size gets RAM made for it during its move, as without.
+    #[arg(long, value_parser = parse_size, requires = "huge_pages", conflicts_with = "daemon")]
+    prealloc: Option<u64>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long, group = "snapshot_file")]
@@ -172,6 +180,21 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
+    // Guest RAM made and allocated ahead, for a move of its size; before
+    // the port opens, so that no move waits for it.
+    let ram_ahead = match (args.prealloc, &args.listen) {
+        (Some(size), Some(_)) => {
+            let (ahead, took) = migration::ram_ahead::RamAhead::make(size)
+                .map_err(|e| format!("--prealloc {size}: {e}"))?;
+            info!(
+                mib = size >> 20,
+                ms = took.as_millis() as u64,
+                "guest RAM allocated ahead"
+            );
+            ahead
+        }
+        _ => Default::default(),
+    };
     let listener = args
         .listen
         .as_deref()
@@ -208,6 +231,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Backing::Shmem
         },
         fault_buffers: Default::default(),
+        ram_ahead,
     };
     // The first demand answers' buffers, made now rather than inside the
     // pause of a move. Only a process that waits for a move uses them (a
