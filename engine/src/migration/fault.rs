@@ -227,11 +227,13 @@ impl Conn {
         let Some(tcp) = self.stream.tcp() else {
             return;
         };
-        let missing = self
-            .in_place
-            .as_ref()
-            .map_or_else(|| self.rx.missing(), in_place::Answer::missing);
-        let want = if missing >= LOWAT_FROM { missing } else { 1 };
+        let want = match &self.in_place {
+            Some(a) => a.wake_at(),
+            None => match self.rx.missing() {
+                m if m >= LOWAT_FROM => m,
+                _ => 1,
+            },
+        };
         if want != self.lowat && set_rcvlowat(tcp, want).is_ok() {
             self.lowat = want;
         }
@@ -575,8 +577,8 @@ fn receive(
         }
         if fill_in_place {
             match in_place::fill_ready(c, ram, total, pages)? {
-                in_place::Ready::Filled(a) => {
-                    st.bytes_wire += a.read as u64;
+                in_place::Ready::Filled(a, read) => {
+                    st.bytes_wire += read as u64;
                     st.bytes_page_data += a.count * PAGE_SIZE as u64;
                     st.bytes_page_raw += a.count * PAGE_SIZE as u64;
                     record_answer(a.first, a.count, a.newly, pending, st);

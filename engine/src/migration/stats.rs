@@ -94,7 +94,8 @@ pub struct MigrationStats {
     /// switch-over's extra round trip; recoveries before `Commit` included).
     #[serde(default)]
     pub commit_wait_us: u64,
-    /// Source pause until every page is present on the destination.
+    /// From the start of the move on the source (before it connects)
+    /// until every page is present on the destination.
     pub total_ms: f64,
     /// Guest pages.
     pub pages_total: u64,

@@ -421,3 +421,6 @@ impl UffdRam {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
