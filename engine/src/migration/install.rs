@@ -6,7 +6,9 @@ use ferry_protocol::{
     decode_pages, decode_pages_ref, from_json, pages_header, raw_pages_head, MigrationMode,
     MsgType, PageBitmap, PageEncoding, ProtocolError, HEADER_LEN, PAGES_PREFIX,
 };
-use vm_memory::{ReadVolatile, VolatileMemoryError};
+use std::os::fd::BorrowedFd;
+
+use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 
@@ -327,18 +329,29 @@ fn fill_from_stream(
         .plain_fd()
         .ok_or_else(|| DestError::Refused("in-place fill over TLS".into()))?;
     ram.fill(first, n, |dst| {
-        let k = lead.len().min(dst.len());
-        dst.copy_from(&lead[..k]);
-        lead = &lead[k..];
-        let mut rest = dst.offset(k).map_err(volatile_error)?;
-        fd.read_exact_volatile(&mut rest).map_err(volatile_error)?;
+        fill_part(dst, &mut lead, &mut fd)?;
         Ok::<_, DestError>(())
     })?;
     Ok(())
 }
 
+/// Fills `dst`, a part of guest RAM, with the next bytes of a raw frame:
+/// first what is left of `lead` (bytes of it read already), then bytes
+/// read from socket `fd`.
+pub(super) fn fill_part(
+    dst: &mut VolatileSlice<'_>,
+    lead: &mut &[u8],
+    fd: &mut BorrowedFd<'_>,
+) -> Result<(), ProtocolError> {
+    let k = lead.len().min(dst.len());
+    dst.copy_from(&lead[..k]);
+    *lead = &lead[k..];
+    let mut rest = dst.offset(k).map_err(volatile_error)?;
+    fd.read_exact_volatile(&mut rest).map_err(volatile_error)
+}
+
 /// A read into guest RAM that failed: the link's error.
-pub(super) fn volatile_error(e: VolatileMemoryError) -> ProtocolError {
+fn volatile_error(e: VolatileMemoryError) -> ProtocolError {
     match e {
         VolatileMemoryError::IOError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             ProtocolError::Closed

@@ -19,10 +19,9 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use ferry_protocol::{raw_pages_head, MsgType, ProtocolError, PAGES_PREFIX, PAGE_SIZE};
-use vm_memory::ReadVolatile;
 
 use super::{Conn, FaultError};
-use crate::migration::install::volatile_error;
+use crate::migration::install::fill_part;
 use crate::migration::uffd_ram::UffdRam;
 
 /// A raw answer at least this long (after what is buffered of it) is read
@@ -124,11 +123,7 @@ pub(super) fn fill_ready(
     let mut from: &[u8] = &carry;
     let before = a.read;
     a.newly += ram.fill(a.first + a.done, pages, |dst| {
-        let k = from.len().min(dst.len());
-        dst.copy_from(&from[..k]);
-        from = &from[k..];
-        let mut rest = dst.offset(k).map_err(volatile_error)?;
-        fd.read_exact_volatile(&mut rest).map_err(volatile_error)?;
+        fill_part(dst, &mut from, &mut fd)?;
         Ok::<_, FaultError>(())
     })?;
     a.done += pages;
