@@ -295,23 +295,21 @@ fn cut_links_during_huge_page_postcopy_recover() {
     }
 }
 
-/// `ferry-dest --daemon --huge-pages`: the VM process the daemon starts
-/// for an incoming move maps its guest RAM in 2 MiB pages too.
-#[test]
-fn a_daemon_gives_its_vm_processes_huge_pages() {
+/// A move through `ferry-dest --daemon --huge-pages` plus `extra` daemon
+/// flags: the guest goes on ticking in the VM process the daemon started,
+/// whose RAM is in 2 MiB pages; returns that process's statistics.
+fn move_through_a_huge_page_daemon(name: &str, extra: &[&str]) -> serde_json::Value {
     need_pool(512);
-    let dir = Scratch::new("huge-daemon");
+    let dir = Scratch::new(name);
     let run = dir.path("run");
-    let (mut daemon, addr) = spawn_dest(
-        &dir,
-        "daemon",
-        &[
-            "--daemon",
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--huge-pages",
-        ],
-    );
+    let mut args = vec![
+        "--daemon",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--huge-pages",
+    ];
+    args.extend_from_slice(extra);
+    let (mut daemon, addr) = spawn_dest(&dir, "daemon", &args);
     let mut src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
     assert!(
         move_once_ticking(&dir, &addr, &[]),
@@ -336,6 +334,52 @@ fn a_daemon_gives_its_vm_processes_huge_pages() {
     ));
     let _ = daemon.0.kill();
     let _ = daemon.0.wait();
+    stats
+}
+
+/// `ferry-dest --daemon --huge-pages`: the VM process the daemon starts
+/// for an incoming move maps its guest RAM in 2 MiB pages too, made
+/// during the move.
+#[test]
+fn a_daemon_gives_its_vm_processes_huge_pages() {
+    let stats = move_through_a_huge_page_daemon("huge-daemon", &[]);
+    assert_eq!(stats["ram_allocated_ahead"], false, "{stats}");
+}
+
+/// `ferry-dest --daemon --huge-pages --prealloc session`: the VM process
+/// allocates the RAM its session's Hello asks for before it listens, and
+/// the move takes it (the statistics say so; the guest verifies every
+/// page of its working set as it goes on).
+#[test]
+fn a_daemon_preallocates_each_sessions_ram() {
+    let stats = move_through_a_huge_page_daemon("huge-daemon-ahead", &["--prealloc", "session"]);
+    assert_eq!(stats["ram_allocated_ahead"], true, "{stats}");
+}
+
+/// `--prealloc SIZE` is for a destination that takes one move and
+/// `--prealloc session` for a daemon; each the other way round is refused
+/// at start, naming the flag to use.
+#[test]
+fn prealloc_fits_the_way_moves_are_taken() {
+    let refused = |args: &[&str], says: &str| {
+        let out = Command::new(bin("ferry-dest"))
+            .args(["--listen", "127.0.0.1:0", "--huge-pages"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+    let run = Scratch::new("prealloc-modes");
+    let run = run.path("run");
+    let daemon = ["--daemon", "--run-dir", run.to_str().unwrap()];
+    refused(
+        &[&daemon[..], &["--prealloc", "256M"]].concat(),
+        "--prealloc session",
+    );
+    refused(&["--prealloc", "session"], "needs --daemon");
+    refused(&["--prealloc", "lots"], "invalid size");
 }
 
 /// A snapshot of a VM whose RAM is in huge pages holds every page the

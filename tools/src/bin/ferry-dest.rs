@@ -87,8 +87,11 @@ struct Args {
     /// a VM of that size does not zero them inside its post-copy phase
     /// (QEMU's -m with -mem-prealloc on the incoming side). A VM of
     /// another size gets RAM made for it during its move, as without.
-    #[arg(long, value_parser = parse_size, requires = "huge_pages", conflicts_with = "daemon")]
-    prealloc: Option<u64>,
+    /// With --daemon, `session`: each VM process allocates the RAM its
+    /// session's Hello asks for before it listens, while the source still
+    /// runs the VM.
+    #[arg(long, value_name = "SIZE|session", value_parser = parse_prealloc, requires = "huge_pages")]
+    prealloc: Option<Prealloc>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
     #[arg(long, group = "snapshot_file")]
@@ -134,6 +137,37 @@ struct Args {
     hook: HookArgs,
 }
 
+/// `--prealloc`: RAM of one size now, or (with --daemon) of each
+/// session's size in its VM process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prealloc {
+    Size(u64),
+    Session,
+}
+
+fn parse_prealloc(s: &str) -> Result<Prealloc, String> {
+    match s {
+        "session" => Ok(Prealloc::Session),
+        size => parse_size(size)
+            .map(Prealloc::Size)
+            .map_err(|e| format!("{e} (or `session`, with --daemon)")),
+    }
+}
+
+/// `--prealloc` fits the way this process takes moves: one of a SIZE
+/// without --daemon, `session` with it.
+fn check_prealloc(prealloc: Option<Prealloc>, daemon: bool) -> Result<(), String> {
+    match (prealloc, daemon) {
+        (Some(Prealloc::Size(_)), true) => Err("--prealloc SIZE is for a destination that \
+             takes one move; a --daemon's VM processes take theirs with --prealloc session"
+            .into()),
+        (Some(Prealloc::Session), false) => Err("--prealloc session needs --daemon: \
+             only a daemon knows a session's size before its VM process listens"
+            .into()),
+        _ => Ok(()),
+    }
+}
+
 fn parse_replay(s: &str) -> Result<snapshot::Replay, String> {
     match s {
         "auto" => Ok(snapshot::Replay::Auto),
@@ -164,6 +198,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         check_clone_disks(&path, args.io.disk.len())?;
         args.restore = Some(path);
     }
+    check_prealloc(args.prealloc, args.daemon)?;
     let hooks = args.hook.hooks(args.stats_json.as_deref());
     let shape = |vm: &ferry_engine::Vm| Shape {
         mem: vm.meta().mem_size,
@@ -183,7 +218,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Guest RAM made and allocated ahead, for a move of its size; before
     // the port opens, so that no move waits for it.
     let ram_ahead = match (args.prealloc, &args.listen) {
-        (Some(size), Some(_)) => {
+        (Some(Prealloc::Size(size)), Some(_)) => {
             let (ahead, took) = migration::ram_ahead::RamAhead::make(size)
                 .map_err(|e| format!("--prealloc {size}: {e}"))?;
             info!(
@@ -431,6 +466,7 @@ fn daemon_config(
     }
     fwd.extend(["--hook-timeout".into(), ms(args.hook.hook_timeout).into()]);
     Ok(daemon::DaemonConfig {
+        prealloc: args.prealloc == Some(Prealloc::Session),
         run_dir: args.run_dir.clone().ok_or("--daemon needs --run-dir")?,
         max_vms: args.max_vms,
         peer_timeout: args.link.peer_timeout,

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_engine::memory::HUGE_PAGE_SIZE;
 use ferry_protocol::Hello;
 use tracing::{info, warn};
 
@@ -49,6 +50,19 @@ fn io(what: &'static str) -> impl Fn(std::io::Error) -> StartError {
     move |source| StartError::Io { what, source }
 }
 
+/// `--prealloc SIZE` for a VM process of `hello`'s size, when the daemon
+/// preallocates and the size is whole 2 MiB pages (any other size is
+/// refused by the VM process itself, with its reason, once it reads the
+/// `Hello`).
+fn prealloc_args(cfg: &DaemonConfig, hello: &Hello) -> Vec<String> {
+    let whole = hello.mem_size > 0 && hello.mem_size.is_multiple_of(HUGE_PAGE_SIZE);
+    if cfg.prealloc && whole {
+        vec!["--prealloc".into(), hello.mem_size.to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
 impl VmProcess {
     /// Starts `ferry-dest` for `hello`'s session, listening on `ip` port 0,
     /// and waits until it listens.
@@ -84,6 +98,7 @@ impl VmProcess {
             .arg("--vm-id")
             .arg(&id)
             .args(&cfg.forwarded)
+            .args(prealloc_args(cfg, hello))
             .env(EXPECT_SESSION_ENV, hello.session_id.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("the VM's log"))?)
