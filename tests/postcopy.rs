@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use std::process::Command;
 
 /// The destination's statistics of a post-copy move; `stats["source"]` is
 /// the page server's count as of `PushDone`.
@@ -186,4 +187,83 @@ fn a_sequential_guest_gets_its_next_pages_with_each_fault() {
         m.stats
     );
     assert_continues(&m.src_log, &m.dst_log, 1);
+}
+
+/// The system's TCP congestion control, and another one this kernel has
+/// (so that a move that reports it cannot have kept the system's).
+fn another_congestion_control() -> (String, String) {
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let system = read("tcp_congestion_control");
+    let available = read("tcp_available_congestion_control");
+    let other = available
+        .split_whitespace()
+        .find(|a| *a != system)
+        .unwrap_or_else(|| panic!("only {system:?} here: no other algorithm to ask for"))
+        .to_string();
+    (system, other)
+}
+
+/// `ferry-source --tcp-congestion NAME`: the move's connections use NAME
+/// (the source's statistics read it back from the socket, and it is not
+/// the system's), and the guest moves as it does with the system's.
+#[test]
+fn the_source_sends_with_the_congestion_control_asked_for() {
+    let (system, other) = another_congestion_control();
+    let dir = Scratch::new("cc");
+    let guest = "ws=64M pattern=random write=80 report_ms=50";
+    let m = migrate(&dir, "512M", 1, guest, "1s", &["--tcp-congestion", &other]);
+    check_stats(&m.stats, 512 << 20);
+    assert_continues(&m.src_log, &m.dst_log, 1);
+    let src = wait_stats(&dir.path("src.json"), WAIT);
+    assert_eq!(
+        src["source"]["tcp_congestion"],
+        other.as_str(),
+        "asked for {other} (the system's is {system}): {src}"
+    );
+}
+
+/// A congestion control this kernel lacks ends the move before the
+/// pause: `ferry-ctl migrate` fails naming it, and the guest goes on
+/// running on the source. A name that cannot be one is refused by the
+/// API before anything happens.
+#[test]
+fn a_congestion_control_the_kernel_lacks_leaves_the_vm_running_here() {
+    let dir = Scratch::new("cc-missing");
+    let (_dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
+    let _src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
+    let mut ctl_run = migrate_once_ticking_with(&dir, &addr, &["--tcp-congestion", "nosuchalgo"]);
+    let status = wait_for(WAIT, "ferry-ctl migrate to end", || {
+        ctl_run.0.try_wait().unwrap()
+    });
+    assert!(!status.success(), "a move with nosuchalgo went through");
+    let err = std::fs::read_to_string(dir.path("ctl.err")).unwrap();
+    assert!(
+        err.contains("nosuchalgo") && err.contains("no such algorithm"),
+        "{err}"
+    );
+    let sock = dir.path("src.sock");
+    assert_eq!(ctl(&sock, &["status"])["run_state"], "running");
+    let seen = read_console(&dir.path("src.log")).len();
+    wait_lines(
+        &dir.path("src.log"),
+        seen + 3,
+        WAIT,
+        "ticks after the refusal",
+    );
+
+    let out = Command::new(bin("ferry-ctl"))
+        .arg("--api")
+        .arg(&sock)
+        .args(["migrate", &addr, "--tcp-congestion", "Not A Name"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a TCP congestion control name"), "{err}");
+    assert_eq!(ctl(&sock, &["status"])["run_state"], "running");
 }

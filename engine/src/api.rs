@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Commands: `status`, `pause`, `resume`, `snapshot` (`path`),
-//! `migrate` (`to`, optional `stats_json`, `mode`, `max_bandwidth` and
-//! `tls_cert`/`tls_key`/`tls_ca`/`tls_server_name`), `quit`.
+//! `migrate` (`to`, optional `stats_json`, `mode`, `max_bandwidth`,
+//! `tcp_congestion` and `tls_cert`/`tls_key`/`tls_ca`/`tls_server_name`),
+//! `quit`.
 //! Requests are untrusted: malformed or oversized lines get an error
 //! response, never a panic, and the connection stays usable.
 
@@ -82,6 +83,10 @@ pub enum ApiRequest {
         /// are never capped).
         #[serde(default)]
         max_bandwidth: Option<u64>,
+        /// TCP congestion control for the move's connections (e.g.
+        /// `reno`); checked before anything moves.
+        #[serde(default)]
+        tcp_congestion: Option<String>,
         /// Mutual TLS: this side's certificate (PEM file). All three of
         /// `tls_cert`, `tls_key` and `tls_ca` or none.
         #[serde(default)]

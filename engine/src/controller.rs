@@ -30,6 +30,9 @@ pub enum ControllerError {
     /// The TLS settings of a `migrate` request are incomplete or unusable.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A `migrate` request's `tcp_congestion` names no algorithm.
+    #[error("tcp_congestion: {0}")]
+    Congestion(String),
     /// The VM must not run here (see [`ServeContext::hold`]).
     #[error("refused: {0}")]
     Held(String),
@@ -222,6 +225,7 @@ pub fn handle(
             stats_json,
             mode,
             max_bandwidth,
+            tcp_congestion,
             tls_cert,
             tls_key,
             tls_ca,
@@ -241,6 +245,12 @@ pub fn handle(
             }
             if let Some(b) = max_bandwidth {
                 opts.server.max_bandwidth = Some(*b);
+            }
+            if let Some(name) = tcp_congestion {
+                if let Err(e) = ferry_transport::congestion::check_name(name) {
+                    return (ApiResponse::err(ControllerError::Congestion(e)), false);
+                }
+                opts.tcp_congestion = Some(name.clone());
             }
             return match migrate_to(vm, to, &opts, stats_json.as_deref(), api, ctx) {
                 Ok(v) => (ApiResponse::ok(v), true),

@@ -1285,6 +1285,7 @@ fn fuzz_api_request() {
             stats_json: Some("/tmp/s.json".into()),
             mode: Some(MigrationMode::Hybrid),
             max_bandwidth: Some(25 << 20),
+            tcp_congestion: Some("reno".into()),
             tls_cert: Some("/etc/ferry/source.pem".into()),
             tls_key: Some("/etc/ferry/source.key".into()),
             tls_ca: Some("/etc/ferry/ca.pem".into()),

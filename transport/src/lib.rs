@@ -15,6 +15,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod congestion;
 pub mod tls;
 
 use std::io::{self, Read, Write};

@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ferry_transport::Conn;
+use ferry_transport::{congestion, Conn};
 
 use super::error::SourceError;
 
@@ -29,8 +29,14 @@ pub struct Dial {
 #[derive(Debug)]
 enum Inner {
     /// TCP to this address (`host:port`); `redirected` once a daemon sent
-    /// the session elsewhere.
-    Tcp { addr: String, redirected: bool },
+    /// the session elsewhere; `congestion`: the algorithm asked for, and
+    /// `in_use` the one the last connection reported.
+    Tcp {
+        addr: String,
+        redirected: bool,
+        congestion: Option<String>,
+        in_use: Option<String>,
+    },
     /// Connected streams handed out in order (control, then fault).
     Given(VecDeque<Conn>),
 }
@@ -42,7 +48,27 @@ impl Dial {
             inner: Mutex::new(Inner::Tcp {
                 addr: addr.to_string(),
                 redirected: false,
+                congestion: None,
+                in_use: None,
             }),
+        }
+    }
+
+    /// Makes every TCP connection of this dial use congestion control
+    /// `name` (see `ferry_transport::congestion`); `None` keeps the
+    /// system's. A connection that cannot use it fails.
+    pub fn with_congestion(self, name: Option<String>) -> Self {
+        if let Inner::Tcp { congestion, .. } = &mut *self.lock() {
+            *congestion = name;
+        }
+        self
+    }
+
+    /// The congestion control the last TCP connection reported using.
+    pub fn congestion_in_use(&self) -> Option<String> {
+        match &*self.lock() {
+            Inner::Tcp { in_use, .. } => in_use.clone(),
+            Inner::Given(_) => None,
         }
     }
 
@@ -69,8 +95,10 @@ impl Dial {
 
     /// A new connection to the destination.
     pub(super) fn connect(&self) -> Result<Conn, SourceError> {
-        let addr = match &mut *self.lock() {
-            Inner::Tcp { addr, .. } => addr.clone(),
+        let (addr, congestion) = match &mut *self.lock() {
+            Inner::Tcp {
+                addr, congestion, ..
+            } => (addr.clone(), congestion.clone()),
             Inner::Given(streams) => {
                 return streams.pop_front().ok_or_else(|| SourceError::Connect {
                     addr: "socketpair".into(),
@@ -78,7 +106,11 @@ impl Dial {
                 })
             }
         };
-        connect_tcp(&addr).map(Conn::Plain)
+        let s = connect_tcp(&addr, congestion.as_deref())?;
+        if let Inner::Tcp { in_use, .. } = &mut *self.lock() {
+            *in_use = congestion::get(&s).ok();
+        }
+        Ok(Conn::Plain(s))
     }
 
     /// Points this dial at `port` on the host it dialled (a daemon's
@@ -87,7 +119,10 @@ impl Dial {
     /// source between them.
     pub(super) fn redirect(&self, port: u16) -> Result<String, SourceError> {
         let mut inner = self.lock();
-        let Inner::Tcp { addr, redirected } = &mut *inner else {
+        let Inner::Tcp {
+            addr, redirected, ..
+        } = &mut *inner
+        else {
             return Err(SourceError::Connect {
                 addr: "socketpair".into(),
                 why: "an in-process session was redirected".into(),
@@ -127,7 +162,7 @@ fn host_of(addr: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-fn connect_tcp(addr: &str) -> Result<TcpStream, SourceError> {
+fn connect_tcp(addr: &str, congestion: Option<&str>) -> Result<TcpStream, SourceError> {
     let fail = |why: String| SourceError::Connect {
         addr: addr.to_string(),
         why,
@@ -141,6 +176,9 @@ fn connect_tcp(addr: &str) -> Result<TcpStream, SourceError> {
         match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
+                if let Some(name) = congestion {
+                    congestion::set(&s, name).map_err(|e| fail(e.to_string()))?;
+                }
                 return Ok(s);
             }
             Err(e) => last = e.to_string(),

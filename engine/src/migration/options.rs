@@ -46,6 +46,9 @@ pub struct SourceOptions {
     /// blocks follow RAM in the page space, and the destination writes
     /// them into its own files.
     pub migrate_disks: bool,
+    /// TCP congestion control for the connections to the destination
+    /// (`ferry_transport::congestion`); `None` keeps the system's.
+    pub tcp_congestion: Option<String>,
     /// Post-copy: for this long before the pause, KVM's dirty log records
     /// which pages the guest writes; the push sends those (the hot set)
     /// first, then the rest. Zero: no dirty logging, plain page order.
@@ -71,6 +74,7 @@ impl Default for SourceOptions {
             preloaded: None,
             tls: None,
             migrate_disks: false,
+            tcp_congestion: None,
             hot_window: Duration::ZERO,
             spare_buffers: SpareBuffers::default(),
         }

@@ -223,6 +223,7 @@ pub(super) fn final_stats(
     server_stats: serde_json::Value,
     t0: Instant,
     recovery: &Recovery,
+    dial: &Dial,
 ) -> Result<MigrationStats, SourceError> {
     let mut stats: MigrationStats =
         serde_json::from_value(complete).map_err(|e| ProtocolError::BadJson {
@@ -234,6 +235,7 @@ pub(super) fn final_stats(
         "migration_ms": t0.elapsed().as_secs_f64() * 1e3,
         "recoveries": recovery.count,
         "recovery_ms": recovery.ms,
+        "tcp_congestion": dial.congestion_in_use(),
     });
     Ok(stats)
 }

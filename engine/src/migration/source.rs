@@ -77,7 +77,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     // asked, else backed now rather than at the first fault.
     let buffers = opts.mode.lazy().then(|| opts.spare_buffers.take());
     let peer_timeout = opts.server.peer_timeout;
-    let dial = Dial::tcp(addr);
+    let dial = Dial::tcp(addr).with_congestion(opts.tcp_congestion.clone());
     let Session {
         mut control,
         fault,
@@ -195,7 +195,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         }
         Err(e) => return Err(stranded(opts, e, record)),
     };
-    let stats = final_stats(complete, server_stats, t0, &committed.recovery)?;
+    let stats = final_stats(complete, server_stats, t0, &committed.recovery, &dial)?;
     opts.vm_here(VmHere::Held("it moved: the destination runs it".into()));
     opts.stage(Stage::Completed);
     info!(
@@ -326,7 +326,7 @@ pub fn migrate_machine(
         End::Complete { complete, server } => (complete, server),
         End::Unknown { .. } => return Err(SourceError::Unknown),
     };
-    let stats = final_stats(complete, server, t0, &committed.recovery)?;
+    let stats = final_stats(complete, server, t0, &committed.recovery, dial)?;
     info!(total_ms = stats.total_ms, "every page served");
     Ok(Outcome { stats })
 }
@@ -348,7 +348,7 @@ pub fn finish_after_crash(
         )));
     }
     let t0 = Instant::now();
-    let dial = Dial::tcp(&record.addr);
+    let dial = Dial::tcp(&record.addr).with_congestion(opts.tcp_congestion.clone());
     let mut committed = Committed::new(
         &dial,
         record.hello(),
@@ -365,6 +365,6 @@ pub fn finish_after_crash(
             ))
         }
     };
-    let stats = final_stats(complete, server, t0, &committed.recovery)?;
+    let stats = final_stats(complete, server, t0, &committed.recovery, &dial)?;
     Ok(Outcome { stats })
 }

@@ -146,6 +146,12 @@ pub struct Args {
     /// RAM when post-copy starts, so `prealloc=on` would not help it.)
     #[arg(long, requires = "huge_pages")]
     pub prealloc: bool,
+    /// TCP congestion control for Ferry's connections
+    /// (`ferry-source --tcp-congestion`) and for the wire probe's copies,
+    /// e.g. reno (default: the system's). QEMU keeps the system's: it has
+    /// no such setting.
+    #[arg(long, value_name = "NAME", value_parser = parse_congestion)]
+    pub tcp_congestion: Option<String>,
     /// Also run every Ferry point over mutual TLS (certificates made with
     /// `gen-certs` in the output directory), alternating with the plain
     /// runs, and add a TLS cost section: push throughput TLS ÷ plain and
@@ -187,6 +193,10 @@ pub struct Config {
     pub ferry: FerryTools,
     /// Every Ferry run also over mutual TLS.
     pub tls: bool,
+}
+
+fn parse_congestion(s: &str) -> Result<String, String> {
+    ferry_transport::congestion::check_name(s).map(|()| s.to_string())
 }
 
 fn duration(opt: &'static str, s: &str) -> Result<Duration, CliError> {
@@ -312,6 +322,7 @@ impl Args {
                 hot_window: self.hot_window.clone(),
                 huge_pages: self.huge_pages,
                 prealloc: self.prealloc,
+                tcp_congestion: self.tcp_congestion.clone(),
             },
             tls: self.tls,
         })

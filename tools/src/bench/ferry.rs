@@ -84,6 +84,8 @@ pub struct FerryTools {
     /// With `huge_pages`: the destination allocates the guest's RAM
     /// before it listens (`ferry-dest --prealloc`).
     pub prealloc: bool,
+    /// `ferry-source --tcp-congestion`, when given.
+    pub tcp_congestion: Option<String>,
 }
 
 /// Size of the bench's disk: the guest's disk workload uses 1 MiB of it.
@@ -235,6 +237,9 @@ pub fn run(
     if tools.huge_pages {
         cmd.arg("--huge-pages");
     }
+    if let Some(name) = &tools.tcp_congestion {
+        cmd.args(["--tcp-congestion", name]);
+    }
     let mut src = Child::spawn(cmd, "ferry-source", &f("src.err"))?;
     let status = src.wait_exit(timeout)?;
     if !status.success() {
@@ -304,6 +309,7 @@ mod tests {
             hot_window: None,
             huge_pages: false,
             prealloc: false,
+            tcp_congestion: None,
         };
         assert!(t.mode_args(Mode::Postcopy).is_empty());
         let hot = FerryTools {

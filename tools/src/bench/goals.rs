@@ -65,8 +65,12 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
             let _ = writeln!(
                 s,
                 "Wire: bulk TCP from the source's side to the destination's, best of {} copies \
-                 of 1 GiB in this run: **{:.2} GB/s** ({}).\n",
+                 of 1 GiB in this run ({}): **{:.2} GB/s** ({}).\n",
                 w.probes.len(),
+                w.congestion.as_deref().map_or_else(
+                    || "the system's congestion control".to_string(),
+                    |c| format!("congestion control {c}, as Ferry's source")
+                ),
                 w.bytes_per_s / 1e9,
                 w.probes
                     .iter()
@@ -180,6 +184,7 @@ mod tests {
             bytes_per_s: (1u64 << 30) as f64,
             probes: [(1u64 << 30) as f64; 3],
             pinned: false,
+            congestion: None,
         };
         let s = section(&recs, Some(&wire));
         let row = s.lines().find(|l| l.starts_with("| 2G | 64M |")).unwrap();

@@ -192,7 +192,8 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     };
     info!(runs = runs.len(), out = %out.display(), net = %net.describe(), "starting");
     let pinned = cfg.matrix.pin.contains(&true);
-    let wire = match wire::measure(&net, pinned) {
+    let congestion = cfg.ferry.tcp_congestion.as_deref();
+    let wire = match wire::measure(&net, pinned, congestion) {
         Ok(w) => {
             info!(
                 gb_per_s = format!("{:.2}", w.bytes_per_s / 1e9),

@@ -28,7 +28,7 @@ pub enum WireError {
 }
 
 /// What the wire carried.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WireFigure {
     /// Best bulk rate over the probes, bytes/s.
     pub bytes_per_s: f64,
@@ -36,6 +36,9 @@ pub struct WireFigure {
     pub probes: [f64; PROBES],
     /// The source and the destination threads were pinned to CPUs 0 and 1.
     pub pinned: bool,
+    /// The sender's TCP congestion control (as Ferry's source uses).
+    #[serde(default)]
+    pub congestion: Option<String>,
 }
 
 fn pin(cpu: usize) {
@@ -47,7 +50,13 @@ fn pin(cpu: usize) {
 
 /// One copy of `bytes` through `addr`; the rate is taken at the receiver,
 /// from the first byte to the last.
-fn probe(net: &Net, listener: &TcpListener, bytes: u64, pinned: bool) -> Result<f64, WireError> {
+fn probe(
+    net: &Net,
+    listener: &TcpListener,
+    bytes: u64,
+    pinned: bool,
+    congestion: Option<&str>,
+) -> Result<f64, WireError> {
     let addr: SocketAddr = listener.local_addr()?;
     let listener = listener.try_clone()?;
     let recv = std::thread::scope(|s| {
@@ -75,6 +84,9 @@ fn probe(net: &Net, listener: &TcpListener, bytes: u64, pinned: bool) -> Result<
                 pin(0);
             }
             let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            if let Some(name) = congestion {
+                ferry_transport::congestion::set(&conn, name)?;
+            }
             // Non-zero bytes, like a page of guest memory.
             let chunk = vec![0xa5u8; 1 << 20];
             let mut left = bytes;
@@ -93,20 +105,22 @@ fn probe(net: &Net, listener: &TcpListener, bytes: u64, pinned: bool) -> Result<
 }
 
 /// Measures the bulk TCP rate from the source's side to the destination's
-/// side of `net`, on a thread that enters the destination's namespace.
-pub fn measure(net: &Net, pinned: bool) -> Result<WireFigure, WireError> {
+/// side of `net`, on a thread that enters the destination's namespace;
+/// the sender uses congestion control `congestion` (default: the system's).
+pub fn measure(net: &Net, pinned: bool, congestion: Option<&str>) -> Result<WireFigure, WireError> {
     std::thread::scope(|s| {
         s.spawn(|| -> Result<WireFigure, WireError> {
             net.enter(Side::Dest)?;
             let listener = TcpListener::bind((net.dest_ip(), 0))?;
             let mut probes = [0.0; PROBES];
             for p in &mut probes {
-                *p = probe(net, &listener, PROBE_BYTES, pinned)?;
+                *p = probe(net, &listener, PROBE_BYTES, pinned, congestion)?;
             }
             Ok(WireFigure {
                 bytes_per_s: probes.iter().copied().fold(0.0, f64::max),
                 probes,
                 pinned,
+                congestion: congestion.map(str::to_string),
             })
         })
         .join()
@@ -122,7 +136,7 @@ mod tests {
     fn a_loopback_probe_moves_every_byte() {
         let net = Net::loopback();
         let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        let rate = probe(&net, &l, 8 << 20, false).unwrap();
+        let rate = probe(&net, &l, 8 << 20, false, Some("reno")).unwrap();
         assert!(rate.is_finite() && rate > 0.0, "{rate}");
     }
 }

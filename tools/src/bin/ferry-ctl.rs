@@ -48,6 +48,10 @@ enum Cmd {
         /// answers are never capped.
         #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
         max_bandwidth: Option<u64>,
+        /// TCP congestion control for the move's connections, e.g. reno
+        /// (default: the source's --tcp-congestion, else the system's).
+        #[arg(long, value_name = "NAME")]
+        tcp_congestion: Option<String>,
         /// Mutual TLS: the source's certificate (PEM), with --tls-key and
         /// --tls-ca.
         #[arg(long, requires_all = ["tls_key", "tls_ca"])]
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
             stats_json,
             mode,
             max_bandwidth,
+            tcp_congestion,
             tls_cert,
             tls_key,
             tls_ca,
@@ -147,6 +152,7 @@ fn main() -> ExitCode {
                 to,
                 mode,
                 max_bandwidth,
+                tcp_congestion,
                 stats_json: abs(stats_json),
                 tls_cert: abs(tls_cert),
                 tls_key: abs(tls_key),

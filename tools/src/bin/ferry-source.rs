@@ -73,6 +73,13 @@ struct Args {
     /// e.g. 200mbit or 25M (bytes/s); demand answers are never capped.
     #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
     max_bandwidth: Option<u64>,
+    /// TCP congestion control for the connections to the destination,
+    /// e.g. reno or cubic (default: the system's,
+    /// net.ipv4.tcp_congestion_control). The source sends the pages, so
+    /// its choice is the one that counts; the statistics report the one
+    /// used (source.tcp_congestion).
+    #[arg(long, value_name = "NAME", value_parser = parse_congestion)]
+    tcp_congestion: Option<String>,
     /// Post-copy: log the guest's writes for this long before the pause
     /// (KVM's dirty log) and push those pages first, e.g. 200ms. 0 turns
     /// it off.
@@ -99,6 +106,10 @@ struct Args {
     /// FILE.session, then remove both files.
     #[arg(long)]
     resume: Option<PathBuf>,
+}
+
+fn parse_congestion(s: &str) -> Result<String, String> {
+    ferry_transport::congestion::check_name(s).map(|()| s.to_string())
 }
 
 fn main() -> ExitCode {
@@ -159,6 +170,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         tls,
         migrate_disks: args.migrate_disk,
         hot_window: args.hot_window,
+        tcp_congestion: args.tcp_congestion.clone(),
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
             max_bandwidth: args.max_bandwidth,
