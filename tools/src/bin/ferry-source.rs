@@ -283,8 +283,10 @@ fn resume_crashed(args: &Args, mem_file: &Path) -> Result<ExitCode, Box<dyn std:
     let opts = SourceOptions {
         recovery_window: args.link.recovery_window,
         tls: client_tls(args)?,
+        tcp_congestion: args.tcp_congestion.clone(),
         server: ServerConfig {
             peer_timeout: args.link.peer_timeout,
+            max_bandwidth: args.max_bandwidth,
             ..Default::default()
         },
         ..Default::default()
