@@ -53,6 +53,46 @@ pub enum RunnerError {
     /// The TLS runs' certificates could not be made.
     #[error("certificates for --tls: {0}")]
     Certs(String),
+    /// A run's control socket would have a path longer than a Unix
+    /// socket's address can hold.
+    #[error(
+        "--out is too long: a run's socket would be {path} ({len} bytes), over the \
+         {SOCKET_PATH_MAX} a Unix socket path may have; choose a shorter --out"
+    )]
+    OutTooLong {
+        /// The socket path.
+        path: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+/// Longest path a Unix socket may have (`sun_path`, less its final zero).
+const SOCKET_PATH_MAX: usize = 107;
+/// The longest name of a socket in a run directory (`dst.sock`, `src.sock`,
+/// QEMU's `dst.qmp`, `src.qmp`).
+const LONGEST_SOCKET_NAME: &str = "dst.sock";
+
+/// A run's directory, relative to the output directory.
+fn run_rel(i: usize, label: &str) -> String {
+    format!("runs/{i:03}-{label}")
+}
+
+/// Checks, before anything runs, that every run's sockets under `out`
+/// (absolute) fit in a Unix socket address: else every run would fail
+/// at its start.
+fn check_socket_paths(out: &Path, labels: impl Iterator<Item = String>) -> Result<(), RunnerError> {
+    for (i, label) in labels.enumerate() {
+        let p = out.join(run_rel(i, &label)).join(LONGEST_SOCKET_NAME);
+        let len = p.as_os_str().len();
+        if len > SOCKET_PATH_MAX {
+            return Err(RunnerError::OutTooLong {
+                path: p.display().to_string(),
+                len,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What a benchmark produced.
@@ -178,6 +218,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
         Net::loopback()
     };
     let out_abs = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
+    check_socket_paths(&out_abs, runs.iter().map(|r| r.label()))?;
     let mut with_certs;
     let cfg = if cfg.tls {
         // A CA and both peers' certificates, for this run only.
@@ -217,7 +258,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     let mut records: Vec<RunRecord> = Vec::new();
     for (i, spec) in runs.iter().enumerate() {
         bar.set_message(spec.label());
-        let rel = format!("runs/{i:03}-{}", spec.label());
+        let rel = run_rel(i, &spec.label());
         let dir = out_abs.join(&rel);
         let host_before = super::host::HostCounters::read();
         let mut rec = match mkdir(&dir) {
@@ -445,5 +486,23 @@ mod tests {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
         assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
         assert_eq!(utc_stamp(1_796_028_175), "20261130T084255Z");
+    }
+
+    #[test]
+    fn an_out_dir_whose_sockets_cannot_fit_is_refused_before_any_run() {
+        let label = || "ferry-postcopy-2G-ws1536M-r0-v1-pin-4".to_string();
+        let short = Path::new("/work/r");
+        assert!(check_socket_paths(short, std::iter::repeat_with(label).take(80)).is_ok());
+        // The path that made every Ferry run of a matrix fail at its start.
+        let long = Path::new("/work/main/docs/results/goals-huge-2026-12-03-system-reno");
+        let e = check_socket_paths(long, std::iter::repeat_with(label).take(80))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--out is too long")
+                && e.contains("000-ferry-postcopy")
+                && e.contains("dst.sock"),
+            "{e}"
+        );
     }
 }
