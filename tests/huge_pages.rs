@@ -197,15 +197,7 @@ fn hybrid_into_huge_pages_is_refused_and_the_vm_stays() {
     );
     let dst_err = strip_ansi(&std::fs::read_to_string(dir.path("dst.err")).unwrap());
     assert!(dst_err.contains("not hybrid"), "{dst_err}");
-    let status = ctl(&dir.path("src.sock"), &["status"]);
-    assert_eq!(status["run_state"], "running", "{status}");
-    let seen = read_console(&dir.path("src.log")).len();
-    wait_lines(
-        &dir.path("src.log"),
-        seen + 3,
-        WAIT,
-        "source ticks after the refusal",
-    );
+    assert_source_goes_on(&dir);
     let (mut dst2, addr2) = spawn_huge_dest(&dir, "dst2");
     let s = move_into_huge_pages(&dir, ("dst2", &mut dst2, &addr2), src, &[]);
     assert_eq!(s["mode"], "postcopy", "{s}");

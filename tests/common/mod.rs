@@ -776,6 +776,21 @@ pub fn migrate_to(
     }
 }
 
+/// The VM of a `ferry-source` in `dir` (API `src.sock`, console
+/// `src.log`) still runs there after a refused move: its status says so
+/// and its guest prints three more lines.
+pub fn assert_source_goes_on(dir: &Scratch) {
+    let status = ctl(&dir.path("src.sock"), &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+    let seen = read_console(&dir.path("src.log")).len();
+    wait_lines(
+        &dir.path("src.log"),
+        seen + 3,
+        WAIT,
+        "source ticks after the refusal",
+    );
+}
+
 /// `ferry-dest --listen IP:0` writing the port it got to `dir/dst.addr`,
 /// with the serial log, stats and API socket in `dir` (`dst.log`,
 /// `dst.json`, `dst.sock`). An address off loopback takes `--insecure`:

@@ -32,6 +32,12 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// [`check_name`] as a command-line value parser: the name, if it can be
+/// one.
+pub fn parse_name(name: &str) -> Result<String, String> {
+    check_name(name).map(|()| name.to_string())
+}
+
 /// Makes `sock` use algorithm `name`. The kernel refuses one it does not
 /// have (`ENOENT`) or one this process may not choose (`EPERM`: see
 /// `net.ipv4.tcp_allowed_congestion_control`); the error says which.

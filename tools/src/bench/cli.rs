@@ -150,7 +150,7 @@ pub struct Args {
     /// (`ferry-source --tcp-congestion`) and for the wire probe's copies,
     /// e.g. reno (default: the system's). QEMU keeps the system's: it has
     /// no such setting.
-    #[arg(long, value_name = "NAME", value_parser = parse_congestion)]
+    #[arg(long, value_name = "NAME", value_parser = ferry_transport::congestion::parse_name)]
     pub tcp_congestion: Option<String>,
     /// Also run every Ferry point over mutual TLS (certificates made with
     /// `gen-certs` in the output directory), alternating with the plain
@@ -193,10 +193,6 @@ pub struct Config {
     pub ferry: FerryTools,
     /// Every Ferry run also over mutual TLS.
     pub tls: bool,
-}
-
-fn parse_congestion(s: &str) -> Result<String, String> {
-    ferry_transport::congestion::check_name(s).map(|()| s.to_string())
 }
 
 fn duration(opt: &'static str, s: &str) -> Result<Duration, CliError> {

@@ -78,7 +78,7 @@ struct Args {
     /// net.ipv4.tcp_congestion_control). The source sends the pages, so
     /// its choice is the one that counts; the statistics report the one
     /// used (source.tcp_congestion).
-    #[arg(long, value_name = "NAME", value_parser = parse_congestion)]
+    #[arg(long, value_name = "NAME", value_parser = ferry_transport::congestion::parse_name)]
     tcp_congestion: Option<String>,
     /// Post-copy: log the guest's writes for this long before the pause
     /// (KVM's dirty log) and push those pages first, e.g. 200ms. 0 turns
@@ -106,10 +106,6 @@ struct Args {
     /// FILE.session, then remove both files.
     #[arg(long)]
     resume: Option<PathBuf>,
-}
-
-fn parse_congestion(s: &str) -> Result<String, String> {
-    ferry_transport::congestion::check_name(s).map(|()| s.to_string())
 }
 
 fn main() -> ExitCode {
