@@ -145,19 +145,6 @@ fn postcopy_into_ram_allocated_ahead() {
     assert_eq!(s["ram_allocated_ahead"], false, "{s}");
 }
 
-/// `--prealloc` allocates huge-page RAM only: without `--huge-pages` it
-/// is refused, naming what it needs.
-#[test]
-fn prealloc_without_huge_pages_is_refused() {
-    let out = Command::new(bin("ferry-dest"))
-        .args(["--listen", "127.0.0.1:0", "--prealloc", "256M"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = strip_ansi(&String::from_utf8_lossy(&out.stderr));
-    assert!(err.contains("--huge-pages"), "{err}");
-}
-
 /// Stop-and-copy from ordinary RAM into huge pages: pages are written
 /// through the mapping (hugetlbfs has no write(2)) and zero pages zeroed in
 /// place.

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::layout::{self, RamRange, PAGE_SIZE};
 
@@ -92,6 +92,9 @@ pub struct GuestRam {
     ranges: Vec<RamRange>,
     size: u64,
     backing: Backing,
+    /// A second mapping of the memory file whose pages were all allocated
+    /// and mapped ahead ([`GuestRam::allocate_all`]).
+    alias_ahead: Option<GuestMemoryMmap>,
 }
 
 /// Reserves the pool pages for all of hugetlbfs `file` (`size` bytes):
@@ -210,14 +213,19 @@ impl GuestRam {
             ranges,
             size,
             backing,
+            alias_ahead: None,
         })
     }
 
     /// A second mapping of the memory file, with the same guest addresses
     /// as [`GuestRam::guest_memory`] at other host addresses: a write
     /// through it reaches the guest's pages without touching the guest's
-    /// own mapping (nor a userfaultfd registered on it).
+    /// own mapping (nor a userfaultfd registered on it). For RAM allocated
+    /// ahead, the mapping made then, whose pages are mapped already.
     pub fn alias(&self) -> Result<GuestMemoryMmap, MemoryError> {
+        if let Some(alias) = &self.alias_ahead {
+            return Ok(alias.clone());
+        }
         Ok(GuestMemoryMmap::from_ranges_with_files(
             self.ranges.iter().map(|r| {
                 (
@@ -229,26 +237,48 @@ impl GuestRam {
         )?)
     }
 
-    /// Allocates every page of the memory file now (zeroed), so that no
-    /// later first write pays for it; huge-page RAM only (see
-    /// `migration::ram_ahead`).
-    pub fn allocate_all(&self) -> Result<(), MemoryError> {
-        if self.backing != Backing::HugePages {
-            return Err(MemoryError::Io {
-                offset: 0,
-                source: std::io::Error::other("only huge-page RAM is allocated ahead"),
-            });
-        }
+    /// Allocates every page of the memory file now (zeroed) and maps them
+    /// all in a second mapping ([`GuestRam::alias`]), so that no later
+    /// write through it pays for a page or a page fault (see
+    /// `migration::ram_ahead`). The guest's own mapping is left alone: its
+    /// pages fault on first touch, which a userfaultfd registered for
+    /// minor faults catches.
+    pub fn allocate_all(&mut self) -> Result<(), MemoryError> {
+        let io = |offset: u64, e: std::io::Error| MemoryError::Io { offset, source: e };
         nix::fcntl::fallocate(
             &*self.file,
             nix::fcntl::FallocateFlags::empty(),
             0,
             self.size as i64,
         )
-        .map_err(|e| MemoryError::Io {
-            offset: 0,
-            source: e.into(),
-        })
+        .map_err(|e| io(0, e.into()))?;
+        let alias = self.alias()?;
+        for r in &self.ranges {
+            let host = alias
+                .get_host_address(GuestAddress(r.guest_addr))
+                .map_err(|e| io(r.file_offset, std::io::Error::other(e.to_string())))?;
+            let host = std::ptr::NonNull::new(host.cast::<libc::c_void>())
+                .ok_or_else(|| io(r.file_offset, std::io::Error::other("null mapping")))?;
+            // SAFETY: `host..host + r.len` is one range of `alias`, a live
+            // shared mapping of the memory file that this function owns;
+            // MADV_POPULATE_WRITE only faults its pages in (they were
+            // allocated above and hold zeros), changing no byte.
+            unsafe {
+                nix::sys::mman::madvise(
+                    host,
+                    r.len as usize,
+                    nix::sys::mman::MmapAdvise::MADV_POPULATE_WRITE,
+                )
+            }
+            .map_err(|e| io(r.file_offset, e.into()))?;
+        }
+        self.alias_ahead = Some(alias);
+        Ok(())
+    }
+
+    /// True when every page was allocated ahead ([`GuestRam::allocate_all`]).
+    pub fn allocated_ahead(&self) -> bool {
+        self.alias_ahead.is_some()
     }
 
     /// What the memory file is made of.

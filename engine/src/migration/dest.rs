@@ -380,6 +380,7 @@ impl DestMove<'_> {
                 .session
                 .finish_postcopy(ram, &mut self.counters, fault)?;
         }
+        let in_place = self.uffd.as_ref().is_some_and(|(r, _)| r.fills_in_place());
         let fault_stats = match self.uffd.take() {
             Some((ram, fault)) => {
                 let f = fault.stop()?;
@@ -407,6 +408,7 @@ impl DestMove<'_> {
             self.session.disks.as_deref(),
         );
         stats.ram_allocated_ahead = self.session.opts.ram_ahead.was_taken();
+        stats.filled_in_place = in_place;
         let complete = serde_json::to_vec(&stats).unwrap_or_default();
         self.session.send_complete(&complete);
         Ok(stats)
@@ -710,7 +712,12 @@ fn prepare(
         ));
     }
     let lazy = mode.lazy();
-    let prepared = match opts.ram_ahead.take(hello.mem_size, backing) {
+    // Hybrid drops single stale pages of RAM it filled before the state,
+    // which RAM allocated ahead (mapped a unit at a time) cannot take.
+    let ahead = (mode != MigrationMode::Hybrid)
+        .then(|| opts.ram_ahead.take(hello.mem_size, backing))
+        .flatten();
+    let prepared = match ahead {
         Some(ram) => {
             info!(mib = hello.mem_size >> 20, "guest RAM made ahead taken");
             PreparedVm::in_ram(ram, hello.vcpus, console, lazy)?
@@ -1031,6 +1038,7 @@ fn build_stats(
         backing: vm.ram().backing(),
         // Set by the caller, which knows where the RAM came from.
         ram_allocated_ahead: false,
+        filled_in_place: false,
         push_install: push.install,
         bytes_wire: push.bytes_wire + fault.bytes_wire + bytes_state,
         bytes_state,

@@ -341,8 +341,8 @@ fn run(
                 Local::Hit => st.prefetch_hits += 1,
                 Local::Zero => st.zero_faults += 1,
                 Local::Missing => {
-                    let ask = if ram.is_huge() {
-                        plan_huge(&ram, &mut pending, vcpu, pfn, &mut st)
+                    let ask = if ram.fills_in_place() {
+                        plan_unit(&ram, &mut pending, vcpu, pfn, &mut st)
                     } else {
                         plan_small(&ram, &mut pending, &mut around, vcpu, pfn, &mut st)
                     };
@@ -468,10 +468,11 @@ fn plan_small(
     Some((pfn, n))
 }
 
-/// Huge-page RAM: a fault waits for its whole huge page, so this asks for
-/// every page of it that is neither here nor asked for, in one request
-/// spanning them. The vCPU's wait is recorded on the last missing page.
-fn plan_huge(
+/// RAM filled in place: a fault waits for its whole unit (a huge page, or
+/// 64 KiB), so this asks for every page of it that is neither here nor
+/// asked for, in one request spanning them. The vCPU's wait is recorded on
+/// the last missing page.
+fn plan_unit(
     ram: &UffdRam,
     pending: &mut HashMap<u64, Pending>,
     vcpu: u32,
@@ -479,8 +480,8 @@ fn plan_huge(
     st: &mut FaultStats,
 ) -> Option<(u64, u64)> {
     let missing: Vec<u64> = ram.missing_in_unit(pfn).collect();
-    // The vCPU waits for the whole huge page, which is complete when the
-    // last of its missing pages arrives (answers come in page order).
+    // The vCPU waits for the whole unit, which is complete when the last
+    // of its missing pages arrives (answers come in page order).
     let wait = *missing.last()?;
     let now = Instant::now();
     // Pages nobody asked for yet, `wait` included when it is one of them.

@@ -118,8 +118,8 @@ pub struct MigrationStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault_priority: Option<crate::sched::Applied>,
     /// Pages demand requests asked for after the faulting page
-    /// (fault-around, see `migration::fault_around`; with huge pages, the
-    /// other missing pages of the faulting huge page).
+    /// (fault-around, see `migration::fault_around`; into RAM filled in
+    /// place, the other missing pages of the faulting unit).
     #[serde(default)]
     pub fault_around_pages: u64,
     /// What the destination's guest RAM is made of (`shmem`, or
@@ -130,6 +130,11 @@ pub struct MigrationStats {
     /// (`ferry-dest --prealloc`, see `migration::ram_ahead`).
     #[serde(default)]
     pub ram_allocated_ahead: bool,
+    /// Post-copy wrote pages in place and mapped them a unit at a time
+    /// with `UFFDIO_CONTINUE` (huge pages, or RAM allocated ahead), rather
+    /// than `UFFDIO_COPY` from a buffer (see `migration::uffd_ram`).
+    #[serde(default)]
+    pub filled_in_place: bool,
     /// How the destination installed the push (`pipelined`, or `inline`
     /// when it may use one CPU only); absent without a push.
     #[serde(default, skip_serializing_if = "Option::is_none")]

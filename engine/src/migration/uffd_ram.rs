@@ -11,10 +11,11 @@
 //! recorded. A fault on one is resolved locally with `UFFDIO_ZEROPAGE`, and
 //! the rest stay holes in the memfd, which read as zero after unregistering.
 //!
-//! RAM in 2 MiB huge pages is mapped a whole huge page at a time: pages are
-//! written in place through a second mapping and mapped into the guest's
-//! with `UFFDIO_CONTINUE` once their huge page is complete (see the `huge`
-//! submodule).
+//! RAM in 2 MiB huge pages, and shared memory allocated ahead
+//! (`ferry-dest --prealloc`), is filled in place instead: pages are written
+//! through a second mapping and mapped into the guest's with
+//! `UFFDIO_CONTINUE` a unit at a time (a huge page, or 64 KiB), once the
+//! unit is complete (see the `units` submodule).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,12 +24,13 @@ use std::sync::{Arc, Mutex};
 use userfaultfd::{Error as UffdLibError, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-mod huge;
+mod units;
 
 use crate::layout::PAGE_SIZE;
+use crate::memory::HUGE_PAGE_PAGES;
 use crate::memory::{Backing, GuestRam};
 use ferry_protocol::PageBitmap;
-use huge::{Writers, UNIT_PAGES};
+use units::{Writers, SHMEM_UNIT_PAGES};
 
 /// Most pages one `UFFDIO_COPY` installs. A woken fault thread, even at
 /// real-time priority, waits for the push installer's ioctl on its core to
@@ -90,29 +92,40 @@ struct Region {
 pub struct UffdRam {
     uffd: Uffd,
     regions: Vec<Region>,
-    /// Pages that hold their final content (with huge pages: possibly
+    /// Pages that hold their final content (filled in place: possibly
     /// still staged, see `mapped`).
     pub present: PageBitmap,
     /// Pages the source reported as zero and that are still holes.
     pub zero: PageBitmap,
-    /// Huge-page RAM: the huge pages mapped (one bit each); empty otherwise.
+    /// RAM filled in place: the units mapped (one bit each); empty
+    /// otherwise.
     mapped: PageBitmap,
-    /// Huge-page RAM: who writes which huge page (see the `huge` module).
+    /// RAM filled in place: who writes which unit (see the `units` module).
     writers: Mutex<Writers>,
-    /// Huge-page RAM: a second mapping of the memory file, which no
+    /// RAM filled in place: a second mapping of the memory file, which no
     /// userfaultfd watches, to write pages in place.
     alias: Option<GuestMemoryMmap>,
-    /// Huge-page RAM: the memory file, to allocate a huge page of zeros.
+    /// RAM filled in place: the memory file, to allocate a unit's holes.
     file: Option<Arc<File>>,
+    /// Pages per unit mapped at once, when filled in place (1 otherwise).
+    unit: u64,
     huge: bool,
 }
 
 impl UffdRam {
-    /// Registers all of `ram` for missing-page faults (huge-page RAM also
-    /// for minor faults: a page of the file not yet mapped by the guest).
+    /// Registers all of `ram` for missing-page faults. RAM filled in
+    /// place (huge pages, or RAM allocated ahead) is registered for minor
+    /// faults too: a page of the file that exists but that the guest has
+    /// not mapped yet.
     pub fn register(ram: &GuestRam) -> Result<Self, UffdRamError> {
         let setup = |e: UffdLibError| UffdRamError::Setup(e.to_string());
         let huge = ram.backing() == Backing::HugePages;
+        let in_place = huge || ram.allocated_ahead();
+        let unit = match (in_place, huge) {
+            (false, _) => 1,
+            (true, true) => HUGE_PAGE_PAGES,
+            (true, false) => SHMEM_UNIT_PAGES,
+        };
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -129,7 +142,7 @@ impl UffdRam {
             )
             .create()
             .map_err(setup)?;
-        let mode = if huge {
+        let mode = if in_place {
             RegisterMode::MISSING | RegisterMode::MINOR
         } else {
             RegisterMode::MISSING
@@ -154,13 +167,13 @@ impl UffdRam {
             regions,
             present: PageBitmap::new(ram.pages()),
             zero: PageBitmap::new(ram.pages()),
-            mapped: PageBitmap::new(if huge {
-                ram.pages().div_ceil(UNIT_PAGES)
+            mapped: PageBitmap::new(if in_place {
+                ram.pages().div_ceil(unit)
             } else {
                 0
             }),
             writers: Mutex::new(Writers::default()),
-            alias: if huge {
+            alias: if in_place {
                 Some(
                     ram.alias()
                         .map_err(|e| UffdRamError::Setup(format!("second mapping: {e}")))?,
@@ -168,15 +181,21 @@ impl UffdRam {
             } else {
                 None
             },
-            file: huge.then(|| ram.file().clone()),
+            file: in_place.then(|| ram.file().clone()),
+            unit,
             huge,
         })
     }
 
-    /// True when pages are written in place ([`UffdRam::fill`]): huge-page
-    /// RAM.
+    /// True when pages are written in place ([`UffdRam::fill`]) and mapped
+    /// a unit at a time: huge-page RAM, and RAM allocated ahead.
     pub fn fills_in_place(&self) -> bool {
         self.alias.is_some()
+    }
+
+    /// Pages mapped at once: a unit of RAM filled in place, else 1.
+    pub fn unit_pages(&self) -> u64 {
+        self.unit
     }
 
     /// True for huge-page RAM, mapped 2 MiB at a time.
@@ -250,11 +269,11 @@ impl UffdRam {
     }
 
     /// Installs `data` (whole pages) at `pfn`, skipping pages already
-    /// present. Returns how many pages this call installed (with huge
-    /// pages: wrote in place, see the `huge` submodule).
+    /// present. Returns how many pages this call installed (into RAM
+    /// filled in place: wrote in place, see the `units` submodule).
     pub fn install(&self, pfn: u64, data: &[u8]) -> Result<u64, UffdRamError> {
         let count = (data.len() / PAGE_SIZE) as u64;
-        if self.huge {
+        if self.fills_in_place() {
             return self.fill_from(pfn, data);
         }
         let mut installed = 0;
@@ -324,10 +343,10 @@ impl UffdRam {
     }
 
     /// Records pages `first..first+n` as zero (the push's zero runs): they
-    /// stay holes until a fault on one (with huge pages, this may complete
-    /// a huge page, which is then installed).
+    /// stay holes until a fault on one (filled in place, this may complete
+    /// a unit, which is then mapped).
     pub fn note_zero(&self, first: u64, n: u64) -> Result<(), UffdRamError> {
-        if self.huge {
+        if self.fills_in_place() {
             self.zeros(first, n)?;
         } else {
             self.zero.set_range(first, n);
@@ -338,8 +357,8 @@ impl UffdRam {
     /// Resolves a fault on `pfn` without the network when it can: the page
     /// is present (woken) or known to be zero (installed as zero).
     pub fn resolve_local(&self, pfn: u64) -> Result<Local, UffdRamError> {
-        if self.huge {
-            return self.resolve_huge(pfn);
+        if self.fills_in_place() {
+            return self.resolve_unit(pfn);
         }
         if self.present.get(pfn) {
             self.wake(pfn);
@@ -353,10 +372,10 @@ impl UffdRam {
     }
 
     /// Pages `first..first+n` answered as zero on the fault connection:
-    /// installed as zero pages (with huge pages: staged). Returns how many
+    /// installed as zero pages (filled in place: noted). Returns how many
     /// were new.
     pub fn install_zeros(&self, first: u64, n: u64) -> Result<u64, UffdRamError> {
-        if self.huge {
+        if self.fills_in_place() {
             return self.zeros(first, n);
         }
         let mut newly = 0;
@@ -391,13 +410,10 @@ impl UffdRam {
     }
 
     /// Wakes threads blocked on `pfn` (after another thread installed it);
-    /// with huge pages, on its whole huge page.
+    /// filled in place, on its whole unit.
     pub fn wake(&self, pfn: u64) {
-        let (first, n) = if self.huge {
-            ((pfn / UNIT_PAGES) * UNIT_PAGES, UNIT_PAGES)
-        } else {
-            (pfn, 1)
-        };
+        let first = (pfn / self.unit) * self.unit;
+        let n = self.unit.min(self.pages() - first);
         if let Ok(host) = self.host_of(first, n) {
             let _ = self
                 .uffd

@@ -140,11 +140,12 @@ pub struct Args {
     /// pool (/proc/sys/vm/nr_hugepages) must hold both sides' RAM.
     #[arg(long)]
     pub huge_pages: bool,
-    /// With --huge-pages: Ferry's destination makes and allocates the
-    /// guest's RAM before it listens (`ferry-dest --prealloc`), so no move
-    /// zeroes pages on its critical path. (QEMU's destination discards its
-    /// RAM when post-copy starts, so `prealloc=on` would not help it.)
-    #[arg(long, requires = "huge_pages")]
+    /// Ferry's destination makes and allocates the guest's RAM before it
+    /// listens (`ferry-dest --prealloc`), so no move allocates and zeroes
+    /// pages on its critical path, and post-copy writes them in place.
+    /// (QEMU's destination discards its RAM when post-copy starts, so
+    /// `prealloc=on` would not help it.)
+    #[arg(long)]
     pub prealloc: bool,
     /// TCP congestion control for Ferry's connections
     /// (`ferry-source --tcp-congestion`) and for the wire probe's copies,

@@ -304,8 +304,8 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     bar.finish_and_clear();
     drop(net);
     let title = format!(
-        "ferry-bench results ({}, guest runs {} ms before the move, Ferry: plus 4 ms per MiB \
-         of working set to set it up; QEMU: and ≥ 1.1 s after its first TICK{}{})",
+        "ferry-bench results ({}, guest runs {} ms before the move, and ≥ 1.1 s after its \
+         first TICK (its working set written){}{})",
         if cfg.netns {
             match &cfg.link_rate {
                 Some(r) => format!("two network namespaces, {r} veth"),

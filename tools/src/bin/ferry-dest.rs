@@ -82,15 +82,16 @@ struct Args {
     /// loads the whole huge pages it touches).
     #[arg(long)]
     huge_pages: bool,
-    /// With --huge-pages and --listen: make the incoming VM's RAM now,
-    /// SIZE bytes, and allocate every 2 MiB page of it, so that a move of
-    /// a VM of that size does not zero them inside its post-copy phase
-    /// (QEMU's -m with -mem-prealloc on the incoming side). A VM of
-    /// another size gets RAM made for it during its move, as without.
+    /// With --listen: make the incoming VM's RAM now, SIZE bytes, and
+    /// allocate every page of it, so that a move of a VM of that size does
+    /// not allocate and zero pages inside its post-copy phase, where it
+    /// then writes each page in place (QEMU's -m with -mem-prealloc on
+    /// the incoming side). A VM of another size, or a hybrid move, gets RAM
+    /// made for it during its move, as without.
     /// With --daemon, `session`: each VM process allocates the RAM its
     /// session's Hello asks for before it listens, while the source still
     /// runs the VM.
-    #[arg(long, value_name = "SIZE|session", value_parser = parse_prealloc, requires = "huge_pages")]
+    #[arg(long, value_name = "SIZE|session", value_parser = parse_prealloc)]
     prealloc: Option<Prealloc>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
@@ -151,6 +152,15 @@ fn parse_prealloc(s: &str) -> Result<Prealloc, String> {
         size => parse_size(size)
             .map(Prealloc::Size)
             .map_err(|e| format!("{e} (or `session`, with --daemon)")),
+    }
+}
+
+/// What the incoming VM's RAM is made of (`--huge-pages`).
+fn backing_of(args: &Args) -> Backing {
+    if args.huge_pages {
+        Backing::HugePages
+    } else {
+        Backing::Shmem
     }
 }
 
@@ -219,7 +229,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // the port opens, so that no move waits for it.
     let ram_ahead = match (args.prealloc, &args.listen) {
         (Some(Prealloc::Size(size)), Some(_)) => {
-            let (ahead, took) = migration::ram_ahead::RamAhead::make(size)
+            let (ahead, took) = migration::ram_ahead::RamAhead::make(size, backing_of(&args))
                 .map_err(|e| format!("--prealloc {size}: {e}"))?;
             info!(
                 mib = size >> 20,
@@ -260,11 +270,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         fault_priority: args.fault_priority,
         // A network move has no local page source to load from.
         preload: None,
-        backing: if args.huge_pages {
-            Backing::HugePages
-        } else {
-            Backing::Shmem
-        },
+        backing: backing_of(&args),
         fault_buffers: Default::default(),
         ram_ahead,
     };
@@ -466,7 +472,7 @@ fn daemon_config(
     }
     fwd.extend(["--hook-timeout".into(), ms(args.hook.hook_timeout).into()]);
     Ok(daemon::DaemonConfig {
-        prealloc: args.prealloc == Some(Prealloc::Session),
+        prealloc: (args.prealloc == Some(Prealloc::Session)).then_some(backing_of(args)),
         run_dir: args.run_dir.clone().ok_or("--daemon needs --run-dir")?,
         max_vms: args.max_vms,
         peer_timeout: args.link.peer_timeout,

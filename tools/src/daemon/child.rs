@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_engine::memory::HUGE_PAGE_SIZE;
+use ferry_engine::memory::{Backing, HUGE_PAGE_SIZE};
 use ferry_protocol::Hello;
 use tracing::{info, warn};
 
@@ -51,12 +51,16 @@ fn io(what: &'static str) -> impl Fn(std::io::Error) -> StartError {
 }
 
 /// `--prealloc SIZE` for a VM process of `hello`'s size, when the daemon
-/// preallocates and the size is whole 2 MiB pages (any other size is
-/// refused by the VM process itself, with its reason, once it reads the
-/// `Hello`).
-fn prealloc_args(cfg: &DaemonConfig, hello: &Hello) -> Vec<String> {
-    let whole = hello.mem_size > 0 && hello.mem_size.is_multiple_of(HUGE_PAGE_SIZE);
-    if cfg.prealloc && whole {
+/// preallocates and the size is one its RAM can have (whole 2 MiB pages
+/// for huge pages; any other size is refused by the VM process itself,
+/// with its reason, once it reads the `Hello`).
+fn prealloc_args(prealloc: Option<Backing>, hello: &Hello) -> Vec<String> {
+    let size = hello.mem_size;
+    let fits = |backing| {
+        ferry_engine::layout::valid_mem_size(size)
+            && (backing != Backing::HugePages || size.is_multiple_of(HUGE_PAGE_SIZE))
+    };
+    if prealloc.is_some_and(fits) {
         vec!["--prealloc".into(), hello.mem_size.to_string()]
     } else {
         Vec::new()
@@ -98,7 +102,7 @@ impl VmProcess {
             .arg("--vm-id")
             .arg(&id)
             .args(&cfg.forwarded)
-            .args(prealloc_args(cfg, hello))
+            .args(prealloc_args(cfg.prealloc, hello))
             .env(EXPECT_SESSION_ENV, hello.session_id.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("the VM's log"))?)
@@ -198,5 +202,40 @@ impl VmProcess {
         for p in [&self.files.record, &self.files.addr, &self.files.api] {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_gets_prealloc_for_ram_its_kind_can_have() {
+        let hello = |mem_size| Hello {
+            version: ferry_protocol::PROTOCOL_VERSION,
+            role: ferry_protocol::Role::Control,
+            session_id: 7,
+            features: 0,
+            mem_size,
+            vcpus: 1,
+            page_size: ferry_protocol::PAGE_SIZE as u32,
+            options: Vec::new(),
+        };
+        let args = |p, mem| prealloc_args(p, &hello(mem));
+        assert_eq!(
+            args(Some(Backing::Shmem), 100 << 20),
+            ["--prealloc", "104857600"]
+        );
+        assert_eq!(
+            args(Some(Backing::HugePages), 256 << 20),
+            ["--prealloc", "268435456"]
+        );
+        // 101 MiB is not whole huge pages; 4 KiB RAM can have it.
+        assert!(args(Some(Backing::HugePages), 101 << 20).is_empty());
+        assert_eq!(args(Some(Backing::Shmem), 101 << 20).len(), 2);
+        // No size a VM can have, or no --prealloc session.
+        assert!(args(Some(Backing::Shmem), 0).is_empty());
+        assert!(args(Some(Backing::Shmem), (100 << 20) + 1).is_empty());
+        assert!(args(None, 256 << 20).is_empty());
     }
 }

@@ -61,9 +61,10 @@ pub struct DaemonConfig {
     pub forwarded: Vec<OsString>,
     /// How long a VM process waits for its source before it gives up.
     pub accept_timeout: Duration,
-    /// Each VM process allocates its session's huge-page RAM before it
-    /// listens (`--prealloc session`; `forwarded` holds `--huge-pages`).
-    pub prealloc: bool,
+    /// Each VM process allocates its session's RAM, of this kind, before
+    /// it listens (`--prealloc session`; `forwarded` holds `--huge-pages`
+    /// for huge pages).
+    pub prealloc: Option<ferry_engine::memory::Backing>,
     /// Mutual TLS on the daemon's listener (its VM processes get the same
     /// files through `forwarded`).
     pub tls: Option<ferry_transport::ServerTls>,
