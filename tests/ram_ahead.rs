@@ -1,6 +1,6 @@
 //! Guest RAM in 4 KiB pages of shared memory made and allocated before
 //! the move (`ferry-dest --prealloc`): post-copy writes each page in place
-//! and maps it a 64 KiB unit at a time. Judged by the workload guest,
+//! and maps it a 512 KiB unit at a time. Judged by the workload guest,
 //! which verifies every page of its working set as it goes on, and by
 //! the statistics.
 
@@ -55,7 +55,7 @@ fn move_to(
 
 /// A post-copy move of the size allocated ahead takes that RAM and fills
 /// it in place (the statistics say both); every page still faults until
-/// it arrives, and a fault asks for the rest of its 64 KiB unit. A move of
+/// it arrives, and a fault asks for the rest of its 512 KiB unit. A move of
 /// another size gets RAM of its own, filled by `UFFDIO_COPY` as without
 /// `--prealloc`.
 #[test]

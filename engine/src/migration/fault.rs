@@ -469,7 +469,7 @@ fn plan_small(
 }
 
 /// RAM filled in place: a fault waits for its whole unit (a huge page, or
-/// 64 KiB), so this asks for every page of it that is neither here nor
+/// 512 KiB), so this asks for every page of it that is neither here nor
 /// asked for, in one request spanning them. The vCPU's wait is recorded on
 /// the last missing page.
 fn plan_unit(

@@ -11,7 +11,7 @@
 //!   with `UFFDIO_COPY`: that ran at 0.6-0.7 GB/s here into fresh pages
 //!   (this host hands freed memory back to its own hypervisor), against
 //!   10-11 GB/s for a copy into pages allocated ahead plus
-//!   `UFFDIO_CONTINUE` at 12-14 GB/s (1.5 GiB in 64 KiB units).
+//!   `UFFDIO_CONTINUE` at 12-14 GB/s (1.5 GiB in 64-256 KiB calls).
 //!
 //! Allocating when the destination starts (`ferry-dest --prealloc SIZE`,
 //! QEMU's `-m` with `-mem-prealloc` on the incoming side) moves that cost

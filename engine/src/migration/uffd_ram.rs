@@ -14,7 +14,7 @@
 //! RAM in 2 MiB huge pages, and shared memory allocated ahead
 //! (`ferry-dest --prealloc`), is filled in place instead: pages are written
 //! through a second mapping and mapped into the guest's with
-//! `UFFDIO_CONTINUE` a unit at a time (a huge page, or 64 KiB), once the
+//! `UFFDIO_CONTINUE` a unit at a time (a huge page, or 512 KiB), once the
 //! unit is complete (see the `units` submodule).
 
 use std::fs::File;

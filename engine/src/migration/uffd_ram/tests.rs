@@ -1,6 +1,6 @@
 //! RAM filled in place, with a real userfaultfd: huge pages from the pool
 //! (scripts/setup.sh reserves it; without it these fail, naming it) and
-//! shared memory allocated ahead, in 64 KiB units. Every test runs on
+//! shared memory allocated ahead, in 512 KiB units. Every test runs on
 //! both. Contents are read back through the memory file and, once a unit
 //! is mapped, through the guest's own mapping, which must then not fault.
 
@@ -49,12 +49,12 @@ fn pages(n: u64, byte: u8) -> Vec<u8> {
 }
 
 #[test]
-fn the_units_are_huge_pages_and_64_kib() {
+fn the_units_are_huge_pages_and_512_kib() {
     let units: Vec<u64> = in_place_rams()
         .iter()
         .map(|(_, u)| u.unit_pages())
         .collect();
-    assert_eq!(units, [512, 16]);
+    assert_eq!(units, [512, 128]);
     // RAM neither in huge pages nor allocated ahead takes UFFDIO_COPY.
     let plain = UffdRam::register(&GuestRam::new(16 << 20).unwrap()).unwrap();
     assert!(!plain.fills_in_place());
