@@ -233,41 +233,21 @@ fn impossible_huge_page_ram_is_refused_with_the_reason() {
 /// and the guest verifies every page.
 #[test]
 fn cut_links_during_huge_page_postcopy_recover() {
-    use common::proxy::{Cut, Dir, Proxy};
     need_pool(1024);
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for i in 0..3 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // The push carries ~256 MiB of non-zero pages; cut in its first 120.
-        let cut = Cut::AtByte(Dir::ToDest, (1 << 20) + x % (120 << 20));
-        let dir = Scratch::new(&format!("huge-cut-{i}"));
-        let link = ["--peer-timeout", "2s", "--recovery-window", "30s"];
-        let mut dest_args = link.to_vec();
-        dest_args.push("--huge-pages");
-        let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &dest_args)));
-        let proxy = Proxy::start(&addr, vec![cut]);
-        let mut src = spawn_linked_source(
-            &dir,
-            ("512M", GUEST),
-            &proxy.addr,
-            "60m",
-            ("2s", "30s"),
+        let name = format!("huge-cut-{i}");
+        let mut m = move_through_a_cut(
+            &name,
+            &mut seed,
+            GUEST,
+            &["--huge-pages"],
             &["--huge-pages"],
         );
-        let mut ctl_proc = migrate_once_ticking(&dir, &proxy.addr);
-        assert!(
-            wait_exit(&mut ctl_proc, WAIT, "the move to end"),
-            "move {i} {cut:?}: {}\n{}",
-            std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default(),
-            std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
-        );
-        assert_eq!(proxy.fired(), 1, "move {i}: {cut:?} did not fire");
-        let s = check_moved_into_huge_pages(&dir, "dst", &mut dst);
+        let s = check_moved_into_huge_pages(&m.dir, "dst", &mut m.dst);
         assert_eq!(s["recoveries"], 1, "move {i}: {s}");
         assert!(wait_exit(
-            &mut src,
+            &mut m.src,
             WAIT,
             "the source to end after the move"
         ));

@@ -11,40 +11,35 @@ use common::*;
 /// A guest that writes a 256 MiB working set at random, 80% writes.
 const GUEST: &str = "ws=256M pattern=random write=80 report_ms=50";
 
-/// `ferry-dest --prealloc SIZE` (4 KiB pages) in `dir`, named `name`,
-/// plus `extra`.
-fn spawn_dest_ahead(dir: &Scratch, name: &str, size: &str, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec!["--prealloc", size];
-    args.extend_from_slice(extra);
-    spawn_dest(dir, name, &strs(&io_args(dir, name, &args)))
-}
-
-/// Moves the ticking source `src` of `dir` to the destination `name` at
-/// `addr` (`ferry-ctl migrate`, with `extra`); the guest goes on with no
-/// BAD and the source ends by itself. Returns the destination's
-/// statistics.
-fn move_to(
-    dir: &Scratch,
-    (name, dst, addr): (&str, &mut Proc, &str),
-    mut src: Proc,
+/// Moves a ticking `mem` guest writing `guest` (`ferry-ctl migrate`, with
+/// `extra`) to a `ferry-dest --prealloc ahead` (4 KiB pages) in a scratch
+/// directory named `name`; the guest goes on with no BAD and the source
+/// ends by itself. Returns the destination's statistics.
+fn move_into_ram_ahead(
+    name: &str,
+    ahead: &str,
+    (mem, guest): (&str, &str),
     extra: &[&str],
 ) -> serde_json::Value {
+    let dir = Scratch::new(name);
+    let dest_args = io_args(&dir, "dst", &["--prealloc", ahead]);
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&dest_args));
+    let mut src = spawn_guest_source(&dir, mem, 1, guest, &[]);
     assert!(
         wait_exit(
-            &mut migrate_once_ticking_with(dir, addr, extra),
+            &mut migrate_once_ticking_with(&dir, &addr, extra),
             WAIT,
             "the move to end"
         ),
         "the move failed: {}",
         std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
     );
-    let f = |ext: &str| dir.path(&format!("{name}.{ext}"));
-    let stats = wait_stats(&f("json"), WAIT);
+    let stats = wait_stats(&dir.path("dst.json"), WAIT);
     assert_eq!(stats["backing"], "shmem", "{stats}");
-    let after = wait_ticks(&f("log"), 1, 3, WAIT);
+    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
     assert_continues(&read_console(&dir.path("src.log")), &after, 1);
-    ctl(&f("sock"), &["quit"]);
-    assert!(wait_exit(dst, WAIT, "the destination to quit"));
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
     assert!(wait_exit(
         &mut src,
         WAIT,
@@ -60,20 +55,14 @@ fn move_to(
 /// `--prealloc`.
 #[test]
 fn postcopy_into_shared_memory_allocated_ahead() {
-    let dir = Scratch::new("ahead-pc");
-    let (mut dst, addr) = spawn_dest_ahead(&dir, "dst", "512M", &[]);
-    let src = spawn_guest_source(&dir, "512M", 1, GUEST, &[]);
-    let s = move_to(&dir, ("dst", &mut dst, &addr), src, &[]);
+    let s = move_into_ram_ahead("ahead-pc", "512M", ("512M", GUEST), &[]);
     assert_eq!(s["ram_allocated_ahead"], true, "{s}");
     assert_eq!(s["filled_in_place"], true, "{s}");
     assert_postcopy_accounting(&s, &s["source"]);
     assert!(s["pages_demand"].as_u64().unwrap() > 0, "no demand: {s}");
     assert!(s["fault_around_pages"].as_u64().unwrap() > 0, "{s}");
 
-    let dir = Scratch::new("ahead-pc-other");
-    let (mut dst, addr) = spawn_dest_ahead(&dir, "dst", "256M", &[]);
-    let src = spawn_guest_source(&dir, "512M", 1, GUEST, &[]);
-    let s = move_to(&dir, ("dst", &mut dst, &addr), src, &[]);
+    let s = move_into_ram_ahead("ahead-pc-other", "256M", ("512M", GUEST), &[]);
     assert_eq!(s["ram_allocated_ahead"], false, "{s}");
     assert_eq!(s["filled_in_place"], false, "{s}");
 }
@@ -83,18 +72,13 @@ fn postcopy_into_shared_memory_allocated_ahead() {
 /// fills RAM of its own; pre-copy takes it (no userfaultfd at all).
 #[test]
 fn hybrid_makes_its_own_ram_and_precopy_takes_the_ram_ahead() {
-    let dir = Scratch::new("ahead-hy");
-    let (mut dst, addr) = spawn_dest_ahead(&dir, "dst", "256M", &[]);
-    let src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
-    let s = move_to(&dir, ("dst", &mut dst, &addr), src, &["--mode", "hybrid"]);
+    let small = ("256M", "ws=64M report_ms=50");
+    let s = move_into_ram_ahead("ahead-hy", "256M", small, &["--mode", "hybrid"]);
     assert_eq!(s["mode"], "hybrid", "{s}");
     assert_eq!(s["ram_allocated_ahead"], false, "{s}");
     assert_eq!(s["filled_in_place"], false, "{s}");
 
-    let dir = Scratch::new("ahead-pre");
-    let (mut dst, addr) = spawn_dest_ahead(&dir, "dst", "256M", &[]);
-    let src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
-    let s = move_to(&dir, ("dst", &mut dst, &addr), src, &["--mode", "precopy"]);
+    let s = move_into_ram_ahead("ahead-pre", "256M", small, &["--mode", "precopy"]);
     assert_eq!(s["mode"], "precopy", "{s}");
     assert_eq!(s["ram_allocated_ahead"], true, "{s}");
 }
@@ -105,43 +89,19 @@ fn hybrid_makes_its_own_ram_and_precopy_takes_the_ram_ahead() {
 /// recovery, and the guest verifies every page.
 #[test]
 fn cut_links_during_postcopy_into_ram_allocated_ahead_recover() {
-    use common::proxy::{Cut, Dir, Proxy};
-    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
     for i in 0..2 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // The push carries ~256 MiB of non-zero pages; cut in its first 120.
-        let cut = Cut::AtByte(Dir::ToDest, (1 << 20) + x % (120 << 20));
-        let dir = Scratch::new(&format!("ahead-cut-{i}"));
-        let link = ["--peer-timeout", "2s", "--recovery-window", "30s"];
-        let (mut dst, addr) = spawn_dest_ahead(&dir, "dst", "512M", &link);
-        let proxy = Proxy::start(&addr, vec![cut]);
-        let mut src = spawn_linked_source(
-            &dir,
-            ("512M", GUEST),
-            &proxy.addr,
-            "60m",
-            ("2s", "30s"),
-            &[],
-        );
-        let mut ctl_proc = migrate_once_ticking(&dir, &proxy.addr);
-        assert!(
-            wait_exit(&mut ctl_proc, WAIT, "the move to end"),
-            "move {i} {cut:?}: {}\n{}",
-            std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default(),
-            std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
-        );
-        assert_eq!(proxy.fired(), 1, "move {i}: {cut:?} did not fire");
-        let stats = wait_stats(&dir.path("dst.json"), WAIT);
+        let name = format!("ahead-cut-{i}");
+        let mut m = move_through_a_cut(&name, &mut seed, GUEST, &["--prealloc", "512M"], &[]);
+        let stats = wait_stats(&m.dir.path("dst.json"), WAIT);
         assert_eq!(stats["filled_in_place"], true, "move {i}: {stats}");
         assert_eq!(stats["recoveries"], 1, "move {i}: {stats}");
-        let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
-        assert_continues(&read_console(&dir.path("src.log")), &after, 1);
-        ctl(&dir.path("dst.sock"), &["quit"]);
-        assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+        let after = wait_ticks(&m.dir.path("dst.log"), 1, 3, WAIT);
+        assert_continues(&read_console(&m.dir.path("src.log")), &after, 1);
+        ctl(&m.dir.path("dst.sock"), &["quit"]);
+        assert!(wait_exit(&mut m.dst, WAIT, "the destination to quit"));
         assert!(wait_exit(
-            &mut src,
+            &mut m.src,
             WAIT,
             "the source to end after the move"
         ));

@@ -933,3 +933,58 @@ pub fn need_pool(mib: u64) {
         free * 2
     );
 }
+
+/// One post-copy move of a 512 MiB guest (`guest`) through a proxy that cut
+/// its push once, over: the scratch directory, the destination (`dst`)
+/// and the source, both still running.
+pub struct CutMove {
+    /// The move's scratch directory.
+    pub dir: Scratch,
+    /// `ferry-dest`, named `dst` in `dir`.
+    pub dst: Proc,
+    /// `ferry-source`.
+    pub src: Proc,
+}
+
+/// Moves a 512 MiB guest writing `guest` through a proxy that cuts the push
+/// at a byte offset in its first 120 MiB drawn from `seed` (a xorshift
+/// state, advanced), with a 2 s peer timeout and a 30 s recovery window,
+/// plus `dest_extra` and `source_extra` flags: the cut fires once and the
+/// move still completes (after a recovery). `name` names the scratch
+/// directory.
+pub fn move_through_a_cut(
+    name: &str,
+    seed: &mut u64,
+    guest: &str,
+    dest_extra: &[&str],
+    source_extra: &[&str],
+) -> CutMove {
+    use proxy::{Cut, Dir, Proxy};
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    // The push carries ~256 MiB of non-zero pages; cut in its first 120.
+    let cut = Cut::AtByte(Dir::ToDest, (1 << 20) + *seed % (120 << 20));
+    let dir = Scratch::new(name);
+    let mut dest_args = vec!["--peer-timeout", "2s", "--recovery-window", "30s"];
+    dest_args.extend_from_slice(dest_extra);
+    let (dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &dest_args)));
+    let proxy = Proxy::start(&addr, vec![cut]);
+    let src = spawn_linked_source(
+        &dir,
+        ("512M", guest),
+        &proxy.addr,
+        "60m",
+        ("2s", "30s"),
+        source_extra,
+    );
+    let mut ctl_proc = migrate_once_ticking(&dir, &proxy.addr);
+    assert!(
+        wait_exit(&mut ctl_proc, WAIT, "the move to end"),
+        "{name} {cut:?}: {}\n{}",
+        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default(),
+        std::fs::read_to_string(dir.path("dst.err")).unwrap_or_default()
+    );
+    assert_eq!(proxy.fired(), 1, "{name}: {cut:?} did not fire");
+    CutMove { dir, dst, src }
+}
