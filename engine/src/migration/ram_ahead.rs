@@ -15,7 +15,7 @@
 //!
 //! Allocating when the destination starts (`ferry-dest --prealloc SIZE`,
 //! QEMU's `-m` with `-mem-prealloc` on the incoming side) moves that cost
-//! out of the move: 2 GiB took about 190 ms in 2 MiB pages, and 1.6-1.9 s
+//! out of the move: 2 GiB took about 190 ms in 2 MiB pages, and 1.3-1.9 s
 //! in 4 KiB pages (allocating, then mapping every page in the second
 //! mapping). A post-copy, pre-copy or stop-and-copy move whose `Hello`
 //! asks for RAM of that size and kind takes it; any other move (hybrid,

@@ -412,8 +412,7 @@ impl UffdRam {
     /// Wakes threads blocked on `pfn` (after another thread installed it);
     /// filled in place, on its whole unit.
     pub fn wake(&self, pfn: u64) {
-        let first = (pfn / self.unit) * self.unit;
-        let n = self.unit.min(self.pages() - first);
+        let (first, n) = self.unit_span(pfn / self.unit);
         if let Ok(host) = self.host_of(first, n) {
             let _ = self
                 .uffd

@@ -236,8 +236,9 @@ impl UffdRam {
         self.map_unit(unit)
     }
 
-    /// The pages of unit `unit` (the last unit may be short).
-    fn unit_span(&self, unit: u64) -> (u64, u64) {
+    /// The pages of unit `unit` (the last unit may be short; 4 KiB RAM
+    /// filled by `UFFDIO_COPY` has units of one page).
+    pub(super) fn unit_span(&self, unit: u64) -> (u64, u64) {
         let first = unit * self.unit;
         (first, self.unit.min(self.pages().saturating_sub(first)))
     }
