@@ -14,7 +14,7 @@ use super::matrix::{Mode, Peer, RunSpec};
 use super::netns::{Net, Side};
 use super::procs::{listening, tail, wait_until, Child, ProcError};
 use super::record::Outcome;
-use super::serial::{guest_figures, now_us, read_log, settled, SETTLE_LIMIT, STEADY_US};
+use super::serial::{guest_figures, read_log, ready_to_move, settled, SETTLE_LIMIT};
 
 /// Errors of a Ferry run.
 #[derive(Debug, thiserror::Error)]
@@ -263,12 +263,7 @@ pub fn run(
             if let Ok(Some(_)) = src.exited() {
                 return Some(false);
             }
-            let log = read_log(&f("src.log"));
-            let steady = log
-                .ticks
-                .first()
-                .is_some_and(|t| now_us().saturating_sub(t.host_us) >= STEADY_US + 100_000);
-            (start.elapsed() >= after && log.ticks.len() >= 3 && steady).then_some(true)
+            ready_to_move(&read_log(&f("src.log")), start, after).then_some(true)
         },
     )?;
     // Held until the source exits: the reply comes when the move is over.

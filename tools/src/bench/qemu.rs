@@ -17,8 +17,8 @@ use super::procs::{listening, tail, wait_until, Child, ProcError};
 use super::qmp::{Qmp, QmpError};
 use super::record::Outcome;
 use super::serial::{
-    guest_figures, max_stall_ms, now_us, read_log, settled, write_stamped, SerialLog, SETTLE_LIMIT,
-    STEADY_US,
+    guest_figures, max_stall_ms, now_us, read_log, ready_to_move, settled, write_stamped,
+    SerialLog, SETTLE_LIMIT,
 };
 
 /// The machine every QEMU run of the workload guest uses: a microvm
@@ -286,12 +286,7 @@ pub fn run(
     // steady-rate window of `guest_lost_ms` (QEMU's source is moved by us,
     // so it can wait for ticks rather than guess the set-up time).
     wait_until(timeout, "the guest to tick under QEMU", || {
-        let log = read_log(&src_log);
-        let steady = log
-            .ticks
-            .first()
-            .is_some_and(|t| now_us().saturating_sub(t.host_us) >= STEADY_US + 100_000);
-        (start.elapsed() >= after && log.ticks.len() >= 3 && steady).then_some(())
+        ready_to_move(&read_log(&src_log), start, after).then_some(())
     })?;
     src.check_alive("source", dir)?;
     dst.check_alive("destination", dir)?;

@@ -168,6 +168,22 @@ pub fn max_stall_ms(src: &SerialLog, dst: &SerialLog, from_us: u64) -> Option<f6
 /// The guest's steady rate is measured over this long before the pause.
 pub const STEADY_US: u64 = 1_000_000;
 
+/// True when a move may start, by the rule both peers' runs follow: `after`
+/// has passed since `start`, and the guest has ticked (at least 3 TICK
+/// lines) for the steady-rate window of [`lost_work`] (its working set is
+/// written by its first TICK).
+pub fn ready_to_move(
+    log: &SerialLog,
+    start: std::time::Instant,
+    after: std::time::Duration,
+) -> bool {
+    let steady = log
+        .ticks
+        .first()
+        .is_some_and(|t| now_us().saturating_sub(t.host_us) >= STEADY_US + 100_000);
+    start.elapsed() >= after && log.ticks.len() >= 3 && steady
+}
+
 /// The guest is back once a TICK interval runs at this share of its steady
 /// rate.
 pub const RECOVERED: f64 = 0.9;
