@@ -234,16 +234,11 @@ fn impossible_huge_page_ram_is_refused_with_the_reason() {
 #[test]
 fn cut_links_during_huge_page_postcopy_recover() {
     need_pool(1024);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64);
     for i in 0..3 {
         let name = format!("huge-cut-{i}");
-        let mut m = move_through_a_cut(
-            &name,
-            &mut seed,
-            GUEST,
-            &["--huge-pages"],
-            &["--huge-pages"],
-        );
+        let mut m =
+            move_through_a_cut(&name, &mut rng, GUEST, &["--huge-pages"], &["--huge-pages"]);
         let s = check_moved_into_huge_pages(&m.dir, "dst", &mut m.dst);
         assert_eq!(s["recoveries"], 1, "move {i}: {s}");
         assert!(wait_exit(

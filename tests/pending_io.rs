@@ -307,23 +307,6 @@ fn wait_stream(path: &Path, n: usize) -> Vec<Logged> {
     )
 }
 
-/// A small xorshift generator: the test's randomness, from a printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn from_clock() -> Self {
-        let seed = ferry_engine::console::now_us() | 1;
-        eprintln!("random seed {seed}");
-        Rng(seed)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// Restores `state` and a copy of `vm`'s memory into a new VM in this
 /// process (paused), its console appending to `log`.
 fn move_in_process(vm: &Vm, state: &MachineState, log: &Path) -> Vm {

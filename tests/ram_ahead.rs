@@ -89,10 +89,10 @@ fn hybrid_makes_its_own_ram_and_precopy_takes_the_ram_ahead() {
 /// recovery, and the guest verifies every page.
 #[test]
 fn cut_links_during_postcopy_into_ram_allocated_ahead_recover() {
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = Rng(0x2545_f491_4f6c_dd1du64);
     for i in 0..2 {
         let name = format!("ahead-cut-{i}");
-        let mut m = move_through_a_cut(&name, &mut seed, GUEST, &["--prealloc", "512M"], &[]);
+        let mut m = move_through_a_cut(&name, &mut rng, GUEST, &["--prealloc", "512M"], &[]);
         let stats = wait_stats(&m.dir.path("dst.json"), WAIT);
         assert_eq!(stats["filled_in_place"], true, "move {i}: {stats}");
         assert_eq!(stats["recoveries"], 1, "move {i}: {stats}");

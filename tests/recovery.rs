@@ -48,18 +48,6 @@ fn start_postcopy(dir: &Scratch, window: &str) -> (Proc, Proxy, Proc, Proc) {
     (dst, proxy, src, ctl)
 }
 
-/// A small deterministic generator, so a failing draw can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// 14 post-copy moves of a 1 GiB guest with a 256 MiB working set through a
 /// proxy; 8 are cut once and 6 twice, at random byte offsets of the first 121 MiB of the push
 /// (20 cuts). Every move completes, the guest continues on the destination

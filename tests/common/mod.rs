@@ -947,24 +947,20 @@ pub struct CutMove {
 }
 
 /// Moves a 512 MiB guest writing `guest` through a proxy that cuts the push
-/// at a byte offset in its first 120 MiB drawn from `seed` (a xorshift
-/// state, advanced), with a 2 s peer timeout and a 30 s recovery window,
+/// at a byte offset in its first 120 MiB drawn from `rng`, with a 2 s peer timeout and a 30 s recovery window,
 /// plus `dest_extra` and `source_extra` flags: the cut fires once and the
 /// move still completes (after a recovery). `name` names the scratch
 /// directory.
 pub fn move_through_a_cut(
     name: &str,
-    seed: &mut u64,
+    rng: &mut Rng,
     guest: &str,
     dest_extra: &[&str],
     source_extra: &[&str],
 ) -> CutMove {
     use proxy::{Cut, Dir, Proxy};
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
     // The push carries ~256 MiB of non-zero pages; cut in its first 120.
-    let cut = Cut::AtByte(Dir::ToDest, (1 << 20) + *seed % (120 << 20));
+    let cut = Cut::AtByte(Dir::ToDest, (1 << 20) + rng.below(120 << 20));
     let dir = Scratch::new(name);
     let mut dest_args = vec!["--peer-timeout", "2s", "--recovery-window", "30s"];
     dest_args.extend_from_slice(dest_extra);
@@ -987,4 +983,25 @@ pub fn move_through_a_cut(
     );
     assert_eq!(proxy.fired(), 1, "{name}: {cut:?} did not fire");
     CutMove { dir, dst, src }
+}
+
+/// A small xorshift generator: a test's randomness, from a seed it names or
+/// prints.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from the clock; the seed is printed, to replay a failure.
+    pub fn from_clock() -> Self {
+        let seed = ferry_engine::console::now_us() | 1;
+        eprintln!("random seed {seed}");
+        Rng(seed)
+    }
+
+    /// The next number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
 }
