@@ -5,7 +5,9 @@
 //!   over QEMU's worst run;
 //! - Ferry's median total over the wire's limit: the non-zero bytes the move
 //!   had to carry (`(pages_total − pages_zero) × 4 KiB`, the median run's)
-//!   divided by the bulk TCP rate measured in the same run ([`super::wire`]);
+//!   divided by the bulk TCP rate measured in the same run ([`super::wire`]),
+//!   once at the cached rate (the goal's column) and once at the RAM-to-RAM
+//!   rate (what a copy of that much memory costs with nothing else running);
 //! - guest work lost: Ferry's median over QEMU's median;
 //! - fault tail: p99 over p50 of Ferry's demand faults.
 
@@ -62,22 +64,39 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
     let _ = writeln!(s, "\n## Post-copy goals (1 vCPU, unlimited dirty rate)\n");
     match wire {
         Some(w) => {
-            let _ = writeln!(
+            let rates = |v: &[f64]| {
+                v.iter()
+                    .map(|p| format!("{:.2}", p / 1e9))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = write!(
                 s,
                 "Wire: bulk TCP from the source's side to the destination's, best of {} copies \
-                 of 1 GiB in this run ({}): **{:.2} GB/s** ({}).\n",
+                 of 1 GiB in this run ({}): **{:.2} GB/s** between 1 MiB buffers that stay in \
+                 cache ({})",
                 w.probes.len(),
                 w.congestion.as_deref().map_or_else(
                     || "the system's congestion control".to_string(),
                     |c| format!("congestion control {c}, as Ferry's source")
                 ),
                 w.bytes_per_s / 1e9,
-                w.probes
-                    .iter()
-                    .map(|p| format!("{:.2}", p / 1e9))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                rates(&w.probes),
             );
+            match w.ram_bytes_per_s {
+                Some(r) => {
+                    let _ = writeln!(
+                        s,
+                        ", and **{:.2} GB/s** from RAM to RAM, 1 GiB written beforehand into \
+                         1 GiB touched beforehand ({}).\n",
+                        r / 1e9,
+                        rates(&w.ram_probes),
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "; RAM to RAM not measured.\n");
+                }
+            }
         }
         None => {
             let _ = writeln!(s, "Wire: not measured in this run.\n");
@@ -87,12 +106,12 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
         s,
         "| mem | ws | pinned | Ferry total ms | QEMU total ms | median ratio (goal ≤ 0.8) | \
          worst ratio (goal ≤ 1.0) | wire limit ms | Ferry ÷ wire (goal ≤ 1.3) | \
-         Ferry lost ms | QEMU lost ms | lost ratio (goal ≤ 0.5) | fault p50 µs | fault p99 µs | \
+         Ferry ÷ RAM-to-RAM wire | Ferry lost ms | QEMU lost ms | lost ratio (goal ≤ 0.5) | fault p50 µs | fault p99 µs | \
          p99 ÷ p50 (goal ≤ 10) |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for (mem, ws, pinned) in points {
         let of = |peer: &str| -> Vec<&RunRecord> {
@@ -108,10 +127,10 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
         let qt = spread(&samples(&qemu, |r| r.num("total_ms")));
         let fl = spread(&samples(&ferry, |r| r.num("guest_lost_ms")));
         let ql = spread(&samples(&qemu, |r| r.num("guest_lost_ms")));
-        let wire_ms = wire.and_then(|w| {
-            let b = spread(&samples(&ferry, nonzero_bytes))?;
-            Some(b.median / w.bytes_per_s * 1e3)
-        });
+        let bytes = spread(&samples(&ferry, nonzero_bytes)).map(|b| b.median);
+        let at = |rate: Option<f64>| Some(bytes? / rate? * 1e3);
+        let wire_ms = at(wire.map(|w| w.bytes_per_s));
+        let ram_wire_ms = at(wire.and_then(|w| w.ram_bytes_per_s));
         let has_faults =
             |r: &RunRecord| r.num("fault_latency_us/overall/count").unwrap_or(0.0) > 0.0;
         let p50 = spread(&samples(&ferry, |r| {
@@ -126,7 +145,7 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
         }));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             size_arg(mem),
             size_arg(ws),
             if pinned { "yes" } else { "no" },
@@ -136,6 +155,7 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
             ratio(ft.map(|s| s.max), qt.map(|s| s.max)),
             wire_ms.map_or_else(|| "—".into(), |v| format!("{v:.0}")),
             ratio(ft.map(|s| s.median), wire_ms),
+            ratio(ft.map(|s| s.median), ram_wire_ms),
             cell(fl, 0),
             cell(ql, 0),
             ratio(fl.map(|s| s.median), ql.map(|s| s.median)),
@@ -148,7 +168,8 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
         s,
         "\nRatios are of medians, except the worst ratio (Ferry's slowest run over QEMU's \
          slowest). The wire limit is the median Ferry run's non-zero bytes \
-         ((pages_total − pages_zero) × 4 KiB) at the measured bulk rate. Pinned rows ran the \
+         ((pages_total − pages_zero) × 4 KiB) at the cached bulk rate; the RAM-to-RAM ratio \
+         takes the RAM-to-RAM rate instead. Pinned rows ran the \
          source on CPU 0 and the destination on CPU 1 (QEMU's too)."
     );
     s
@@ -182,20 +203,29 @@ mod tests {
         ];
         let wire = WireFigure {
             bytes_per_s: (1u64 << 30) as f64,
-            probes: [(1u64 << 30) as f64; 3],
+            probes: vec![(1u64 << 30) as f64; 3],
+            ram_bytes_per_s: Some((1u64 << 29) as f64),
+            ram_probes: vec![(1u64 << 29) as f64; 3],
             pinned: false,
             congestion: None,
         };
         let s = section(&recs, Some(&wire));
         let row = s.lines().find(|l| l.starts_with("| 2G | 64M |")).unwrap();
         // Medians 900 vs 1125 → 0.80; worst 1000 vs 1250 → 0.80; 1 GiB of
-        // non-zero pages at 1 GiB/s → 1000 ms, 900 / 1000 → 0.90; lost
-        // 200 vs 400 → 0.50; p99/p50 = 8.
+        // non-zero pages at 1 GiB/s → 1000 ms, 900 / 1000 → 0.90 (at the
+        // RAM-to-RAM 0.5 GiB/s: 2000 ms, 0.45); lost 200 vs 400 → 0.50;
+        // p99/p50 = 8.
         assert_eq!(
             row,
             "| 2G | 64M | no | 900 (800–1000) | 1125 (1000–1250) | 0.80 | 0.80 | 1000 | 0.90 | \
-             200 (100–300) | 400 | 0.50 | 50 | 400 | 8.00 |"
+             0.45 | 200 (100–300) | 400 | 0.50 | 50 | 400 | 8.00 |"
         );
+        let mut old = wire.clone();
+        old.ram_bytes_per_s = None;
+        let s = section(&recs, Some(&old));
+        assert!(s.contains("RAM to RAM not measured"), "{s}");
+        let row = s.lines().find(|l| l.starts_with("| 2G | 64M |")).unwrap();
+        assert!(row.contains("| 1000 | 0.90 | — | 200"), "{row}");
         assert!(section(&recs[3..], None).is_empty());
         assert!(section(&recs, None).contains("not measured"));
     }

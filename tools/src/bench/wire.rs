@@ -2,6 +2,16 @@
 //! plain TCP bulk copy from the source's side to the destination's side of
 //! the benchmark's network (loopback or the two namespaces), so that a
 //! migration's total time can be compared with what the link could carry.
+//!
+//! Two kinds of copy, each run [`PROBES`] times (alternating), the best of
+//! each kind being its figure:
+//!
+//! - **cached**: 1 MiB buffers written and read again and again, which stay
+//!   in the CPU's caches: the most the socket path carries;
+//! - **RAM to RAM**: 1 GiB written beforehand on the sender, read into 1 GiB
+//!   touched beforehand on the receiver (as `ferry-dest --prealloc` has its
+//!   RAM), each byte once: what carrying a guest's memory costs the two
+//!   sides over this link, with nothing else running.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,8 +23,10 @@ use super::netns::{Net, Side};
 
 /// Bytes copied per probe.
 pub const PROBE_BYTES: u64 = 1 << 30;
-/// Probes run; the best one is the wire's figure.
-pub const PROBES: usize = 3;
+/// Probes of each kind; the best one is the kind's figure.
+pub const PROBES: usize = 5;
+/// Bytes per `write` and per `read`.
+const CHUNK: usize = 1 << 20;
 
 /// Errors measuring the wire.
 #[derive(Debug, thiserror::Error)]
@@ -30,15 +42,31 @@ pub enum WireError {
 /// What the wire carried.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WireFigure {
-    /// Best bulk rate over the probes, bytes/s.
+    /// Best bulk rate over the cached probes, bytes/s.
     pub bytes_per_s: f64,
-    /// Each probe's rate, bytes/s.
-    pub probes: [f64; PROBES],
+    /// Each cached probe's rate, bytes/s.
+    pub probes: Vec<f64>,
+    /// Best bulk rate over the RAM-to-RAM probes, bytes/s (absent in
+    /// results from before they were measured).
+    #[serde(default)]
+    pub ram_bytes_per_s: Option<f64>,
+    /// Each RAM-to-RAM probe's rate, bytes/s.
+    #[serde(default)]
+    pub ram_probes: Vec<f64>,
     /// The source and the destination threads were pinned to CPUs 0 and 1.
     pub pinned: bool,
     /// The sender's TCP congestion control (as Ferry's source uses).
     #[serde(default)]
     pub congestion: Option<String>,
+}
+
+/// Where a probe's bytes come from and go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buffers {
+    /// One 1 MiB buffer on each side, used again and again.
+    Cached,
+    /// `PROBE_BYTES` on each side, each byte used once.
+    Ram,
 }
 
 fn pin(cpu: usize) {
@@ -48,28 +76,44 @@ fn pin(cpu: usize) {
     }
 }
 
-/// One copy of `bytes` through `addr`; the rate is taken at the receiver,
-/// from the first byte to the last.
+/// The part of `buf` that `Buffers` uses for the bytes at `at`.
+fn window(buf: &mut [u8], kind: Buffers, at: u64, n: usize) -> &mut [u8] {
+    match kind {
+        Buffers::Cached => &mut buf[..n],
+        Buffers::Ram => &mut buf[at as usize..at as usize + n],
+    }
+}
+
+/// A buffer of `len` bytes of `byte`, every page of it written (so that
+/// no probe pays for first touches).
+fn written(len: usize, byte: u8) -> Vec<u8> {
+    vec![byte; len]
+}
+
+/// One copy of `bytes` through `listener`; the rate is taken at the
+/// receiver, from the first byte to the last. `send` and `recv` are the
+/// two sides' buffers (`CHUNK` long, or `bytes` for RAM to RAM).
 fn probe(
     net: &Net,
     listener: &TcpListener,
-    bytes: u64,
+    (bytes, kind): (u64, Buffers),
+    (send, recv): (&mut [u8], &mut [u8]),
     pinned: bool,
     congestion: Option<&str>,
 ) -> Result<f64, WireError> {
     let addr: SocketAddr = listener.local_addr()?;
     let listener = listener.try_clone()?;
-    let recv = std::thread::scope(|s| {
+    let took = std::thread::scope(|s| {
         let receiver = s.spawn(move || -> std::io::Result<Duration> {
             if pinned {
                 pin(1);
             }
             let (mut conn, _) = listener.accept()?;
-            let mut buf = vec![0u8; 1 << 20];
             let mut got = 0u64;
             let mut start = None;
             while got < bytes {
-                let n = conn.read(&mut buf)?;
+                let want = (bytes - got).min(CHUNK as u64) as usize;
+                let n = conn.read(window(recv, kind, got, want))?;
                 if n == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
@@ -87,13 +131,11 @@ fn probe(
             if let Some(name) = congestion {
                 ferry_transport::congestion::set(&conn, name)?;
             }
-            // Non-zero bytes, like a page of guest memory.
-            let chunk = vec![0xa5u8; 1 << 20];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                conn.write_all(&chunk[..n])?;
-                left -= n as u64;
+            let mut at = 0u64;
+            while at < bytes {
+                let n = (bytes - at).min(CHUNK as u64) as usize;
+                conn.write_all(window(send, kind, at, n))?;
+                at += n as u64;
             }
             Ok(())
         })();
@@ -101,24 +143,46 @@ fn probe(
         sent?;
         Ok::<_, WireError>(took?)
     })?;
-    Ok(bytes as f64 / recv.as_secs_f64().max(1e-9))
+    Ok(bytes as f64 / took.as_secs_f64().max(1e-9))
+}
+
+fn best(rates: &[f64]) -> f64 {
+    rates.iter().copied().fold(0.0, f64::max)
 }
 
 /// Measures the bulk TCP rate from the source's side to the destination's
-/// side of `net`, on a thread that enters the destination's namespace;
-/// the sender uses congestion control `congestion` (default: the system's).
+/// side of `net`, cached and RAM to RAM, on a thread that enters the
+/// destination's namespace; the sender uses congestion control
+/// `congestion` (default: the system's).
 pub fn measure(net: &Net, pinned: bool, congestion: Option<&str>) -> Result<WireFigure, WireError> {
     std::thread::scope(|s| {
         s.spawn(|| -> Result<WireFigure, WireError> {
             net.enter(Side::Dest)?;
             let listener = TcpListener::bind((net.dest_ip(), 0))?;
-            let mut probes = [0.0; PROBES];
-            for p in &mut probes {
-                *p = probe(net, &listener, PROBE_BYTES, pinned, congestion)?;
+            // Non-zero bytes, like pages of guest memory.
+            let (mut send_c, mut recv_c) = (written(CHUNK, 0xa5), written(CHUNK, 1));
+            let len = PROBE_BYTES as usize;
+            let (mut send_r, mut recv_r) = (written(len, 0xa5), written(len, 1));
+            let copy = |kind: Buffers, bufs: (&mut [u8], &mut [u8])| {
+                probe(
+                    net,
+                    &listener,
+                    (PROBE_BYTES, kind),
+                    bufs,
+                    pinned,
+                    congestion,
+                )
+            };
+            let (mut probes, mut ram_probes) = (Vec::new(), Vec::new());
+            for _ in 0..PROBES {
+                probes.push(copy(Buffers::Cached, (&mut send_c[..], &mut recv_c[..]))?);
+                ram_probes.push(copy(Buffers::Ram, (&mut send_r[..], &mut recv_r[..]))?);
             }
             Ok(WireFigure {
-                bytes_per_s: probes.iter().copied().fold(0.0, f64::max),
+                bytes_per_s: best(&probes),
                 probes,
+                ram_bytes_per_s: Some(best(&ram_probes)),
+                ram_probes,
                 pinned,
                 congestion: congestion.map(str::to_string),
             })
@@ -132,11 +196,40 @@ pub fn measure(net: &Net, pinned: bool, congestion: Option<&str>) -> Result<Wire
 mod tests {
     use super::*;
 
+    /// Both kinds carry every byte, and RAM to RAM lands each one where it
+    /// was in the sender's buffer.
     #[test]
     fn a_loopback_probe_moves_every_byte() {
         let net = Net::loopback();
         let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        let rate = probe(&net, &l, 8 << 20, false, Some("reno")).unwrap();
+        let (mut send, mut recv) = (written(CHUNK, 7), written(CHUNK, 0));
+        let bufs = (&mut send[..], &mut recv[..]);
+        let rate = probe(
+            &net,
+            &l,
+            (8 << 20, Buffers::Cached),
+            bufs,
+            false,
+            Some("reno"),
+        )
+        .unwrap();
         assert!(rate.is_finite() && rate > 0.0, "{rate}");
+        assert!(recv.iter().all(|&b| b == 7));
+
+        let len = 3 * CHUNK + 4096;
+        let mut send: Vec<u8> = (0..len).map(|i| (i / 4096) as u8).collect();
+        let mut recv = written(len, 0xff);
+        let bufs = (&mut send[..], &mut recv[..]);
+        let rate = probe(&net, &l, (len as u64, Buffers::Ram), bufs, false, None).unwrap();
+        assert!(rate.is_finite() && rate > 0.0, "{rate}");
+        assert_eq!(recv, send);
+    }
+
+    #[test]
+    fn figures_from_before_ram_probes_still_load() {
+        let old = r#"{"bytes_per_s": 2.0, "probes": [1.0, 2.0, 1.5], "pinned": true}"#;
+        let w: WireFigure = serde_json::from_str(old).unwrap();
+        assert_eq!((w.ram_bytes_per_s, w.ram_probes.len()), (None, 0));
+        assert_eq!(best(&w.probes), 2.0);
     }
 }
