@@ -1,7 +1,8 @@
-//! A Ferry run: `ferry-dest --listen` and `ferry-source --migrate-to` as
-//! separate processes; the destination's stats JSON (plus keys only the
-//! source's has), both serial logs, and the guest figures that ferry-bench
-//! derives from them (as for QEMU: the engine's stats have none).
+//! A Ferry run: `ferry-dest --listen` and `ferry-source --api` as separate
+//! processes, the move asked for through the source's API once the guest
+//! ticks; the destination's stats JSON (plus keys only the source's has),
+//! both serial logs, and the guest figures that ferry-bench derives from
+//! them (as for QEMU: the engine's stats have none).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -55,6 +56,14 @@ pub enum FerryError {
     /// The run's disk file could not be made.
     #[error("cannot create the bench disk {0}")]
     Disk(String),
+    /// The source's control API did not take the move request.
+    #[error("cannot ask ferry-source to move through its API {sock}: {source}")]
+    StartMove {
+        /// The API socket.
+        sock: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The guest reported no tick on the destination.
     #[error("the guest did not tick on the destination after the move")]
     NoDestTicks,
@@ -81,8 +90,8 @@ pub struct FerryTools {
     pub disk: bool,
     /// Back both sides' guest RAM with 2 MiB huge pages.
     pub huge_pages: bool,
-    /// With `huge_pages`: the destination allocates the guest's RAM
-    /// before it listens (`ferry-dest --prealloc`).
+    /// The destination allocates the guest's RAM before it listens
+    /// (`ferry-dest --prealloc`).
     pub prealloc: bool,
     /// `ferry-source --tcp-congestion`, when given.
     pub tcp_congestion: Option<String>,
@@ -146,11 +155,15 @@ const SETUP_LIMIT: Duration = Duration::from_secs(60);
 /// its statistics in `stats`; returns the connection, on which the reply
 /// comes once the move is over (an error there shows in the source's exit
 /// status and stderr).
-fn start_move(sock: &Path, to: &str, stats: &str) -> Option<UnixStream> {
-    let mut s = UnixStream::connect(sock).ok()?;
+fn start_move(sock: &Path, to: &str, stats: &str) -> Result<UnixStream, FerryError> {
+    let failed = |source| FerryError::StartMove {
+        sock: sock.display().to_string(),
+        source,
+    };
+    let mut s = UnixStream::connect(sock).map_err(failed)?;
     let req = serde_json::json!({ "cmd": "migrate", "to": to, "stats_json": stats });
-    s.write_all(format!("{req}\n").as_bytes()).ok()?;
-    Some(s)
+    s.write_all(format!("{req}\n").as_bytes()).map_err(failed)?;
+    Ok(s)
 }
 
 /// Runs one Ferry migration in `dir`.
@@ -267,7 +280,11 @@ pub fn run(
         },
     )?;
     // Held until the source exits: the reply comes when the move is over.
-    let _request = ticking.then(|| start_move(&f("src.sock"), &addr, &path("src.json")));
+    // (A source that exited before it ticked fails below, with its stderr.)
+    let _request = match ticking {
+        true => Some(start_move(&f("src.sock"), &addr, &path("src.json"))?),
+        false => None,
+    };
     let status = src.wait_exit(timeout)?;
     if !status.success() {
         return Err(FerryError::Source {
@@ -360,5 +377,31 @@ mod tests {
             ]
         );
         assert_eq!(t.mode_args(Mode::Hybrid).len(), 8);
+    }
+
+    /// A source whose API cannot be reached fails the run at once, naming
+    /// the socket; one that listens gets one `migrate` request line.
+    #[test]
+    fn the_move_is_asked_for_through_the_api_or_fails_at_once() {
+        let dir = std::env::temp_dir().join(format!("ferry-bench-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("src.sock");
+        let _ = std::fs::remove_file(&sock);
+        let e = start_move(&sock, "127.0.0.1:1", "s.json").unwrap_err();
+        assert!(matches!(e, FerryError::StartMove { .. }), "{e}");
+        assert!(e.to_string().contains("src.sock"), "{e}");
+
+        let api = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let held = start_move(&sock, "127.0.0.1:1", "s.json").unwrap();
+        let (conn, _) = api.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line).unwrap();
+        let req: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            req,
+            serde_json::json!({"cmd": "migrate", "to": "127.0.0.1:1", "stats_json": "s.json"})
+        );
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,8 +6,9 @@
 //! - Ferry's median total over the wire's limit: the non-zero bytes the move
 //!   had to carry (`(pages_total − pages_zero) × 4 KiB`, the median run's)
 //!   divided by the bulk TCP rate measured in the same run ([`super::wire`]),
-//!   once at the cached rate (the goal's column) and once at the RAM-to-RAM
-//!   rate (what a copy of that much memory costs with nothing else running);
+//!   once at the wire's limit (the fastest copy of any kind: the goal's
+//!   column) and once at the best RAM-to-RAM rate (what a copy of that much
+//!   memory costs with nothing else running);
 //! - guest work lost: Ferry's median over QEMU's median;
 //! - fault tail: p99 over p50 of Ferry's demand faults.
 
@@ -17,6 +18,7 @@ use super::matrix::{size_arg, Mode};
 use super::record::RunRecord;
 use super::summary::Spread;
 use super::wire::WireFigure;
+use ferry_engine::memory::Backing;
 
 const PAGE: f64 = 4096.0;
 
@@ -70,16 +72,20 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
+            let memory = match w.backing {
+                Some(Backing::Shmem) => "between shared memory in 4 KiB pages, written beforehand",
+                Some(Backing::HugePages) => "between 2 MiB huge pages, written beforehand",
+                None => "between private heap buffers",
+            };
+            let congestion = w.congestion.as_deref().map_or_else(
+                || "the system's congestion control".to_string(),
+                |c| format!("congestion control {c}, as Ferry's source"),
+            );
             let _ = write!(
                 s,
-                "Wire: bulk TCP from the source's side to the destination's, best of {} copies \
-                 of 1 GiB in this run ({}): **{:.2} GB/s** between 1 MiB buffers that stay in \
-                 cache ({})",
-                w.probes.len(),
-                w.congestion.as_deref().map_or_else(
-                    || "the system's congestion control".to_string(),
-                    |c| format!("congestion control {c}, as Ferry's source")
-                ),
+                "Wire: bulk TCP from the source's side to the destination's, copies of 1 GiB \
+                 in this run ({congestion}, {memory}): the limit is the fastest copy, \
+                 **{:.2} GB/s**. Cached (the first 1 MiB of each side again and again): {}",
                 w.bytes_per_s / 1e9,
                 rates(&w.probes),
             );
@@ -87,10 +93,9 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
                 Some(r) => {
                     let _ = writeln!(
                         s,
-                        ", and **{:.2} GB/s** from RAM to RAM, 1 GiB written beforehand into \
-                         1 GiB touched beforehand ({}).\n",
-                        r / 1e9,
+                        "; RAM to RAM (each byte of 1 GiB once): {}, best **{:.2} GB/s**.\n",
                         rates(&w.ram_probes),
+                        r / 1e9,
                     );
                 }
                 None => {
@@ -168,8 +173,8 @@ pub fn section(records: &[RunRecord], wire: Option<&WireFigure>) -> String {
         s,
         "\nRatios are of medians, except the worst ratio (Ferry's slowest run over QEMU's \
          slowest). The wire limit is the median Ferry run's non-zero bytes \
-         ((pages_total − pages_zero) × 4 KiB) at the cached bulk rate; the RAM-to-RAM ratio \
-         takes the RAM-to-RAM rate instead. Pinned rows ran the \
+         ((pages_total − pages_zero) × 4 KiB) at the wire's limit; the RAM-to-RAM ratio \
+         takes the best RAM-to-RAM rate instead. Pinned rows ran the \
          source on CPU 0 and the destination on CPU 1 (QEMU's too)."
     );
     s
@@ -208,6 +213,7 @@ mod tests {
             ram_probes: vec![(1u64 << 29) as f64; 3],
             pinned: false,
             congestion: None,
+            backing: None,
         };
         let s = section(&recs, Some(&wire));
         let row = s.lines().find(|l| l.starts_with("| 2G | 64M |")).unwrap();

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ferry_engine::memory::Backing;
 use indicatif::{ProgressBar, ProgressStyle};
 use tracing::{info, warn};
 
@@ -234,7 +235,12 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     info!(runs = runs.len(), out = %out.display(), net = %net.describe(), "starting");
     let pinned = cfg.matrix.pin.contains(&true);
     let congestion = cfg.ferry.tcp_congestion.as_deref();
-    let wire = match wire::measure(&net, pinned, congestion) {
+    let backing = if cfg.ferry.huge_pages {
+        Backing::HugePages
+    } else {
+        Backing::Shmem
+    };
+    let wire = match wire::measure(&net, pinned, congestion, backing) {
         Ok(w) => {
             info!(
                 gb_per_s = format!("{:.2}", w.bytes_per_s / 1e9),
