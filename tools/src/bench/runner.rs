@@ -370,6 +370,14 @@ pub fn replot(dir: &Path) -> Result<Report, RunnerError> {
     let mut records = record::load(&dir.join("results.json"))?;
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     for r in records.iter_mut().filter(|r| r.ok()) {
+        // QEMU's figures are read again from its saved `query-migrate`, so
+        // that what ferry-bench now knows about them applies here too.
+        if r.peer == Peer::Qemu.as_str() {
+            if let Some(qm) = r.stats.get("source").cloned() {
+                r.stats
+                    .insert("total_ms".into(), serde_json::json!(qemu::total_ms(&qm)));
+            }
+        }
         let run = abs.join(&r.run_dir);
         let (src, dst) = (
             read_log(&run.join("src.log")),
