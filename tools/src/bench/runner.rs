@@ -519,4 +519,36 @@ mod tests {
             "{e}"
         );
     }
+
+    /// `--replot` reads QEMU's totals again from the saved `query-migrate`:
+    /// a run recorded with QEMU's `total-time` of 0 drops out of the
+    /// QEMU column instead of passing for its fastest run.
+    #[test]
+    fn replot_drops_a_zero_qemu_total_recorded_before() {
+        use super::super::matrix::{test_spec, Mode};
+        let dir = std::env::temp_dir().join(format!("ferry-bench-replot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let qemu_run = |repeat: u32, total: u64| {
+            let spec = test_spec(Peer::Qemu, Mode::Postcopy, 2 << 30, repeat);
+            let mut r = RunRecord::new(&spec, "loopback", &format!("runs/{repeat}"));
+            let qm = serde_json::json!({"status": "completed", "total-time": total, "ram": {}});
+            // As ferry-bench recorded it before: `total_ms` straight from QEMU.
+            let mut stats = qemu::stats_of(&spec, &qm);
+            stats["total_ms"] = serde_json::json!(total);
+            r.set_stats(stats).unwrap();
+            r
+        };
+        let records = vec![qemu_run(0, 0), qemu_run(1, 900), qemu_run(2, 1100)];
+        record::save(&dir.join("results.json"), &records).unwrap();
+        let report = replot(&dir).unwrap();
+        let row = report
+            .markdown
+            .lines()
+            .find(|l| l.starts_with("| postcopy | qemu |"))
+            .unwrap()
+            .to_string();
+        assert!(row.contains("1000 (900–1100)"), "{row}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
