@@ -310,9 +310,9 @@ fn a_daemon_preallocates_each_sessions_ram() {
     assert_eq!(stats["ram_allocated_ahead"], true, "{stats}");
 }
 
-/// `--prealloc SIZE` is for a destination that takes one move and
-/// `--prealloc session` for a daemon; each the other way round is refused
-/// at start, naming the flag to use.
+/// `--prealloc SIZE` and `--prealloc hello` are for a destination that
+/// takes one move and `--prealloc session` for a daemon; each the other
+/// way round is refused at start, naming the flag to use.
 #[test]
 fn prealloc_fits_the_way_moves_are_taken() {
     let refused = |args: &[&str], says: &str| {
@@ -330,6 +330,10 @@ fn prealloc_fits_the_way_moves_are_taken() {
     let daemon = ["--daemon", "--run-dir", run.to_str().unwrap()];
     refused(
         &[&daemon[..], &["--prealloc", "256M"]].concat(),
+        "--prealloc session",
+    );
+    refused(
+        &[&daemon[..], &["--prealloc", "hello"]].concat(),
         "--prealloc session",
     );
     refused(&["--prealloc", "session"], "needs --daemon");

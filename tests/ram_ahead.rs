@@ -107,3 +107,43 @@ fn cut_links_during_postcopy_into_ram_allocated_ahead_recover() {
         ));
     }
 }
+
+/// `ferry-dest --prealloc hello`: the destination does not know the size
+/// in advance, so it allocates the RAM the move's `Hello` asks for before
+/// answering it. The source, whose peer timeout is far shorter than that
+/// allocation, waits for the answer without deeming the destination gone
+/// (the destination pings it), its VM still running; the move then fills
+/// the RAM in place, and the guest goes on without BAD.
+#[test]
+fn ram_is_allocated_on_the_hello_while_the_source_waits() {
+    let dir = Scratch::new("ahead-hello");
+    let dest_args = io_args(&dir, "dst", &["--prealloc", "hello"]);
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&dest_args));
+    let mut src = spawn_guest_source(&dir, "1G", 1, GUEST, &["--peer-timeout", "150ms"]);
+    assert!(
+        wait_exit(
+            &mut migrate_once_ticking_with(&dir, &addr, &[]),
+            WAIT,
+            "the move to end"
+        ),
+        "the move failed: {}",
+        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
+    );
+    let s = wait_stats(&dir.path("dst.json"), WAIT);
+    assert_eq!(s["ram_allocated_ahead"], true, "{s}");
+    assert_eq!(s["filled_in_place"], true, "{s}");
+    let took = s["ram_allocated_on_hello_ms"].as_f64().unwrap();
+    // The test means something only if the allocation outlasted the
+    // source's peer timeout.
+    assert!(took > 150.0, "allocated in {took} ms: {s}");
+    assert_postcopy_accounting(&s, &s["source"]);
+    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
+    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+    assert!(wait_exit(
+        &mut src,
+        WAIT,
+        "the source to end after the move"
+    ));
+}

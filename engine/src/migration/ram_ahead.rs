@@ -20,18 +20,53 @@
 //! mapping). A post-copy, pre-copy or stop-and-copy move whose `Hello`
 //! asks for RAM of that size and kind takes it; any other move (hybrid,
 //! which drops single stale pages) makes its own, as before.
+//!
+//! A destination that does not know the size in advance allocates on the
+//! `Hello` instead (`ferry-dest --prealloc hello`, [`RamAhead::make_now`]):
+//! the RAM the `Hello` asks for, before the `HelloAck`, while the source
+//! still runs the VM and waits for the answer, kept from its peer timeout
+//! by the destination's `Ping`s. RAM the host's free memory (or the huge
+//! page pool) cannot hold is not allocated ahead: the move then allocates
+//! as it goes, as without.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::memory::{Backing, GuestRam, MemoryError};
+use crate::memory::{huge_pages_available, Backing, GuestRam, MemoryError, HUGE_PAGE_SIZE};
 
 /// One guest RAM made ahead, waiting for the move that fits it.
 #[derive(Debug, Clone, Default)]
 pub struct RamAhead {
     ram: Arc<Mutex<Option<GuestRam>>>,
     taken: Arc<AtomicBool>,
+    /// How long [`RamAhead::make_now`] took, once it made RAM.
+    made_on_hello: Arc<Mutex<Option<Duration>>>,
+}
+
+/// Memory the host can still give without reclaiming, in bytes
+/// (`MemAvailable`), or `None` when the kernel does not say.
+fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// What RAM of `backing` the host can allocate now without pushing others
+/// out: three quarters of the available memory, or the free pages of the
+/// huge page pool.
+fn room_for(backing: Backing) -> Option<u64> {
+    match backing {
+        Backing::Shmem => memory_available().map(|b| b / 4 * 3),
+        Backing::HugePages => huge_pages_available().map(|p| p * HUGE_PAGE_SIZE),
+    }
 }
 
 impl RamAhead {
@@ -45,10 +80,44 @@ impl RamAhead {
         Ok((
             Self {
                 ram: Arc::new(Mutex::new(Some(ram))),
-                taken: Arc::default(),
+                ..Self::default()
             },
             took,
         ))
+    }
+
+    /// Makes and allocates `size` bytes of `backing` now, for the move
+    /// whose `Hello` asked for them, unless RAM of that size and kind is
+    /// waiting already or the host has no room for it (`Ok(None)`: the move
+    /// then allocates as it goes). Returns how long the allocation took.
+    pub fn make_now(&self, size: u64, backing: Backing) -> Result<Option<Duration>, MemoryError> {
+        let mut slot = self.ram.lock().unwrap_or_else(|p| p.into_inner());
+        if slot
+            .as_ref()
+            .is_some_and(|r| r.size() == size && r.backing() == backing)
+        {
+            return Ok(None);
+        }
+        if room_for(backing).is_some_and(|room| size > room) {
+            tracing::warn!(
+                mib = size >> 20,
+                ?backing,
+                "no room to allocate the guest's RAM ahead; the move allocates as it goes"
+            );
+            return Ok(None);
+        }
+        let mut ram = GuestRam::with_backing(size, backing)?;
+        let t = Instant::now();
+        ram.allocate_all()?;
+        let took = t.elapsed();
+        *slot = Some(ram);
+        *self.made_on_hello.lock().unwrap_or_else(|p| p.into_inner()) = Some(took);
+        Ok(Some(took))
+    }
+
+    /// How long the allocation on the `Hello` took, when one was made.
+    pub fn made_on_hello(&self) -> Option<Duration> {
+        *self.made_on_hello.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The RAM made ahead, when it is `size` bytes of `backing` (once).
@@ -104,5 +173,32 @@ mod tests {
         let mut page = [1u8; 4096];
         ram.read_at(5 << 20, &mut page).unwrap();
         assert!(crate::memory::is_zero(&page));
+    }
+
+    /// RAM made on the `Hello` is taken by that move; RAM of that size
+    /// and kind waiting already is not made again; RAM the host cannot
+    /// hold is not made at all.
+    #[test]
+    fn ram_is_made_on_the_hello_once_and_only_where_it_fits() {
+        let ahead = RamAhead::default();
+        assert_eq!(ahead.made_on_hello(), None);
+        let took = ahead.make_now(16 << 20, Backing::Shmem).unwrap();
+        assert!(took.is_some());
+        assert_eq!(ahead.made_on_hello(), took);
+        assert_eq!(ahead.make_now(16 << 20, Backing::Shmem).unwrap(), None);
+        let ram = ahead.take(16 << 20, Backing::Shmem).unwrap();
+        assert!(ram.allocated_ahead());
+        assert!(ahead.was_taken());
+
+        let huge = RamAhead::default();
+        assert_eq!(huge.make_now(1 << 40, Backing::HugePages).unwrap(), None);
+        assert!(huge.take(1 << 40, Backing::HugePages).is_none());
+        let room = room_for(Backing::Shmem).expect("MemAvailable in /proc/meminfo");
+        assert!(room > 0);
+        assert_eq!(
+            huge.make_now(room + (1 << 30), Backing::Shmem).unwrap(),
+            None
+        );
+        assert_eq!(huge.made_on_hello(), None);
     }
 }

@@ -130,6 +130,11 @@ pub struct MigrationStats {
     /// (`ferry-dest --prealloc`, see `migration::ram_ahead`).
     #[serde(default)]
     pub ram_allocated_ahead: bool,
+    /// With `ferry-dest --prealloc hello`: how long allocating the RAM the
+    /// `Hello` asked for took, before the answer (the source's VM still
+    /// ran); absent when nothing was allocated then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_allocated_on_hello_ms: Option<f64>,
     /// Post-copy wrote pages in place and mapped them a unit at a time
     /// with `UFFDIO_CONTINUE` (huge pages, or RAM allocated ahead), rather
     /// than `UFFDIO_COPY` from a buffer (see `migration::uffd_ram`).

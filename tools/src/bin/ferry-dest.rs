@@ -88,10 +88,15 @@ struct Args {
     /// then writes each page in place (QEMU's -m with -mem-prealloc on
     /// the incoming side). A VM of another size, or a hybrid move, gets RAM
     /// made for it during its move, as without.
+    /// `hello`: when the move's Hello arrives, allocate the RAM it asks
+    /// for before answering it, while the source still runs the VM (and
+    /// waits, kept from its peer timeout by Pings); for a destination that
+    /// does not know the size in advance. RAM that the host's available
+    /// memory or huge page pool cannot hold is not allocated ahead.
     /// With --daemon, `session`: each VM process allocates the RAM its
     /// session's Hello asks for before it listens, while the source still
     /// runs the VM.
-    #[arg(long, value_name = "SIZE|session", value_parser = parse_prealloc)]
+    #[arg(long, value_name = "SIZE|hello|session", value_parser = parse_prealloc)]
     prealloc: Option<Prealloc>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
     /// unless --lazy).
@@ -138,20 +143,23 @@ struct Args {
     hook: HookArgs,
 }
 
-/// `--prealloc`: RAM of one size now, or (with --daemon) of each
-/// session's size in its VM process.
+/// `--prealloc`: RAM of one size now, of the size a move's Hello asks for
+/// when it comes, or (with --daemon) of each session's size in its VM
+/// process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Prealloc {
     Size(u64),
+    Hello,
     Session,
 }
 
 fn parse_prealloc(s: &str) -> Result<Prealloc, String> {
     match s {
         "session" => Ok(Prealloc::Session),
+        "hello" => Ok(Prealloc::Hello),
         size => parse_size(size)
             .map(Prealloc::Size)
-            .map_err(|e| format!("{e} (or `session`, with --daemon)")),
+            .map_err(|e| format!("{e} (or `hello`, or `session` with --daemon)")),
     }
 }
 
@@ -164,12 +172,13 @@ fn backing_of(args: &Args) -> Backing {
     }
 }
 
-/// `--prealloc` fits the way this process takes moves: one of a SIZE
+/// `--prealloc` fits the way this process takes moves: SIZE or `hello`
 /// without --daemon, `session` with it.
 fn check_prealloc(prealloc: Option<Prealloc>, daemon: bool) -> Result<(), String> {
     match (prealloc, daemon) {
-        (Some(Prealloc::Size(_)), true) => Err("--prealloc SIZE is for a destination that \
-             takes one move; a --daemon's VM processes take theirs with --prealloc session"
+        (Some(Prealloc::Size(_) | Prealloc::Hello), true) => Err("--prealloc SIZE and \
+             --prealloc hello are for a destination that takes one move; a --daemon's VM \
+             processes take theirs with --prealloc session"
             .into()),
         (Some(Prealloc::Session), false) => Err("--prealloc session needs --daemon: \
              only a daemon knows a session's size before its VM process listens"
@@ -273,6 +282,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         backing: backing_of(&args),
         fault_buffers: Default::default(),
         ram_ahead,
+        allocate_on_hello: args.prealloc == Some(Prealloc::Hello),
     };
     // The first demand answers' buffers, made now rather than inside the
     // pause of a move. Only a process that waits for a move uses them (a
