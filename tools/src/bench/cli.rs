@@ -145,8 +145,13 @@ pub struct Args {
     /// pages on its critical path, and post-copy writes them in place.
     /// (QEMU's destination discards its RAM when post-copy starts, so
     /// `prealloc=on` would not help it.)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prealloc_on_hello")]
     pub prealloc: bool,
+    /// Ferry's destination allocates the guest's RAM when the move's Hello
+    /// asks for it, before answering (`ferry-dest --prealloc hello`): as
+    /// --prealloc, for a destination that does not know the size ahead.
+    #[arg(long)]
+    pub prealloc_on_hello: bool,
     /// TCP congestion control for Ferry's connections
     /// (`ferry-source --tcp-congestion`) and for the wire probe's copies,
     /// e.g. reno (default: the system's). QEMU keeps the system's: it has
@@ -319,6 +324,7 @@ impl Args {
                 hot_window: self.hot_window.clone(),
                 huge_pages: self.huge_pages,
                 prealloc: self.prealloc,
+                prealloc_on_hello: self.prealloc_on_hello,
                 tcp_congestion: self.tcp_congestion.clone(),
             },
             tls: self.tls,

@@ -93,6 +93,9 @@ pub struct FerryTools {
     /// The destination allocates the guest's RAM before it listens
     /// (`ferry-dest --prealloc`).
     pub prealloc: bool,
+    /// The destination allocates the guest's RAM on the move's Hello
+    /// (`ferry-dest --prealloc hello`).
+    pub prealloc_on_hello: bool,
     /// `ferry-source --tcp-congestion`, when given.
     pub tcp_congestion: Option<String>,
 }
@@ -222,6 +225,9 @@ pub fn run(
     }
     if tools.prealloc {
         cmd.args(["--prealloc", &spec.point.mem.to_string()]);
+    }
+    if tools.prealloc_on_hello {
+        cmd.args(["--prealloc", "hello"]);
     }
     let mut dst = Child::spawn(cmd, "ferry-dest", &f("dst.err"))?;
     let pid = dst.pid();
@@ -353,6 +359,7 @@ mod tests {
             hot_window: None,
             huge_pages: false,
             prealloc: false,
+            prealloc_on_hello: false,
             tcp_congestion: None,
         };
         assert!(t.mode_args(Mode::Postcopy).is_empty());
