@@ -21,10 +21,21 @@ fn move_into_ram_ahead(
     (mem, guest): (&str, &str),
     extra: &[&str],
 ) -> serde_json::Value {
+    move_into_ram_ahead_from(name, ahead, (mem, guest), extra, &[])
+}
+
+/// [`move_into_ram_ahead`] from a `ferry-source` given `source_args` too.
+fn move_into_ram_ahead_from(
+    name: &str,
+    ahead: &str,
+    (mem, guest): (&str, &str),
+    extra: &[&str],
+    source_args: &[&str],
+) -> serde_json::Value {
     let dir = Scratch::new(name);
     let dest_args = io_args(&dir, "dst", &["--prealloc", ahead]);
     let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&dest_args));
-    let mut src = spawn_guest_source(&dir, mem, 1, guest, &[]);
+    let mut src = spawn_guest_source(&dir, mem, 1, guest, source_args);
     assert!(
         wait_exit(
             &mut migrate_once_ticking_with(&dir, &addr, extra),
@@ -116,34 +127,17 @@ fn cut_links_during_postcopy_into_ram_allocated_ahead_recover() {
 /// the RAM in place, and the guest goes on without BAD.
 #[test]
 fn ram_is_allocated_on_the_hello_while_the_source_waits() {
-    let dir = Scratch::new("ahead-hello");
-    let dest_args = io_args(&dir, "dst", &["--prealloc", "hello"]);
-    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&dest_args));
-    let mut src = spawn_guest_source(&dir, "1G", 1, GUEST, &["--peer-timeout", "150ms"]);
-    assert!(
-        wait_exit(
-            &mut migrate_once_ticking_with(&dir, &addr, &[]),
-            WAIT,
-            "the move to end"
-        ),
-        "the move failed: {}",
-        std::fs::read_to_string(dir.path("ctl.err")).unwrap_or_default()
-    );
-    let s = wait_stats(&dir.path("dst.json"), WAIT);
+    let timeout = ["--peer-timeout", "150ms"];
+    let s = move_into_ram_ahead_from("ahead-hello", "hello", ("1G", GUEST), &[], &timeout);
     assert_eq!(s["ram_allocated_ahead"], true, "{s}");
     assert_eq!(s["filled_in_place"], true, "{s}");
     let took = s["ram_allocated_on_hello_ms"].as_f64().unwrap();
     // The test means something only if the allocation outlasted the
     // source's peer timeout.
     assert!(took > 150.0, "allocated in {took} ms: {s}");
-    assert_postcopy_accounting(&s, &s["source"]);
-    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
-    assert_continues(&read_console(&dir.path("src.log")), &after, 1);
-    ctl(&dir.path("dst.sock"), &["quit"]);
-    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
-    assert!(wait_exit(
-        &mut src,
-        WAIT,
-        "the source to end after the move"
-    ));
+    // No page accounting here: later in the move the destination pings a
+    // quiet link only every 1.25 s (its own 5 s timeout), so a source with
+    // 150 ms may reconnect once or more, which the move survives (the
+    // guest went on without BAD above), but after which the page server
+    // counts only its resumed push. The other tests check the accounting.
 }
