@@ -134,18 +134,37 @@ fn reserve_huge_pages(file: &File, size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// The number of field `name` (with its colon) in /proc/meminfo's text
+/// `info`: kB for sizes, a count for the huge page fields.
+fn meminfo_field(info: &str, name: &str) -> Option<u64> {
+    let v = info.lines().find_map(|l| l.strip_prefix(name))?.trim();
+    v.strip_suffix("kB").unwrap_or(v).trim().parse().ok()
+}
+
 /// Free 2 MiB pages in the pool that no mapping has reserved yet (what a
 /// new file of huge pages can still have), from /proc/meminfo.
 pub fn huge_pages_available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))?
-            .trim()
-            .parse()
-            .ok()
-    };
+    let field = |name| meminfo_field(&info, name);
     Some(field("HugePages_Free:")?.saturating_sub(field("HugePages_Rsvd:")?))
+}
+
+/// Bytes the host can still give without reclaiming (`MemAvailable` in
+/// /proc/meminfo), or `None` when the kernel does not say.
+pub fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_field(&info, "MemAvailable:")?.checked_mul(1024)
+}
+
+impl Backing {
+    /// 2 MiB pages when `huge_pages` (`--huge-pages`), else shared memory.
+    pub fn of_huge_pages(huge_pages: bool) -> Self {
+        if huge_pages {
+            Backing::HugePages
+        } else {
+            Backing::Shmem
+        }
+    }
 }
 
 impl GuestRam {
@@ -451,10 +470,17 @@ mod tests {
     /// Reserved 2 MiB pages in the pool, from /proc/meminfo.
     fn huge_reserved() -> u64 {
         let info = std::fs::read_to_string("/proc/meminfo").unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("HugePages_Rsvd:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap()
+        meminfo_field(&info, "HugePages_Rsvd:").unwrap()
+    }
+
+    #[test]
+    fn meminfo_fields_are_read_with_or_without_a_unit() {
+        let info = "MemTotal:       24576000 kB\nMemAvailable:   20000000 kB\n\
+                    HugePages_Total:    1024\nHugePages_Rsvd:        8\n";
+        assert_eq!(meminfo_field(info, "MemAvailable:"), Some(20_000_000));
+        assert_eq!(meminfo_field(info, "HugePages_Rsvd:"), Some(8));
+        assert_eq!(meminfo_field(info, "HugePages_Free:"), None);
+        assert!(memory_available().is_some_and(|b| b > 0));
     }
 
     /// Needs 8 free pages in the pool (scripts/setup.sh reserves them).

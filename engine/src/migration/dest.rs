@@ -723,14 +723,16 @@ fn prepare(
         ));
     }
     let lazy = mode.lazy();
-    if opts.allocate_on_hello && mode != MigrationMode::Hybrid {
-        allocate_on_hello(ctl, hello, opts)?;
-    }
     // Hybrid drops single stale pages of RAM it filled before the state,
     // which RAM allocated ahead (mapped a unit at a time) cannot take.
-    let ahead = (mode != MigrationMode::Hybrid)
-        .then(|| opts.ram_ahead.take(hello.mem_size, backing))
-        .flatten();
+    let ahead = if mode == MigrationMode::Hybrid {
+        None
+    } else {
+        if opts.allocate_on_hello {
+            allocate_on_hello(ctl, hello, opts)?;
+        }
+        opts.ram_ahead.take(hello.mem_size, backing)
+    };
     let prepared = match ahead {
         Some(ram) => {
             info!(mib = hello.mem_size >> 20, "guest RAM made ahead taken");

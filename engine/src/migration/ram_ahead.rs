@@ -33,7 +33,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::memory::{huge_pages_available, Backing, GuestRam, MemoryError, HUGE_PAGE_SIZE};
+use crate::memory::{
+    huge_pages_available, memory_available, Backing, GuestRam, MemoryError, HUGE_PAGE_SIZE,
+};
 
 /// One guest RAM made ahead, waiting for the move that fits it.
 #[derive(Debug, Clone, Default)]
@@ -44,19 +46,13 @@ pub struct RamAhead {
     made_on_hello: Arc<Mutex<Option<Duration>>>,
 }
 
-/// Memory the host can still give without reclaiming, in bytes
-/// (`MemAvailable`), or `None` when the kernel does not say.
-fn memory_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
+/// `size` bytes of RAM of `backing`, every page allocated now, and how long
+/// the allocation took.
+fn allocated(size: u64, backing: Backing) -> Result<(GuestRam, Duration), MemoryError> {
+    let mut ram = GuestRam::with_backing(size, backing)?;
+    let t = Instant::now();
+    ram.allocate_all()?;
+    Ok((ram, t.elapsed()))
 }
 
 /// What RAM of `backing` the host can allocate now without pushing others
@@ -73,10 +69,7 @@ impl RamAhead {
     /// Makes `size` bytes of RAM of `backing` and allocates every page of
     /// it now; returns it and how long the allocation took.
     pub fn make(size: u64, backing: Backing) -> Result<(Self, Duration), MemoryError> {
-        let mut ram = GuestRam::with_backing(size, backing)?;
-        let t = Instant::now();
-        ram.allocate_all()?;
-        let took = t.elapsed();
+        let (ram, took) = allocated(size, backing)?;
         Ok((
             Self {
                 ram: Arc::new(Mutex::new(Some(ram))),
@@ -106,10 +99,7 @@ impl RamAhead {
             );
             return Ok(None);
         }
-        let mut ram = GuestRam::with_backing(size, backing)?;
-        let t = Instant::now();
-        ram.allocate_all()?;
-        let took = t.elapsed();
+        let (ram, took) = allocated(size, backing)?;
         *slot = Some(ram);
         *self.made_on_hello.lock().unwrap_or_else(|p| p.into_inner()) = Some(took);
         Ok(Some(took))

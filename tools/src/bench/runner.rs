@@ -235,11 +235,7 @@ pub fn run(cfg: &Config) -> Result<Report, RunnerError> {
     info!(runs = runs.len(), out = %out.display(), net = %net.describe(), "starting");
     let pinned = cfg.matrix.pin.contains(&true);
     let congestion = cfg.ferry.tcp_congestion.as_deref();
-    let backing = if cfg.ferry.huge_pages {
-        Backing::HugePages
-    } else {
-        Backing::Shmem
-    };
+    let backing = Backing::of_huge_pages(cfg.ferry.huge_pages);
     let wire = match wire::measure(&net, pinned, congestion, backing) {
         Ok(w) => {
             info!(

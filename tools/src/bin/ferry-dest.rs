@@ -165,11 +165,7 @@ fn parse_prealloc(s: &str) -> Result<Prealloc, String> {
 
 /// What the incoming VM's RAM is made of (`--huge-pages`).
 fn backing_of(args: &Args) -> Backing {
-    if args.huge_pages {
-        Backing::HugePages
-    } else {
-        Backing::Shmem
-    }
+    Backing::of_huge_pages(args.huge_pages)
 }
 
 /// `--prealloc` fits the way this process takes moves: SIZE or `hello`
