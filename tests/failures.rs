@@ -26,6 +26,7 @@ fn aborting_destination(listener: TcpListener) -> std::thread::JoinHandle<bool> 
                 status: 0,
                 features: 0,
                 session_id: hello.session_id,
+                peer_timeout_ms: None,
             };
             write_frame(&mut s, MsgType::HelloAck, 0, &ack.encode()).unwrap();
             conns.push(s);

@@ -121,9 +121,11 @@ fn cut_links_during_postcopy_into_ram_allocated_ahead_recover() {
 
 /// `ferry-dest --prealloc hello`: the destination does not know the size
 /// in advance, so it allocates the RAM the move's `Hello` asks for before
-/// answering it. The source, whose peer timeout is far shorter than that
-/// allocation, waits for the answer without deeming the destination gone
-/// (the destination pings it), its VM still running; the move then fills
+/// answering it. The source, whose peer timeout (150 ms) is far shorter
+/// than that allocation and than the destination's (5 s), waits for the
+/// answer without deeming the destination gone: the `Hello` told the
+/// destination its timeout, and the destination pings every quarter of
+/// it, then and for the rest of the move (no recovery). The move fills
 /// the RAM in place, and the guest goes on without BAD.
 #[test]
 fn ram_is_allocated_on_the_hello_while_the_source_waits() {
@@ -135,9 +137,7 @@ fn ram_is_allocated_on_the_hello_while_the_source_waits() {
     // The test means something only if the allocation outlasted the
     // source's peer timeout.
     assert!(took > 150.0, "allocated in {took} ms: {s}");
-    // No page accounting here: later in the move the destination pings a
-    // quiet link only every 1.25 s (its own 5 s timeout), so a source with
-    // 150 ms may reconnect once or more, which the move survives (the
-    // guest went on without BAD above), but after which the page server
-    // counts only its resumed push. The other tests check the accounting.
+    assert_eq!(s["peer_timeout_ms"], 150, "{s}");
+    assert_eq!(s["recoveries"], 0, "{s}");
+    assert_postcopy_accounting(&s, &s["source"]);
 }

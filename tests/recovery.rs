@@ -125,6 +125,50 @@ fn a_silent_destination_is_noticed_within_the_peer_timeout() {
     assert_moved_and_quit(&dir, &mut dst);
 }
 
+/// The two sides' peer timeouts differ: the source's is 400 ms, the
+/// destination's 30 s. The move runs with the shorter on both sides:
+/// through a push capped to last seconds, the destination pings often
+/// enough that the source never deems it gone (no recovery), and a source
+/// stopped with SIGSTOP is noticed by the destination within seconds, not
+/// its own 30. Once the source continues, the move completes.
+#[test]
+fn both_sides_run_the_move_with_the_shorter_peer_timeout() {
+    let dir = Scratch::new("short-timeout");
+    let (mut dst, addr) = spawn_linked_dest(&dir, ("30s", "30s"));
+    let mut src = spawn_linked_source(
+        &dir,
+        ("2G", "ws=1G pattern=random write=80 report_ms=20"),
+        &addr,
+        "60m",
+        ("400ms", "30s"),
+        &["--max-bandwidth", "100M"],
+    );
+    let _ctl = migrate_once_ticking(&dir, &addr);
+    let (ssock, dsock) = (dir.path("src.sock"), dir.path("dst.sock"));
+    wait_stage(&ssock, "postcopy");
+    // Several of the source's timeouts pass while the push runs.
+    std::thread::sleep(Duration::from_millis(2000));
+    let v = ctl(&ssock, &["status"]);
+    assert_eq!(v["migration"]["stage"], "postcopy", "{v}");
+    assert_eq!(v["migration"]["recoveries"], 0, "{v}");
+    let pid = nix::unistd::Pid::from_raw(src.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let noticed = wait_for(WAIT, "the destination to notice", || {
+        let v = ctl(&dsock, &["status"]);
+        (v["migration"]["stage"] == "recovering").then(|| stopped.elapsed())
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    eprintln!("a stopped source was noticed after {noticed:?}");
+    // 400 ms, plus status polls and the scheduler; far from 30 s.
+    assert!(noticed < Duration::from_secs(10), "{noticed:?}");
+    assert!(wait_exit(&mut src, WAIT, "the source to finish"));
+    let s = wait_stats(&dir.path("dst.json"), WAIT);
+    assert_eq!(s["peer_timeout_ms"], 400, "{s}");
+    assert!(s["recoveries"].as_u64().unwrap() >= 1, "{s}");
+    assert_moved_and_quit(&dir, &mut dst);
+}
+
 /// The guest continued on the destination with no BAD; then it is quit.
 fn assert_moved_and_quit(dir: &Scratch, dst: &mut Proc) {
     let dst_log = wait_ticks(&dir.path("dst.log"), 1, 5, WAIT);

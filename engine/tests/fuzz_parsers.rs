@@ -619,6 +619,7 @@ fn streams() -> Vec<Vec<u8>> {
         status: 0,
         features: features::SUPPORTED,
         session_id: 5,
+        peer_timeout_ms: Some(5000),
     };
     let mut back = frame(MsgType::HelloAck, 0, &ack.encode());
     back.extend(frame(MsgType::Ready, 0, br#"{"restore_us":10}"#));
@@ -946,10 +947,16 @@ fn fuzz_hello_ack() {
         status: 3,
         features: features::SUPPORTED,
         session_id: 77,
+        peer_timeout_ms: Some(2000),
+    };
+    let old = HelloAck {
+        features: features::SUPPORTED & !features::PEER_TIMEOUT,
+        peer_timeout_ms: None,
+        ..ack
     };
     fuzz(Target {
         name: "hello_ack",
-        seeds: vec![ack.encode()],
+        seeds: vec![ack.encode(), old.encode()],
         json: false,
         fixup: no_fixup,
         run: Box::new(|d| {

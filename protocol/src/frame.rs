@@ -88,7 +88,7 @@ impl MsgType {
     fn bounds(self) -> (usize, usize) {
         match self {
             MsgType::Hello => (HELLO_FIXED, HELLO_FIXED + MAX_HELLO_OPTIONS),
-            MsgType::HelloAck => (24, 24),
+            MsgType::HelloAck => (24, 32),
             MsgType::Redirect => (REDIRECT_LEN, REDIRECT_LEN),
             MsgType::Pages => (
                 PAGES_PREFIX,

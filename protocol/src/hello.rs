@@ -1,6 +1,8 @@
 //! The handshake: `Hello`, `HelloAck`, connection roles and the migration
 //! mode option.
 
+use std::time::Duration;
+
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -14,6 +16,36 @@ pub const OPT_MODE: u16 = 0x8001;
 /// (little-endian): the virtio slot of the disk and its size in 4 KiB
 /// blocks. Their blocks follow guest RAM in the page space, in this order.
 pub const OPT_DISKS: u16 = 0x8002;
+
+/// Hello option (not critical): the source's peer timeout in milliseconds,
+/// a `u32` (little-endian). With [`features::PEER_TIMEOUT`](super::features::PEER_TIMEOUT)
+/// the destination answers with its own in the `HelloAck`, and both sides
+/// use [`session_peer_timeout`].
+pub const OPT_PEER_TIMEOUT: u16 = 0x0001;
+
+/// The shortest peer timeout a side takes from its peer: however short the
+/// peer's, this side waits at least this long for it and pings it at most
+/// every quarter of it.
+pub const MIN_PEER_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The peer timeout a session runs with on this side: the shorter of this
+/// side's own (`own`) and the peer's (`peer_ms`, when it said one), but not
+/// shorter than [`MIN_PEER_TIMEOUT`] because of the peer. Both sides
+/// compute the same value from the two, so each pings often enough for the
+/// other (every quarter of it) and deems the other gone after the same
+/// silence.
+pub fn session_peer_timeout(own: Duration, peer_ms: Option<u32>) -> Duration {
+    match peer_ms {
+        None => own,
+        Some(ms) => own.min(Duration::from_millis(ms.into()).max(MIN_PEER_TIMEOUT)),
+    }
+}
+
+/// A peer timeout as `OPT_PEER_TIMEOUT` and the `HelloAck` carry it, in
+/// whole milliseconds (saturating at `u32::MAX`, about 49 days).
+pub fn peer_timeout_ms(t: Duration) -> u32 {
+    u32::try_from(t.as_millis()).unwrap_or(u32::MAX)
+}
 
 /// Most migrated disks one `Hello` may name.
 pub const MAX_MIGRATED_DISKS: usize = 16;
@@ -129,7 +161,8 @@ struct RawHello {
     page_size: U32,
 }
 
-/// A `HelloAck` as it lies on the wire (24 bytes).
+/// A `HelloAck` as it lies on the wire (24 bytes, then [`RawAckTimeout`]
+/// when its features include `PEER_TIMEOUT`).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 struct RawHelloAck {
@@ -137,6 +170,14 @@ struct RawHelloAck {
     status: U32,
     features: U64,
     session_id: U64,
+}
+
+/// The tail of a `HelloAck` whose features include `PEER_TIMEOUT` (8 bytes).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawAckTimeout {
+    peer_timeout_ms: U32,
+    reserved: U32,
 }
 
 /// One option's header inside a `Hello`.
@@ -181,6 +222,22 @@ impl Hello {
                 .and_then(MigrationMode::from_u8)
                 .filter(|_| v.len() == 1)
                 .ok_or_else(|| ProtocolError::Handshake(format!("bad mode option {v:?}"))),
+        }
+    }
+
+    /// The source's peer timeout in milliseconds (`OPT_PEER_TIMEOUT`), when
+    /// it says one.
+    pub fn peer_timeout_ms(&self) -> Result<Option<u32>, ProtocolError> {
+        match self.options.iter().find(|(t, _)| *t == OPT_PEER_TIMEOUT) {
+            None => Ok(None),
+            Some((_, v)) => <[u8; 4]>::try_from(v.as_slice())
+                .map(|b| Some(u32::from_le_bytes(b)))
+                .map_err(|_| {
+                    ProtocolError::Handshake(format!(
+                        "peer timeout option of {} bytes (4)",
+                        v.len()
+                    ))
+                }),
         }
     }
 
@@ -309,30 +366,57 @@ pub struct HelloAck {
     pub features: u64,
     /// The session id being answered.
     pub session_id: u64,
+    /// The destination's peer timeout in milliseconds: present exactly
+    /// when `features` includes `PEER_TIMEOUT`.
+    pub peer_timeout_ms: Option<u32>,
 }
 
 impl HelloAck {
-    /// Encodes the payload.
+    /// Encodes the payload: 24 bytes, or 32 with the peer timeout.
     pub fn encode(&self) -> Vec<u8> {
-        RawHelloAck {
+        let mut p = RawHelloAck {
             version: U32::new(self.version),
             status: U32::new(self.status),
             features: U64::new(self.features),
             session_id: U64::new(self.session_id),
         }
         .as_bytes()
-        .to_vec()
+        .to_vec();
+        if let Some(ms) = self.peer_timeout_ms {
+            let tail = RawAckTimeout {
+                peer_timeout_ms: U32::new(ms),
+                reserved: U32::new(0),
+            };
+            p.extend_from_slice(tail.as_bytes());
+        }
+        p
     }
 
-    /// Decodes a payload.
+    /// Decodes a payload: 24 bytes, or 32 when its features include
+    /// `PEER_TIMEOUT`.
     pub fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
-        let raw = RawHelloAck::ref_from_bytes(p)
-            .map_err(|_| ProtocolError::Handshake(format!("HelloAck of {} bytes", p.len())))?;
+        let bad = || ProtocolError::Handshake(format!("HelloAck of {} bytes", p.len()));
+        let (raw, tail) = RawHelloAck::ref_from_prefix(p).map_err(|_| bad())?;
+        let features = raw.features.get();
+        let peer_timeout_ms = if features & super::features::PEER_TIMEOUT != 0 {
+            let t = RawAckTimeout::ref_from_bytes(tail).map_err(|_| {
+                ProtocolError::Handshake(format!(
+                    "HelloAck of {} bytes with PEER_TIMEOUT (32)",
+                    p.len()
+                ))
+            })?;
+            Some(t.peer_timeout_ms.get())
+        } else if tail.is_empty() {
+            None
+        } else {
+            return Err(bad());
+        };
         Ok(Self {
             version: raw.version.get(),
             status: raw.status.get(),
-            features: raw.features.get(),
+            features,
             session_id: raw.session_id.get(),
+            peer_timeout_ms,
         })
     }
 }
@@ -340,3 +424,4 @@ impl HelloAck {
 // The wire structs are exactly the sizes the protocol documents.
 const _: () = assert!(std::mem::size_of::<RawHello>() == HELLO_FIXED);
 const _: () = assert!(std::mem::size_of::<RawHelloAck>() == 24);
+const _: () = assert!(std::mem::size_of::<RawAckTimeout>() == 8);

@@ -29,8 +29,8 @@ pub use bitmap::PageBitmap;
 pub use decoder::{backed_buffer, read_frame, Frame, FrameDecoder, PartialFrame};
 pub use frame::{write_frame, FrameHeader, MsgType};
 pub use hello::{
-    Hello, HelloAck, MigratedDisk, MigrationMode, Role, MAX_DISK_BLOCKS, MAX_MIGRATED_DISKS,
-    OPT_DISKS, OPT_MODE,
+    peer_timeout_ms, session_peer_timeout, Hello, HelloAck, MigratedDisk, MigrationMode, Role,
+    MAX_DISK_BLOCKS, MAX_MIGRATED_DISKS, MIN_PEER_TIMEOUT, OPT_DISKS, OPT_MODE, OPT_PEER_TIMEOUT,
 };
 pub use pages::{
     append_pages_frame, append_pages_head, append_zero_pages_frame, choose_encoding, decode_pages,
@@ -77,9 +77,13 @@ pub mod features {
     /// The source follows a `Redirect` answer to its control `Hello` (a
     /// `ferry-dest --daemon` sends each VM to a process of its own).
     pub const REDIRECT: u64 = 1 << 11;
+    /// The two sides tell each other their peer timeouts (the source in
+    /// `OPT_PEER_TIMEOUT`, the destination in the `HelloAck`) and both run
+    /// the session with the shorter ([`super::session_peer_timeout`]).
+    pub const PEER_TIMEOUT: u64 = 1 << 12;
     /// What this build implements.
     /// (`RESUME` is not negotiated: it marks a connection that resumes.)
-    pub const SUPPORTED: u64 = LZ4 | ZERO_RUNS | RECV_BITMAP | REDIRECT;
+    pub const SUPPORTED: u64 = LZ4 | ZERO_RUNS | RECV_BITMAP | REDIRECT | PEER_TIMEOUT;
 }
 
 /// What a destination holds of a session that a resuming source names,
@@ -189,6 +193,7 @@ pub fn from_json<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// One page of xorshift noise: incompressible.
     fn random_page(mut x: u64) -> Vec<u8> {
@@ -275,6 +280,71 @@ mod tests {
             .flat_map(|s| one(s, 1))
             .collect();
         assert!(refused(many).contains("at most"));
+    }
+
+    #[test]
+    fn peer_timeouts_are_told_and_the_shorter_one_holds() {
+        let mut h = Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Control,
+            session_id: 7,
+            features: features::SUPPORTED,
+            mem_size: 1 << 30,
+            vcpus: 1,
+            page_size: 4096,
+            options: Vec::new(),
+        };
+        assert_eq!(h.peer_timeout_ms().unwrap(), None);
+        h.options
+            .push((OPT_PEER_TIMEOUT, 300u32.to_le_bytes().to_vec()));
+        let back = Hello::decode(&h.encode()).unwrap();
+        assert_eq!(back.peer_timeout_ms().unwrap(), Some(300));
+        h.options[0].1.pop();
+        let e = h.peer_timeout_ms().unwrap_err().to_string();
+        assert!(e.contains("peer timeout option of 3 bytes"), "{e}");
+
+        // The HelloAck carries the destination's exactly when PEER_TIMEOUT
+        // is among its features: 32 bytes, else 24 as before.
+        let ack = HelloAck {
+            version: PROTOCOL_VERSION,
+            status: 0,
+            features: features::SUPPORTED,
+            session_id: 7,
+            peer_timeout_ms: Some(5000),
+        };
+        assert_eq!(ack.encode().len(), 32);
+        assert_eq!(HelloAck::decode(&ack.encode()).unwrap(), ack);
+        let old = HelloAck {
+            features: features::LZ4,
+            peer_timeout_ms: None,
+            ..ack
+        };
+        assert_eq!(old.encode().len(), 24);
+        assert_eq!(HelloAck::decode(&old.encode()).unwrap(), old);
+        let e = HelloAck::decode(&ack.encode()[..24])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("24 bytes with PEER_TIMEOUT (32)"), "{e}");
+        let mut long = old.encode();
+        long.extend_from_slice(&[0; 8]);
+        let e = HelloAck::decode(&long).unwrap_err().to_string();
+        assert!(e.contains("HelloAck of 32 bytes"), "{e}");
+        assert!(HelloAck::decode(&[0; 23]).is_err());
+
+        // Both sides reach the same value from the two they know.
+        let ms = Duration::from_millis;
+        let src = ms(300);
+        let dst = Duration::from_secs(5);
+        let at_src = session_peer_timeout(src, Some(peer_timeout_ms(dst)));
+        let at_dst = session_peer_timeout(dst, Some(peer_timeout_ms(src)));
+        assert_eq!((at_src, at_dst), (src, src));
+        // A peer that says nothing leaves this side's own.
+        assert_eq!(session_peer_timeout(dst, None), dst);
+        // A peer cannot push it below the floor, nor past this side's own.
+        assert_eq!(session_peer_timeout(dst, Some(0)), MIN_PEER_TIMEOUT);
+        assert_eq!(session_peer_timeout(ms(50), Some(0)), ms(50));
+        assert_eq!(session_peer_timeout(ms(300), Some(u32::MAX)), ms(300));
+        assert_eq!(peer_timeout_ms(Duration::from_secs(u64::MAX)), u32::MAX);
     }
 
     #[test]

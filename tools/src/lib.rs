@@ -53,6 +53,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * scale))
 }
 
+/// Parses `--peer-timeout`: a duration of at least
+/// [`ferry_protocol::MIN_PEER_TIMEOUT`] (100 ms), since a side pings every
+/// quarter of it and the read and write timeouts cannot be zero.
+pub fn parse_peer_timeout(s: &str) -> Result<Duration, String> {
+    let t = parse_duration(s)?;
+    let min = ferry_protocol::MIN_PEER_TIMEOUT;
+    if t < min {
+        return Err(format!(
+            "peer timeout {s:?} is shorter than {} ms",
+            min.as_millis()
+        ));
+    }
+    Ok(t)
+}
+
 /// The options every VM-running binary shares: where the guest console goes,
 /// the control API socket and how long to run.
 #[derive(clap::Args, Debug, Clone)]
@@ -120,8 +135,9 @@ impl VmIoArgs {
 pub struct LinkArgs {
     /// A peer that sends nothing for this long (not even a heartbeat) is
     /// gone: before the switch-over commits the move rolls back; after it,
-    /// recovery starts.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    /// recovery starts. The two sides tell each other theirs, and a move
+    /// runs with the shorter (at least 100 ms).
+    #[arg(long, value_parser = parse_peer_timeout, default_value = "5s")]
     pub peer_timeout: Duration,
     /// After the switch-over, how long a lost peer is waited for and
     /// reconnected to (with backoff) before the move is declared stranded;
@@ -240,5 +256,8 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("NaN").is_err());
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_peer_timeout("150ms"), Ok(Duration::from_millis(150)));
+        let e = parse_peer_timeout("0s").unwrap_err();
+        assert!(e.contains("shorter than 100 ms"), "{e}");
     }
 }

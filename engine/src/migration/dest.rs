@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
-    decode_state, features, Hello, HelloAck, MigrationMode, MsgType, PageBitmap, ProtocolError,
-    ResumeStatus, Resumed, Role, StateMeta, PROTOCOL_VERSION,
+    decode_state, features, peer_timeout_ms, session_peer_timeout, Hello, HelloAck, MigrationMode,
+    MsgType, PageBitmap, ProtocolError, ResumeStatus, Resumed, Role, StateMeta, PROTOCOL_VERSION,
 };
 use ferry_transport::Conn;
 use tracing::{info, warn};
@@ -171,6 +171,9 @@ pub fn receive_from<'a>(
     let (mut ctl, hello) = accept_new(&acceptor, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
+    // The session runs with the shorter of the two sides' peer timeouts.
+    let told = hello.peer_timeout_ms().map_err(|e| abort(&ctl, e.into()))?;
+    ctl.set_peer_timeout(session_peer_timeout(opts.peer_timeout, told))?;
     let (prepared, uffd, disks) = match prepare(&ctl, &hello, mode, console, opts) {
         Ok(p) => p,
         Err(e) => return Err(abort(&ctl, e)),
@@ -194,6 +197,7 @@ pub fn receive_from<'a>(
     let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 2;
     let (mut fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
         .map_err(|e| abort(&ctl, e))?;
+    fault_link.set_peer_timeout(ctl.peer_timeout())?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
     // In lazy modes the first demand answers arrive into backed memory,
     // made ahead when the process filled the spare (`fault_buffers`).
@@ -205,7 +209,7 @@ pub fn receive_from<'a>(
             .reserve_backed_from(b.rx, super::fault_buffers::RX_ROOM);
         fault_decode = b.decode;
     }
-    let mut beat = ctl.heartbeat(opts.peer_timeout / 4);
+    let mut beat = ctl.heartbeat(ctl.peer_timeout() / 4);
 
     // Pages sent before the state (pre-copy modes), then the state.
     let state_payload = match receive_before_state(
@@ -419,6 +423,7 @@ impl DestMove<'_> {
             .made_on_hello()
             .map(|d| d.as_secs_f64() * 1e3);
         stats.filled_in_place = in_place;
+        stats.peer_timeout_ms = self.session.ctl.peer_timeout().as_millis() as u64;
         let complete = serde_json::to_vec(&stats).unwrap_or_default();
         self.session.send_complete(&complete);
         Ok(stats)
@@ -503,7 +508,7 @@ fn wait_for_commit(
                 // Nothing goes on the fault connection before the VM runs.
                 drop(new_fault);
                 *ctl = new_ctl;
-                *beat = ctl.heartbeat(opts.peer_timeout / 4);
+                *beat = ctl.heartbeat(ctl.peer_timeout() / 4);
                 recovery.record(t, opts.progress.as_deref());
             }
             Err(e) => return Err(e.into()),
@@ -619,7 +624,7 @@ impl Session<'_> {
         let (ctl, fault_link) =
             accept_resume(&self.acceptor, self.session, &self.peer, deadline, status)?;
         self.ctl = ctl;
-        self.beat = self.ctl.heartbeat(self.opts.peer_timeout / 4);
+        self.beat = self.ctl.heartbeat(self.ctl.peer_timeout() / 4);
         if let Some((f, ram)) = fault {
             let total = self.disks.as_ref().map_or(ram.pages(), |d| d.total_pages());
             let have = PageBitmap::new(total);
@@ -751,18 +756,23 @@ fn prepare(
 }
 
 /// The longest gap between two `Ping`s while the RAM a `Hello` asks for is
-/// allocated: a source with a peer timeout of 100 ms still hears one.
+/// allocated, for a source that does not say its peer timeout: one with a
+/// peer timeout of 100 ms still hears one.
 const HELLO_PING_EVERY: Duration = Duration::from_millis(20);
 
 /// Allocates the RAM `hello` asks for now, before the `HelloAck`
 /// (`--prealloc hello`): the source still runs the VM and waits for the
 /// answer, and `Ping`s on `ctl` keep it from deeming this side gone while
 /// the host backs the pages (about 0.8 s per GiB of 4 KiB pages here).
-/// The source's peer timeout may be shorter than this side's, and the
-/// `Hello` does not say it, so the pings come at least every
-/// [`HELLO_PING_EVERY`].
+/// The pings come every quarter of the session's peer timeout (`ctl`'s);
+/// a source that does not say its own may have a shorter one, so then
+/// they come at least every [`HELLO_PING_EVERY`].
 fn allocate_on_hello(ctl: &Link, hello: &Hello, opts: &DestOptions) -> Result<(), DestError> {
-    let _beat = ctl.heartbeat((opts.peer_timeout / 4).min(HELLO_PING_EVERY));
+    let every = match hello.peer_timeout_ms() {
+        Ok(Some(_)) => ctl.peer_timeout() / 4,
+        _ => (ctl.peer_timeout() / 4).min(HELLO_PING_EVERY),
+    };
+    let _beat = ctl.heartbeat(every);
     let made = opts
         .ram_ahead
         .make_now(hello.mem_size, opts.backing)
@@ -969,10 +979,21 @@ fn accept_resume(
             let _ = ack(&ctl, &hello, 0, ResumeStatus::UnknownSession);
             continue;
         }
+        let told = match hello.peer_timeout_ms() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(session, "refused a resume of this session: {e}");
+                let _ = ack(&ctl, &hello, 0, ResumeStatus::UnknownSession);
+                continue;
+            }
+        };
+        let mut ctl = ctl;
+        ctl.set_peer_timeout(session_peer_timeout(ctl.peer_timeout(), told))?;
         let accepted = hello.features & features::SUPPORTED;
         ack(&ctl, &hello, accepted, status)?;
         let fault = match accept_role(acceptor, Role::Fault, session, peer, deadline) {
-            Ok((f, fh)) => {
+            Ok((mut f, fh)) => {
+                f.set_peer_timeout(ctl.peer_timeout())?;
                 ack(&f, &fh, accepted, status)?;
                 f
             }
@@ -986,12 +1007,17 @@ fn accept_resume(
     }
 }
 
+/// Answers `hello` on `link`; with `PEER_TIMEOUT` among `features` the
+/// answer carries the link's peer timeout (this side's, or already the
+/// session's: the source takes the shorter of it and its own either way).
 fn ack(link: &Link, hello: &Hello, features: u64, status: ResumeStatus) -> Result<(), DestError> {
     let a = HelloAck {
         version: PROTOCOL_VERSION,
         status: status as u32,
         features,
         session_id: hello.session_id,
+        peer_timeout_ms: (features & features::PEER_TIMEOUT != 0)
+            .then(|| peer_timeout_ms(link.peer_timeout())),
     };
     link.send(MsgType::HelloAck, 0, &a.encode())?;
     Ok(())
@@ -1082,6 +1108,7 @@ fn build_stats(
         // Set by the caller, which knows where the RAM came from.
         ram_allocated_ahead: false,
         ram_allocated_on_hello_ms: None,
+        peer_timeout_ms: 0,
         filled_in_place: false,
         push_install: push.install,
         bytes_wire: push.bytes_wire + fault.bytes_wire + bytes_state,

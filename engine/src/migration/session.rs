@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use ferry_page_server::server::ServerConfig;
 use ferry_protocol::{
-    encode_state, features, Hello, HelloAck, MigrationMode, MsgType, ProtocolError, ResumeStatus,
-    Role, StateMeta, OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION,
+    encode_state, features, peer_timeout_ms, session_peer_timeout, Hello, HelloAck, MigrationMode,
+    MsgType, ProtocolError, ResumeStatus, Role, StateMeta, OPT_MODE, OPT_PEER_TIMEOUT, PAGE_SIZE,
+    PROTOCOL_VERSION,
 };
 use ferry_transport::{ClientTls, Conn};
 use tracing::info;
@@ -102,7 +103,9 @@ fn handshake(link: &mut Link, hello: &Hello) -> Result<Answer, SourceError> {
 
 /// Connects the control and then the fault connection through `dial` and does
 /// the handshake on both, for a VM of shape `meta` moved in `mode`;
-/// `extra_options` go into the `Hello` after the mode (migrated disks).
+/// `extra_options` go into the `Hello` after the mode and `peer_timeout`
+/// (migrated disks). Both links run with the session's peer timeout, the
+/// shorter of `peer_timeout` and the destination's.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn open_session(
     dial: &Dial,
@@ -122,20 +125,27 @@ pub(super) fn open_session(
         version: PROTOCOL_VERSION,
         role: Role::Control,
         session_id,
-        features: features & !features::RESUME,
+        features: (features | features::PEER_TIMEOUT) & !features::RESUME,
         mem_size: meta.mem_size,
         vcpus: meta.vcpus,
         page_size: PAGE_SIZE as u32,
-        options: [(OPT_MODE, vec![mode as u8])]
-            .into_iter()
-            .chain(extra_options)
-            .collect(),
+        options: [
+            (OPT_MODE, vec![mode as u8]),
+            (
+                OPT_PEER_TIMEOUT,
+                peer_timeout_ms(peer_timeout).to_le_bytes().to_vec(),
+            ),
+        ]
+        .into_iter()
+        .chain(extra_options)
+        .collect(),
     };
     let (session, _) = connect_both(dial, hello, peer_timeout, tls)?;
     info!(
         mode = mode.name(),
         tls = tls.is_some(),
         features = session.ack.features,
+        peer_timeout_ms = session.control.peer_timeout().as_millis() as u64,
         "connected to the destination"
     );
     Ok(session)
@@ -168,7 +178,7 @@ fn connect_both(
 ) -> Result<(Session, ResumeStatus), SourceError> {
     // A daemon redirects the control connection once, to the VM's own
     // process; `dial` refuses a second redirect, so this ends.
-    let (control, ack, status) = loop {
+    let (mut control, ack, status) = loop {
         let mut control = Link::new(connect(dial, tls)?, peer_timeout)?;
         match handshake(&mut control, &hello)? {
             Answer::Ack(ack, status) => break (control, ack, status),
@@ -186,6 +196,9 @@ fn connect_both(
     // Only a control connection may be redirected (`handshake` refuses it).
     handshake(&mut fault, &hello)?;
     hello.role = Role::Control;
+    let agreed = session_peer_timeout(peer_timeout, ack.peer_timeout_ms);
+    control.set_peer_timeout(agreed)?;
+    fault.set_peer_timeout(agreed)?;
     Ok((
         Session {
             control,
@@ -197,9 +210,11 @@ fn connect_both(
     ))
 }
 
-/// The page server settings, limited to what the destination accepted.
+/// The page server settings, limited to what the destination accepted,
+/// with the session's peer timeout.
 pub(super) fn negotiated(server: &ServerConfig, ack: &HelloAck) -> ServerConfig {
     let mut cfg = server.clone();
+    cfg.peer_timeout = session_peer_timeout(cfg.peer_timeout, ack.peer_timeout_ms);
     cfg.lz4 &= ack.features & features::LZ4 != 0;
     cfg.zero_runs &= ack.features & features::ZERO_RUNS != 0;
     cfg

@@ -135,6 +135,11 @@ pub struct MigrationStats {
     /// ran); absent when nothing was allocated then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_allocated_on_hello_ms: Option<f64>,
+    /// The peer timeout the move ran with on the destination: the shorter
+    /// of the two sides' `--peer-timeout` (0 in statistics from before it
+    /// was recorded).
+    #[serde(default)]
+    pub peer_timeout_ms: u64,
     /// Post-copy wrote pages in place and mapped them a unit at a time
     /// with `UFFDIO_CONTINUE` (huge pages, or RAM allocated ahead), rather
     /// than `UFFDIO_COPY` from a buffer (see `migration::uffd_ram`).

@@ -154,6 +154,7 @@ fn answer_unknown(link: &Link, hello: &Hello) {
         status: ResumeStatus::UnknownSession as u32,
         features: 0,
         session_id: hello.session_id,
+        peer_timeout_ms: None,
     };
     let _ = link.send(MsgType::HelloAck, 0, &ack.encode());
 }
