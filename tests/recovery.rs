@@ -107,15 +107,7 @@ fn a_silent_destination_is_noticed_within_the_peer_timeout() {
     let dir = Scratch::new("sigstop");
     // A slow push: the stop lands while pages still move.
     let (mut dst, _proxy, mut src, _ctl) = start_postcopy(&dir, "30s");
-    let sock = dir.path("src.sock");
-    let pid = nix::unistd::Pid::from_raw(dst.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let stopped = Instant::now();
-    let noticed = wait_for(WAIT, "the source to notice", || {
-        let v = ctl(&sock, &["status"]);
-        (v["migration"]["stage"] == "recovering").then(|| stopped.elapsed())
-    });
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let noticed = stopped_until_noticed(&dst, &dir.path("src.sock"));
     eprintln!("a stopped destination was noticed after {noticed:?}");
     // Peer timeout 2 s, plus one status poll and the scheduler.
     assert!(noticed < Duration::from_secs(4), "{noticed:?}");
@@ -151,14 +143,7 @@ fn both_sides_run_the_move_with_the_shorter_peer_timeout() {
     let v = ctl(&ssock, &["status"]);
     assert_eq!(v["migration"]["stage"], "postcopy", "{v}");
     assert_eq!(v["migration"]["recoveries"], 0, "{v}");
-    let pid = nix::unistd::Pid::from_raw(src.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let stopped = Instant::now();
-    let noticed = wait_for(WAIT, "the destination to notice", || {
-        let v = ctl(&dsock, &["status"]);
-        (v["migration"]["stage"] == "recovering").then(|| stopped.elapsed())
-    });
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let noticed = stopped_until_noticed(&src, &dsock);
     eprintln!("a stopped source was noticed after {noticed:?}");
     // 400 ms, plus status polls and the scheduler; far from 30 s.
     assert!(noticed < Duration::from_secs(10), "{noticed:?}");
@@ -167,6 +152,20 @@ fn both_sides_run_the_move_with_the_shorter_peer_timeout() {
     assert_eq!(s["peer_timeout_ms"], 400, "{s}");
     assert!(s["recoveries"].as_u64().unwrap() >= 1, "{s}");
     assert_moved_and_quit(&dir, &mut dst);
+}
+
+/// Stops `peer` with SIGSTOP until the side whose API socket is `sock`
+/// says `recovering`, then lets it continue; returns how long that took.
+fn stopped_until_noticed(peer: &Proc, sock: &std::path::Path) -> Duration {
+    let pid = nix::unistd::Pid::from_raw(peer.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let noticed = wait_for(WAIT, "the peer's silence to be noticed", || {
+        let v = ctl(sock, &["status"]);
+        (v["migration"]["stage"] == "recovering").then(|| stopped.elapsed())
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    noticed
 }
 
 /// The guest continued on the destination with no BAD; then it is quit.
