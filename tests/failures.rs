@@ -130,14 +130,15 @@ fn destination_refuses_garbage_and_keeps_listening() {
     assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
 }
 
-/// A Hello asking for more memory than this host has is refused before any
-/// VM is built, with a clear error.
+/// Hellos this host cannot take are refused before any VM is built, each
+/// with a clear error, and the destination keeps listening: a guest larger
+/// than the host, and a peer timeout option of the wrong size. A real
+/// migration then gets through.
 #[test]
 fn destination_refuses_a_guest_larger_than_the_host() {
-    use ferry_protocol::{features, Role, PAGE_SIZE};
+    use ferry_protocol::{features, Role, OPT_PEER_TIMEOUT, PAGE_SIZE};
     let dir = Scratch::new("toolarge");
-    let (mut dst, addr) = spawn_dest(&dir, "dst", &[]);
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
     let hello = Hello {
         version: PROTOCOL_VERSION,
         role: Role::Control,
@@ -148,11 +149,27 @@ fn destination_refuses_a_guest_larger_than_the_host() {
         page_size: PAGE_SIZE as u32,
         options: Vec::new(),
     };
-    write_frame(&mut s, MsgType::Hello, 0, &hello.encode()).unwrap();
-    let mut buf = Vec::new();
-    let err = read_frame(&mut s, &mut buf).unwrap_err().to_string();
-    assert!(err.contains("does not fit this host"), "{err}");
-    assert!(!wait_exit(&mut dst, WAIT, "the destination to give up"));
+    let bad_timeout = Hello {
+        mem_size: 64 << 20,
+        features: features::SUPPORTED,
+        options: vec![(OPT_PEER_TIMEOUT, vec![0, 1, 0])],
+        ..hello.clone()
+    };
+    for (hello, why) in [
+        (hello, "does not fit this host"),
+        (bad_timeout, "peer timeout option of 3 bytes (4)"),
+    ] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write_frame(&mut s, MsgType::Hello, 0, &hello.encode()).unwrap();
+        let mut buf = Vec::new();
+        let err = read_frame(&mut s, &mut buf).unwrap_err().to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    migrate_through(&dir, &addr);
+    let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert_eq!(err.matches("refused a connection").count(), 2, "{err}");
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
 }
 
 /// 200 hostile connections at once (half of them silent and held open, the

@@ -1,7 +1,8 @@
 //! Whether a new session's `Hello` can be taken at all, decided from the
 //! `Hello` alone, before anything is allocated: a memory size this host
-//! can hold, a vCPU count it supports, the page size, the mode, and no
-//! critical option it does not know. The destination runs it before it
+//! can hold, a vCPU count it supports, the page size, the mode, a peer
+//! timeout option of the right size, and no critical option it does not
+//! know. The destination runs it before it
 //! prepares a VM; a `ferry-dest --daemon` runs it before it starts a
 //! process for the VM.
 
@@ -41,6 +42,7 @@ pub fn check_hello(hello: &Hello) -> Result<MigrationMode, DestError> {
             "unknown critical Hello option {tag:#06x}"
         )));
     }
+    hello.peer_timeout_ms()?;
     Ok(hello.mode()?)
 }
 

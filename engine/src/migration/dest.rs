@@ -715,7 +715,6 @@ fn prepare(
     console: ConsoleOutput,
     opts: &DestOptions,
 ) -> Result<Prepared, DestError> {
-    check_hello(hello)?;
     let disks = prepare_disks(hello, opts)?;
     let backing = opts.backing;
     if backing == Backing::HugePages && mode == MigrationMode::Hybrid {
@@ -859,9 +858,10 @@ fn attach_disks(
     Ok(())
 }
 
-/// Waits for the control connection of a new session. Stray connections
-/// (garbage, resumes of sessions this side does not hold) are answered
-/// and dropped; they never end the wait.
+/// Waits for the control connection of a new session whose `Hello` passes
+/// admission ([`check_hello`]). Stray connections (garbage, resumes of
+/// sessions this side does not hold, `Hello`s this host cannot take) are
+/// answered and dropped; they never end the wait.
 fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), DestError> {
     let deadline = opts.accept_timeout.map(|t| Instant::now() + t);
     loop {
@@ -887,6 +887,16 @@ fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), 
                 "refused a session this side does not expect"
             );
             let _ = link.send(MsgType::Abort, 0, b"unexpected session");
+            continue;
+        }
+        if let Err(e) = check_hello(&hello) {
+            let _ = link.send(MsgType::Abort, 0, e.to_string().as_bytes());
+            // The one session this side expects (an in-process lazy
+            // restore's) ends the wait with the reason; a listener goes on.
+            if opts.expect_session.is_some() {
+                return Err(e);
+            }
+            warn!(peer = %link.stream.peer(), "refused a connection: {e}");
             continue;
         }
         let over = match &link.stream {
