@@ -171,7 +171,8 @@ pub fn receive_from<'a>(
     let (mut ctl, hello) = accept_new(&acceptor, opts)?;
     opts.stage(Stage::Precopy);
     let mode = hello.mode().map_err(|e| abort(&ctl, e.into()))?;
-    // The session runs with the shorter of the two sides' peer timeouts.
+    // The session runs with the shorter of the two sides' peer timeouts
+    // (admission checked the option).
     let told = hello.peer_timeout_ms().map_err(|e| abort(&ctl, e.into()))?;
     ctl.set_peer_timeout(session_peer_timeout(opts.peer_timeout, told))?;
     let (prepared, uffd, disks) = match prepare(&ctl, &hello, mode, console, opts) {
@@ -992,8 +993,10 @@ fn accept_resume(
         let told = match hello.peer_timeout_ms() {
             Ok(t) => t,
             Err(e) => {
+                // Not `UnknownSession`: that would tell the source to run
+                // its own copy of a VM this side holds.
                 warn!(session, "refused a resume of this session: {e}");
-                let _ = ack(&ctl, &hello, 0, ResumeStatus::UnknownSession);
+                let _ = ctl.send(MsgType::Abort, 0, e.to_string().as_bytes());
                 continue;
             }
         };
@@ -1145,3 +1148,6 @@ fn build_stats(
         precopy_rounds: meta.rounds.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests;

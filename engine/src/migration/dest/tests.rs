@@ -1,0 +1,81 @@
+//! The destination's side of a resume handshake, with the test as the
+//! source on socketpairs.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+
+use ferry_protocol::{read_frame, write_frame, OPT_PEER_TIMEOUT, PAGE_SIZE};
+
+use super::*;
+
+const SESSION: u64 = 0x5e55;
+
+/// A resume `Hello` of `SESSION` in `role` whose peer timeout option is
+/// `timeout` (its raw bytes).
+fn resume_hello(role: Role, timeout: &[u8]) -> Vec<u8> {
+    let h = Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        session_id: SESSION,
+        features: features::SUPPORTED | features::RESUME,
+        mem_size: 1 << 30,
+        vcpus: 1,
+        page_size: PAGE_SIZE as u32,
+        options: vec![(OPT_PEER_TIMEOUT, timeout.to_vec())],
+    };
+    let mut frame = Vec::new();
+    write_frame(&mut frame, MsgType::Hello, 0, &h.encode()).unwrap();
+    frame
+}
+
+/// A resume whose peer timeout option is malformed is refused with an
+/// `Abort` naming it, never `UnknownSession` (which would tell the source
+/// to run its own copy of a VM this side holds); the source's next,
+/// sound resume is answered `Running` with the session's peer timeout,
+/// the shorter of the two sides' (300 ms against this side's 5 s), which
+/// both of its links then enforce.
+#[test]
+fn a_resume_runs_with_the_shorter_peer_timeout_and_a_malformed_one_is_refused() {
+    let pair = || UnixStream::pair().unwrap();
+    let ((bad, mut bad_src), (ctl, mut ctl_src), (fault, mut fault_src)) = (pair(), pair(), pair());
+    let acceptor = Acceptor::given(
+        vec![Conn::Local(bad), Conn::Local(ctl), Conn::Local(fault)],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    bad_src
+        .write_all(&resume_hello(Role::Control, &[1, 2, 3]))
+        .unwrap();
+    let ms = 300u32.to_le_bytes();
+    ctl_src
+        .write_all(&resume_hello(Role::Control, &ms))
+        .unwrap();
+    fault_src
+        .write_all(&resume_hello(Role::Fault, &ms))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (ctl, fault) = accept_resume(
+        &acceptor,
+        SESSION,
+        &Peer(None),
+        deadline,
+        ResumeStatus::Running,
+    )
+    .unwrap();
+
+    let mut buf = Vec::new();
+    let refused = read_frame(&mut bad_src, &mut buf).unwrap_err().to_string();
+    assert!(
+        refused.contains("peer timeout option of 3 bytes"),
+        "{refused}"
+    );
+    for src in [&mut ctl_src, &mut fault_src] {
+        let head = read_frame(src, &mut buf).unwrap();
+        assert_eq!(head.kind, MsgType::HelloAck);
+        let ack = HelloAck::decode(&buf).unwrap();
+        assert_eq!(ack.status, ResumeStatus::Running as u32);
+        assert_eq!(ack.peer_timeout_ms, Some(300));
+    }
+    let agreed = Duration::from_millis(300);
+    assert_eq!((ctl.peer_timeout(), fault.peer_timeout()), (agreed, agreed));
+}
