@@ -90,6 +90,11 @@ mod tests {
         ));
         assert!(refused(&hello(Role::Control, ok, 1 << 50), 4));
         assert!(refused(&hello(Role::Control, ok, 256 << 20), 0));
+        let mut bad_timeout = hello(Role::Control, ok, 256 << 20);
+        bad_timeout
+            .options
+            .push((ferry_protocol::OPT_PEER_TIMEOUT, vec![1]));
+        assert!(refused(&bad_timeout, 4));
         assert_eq!(
             decide(
                 &hello(Role::Control, ok | features::RESUME, 256 << 20),
