@@ -198,6 +198,11 @@ pub fn receive_from<'a>(
     let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 2;
     let (mut fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
         .map_err(|e| abort(&ctl, e))?;
+    if fhello.role != Role::Fault {
+        let why = "a resume of the session before it was open";
+        let _ = fault_link.send(MsgType::Abort, 0, why.as_bytes());
+        return Err(abort(&ctl, DestError::Refused(why.into())));
+    }
     fault_link.set_peer_timeout(ctl.peer_timeout())?;
     ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
     // In lazy modes the first demand answers arrive into backed memory,
@@ -922,7 +927,9 @@ impl Peer {
 }
 
 /// Waits for a connection of `role` in `session`, from `peer`; others are
-/// refused and logged, and never replace it.
+/// refused and logged, and never replace it. Waiting for a fault
+/// connection, a resume `Hello` of the session's control connection from
+/// `peer` is handed back as well: the source started its resume over.
 fn accept_role(
     acceptor: &Acceptor,
     role: Role,
@@ -936,7 +943,13 @@ fn accept_role(
                 "the {role:?} connection of the session never came"
             )));
         };
-        if hello.role == role && hello.session_id == session {
+        // While a resume waits for its fault connection, the source may
+        // start the resume over on a new control connection: that is handed
+        // back too (the caller tells them apart by role), never refused.
+        let restart = role == Role::Fault
+            && hello.role == Role::Control
+            && hello.features & features::RESUME != 0;
+        if (hello.role == role || restart) && hello.session_id == session {
             if peer.is(&link) {
                 return Ok((link, hello));
             }
@@ -959,7 +972,11 @@ fn accept_role(
 
 /// Waits until `deadline` for the source of `session` to reconnect both
 /// connections with resume `Hello`s, from `peer`'s certificate; answers
-/// each with `status`.
+/// each with `status`. A resume that breaks off half-way (its control
+/// connection answered, its fault connection never opened, or a link that
+/// fails while it is answered) is dropped, and the source's next attempt
+/// is taken: it is never told `UnknownSession`, which would make a source
+/// that did not see `Resumed` run its own copy of a VM this side holds.
 fn accept_resume(
     acceptor: &Acceptor,
     session: u64,
@@ -968,8 +985,15 @@ fn accept_resume(
     status: ResumeStatus,
 ) -> Result<(Link, Link), DestError> {
     let window = deadline.saturating_duration_since(Instant::now());
+    // A control connection that came while an earlier attempt waited for
+    // its fault connection: the source started over.
+    let mut restarted = None;
     loop {
-        let Some((ctl, hello)) = acceptor.next_hello(Some(deadline))? else {
+        let next = match restarted.take() {
+            Some(c) => Some(c),
+            None => acceptor.next_hello(Some(deadline))?,
+        };
+        let Some((ctl, hello)) = next else {
             return Err(DestError::RecoveryTimeout(window));
         };
         let named = hello.session_id == session && hello.features & features::RESUME != 0;
@@ -1001,20 +1025,36 @@ fn accept_resume(
             }
         };
         let mut ctl = ctl;
-        ctl.set_peer_timeout(session_peer_timeout(ctl.peer_timeout(), told))?;
         let accepted = hello.features & features::SUPPORTED;
-        ack(&ctl, &hello, accepted, status)?;
-        let fault = match accept_role(acceptor, Role::Fault, session, peer, deadline) {
-            Ok((mut f, fh)) => {
-                f.set_peer_timeout(ctl.peer_timeout())?;
-                ack(&f, &fh, accepted, status)?;
-                f
+        let answered = ctl
+            .set_peer_timeout(session_peer_timeout(ctl.peer_timeout(), told))
+            .map_err(DestError::from)
+            .and_then(|()| ack(&ctl, &hello, accepted, status));
+        if let Err(e) = answered {
+            warn!(session, "a resume's control connection failed: {e}");
+            continue;
+        }
+        let (mut fault, fhello) = match accept_role(acceptor, Role::Fault, session, peer, deadline)
+        {
+            Ok((link, h)) if h.role == Role::Control => {
+                info!(session, "the source started its resume over");
+                restarted = Some((link, h));
+                continue;
             }
+            Ok(f) => f,
             Err(e) => {
                 warn!("the resumed session's fault connection never came: {e}");
                 continue;
             }
         };
+        let answered = fault
+            .set_peer_timeout(ctl.peer_timeout())
+            .map_err(DestError::from)
+            .and_then(|()| ack(&fault, &fhello, accepted, status));
+        if let Err(e) = answered {
+            warn!(session, "a resume's fault connection failed: {e}");
+            continue;
+        }
         info!(session, ?status, "source reconnected to the session");
         return Ok((ctl, fault));
     }

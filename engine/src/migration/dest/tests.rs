@@ -79,3 +79,52 @@ fn a_resume_runs_with_the_shorter_peer_timeout_and_a_malformed_one_is_refused() 
     let agreed = Duration::from_millis(300);
     assert_eq!((ctl.peer_timeout(), fault.peer_timeout()), (agreed, agreed));
 }
+
+/// A resume that breaks off after its control connection was answered
+/// (the source never opened the fault connection, say because the link
+/// died again) is dropped when the source starts over: the new control
+/// connection is answered `Running`, not `UnknownSession`, which would make
+/// a source that never saw `Resumed` run its own copy of the VM this side
+/// runs. The new attempt's fault connection completes the resume.
+#[test]
+fn a_resume_started_over_is_taken_not_refused() {
+    let pair = || UnixStream::pair().unwrap();
+    let ((first, mut first_src), (again, mut again_src), (fault, mut fault_src)) =
+        (pair(), pair(), pair());
+    let acceptor = Acceptor::given(
+        vec![Conn::Local(first), Conn::Local(again), Conn::Local(fault)],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    // The source: each step after the destination answered the last one.
+    let source = std::thread::spawn(move || {
+        let ms = 5000u32.to_le_bytes();
+        let mut statuses = Vec::new();
+        let mut buf = Vec::new();
+        for (src, role) in [
+            (&mut first_src, Role::Control),
+            (&mut again_src, Role::Control),
+            (&mut fault_src, Role::Fault),
+        ] {
+            src.write_all(&resume_hello(role, &ms)).unwrap();
+            let head = read_frame(src, &mut buf).unwrap();
+            assert_eq!(head.kind, MsgType::HelloAck);
+            statuses.push(HelloAck::decode(&buf).unwrap().status);
+        }
+        (statuses, again_src)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut ctl, _fault) = accept_resume(
+        &acceptor,
+        SESSION,
+        &Peer(None),
+        deadline,
+        ResumeStatus::Running,
+    )
+    .unwrap();
+    let (statuses, mut again_src) = source.join().unwrap();
+    assert_eq!(statuses, [ResumeStatus::Running as u32; 3]);
+    // The link handed back is the second attempt's (`recv` skips pings).
+    write_frame(&mut again_src, MsgType::Commit, 0, &[]).unwrap();
+    assert_eq!(ctl.recv().unwrap().header.kind, MsgType::Commit);
+}
