@@ -28,6 +28,21 @@ fn resume_hello(role: Role, timeout: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// Waits (10 s at most) for `SESSION`'s source to resume both connections
+/// through `acceptor`, answering `Running` as a committed move's
+/// destination does; returns the control and the fault link.
+fn resume_running(acceptor: &Acceptor) -> (Link, Link) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    accept_resume(
+        acceptor,
+        SESSION,
+        &Peer(None),
+        deadline,
+        ResumeStatus::Running,
+    )
+    .unwrap()
+}
+
 /// A resume whose peer timeout option is malformed is refused with an
 /// `Abort` naming it, never `UnknownSession` (which would tell the source
 /// to run its own copy of a VM this side holds); the source's next,
@@ -53,15 +68,7 @@ fn a_resume_runs_with_the_shorter_peer_timeout_and_a_malformed_one_is_refused() 
     fault_src
         .write_all(&resume_hello(Role::Fault, &ms))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (ctl, fault) = accept_resume(
-        &acceptor,
-        SESSION,
-        &Peer(None),
-        deadline,
-        ResumeStatus::Running,
-    )
-    .unwrap();
+    let (ctl, fault) = resume_running(&acceptor);
 
     let mut buf = Vec::new();
     let refused = read_frame(&mut bad_src, &mut buf).unwrap_err().to_string();
@@ -113,15 +120,7 @@ fn a_resume_started_over_is_taken_not_refused() {
         }
         (statuses, again_src)
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (mut ctl, _fault) = accept_resume(
-        &acceptor,
-        SESSION,
-        &Peer(None),
-        deadline,
-        ResumeStatus::Running,
-    )
-    .unwrap();
+    let (mut ctl, _fault) = resume_running(&acceptor);
     let (statuses, mut again_src) = source.join().unwrap();
     assert_eq!(statuses, [ResumeStatus::Running as u32; 3]);
     // The link handed back is the second attempt's (`recv` skips pings).
