@@ -196,15 +196,16 @@ pub fn receive_from<'a>(
     let peer = Peer(ctl.peer_certificate().map(<[u8]>::to_vec));
     // The source opens the fault connection right after the control one.
     let deadline = Instant::now() + HELLO_TIMEOUT.max(opts.peer_timeout) * 2;
-    let (mut fault_link, fhello) = accept_role(&acceptor, Role::Fault, session, &peer, deadline)
-        .map_err(|e| abort(&ctl, e))?;
-    if fhello.role != Role::Fault {
-        let why = "a resume of the session before it was open";
-        let _ = fault_link.send(MsgType::Abort, 0, why.as_bytes());
-        return Err(abort(&ctl, DestError::Refused(why.into())));
-    }
-    fault_link.set_peer_timeout(ctl.peer_timeout())?;
-    ack(&fault_link, &fhello, accepted, ResumeStatus::Accepted)?;
+    let (mut fault_link, fhello) =
+        accept_role(&acceptor, Role::Fault, session, &peer, deadline, false)
+            .map_err(|e| abort(&ctl, e))?;
+    answer(
+        &mut fault_link,
+        ctl.peer_timeout(),
+        &fhello,
+        accepted,
+        ResumeStatus::Accepted,
+    )?;
     // In lazy modes the first demand answers arrive into backed memory,
     // made ahead when the process filled the spare (`fault_buffers`).
     let mut fault_decode = Vec::new();
@@ -927,15 +928,17 @@ impl Peer {
 }
 
 /// Waits for a connection of `role` in `session`, from `peer`; others are
-/// refused and logged, and never replace it. Waiting for a fault
-/// connection, a resume `Hello` of the session's control connection from
-/// `peer` is handed back as well: the source started its resume over.
+/// refused and logged, and never replace it. With `restarts` (a resume
+/// waiting for its fault connection), a resume `Hello` of the session's
+/// control connection from `peer` is handed back as well: the source
+/// started its resume over.
 fn accept_role(
     acceptor: &Acceptor,
     role: Role,
     session: u64,
     peer: &Peer,
     deadline: Instant,
+    restarts: bool,
 ) -> Result<(Link, Hello), DestError> {
     loop {
         let Some((link, hello)) = acceptor.next_hello(Some(deadline))? else {
@@ -943,12 +946,9 @@ fn accept_role(
                 "the {role:?} connection of the session never came"
             )));
         };
-        // While a resume waits for its fault connection, the source may
-        // start the resume over on a new control connection: that is handed
-        // back too (the caller tells them apart by role), never refused.
-        let restart = role == Role::Fault
-            && hello.role == Role::Control
-            && hello.features & features::RESUME != 0;
+        // The caller tells a restarted resume apart by its role.
+        let restart =
+            restarts && hello.role == Role::Control && hello.features & features::RESUME != 0;
         if (hello.role == role || restart) && hello.session_id == session {
             if peer.is(&link) {
                 return Ok((link, hello));
@@ -1026,38 +1026,44 @@ fn accept_resume(
         };
         let mut ctl = ctl;
         let accepted = hello.features & features::SUPPORTED;
-        let answered = ctl
-            .set_peer_timeout(session_peer_timeout(ctl.peer_timeout(), told))
-            .map_err(DestError::from)
-            .and_then(|()| ack(&ctl, &hello, accepted, status));
-        if let Err(e) = answered {
+        let agreed = session_peer_timeout(ctl.peer_timeout(), told);
+        if let Err(e) = answer(&mut ctl, agreed, &hello, accepted, status) {
             warn!(session, "a resume's control connection failed: {e}");
             continue;
         }
-        let (mut fault, fhello) = match accept_role(acceptor, Role::Fault, session, peer, deadline)
-        {
-            Ok((link, h)) if h.role == Role::Control => {
-                info!(session, "the source started its resume over");
-                restarted = Some((link, h));
-                continue;
-            }
-            Ok(f) => f,
-            Err(e) => {
-                warn!("the resumed session's fault connection never came: {e}");
-                continue;
-            }
-        };
-        let answered = fault
-            .set_peer_timeout(ctl.peer_timeout())
-            .map_err(DestError::from)
-            .and_then(|()| ack(&fault, &fhello, accepted, status));
-        if let Err(e) = answered {
+        let (mut fault, fhello) =
+            match accept_role(acceptor, Role::Fault, session, peer, deadline, true) {
+                Ok((link, h)) if h.role == Role::Control => {
+                    info!(session, "the source started its resume over");
+                    restarted = Some((link, h));
+                    continue;
+                }
+                Ok(f) => f,
+                Err(e) => {
+                    warn!("the resumed session's fault connection never came: {e}");
+                    continue;
+                }
+            };
+        if let Err(e) = answer(&mut fault, agreed, &fhello, accepted, status) {
             warn!(session, "a resume's fault connection failed: {e}");
             continue;
         }
         info!(session, ?status, "source reconnected to the session");
         return Ok((ctl, fault));
     }
+}
+
+/// Gives `link` the session's peer timeout `agreed`, then answers `hello`
+/// on it ([`ack`], which tells the source that timeout).
+fn answer(
+    link: &mut Link,
+    agreed: Duration,
+    hello: &Hello,
+    features: u64,
+    status: ResumeStatus,
+) -> Result<(), DestError> {
+    link.set_peer_timeout(agreed)?;
+    ack(link, hello, features, status)
 }
 
 /// Answers `hello` on `link`; with `PEER_TIMEOUT` among `features` the
