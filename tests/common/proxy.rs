@@ -213,6 +213,9 @@ fn pump(
             };
             let mut send = len;
             let mut cut_after = false;
+            // A cut right after a whole frame: nothing may pass the other
+            // way before it.
+            let mut atomic = false;
             match st.cuts.first().copied() {
                 Some(Cut::Before(d, k, nth)) if d == dir && k == h.kind && nth == n => {
                     fire(&mut st, fired);
@@ -220,6 +223,7 @@ fn pump(
                 }
                 Some(Cut::After(d, k, nth)) if d == dir && k == h.kind && nth == n => {
                     cut_after = true;
+                    atomic = true;
                 }
                 Some(Cut::AtByte(d, at)) if d == dir && is_control => {
                     let left = at.saturating_sub(st.bytes[di]) as usize;
@@ -232,6 +236,18 @@ fn pump(
             }
             if is_control {
                 st.bytes[di] += send as u64;
+            }
+            if atomic {
+                // The lock is held until the cut, so the other direction
+                // forwards nothing in between: a `Ready` the destination
+                // sent at once upon the `State` of a cut after it slipped
+                // through once, when this thread was descheduled between
+                // the write and the cut.
+                if to.write_all(&buf[..send]).is_ok() {
+                    let _ = to.flush();
+                    fire(&mut st, fired);
+                }
+                return;
             }
             drop(st);
             if to.write_all(&buf[..send]).is_err() {
