@@ -12,7 +12,8 @@
 //! Commands: `status`, `pause`, `resume`, `snapshot` (`path`),
 //! `migrate` (`to`, optional `stats_json`, `mode`, `max_bandwidth`,
 //! `tcp_congestion` and `tls_cert`/`tls_key`/`tls_ca`/`tls_server_name`),
-//! `quit`.
+//! `cancel` (a migration out, before its switch-over commits), `recover`
+//! (`to`), `quit`.
 //! Requests are untrusted: malformed or oversized lines get an error
 //! response, never a panic, and the connection stays usable.
 
@@ -111,6 +112,10 @@ pub enum ApiRequest {
         #[serde(default)]
         to: Option<String>,
     },
+    /// Cancel the migration out in progress before its switch-over
+    /// commits: it rolls back, the VM goes on running here, and the
+    /// destination discards its copy. Refused once `Commit` is written.
+    Cancel,
     /// Stop the VM and the process.
     Quit,
 }
@@ -328,6 +333,7 @@ mod tests {
     #[test]
     fn requests_parse_and_bad_ones_are_named() {
         assert_eq!(parse_request(r#"{"cmd":"pause"}"#), Ok(ApiRequest::Pause));
+        assert_eq!(parse_request(r#"{"cmd":"cancel"}"#), Ok(ApiRequest::Cancel));
         assert_eq!(
             parse_request(r#"{"cmd":"snapshot","path":"/tmp/x"}"#),
             Ok(ApiRequest::Snapshot {

@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 use std::sync::Arc;
 
 use crate::api::{ApiRequest, ApiResponse, PendingRequest};
+use crate::migration::cancel::CancelRefused;
 use crate::migration::progress::Progress;
 use crate::migration::record::SessionRecord;
 use crate::vm::{Vm, VmError};
@@ -33,6 +34,9 @@ pub enum ControllerError {
     /// A `migrate` request's `tcp_congestion` names no algorithm.
     #[error("tcp_congestion: {0}")]
     Congestion(String),
+    /// A `cancel` request with nothing it could cancel.
+    #[error(transparent)]
+    Cancel(#[from] CancelRefused),
     /// The VM must not run here (see [`ServeContext::hold`]).
     #[error("refused: {0}")]
     Held(String),
@@ -99,6 +103,8 @@ pub fn migrate_to(
         ..opts.clone()
     };
     ctx.migration = Some(progress.clone());
+    // Cancels are taken from here until the move commits.
+    progress.cancel.open();
     let outcome = answer_while(api, ctx.guest, &progress, || {
         migration::migrate(vm, to, &opts)
     });
@@ -147,6 +153,15 @@ pub fn answer_while<T: Send>(
                         "migration": progress.report(),
                         "guest": guest.map_or(Value::Null, |g| g()),
                     })));
+                }
+                Ok((ApiRequest::Cancel, reply)) => {
+                    reply.send(match progress.cancel.cancel() {
+                        Ok(()) => {
+                            info!("cancel accepted: the move rolls back before its switch-over");
+                            ApiResponse::ok(json!({ "cancelled": true }))
+                        }
+                        Err(e) => ApiResponse::err(e),
+                    });
                 }
                 Ok((_, reply)) => {
                     reply.send(ApiResponse::err("busy: a migration is in progress"));
@@ -219,6 +234,7 @@ pub fn handle(
         },
         ApiRequest::Snapshot { path } => snapshot_to(vm, path),
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
+        ApiRequest::Cancel => Err(ControllerError::Cancel(CancelRefused::Nothing)),
         ApiRequest::Recover { to } => return recover(vm, to.as_deref(), api, ctx),
         ApiRequest::Migrate {
             to,
@@ -304,6 +320,8 @@ fn recover(
     ctx: &mut ServeContext<'_>,
 ) -> (ApiResponse, bool) {
     let progress = Arc::new(Progress::default());
+    // A recovery finishes a committed move: nothing to cancel.
+    progress.cancel.commit();
     ctx.migration = Some(progress.clone());
     if let Some(mut record) = ctx.stranded.clone() {
         if let Some(to) = to {

@@ -1302,6 +1302,7 @@ fn fuzz_api_request() {
             to: Some("[::1]:7001".into()),
         },
         ApiRequest::Recover { to: None },
+        ApiRequest::Cancel,
         ApiRequest::Quit,
     ];
     let mut seeds: Vec<Vec<u8>> = reqs

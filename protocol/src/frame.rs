@@ -100,7 +100,7 @@ impl MsgType {
                 (0, 1 << 20)
             }
             MsgType::DiscardDone | MsgType::Commit | MsgType::Ping => (0, 0),
-            MsgType::Abort => (0, 4096),
+            MsgType::Abort => (0, crate::MAX_ABORT_REASON),
         }
     }
 }

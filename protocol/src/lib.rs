@@ -55,6 +55,19 @@ pub const HELLO_MAGIC: [u8; 8] = *b"FERRYMIG";
 /// The protocol version this build speaks (2: the two-phase switch-over
 /// `Ready`/`Commit`, heartbeats and session recovery).
 pub const PROTOCOL_VERSION: u32 = 2;
+/// Longest reason an `Abort` frame carries.
+pub const MAX_ABORT_REASON: usize = 4096;
+
+/// `why` as an `Abort` payload: UTF-8, cut at a character boundary to at
+/// most [`MAX_ABORT_REASON`] bytes.
+pub fn abort_reason(why: &str) -> &[u8] {
+    let mut end = why.len().min(MAX_ABORT_REASON);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    &why.as_bytes()[..end]
+}
+
 /// Bytes of a `Hello` before its options.
 pub(crate) const HELLO_FIXED: usize = 48;
 /// Most bytes of options a `Hello` may carry.

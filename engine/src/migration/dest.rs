@@ -31,8 +31,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_protocol::{
-    decode_state, features, peer_timeout_ms, session_peer_timeout, Hello, HelloAck, MigrationMode,
-    MsgType, PageBitmap, ProtocolError, ResumeStatus, Resumed, Role, StateMeta, PROTOCOL_VERSION,
+    abort_reason, decode_state, features, peer_timeout_ms, session_peer_timeout, Hello, HelloAck,
+    MigrationMode, MsgType, PageBitmap, ProtocolError, ResumeStatus, Resumed, Role, StateMeta,
+    PROTOCOL_VERSION,
 };
 use ferry_transport::Conn;
 use tracing::{info, warn};
@@ -1085,12 +1086,7 @@ fn ack(link: &Link, hello: &Hello, features: u64, status: ResumeStatus) -> Resul
 /// Tells the source we give up (best effort) and passes the error on.
 fn abort(link: &Link, e: DestError) -> DestError {
     warn!("aborting incoming migration: {e}");
-    let msg = e.to_string();
-    let mut end = msg.len().min(4096);
-    while !msg.is_char_boundary(end) {
-        end -= 1;
-    }
-    let _ = link.send(MsgType::Abort, 0, &msg.as_bytes()[..end]);
+    let _ = link.send(MsgType::Abort, 0, abort_reason(&e.to_string()));
     e
 }
 

@@ -60,6 +60,9 @@ pub enum SourceError {
         /// Why.
         why: String,
     },
+    /// A `cancel` request came before the switch-over committed.
+    #[error("cancelled before the switch-over (a `cancel` request)")]
+    Cancelled,
     /// The destination does not hold the session being resumed.
     #[error("the destination does not hold this session")]
     Unknown,

@@ -5,6 +5,7 @@
 
 pub mod acceptor;
 pub mod admission;
+pub mod cancel;
 pub mod committed;
 pub mod dest;
 pub mod dial;

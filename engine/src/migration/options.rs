@@ -6,6 +6,8 @@ use std::time::Duration;
 use ferry_page_server::server::{ServerConfig, SpareBuffers};
 use ferry_protocol::{features, MigrationMode};
 
+use super::cancel::CancelGate;
+use super::error::SourceError;
 use super::progress::{Progress, Stage};
 
 /// Options for a migration out.
@@ -110,7 +112,34 @@ impl SourceOptions {
         self.progress.as_deref().map(|p| &p.bytes)
     }
 
+    /// The move's cancel gate, when it has a progress to carry one.
+    pub(super) fn cancel_gate(&self) -> Option<&CancelGate> {
+        self.progress.as_deref().map(|p| &p.cancel)
+    }
+
+    /// Fails with [`SourceError::Cancelled`] once a cancel was accepted.
+    pub(super) fn check_cancel(&self) -> Result<(), SourceError> {
+        check_cancel(self.cancel_gate())
+    }
+
+    /// The commit point: from here on no cancel is accepted; fails when
+    /// one came first.
+    pub(super) fn commit(&self) -> Result<(), SourceError> {
+        match self.cancel_gate() {
+            Some(g) if !g.commit() => Err(SourceError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
     pub(super) fn sent_counter(&self) -> Option<&std::sync::atomic::AtomicU64> {
         self.progress.as_deref().map(|p| &p.done)
+    }
+}
+
+/// Fails with [`SourceError::Cancelled`] once `gate` accepted a cancel.
+pub(super) fn check_cancel(gate: Option<&CancelGate>) -> Result<(), SourceError> {
+    match gate {
+        Some(g) if g.is_cancelled() => Err(SourceError::Cancelled),
+        _ => Ok(()),
     }
 }

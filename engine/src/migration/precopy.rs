@@ -11,6 +11,10 @@ use ferry_protocol::{
     self as protocol, write_frame, MsgType, PageBitmap, ProtocolError, PAGE_SIZE,
 };
 
+use super::cancel::CancelGate;
+use super::error::SourceError;
+use super::options::check_cancel;
+
 /// Pages per data frame.
 const RUN: u64 = 256;
 /// Pages per zero-run frame.
@@ -35,6 +39,8 @@ pub struct PageSender<'a> {
     pub pacer: Option<Pacer>,
     /// Counts bytes written, for a progress display.
     pub bytes_progress: Option<&'a AtomicU64>,
+    /// A cancel accepted here stops the sending at the next frame.
+    pub cancel: Option<&'a CancelGate>,
 }
 
 impl<'a> PageSender<'a> {
@@ -57,6 +63,7 @@ impl<'a> PageSender<'a> {
             progress: None,
             pacer: None,
             bytes_progress: None,
+            cancel: None,
         }
     }
 
@@ -78,10 +85,11 @@ impl<'a> PageSender<'a> {
         }
     }
 
-    fn zero(&mut self, pfn: u64, count: u64) -> Result<(), ProtocolError> {
+    fn zero(&mut self, pfn: u64, count: u64) -> Result<(), SourceError> {
         let mut frame = Vec::with_capacity(protocol::HEADER_LEN + protocol::PAGES_PREFIX);
         let mut p = pfn;
         while p < pfn + count {
+            check_cancel(self.cancel)?;
             let n = (pfn + count - p).min(ZERO_RUN);
             frame.clear();
             protocol::append_zero_pages_frame(&mut frame, 0, p, n as u32);
@@ -101,7 +109,8 @@ impl<'a> PageSender<'a> {
     }
 
     /// Sends `count` (≤ 256) contiguous pages from `pfn`.
-    fn run(&mut self, pfn: u64, count: u64) -> Result<(), ProtocolError> {
+    fn run(&mut self, pfn: u64, count: u64) -> Result<(), SourceError> {
+        check_cancel(self.cancel)?;
         let len = count as usize * PAGE_SIZE;
         self.source
             .read(pfn, &mut self.buf[..len])
@@ -118,7 +127,7 @@ impl<'a> PageSender<'a> {
     }
 
     /// Sends every page: holes in the memory file go as zero runs unread.
-    pub fn send_all(&mut self) -> Result<u64, ProtocolError> {
+    pub fn send_all(&mut self) -> Result<u64, SourceError> {
         let pages = self.source.pages();
         let mut p = 0;
         while p < pages {
@@ -136,7 +145,7 @@ impl<'a> PageSender<'a> {
     }
 
     /// Sends the pages set in `bitmap`; returns how many.
-    pub fn send_set(&mut self, bitmap: &PageBitmap) -> Result<u64, ProtocolError> {
+    pub fn send_set(&mut self, bitmap: &PageBitmap) -> Result<u64, SourceError> {
         let mut sent = 0;
         for (p, n) in bitmap.runs(0, RUN) {
             self.run(p, n)?;

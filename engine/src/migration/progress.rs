@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::cancel::CancelGate;
+
 /// Where a migration is, as the API reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -78,6 +80,8 @@ pub struct Progress {
     pub recoveries: AtomicU64,
     /// Bytes sent to the destination so far, all phases.
     pub bytes: AtomicU64,
+    /// Whether the move may still be cancelled, and whether it was.
+    pub cancel: CancelGate,
     started: OnceLock<Instant>,
 }
 

@@ -51,6 +51,7 @@ pub(super) fn before_pause(
     sender.progress = opts.sent_counter();
     sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
     sender.bytes_progress = opts.bytes_counter();
+    sender.cancel = opts.cancel_gate();
     let mut dirty: Option<PageBitmap> = None;
     for round in 0..=limit {
         let total = dirty.as_ref().map_or(space.pages(), PageBitmap::count);
@@ -119,6 +120,7 @@ pub(super) fn after_pause(
     sender.progress = opts.sent_counter();
     sender.pacer = cfg.max_bandwidth.map(ferry_page_server::pacer::Pacer::new);
     sender.bytes_progress = opts.bytes_counter();
+    sender.cancel = opts.cancel_gate();
     match opts.mode {
         MigrationMode::Postcopy => {}
         MigrationMode::StopAndCopy => {

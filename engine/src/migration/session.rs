@@ -12,9 +12,11 @@ use ferry_protocol::{
 use ferry_transport::{ClientTls, Conn};
 use tracing::info;
 
+use super::cancel::CancelGate;
 use super::dial::Dial;
 use super::error::SourceError;
 use super::link::Link;
+use super::options::check_cancel;
 use super::stats::{MigrationStats, Recovery};
 use crate::state::MachineMeta;
 
@@ -226,10 +228,33 @@ pub(super) fn send_state(
     control: &mut Link,
     meta: &StateMeta,
     blob: &[u8],
+    cancel: Option<&CancelGate>,
 ) -> Result<(), SourceError> {
     control.send(MsgType::State, 0, &encode_state(meta, blob))?;
-    control.expect(MsgType::Ready, "Ready")?;
-    Ok(())
+    wait_for_ready(control, cancel)
+}
+
+/// How often the wait for `Ready` looks for a cancel.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// Waits for `Ready` in short steps, so that a cancel accepted meanwhile
+/// rolls the move back at once rather than after the destination answers
+/// (the peer timeout still bounds the silence as a whole).
+fn wait_for_ready(control: &mut Link, cancel: Option<&CancelGate>) -> Result<(), SourceError> {
+    let mut last_heard = Instant::now();
+    loop {
+        check_cancel(cancel)?;
+        if let Some(f) = control.poll(CANCEL_POLL, &mut last_heard)? {
+            if f.header.kind == MsgType::Ready {
+                return Ok(());
+            }
+            return Err(ProtocolError::Unexpected {
+                got: f.header.kind,
+                expected: "Ready",
+            }
+            .into());
+        }
+    }
 }
 
 /// The destination's statistics from its `Complete`, with ours added.

@@ -27,13 +27,14 @@
 use std::time::{Duration, Instant};
 
 use ferry_page_server::source::PageSource;
-use ferry_protocol::{MigrationMode, MsgType, PageBitmap, StateMeta};
+use ferry_protocol::{abort_reason, MigrationMode, MsgType, PageBitmap, StateMeta};
 use tracing::{error, info, warn};
 
 use super::committed::{Committed, End};
 use super::dial::Dial;
 use super::disk_space::PageSpace;
 use super::error::SourceError;
+use super::link::Link;
 use super::options::SourceOptions;
 use super::progress::{Stage, VmHere};
 use super::record::SessionRecord;
@@ -118,6 +119,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         if hot_logging && was_running {
             std::thread::sleep(opts.hot_window);
         }
+        opts.check_cancel()?;
         opts.stage(Stage::Switching);
         let pause = vm.pause()?;
         // Downtime starts once every vCPU has stopped (docs/protocol.md).
@@ -135,7 +137,7 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
         send_machine_state(
             vm,
             &mut control,
-            opts.mode,
+            opts,
             start_host_us,
             pause_host_us,
             pause,
@@ -148,20 +150,25 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
             warn!("cannot stop dirty logging: {e}");
         }
     }
-    let pre = match pre {
+    // The commit point: once `Commit` is written, this copy never runs
+    // again. A cancel accepted before it rolls the move back; from it on,
+    // cancels are refused.
+    let pre = match pre.and_then(|pre| opts.commit().map(|()| pre)) {
         Ok(r) => r,
         Err(e) => {
             error!("migration failed before switch-over: {e}");
-            return Err(roll_back(vm, was_running, opts, e));
+            let e = roll_back(vm, was_running, opts, e);
+            tell_discard(&control, &e);
+            return Err(e);
         }
     };
-
-    // The commit point: once `Commit` is written, this copy never runs again.
     if let Some(path) = &opts.session_record {
         // Before Commit: a crash after it must find the record.
         if let Err(e) = SessionRecord::of(&dial.addr(), &hello, opts.mode).write(path) {
             error!("cannot write the session record: {e}");
-            return Err(roll_back(vm, was_running, opts, SourceError::Record(e)));
+            let e = roll_back(vm, was_running, opts, SourceError::Record(e));
+            tell_discard(&control, &e);
+            return Err(e);
         }
     }
     let commit_sent = match control.send(MsgType::Commit, 0, &[]) {
@@ -226,6 +233,22 @@ fn roll_back(vm: &mut Vm, was_running: bool, opts: &SourceOptions, e: SourceErro
     SourceError::RolledBack(Box::new(e))
 }
 
+/// How long a rolled-back source tries to tell the destination.
+const DISCARD_NOTICE_WITHIN: Duration = Duration::from_secs(1);
+
+/// Tells the destination of a move rolled back before `Commit` to discard
+/// its copy now (`Abort` with why), rather than keep it for the recovery
+/// window in case a `Commit` were still on its way. The VM already runs
+/// here again; a link that is gone or full just misses the notice.
+fn tell_discard(control: &Link, e: &SourceError) {
+    let _ = control
+        .stream
+        .set_write_timeout(Some(DISCARD_NOTICE_WITHIN));
+    if let Err(send) = control.send(MsgType::Abort, 0, abort_reason(&e.to_string())) {
+        warn!("could not tell the destination to discard its copy: {send}");
+    }
+}
+
 /// A committed move that cannot finish: the VM stays paused here.
 fn stranded(opts: &SourceOptions, e: SourceError, record: SessionRecord) -> SourceError {
     let why = match e {
@@ -247,7 +270,7 @@ fn stranded(opts: &SourceOptions, e: SourceError, record: SessionRecord) -> Sour
 fn send_machine_state(
     vm: &mut Vm,
     control: &mut super::link::Link,
-    mode: MigrationMode,
+    opts: &SourceOptions,
     start_host_us: u64,
     pause_host_us: u64,
     pause: Duration,
@@ -257,7 +280,7 @@ fn send_machine_state(
     let machine = vm.save_state()?;
     let save_us = t.elapsed().as_micros() as u64;
     let meta = StateMeta {
-        mode,
+        mode: opts.mode,
         start_host_us,
         rounds: pre.rounds.clone(),
         converged: pre.converged,
@@ -265,7 +288,7 @@ fn send_machine_state(
         pause_us: pause.as_micros() as u64,
         save_us,
     };
-    send_state(control, &meta, &state::encode(&machine))
+    send_state(control, &meta, &state::encode(&machine), opts.cancel_gate())
 }
 
 /// Serves a VM that runs nowhere, given as its machine state and a source
@@ -319,7 +342,7 @@ pub fn migrate_machine(
         pause_us: 0,
         save_us: 0,
     };
-    send_state(&mut control, &meta, &state::encode(machine))?;
+    send_state(&mut control, &meta, &state::encode(machine), None)?;
     let commit_sent = control.send(MsgType::Commit, 0, &[]).is_ok();
     let mut committed = Committed::new(dial, hello, opts, cfg, pages, true);
     let (complete, server) = match committed.run(Some((control, fault)), commit_sent, have)? {

@@ -86,6 +86,10 @@ enum Cmd {
         /// The destination's new address (source side).
         addr: Option<String>,
     },
+    /// Cancel the migration out in progress, before its switch-over
+    /// commits: the VM goes on running here and the destination discards
+    /// its copy. Refused once the switch-over has committed
+    Cancel,
     /// Stop the VM and its process.
     Quit,
     /// Export the VM as one archive file (a tar with a descriptor and its
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
             }));
         }
         Cmd::Quit => ApiRequest::Quit,
+        Cmd::Cancel => ApiRequest::Cancel,
         Cmd::Recover { addr } => ApiRequest::Recover { to: addr },
         Cmd::Export { file } => {
             let Some(sock) = args.api.as_deref() else {
