@@ -404,15 +404,32 @@ fn snapshot_restore_keeps_disk_state_and_a_clone_gets_its_own_disk() {
 #[test]
 fn a_destination_without_the_disk_refuses_and_the_source_keeps_the_vm() {
     let dir = Scratch::new("disk-missing");
+    refused_for_its_disk(&dir, &dir.path("no-such-dir/d.img"));
+}
+
+/// The same for a disk path that is a directory: `access(2)` allows it, the
+/// open after the commit would not (and the VM, committed, would be lost
+/// with it), so the restore's check refuses it before `Ready`.
+#[test]
+fn a_destination_whose_disk_is_a_directory_refuses_before_the_switch_over() {
+    let dir = Scratch::new("disk-dir");
+    let not_a_file = dir.path("a-directory");
+    std::fs::create_dir(&not_a_file).unwrap();
+    refused_for_its_disk(&dir, &not_a_file);
+}
+
+/// Moves a guest with a disk to a destination whose `--disk` is `unusable`,
+/// and checks the move rolls back: the destination refuses and ends, the
+/// source's guest goes on with its disk workload.
+fn refused_for_its_disk(dir: &Scratch, unusable: &std::path::Path) {
     let disk = dir.path("d.img");
     new_disk(&disk);
-    let missing = dir.path("no-such-dir/d.img");
-    let mut dargs = dest_args(&dir, "127.0.0.1");
-    dargs.extend(["--disk".to_string(), missing.display().to_string()]);
+    let mut dargs = dest_args(dir, "127.0.0.1");
+    dargs.extend(["--disk".to_string(), unusable.display().to_string()]);
     let mut dst = spawn("ferry-dest", &strs(&dargs), &dir.path("dst.err"));
     let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
     let guest = "ws=16M report_ms=50 disk=1";
-    let mut args = source_args(&dir, "256M", 1, guest, &addr, "1s");
+    let mut args = source_args(dir, "256M", 1, guest, &addr, "1s");
     let sock = dir.path("src.sock");
     args.extend(
         [

@@ -44,10 +44,18 @@ const SOURCE_WINDOW: &str = "15s";
 /// Runs one move in `mode` through a proxy that cuts at `cuts`, checks the
 /// rules, and returns what happened.
 fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
+    run_case_with(mode, cuts, guest, mem, &[])
+}
+
+/// [`run_case`] with `extra` arguments for the source.
+fn run_case_with(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str, extra: &[&str]) -> Seen {
     let name = format!("{mode}-{cuts:?}")
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(60)
         .collect::<String>();
+    // Unique among the cases: the cuts' count (a socket path is short).
+    let name = format!("{name}-{}", cuts.len());
     let dir = Scratch::new(&format!("fi-{name}"));
     let (mut dst, dst_addr) = spawn_linked_dest(&dir, (PEER_TIMEOUT, DEST_WINDOW));
     let proxy = Proxy::start(&dst_addr, cuts.clone());
@@ -57,7 +65,7 @@ fn run_case(mode: &str, cuts: Vec<Cut>, guest: &str, mem: &str) -> Seen {
         &proxy.addr,
         "1500ms",
         (PEER_TIMEOUT, SOURCE_WINDOW),
-        &["--mode", mode, "--max-rounds", "3"],
+        &[&["--mode", mode, "--max-rounds", "3"], extra].concat(),
     );
     let errs = || {
         format!(
@@ -262,4 +270,36 @@ fn cuts_in_precopy() {
 #[test]
 fn cuts_in_hybrid() {
     matrix("hybrid");
+}
+
+/// `Commit` is lost and the source cannot reach the destination again
+/// within the destination's recovery window (its next seven resumes are
+/// cut, over some 5 s of backoff, against a 4 s window). The destination
+/// discards the VM, which never ran there, and then waits one more window
+/// to tell the source so (`UnknownSession`) when it comes back: the source
+/// runs its own copy. Before, the destination exited with the discard and
+/// the source, finding no one, stranded a VM that had run nowhere else.
+#[test]
+fn a_source_back_after_the_destination_gave_up_runs_its_own_copy() {
+    use Dir::*;
+    use MsgType::*;
+    let mut cuts = vec![Cut::Before(ToDest, Commit, 1)];
+    cuts.extend([Cut::Before(ToDest, Hello, 1); 7]);
+    let seen = run_case("postcopy", cuts, GUEST, "256M");
+    assert_eq!(seen.outcome, Expect::RolledBack);
+}
+
+/// A `Commit` lost on its way costs one recovery, not two: the resume that
+/// settles it (`Prepared`, then `Commit` again) also hands the
+/// destination's fault thread the new fault connection. It kept the dead
+/// one before, so the first faults after the switch-over failed and the
+/// move recovered a second time, with the guest waiting in its faults.
+#[test]
+fn a_lost_commit_costs_one_recovery() {
+    let cut = Cut::Before(Dir::ToDest, MsgType::Commit, 1);
+    // A slow push, so that the guest's faults need demand answers.
+    let slow = ["--max-bandwidth", "10M"];
+    let seen = run_case_with("postcopy", vec![cut], GUEST, "256M", &slow);
+    assert_eq!(seen.outcome, Expect::Moved);
+    assert_eq!(seen.recoveries, 1, "{seen:?}");
 }

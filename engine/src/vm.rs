@@ -684,10 +684,22 @@ impl Vm {
         self.vcpus.iter().find_map(|v| v.stopped_reason())
     }
 
+    /// Starts the devices (opens their backends) without running any
+    /// vCPU; [`Vm::resume`] does it too, so a caller that must know
+    /// whether an error left the guest unrun calls this first.
+    pub fn resume_devices(&mut self) -> Result<(), VmError> {
+        Ok(self.bus.resume()?)
+    }
+
     /// Starts or continues all vCPUs. The devices go first: the first
     /// resume opens their backends (disk files).
     pub fn resume(&mut self) -> Result<(), VmError> {
-        self.bus.resume()?;
+        self.resume_devices()?;
+        self.resume_vcpus()
+    }
+
+    /// Starts or continues all vCPUs, once [`Vm::resume_devices`] did.
+    pub fn resume_vcpus(&mut self) -> Result<(), VmError> {
         for v in &self.vcpus {
             v.resume()?;
         }

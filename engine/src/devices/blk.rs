@@ -362,10 +362,24 @@ impl VirtioBackend for Blk {
         } else {
             AccessFlags::R_OK | AccessFlags::W_OK
         };
-        access(&self.config.path, mode).map_err(|e| DeviceError::Open {
-            path: self.config.path.clone(),
-            source: std::io::Error::from(e),
-        })
+        let path = &self.config.path;
+        let refused = |source| DeviceError::Open {
+            path: path.clone(),
+            source,
+        };
+        access(path, mode).map_err(|e| refused(std::io::Error::from(e)))?;
+        // What open(2) would refuse after the commit (a directory, a
+        // socket), refused now, while the source can still take the VM back.
+        use std::os::unix::fs::FileTypeExt;
+        let kind = std::fs::metadata(path).map_err(refused)?.file_type();
+        if kind.is_file() || kind.is_block_device() {
+            Ok(())
+        } else {
+            Err(refused(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            )))
+        }
     }
 
     fn process(

@@ -355,6 +355,16 @@ impl VirtioBackend for Net {
         read_config_bytes(&cfg, offset, data);
     }
 
+    fn check(&self) -> Result<(), DeviceError> {
+        if self.tap.is_some() {
+            return Ok(());
+        }
+        Tap::check(&self.config.tap).map_err(|source| DeviceError::Open {
+            path: self.config.tap.clone().into(),
+            source,
+        })
+    }
+
     fn activate(&mut self) -> Result<(), DeviceError> {
         if self.tap.is_some() {
             return Ok(());

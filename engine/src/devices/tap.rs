@@ -31,14 +31,7 @@ pub struct Tap {
 impl Tap {
     /// Attaches to the tap `name` (created by the kernel if missing).
     pub fn open(name: &str) -> std::io::Result<Tap> {
-        if name.is_empty() || name.len() > MAX_TAP_NAME || name.contains('\0') {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")?;
+        let file = Self::open_tun(name)?;
         let mut req = IfReq {
             name: [0; 16],
             flags: IFF_TAP | IFF_NO_PI,
@@ -53,6 +46,24 @@ impl Tap {
             return Err(std::io::Error::last_os_error());
         }
         Ok(Tap { file })
+    }
+
+    /// What can be known of opening tap `name` without attaching to it
+    /// (which another process may hold until a move commits): the name is
+    /// one a tap can have, and `/dev/net/tun` opens for this process.
+    pub fn check(name: &str) -> std::io::Result<()> {
+        Self::open_tun(name).map(drop)
+    }
+
+    fn open_tun(name: &str) -> std::io::Result<std::fs::File> {
+        if name.is_empty() || name.len() > MAX_TAP_NAME || name.contains('\0') {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
     }
 
     /// Reads one frame; `WouldBlock` when none is queued.

@@ -36,7 +36,7 @@ use ferry_protocol::{
     PROTOCOL_VERSION,
 };
 use ferry_transport::Conn;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::acceptor::{Acceptor, HELLO_TIMEOUT};
 use super::admission::check_hello;
@@ -294,9 +294,16 @@ pub fn receive_from<'a>(
         &mut beat,
         (session, &peer),
         &mut recovery,
+        fault.as_ref(),
     );
     if let Err(e) = commit_wait {
         warn!("the switch-over did not commit; the VM is discarded here: {e}");
+        if matches!(e, DestError::RecoveryTimeout(_)) {
+            // The source may still try to settle the move: it must hear
+            // that the VM never ran here (or it strands it).
+            drop((vm, fault, beat));
+            tell_discarded(&acceptor, session, &peer, opts.recovery_window);
+        }
         return Err(e);
     }
     // What the two-phase switch-over adds to the downtime: one round trip.
@@ -309,7 +316,17 @@ pub fn receive_from<'a>(
     // Downtime ends as the vCPUs are let go: stamped before, so no guest
     // output on this side can precede it, whatever the scheduler does next.
     let resume_host_us = now_us();
-    vm.resume()?;
+    if let Err(e) = vm.resume_devices() {
+        // No vCPU ran: the VM is discarded here, and the source, which
+        // wrote `Commit`, is told so when it reconnects, to run its own
+        // copy (it would otherwise strand it).
+        error!("the VM's devices cannot start here; it is discarded without having run: {e}");
+        ctl.shutdown();
+        drop((vm, fault, beat, ctl));
+        tell_discarded(&acceptor, session, &peer, opts.recovery_window);
+        return Err(e.into());
+    }
+    vm.resume_vcpus()?;
     opts.vm_here(VmHere::Running);
     let downtime_us = resume_host_us.saturating_sub(meta.pause_host_us);
     info!(
@@ -473,6 +490,13 @@ impl DestMove<'_> {
         if let Some(p) = &self.session.opts.progress {
             p.fail(e.to_string());
         }
+        // Tell the source, and close the link: its heartbeat would
+        // otherwise keep a source that waits for pages or `Complete`
+        // waiting for ever. The source then strands the move too, and
+        // either side's `recover` tries again.
+        let why = format!("the destination holds the VM paused: the move did not complete: {e}");
+        let _ = self.session.ctl.send(MsgType::Abort, 0, abort_reason(&why));
+        self.session.ctl.shutdown();
         Received {
             vm,
             stats: None,
@@ -492,6 +516,7 @@ fn wait_for_commit(
     beat: &mut Heartbeat,
     (session, peer): (u64, &Peer),
     recovery: &mut Recovery,
+    fault: Option<&FaultThread>,
 ) -> Result<(), DestError> {
     loop {
         let got = ctl.recv().map(|f| f.header.kind);
@@ -510,11 +535,23 @@ fn wait_for_commit(
             Err(e) if is_link_failure(&e) => {
                 warn!("link lost before Commit: {e}; waiting for the source to settle it");
                 let t = Instant::now();
+                if let Some(f) = fault {
+                    f.mark_down();
+                }
                 let deadline = t + opts.recovery_window;
                 let (new_ctl, new_fault) =
                     accept_resume(acceptor, session, peer, deadline, ResumeStatus::Prepared)?;
-                // Nothing goes on the fault connection before the VM runs.
-                drop(new_fault);
+                // Nothing goes on the fault connection before the VM runs;
+                // in lazy modes the fault thread takes the new one for the
+                // faults after `Commit` (the old one is dead: kept, it
+                // cost a second recovery once the VM ran).
+                match fault {
+                    Some(f) => {
+                        let (conn, buffered) = new_fault.into_parts();
+                        f.reconnect(conn, buffered, new_ctl.stream.try_clone().ok());
+                    }
+                    None => drop(new_fault),
+                }
                 *ctl = new_ctl;
                 *beat = ctl.heartbeat(ctl.peer_timeout() / 4);
                 recovery.record(t, opts.progress.as_deref());
@@ -881,7 +918,7 @@ fn accept_new(acceptor: &Acceptor, opts: &DestOptions) -> Result<(Link, Hello), 
                 session = hello.session_id,
                 "a source asks to resume a session this side does not hold"
             );
-            let _ = ack(&link, &hello, 0, ResumeStatus::UnknownSession);
+            refuse_stranger(&link, &hello, "no session is open here");
             continue;
         }
         if hello.role != Role::Control {
@@ -959,7 +996,7 @@ fn accept_role(
                 role = ?hello.role,
                 "refused a connection naming this session from another certificate"
             );
-            let _ = ack(&link, &hello, 0, ResumeStatus::UnknownSession);
+            refuse_stranger(&link, &hello, "the session's peer had another certificate");
             continue;
         }
         warn!(
@@ -967,7 +1004,7 @@ fn accept_role(
             role = ?hello.role,
             "refused a connection that is not this session's {role:?} connection"
         );
-        let _ = ack(&link, &hello, 0, ResumeStatus::UnknownSession);
+        refuse_stranger(&link, &hello, "this side is busy with another session");
     }
 }
 
@@ -1004,7 +1041,7 @@ fn accept_resume(
                 session,
                 "refused a resume of this session from another certificate"
             );
-            let _ = ack(&ctl, &hello, 0, ResumeStatus::UnknownSession);
+            refuse_stranger(&ctl, &hello, "the session's peer had another certificate");
             continue;
         }
         if !ours || hello.role != Role::Control {
@@ -1012,7 +1049,7 @@ fn accept_resume(
                 session = hello.session_id,
                 "refused a connection while waiting for session {session} to resume"
             );
-            let _ = ack(&ctl, &hello, 0, ResumeStatus::UnknownSession);
+            refuse_stranger(&ctl, &hello, "this side is busy with another session");
             continue;
         }
         let told = match hello.peer_timeout_ms() {
@@ -1051,6 +1088,60 @@ fn accept_resume(
         }
         info!(session, ?status, "source reconnected to the session");
         return Ok((ctl, fault));
+    }
+}
+
+/// Refuses a connection that is not the one awaited (a resume of a session
+/// this process does not hold, or holds for another peer; a new session
+/// while one runs) with `Abort` and why, never with `UnknownSession`. That
+/// answer tells a source its VM never ran here, which lets it run its own
+/// copy, and this process cannot know it of a session it does not hold:
+/// it may have been restarted since it ran it. Only [`tell_discarded`]
+/// says it, of the one session this process discarded itself.
+fn refuse_stranger(link: &Link, hello: &Hello, why: &str) {
+    let why = format!(
+        "session {:#x} is not taken here: {why} (this is no word on whether the VM ran here)",
+        hello.session_id
+    );
+    let _ = link.send(MsgType::Abort, 0, abort_reason(&why));
+}
+
+/// After this process discarded `session`'s VM without any vCPU having run
+/// it (the switch-over never committed, or its devices could not start):
+/// for up to `window`, answers the session's source, a resume of its
+/// control connection from `peer`, with `UnknownSession`, so that it runs
+/// its own copy rather than wait out its recovery window and strand. Returns
+/// once the source has been told, or when the window ends; anything else
+/// that comes meanwhile is refused.
+fn tell_discarded(acceptor: &Acceptor, session: u64, peer: &Peer, window: Duration) {
+    let deadline = Instant::now() + window;
+    loop {
+        let (link, hello) = match acceptor.next_hello(Some(deadline)) {
+            Ok(Some(c)) => c,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(
+                    session,
+                    "stopped waiting for the source of the discarded VM: {e}"
+                );
+                return;
+            }
+        };
+        let resume = hello.features & features::RESUME != 0;
+        if resume && hello.session_id == session && hello.role == Role::Control && peer.is(&link) {
+            match ack(&link, &hello, 0, ResumeStatus::UnknownSession) {
+                Ok(()) => {
+                    info!(
+                        session,
+                        "told the source that the VM never ran here: it runs its own copy"
+                    );
+                    return;
+                }
+                Err(e) => warn!(session, "could not tell the source: {e}"),
+            }
+            continue;
+        }
+        refuse_stranger(&link, &hello, "its VM was discarded here");
     }
 }
 

@@ -15,8 +15,6 @@ pub(super) enum Decision {
     Start,
     /// A resume of a session a VM process here holds: send it there.
     Redirect(u16),
-    /// A resume of a session nobody here holds.
-    Unknown,
     /// Refused, with the reason (sent in an `Abort`).
     Refuse(String),
 }
@@ -26,7 +24,15 @@ pub(super) fn decide(hello: &Hello, vms: &HashMap<u64, VmProcess>, max_vms: usiz
     if hello.features & features::RESUME != 0 {
         return match (known, hello.role) {
             (Some(vm), Role::Control) => Decision::Redirect(vm.port),
-            _ => Decision::Unknown,
+            // Not `UnknownSession`: that tells a source the VM never ran
+            // here, and a daemon that restarted, or whose VM process
+            // ended, cannot know that (docs/protocol.md, "Recovery
+            // handshake").
+            _ => Decision::Refuse(format!(
+                "no VM process here holds session {:#x}; this host cannot say it never ran \
+                 the VM",
+                hello.session_id
+            )),
         };
     }
     if hello.role != Role::Control {
@@ -101,7 +107,10 @@ mod tests {
                 &none,
                 4
             ),
-            Decision::Unknown
+            Decision::Refuse(
+                "no VM process here holds session 0x7; this host cannot say it never ran the VM"
+                    .into()
+            )
         );
     }
 }

@@ -17,8 +17,7 @@
 //! The daemon reads and checks each `Hello` itself, so garbage, silence,
 //! floods, fault connections without a session and resumes of sessions it
 //! does not hold never start a process or allocate guest memory: they get
-//! what the single listener gives them (an `Abort` or an `UnknownSession`
-//! answer). The VM processes outlive the daemon, like libvirt's QEMU
+//! what the single listener gives them (an `Abort` with the reason). The VM processes outlive the daemon, like libvirt's QEMU
 //! processes; each is listed in `DIR/vm-ID.json` while it runs.
 
 mod admit;
@@ -33,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::migration::acceptor::Acceptor;
 use ferry_engine::migration::link::Link;
-use ferry_protocol::{Hello, HelloAck, MsgType, Redirect, ResumeStatus, PROTOCOL_VERSION};
+use ferry_protocol::{Hello, MsgType, Redirect};
 use tracing::{info, warn};
 
 use admit::Decision;
@@ -111,10 +110,6 @@ pub fn run(listener: &TcpListener, cfg: &DaemonConfig) -> Result<(), DaemonError
                 info!(%peer, port, "a source resumes a session of a VM process here; redirecting it");
                 redirect(&link, &hello, port);
             }
-            Decision::Unknown => {
-                warn!(%peer, "refused a connection: it resumes a session this host does not hold");
-                answer_unknown(&link, &hello);
-            }
             Decision::Refuse(why) => {
                 warn!(%peer, "refused a connection: {why}");
                 let _ = link.send(MsgType::Abort, 0, why.as_bytes());
@@ -146,15 +141,4 @@ fn redirect(link: &Link, hello: &Hello, port: u16) {
     if let Err(e) = link.send(MsgType::Redirect, 0, &r.encode()) {
         warn!("could not send the redirect: {e}");
     }
-}
-
-fn answer_unknown(link: &Link, hello: &Hello) {
-    let ack = HelloAck {
-        version: PROTOCOL_VERSION,
-        status: ResumeStatus::UnknownSession as u32,
-        features: 0,
-        session_id: hello.session_id,
-        peer_timeout_ms: None,
-    };
-    let _ = link.send(MsgType::HelloAck, 0, &ack.encode());
 }

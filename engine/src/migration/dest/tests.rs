@@ -127,3 +127,95 @@ fn a_resume_started_over_is_taken_not_refused() {
     write_frame(&mut again_src, MsgType::Commit, 0, &[]).unwrap();
     assert_eq!(ctl.recv().unwrap().header.kind, MsgType::Commit);
 }
+
+/// A `Hello` of session `id` in `role`, resuming or not.
+fn hello_of(id: u64, role: Role, resume: bool) -> Vec<u8> {
+    let h = Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        session_id: id,
+        features: features::SUPPORTED | if resume { features::RESUME } else { 0 },
+        mem_size: 64 << 20,
+        vcpus: 1,
+        page_size: PAGE_SIZE as u32,
+        options: Vec::new(),
+    };
+    let mut frame = Vec::new();
+    write_frame(&mut frame, MsgType::Hello, 0, &h.encode()).unwrap();
+    frame
+}
+
+/// What the destination answered on `src`: the `HelloAck`'s status, or the
+/// `Abort`'s reason.
+fn answer_on(src: &mut UnixStream) -> Result<u32, String> {
+    let mut buf = Vec::new();
+    match read_frame(src, &mut buf) {
+        Ok(h) => {
+            assert_eq!(h.kind, MsgType::HelloAck);
+            Ok(HelloAck::decode(&buf).unwrap().status)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A process that holds no session cannot know that a session it is asked
+/// to resume never ran here (it may have been restarted since), so it
+/// refuses with `Abort` and never says `UnknownSession`, which would make
+/// that session's source run its own copy. The listener then takes a new
+/// session as usual.
+#[test]
+fn a_resume_of_a_session_this_process_never_held_is_refused_not_denied() {
+    let pair = || UnixStream::pair().unwrap();
+    let ((resume, mut resume_src), (new, mut new_src)) = (pair(), pair());
+    let acceptor = Acceptor::given(
+        vec![Conn::Local(resume), Conn::Local(new)],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    resume_src
+        .write_all(&hello_of(SESSION, Role::Control, true))
+        .unwrap();
+    new_src
+        .write_all(&hello_of(7, Role::Control, false))
+        .unwrap();
+    let (_link, hello) = accept_new(&acceptor, &DestOptions::default()).unwrap();
+    assert_eq!(hello.session_id, 7);
+    let refused = answer_on(&mut resume_src).unwrap_err();
+    assert!(
+        refused.contains("session 0x5e55 is not taken here")
+            && refused.contains("no word on whether the VM ran here"),
+        "{refused}"
+    );
+}
+
+/// After discarding a VM that never ran, the destination tells that
+/// session's source so (`UnknownSession`: it then runs its own copy) and
+/// only it: a resume of another session is refused with `Abort`.
+#[test]
+fn a_discarded_session_hears_unknown_session_and_only_it() {
+    let pair = || UnixStream::pair().unwrap();
+    let ((other, mut other_src), (ours, mut ours_src)) = (pair(), pair());
+    let acceptor = Acceptor::given(
+        vec![Conn::Local(other), Conn::Local(ours)],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    other_src
+        .write_all(&hello_of(SESSION + 1, Role::Control, true))
+        .unwrap();
+    ours_src
+        .write_all(&hello_of(SESSION, Role::Control, true))
+        .unwrap();
+    let t = Instant::now();
+    tell_discarded(&acceptor, SESSION, &Peer(None), Duration::from_secs(30));
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "it waited out the window after telling the source"
+    );
+    let refused = answer_on(&mut other_src).unwrap_err();
+    assert!(refused.contains("its VM was discarded here"), "{refused}");
+    assert_eq!(
+        answer_on(&mut ours_src),
+        Ok(ResumeStatus::UnknownSession as u32)
+    );
+}
