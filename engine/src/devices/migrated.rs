@@ -356,11 +356,25 @@ pub struct DiskSet {
     pub disks: Vec<Arc<DiskImage>>,
     /// Demand requests for the fault thread.
     pub requests: Arc<Requests>,
+    /// The files were put in place ([`DiskSet::commit`]).
+    committed: AtomicBool,
+}
+
+/// Where a migrated disk's blocks land until the move commits: beside its
+/// file, so that the rename into place stays on one file system.
+pub fn incoming_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".ferry-incoming");
+    PathBuf::from(p)
 }
 
 impl DiskSet {
-    /// Creates (or empties) each disk's file at `path`, `blocks` blocks
-    /// long and sparse, for `(slot, blocks, path)` in page-space order.
+    /// Creates each disk's file, `blocks` blocks long and sparse, for
+    /// `(slot, blocks, path)` in page-space order: at
+    /// [`incoming_path`]`(path)`, since `path` itself may hold data (a
+    /// disk this host shares with the source, say) that a move which never
+    /// commits must not touch. [`DiskSet::commit`] puts them in place; a
+    /// set dropped before that removes them.
     pub fn create(ram_pages: u64, disks: &[(u32, u64, &Path)]) -> Result<Self, MigratedError> {
         let requests = Arc::new(Requests::new().map_err(|source| MigratedError::Io {
             path: PathBuf::new(),
@@ -377,15 +391,16 @@ impl DiskSet {
                     source,
                 }
             };
+            let incoming = incoming_path(path);
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .open(path)
+                .open(&incoming)
                 .map_err(io("create"))?;
             file.set_len(blocks * BLOCK).map_err(io("set size"))?;
-            info!(slot, blocks, path = %path.display(), "migrated disk: empty file ready");
+            info!(slot, blocks, path = %incoming.display(), "migrated disk: empty file ready (moved into place once the move commits)");
             out.push(Arc::new(DiskImage {
                 slot,
                 path: path.to_path_buf(),
@@ -404,7 +419,19 @@ impl DiskSet {
             ram_pages,
             disks: out,
             requests,
+            committed: AtomicBool::new(false),
         })
+    }
+
+    /// The move committed: each disk's file replaces the one at its path
+    /// (the file stays open, so blocks still arriving land in it).
+    pub fn commit(&self) -> Result<(), MigratedError> {
+        for d in &self.disks {
+            std::fs::rename(incoming_path(&d.path), &d.path).map_err(d.io("move into place"))?;
+            info!(slot = d.slot, path = %d.path.display(), "migrated disk in place");
+        }
+        self.committed.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Pages of the whole page space (RAM and disks).
@@ -498,6 +525,17 @@ impl DiskSet {
         for d in &self.disks {
             for b in d.present.iter_set() {
                 have.set(d.first_pfn + b);
+            }
+        }
+    }
+}
+
+impl Drop for DiskSet {
+    /// A move that never committed leaves the disks' paths as they were.
+    fn drop(&mut self) {
+        if !self.committed.load(Ordering::Acquire) {
+            for d in &self.disks {
+                let _ = std::fs::remove_file(incoming_path(&d.path));
             }
         }
     }

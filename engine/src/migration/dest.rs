@@ -316,7 +316,14 @@ pub fn receive_from<'a>(
     // Downtime ends as the vCPUs are let go: stamped before, so no guest
     // output on this side can precede it, whatever the scheduler does next.
     let resume_host_us = now_us();
-    if let Err(e) = vm.resume_devices() {
+    // Migrated disks go into place now that the VM is this side's; then
+    // the devices start, before any vCPU.
+    let started = match &disks {
+        Some(d) => d.commit().map_err(DestError::from),
+        None => Ok(()),
+    }
+    .and_then(|()| vm.resume_devices().map_err(DestError::from));
+    if let Err(e) = started {
         // No vCPU ran: the VM is discarded here, and the source, which
         // wrote `Commit`, is told so when it reconnects, to run its own
         // copy (it would otherwise strand it).
@@ -324,7 +331,7 @@ pub fn receive_from<'a>(
         ctl.shutdown();
         drop((vm, fault, beat, ctl));
         tell_discarded(&acceptor, session, &peer, opts.recovery_window);
-        return Err(e.into());
+        return Err(e);
     }
     vm.resume_vcpus()?;
     opts.vm_here(VmHere::Running);
