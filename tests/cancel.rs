@@ -191,6 +191,57 @@ fn a_cancelled_precopy_leaves_the_vm_running_and_it_moves_later() {
     assert!(wait_exit(&mut second, WAIT, "the destination to quit"));
 }
 
+/// A stop-and-copy move under a cap of 1 byte/s, its VM paused for a copy
+/// that would take years, is cancelled: the sender, which naps at most
+/// 100 ms at a time while over its cap and looks for a cancel between
+/// naps, rolls back at once and the VM runs on here. It used to sleep
+/// until the cap allowed its next frame (12 days after the first 1 MiB):
+/// the cancel was taken, and the VM stayed paused.
+#[test]
+fn a_cancel_reaches_a_paused_copy_held_back_by_a_tiny_bandwidth_cap() {
+    let dir = Scratch::new("cancel-capped");
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
+    let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
+    let _src = spawn_guest_source(&dir, "256M", 1, "ws=32M write=80 report_ms=50", &[]);
+    wait_ticks(&log, 1, 2, WAIT);
+    let ctl_err = dir.path("ctl.err");
+    let mut migrate = spawn(
+        "ferry-ctl",
+        &[
+            "--api",
+            sock.to_str().unwrap(),
+            "migrate",
+            &addr,
+            "--mode",
+            "stop-and-copy",
+            "--max-bandwidth",
+            "1",
+        ],
+        &ctl_err,
+    );
+    let status = wait_status(&sock, "the paused copy under way", |s| {
+        s["migration"]["phase"] == "stop-and-copy"
+            && s["migration"]["pages_done"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(status["run_state"], "migrating", "{status}");
+    let cancel = ctl(&sock, &["cancel"]);
+    assert_eq!(cancel["cancelled"], true, "{cancel}");
+    assert!(!wait_exit(&mut migrate, WAIT, "the migrate call to end"));
+    let why = std::fs::read_to_string(&ctl_err).unwrap();
+    assert!(
+        why.contains("the VM was resumed on the source: cancelled"),
+        "{why}"
+    );
+    assert_source_goes_on(&dir);
+    assert!(!wait_exit(&mut dst, WAIT, "the destination to end"));
+    let dst_err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert!(
+        dst_err.contains("cancelled before the switch-over"),
+        "{dst_err}"
+    );
+    ctl(&sock, &["quit"]);
+}
+
 /// Once the switch-over has committed, the destination runs the VM: a
 /// cancel is refused, saying so, and the move completes with the guest
 /// intact.

@@ -194,6 +194,40 @@ fn two_hundred_hostile_connections_then_a_real_migration() {
     assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
 }
 
+/// As many slow strangers as there are handshake slots (64), one in two
+/// trickling a `Hello` a byte every 500 ms and the others sending a `Ping`
+/// every 1.5 s, each well within a 2 s wait per read, are cut off at the
+/// 2 s handshake deadline (or at their first `Ping`) with an `Abort` that
+/// says why, and a real migration that connects after them goes through.
+/// They used to keep their slots for as long as they went on, and the
+/// source's `Hello` waited in the backlog until it gave up.
+#[test]
+fn slow_strangers_in_every_handshake_slot_then_a_real_migration() {
+    let dir = Scratch::new("slow-hello");
+    let (mut dst, addr) = spawn_dest(&dir, "dst", &strs(&io_args(&dir, "dst", &[])));
+    let slow = common::hostile::slow_hello_connections(&addr, 64, Duration::from_secs(40));
+    assert_eq!(slow.len(), 64);
+    migrate_through(&dir, &addr);
+    for peer in slow {
+        let why = peer.join().unwrap().expect("an answer to a slow stranger");
+        assert!(
+            why.contains("too slow to send its Hello")
+                || why.contains("unexpected Ping frame, expected Hello"),
+            "{why}"
+        );
+    }
+    let err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        err.matches("too slow to send its Hello").count(),
+        32,
+        "{err}"
+    );
+    assert_eq!(err.matches("unexpected Ping frame").count(), 32, "{err}");
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the destination to quit"));
+}
+
 /// Without TLS, `ferry-dest` listens only on loopback: any other address
 /// needs `--insecure`, and the error says why.
 #[test]

@@ -80,8 +80,8 @@ pub enum ApiRequest {
         /// `postcopy` (default), `stop-and-copy`, `precopy` or `hybrid`.
         #[serde(default)]
         mode: Option<ferry_protocol::MigrationMode>,
-        /// Cap on the background push, bytes per second (demand answers
-        /// are never capped).
+        /// Cap on the background push, bytes per second, at least 1
+        /// (demand answers are never capped).
         #[serde(default)]
         max_bandwidth: Option<u64>,
         /// TCP congestion control for the move's connections (e.g.

@@ -34,6 +34,9 @@ pub enum ControllerError {
     /// A `migrate` request's `tcp_congestion` names no algorithm.
     #[error("tcp_congestion: {0}")]
     Congestion(String),
+    /// A `migrate` request's `max_bandwidth` is 0.
+    #[error("max_bandwidth: {0}")]
+    Bandwidth(String),
     /// A `cancel` request with nothing it could cancel.
     #[error(transparent)]
     Cancel(#[from] CancelRefused),
@@ -236,38 +239,14 @@ pub fn handle(
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
         ApiRequest::Cancel => Err(ControllerError::Cancel(CancelRefused::Nothing)),
         ApiRequest::Recover { to } => return recover(vm, to.as_deref(), api, ctx),
-        ApiRequest::Migrate {
-            to,
-            stats_json,
-            mode,
-            max_bandwidth,
-            tcp_congestion,
-            tls_cert,
-            tls_key,
-            tls_ca,
-            tls_server_name,
-        } => {
+        ApiRequest::Migrate { to, stats_json, .. } => {
             if let Some(why) = &ctx.hold {
                 return (ApiResponse::err(ControllerError::Held(why.clone())), false);
             }
-            let mut opts = ctx.migrate_defaults.clone();
-            match client_tls(tls_cert, tls_key, tls_ca, tls_server_name) {
-                Ok(Some(tls)) => opts.tls = Some(tls),
-                Ok(None) => {}
+            let opts = match migrate_options(req, &ctx.migrate_defaults) {
+                Ok(o) => o,
                 Err(e) => return (ApiResponse::err(e), false),
-            }
-            if let Some(m) = mode {
-                opts.mode = *m;
-            }
-            if let Some(b) = max_bandwidth {
-                opts.server.max_bandwidth = Some(*b);
-            }
-            if let Some(name) = tcp_congestion {
-                if let Err(e) = ferry_transport::congestion::check_name(name) {
-                    return (ApiResponse::err(ControllerError::Congestion(e)), false);
-                }
-                opts.tcp_congestion = Some(name.clone());
-            }
+            };
             return match migrate_to(vm, to, &opts, stats_json.as_deref(), api, ctx) {
                 Ok(v) => (ApiResponse::ok(v), true),
                 Err(e) => {
@@ -284,6 +263,44 @@ pub fn handle(
             (ApiResponse::err(e), false)
         }
     }
+}
+
+/// The options of a `migrate` request: `defaults` with what it sets
+/// instead, each checked before anything moves (a `max_bandwidth` of 0 is
+/// refused, as on the command line). Other requests get `defaults`.
+fn migrate_options(
+    req: &ApiRequest,
+    defaults: &migration::SourceOptions,
+) -> Result<migration::SourceOptions, ControllerError> {
+    let mut opts = defaults.clone();
+    let ApiRequest::Migrate {
+        mode,
+        max_bandwidth,
+        tcp_congestion,
+        tls_cert,
+        tls_key,
+        tls_ca,
+        tls_server_name,
+        ..
+    } = req
+    else {
+        return Ok(opts);
+    };
+    if let Some(tls) = client_tls(tls_cert, tls_key, tls_ca, tls_server_name)? {
+        opts.tls = Some(tls);
+    }
+    if let Some(m) = mode {
+        opts.mode = *m;
+    }
+    if let Some(b) = max_bandwidth {
+        let b = ferry_page_server::pacer::check_rate(*b).map_err(ControllerError::Bandwidth)?;
+        opts.server.max_bandwidth = Some(b);
+    }
+    if let Some(name) = tcp_congestion {
+        ferry_transport::congestion::check_name(name).map_err(ControllerError::Congestion)?;
+        opts.tcp_congestion = Some(name.clone());
+    }
+    Ok(opts)
 }
 
 /// The TLS settings of a `migrate` request: all three files or none.
@@ -432,5 +449,38 @@ pub fn serve(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return ServeEnd::Quit,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `migrate` request as a client sends it.
+    fn migrate(extra: Value) -> ApiRequest {
+        let mut req = json!({ "cmd": "migrate", "to": "127.0.0.1:1" });
+        req.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(req).unwrap()
+    }
+
+    /// `max_bandwidth: 0` is refused before anything moves, with the
+    /// reason (the command line refuses it too): the pacer would have
+    /// made it 1 byte/s, for days with the VM paused in stop-and-copy.
+    #[test]
+    fn a_migrate_request_with_max_bandwidth_0_is_refused() {
+        let defaults = migration::SourceOptions::default();
+        let e = migrate_options(&migrate(json!({ "max_bandwidth": 0 })), &defaults).unwrap_err();
+        let said = ApiResponse::err(e);
+        let said = serde_json::to_string(&said).unwrap();
+        assert!(
+            said.contains("max_bandwidth: 0 bytes/s would never send a page"),
+            "{said}"
+        );
+        let opts = migrate_options(&migrate(json!({ "max_bandwidth": 1 })), &defaults).unwrap();
+        assert_eq!(opts.server.max_bandwidth, Some(1));
+        let opts = migrate_options(&migrate(json!({})), &defaults).unwrap();
+        assert_eq!(opts.server.max_bandwidth, None);
     }
 }

@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+/// Longest sleep of one [`Pacer::pace`] call: a sender far over its cap
+/// gets control back this often (to see a cancel, say) and calls again.
+pub const MAX_PACE_SLEEP: Duration = Duration::from_millis(100);
+
 /// Keeps the bytes sent since it started at or under `rate` per second.
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -13,7 +17,8 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// A pacer for `rate` bytes per second, starting now.
+    /// A pacer for `rate` bytes per second, starting now. A `rate` of 0
+    /// counts as 1; callers refuse 0 first ([`check_rate`]).
     pub fn new(rate: u64) -> Self {
         Self {
             rate: rate.max(1),
@@ -24,22 +29,42 @@ impl Pacer {
 
     /// Counts `bytes` as sent.
     pub fn sent(&mut self, bytes: u64) {
-        self.sent += bytes;
+        self.sent = self.sent.saturating_add(bytes);
     }
 
     /// How long to wait before sending more; zero when under the cap.
     pub fn wait(&self) -> Duration {
-        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        let due = Duration::try_from_secs_f64(self.sent as f64 / self.rate as f64)
+            .unwrap_or(Duration::MAX);
         due.saturating_sub(self.start.elapsed())
     }
 
-    /// Sleeps until more may be sent (for blocking senders).
-    pub fn pace(&self) {
+    /// Sleeps until more may be sent, but no longer than
+    /// [`MAX_PACE_SLEEP`] (for blocking senders). True when more may be
+    /// sent now; false when the sender is still over its cap and should
+    /// call again, after whatever it must look at meanwhile (a cancel).
+    #[must_use]
+    pub fn pace(&self) -> bool {
         let w = self.wait();
-        if !w.is_zero() {
-            std::thread::sleep(w);
+        if w.is_zero() {
+            return true;
         }
+        std::thread::sleep(w.min(MAX_PACE_SLEEP));
+        w <= MAX_PACE_SLEEP
     }
+}
+
+/// Refuses a cap of 0 bytes per second, under which the push would never
+/// send a page (and a VM paused for the copy would wait for ever); returns
+/// the rate. The rule of [`parse_rate`] and of the API's `max_bandwidth`.
+pub fn check_rate(rate: u64) -> Result<u64, String> {
+    if rate == 0 {
+        return Err(
+            "0 bytes/s would never send a page: give at least 1 (bytes per second), or no cap"
+                .into(),
+        );
+    }
+    Ok(rate)
 }
 
 /// Parses a bandwidth: `200mbit`, `1gbit`, `500kbit` (bits per second), or
@@ -67,10 +92,7 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     let v: u64 = num.trim().parse().map_err(|_| bad())?;
     let v = v.checked_mul(mult).ok_or_else(bad)?;
     let v = if bits { v / 8 } else { v };
-    if v == 0 {
-        return Err(bad());
-    }
-    Ok(v)
+    check_rate(v).map_err(|why| format!("invalid bandwidth {s:?}: {why}"))
 }
 
 #[cfg(test)]
@@ -86,6 +108,42 @@ mod tests {
         for bad in ["", "fast", "0", "-5M", "99999999999999999999G"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_cap_of_zero_is_refused_saying_why() {
+        let e = check_rate(0).unwrap_err();
+        assert!(e.contains("0 bytes/s would never send a page"), "{e}");
+        assert_eq!(check_rate(1), Ok(1));
+        let e = parse_rate("7bit").unwrap_err();
+        assert!(e.contains("\"7bit\": 0 bytes/s"), "{e}");
+    }
+
+    /// Far over its cap (1 MiB sent at 1 byte/s: 12 days ahead), a pacer
+    /// sleeps one bounded nap per call and says it is still ahead; under
+    /// a short wait it sleeps that and says go.
+    #[test]
+    fn a_pace_call_sleeps_at_most_max_pace_sleep() {
+        let mut p = Pacer::new(1);
+        p.sent(1 << 20);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let go = p.pace();
+            let _ = tx.send((go, t.elapsed()));
+        });
+        let (go, took) = rx
+            .recv_timeout(Duration::from_secs(2))
+            .expect("one pace() call slept past 2 s");
+        assert!(!go, "12 days over the cap, and told to go on");
+        assert!(
+            took >= MAX_PACE_SLEEP && took < MAX_PACE_SLEEP * 5,
+            "slept {took:?}"
+        );
+        let mut p = Pacer::new(1_000_000);
+        p.sent(20_000);
+        assert!(p.pace(), "20 ms over the cap");
+        assert!(p.wait().is_zero());
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! run it collect its verdict here and show it in the API's `status`. The
 //! engine never reads guest output: [`watch`] attaches a [`GuestMonitor`] to
 //! a console as an observer.
+//!
+//! Console lines are the guest's to write, so nothing in them may grow
+//! the monitor: per-vCPU records are kept only for vCPU numbers below the
+//! VM's vCPU count (lines naming others are ignored), and the counters
+//! saturate.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +38,10 @@ pub struct LastTick {
 /// What the guest has told us so far.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GuestMonitor {
+    /// vCPU numbers at or above this are not the VM's: their lines are
+    /// ignored.
+    #[serde(skip)]
+    vcpus: u32,
     /// Host time the VM was created (µs since epoch).
     pub created_us: u64,
     /// Host time of the first TICK.
@@ -82,17 +91,21 @@ pub struct DiskReport {
 }
 
 impl GuestMonitor {
-    /// A monitor for a VM created now.
-    pub fn new(created_us: u64) -> Self {
+    /// A monitor for a VM with `vcpus` vCPUs (or at most that many),
+    /// created at `created_us`.
+    pub fn new(created_us: u64, vcpus: u32) -> Self {
         Self {
+            vcpus,
             created_us,
             ..Default::default()
         }
     }
 
-    /// Feeds one console line.
+    /// Feeds one console line. A `TICK` or `READY` line for a vCPU the VM
+    /// does not have is ignored.
     pub fn observe(&mut self, line: &ConsoleLine) {
         match parse_line(&line.text) {
+            GuestLine::Tick { vcpu, .. } | GuestLine::Ready { vcpu } if vcpu >= self.vcpus => {}
             GuestLine::Tick {
                 vcpu,
                 round,
@@ -100,7 +113,7 @@ impl GuestMonitor {
                 timer_irqs,
                 ..
             } => {
-                self.ticks += 1;
+                self.ticks = self.ticks.saturating_add(1);
                 self.first_tick_us.get_or_insert(line.host_us);
                 if let Some(prev) = self.last_tick.get(&vcpu) {
                     let gap = line.host_us.saturating_sub(prev.host_us);
@@ -117,7 +130,7 @@ impl GuestMonitor {
                     },
                 );
             }
-            GuestLine::Ready { .. } => self.ready += 1,
+            GuestLine::Ready { .. } => self.ready = self.ready.saturating_add(1),
             GuestLine::Disk {
                 ops,
                 errors,
@@ -142,7 +155,7 @@ impl GuestMonitor {
                 d.finished = true;
             }
             GuestLine::Bad { .. } => {
-                self.bad += 1;
+                self.bad = self.bad.saturating_add(1);
                 if self.bad_lines.len() < KEEP_BAD {
                     self.bad_lines.push(line.text.clone());
                 }
@@ -168,11 +181,14 @@ impl GuestMonitor {
     }
 }
 
-/// Sends `out`'s lines through a new [`GuestMonitor`] too; returns the
-/// output to give the VM and the monitor to read.
-pub fn watch(out: ConsoleOutput) -> (ConsoleOutput, Arc<Mutex<GuestMonitor>>) {
+/// Sends `out`'s lines through a new [`GuestMonitor`] too, for a VM of
+/// `vcpus` vCPUs (a destination that does not know yet gives
+/// [`ferry_engine::vm::MAX_VCPUS`]); returns the output to give the VM and
+/// the monitor to read.
+pub fn watch(out: ConsoleOutput, vcpus: u32) -> (ConsoleOutput, Arc<Mutex<GuestMonitor>>) {
     let monitor = Arc::new(Mutex::new(GuestMonitor::new(
         ferry_engine::console::now_us(),
+        vcpus,
     )));
     let m = monitor.clone();
     let out = out.observed(Arc::new(move |line: &ConsoleLine| {
@@ -184,4 +200,58 @@ pub fn watch(out: ConsoleOutput) -> (ConsoleOutput, Arc<Mutex<GuestMonitor>>) {
 /// The monitor's verdict as JSON, for the API's `status`.
 pub fn status_json(monitor: &Mutex<GuestMonitor>) -> serde_json::Value {
     serde_json::to_value(&*monitor.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(host_us: u64, text: &str) -> ConsoleLine {
+        ConsoleLine {
+            host_us,
+            text: text.into(),
+        }
+    }
+
+    /// A guest that prints lines for vCPUs its VM does not have cannot
+    /// grow the monitor (or the `status` answer): only the VM's own vCPUs
+    /// get records, and the others' lines count for nothing.
+    #[test]
+    fn lines_for_vcpus_the_vm_lacks_are_ignored() {
+        let mut m = GuestMonitor::new(0, 2);
+        for (t, vcpu) in [(10, 0), (20, 1), (40, 0), (50, 1)] {
+            m.observe(&line(t, &format!("FERRY TICK {vcpu} 1 2 3 4")));
+        }
+        m.observe(&line(60, "FERRY READY 1"));
+        let small = status_json(&Mutex::new(m.clone())).to_string().len();
+        for i in 0..10_000u32 {
+            for host_us in [100, 200] {
+                let vcpu = [2, 64, 1_000_000 + i, u32::MAX][i as usize % 4];
+                m.observe(&line(host_us, &format!("FERRY TICK {vcpu} 0 0 0 0")));
+                m.observe(&line(host_us, &format!("FERRY READY {vcpu}")));
+            }
+        }
+        assert!(
+            m.last_tick.keys().eq(&[0, 1]),
+            "records for {} vCPUs",
+            m.last_tick.len()
+        );
+        assert_eq!(m.max_tick_gap_us, BTreeMap::from([(0, 30), (1, 30)]));
+        assert_eq!((m.ticks, m.ready), (4, 1));
+        let json = status_json(&Mutex::new(m)).to_string();
+        assert_eq!(json.len(), small, "{json}");
+    }
+
+    /// The counters stop at their maximum instead of overflowing.
+    #[test]
+    fn the_counters_saturate() {
+        let mut m = GuestMonitor::new(0, 1);
+        m.ready = u32::MAX;
+        m.ticks = u64::MAX;
+        m.bad = u64::MAX;
+        m.observe(&line(1, "FERRY READY 0"));
+        m.observe(&line(2, "FERRY TICK 0 1 2 3 4"));
+        m.observe(&line(3, "FERRY BAD vcpu=0 page=1 expected=2 got=3"));
+        assert_eq!((m.ready, m.ticks, m.bad), (u32::MAX, u64::MAX, u64::MAX));
+    }
 }

@@ -2,11 +2,15 @@
 //!
 //! Every accepted connection gets its TLS handshake (when the listener has
 //! TLS settings) and then its `Hello` read on a handshake thread of its
-//! own, both within one deadline, so a peer that connects and sends nothing (or
-//! sends slowly) holds up nobody: the next connection is accepted at once.
-//! At most [`MAX_HANDSHAKES`] handshakes run at a time; while that many
-//! run, new connections wait in the kernel's backlog until a slot frees. A connection whose first frame is not a valid
-//! `Hello` is answered with `Abort` naming the problem and closed. A peer
+//! own, both within one deadline ([`HELLO_TIMEOUT`]) for the whole
+//! exchange, not per read, so a peer that connects and sends nothing (or
+//! trickles its bytes) holds up nobody for longer: the next connection is
+//! accepted at once. At most [`MAX_HANDSHAKES`] handshakes run at a time;
+//! while that many run, new connections wait in the kernel's backlog until
+//! a slot frees. A connection whose first frame is not a valid `Hello` (a
+//! `Ping` included: a source sends its `Hello` first), or that has not
+//! sent all of it by the deadline, is answered with `Abort` naming the
+//! problem and closed. A peer
 //! that fails the TLS handshake (no TLS at all, a certificate the CA did
 //! not sign, a name not allowed) gets nothing from Ferry, not even an
 //! `Abort`: the refusal is logged with its reason and the connection
@@ -32,7 +36,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_protocol::{Hello, MsgType, ProtocolError};
+use ferry_protocol::{abort_reason, Hello, MsgType, ProtocolError};
 use ferry_transport::{Conn, ServerTls};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, warn};
@@ -237,8 +241,12 @@ impl Incoming {
 }
 
 /// Runs the TLS handshake (with `tls`, on TCP) and reads one `Hello`, all
-/// within [`HELLO_TIMEOUT`]. A failed TLS handshake is logged and closed;
-/// any other first frame is answered with `Abort` and logged.
+/// within [`HELLO_TIMEOUT`] (or `peer_timeout` when shorter) in all: the
+/// time a peer may take to send its first frame is counted across reads,
+/// so sending it a byte at a time does not stretch it. A failed TLS
+/// handshake is logged and closed; any other first frame (a `Ping` too),
+/// a `Hello` that does not decode, or none in time is answered with
+/// `Abort` naming the problem and logged.
 fn handshake(conn: Conn, peer_timeout: Duration, tls: Option<&ServerTls>) -> Option<(Link, Hello)> {
     let peer = conn.peer();
     let limit = HELLO_TIMEOUT.min(peer_timeout);
@@ -272,13 +280,32 @@ fn handshake(conn: Conn, peer_timeout: Duration, tls: Option<&ServerTls>) -> Opt
             return None;
         }
     };
-    let hello = link.expect(MsgType::Hello, "Hello").and_then(Hello::decode);
+    let hello = match link.recv_by(deadline) {
+        Ok(f) if f.header.kind == MsgType::Hello => Hello::decode(f.payload),
+        // A source sends its Hello first; nothing else (not even a Ping)
+        // may keep a handshake slot.
+        Ok(f) => Err(ProtocolError::Unexpected {
+            got: f.header.kind,
+            expected: "Hello as the connection's first frame",
+        }),
+        Err(ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ) =>
+        {
+            Err(ProtocolError::Handshake(format!(
+                "the peer was too slow to send its Hello (not all here within {limit:?})"
+            )))
+        }
+        Err(e) => Err(e),
+    };
     match hello {
         Ok(h) if link.set_peer_timeout(peer_timeout).is_ok() => Some((link, h)),
         Ok(_) => None,
         Err(e) => {
             warn!(%peer, "refused a connection: {e}");
-            let _ = link.send(MsgType::Abort, 0, e.to_string().as_bytes());
+            let _ = link.send(MsgType::Abort, 0, abort_reason(&e.to_string()));
             None
         }
     }
@@ -328,6 +355,143 @@ mod tests {
             .expect("the source's Hello");
         assert_eq!(got.session_id, 7);
         drop(source.join().unwrap());
+    }
+
+    /// How a [`slow_peer`] holds its connection.
+    #[derive(Clone, Copy)]
+    enum Slow {
+        /// Sends a `Hello` one byte at a time.
+        Trickle,
+        /// Sends `Ping`s and no `Hello`.
+        Ping,
+    }
+
+    /// A peer that connects to `addr` and sends a little every `every` ms
+    /// (each send well within any per-read timeout) for `for_ms` ms, or
+    /// until the listener answers; returns the listener's answer (the
+    /// error `read_frame` makes of it) and how long after connecting it
+    /// came, if it came.
+    fn slow_peer(
+        addr: std::net::SocketAddr,
+        how: Slow,
+        every: u64,
+        for_ms: u64,
+    ) -> std::thread::JoinHandle<Option<(String, Duration)>> {
+        use std::io::Read;
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let start = Instant::now();
+            s.set_nodelay(true).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(every)))
+                .unwrap();
+            let mut ping = Vec::new();
+            write_frame(&mut ping, MsgType::Ping, 0, &[]).unwrap();
+            let hello = hello(99);
+            let mut got = Vec::new();
+            let mut answered = None;
+            let mut sent = 0;
+            let mut buf = [0; 4096];
+            while start.elapsed() < Duration::from_millis(for_ms) {
+                if answered.is_none() {
+                    let chunk = match how {
+                        Slow::Trickle => &hello[sent.min(hello.len() - 1)..][..1],
+                        Slow::Ping => &ping[..],
+                    };
+                    if s.write_all(chunk).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        answered.get_or_insert(start.elapsed());
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+            let why = ferry_protocol::read_frame(&mut &got[..], &mut Vec::new())
+                .err()?
+                .to_string();
+            Some((why, answered?))
+        })
+    }
+
+    /// A peer that trickles its `Hello` a byte at a time, each byte well
+    /// within the per-read timeout, and one that sends `Ping`s instead of
+    /// a `Hello`, are both cut off (with an `Abort` saying why) within the
+    /// handshake deadline, which counts the whole first frame; their
+    /// `Hello`s are never handed over.
+    #[test]
+    fn a_trickled_hello_and_pings_before_it_are_cut_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The handshake deadline is the shorter of 2 s and the peer timeout.
+        let acceptor = Acceptor::new(&listener, Duration::from_millis(400), None).unwrap();
+        // 64 bytes of Hello at one per 50 ms: all of it after 3.2 s.
+        let trickler = slow_peer(addr, Slow::Trickle, 50, 5_000);
+        let pinger = slow_peer(addr, Slow::Ping, 100, 5_000);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = acceptor.next_hello(Some(deadline)).unwrap();
+        assert!(
+            got.is_none(),
+            "a Hello trickled over {:?} was handed over",
+            Duration::from_millis(50 * hello(99).len() as u64)
+        );
+        for (peer, why) in [
+            (trickler, "the peer was too slow to send its Hello"),
+            (pinger, "unexpected Ping frame, expected Hello"),
+        ] {
+            let (got, after) = peer.join().unwrap().expect("an Abort");
+            assert!(got.contains(why), "{got}");
+            assert!(
+                after < Duration::from_millis(1500),
+                "cut off after {after:?}"
+            );
+        }
+    }
+
+    /// [`MAX_HANDSHAKES`] slow peers (trickling a `Hello`, or sending
+    /// `Ping`s) hold every handshake slot; a real source that connects
+    /// after them still has its `Hello` taken within the deadline.
+    #[test]
+    fn slow_peers_in_every_slot_hold_up_a_real_hello_only_until_the_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = Acceptor::new(&listener, Duration::from_millis(400), None).unwrap();
+        let slow: Vec<_> = (0..MAX_HANDSHAKES)
+            .map(|i| {
+                let how = if i % 2 == 0 {
+                    Slow::Trickle
+                } else {
+                    Slow::Ping
+                };
+                slow_peer(addr, how, 100, 8_000)
+            })
+            .collect();
+        // Let the listener take them all first.
+        let taken = Instant::now() + Duration::from_millis(200);
+        assert!(acceptor.next_hello(Some(taken)).unwrap().is_none());
+        let connected = Instant::now();
+        let mut source = TcpStream::connect(addr).unwrap();
+        source.write_all(&hello(7)).unwrap();
+        let deadline = Some(Instant::now() + Duration::from_secs(8));
+        let (_, got) = acceptor
+            .next_hello(deadline)
+            .unwrap()
+            .expect("the source's Hello");
+        let waited = connected.elapsed();
+        assert_eq!(got.session_id, 7);
+        assert!(
+            waited < Duration::from_secs(2),
+            "the source waited {waited:?}"
+        );
+        for peer in slow {
+            let (why, _) = peer.join().unwrap().expect("an Abort");
+            assert!(why.contains("Hello"), "{why}");
+        }
     }
 
     #[test]

@@ -90,6 +90,47 @@ impl Link {
         self.rx.last_frame().ok_or(ProtocolError::Closed)
     }
 
+    /// The next frame, whatever its type (a `Ping` too), read whole by
+    /// `deadline`: before every read the read timeout is set to the time
+    /// left, so a peer that trickles its bytes (each read well within any
+    /// per-read timeout) cannot stretch the wait past it. A passed deadline
+    /// is an I/O error of kind `TimedOut`. The link's peer timeout applies
+    /// again afterwards.
+    pub fn recv_by(&mut self, deadline: Instant) -> Result<Frame<'_>, ProtocolError> {
+        let got = loop {
+            match self.rx.next_frame() {
+                Ok(Some(_)) => break Ok(()),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(ProtocolError::Io(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    "no whole frame by the deadline",
+                )));
+            }
+            if let Err(e) = self.stream.set_read_timeout(Some(left)) {
+                break Err(e.into());
+            }
+            match self.rx.read_from(&mut self.stream) {
+                Ok(0) => break Err(ProtocolError::Closed),
+                Ok(_) => {}
+                // The deadline is looked at again before the next read.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.stream.set_read_timeout(Some(self.peer_timeout))?;
+        got?;
+        // The frame is still the decoder's last.
+        self.rx.last_frame().ok_or(ProtocolError::Closed)
+    }
+
     /// Like [`Link::recv`], but a frame of which only the header and the
     /// first `head` payload bytes are here comes back at once as
     /// [`Received::Partial`] when `take` accepts it: the caller then takes

@@ -73,7 +73,7 @@ impl<'a> PageSender<'a> {
         Ok(())
     }
 
-    /// Counts bytes written, and keeps to the bandwidth cap.
+    /// Counts bytes written (against the bandwidth cap too).
     fn sent_bytes(&mut self, n: u64) {
         self.bytes += n;
         if let Some(b) = self.bytes_progress {
@@ -81,7 +81,19 @@ impl<'a> PageSender<'a> {
         }
         if let Some(p) = self.pacer.as_mut() {
             p.sent(n);
-            p.pace();
+        }
+    }
+
+    /// Before each frame: fails if the move was cancelled, and waits while
+    /// over the bandwidth cap, looking for a cancel between naps, so that
+    /// a small cap cannot keep a VM paused for the copy from a cancel.
+    fn ready_to_send(&self) -> Result<(), SourceError> {
+        loop {
+            check_cancel(self.cancel)?;
+            match &self.pacer {
+                Some(p) if !p.pace() => {}
+                _ => return Ok(()),
+            }
         }
     }
 
@@ -89,7 +101,7 @@ impl<'a> PageSender<'a> {
         let mut frame = Vec::with_capacity(protocol::HEADER_LEN + protocol::PAGES_PREFIX);
         let mut p = pfn;
         while p < pfn + count {
-            check_cancel(self.cancel)?;
+            self.ready_to_send()?;
             let n = (pfn + count - p).min(ZERO_RUN);
             frame.clear();
             protocol::append_zero_pages_frame(&mut frame, 0, p, n as u32);
@@ -110,7 +122,7 @@ impl<'a> PageSender<'a> {
 
     /// Sends `count` (≤ 256) contiguous pages from `pfn`.
     fn run(&mut self, pfn: u64, count: u64) -> Result<(), SourceError> {
-        check_cancel(self.cancel)?;
+        self.ready_to_send()?;
         let len = count as usize * PAGE_SIZE;
         self.source
             .read(pfn, &mut self.buf[..len])

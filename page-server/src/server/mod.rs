@@ -946,16 +946,19 @@ impl<'a> Server<'a> {
         if self.control.pending() != 0 {
             return;
         }
-        let mut why = e.to_string();
-        why.truncate(4096);
-        while !why.is_char_boundary(why.len()) {
-            why.pop();
-        }
-        let mut frame = Vec::new();
-        if protocol::write_frame(&mut frame, MsgType::Abort, 0, why.as_bytes()).is_ok() {
+        if let Some(frame) = abort_frame(e) {
             let _ = (&self.control.stream).write(&frame);
         }
     }
+}
+
+/// The `Abort` frame that tells the destination why the server gives up:
+/// `e`'s text, cut at a character boundary to what an `Abort` carries.
+fn abort_frame(e: &ServerError) -> Option<Vec<u8>> {
+    let why = e.to_string();
+    let mut frame = Vec::new();
+    protocol::write_frame(&mut frame, MsgType::Abort, 0, protocol::abort_reason(&why)).ok()?;
+    Some(frame)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -972,6 +975,30 @@ fn thread_cpu() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reason longer than an `Abort` carries, whose cut falls inside a
+    /// two-byte character (4095 ASCII bytes, then `é`), goes out cut
+    /// before that character: `String::truncate` there used to panic the
+    /// page server while it gave up.
+    #[test]
+    fn a_long_reason_is_cut_at_a_character_boundary() {
+        let prefix = "control connection: handshake failed: ";
+        let detail = "x".repeat(protocol::MAX_ABORT_REASON - 1 - prefix.len()) + "é and more";
+        let e = ServerError::Protocol {
+            conn: "control",
+            source: ProtocolError::Handshake(detail),
+        };
+        assert!(e.to_string().starts_with(prefix));
+        let frame = abort_frame(&e).expect("an Abort frame");
+        let mut payload = Vec::new();
+        let got = protocol::read_frame(&mut &frame[..], &mut payload);
+        let why = match got {
+            Err(ProtocolError::Aborted(why)) => why,
+            other => panic!("not an Abort: {other:?}"),
+        };
+        assert_eq!(why.len(), protocol::MAX_ABORT_REASON - 1);
+        assert!(why.starts_with(prefix) && why.ends_with('x'), "{why}");
+    }
 
     #[test]
     fn buffers_are_made_whole() {

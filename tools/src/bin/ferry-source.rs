@@ -138,7 +138,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         None => ferry_guest::GUEST_ELF.to_vec(),
     };
     let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
-    let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()));
+    let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()), args.vcpus);
     let guest = || monitor::status_json(&monitor);
     let disks = args.io.disks()?;
     let nets = args.io.nets()?;
