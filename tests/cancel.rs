@@ -7,27 +7,10 @@
 mod common;
 
 use std::net::TcpListener;
-use std::process::Command;
 use std::sync::mpsc;
 
 use common::*;
 use ferry_protocol::{read_frame, write_frame, Hello, HelloAck, MsgType, PROTOCOL_VERSION};
-
-/// `ferry-ctl --api SOCK ARGS...`, which must fail; returns its stderr.
-fn ctl_refused(sock: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(bin("ferry-ctl"))
-        .arg("--api")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "ferry-ctl {args:?} succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// A stand-in destination: acknowledges both Hellos, reads up to the
 /// `State` (the source's VM is paused by then and waits for `Ready`), says
@@ -91,12 +74,8 @@ fn a_cancel_while_the_destination_restores_rolls_back() {
         &["--peer-timeout", "30s"],
     );
     wait_ticks(&log, 2, 2, WAIT);
+    let mut migrate = migrate_once_ticking(&dir, &addr);
     let ctl_err = dir.path("ctl.err");
-    let mut migrate = spawn(
-        "ferry-ctl",
-        &["--api", sock.to_str().unwrap(), "migrate", &addr],
-        &ctl_err,
-    );
     got_state.recv_timeout(WAIT).unwrap();
     let status = ctl(&sock, &["status"]);
     assert_eq!(status["run_state"], "migrating", "{status}");
@@ -144,21 +123,12 @@ fn a_cancelled_precopy_leaves_the_vm_running_and_it_moves_later() {
     let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
     let _src = spawn_guest_source(&dir, "512M", 1, "ws=128M write=80 report_ms=50", &[]);
     wait_ticks(&log, 1, 2, WAIT);
-    let ctl_err = dir.path("ctl.err");
-    let mut migrate = spawn(
-        "ferry-ctl",
-        &[
-            "--api",
-            sock.to_str().unwrap(),
-            "migrate",
-            &first_addr,
-            "--mode",
-            "precopy",
-            "--max-bandwidth",
-            "20M",
-        ],
-        &ctl_err,
+    let mut migrate = migrate_once_ticking_with(
+        &dir,
+        &first_addr,
+        &["--mode", "precopy", "--max-bandwidth", "20M"],
     );
+    let ctl_err = dir.path("ctl.err");
     // Under way: some pages of the first pass have gone.
     wait_status(&sock, "pre-copy under way", |s| {
         s["migration"]["stage"] == "precopy"
@@ -204,21 +174,12 @@ fn a_cancel_reaches_a_paused_copy_held_back_by_a_tiny_bandwidth_cap() {
     let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
     let _src = spawn_guest_source(&dir, "256M", 1, "ws=32M write=80 report_ms=50", &[]);
     wait_ticks(&log, 1, 2, WAIT);
-    let ctl_err = dir.path("ctl.err");
-    let mut migrate = spawn(
-        "ferry-ctl",
-        &[
-            "--api",
-            sock.to_str().unwrap(),
-            "migrate",
-            &addr,
-            "--mode",
-            "stop-and-copy",
-            "--max-bandwidth",
-            "1",
-        ],
-        &ctl_err,
+    let mut migrate = migrate_once_ticking_with(
+        &dir,
+        &addr,
+        &["--mode", "stop-and-copy", "--max-bandwidth", "1"],
     );
+    let ctl_err = dir.path("ctl.err");
     let status = wait_status(&sock, "the paused copy under way", |s| {
         s["migration"]["phase"] == "stop-and-copy"
             && s["migration"]["pages_done"].as_u64().unwrap_or(0) > 0

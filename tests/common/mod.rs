@@ -130,20 +130,36 @@ fn spawn_command(mut cmd: Command, name: &str, args: &[&str], log: &Path) -> Pro
     )
 }
 
-/// Runs `ferry-ctl --api SOCK ARGS...` and returns its JSON output.
-pub fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("ferry-ctl"))
+/// What `ferry-ctl --api SOCK ARGS...` did.
+fn ctl_output(sock: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("ferry-ctl"))
         .arg("--api")
         .arg(sock)
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `ferry-ctl --api SOCK ARGS...` and returns its JSON output.
+pub fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let out = ctl_output(sock, args);
     assert!(
         out.status.success(),
         "ferry-ctl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `ferry-ctl --api SOCK ARGS...`, which must fail; returns its stderr.
+pub fn ctl_refused(sock: &Path, args: &[&str]) -> String {
+    let out = ctl_output(sock, args);
+    assert!(
+        !out.status.success(),
+        "ferry-ctl {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// `ferry-ctl --api SOCK status`, or None while it cannot answer (the

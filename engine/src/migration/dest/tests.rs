@@ -4,7 +4,10 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
-use ferry_protocol::{read_frame, write_frame, OPT_PEER_TIMEOUT, PAGE_SIZE};
+use ferry_protocol::{
+    read_frame, write_frame, HelloAck, OPT_PEER_TIMEOUT, PAGE_SIZE, PROTOCOL_VERSION,
+};
+use ferry_transport::Conn;
 
 use super::*;
 
