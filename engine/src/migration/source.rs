@@ -152,8 +152,18 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
     }
     // The commit point: once `Commit` is written, this copy never runs
     // again. A cancel accepted before it rolls the move back; from it on,
-    // cancels are refused.
-    let pre = match pre.and_then(|pre| opts.commit().map(|()| pre)) {
+    // cancels are refused. The session record is written before `Commit`:
+    // a crash after it must find the record.
+    let pre = pre
+        .and_then(|pre| opts.commit().map(|()| pre))
+        .and_then(|pre| match &opts.session_record {
+            Some(path) => SessionRecord::of(&dial.addr(), &hello, opts.mode)
+                .write(path)
+                .map(|()| pre)
+                .map_err(SourceError::Record),
+            None => Ok(pre),
+        });
+    let pre = match pre {
         Ok(r) => r,
         Err(e) => {
             error!("migration failed before switch-over: {e}");
@@ -162,15 +172,6 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
             return Err(e);
         }
     };
-    if let Some(path) = &opts.session_record {
-        // Before Commit: a crash after it must find the record.
-        if let Err(e) = SessionRecord::of(&dial.addr(), &hello, opts.mode).write(path) {
-            error!("cannot write the session record: {e}");
-            let e = roll_back(vm, was_running, opts, SourceError::Record(e));
-            tell_discard(&control, &e);
-            return Err(e);
-        }
-    }
     let commit_sent = match control.send(MsgType::Commit, 0, &[]) {
         Ok(()) => true,
         Err(e) => {

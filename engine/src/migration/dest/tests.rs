@@ -13,22 +13,38 @@ use super::*;
 
 const SESSION: u64 = 0x5e55;
 
-/// A resume `Hello` of `SESSION` in `role` whose peer timeout option is
-/// `timeout` (its raw bytes).
-fn resume_hello(role: Role, timeout: &[u8]) -> Vec<u8> {
+/// A `Hello` frame of session `id` in `role` with every feature this build
+/// has, and `RESUME` when `resume`, carrying `options`.
+fn hello_frame(id: u64, role: Role, resume: bool, options: Vec<(u16, Vec<u8>)>) -> Vec<u8> {
     let h = Hello {
         version: PROTOCOL_VERSION,
         role,
-        session_id: SESSION,
-        features: features::SUPPORTED | features::RESUME,
-        mem_size: 1 << 30,
+        session_id: id,
+        features: features::SUPPORTED | if resume { features::RESUME } else { 0 },
+        mem_size: 64 << 20,
         vcpus: 1,
         page_size: PAGE_SIZE as u32,
-        options: vec![(OPT_PEER_TIMEOUT, timeout.to_vec())],
+        options,
     };
     let mut frame = Vec::new();
     write_frame(&mut frame, MsgType::Hello, 0, &h.encode()).unwrap();
     frame
+}
+
+/// A resume `Hello` of `SESSION` in `role` whose peer timeout option is
+/// `timeout` (its raw bytes).
+fn resume_hello(role: Role, timeout: &[u8]) -> Vec<u8> {
+    hello_frame(
+        SESSION,
+        role,
+        true,
+        vec![(OPT_PEER_TIMEOUT, timeout.to_vec())],
+    )
+}
+
+/// A `Hello` of session `id` in `role`, resuming or not, without options.
+fn hello_of(id: u64, role: Role, resume: bool) -> Vec<u8> {
+    hello_frame(id, role, resume, Vec::new())
 }
 
 /// Waits (10 s at most) for `SESSION`'s source to resume both connections
@@ -129,23 +145,6 @@ fn a_resume_started_over_is_taken_not_refused() {
     // The link handed back is the second attempt's (`recv` skips pings).
     write_frame(&mut again_src, MsgType::Commit, 0, &[]).unwrap();
     assert_eq!(ctl.recv().unwrap().header.kind, MsgType::Commit);
-}
-
-/// A `Hello` of session `id` in `role`, resuming or not.
-fn hello_of(id: u64, role: Role, resume: bool) -> Vec<u8> {
-    let h = Hello {
-        version: PROTOCOL_VERSION,
-        role,
-        session_id: id,
-        features: features::SUPPORTED | if resume { features::RESUME } else { 0 },
-        mem_size: 64 << 20,
-        vcpus: 1,
-        page_size: PAGE_SIZE as u32,
-        options: Vec::new(),
-    };
-    let mut frame = Vec::new();
-    write_frame(&mut frame, MsgType::Hello, 0, &h.encode()).unwrap();
-    frame
 }
 
 /// What the destination answered on `src`: the `HelloAck`'s status, or the
