@@ -198,6 +198,13 @@ fn when_the_window_runs_out_the_vm_waits_paused() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // Nor can it be snapshotted (or made a template, or exported): the
+    // pages it lacks would be stored as zeros, and a restore would run on
+    // them.
+    let snap = dir.path("held.snap");
+    let why = ctl_refused(&dsock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(why.contains("refused: the move did not complete"), "{why}");
+    assert!(!snap.exists(), "a snapshot of a VM lacking pages was written");
     // It stays paused: no new output, and never a BAD line.
     let before = read_console(&dir.path("dst.log")).len();
     std::thread::sleep(Duration::from_millis(500));
@@ -247,6 +254,11 @@ fn the_source_recovers_a_stranded_move_on_request() {
         !out.status.success(),
         "a committed VM resumed on the source"
     );
+    // A snapshot of it would be a second copy to restore: refused too.
+    let snap = dir.path("held.snap");
+    let why = ctl_refused(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(why.contains("refused:"), "{why}");
+    assert!(!snap.exists());
     let r = ctl(&sock, &["recover", &addr]);
     assert!(r["recoveries"].as_u64().unwrap() >= 1, "{r}");
     assert!(wait_exit(&mut src, WAIT, "the source to finish"));

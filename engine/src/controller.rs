@@ -63,6 +63,42 @@ pub fn write_stats(path: &Path, stats: &migration::MigrationStats) -> Result<(),
     })
 }
 
+/// Reports a finished move: its table on standard output and, with
+/// `stats_json`, its statistics in that file. Both are best effort: the
+/// move has already happened, and a report that cannot be written must not
+/// undo it (a source that took it for a failed move would let its copy
+/// run again; a destination would drop the VM it now runs). A failure is
+/// logged and returned, for the caller to pass on.
+pub fn report_stats(stats: &migration::MigrationStats, stats_json: Option<&Path>) -> Option<String> {
+    use std::io::Write as _;
+    // A closed standard output must not end the process holding the VM.
+    if let Err(e) = writeln!(std::io::stdout(), "{}", stats.table()) {
+        warn!("cannot print the statistics table: {e}");
+    }
+    let e = write_stats(stats_json?, stats).err()?;
+    warn!("{e}; the move itself completed");
+    Some(e.to_string())
+}
+
+/// Refuses a `stats_json` path whose directory does not exist, before a
+/// move starts (afterwards the move could no longer fail on it).
+pub fn check_stats_path(path: &Path) -> Result<(), ControllerError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(ControllerError::Stats {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not a directory", dir.display()),
+        ),
+    })
+}
+
 /// What the serving loop knows besides the VM itself.
 #[derive(Default)]
 pub struct ServeContext<'a> {
@@ -100,6 +136,9 @@ pub fn migrate_to(
     api: Option<&Receiver<PendingRequest>>,
     ctx: &mut ServeContext<'_>,
 ) -> Result<Value, ControllerError> {
+    if let Some(p) = stats_json {
+        check_stats_path(p)?;
+    }
     let progress = opts.progress.clone().unwrap_or_default();
     let opts = migration::SourceOptions {
         progress: Some(progress.clone()),
@@ -121,11 +160,15 @@ pub fn migrate_to(
             return Err(e.into());
         }
     };
-    println!("{}", outcome.stats.table());
-    if let Some(p) = stats_json {
-        write_stats(p, &outcome.stats)?;
+    // The VM runs at the destination now: from here nothing may let it
+    // run here again, whatever fails below.
+    ctx.hold = Some(format!("the VM moved to {to} and runs there"));
+    let unwritten = report_stats(&outcome.stats, stats_json);
+    let mut v = serde_json::to_value(&outcome.stats).unwrap_or(Value::Null);
+    if let (Some(e), Some(o)) = (unwritten, v.as_object_mut()) {
+        o.insert("stats_json_error".into(), Value::String(e));
     }
-    Ok(serde_json::to_value(&outcome.stats).unwrap_or(Value::Null))
+    Ok(v)
 }
 
 /// Runs `work` on a helper thread while this thread answers `status`
@@ -235,7 +278,14 @@ pub fn handle(
                 .map(|_| json!({}))
                 .map_err(ControllerError::from),
         },
-        ApiRequest::Snapshot { path } => snapshot_to(vm, path),
+        // A held VM lacks pages (a stranded destination: the snapshot would
+        // store the missing ones as zeros) or may run elsewhere (a
+        // committed source: a restore would be a second copy). Templates
+        // and exports snapshot through here too.
+        ApiRequest::Snapshot { path } => match &ctx.hold {
+            Some(why) => Err(ControllerError::Held(why.clone())),
+            None => snapshot_to(vm, path),
+        },
         ApiRequest::Quit => return (ApiResponse::ok(json!({})), true),
         ApiRequest::Cancel => Err(ControllerError::Cancel(CancelRefused::Nothing)),
         ApiRequest::Recover { to } => return recover(vm, to.as_deref(), api, ctx),
@@ -355,9 +405,10 @@ fn recover(
         return match r {
             Ok(outcome) => {
                 progress.stage(migration::progress::Stage::Completed);
-                ctx.hold = None;
+                // Finished: the VM runs at the destination, never here.
+                ctx.hold = Some(format!("the VM moved to {} and runs there", record.addr));
                 ctx.stranded = None;
-                println!("{}", outcome.stats.table());
+                report_stats(&outcome.stats, None);
                 (ApiResponse::ok(json!(outcome.stats)), true)
             }
             Err(e) => {

@@ -250,8 +250,16 @@ fn export(sock: &std::path::Path, file: &std::path::Path) -> Result<serde_json::
 fn print_result(r: Result<serde_json::Value, String>) -> ExitCode {
     match r {
         Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            ExitCode::SUCCESS
+            use std::io::Write as _;
+            let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+            // A closed standard output is an error to report, not a panic.
+            match writeln!(std::io::stdout(), "{text}") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ferry-ctl: cannot print the answer: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(e) => {
             eprintln!("ferry-ctl: {e}");

@@ -214,6 +214,10 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.restore = Some(path);
     }
     check_prealloc(args.prealloc, args.daemon)?;
+    if let Some(p) = &args.stats_json {
+        // Refused now: once a VM runs here, nothing may fail on it.
+        controller::check_stats_path(p)?;
+    }
     let hooks = args.hook.hooks(args.stats_json.as_deref());
     let shape = |vm: &ferry_engine::Vm| Shape {
         mem: vm.meta().mem_size,
@@ -322,10 +326,8 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         if let Some(stats) = &received.stats {
-            println!("{}", stats.table());
-            if let Some(p) = &args.stats_json {
-                controller::write_stats(p, stats)?;
-            }
+            // Best effort: the VM runs here now, whatever fails to print.
+            controller::report_stats(stats, args.stats_json.as_deref());
         }
         let done = received.stats.is_some() && received.failure.is_none();
         watch.finish(&hooks, done, Some(shape(&received.vm)));
@@ -337,10 +339,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let (window, stats_json) = (args.link.recovery_window, args.stats_json.clone());
             ctx.recover_hook = Some(Box::new(move |vm| {
                 let stats = mv.recover(vm, window).map_err(|e| e.to_string())?;
-                println!("{}", stats.table());
-                if let Some(p) = &stats_json {
-                    controller::write_stats(p, &stats).map_err(|e| e.to_string())?;
-                }
+                controller::report_stats(&stats, stats_json.as_deref());
                 Ok(stats)
             }));
         }
@@ -355,10 +354,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
             opts.backing,
         )?;
         info!(path = %path.display(), "snapshot restored lazily");
-        println!("{}", stats.table());
-        if let Some(p) = &args.stats_json {
-            controller::write_stats(p, &stats)?;
-        }
+        controller::report_stats(&stats, args.stats_json.as_deref());
         // The engine publishes no stage for a lazy restore: both hooks run
         // once all memory is loaded.
         hooks.fire_both(shape(&vm));

@@ -233,7 +233,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         exit_code = ExitCode::SUCCESS;
     }
     if let Some(path) = &args.mem_file {
-        if ctx.hold.is_some() {
+        if ctx.stranded.is_some() {
             // A committed move that did not finish: keep the memory and the
             // record for `--resume`.
             eprintln!(
@@ -288,11 +288,11 @@ fn resume_crashed(args: &Args, mem_file: &Path) -> Result<ExitCode, Box<dyn std:
         ..Default::default()
     };
     info!(addr = %record.addr, session = record.session_id, "finishing the move of a source that died");
-    let outcome = migration::finish_after_crash(&record, &pages, &opts)?;
-    println!("{}", outcome.stats.table());
     if let Some(p) = &args.stats_json {
-        controller::write_stats(p, &outcome.stats)?;
+        controller::check_stats_path(p)?;
     }
+    let outcome = migration::finish_after_crash(&record, &pages, &opts)?;
+    controller::report_stats(&outcome.stats, args.stats_json.as_deref());
     std::fs::remove_file(&record_path)?;
     std::fs::remove_file(mem_file)?;
     info!("move finished; memory file and session record removed");
