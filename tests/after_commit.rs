@@ -46,7 +46,11 @@ fn an_unwritable_stats_file_after_the_move_neither_resumes_the_source_nor_drops_
     assert_eq!(answer["mode"], "postcopy", "{answer}");
     // The source's VM moved: its process ends rather than serve a VM that
     // runs elsewhere (a `resume` there would be a second copy).
-    assert!(wait_exit(&mut src, WAIT, "the source to end after the move"));
+    assert!(wait_exit(
+        &mut src,
+        WAIT,
+        "the source to end after the move"
+    ));
     let err = std::fs::read_to_string(dir.path("src.err")).unwrap();
     assert!(!err.contains("keeps running here"), "{err}");
     // The destination runs the VM, its guest intact.

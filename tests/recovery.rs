@@ -204,7 +204,10 @@ fn when_the_window_runs_out_the_vm_waits_paused() {
     let snap = dir.path("held.snap");
     let why = ctl_refused(&dsock, &["snapshot", snap.to_str().unwrap()]);
     assert!(why.contains("refused: the move did not complete"), "{why}");
-    assert!(!snap.exists(), "a snapshot of a VM lacking pages was written");
+    assert!(
+        !snap.exists(),
+        "a snapshot of a VM lacking pages was written"
+    );
     // It stays paused: no new output, and never a BAD line.
     let before = read_console(&dir.path("dst.log")).len();
     std::thread::sleep(Duration::from_millis(500));

@@ -253,3 +253,60 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     let after = wait_lines(&log, at_pause + 6, TICK_WAIT, "ticks after resume");
     assert_continues(&before, &after[at_pause..], 2);
 }
+
+/// `--api PATH` takes only a free path or a stale socket. A file that is
+/// not a socket is left alone, and so is the socket of a VM that still
+/// runs: the second VM refuses to start, and when it is gone the first
+/// still answers on its socket. A socket left by a killed process is
+/// replaced.
+#[test]
+fn an_api_path_is_taken_only_when_free_or_stale() {
+    let dir = Scratch::new("api-path");
+    let run = |name: &str, api: &std::path::Path| {
+        let log = dir.path(&format!("{name}.log"));
+        let args = [
+            "--mem",
+            "64M",
+            "--guest-args",
+            "ws=4M report_ms=50",
+            "--api",
+            api.to_str().unwrap(),
+            "--serial",
+            log.to_str().unwrap(),
+        ];
+        spawn("ferry-source", &args, &dir.path(&format!("{name}.err")))
+    };
+    let precious = dir.path("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let mut p = run("file", &precious);
+    assert!(!wait_exit(&mut p, WAIT, "a VM given a file as its API"));
+    let err = std::fs::read_to_string(dir.path("file.err")).unwrap();
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+
+    let sock = dir.path("vm.sock");
+    let mut first = run("first", &sock);
+    wait_ticks(&dir.path("first.log"), 1, 1, WAIT);
+    let mut second = run("second", &sock);
+    assert!(!wait_exit(
+        &mut second,
+        WAIT,
+        "a second VM on a live socket"
+    ));
+    let err = std::fs::read_to_string(dir.path("second.err")).unwrap();
+    assert!(err.contains("a running process serves it"), "{err}");
+    let status = ctl(&sock, &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+
+    // Killed, the first VM leaves its socket behind: a stale one.
+    first.0.kill().unwrap();
+    let _ = first.0.wait();
+    assert!(sock.exists());
+    let mut third = run("third", &sock);
+    wait_ticks(&dir.path("third.log"), 1, 1, WAIT);
+    let status = ctl(&sock, &["status"]);
+    assert_eq!(status["run_state"], "running", "{status}");
+    ctl(&sock, &["quit"]);
+    assert!(wait_exit(&mut third, WAIT, "the third VM to quit"));
+    assert!(!sock.exists(), "the socket outlived its VM");
+}

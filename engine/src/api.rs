@@ -190,15 +190,66 @@ pub fn parse_request(line: &str) -> Result<ApiRequest, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("invalid request: {e}"))
 }
 
-/// Listens on `path` (replacing a stale socket) and forwards requests.
-pub fn serve(path: &Path) -> Result<Receiver<PendingRequest>, ApiError> {
+/// The API socket this process bound: removed when dropped, if the path
+/// still names it (another process may have replaced it since).
+#[derive(Debug)]
+pub struct ApiSocket {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        if file_id(&self.path) == Some(self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The device and inode of what `path` names (not following a link).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+/// Makes way for a new socket at `path`: nothing may be there but a stale
+/// socket, one no process listens on (left by a process that died), which
+/// is removed. A socket a live process serves, or anything that is not a
+/// socket, is refused and left alone.
+fn clear_stale_socket(path: &Path) -> Result<(), std::io::Error> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            "exists and is not a socket; not replaced",
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(Error::new(
+            ErrorKind::AddrInUse,
+            "a running process serves it (another VM's API?); not replaced",
+        )),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// Listens on `path` (replacing a stale socket, never a live one or another
+/// file) and forwards requests; the returned [`ApiSocket`] removes the
+/// socket when dropped.
+pub fn serve(path: &Path) -> Result<(Receiver<PendingRequest>, ApiSocket), ApiError> {
     let sock_err = |source| ApiError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    if path.exists() {
-        std::fs::remove_file(path).map_err(sock_err)?;
-    }
+    clear_stale_socket(path).map_err(sock_err)?;
     // Owner-only from the start (0600), as Firecracker and Cloud Hypervisor
     // do: the socket is full control of the VM. The umask is set around the
     // bind rather than chmod after it, so there is no window.
@@ -206,6 +257,10 @@ pub fn serve(path: &Path) -> Result<Receiver<PendingRequest>, ApiError> {
     let bound = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = bound.map_err(sock_err)?;
+    let socket = ApiSocket {
+        path: path.to_path_buf(),
+        id: file_id(path).unwrap_or_default(),
+    };
     let (tx, rx) = channel();
     let (confined_tx, confined_rx) = channel();
     std::thread::Builder::new()
@@ -232,7 +287,7 @@ pub fn serve(path: &Path) -> Result<Receiver<PendingRequest>, ApiError> {
         })
         .map_err(sock_err)?;
     match confined_rx.recv() {
-        Ok(Ok(())) => Ok(rx),
+        Ok(Ok(())) => Ok((rx, socket)),
         Ok(Err(e)) => Err(ApiError::Seccomp(e)),
         Err(_) => Err(ApiError::Seccomp(crate::seccomp::SeccompError::Thread(
             "api",
@@ -357,7 +412,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-api-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("api.sock");
-        let rx = serve(&sock).unwrap();
+        let (rx, _sock) = serve(&sock).unwrap();
         std::thread::spawn(move || {
             while let Ok((req, reply)) = rx.recv() {
                 reply.send(ApiResponse::ok(
@@ -395,7 +450,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-api-flush-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("api.sock");
-        let rx = serve(&sock).unwrap();
+        let (rx, _sock) = serve(&sock).unwrap();
         for round in 0..50 {
             let mut client = UnixStream::connect(&sock).unwrap();
             client.write_all(b"{\"cmd\":\"quit\"}\n").unwrap();

@@ -69,7 +69,10 @@ pub fn write_stats(path: &Path, stats: &migration::MigrationStats) -> Result<(),
 /// undo it (a source that took it for a failed move would let its copy
 /// run again; a destination would drop the VM it now runs). A failure is
 /// logged and returned, for the caller to pass on.
-pub fn report_stats(stats: &migration::MigrationStats, stats_json: Option<&Path>) -> Option<String> {
+pub fn report_stats(
+    stats: &migration::MigrationStats,
+    stats_json: Option<&Path>,
+) -> Option<String> {
     use std::io::Write as _;
     // A closed standard output must not end the process holding the VM.
     if let Err(e) = writeln!(std::io::stdout(), "{}", stats.table()) {

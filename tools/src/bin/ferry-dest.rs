@@ -267,7 +267,8 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         daemon::run(listener, &daemon_config(&args, tls.clone())?)?;
         return Ok(());
     }
-    let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
+    // The socket goes when `_api_socket` drops (if it is still ours).
+    let (api_rx, _api_socket) = args.io.api.as_deref().map(api::serve).transpose()?.unzip();
     let progress = std::sync::Arc::new(Progress::default());
     let disks = args.io.disks()?;
     let nets = args.io.nets()?;
@@ -382,9 +383,6 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // page is present: the unpacked snapshot is no longer needed.
     drop(unpacked);
     controller::serve(&mut vm, api_rx.as_ref(), args.io.run_for, &mut ctx);
-    if let Some(p) = &args.io.api {
-        let _ = std::fs::remove_file(p);
-    }
     Ok(())
 }
 

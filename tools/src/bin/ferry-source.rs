@@ -137,7 +137,8 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Some(p) => std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?,
         None => ferry_guest::GUEST_ELF.to_vec(),
     };
-    let api_rx = args.io.api.as_deref().map(api::serve).transpose()?;
+    // The socket goes when `_api_socket` drops (if it is still ours).
+    let (api_rx, _api_socket) = args.io.api.as_deref().map(api::serve).transpose()?.unzip();
     let (console, monitor) = monitor::watch(console_output(args.io.serial.as_deref()), args.vcpus);
     let guest = || monitor::status_json(&monitor);
     let disks = args.io.disks()?;
@@ -244,9 +245,6 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let _ = std::fs::remove_file(SessionRecord::path_for(path));
             let _ = std::fs::remove_file(path);
         }
-    }
-    if let Some(p) = &args.io.api {
-        let _ = std::fs::remove_file(p);
     }
     Ok(exit_code)
 }
