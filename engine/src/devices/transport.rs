@@ -412,8 +412,12 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
             VIRTIO_MMIO_QUEUE_NUM if configurable => {
-                // An invalid size is ignored (the queue keeps its size).
-                let _ = self.queues[sel].try_set_size(v as u16);
+                // An invalid size (0, not a power of two, above the
+                // maximum, or beyond 16 bits) is ignored: the queue keeps
+                // its size.
+                if let Ok(size) = u16::try_from(v) {
+                    let _ = self.queues[sel].try_set_size(size);
+                }
             }
             VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(q) = self.queues.get_mut(sel) {
