@@ -590,6 +590,19 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_size_beyond_16_bits_is_ignored_not_truncated() {
+        let mut t = blk();
+        set(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        // 0x10010 would have become 16.
+        set(&mut t, VIRTIO_MMIO_QUEUE_NUM, 0x1_0010);
+        assert_eq!(t.save().queues[0].size, 256);
+        set(&mut t, VIRTIO_MMIO_QUEUE_NUM, 24);
+        assert_eq!(t.save().queues[0].size, 256, "not a power of two");
+        set(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        assert_eq!(t.save().queues[0].size, 16);
+    }
+
+    #[test]
     fn config_space_reads_capacity_bytes_and_zero_beyond() {
         let t = blk();
         let mut b = [0xffu8; 16];
