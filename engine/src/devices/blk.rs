@@ -223,6 +223,11 @@ impl Blk {
                     return Err(ioerr("a data buffer has the wrong direction"));
                 }
                 let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+                if total == 0 {
+                    // Nothing to move; on a migrated disk it would still
+                    // fetch a block and make it the guest's.
+                    return Err(ioerr("data buffers of 0 bytes"));
+                }
                 let start = sector
                     .checked_mul(SECTOR)
                     .ok_or_else(|| ioerr("sector overflows"))?;
@@ -447,5 +452,52 @@ impl VirtioBackend for Blk {
             "bytes_read": s.bytes_read,
             "bytes_written": s.bytes_written,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::migrated::{DiskSet, MigratedHandle};
+
+    #[test]
+    fn a_request_of_zero_bytes_is_refused_and_owns_no_migrated_block() {
+        // Found by fuzz_virtio: a write of 0 bytes at sector 17 of a
+        // migrated disk fetched block 2 and made it the guest's, with
+        // nothing written and nothing logged.
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-blk-{}-{}",
+            std::process::id(),
+            crate::os::random_u64().unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.img");
+        let set = DiskSet::create(16, &[(0, 8, &path)]).unwrap();
+        set.commit().unwrap();
+        set.install(16, &[1u8; 8 * 4096]).unwrap();
+        let mut cfg = DiskConfig::new(&path, "s");
+        cfg.migrated = Some(MigratedHandle(set.disks[0].clone()));
+        let mut blk = Blk::new(cfg);
+        blk.open().unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let dirty = DirtyLog::default();
+        for (kind, flags) in [(VIRTIO_BLK_T_OUT, 0), (VIRTIO_BLK_T_IN, 2)] {
+            mem.write_obj(kind, GuestAddress(0x1000)).unwrap();
+            mem.write_obj(17u64, GuestAddress(0x1008)).unwrap();
+            let descs = [
+                Descriptor::new(0x1000, 16, 1, 1),
+                Descriptor::new(0x2000, 0, flags | 1, 2),
+            ];
+            match blk.execute(&descs, &mem, &dirty) {
+                Err(Reject::Status(code, why)) => {
+                    assert_eq!(code, VIRTIO_BLK_S_IOERR);
+                    assert!(why.contains("0 bytes"), "{why}");
+                }
+                other => panic!("type {kind}: {other:?}"),
+            }
+        }
+        assert_eq!(set.disks[0].owned.count(), 0);
+        drop(set);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

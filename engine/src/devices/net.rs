@@ -122,6 +122,18 @@ impl Net {
         }
     }
 
+    /// A device whose "tap" is `fd`, already open: anything that reads
+    /// and writes one frame per call without blocking, such as one end of
+    /// a non-blocking `UnixDatagram::pair`. For tests of the guest-driven
+    /// paths (a receive needs frames to deliver), which have no tap.
+    #[doc(hidden)]
+    pub fn with_frame_fd(config: NetConfig, fd: std::os::fd::OwnedFd) -> Self {
+        let mut net = Self::new(config, false);
+        net.tap = Some(Tap::from_fd(fd));
+        net.tap_generation = 1;
+        net
+    }
+
     /// The counters.
     pub fn counters(&self) -> NetStats {
         self.stats

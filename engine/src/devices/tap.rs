@@ -48,6 +48,14 @@ impl Tap {
         Ok(Tap { file })
     }
 
+    /// Any other fd that reads and writes one frame per call and does
+    /// not block (one end of a datagram socket pair, in tests).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Tap {
+        Tap {
+            file: File::from(fd),
+        }
+    }
+
     /// What can be known of opening tap `name` without attaching to it
     /// (which another process may hold until a move commits): the name is
     /// one a tap can have, and `/dev/net/tun` opens for this process.

@@ -412,8 +412,12 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
             VIRTIO_MMIO_QUEUE_NUM if configurable => {
-                // An invalid size is ignored (the queue keeps its size).
-                let _ = self.queues[sel].try_set_size(v as u16);
+                // An invalid size (0, not a power of two, above the
+                // maximum, or beyond 16 bits) is ignored: the queue keeps
+                // its size.
+                if let Ok(size) = u16::try_from(v) {
+                    let _ = self.queues[sel].try_set_size(size);
+                }
             }
             VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(q) = self.queues.get_mut(sel) {
@@ -583,6 +587,19 @@ mod tests {
             MmioTransport::from_state(Box::new(Blk::new(DiskConfig::new("/nonexistent", "s"))), &s)
                 .unwrap();
         assert!(!back.active());
+    }
+
+    #[test]
+    fn a_queue_size_beyond_16_bits_is_ignored_not_truncated() {
+        let mut t = blk();
+        set(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        // 0x10010 would have become 16.
+        set(&mut t, VIRTIO_MMIO_QUEUE_NUM, 0x1_0010);
+        assert_eq!(t.save().queues[0].size, 256);
+        set(&mut t, VIRTIO_MMIO_QUEUE_NUM, 24);
+        assert_eq!(t.save().queues[0].size, 256, "not a power of two");
+        set(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
+        assert_eq!(t.save().queues[0].size, 16);
     }
 
     #[test]
