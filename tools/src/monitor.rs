@@ -183,7 +183,7 @@ impl GuestMonitor {
 
 /// Sends `out`'s lines through a new [`GuestMonitor`] too, for a VM of
 /// `vcpus` vCPUs (a destination that does not know yet gives
-/// [`ferry_engine::vm::MAX_VCPUS`]); returns the output to give the VM and
+/// [`ferry_engine::layout::MAX_VCPUS`]); returns the output to give the VM and
 /// the monitor to read.
 pub fn watch(out: ConsoleOutput, vcpus: u32) -> (ConsoleOutput, Arc<Mutex<GuestMonitor>>) {
     let monitor = Arc::new(Mutex::new(GuestMonitor::new(

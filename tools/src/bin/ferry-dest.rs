@@ -222,7 +222,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The move's vCPU count is not known yet: at most the engine's.
     let (console, monitor) = monitor::watch(
         console_output(args.io.serial.as_deref()),
-        ferry_engine::vm::MAX_VCPUS,
+        ferry_engine::layout::MAX_VCPUS,
     );
     let guest = || monitor::status_json(&monitor);
     // The listener outlives the move: a stranded move can be recovered on
