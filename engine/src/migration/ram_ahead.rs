@@ -28,6 +28,13 @@
 //! by the destination's `Ping`s. RAM the host's free memory (or the huge
 //! page pool) cannot hold is not allocated ahead: the move then allocates
 //! as it goes, as without.
+//!
+//! A `ferry-dest --daemon --prealloc session` applies the same rule,
+//! [`check_room`], to each session's `Hello` before it starts the VM
+//! process that would allocate its RAM: one that does not fit gets a VM
+//! process that allocates as the move goes. The daemon starts one VM
+//! process at a time and each allocates before it listens, so the next
+//! `Hello` is weighed against the memory the earlier ones took.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +72,42 @@ fn room_for(backing: Backing) -> Option<u64> {
     }
 }
 
+/// RAM the host has no room to allocate ahead now (see [`check_room`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no room to allocate the guest's {} MiB of RAM ahead: this host has room for {} MiB of {} now",
+    .size >> 20,
+    .room >> 20,
+    match .backing {
+        Backing::Shmem => "4 KiB pages (three quarters of its available memory)",
+        Backing::HugePages => "2 MiB pages (the free pages of its huge page pool)",
+    }
+)]
+pub struct NoRoom {
+    /// The RAM asked for, bytes.
+    pub size: u64,
+    /// The room there is, bytes.
+    pub room: u64,
+    /// What the RAM would be made of.
+    pub backing: Backing,
+}
+
+/// Whether the host has room to allocate `size` bytes of `backing` ahead
+/// now: three quarters of its available memory, or the free pages of its
+/// huge page pool (a host that does not say has room). The one rule of
+/// `--prealloc hello` ([`RamAhead::make_now`]) and of a daemon's
+/// `--prealloc session`; RAM that does not fit is not allocated ahead.
+pub fn check_room(size: u64, backing: Backing) -> Result<(), NoRoom> {
+    match room_for(backing) {
+        Some(room) if size > room => Err(NoRoom {
+            size,
+            room,
+            backing,
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl RamAhead {
     /// Makes `size` bytes of RAM of `backing` and allocates every page of
     /// it now; returns it and how long the allocation took.
@@ -91,12 +134,8 @@ impl RamAhead {
         {
             return Ok(None);
         }
-        if room_for(backing).is_some_and(|room| size > room) {
-            tracing::warn!(
-                mib = size >> 20,
-                ?backing,
-                "no room to allocate the guest's RAM ahead; the move allocates as it goes"
-            );
+        if let Err(no_room) = check_room(size, backing) {
+            tracing::warn!("{no_room}; the move allocates as it goes");
             return Ok(None);
         }
         let (ram, took) = allocated(size, backing)?;
@@ -190,5 +229,23 @@ mod tests {
             None
         );
         assert_eq!(huge.made_on_hello(), None);
+    }
+
+    /// The rule says what does not fit, with both sizes.
+    #[test]
+    fn check_room_names_the_sizes() {
+        let room = room_for(Backing::Shmem).expect("MemAvailable in /proc/meminfo");
+        assert_eq!(check_room(16 << 20, Backing::Shmem), Ok(()));
+        let size = (room + (1 << 30)) & !((2 << 20) - 1);
+        let e = check_room(size, Backing::Shmem).unwrap_err();
+        assert_eq!((e.size, e.backing), (size, Backing::Shmem));
+        let said = e.to_string();
+        assert!(
+            said.contains(&format!("{} MiB of RAM ahead", size >> 20)),
+            "{said}"
+        );
+        assert!(said.contains("available memory"), "{said}");
+        let huge = check_room(1 << 40, Backing::HugePages).unwrap_err();
+        assert!(huge.to_string().contains("huge page pool"), "{huge}");
     }
 }
