@@ -9,35 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::*;
-use ferry_protocol::{
-    features, read_frame, write_frame, Hello, MsgType, Redirect, Role, PAGE_SIZE, PROTOCOL_VERSION,
-};
+use ferry_protocol::{features, read_frame, write_frame, Hello, MsgType, Redirect};
 
 const GUEST: &str = "ws=32M write=50 report_ms=50";
-
-/// Sends `hello` on a new connection to `addr`; returns what came back
-/// (an error for `Abort`).
-fn send_hello(addr: &str, hello: &Hello) -> Result<MsgType, String> {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write_frame(&mut s, MsgType::Hello, 0, &hello.encode()).unwrap();
-    let mut buf = Vec::new();
-    read_frame(&mut s, &mut buf)
-        .map(|h| h.kind)
-        .map_err(|e| e.to_string())
-}
-
-fn hand_built(features: u64, mem_size: u64) -> Hello {
-    Hello {
-        version: PROTOCOL_VERSION,
-        role: Role::Control,
-        session_id: 0x5eed,
-        features,
-        mem_size,
-        vcpus: 1,
-        page_size: PAGE_SIZE as u32,
-        options: Vec::new(),
-    }
-}
 
 #[test]
 fn hostile_connections_then_three_migrations_each_in_its_own_process() {
@@ -284,4 +258,62 @@ fn a_killed_source_resumes_with_the_vm_process_through_the_daemon() {
     let api = std::path::Path::new(vm["api"].as_str().unwrap());
     assert_eq!(ctl(api, &["status"])["run_state"], "running");
     ctl(api, &["quit"]);
+}
+
+/// `ferry-dest --daemon --prealloc session` weighs each session's RAM by
+/// the rule of `--prealloc hello` before it starts the VM process that
+/// would allocate it: a `Hello` for more than three quarters of the host's
+/// available memory (sized from /proc/meminfo, and nothing that large is
+/// allocated) gets a VM process that does not allocate ahead, and the
+/// daemon says why, naming the size. It then takes a real move whose RAM
+/// it does allocate ahead, and the guest goes on.
+#[test]
+fn a_daemon_allocates_ahead_only_what_the_host_has_room_for() {
+    let dir = Scratch::new("daemon-room");
+    let run = dir.path("run");
+    let (mut daemon, addr) = spawn_dest(
+        &dir,
+        "daemon",
+        &[
+            "--daemon",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--prealloc",
+            "session",
+        ],
+    );
+    let available = ferry_engine::memory::memory_available().expect("MemAvailable");
+    let huge = ferry_engine::memory::HUGE_PAGE_SIZE;
+    let over = (available / 4 * 3 + (1 << 30)).next_multiple_of(huge);
+    a_hello_without_room_is_not_allocated_ahead(&addr, &run, &dir.path("daemon.err"), over);
+
+    let (log, err) = (dir.path("src.log"), dir.path("src.err"));
+    let args = [
+        "--mem",
+        "256M",
+        "--vcpus",
+        "1",
+        "--guest-args",
+        GUEST,
+        "--serial",
+        log.to_str().unwrap(),
+        "--migrate-to",
+        &addr,
+        "--after",
+        "1s",
+    ];
+    let mut src = spawn("ferry-source", &args, &err);
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    let vm = wait_for(WAIT, "the VM's record", || daemon_records(&run).pop());
+    let stats = wait_stats(Path::new(vm["stats"].as_str().unwrap()), WAIT);
+    assert_eq!(stats["ram_allocated_ahead"], true, "{stats}");
+    let serial = Path::new(vm["serial"].as_str().unwrap()).to_path_buf();
+    let after = wait_ticks(&serial, 1, 3, WAIT);
+    assert_continues(&read_console(&log), &after, 1);
+    ctl(Path::new(vm["api"].as_str().unwrap()), &["quit"]);
+    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon died");
 }

@@ -253,6 +253,16 @@ fn cut_links_during_huge_page_postcopy_recover() {
 /// flags: the guest goes on ticking in the VM process the daemon started,
 /// whose RAM is in 2 MiB pages; returns that process's statistics.
 fn move_through_a_huge_page_daemon(name: &str, extra: &[&str]) -> serde_json::Value {
+    move_through_a_huge_page_daemon_after(name, extra, |_, _, _| {})
+}
+
+/// [`move_through_a_huge_page_daemon`], once `before` had the daemon
+/// (its address, run directory and log).
+fn move_through_a_huge_page_daemon_after(
+    name: &str,
+    extra: &[&str],
+    before: impl FnOnce(&str, &Path, &Path),
+) -> serde_json::Value {
     need_pool(512);
     let dir = Scratch::new(name);
     let run = dir.path("run");
@@ -264,6 +274,7 @@ fn move_through_a_huge_page_daemon(name: &str, extra: &[&str]) -> serde_json::Va
     ];
     args.extend_from_slice(extra);
     let (mut daemon, addr) = spawn_dest(&dir, "daemon", &args);
+    before(&addr, &run, &dir.path("daemon.err"));
     let mut src = spawn_guest_source(&dir, "256M", 1, "ws=64M report_ms=50", &[]);
     assert!(
         move_once_ticking(&dir, &addr, &[]),
@@ -307,6 +318,24 @@ fn a_daemon_gives_its_vm_processes_huge_pages() {
 #[test]
 fn a_daemon_preallocates_each_sessions_ram() {
     let stats = move_through_a_huge_page_daemon("huge-daemon-ahead", &["--prealloc", "session"]);
+    assert_eq!(stats["ram_allocated_ahead"], true, "{stats}");
+}
+
+/// `ferry-dest --daemon --huge-pages --prealloc session`: a `Hello` for
+/// more than the pool's free pages (read from /proc/meminfo) gets a VM
+/// process that does not allocate ahead, and the daemon says why, naming
+/// the size; the next move, which fits, is allocated ahead.
+#[test]
+fn a_daemon_preallocates_only_what_the_pool_has_room_for() {
+    let stats = move_through_a_huge_page_daemon_after(
+        "huge-daemon-room",
+        &["--prealloc", "session"],
+        |addr, run, log| {
+            let free = ferry_engine::memory::huge_pages_available().expect("HugePages_Free");
+            let over = (free + 64) * ferry_engine::memory::HUGE_PAGE_SIZE;
+            a_hello_without_room_is_not_allocated_ahead(addr, run, log, over);
+        },
+    );
     assert_eq!(stats["ram_allocated_ahead"], true, "{stats}");
 }
 

@@ -533,7 +533,7 @@ mod tests {
             "{said}"
         );
         let opts = migrate_options(&migrate(json!({ "max_bandwidth": 1 })), &defaults).unwrap();
-        assert_eq!(opts.server.max_bandwidth, Some(1));
+        assert_eq!(opts.server.max_bandwidth, Some(std::num::NonZeroU64::MIN));
         let opts = migrate_options(&migrate(json!({})), &defaults).unwrap();
         assert_eq!(opts.server.max_bandwidth, None);
     }

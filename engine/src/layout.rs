@@ -57,6 +57,19 @@ pub const MIN_MEM: u64 = 16 << 20;
 /// Largest guest accepted (a sanity bound, far above this machine's 24 GiB).
 pub const MAX_MEM: u64 = 1 << 40;
 
+/// Most vCPUs a Ferry VM may have: the one limit that building a VM
+/// ([`crate::vm`]), decoding a state blob ([`crate::state::codec`]) and
+/// admitting a move's `Hello` (`migration::admission`) all apply, so a
+/// state or `Hello` this VMM cannot run is refused when it is read, not
+/// when the VM is built. (KVM on a host may allow fewer.)
+pub const MAX_VCPUS: u32 = 8;
+
+/// True when `vcpus` is a vCPU count a Ferry VM can have: 1 to
+/// [`MAX_VCPUS`].
+pub fn valid_vcpus(vcpus: u32) -> bool {
+    (1..=MAX_VCPUS).contains(&vcpus)
+}
+
 /// True when `size` is a usable guest RAM size: whole pages, within bounds.
 pub fn valid_mem_size(size: u64) -> bool {
     size.is_multiple_of(PAGE_SIZE as u64) && (MIN_MEM..=MAX_MEM).contains(&size)

@@ -27,15 +27,12 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 use crate::console::{Console, ConsoleError, ConsoleLine, LineSink, COM1_IRQ};
 use crate::devices::{self, DeviceError, DeviceSpec, DiskConfig, MmioBus};
-use crate::layout::KVM_TSS_ADDR;
+use crate::layout::{KVM_TSS_ADDR, MAX_VCPUS};
 use crate::memory::{Backing, GuestRam, MemoryError};
 use crate::state::vm as vm_state;
 use crate::state::{vcpu as vcpu_state, DeviceState, MachineMeta, MachineState};
 use crate::vcpu::{VcpuError, VcpuHandle};
 use ferry_protocol::PageBitmap;
-
-/// Most vCPUs a Ferry VM may have.
-pub const MAX_VCPUS: u32 = 8;
 
 /// Errors from building or driving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +244,7 @@ impl PreparedVm {
         console_out: ConsoleOutput,
         sync_faults: bool,
     ) -> Result<Self, VmError> {
-        if vcpus == 0 || vcpus > MAX_VCPUS {
+        if !crate::layout::valid_vcpus(vcpus) {
             return Err(VmError::VcpuCount(vcpus));
         }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;

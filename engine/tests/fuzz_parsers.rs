@@ -734,7 +734,7 @@ fn reseal_blob(rng: &mut Rng, b: &mut [u8]) {
 fn blob_fixup(rng: &mut Rng, b: &mut [u8]) {
     // The Meta section comes first: give it another vCPU count.
     if b.len() >= 40 && rng.chance(4) {
-        let v = 1 + rng.below(codec::MAX_VCPUS as usize + 1) as u32;
+        let v = 1 + rng.below(ferry_engine::layout::MAX_VCPUS as usize + 1) as u32;
         b[32..36].copy_from_slice(&v.to_le_bytes());
     }
     reseal_blob(rng, b);

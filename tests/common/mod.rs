@@ -938,6 +938,77 @@ pub fn daemon_records(run: &Path) -> Vec<serde_json::Value> {
     out
 }
 
+/// Sends `hello` on a new connection to `addr`; returns what came back
+/// (an error for `Abort`).
+pub fn send_hello(
+    addr: &str,
+    hello: &ferry_protocol::Hello,
+) -> Result<ferry_protocol::MsgType, String> {
+    use ferry_protocol::{read_frame, write_frame, MsgType};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write_frame(&mut s, MsgType::Hello, 0, &hello.encode()).unwrap();
+    let mut buf = Vec::new();
+    read_frame(&mut s, &mut buf)
+        .map(|h| h.kind)
+        .map_err(|e| e.to_string())
+}
+
+/// A control `Hello` for session 0x5eed of one vCPU and `mem_size` bytes,
+/// offering `features`.
+pub fn hand_built(features: u64, mem_size: u64) -> ferry_protocol::Hello {
+    ferry_protocol::Hello {
+        version: ferry_protocol::PROTOCOL_VERSION,
+        role: ferry_protocol::Role::Control,
+        session_id: 0x5eed,
+        features,
+        mem_size,
+        vcpus: 1,
+        page_size: ferry_protocol::PAGE_SIZE as u32,
+        options: Vec::new(),
+    }
+}
+
+/// A `Hello` for `mem_size` bytes, more than the host has room to allocate
+/// ahead, to a `ferry-dest --daemon --prealloc session` at `addr` (run
+/// directory `run`, log `daemon_err`): the daemon still starts a VM process
+/// for it, without `--prealloc` (nothing is allocated ahead), and says why,
+/// naming the size; the VM process is then ended.
+pub fn a_hello_without_room_is_not_allocated_ahead(
+    addr: &str,
+    run: &Path,
+    daemon_err: &Path,
+    mem_size: u64,
+) {
+    let hello = hand_built(ferry_protocol::features::SUPPORTED, mem_size);
+    assert_eq!(
+        send_hello(addr, &hello),
+        Ok(ferry_protocol::MsgType::Redirect),
+        "{}",
+        std::fs::read_to_string(daemon_err).unwrap_or_default()
+    );
+    let vm = wait_for(WAIT, "the VM process's record", || {
+        daemon_records(run).into_iter().next()
+    });
+    let pid = vm["pid"].as_u64().unwrap() as i32;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(!cmdline.contains("--prealloc"), "{cmdline}");
+    let log = strip_ansi(&std::fs::read_to_string(daemon_err).unwrap());
+    let said = format!(
+        "no room to allocate the guest's {} MiB of RAM ahead",
+        mem_size >> 20
+    );
+    assert!(log.contains(&said), "{log}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(WAIT, "the daemon to reap the VM process", || {
+        daemon_records(run).is_empty().then_some(())
+    });
+}
+
 /// Fails with a clear reason when the pool cannot hold `mib` MiB.
 pub fn need_pool(mib: u64) {
     let free = ferry_engine::memory::huge_pages_available()

@@ -11,7 +11,7 @@
 //! VM's vCPU count (lines naming others are ignored), and the counters
 //! saturate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use ferry_engine::console::ConsoleLine;
@@ -48,8 +48,12 @@ pub struct GuestMonitor {
     pub first_tick_us: Option<u64>,
     /// TICK lines seen.
     pub ticks: u64,
-    /// vCPUs that reported READY.
+    /// How many of the VM's vCPUs reported READY (each counts once, however
+    /// often it says so).
     pub ready: u32,
+    /// The vCPUs that reported READY (all below `vcpus`).
+    #[serde(skip)]
+    ready_vcpus: BTreeSet<u32>,
     /// BAD lines seen.
     pub bad: u64,
     /// The first BAD lines.
@@ -130,7 +134,10 @@ impl GuestMonitor {
                     },
                 );
             }
-            GuestLine::Ready { .. } => self.ready = self.ready.saturating_add(1),
+            GuestLine::Ready { vcpu } => {
+                self.ready_vcpus.insert(vcpu);
+                self.ready = u32::try_from(self.ready_vcpus.len()).unwrap_or(u32::MAX);
+            }
             GuestLine::Disk {
                 ops,
                 errors,
@@ -183,7 +190,7 @@ impl GuestMonitor {
 
 /// Sends `out`'s lines through a new [`GuestMonitor`] too, for a VM of
 /// `vcpus` vCPUs (a destination that does not know yet gives
-/// [`ferry_engine::vm::MAX_VCPUS`]); returns the output to give the VM and
+/// [`ferry_engine::layout::MAX_VCPUS`]); returns the output to give the VM and
 /// the monitor to read.
 pub fn watch(out: ConsoleOutput, vcpus: u32) -> (ConsoleOutput, Arc<Mutex<GuestMonitor>>) {
     let monitor = Arc::new(Mutex::new(GuestMonitor::new(
@@ -246,12 +253,31 @@ mod tests {
     #[test]
     fn the_counters_saturate() {
         let mut m = GuestMonitor::new(0, 1);
-        m.ready = u32::MAX;
         m.ticks = u64::MAX;
         m.bad = u64::MAX;
-        m.observe(&line(1, "FERRY READY 0"));
         m.observe(&line(2, "FERRY TICK 0 1 2 3 4"));
         m.observe(&line(3, "FERRY BAD vcpu=0 page=1 expected=2 got=3"));
-        assert_eq!((m.ready, m.ticks, m.bad), (u32::MAX, u64::MAX, u64::MAX));
+        assert_eq!((m.ticks, m.bad), (u64::MAX, u64::MAX));
+    }
+
+    /// `ready` counts the VM's vCPUs that said READY, not READY lines: a
+    /// guest that prints it twice for vCPU 0 (or for a vCPU the VM lacks)
+    /// does not make a 2-vCPU VM look ready; vCPU 1's line does.
+    #[test]
+    fn ready_counts_each_vcpu_once() {
+        let mut m = GuestMonitor::new(0, 2);
+        m.observe(&line(1, "FERRY READY 0"));
+        m.observe(&line(2, "FERRY READY 0"));
+        m.observe(&line(3, "FERRY READY 2"));
+        assert_eq!(m.ready, 1);
+        assert_eq!(status_json(&Mutex::new(m.clone()))["ready"], 1);
+        for t in 4..1000 {
+            m.observe(&line(t, "FERRY READY 0"));
+        }
+        assert_eq!(m.ready, 1);
+        m.observe(&line(1000, "FERRY READY 1"));
+        m.observe(&line(1001, "FERRY READY 1"));
+        assert_eq!(m.ready, 2);
+        assert_eq!(status_json(&Mutex::new(m))["ready"], 2);
     }
 }

@@ -9,8 +9,7 @@
 use ferry_protocol::{Hello, MigrationMode, OPT_DISKS, OPT_MODE};
 
 use super::error::DestError;
-use crate::layout::{valid_mem_size, PAGE_SIZE};
-use crate::vm::MAX_VCPUS;
+use crate::layout::{valid_mem_size, valid_vcpus, MAX_VCPUS, PAGE_SIZE};
 
 /// Checks `hello` and returns the mode it asks for; the error names what
 /// is wrong.
@@ -30,8 +29,11 @@ pub fn check_hello(hello: &Hello) -> Result<MigrationMode, DestError> {
             )));
         }
     }
-    if hello.vcpus == 0 || hello.vcpus > MAX_VCPUS {
-        return Err(DestError::Refused(format!("{} vCPUs", hello.vcpus)));
+    if !valid_vcpus(hello.vcpus) {
+        return Err(DestError::Refused(format!(
+            "{} vCPUs (a Ferry VM has 1 to {MAX_VCPUS})",
+            hello.vcpus
+        )));
     }
     if let Some((tag, _)) = hello
         .options
@@ -54,4 +56,39 @@ fn host_memory() -> Option<u64> {
     u64::try_from(pages)
         .ok()?
         .checked_mul(u64::try_from(size).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::{Role, PROTOCOL_VERSION};
+
+    fn hello(vcpus: u32) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Control,
+            session_id: 7,
+            features: 0,
+            mem_size: 64 << 20,
+            vcpus,
+            page_size: PAGE_SIZE as u32,
+            options: Vec::new(),
+        }
+    }
+
+    /// A `Hello` for more vCPUs than a VM here may have is refused before
+    /// anything is allocated, naming the count and the limit (the state
+    /// codec and the VM builder apply the same one).
+    #[test]
+    fn a_hello_for_more_vcpus_than_a_vm_can_have_is_refused() {
+        assert!(check_hello(&hello(1)).is_ok());
+        assert!(check_hello(&hello(MAX_VCPUS)).is_ok());
+        for n in [0, MAX_VCPUS + 1, 64, u32::MAX] {
+            let e = check_hello(&hello(n)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{n} vCPUs (a Ferry VM has 1 to {MAX_VCPUS})")),
+                "{n}: {e}"
+            );
+        }
+    }
 }

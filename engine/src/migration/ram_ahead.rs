@@ -28,6 +28,15 @@
 //! by the destination's `Ping`s. RAM the host's free memory (or the huge
 //! page pool) cannot hold is not allocated ahead: the move then allocates
 //! as it goes, as without.
+//!
+//! A `ferry-dest --daemon --prealloc session` applies the same rule,
+//! [`check_room`], to each session's `Hello` before it starts the VM
+//! process that would allocate its RAM: one that does not fit gets a VM
+//! process that allocates as the move goes. The daemon starts one VM
+//! process at a time and each allocates before it listens, so the next
+//! `Hello` is weighed against the memory the earlier ones took; what they
+//! hold ahead counts against the three quarters too, so that sessions one
+//! after another cannot each take three quarters of what is left.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,12 +65,59 @@ fn allocated(size: u64, backing: Backing) -> Result<(GuestRam, Duration), Memory
 }
 
 /// What RAM of `backing` the host can allocate now without pushing others
-/// out: three quarters of the available memory, or the free pages of the
-/// huge page pool.
-fn room_for(backing: Backing) -> Option<u64> {
+/// out, for a caller that already holds `held` bytes of RAM of `backing`
+/// it allocated ahead: three quarters of the available memory counted with
+/// that RAM, less that RAM (so all it holds stays within three quarters),
+/// or the free pages of the huge page pool.
+fn room_for(backing: Backing, held: u64) -> Option<u64> {
     match backing {
-        Backing::Shmem => memory_available().map(|b| b / 4 * 3),
+        Backing::Shmem => {
+            memory_available().map(|b| (b.saturating_add(held) / 4 * 3).saturating_sub(held))
+        }
         Backing::HugePages => huge_pages_available().map(|p| p * HUGE_PAGE_SIZE),
+    }
+}
+
+/// RAM the host has no room to allocate ahead now (see [`check_room`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no room to allocate the guest's {} MiB of RAM ahead: this host has room for {} MiB of {} now",
+    .size >> 20,
+    .room >> 20,
+    match .backing {
+        Backing::Shmem => {
+            "4 KiB pages (three quarters of its available memory, less RAM allocated ahead \
+             before and still held)"
+        }
+        Backing::HugePages => "2 MiB pages (the free pages of its huge page pool)",
+    }
+)]
+pub struct NoRoom {
+    /// The RAM asked for, bytes.
+    pub size: u64,
+    /// The room there is, bytes.
+    pub room: u64,
+    /// What the RAM would be made of.
+    pub backing: Backing,
+}
+
+/// Whether the host has room to allocate `size` bytes of `backing` ahead
+/// now: three quarters of its available memory, or the free pages of its
+/// huge page pool (a host that does not say has room). The one rule of
+/// `--prealloc hello` ([`RamAhead::make_now`]) and of a daemon's
+/// `--prealloc session`; RAM that does not fit is not allocated ahead.
+/// `held` is RAM of `backing` the caller allocated ahead earlier and still
+/// holds (a daemon's running VM processes; 0 for a single move): it counts
+/// against the three quarters too, so that sessions one after another
+/// cannot each take three quarters of what the last one left.
+pub fn check_room(size: u64, backing: Backing, held: u64) -> Result<(), NoRoom> {
+    match room_for(backing, held) {
+        Some(room) if size > room => Err(NoRoom {
+            size,
+            room,
+            backing,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -91,12 +147,8 @@ impl RamAhead {
         {
             return Ok(None);
         }
-        if room_for(backing).is_some_and(|room| size > room) {
-            tracing::warn!(
-                mib = size >> 20,
-                ?backing,
-                "no room to allocate the guest's RAM ahead; the move allocates as it goes"
-            );
+        if let Err(no_room) = check_room(size, backing, 0) {
+            tracing::warn!("{no_room}; the move allocates as it goes");
             return Ok(None);
         }
         let (ram, took) = allocated(size, backing)?;
@@ -183,12 +235,44 @@ mod tests {
         let huge = RamAhead::default();
         assert_eq!(huge.make_now(1 << 40, Backing::HugePages).unwrap(), None);
         assert!(huge.take(1 << 40, Backing::HugePages).is_none());
-        let room = room_for(Backing::Shmem).expect("MemAvailable in /proc/meminfo");
+        let room = room_for(Backing::Shmem, 0).expect("MemAvailable in /proc/meminfo");
         assert!(room > 0);
         assert_eq!(
             huge.make_now(room + (1 << 30), Backing::Shmem).unwrap(),
             None
         );
         assert_eq!(huge.made_on_hello(), None);
+    }
+
+    /// The rule says what does not fit, with both sizes.
+    #[test]
+    fn check_room_names_the_sizes() {
+        let room = room_for(Backing::Shmem, 0).expect("MemAvailable in /proc/meminfo");
+        assert_eq!(check_room(16 << 20, Backing::Shmem, 0), Ok(()));
+        let size = (room + (1 << 30)) & !((2 << 20) - 1);
+        let e = check_room(size, Backing::Shmem, 0).unwrap_err();
+        assert_eq!((e.size, e.backing), (size, Backing::Shmem));
+        let said = e.to_string();
+        assert!(
+            said.contains(&format!("{} MiB of RAM ahead", size >> 20)),
+            "{said}"
+        );
+        assert!(said.contains("available memory"), "{said}");
+        let huge = check_room(1 << 40, Backing::HugePages, 0).unwrap_err();
+        assert!(huge.to_string().contains("huge page pool"), "{huge}");
+    }
+
+    /// RAM allocated ahead earlier and still held counts against the
+    /// three quarters: half the available memory fits alone, and not
+    /// beside twice the available memory held already (the three
+    /// quarters of all three leave a quarter of it).
+    #[test]
+    fn ram_held_ahead_counts_against_the_room() {
+        let available = memory_available().expect("MemAvailable in /proc/meminfo");
+        let half = (available / 2) & !((2 << 20) - 1);
+        assert_eq!(check_room(half, Backing::Shmem, 0), Ok(()));
+        let e = check_room(half, Backing::Shmem, 2 * available).unwrap_err();
+        assert!(e.room < half, "{e}");
+        assert_eq!(room_for(Backing::Shmem, u64::MAX), Some(0));
     }
 }

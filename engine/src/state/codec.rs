@@ -28,6 +28,7 @@ use vm_superio::serial::SerialState;
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::{DeviceState, MachineMeta, MachineState, VcpuState, VmState};
+use crate::layout::MAX_VCPUS;
 
 /// Magic at the start of every state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"FERRYST\0";
@@ -45,8 +46,6 @@ pub const MAX_SERIAL_LINE: usize = crate::console::MAX_LINE - 1;
 const HEADER_LEN: usize = 24;
 /// Sanity bound on a whole blob (a few KiB per vCPU in practice).
 pub const MAX_STATE_LEN: usize = 16 << 20;
-/// Most vCPUs a blob may describe.
-pub const MAX_VCPUS: u32 = 64;
 
 /// Section tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,8 +479,11 @@ fn meta(map: &SectionMap<'_>) -> Result<MachineMeta, CodecError> {
         mem_size: le_u64(p, 4),
         tsc_khz: le_u32(p, 12),
     };
-    if m.vcpus == 0 || m.vcpus > MAX_VCPUS {
-        return Err(CodecError::Inconsistent(format!("{} vCPUs", m.vcpus)));
+    if !crate::layout::valid_vcpus(m.vcpus) {
+        return Err(CodecError::Inconsistent(format!(
+            "{} vCPUs (a Ferry VM has 1 to {MAX_VCPUS})",
+            m.vcpus
+        )));
     }
     if !crate::layout::valid_mem_size(m.mem_size) {
         return Err(CodecError::Inconsistent(format!(
@@ -795,6 +797,35 @@ mod tests {
             decode(&reseal(b, STATE_FORMAT_VERSION, count)),
             Err(CodecError::Inconsistent(_))
         ));
+    }
+
+    /// A state of more vCPUs than a VM may have is refused when its meta
+    /// is read (as `decode_meta` does to size a VM), naming the count and
+    /// the limit; one of exactly [`MAX_VCPUS`] decodes.
+    #[test]
+    fn a_state_of_more_vcpus_than_a_vm_can_have_is_refused_at_decode() {
+        let with_vcpus = |n: u32| {
+            let mut s = sample();
+            s.meta.vcpus = n;
+            s.vcpus = vec![s.vcpus[0].clone(); n as usize];
+            encode(&s)
+        };
+        let most = with_vcpus(MAX_VCPUS);
+        assert_eq!(decode_meta(&most).unwrap().vcpus, MAX_VCPUS);
+        assert_eq!(decode(&most).unwrap().vcpus.len(), MAX_VCPUS as usize);
+        let over = with_vcpus(MAX_VCPUS + 1);
+        let want = || {
+            CodecError::Inconsistent(format!(
+                "{} vCPUs (a Ferry VM has 1 to {MAX_VCPUS})",
+                MAX_VCPUS + 1
+            ))
+        };
+        assert_eq!(decode_meta(&over).err(), Some(want()));
+        assert_eq!(decode(&over).err(), Some(want()));
+        assert!(decode_meta(&with_vcpus(0)).is_err());
+        // What a VM can be built with is what a blob may describe.
+        assert!(crate::layout::valid_vcpus(MAX_VCPUS));
+        assert!(!crate::layout::valid_vcpus(MAX_VCPUS + 1));
     }
 
     #[test]

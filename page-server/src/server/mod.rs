@@ -94,8 +94,8 @@ pub struct ServerConfig {
     /// quarter of it without other output.
     pub peer_timeout: Duration,
     /// Caps the background push at this many bytes per second (demand
-    /// answers are never capped).
-    pub max_bandwidth: Option<u64>,
+    /// answers are never capped); never 0 (see [`Pacer`]).
+    pub max_bandwidth: Option<std::num::NonZeroU64>,
     /// Holds the push back while the guest's demand faults reveal its
     /// working set (a lazy restore that records it): see [`PushHold`].
     pub push_hold: Option<PushHold>,

@@ -47,7 +47,7 @@ enum Cmd {
         /// Cap the background push, e.g. 200mbit or 25M (bytes/s); demand
         /// answers are never capped.
         #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
-        max_bandwidth: Option<u64>,
+        max_bandwidth: Option<std::num::NonZeroU64>,
         /// TCP congestion control for the move's connections, e.g. reno
         /// (default: the source's --tcp-congestion, else the system's).
         #[arg(long, value_name = "NAME")]
@@ -155,7 +155,7 @@ fn main() -> ExitCode {
             ApiRequest::Migrate {
                 to,
                 mode,
-                max_bandwidth,
+                max_bandwidth: max_bandwidth.map(std::num::NonZeroU64::get),
                 tcp_congestion,
                 stats_json: abs(stats_json),
                 tls_cert: abs(tls_cert),

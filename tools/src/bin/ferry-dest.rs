@@ -95,7 +95,8 @@ struct Args {
     /// memory or huge page pool cannot hold is not allocated ahead.
     /// With --daemon, `session`: each VM process allocates the RAM its
     /// session's Hello asks for before it listens, while the source still
-    /// runs the VM.
+    /// runs the VM; by the rule of `hello`, RAM the host has no room for
+    /// is not allocated ahead.
     #[arg(long, value_name = "SIZE|hello|session", value_parser = parse_prealloc)]
     prealloc: Option<Prealloc>,
     /// Restore this snapshot file (eagerly: all memory is loaded first,
@@ -226,7 +227,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // The move's vCPU count is not known yet: at most the engine's.
     let (console, monitor) = monitor::watch(
         console_output(args.io.serial.as_deref()),
-        ferry_engine::vm::MAX_VCPUS,
+        ferry_engine::layout::MAX_VCPUS,
     );
     let guest = || monitor::status_json(&monitor);
     // The listener outlives the move: a stranded move can be recovered on

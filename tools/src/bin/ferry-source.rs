@@ -72,7 +72,7 @@ struct Args {
     /// Cap the background push (pre-copy rounds and the post-copy push),
     /// e.g. 200mbit or 25M (bytes/s); demand answers are never capped.
     #[arg(long, value_parser = ferry_page_server::pacer::parse_rate)]
-    max_bandwidth: Option<u64>,
+    max_bandwidth: Option<std::num::NonZeroU64>,
     /// TCP congestion control for the connections to the destination,
     /// e.g. reno or cubic (default: the system's,
     /// net.ipv4.tcp_congestion_control). The source sends the pages, so

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_engine::memory::{Backing, HUGE_PAGE_SIZE};
+use ferry_engine::migration::ram_ahead::check_room;
 use ferry_protocol::Hello;
 use tracing::{info, warn};
 
@@ -24,6 +25,8 @@ pub(super) struct VmProcess {
     pub(super) id: String,
     /// The port it listens on.
     pub(super) port: u16,
+    /// Bytes of RAM it allocated ahead (`--prealloc session`), else 0.
+    pub(super) ahead: u64,
     child: Child,
     files: VmFiles,
 }
@@ -51,30 +54,41 @@ fn io(what: &'static str) -> impl Fn(std::io::Error) -> StartError {
 }
 
 /// `--prealloc SIZE` for a VM process of `hello`'s size, when the daemon
-/// preallocates and the size is one its RAM can have (whole 2 MiB pages
+/// preallocates, the size is one its RAM can have (whole 2 MiB pages
 /// for huge pages; any other size is refused by the VM process itself,
-/// with its reason, once it reads the `Hello`).
-fn prealloc_args(prealloc: Option<Backing>, hello: &Hello) -> Vec<String> {
+/// with its reason, once it reads the `Hello`) and the host has room for
+/// it now (`ram_ahead::check_room`, the rule of `--prealloc hello`, with
+/// the `held` bytes the daemon's running VM processes allocated ahead
+/// counted too): RAM that does not fit is not allocated ahead, and the
+/// move allocates it as it goes, as without `--prealloc`.
+fn prealloc_args(prealloc: Option<Backing>, hello: &Hello, held: u64) -> Vec<String> {
     let size = hello.mem_size;
-    let fits = |backing| {
-        ferry_engine::layout::valid_mem_size(size)
-            && (backing != Backing::HugePages || size.is_multiple_of(HUGE_PAGE_SIZE))
+    let Some(backing) = prealloc else {
+        return Vec::new();
     };
-    if prealloc.is_some_and(fits) {
-        vec!["--prealloc".into(), hello.mem_size.to_string()]
-    } else {
-        Vec::new()
+    if !ferry_engine::layout::valid_mem_size(size)
+        || (backing == Backing::HugePages && !size.is_multiple_of(HUGE_PAGE_SIZE))
+    {
+        return Vec::new();
     }
+    if let Err(no_room) = check_room(size, backing, held) {
+        warn!("{no_room}; the session's VM process allocates as the move goes");
+        return Vec::new();
+    }
+    vec!["--prealloc".into(), size.to_string()]
 }
 
 impl VmProcess {
     /// Starts `ferry-dest` for `hello`'s session, listening on `ip` port 0,
-    /// and waits until it listens.
+    /// and waits until it listens (having allocated its RAM ahead, when it
+    /// does). `held`: the RAM the daemon's other VM processes allocated
+    /// ahead.
     pub(super) fn start(
         dir: &RunDir,
         cfg: &DaemonConfig,
         ip: IpAddr,
         hello: &Hello,
+        held: u64,
     ) -> Result<Self, StartError> {
         let id = format!(
             "vm-{:016x}",
@@ -86,6 +100,7 @@ impl VmProcess {
             .append(true)
             .open(&files.log)
             .map_err(io("creating the VM's log"))?;
+        let prealloc = prealloc_args(cfg.prealloc, hello, held);
         let mut cmd = Command::new(&cfg.exe);
         cmd.arg("--listen")
             .arg(SocketAddr::new(ip, 0).to_string())
@@ -102,7 +117,7 @@ impl VmProcess {
             .arg("--vm-id")
             .arg(&id)
             .args(&cfg.forwarded)
-            .args(prealloc_args(cfg.prealloc, hello))
+            .args(&prealloc)
             .env(EXPECT_SESSION_ENV, hello.session_id.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("the VM's log"))?)
@@ -111,6 +126,11 @@ impl VmProcess {
         let mut vm = Self {
             id,
             port: 0,
+            ahead: if prealloc.is_empty() {
+                0
+            } else {
+                hello.mem_size
+            },
             child,
             files,
         };
@@ -221,7 +241,7 @@ mod tests {
             page_size: ferry_protocol::PAGE_SIZE as u32,
             options: Vec::new(),
         };
-        let args = |p, mem| prealloc_args(p, &hello(mem));
+        let args = |p, mem| prealloc_args(p, &hello(mem), 0);
         assert_eq!(
             args(Some(Backing::Shmem), 100 << 20),
             ["--prealloc", "104857600"]
@@ -237,5 +257,36 @@ mod tests {
         assert!(args(Some(Backing::Shmem), 0).is_empty());
         assert!(args(Some(Backing::Shmem), (100 << 20) + 1).is_empty());
         assert!(args(None, 256 << 20).is_empty());
+    }
+
+    /// RAM the host has no room to allocate ahead now (by the rule of
+    /// `--prealloc hello`) gets a VM process that does not allocate it
+    /// ahead; the sizes come from /proc/meminfo, and nothing is allocated.
+    #[test]
+    fn a_session_the_host_has_no_room_for_gets_no_prealloc() {
+        let hello = |mem_size| Hello {
+            version: ferry_protocol::PROTOCOL_VERSION,
+            role: ferry_protocol::Role::Control,
+            session_id: 7,
+            features: 0,
+            mem_size,
+            vcpus: 1,
+            page_size: ferry_protocol::PAGE_SIZE as u32,
+            options: Vec::new(),
+        };
+        let available = ferry_engine::memory::memory_available().expect("MemAvailable");
+        let over = (available + HUGE_PAGE_SIZE) & !(HUGE_PAGE_SIZE - 1);
+        assert!(check_room(over, Backing::Shmem, 0).is_err());
+        assert!(prealloc_args(Some(Backing::Shmem), &hello(over), 0).is_empty());
+        let free = ferry_engine::memory::huge_pages_available().expect("HugePages_Free");
+        let over_pool = (free + 1).max(16) * HUGE_PAGE_SIZE;
+        assert!(prealloc_args(Some(Backing::HugePages), &hello(over_pool), 0).is_empty());
+        assert_eq!(
+            prealloc_args(Some(Backing::Shmem), &hello(64 << 20), 0),
+            ["--prealloc", "67108864"]
+        );
+        // What the daemon's running VM processes hold ahead counts: beside
+        // three times what the host has available, not even 64 MiB fits.
+        assert!(prealloc_args(Some(Backing::Shmem), &hello(64 << 20), 3 * available).is_empty());
     }
 }

@@ -114,7 +114,7 @@ pub fn run(listener: &TcpListener, cfg: &DaemonConfig) -> Result<(), DaemonError
                 warn!(%peer, "refused a connection: {why}");
                 let _ = link.send(MsgType::Abort, 0, why.as_bytes());
             }
-            Decision::Start => match VmProcess::start(&dir, cfg, ip, &hello) {
+            Decision::Start => match VmProcess::start(&dir, cfg, ip, &hello, held_ahead(&vms)) {
                 Ok(vm) => {
                     info!(%peer, vm = %vm.id, pid = vm.pid(), port = vm.port, "incoming migration handed to a VM process");
                     redirect(&link, &hello, vm.port);
@@ -131,6 +131,12 @@ pub fn run(listener: &TcpListener, cfg: &DaemonConfig) -> Result<(), DaemonError
             },
         }
     }
+}
+
+/// RAM the running VM processes allocated ahead (`--prealloc session`),
+/// which counts against the room for the next one's.
+fn held_ahead(vms: &HashMap<u64, VmProcess>) -> u64 {
+    vms.values().map(|vm| vm.ahead).fold(0, u64::saturating_add)
 }
 
 fn redirect(link: &Link, hello: &Hello, port: u16) {
