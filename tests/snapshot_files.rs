@@ -141,3 +141,52 @@ fn flip(b: &[u8], at: usize) -> Vec<u8> {
     v[at] ^= 0x04;
     v
 }
+
+/// A snapshot replaces the file at its path whole, or not at all: a lazy
+/// restore (or a template's clones) reading the old file while a new
+/// snapshot is written over its path goes on reading the old one intact,
+/// and a snapshot that cannot be written leaves the old file as it was
+/// and no temporary file behind.
+#[test]
+fn a_snapshot_replaces_its_file_whole_or_not_at_all() {
+    let dir = Scratch::new("snap-replace");
+    let log = dir.path("boot.log");
+    let mut vm = boot_guest(64 << 20, 1, "ws=8M report_ms=50", &log);
+    wait_ticks(&log, 1, 2, Duration::from_secs(60));
+    vm.pause().unwrap();
+    let path = dir.path("vm.snap");
+    snapshot::write(&path, &vm.save_state().unwrap(), vm.ram()).unwrap();
+    let first = std::fs::read(&path).unwrap();
+    let old = snapshot::Snapshot::open(&path).unwrap();
+
+    // The guest runs on and writes other pages; a second snapshot goes to
+    // the same path while the first is open.
+    vm.resume().unwrap();
+    let seen = read_console(&log).len();
+    wait_lines(&log, seen + 4, Duration::from_secs(60), "more ticks");
+    vm.pause().unwrap();
+    snapshot::write(&path, &vm.save_state().unwrap(), vm.ram()).unwrap();
+    assert_ne!(std::fs::read(&path).unwrap(), first);
+    old.verify_memory()
+        .expect("the open snapshot changed under its reader");
+
+    // A write that fails (the directory is read-only, say: here a path
+    // under a file) leaves no trace; one whose rename fails (the path is a
+    // directory) leaves the directory and no temporary file.
+    let blocked = dir.path("vm.snap/sub.snap");
+    assert!(snapshot::write(&blocked, &vm.save_state().unwrap(), vm.ram()).is_err());
+    let taken = dir.path("taken");
+    std::fs::create_dir(&taken).unwrap();
+    assert!(snapshot::write(&taken, &vm.save_state().unwrap(), vm.ram()).is_err());
+    assert!(taken.is_dir());
+    let left: Vec<_> = std::fs::read_dir(dir.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    snapshot::Snapshot::open(&path)
+        .unwrap()
+        .verify_memory()
+        .unwrap();
+}

@@ -192,8 +192,12 @@ pub fn write(
     let blob = state::encode(state);
     let mem_size = ram.size();
     let data_at = data_offset(blob.len() as u64, mem_size);
-    let file = File::create(path).map_err(io)?;
-    let mut out = BufWriter::with_capacity(CHUNK, &file);
+    // Written aside and renamed into place: a failure leaves the file that
+    // was at `path` (an older snapshot, a template's) as it was, and a lazy
+    // restore reading that older file goes on reading it.
+    let target = crate::os::ReplacingFile::create(path).map_err(io)?;
+    let file = target.file();
+    let mut out = BufWriter::with_capacity(CHUNK, file);
     out.seek(SeekFrom::Start(data_at)).map_err(io)?;
 
     let stored_pages = PageBitmap::new(mem_size / PAGE_SIZE as u64);
@@ -243,7 +247,7 @@ pub fn write(
     file.write_all_at(&head, 0).map_err(io)?;
     let file_bytes = data_at + stored * PAGE_SIZE as u64;
     file.set_len(file_bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
+    target.commit().map_err(io)?;
     Ok(SnapshotStats {
         file_bytes,
         pages_total: mem_size / PAGE_SIZE as u64,
