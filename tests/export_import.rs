@@ -61,6 +61,13 @@ fn member_bytes(archive: &Path, name: &str) -> Vec<u8> {
 fn export_then_import_eagerly_and_lazily() {
     let dir = Scratch::new("export");
     let (file, before) = export_a_guest(&dir);
+    // The export's snapshot and the archive's temporary file are gone.
+    let beside: Vec<_> = std::fs::read_dir(file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".snap") || n.contains(".tmp"))
+        .collect();
+    assert!(beside.is_empty(), "left beside the archive: {beside:?}");
     for (name, lazy) in [("eager", false), ("lazy", true)] {
         let mut args = vec!["--import", file.to_str().unwrap()];
         if lazy {

@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use ferry_engine::os::{random_u64, ReplacingFile};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -132,11 +133,11 @@ pub fn write(out: &Path, vm: VmConfig, snapshot: &Path) -> Result<Descriptor, Ar
         }],
     };
     let json = serde_json::to_vec_pretty(&desc).unwrap_or_default();
-    let mut tmp = out.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let file = File::create(&tmp).map_err(io(&tmp))?;
-    let mut tar = tar::Builder::new(BufWriter::new(file));
+    // Written aside and renamed into place (removed on an error): the
+    // file at `out` is the whole archive or what it was before.
+    let target = ReplacingFile::create(out).map_err(io(out))?;
+    let tmp = out.to_path_buf();
+    let mut tar = tar::Builder::new(BufWriter::new(target.file()));
     let mut header = tar::Header::new_gnu();
     header.set_size(json.len() as u64);
     header.set_mode(0o644);
@@ -147,8 +148,8 @@ pub fn write(out: &Path, vm: VmConfig, snapshot: &Path) -> Result<Descriptor, Ar
     tar.append_file(SNAPSHOT, &mut snap).map_err(io(&tmp))?;
     let mut w = tar.into_inner().map_err(io(&tmp))?;
     w.flush().map_err(io(&tmp))?;
-    w.get_ref().sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, out).map_err(io(out))?;
+    drop(w);
+    target.commit().map_err(io(out))?;
     Ok(desc)
 }
 
@@ -221,12 +222,7 @@ pub fn unpack(path: &Path, work: &Path) -> Result<Unpacked, ArchiveError> {
     for m in &desc.members {
         check_plain_name(&m.name).map_err(&invalid)?;
     }
-    let dir = work.join(format!(
-        "ferry-import-{}-{}",
-        std::process::id(),
-        crate::bench::serial::now_us()
-    ));
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let dir = private_dir(work).map_err(io(work))?;
     let unpacked = Unpacked {
         descriptor: desc,
         dir,
@@ -291,6 +287,22 @@ pub fn unpack(path: &Path, work: &Path) -> Result<Unpacked, ArchiveError> {
     Ok(unpacked)
 }
 
+/// Makes a new directory under `work` that only this user can enter
+/// (0700), with a random name, failing rather than reuse anything already
+/// there (as `mkdtemp`): no one else can put, swap or link a member in it
+/// between its check and its restore.
+fn private_dir(work: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut tries = 0;
+    loop {
+        let dir = work.join(format!("ferry-import-{:016x}", random_u64()?));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+            r => return r.map(|()| dir),
+        }
+    }
+}
+
 /// The entry's name, if it is a regular file with a plain name.
 fn member_name<R: Read>(e: &tar::Entry<'_, R>) -> Result<String, String> {
     if e.header().entry_type() != tar::EntryType::Regular {
@@ -327,6 +339,20 @@ fn check_plain_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_unpack_into_a_new_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let work = std::env::temp_dir().join(format!("ferry-archive-test-{}", std::process::id()));
+        std::fs::create_dir_all(&work).unwrap();
+        let (a, b) = (private_dir(&work).unwrap(), private_dir(&work).unwrap());
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", d.display());
+        }
+        std::fs::remove_dir_all(&work).unwrap();
+    }
 
     #[test]
     fn plain_names_only() {

@@ -231,15 +231,24 @@ fn export(sock: &std::path::Path, file: &std::path::Path) -> Result<serde_json::
     if status["run_state"] == "running" {
         api::call(sock, &ApiRequest::Pause).map_err(|e| e.to_string())?;
     }
-    let mut snap = file.as_os_str().to_owned();
-    snap.push(".snap.tmp");
-    let snap = PathBuf::from(snap);
-    api::call(sock, &ApiRequest::Snapshot { path: snap.clone() }).map_err(|e| e.to_string())?;
+    let shape = |key: &str| {
+        status[key]
+            .as_u64()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("the VM's status has no {key}: {status}"))
+    };
     let vm = archive::VmConfig {
-        mem_size: status["mem_size"].as_u64().unwrap_or(0),
-        vcpus: status["vcpus"].as_u64().unwrap_or(0) as u32,
+        mem_size: shape("mem_size")?,
+        vcpus: u32::try_from(shape("vcpus")?).map_err(|e| format!("vcpus: {e}"))?,
         devices: Vec::new(),
     };
+    // The snapshot goes beside the archive under a name of its own (never a
+    // file the user has), and is removed once the archive holds it.
+    let mut snap = file.as_os_str().to_owned();
+    let tag = ferry_engine::os::random_u64().map_err(|e| e.to_string())?;
+    snap.push(format!(".{tag:016x}.snap"));
+    let snap = PathBuf::from(snap);
+    api::call(sock, &ApiRequest::Snapshot { path: snap.clone() }).map_err(|e| e.to_string())?;
     let written = archive::write(&file, vm, &snap);
     let _ = std::fs::remove_file(&snap);
     let desc = written.map_err(|e| e.to_string())?;
