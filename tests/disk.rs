@@ -576,3 +576,235 @@ fn template_clones_need_their_own_disk() {
     check_disk_file(&copy, &gens);
     ctl(&dir.path("c1.sock"), &["quit"]);
 }
+
+/// Waits for `p` to end unsuccessfully and returns its stderr (`err`),
+/// which must say the disk is in use.
+fn refused_in_use(p: &mut Proc, err: &Path, what: &str) -> String {
+    assert!(!wait_exit(p, WAIT, what), "{what}: it ran");
+    let err = std::fs::read_to_string(err).unwrap();
+    assert!(
+        err.contains("in use by another VM or process"),
+        "{what}: {err}"
+    );
+    err
+}
+
+/// Two restores of one snapshot whose disk is writable: the second finds
+/// the disk locked by the first (QEMU's image locking) and is refused
+/// instead of both guests writing one file; the first runs on to the end
+/// of its workload with no BAD, and the file holds exactly its writes.
+#[test]
+fn a_second_restore_of_one_snapshot_is_refused_its_disk() {
+    let dir = Scratch::new("disk-lock-restores");
+    let disk = dir.path("d.img");
+    new_disk(&disk);
+    let sock = dir.path("src.sock");
+    let mut src = spawn_guest_source(
+        &dir,
+        "256M",
+        1,
+        "ws=16M report_ms=50 disk=1 disk_batch=8 disk_ops=150000",
+        &["--disk", disk.to_str().unwrap()],
+    );
+    wait_for(WAIT, "disk ops before the snapshot", || {
+        disk_reports(&read_console(&dir.path("src.log")))
+            .last()
+            .filter(|r| r.0 > 1000)
+            .map(|_| ())
+    });
+    ctl(&sock, &["pause"]);
+    let snap = dir.path("vm.snap");
+    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    ctl(&sock, &["quit"]);
+    assert!(wait_exit(&mut src, WAIT, "the source to quit"));
+
+    let _first = spawn_restore(&dir, "first", &snap, &[]);
+    wait_for(WAIT, "the first restore's disk ops", || {
+        disk_reports(&read_console(&dir.path("first.log")))
+            .first()
+            .map(|_| ())
+    });
+    let mut second = spawn_restore(&dir, "second", &snap, &[]);
+    let err = refused_in_use(&mut second, &dir.path("second.err"), "the second restore");
+    assert!(err.contains(disk.to_str().unwrap()), "{err}");
+    assert!(
+        disk_reports(&read_console(&dir.path("second.log"))).is_empty(),
+        "the second restore's guest ran"
+    );
+    let (_, gens) = wait_disk_end(&dir.path("first.log"));
+    check_disk_file(&disk, &gens);
+    ctl(&dir.path("first.sock"), &["quit"]);
+}
+
+/// A VM that runs on its disk, and a `ferry-dest --restore` of its
+/// snapshot without `--disk` (the state names the same file): refused, and
+/// the running VM's guest goes on without a BAD.
+#[test]
+fn a_restore_of_a_running_vms_snapshot_is_refused_its_disk() {
+    let dir = Scratch::new("disk-lock-running");
+    let disk = dir.path("d.img");
+    new_disk(&disk);
+    let (log, sock) = (dir.path("src.log"), dir.path("src.sock"));
+    let _src = spawn_guest_source(
+        &dir,
+        "256M",
+        1,
+        "ws=16M report_ms=50 disk=1 disk_batch=8",
+        &["--disk", disk.to_str().unwrap()],
+    );
+    let ops = |log: &[Logged]| disk_reports(log).last().map(|r| r.0).unwrap_or(0);
+    wait_for(WAIT, "disk ops", || {
+        (ops(&read_console(&log)) > 1000).then_some(())
+    });
+    ctl(&sock, &["pause"]);
+    let snap = dir.path("vm.snap");
+    ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    ctl(&sock, &["resume"]);
+    let mut restore = spawn_restore(&dir, "copy", &snap, &[]);
+    refused_in_use(&mut restore, &dir.path("copy.err"), "the restore");
+    let at_refusal = ops(&read_console(&log));
+    wait_for(WAIT, "more disk ops on the running VM", || {
+        let l = read_console(&log);
+        assert!(bad_lines(&l).is_empty(), "{:?}", bad_lines(&l));
+        (ops(&l) > at_refusal + 1000).then_some(())
+    });
+    assert_eq!(ctl(&sock, &["status"])["run_state"], "running");
+    ctl(&sock, &["quit"]);
+}
+
+/// A read-only disk takes a shared lock: two VMs run on it at once. A VM
+/// that wants it writable is refused while they hold it; so is one VM
+/// naming a writable disk twice.
+#[test]
+fn a_read_only_disk_is_shared_and_a_writable_one_is_not() {
+    let dir = Scratch::new("disk-lock-shared");
+    let disk = dir.path("ro.img");
+    new_disk(&disk);
+    let ro = format!("{},readonly", disk.display());
+    let vm = |name: &str, disks: &[&str]| {
+        let mut args = vec!["--mem", "128M", "--guest-args", "ws=8M report_ms=50"];
+        for d in disks {
+            args.extend(["--disk", d]);
+        }
+        spawn(
+            "ferry-source",
+            &strs(&console_args(&dir, name, &args)),
+            &dir.path(&format!("{name}.err")),
+        )
+    };
+    let _a = vm("a", &[&ro]);
+    let _b = vm("b", &[&ro]);
+    for name in ["a", "b"] {
+        wait_ticks(&dir.path(&format!("{name}.log")), 1, 3, WAIT);
+        let status = ctl(&dir.path(&format!("{name}.sock")), &["status"]);
+        assert_eq!(status["run_state"], "running", "{name}");
+        assert_eq!(status["devices"][0]["readonly"], true, "{name}");
+    }
+    let mut writer = vm("w", &[disk.to_str().unwrap()]);
+    refused_in_use(&mut writer, &dir.path("w.err"), "a writer beside readers");
+
+    let rw = dir.path("rw.img");
+    new_disk(&rw);
+    let mut twice = vm("t", &[rw.to_str().unwrap(), rw.to_str().unwrap()]);
+    assert!(!wait_exit(&mut twice, WAIT, "a VM naming its disk twice"));
+    let err = std::fs::read_to_string(dir.path("t.err")).unwrap();
+    assert!(err.contains("given twice"), "{err}");
+    ctl(&dir.path("a.sock"), &["quit"]);
+    ctl(&dir.path("b.sock"), &["quit"]);
+}
+
+/// The hand-over in a move that rolls back after its commit point: the
+/// destination's `--disk` is held by another VM, so its devices cannot
+/// start after `Commit` (the source had let go of its own disk's lock at
+/// its commit point). The destination discards the VM unrun and tells the
+/// source, which takes its disk's lock back and runs on: the other VM is
+/// untouched, and a third VM on the source's disk is refused.
+#[test]
+fn a_move_rolled_back_after_its_commit_point_takes_the_disk_lock_back() {
+    let dir = Scratch::new("disk-lock-rollback");
+    let (disk, held) = (dir.path("d.img"), dir.path("held.img"));
+    new_disk(&disk);
+    new_disk(&held);
+    let other = spawn(
+        "ferry-source",
+        &strs(&console_args(
+            &dir,
+            "other",
+            &[
+                "--mem",
+                "128M",
+                "--guest-args",
+                "ws=8M report_ms=50",
+                "--disk",
+                held.to_str().unwrap(),
+            ],
+        )),
+        &dir.path("other.err"),
+    );
+    wait_ticks(&dir.path("other.log"), 1, 3, WAIT);
+
+    let mut dargs = dest_args(&dir, "127.0.0.1");
+    dargs.extend(["--disk".to_string(), held.display().to_string()]);
+    let mut dst = spawn("ferry-dest", &strs(&dargs), &dir.path("dst.err"));
+    let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
+    let mut args = source_args(
+        &dir,
+        "256M",
+        1,
+        "ws=16M report_ms=50 disk=1 disk_batch=8",
+        &addr,
+        "1s",
+    );
+    let sock = dir.path("src.sock");
+    args.extend(
+        [
+            "--disk",
+            disk.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let _src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
+    wait_for(WAIT, "the source to take its VM back", || {
+        std::fs::read_to_string(dir.path("src.err"))
+            .ok()
+            .filter(|e| e.contains("keeps running here"))
+    });
+    let err = std::fs::read_to_string(dir.path("src.err")).unwrap();
+    assert!(err.contains("disk lock handed over"), "{err}");
+    assert!(err.contains("disk lock taken back"), "{err}");
+    let dst_err = std::fs::read_to_string(dir.path("dst.err")).unwrap();
+    assert!(
+        dst_err.contains("in use by another VM or process"),
+        "{dst_err}"
+    );
+    let ops = |log: &[Logged]| disk_reports(log).last().map(|r| r.0).unwrap_or(0);
+    let log = dir.path("src.log");
+    let back = ops(&read_console(&log));
+    wait_for(WAIT, "more disk ops on the source", || {
+        let l = read_console(&log);
+        assert!(bad_lines(&l).is_empty(), "{:?}", bad_lines(&l));
+        (ops(&l) > back + 1000).then_some(())
+    });
+    assert_eq!(ctl(&sock, &["status"])["run_state"], "running");
+
+    let mut third = spawn(
+        "ferry-source",
+        &strs(&console_args(
+            &dir,
+            "third",
+            &["--mem", "128M", "--disk", disk.to_str().unwrap()],
+        )),
+        &dir.path("third.err"),
+    );
+    refused_in_use(&mut third, &dir.path("third.err"), "a third VM on the disk");
+    assert_eq!(
+        ctl(&dir.path("other.sock"), &["status"])["run_state"],
+        "running"
+    );
+    ctl(&sock, &["quit"]);
+    ctl(&dir.path("other.sock"), &["quit"]);
+    drop(other);
+}

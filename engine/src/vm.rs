@@ -688,8 +688,29 @@ impl Vm {
         Ok(self.bus.resume()?)
     }
 
+    /// A migration's source at its commit point (paused, drained): lets go
+    /// of the disks' locks so the destination can take them when it
+    /// starts; with `keep_reading` (migrated disks, which the source still
+    /// reads to serve their blocks) each becomes a shared lock instead. A
+    /// later [`Vm::resume`] (a roll-back) takes them back first, and fails
+    /// without running a vCPU if another VM took a disk meanwhile.
+    pub fn hand_over_disks(&mut self, keep_reading: bool) -> Result<(), VmError> {
+        if self.running {
+            return Err(VmError::WrongRunState("running; pause it first"));
+        }
+        Ok(self.bus.hand_over(keep_reading)?)
+    }
+
+    /// Takes back the disks' locks that [`Vm::hand_over_disks`] let go (a
+    /// move rolled back after its commit point), without running anything.
+    /// Fails, leaving the VM paused, on a disk another VM or process took
+    /// meanwhile.
+    pub fn take_back_disks(&mut self) -> Result<(), VmError> {
+        Ok(self.bus.take_back()?)
+    }
+
     /// Starts or continues all vCPUs. The devices go first: the first
-    /// resume opens their backends (disk files).
+    /// resume opens their backends (disk files) and locks them.
     pub fn resume(&mut self) -> Result<(), VmError> {
         self.resume_devices()?;
         self.resume_vcpus()

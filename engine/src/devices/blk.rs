@@ -29,6 +29,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::chain::{next_chain, read_config_bytes, return_chain};
 use super::dirty::DirtyLog;
+use super::image_lock::{self, ImageLock, LockError};
 use super::transport::VirtioBackend;
 use super::{DeviceError, DiskConfig};
 use crate::state::VirtioBackendConfig;
@@ -67,6 +68,10 @@ pub struct BlkStats {
 pub struct Blk {
     config: DiskConfig,
     file: Option<File>,
+    /// The lock `file` holds (see [`super::image_lock`]): the disk's own
+    /// ([`ImageLock::for_disk`]) while the VM may run, less or none once
+    /// handed over at a migration's switch-over.
+    lock: Option<ImageLock>,
     capacity: u64,
     stats: BlkStats,
 }
@@ -84,6 +89,22 @@ fn ioerr(why: impl Into<String>) -> Reject {
     Reject::Status(VIRTIO_BLK_S_IOERR, why.into())
 }
 
+/// Takes `want` on the disk `file` (at `path`), or says who has it. A file
+/// system without locks gets a warning, not a refusal (QEMU's `locking=auto`).
+fn lock_disk(file: &File, path: &std::path::Path, want: ImageLock) -> Result<(), DeviceError> {
+    match image_lock::set(file, Some(want)) {
+        Ok(()) => Ok(()),
+        Err(LockError::InUse) => Err(DeviceError::InUse {
+            path: path.to_path_buf(),
+            exclusive: want == ImageLock::Exclusive,
+        }),
+        Err(LockError::Unsupported(e)) => {
+            warn!(path = %path.display(), "the disk cannot be locked ({e}); opened without a lock");
+            Ok(())
+        }
+    }
+}
+
 impl Blk {
     /// A device for `config`; the file is opened by [`Self::open`] or on
     /// activation.
@@ -91,15 +112,24 @@ impl Blk {
         Self {
             config,
             file: None,
+            lock: None,
             capacity: 0,
             stats: BlkStats::default(),
         }
     }
 
     /// Opens the file now (when booting: a missing file is an error before
-    /// the VM runs at all).
+    /// the VM runs at all) and locks it ([`super::image_lock`]): a disk
+    /// another VM or process holds is refused. A file already open whose
+    /// lock was handed over ([`Self::hand_over`]) takes it back.
     pub fn open(&mut self) -> Result<(), DeviceError> {
-        if self.file.is_some() {
+        let want = ImageLock::for_disk(self.config.readonly);
+        if let Some(file) = &self.file {
+            if self.lock != Some(want) {
+                lock_disk(file, &self.config.path, want)?;
+                self.lock = Some(want);
+                info!(path = %self.config.path.display(), "disk lock taken back");
+            }
             return Ok(());
         }
         let path = &self.config.path;
@@ -111,6 +141,9 @@ impl Blk {
                 path: path.clone(),
                 source,
             })?;
+        // Before the first read: the size of a disk in use elsewhere is no
+        // business of this VM.
+        lock_disk(&file, path, want)?;
         let len = file
             .metadata()
             .map_err(|source| DeviceError::Open {
@@ -121,6 +154,35 @@ impl Blk {
         self.capacity = len / SECTOR;
         info!(path = %path.display(), sectors = self.capacity, readonly = self.config.readonly, "disk opened");
         self.file = Some(file);
+        self.lock = Some(want);
+        Ok(())
+    }
+
+    /// Lets go of the disk's lock at a migration's switch-over, so the
+    /// destination can take it: none is kept, or with `keep_reading` (a
+    /// migrated disk the source still serves blocks from) a shared one
+    /// that keeps writers out. The file stays open; the device must not
+    /// serve until [`Self::open`] (the next activation) takes the lock
+    /// back. A read-only disk keeps its shared lock, which conflicts with
+    /// no reader.
+    pub fn hand_over(&mut self, keep_reading: bool) -> Result<(), DeviceError> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        if self.config.readonly || self.lock.is_none() {
+            return Ok(());
+        }
+        let to = keep_reading.then_some(ImageLock::Shared);
+        match image_lock::set(file, to) {
+            // Releasing or downgrading a lock this file holds cannot
+            // conflict; an error here means locks do not work at all.
+            Ok(()) | Err(LockError::InUse) => {}
+            Err(LockError::Unsupported(e)) => {
+                warn!(path = %self.config.path.display(), "cannot hand over the disk lock: {e}")
+            }
+        }
+        self.lock = to;
+        info!(path = %self.config.path.display(), kept = ?to, "disk lock handed over");
         Ok(())
     }
 
@@ -356,6 +418,18 @@ impl VirtioBackend for Blk {
 
     fn activate(&mut self) -> Result<(), DeviceError> {
         self.open()
+    }
+
+    fn hand_over(&mut self, keep_reading: bool) -> Result<(), DeviceError> {
+        Blk::hand_over(self, keep_reading)
+    }
+
+    fn take_back(&mut self) -> Result<(), DeviceError> {
+        // A disk never opened here holds nothing to take back.
+        if self.file.is_some() {
+            self.open()?;
+        }
+        Ok(())
     }
 
     fn check(&self) -> Result<(), DeviceError> {

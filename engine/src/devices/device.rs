@@ -174,6 +174,17 @@ impl VirtioMmioDevice {
         Ok(())
     }
 
+    /// Hands the backend's hold on its file over (see
+    /// [`super::transport::VirtioBackend::hand_over`]); call it drained.
+    pub fn hand_over(&self, keep_reading: bool) -> Result<(), DeviceError> {
+        self.shared.lock().hand_over_backend(keep_reading)
+    }
+
+    /// See [`super::transport::VirtioBackend::take_back`].
+    pub fn take_back(&self) -> Result<(), DeviceError> {
+        self.shared.lock().take_back_backend()
+    }
+
     /// The device's registers and queues (drain it first).
     pub fn save(&self) -> VirtioState {
         self.shared.lock().save()

@@ -426,6 +426,21 @@ impl DiskSet {
     /// The move committed: each disk's file replaces the one at its path
     /// (the file stays open, so blocks still arriving land in it).
     pub fn commit(&self) -> Result<(), MigratedError> {
+        // A PATH that another VM or process writes (it holds a write lock,
+        // see `super::image_lock`) is not replaced under it: the move's
+        // devices cannot start, and the VM is discarded unrun.
+        for d in &self.disks {
+            let Ok(old) = File::open(&d.path) else {
+                continue;
+            };
+            if super::image_lock::would_conflict(&old, super::image_lock::ImageLock::Shared)
+                .unwrap_or(false)
+            {
+                return Err(d.io("in use by another VM or process, not replaced")(
+                    std::io::ErrorKind::WouldBlock.into(),
+                ));
+            }
+        }
         for d in &self.disks {
             std::fs::rename(incoming_path(&d.path), &d.path).map_err(d.io("move into place"))?;
             info!(slot = d.slot, path = %d.path.display(), "migrated disk in place");

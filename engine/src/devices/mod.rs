@@ -18,6 +18,7 @@ mod chain;
 mod config;
 mod device;
 pub mod dirty;
+pub mod image_lock;
 pub mod migrated;
 mod net;
 mod net_config;
@@ -54,6 +55,30 @@ pub enum DeviceError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// Another VM or process holds the disk's lock
+    /// ([`image_lock`]): a second writer would corrupt it.
+    #[error(
+        "cannot open disk {}: it is in use by another VM or process (it holds a lock \
+         on the file that conflicts with this VM's {} lock)",
+        path.display(),
+        if *exclusive { "write" } else { "read" }
+    )]
+    InUse {
+        /// The file.
+        path: PathBuf,
+        /// Whether this VM wanted it for writing.
+        exclusive: bool,
+    },
+    /// One VM names a disk twice, once at least writable.
+    #[error("disk {} is given twice to one VM (slots {first} and {second}); a writable disk can be used once", path.display())]
+    Twice {
+        /// The file.
+        path: PathBuf,
+        /// The first slot naming it.
+        first: usize,
+        /// The second.
+        second: usize,
     },
     /// fdatasync failed.
     #[error("cannot flush disk {path}: {source}")]
@@ -126,6 +151,43 @@ fn backend(config: &VirtioBackendConfig, restored: bool) -> Box<dyn VirtioBacken
     }
 }
 
+/// One VM may name a file once if any of its uses writes it: its second
+/// open would conflict with the first one's lock, and two devices writing
+/// one image corrupt it like two VMs do. A read-only disk may be shared.
+/// Paths are compared canonical (a symlink, `./`), when they exist.
+fn check_disks_once(specs: &[DeviceSpec<'_>]) -> Result<(), DeviceError> {
+    let disks: Vec<(usize, PathBuf, bool)> = specs
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, spec)| {
+            let config = match spec {
+                DeviceSpec::Fresh(c) => c,
+                DeviceSpec::Restored(s) => &s.backend,
+            };
+            match config {
+                VirtioBackendConfig::Blk(d) => Some((
+                    slot,
+                    std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone()),
+                    d.readonly,
+                )),
+                VirtioBackendConfig::Net(_) => None,
+            }
+        })
+        .collect();
+    for (i, (first, path, ro)) in disks.iter().enumerate() {
+        for (second, other, other_ro) in &disks[i + 1..] {
+            if path == other && !(*ro && *other_ro) {
+                return Err(DeviceError::Twice {
+                    path: path.clone(),
+                    first: *first,
+                    second: *second,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The VM's virtio-mmio devices, by slot.
 #[derive(Default)]
 pub struct MmioBus {
@@ -144,6 +206,7 @@ impl MmioBus {
         if specs.len() > MAX_VIRTIO_DEVICES {
             return Err(DeviceError::TooMany(specs.len()));
         }
+        check_disks_once(&specs)?;
         let dirty = Arc::new(DirtyLog::default());
         let mut devices = Vec::with_capacity(specs.len());
         for (slot, spec) in specs.into_iter().enumerate() {
@@ -241,6 +304,22 @@ impl MmioBus {
     /// Resumes every device (see [`VirtioMmioDevice::resume`]).
     pub fn resume(&self) -> Result<(), DeviceError> {
         self.devices.iter().try_for_each(|d| d.resume())
+    }
+
+    /// Hands every device's hold on its file over to a migration's
+    /// destination (the source's switch-over, every device drained): a
+    /// disk's lock goes, or with `keep_reading` becomes shared. The next
+    /// [`Self::resume`] takes them back.
+    pub fn hand_over(&self, keep_reading: bool) -> Result<(), DeviceError> {
+        self.devices
+            .iter()
+            .try_for_each(|d| d.hand_over(keep_reading))
+    }
+
+    /// Takes back what [`Self::hand_over`] let go (a roll-back), the
+    /// devices still paused; fails on the first disk someone else took.
+    pub fn take_back(&self) -> Result<(), DeviceError> {
+        self.devices.iter().try_for_each(|d| d.take_back())
     }
 
     /// Every device's state, by slot.

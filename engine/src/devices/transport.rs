@@ -44,6 +44,18 @@ pub trait VirtioBackend: Send {
     /// the VM starts running, so a migration destination opens it only
     /// after the switch-over committed.
     fn activate(&mut self) -> Result<(), DeviceError>;
+    /// A migration's source reached its switch-over: let go of what the
+    /// destination takes when it starts (a disk's lock), keeping at most
+    /// what lets this side still read it (`keep_reading`). The next
+    /// [`Self::activate`] (a roll-back's resume) takes it back, or fails.
+    fn hand_over(&mut self, _keep_reading: bool) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Takes back what [`Self::hand_over`] let go (a roll-back), without
+    /// starting the device; fails if someone else took it meanwhile.
+    fn take_back(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// Checks, without opening anything, that [`Self::activate`] would
     /// find its backend (a restore checks this before the VM may
     /// run, so a missing disk refuses the move instead of failing after
@@ -274,6 +286,16 @@ impl MmioTransport {
         self.backend.activate()?;
         self.activated = true;
         Ok(())
+    }
+
+    /// See [`VirtioBackend::hand_over`].
+    pub fn hand_over_backend(&mut self, keep_reading: bool) -> Result<(), DeviceError> {
+        self.backend.hand_over(keep_reading)
+    }
+
+    /// See [`VirtioBackend::take_back`].
+    pub fn take_back_backend(&mut self) -> Result<(), DeviceError> {
+        self.backend.take_back()
     }
 
     /// See [`VirtioBackend::check`].

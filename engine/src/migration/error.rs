@@ -66,6 +66,11 @@ pub enum SourceError {
     /// The destination does not hold the session being resumed.
     #[error("the destination does not hold this session")]
     Unknown,
+    /// The move rolled back (the destination never ran the VM), but the
+    /// VM cannot run here again (a disk another VM took meanwhile): it
+    /// stays paused here, and may be resumed once that is fixed.
+    #[error("the move rolled back, but the VM cannot resume here and stays paused: {0}")]
+    NotResumed(String),
     /// Failed before the destination ran the VM; the VM runs here again.
     #[error("migration failed before switch-over, the VM was resumed on the source: {0}")]
     RolledBack(Box<SourceError>),

@@ -162,6 +162,17 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
                 .map(|()| pre)
                 .map_err(SourceError::Record),
             None => Ok(pre),
+        })
+        // Handed over only now, when nothing but a lost `Commit` can stop
+        // the move: the destination takes the disks' locks when it starts
+        // its devices after `Commit`. A migrated disk stays locked shared,
+        // since the page server still reads it. A roll-back from here on
+        // (the destination discarded the VM unrun) takes them back in its
+        // resume.
+        .and_then(|pre| {
+            vm.hand_over_disks(opts.migrate_disks)
+                .map(|()| pre)
+                .map_err(SourceError::from)
         });
     let pre = match pre {
         Ok(r) => r,
@@ -216,12 +227,22 @@ pub fn migrate(vm: &mut Vm, addr: &str, opts: &SourceOptions) -> Result<Outcome,
 /// A move that failed before `Commit`: this copy is the VM, and it runs
 /// again if it ran before.
 fn roll_back(vm: &mut Vm, was_running: bool, opts: &SourceOptions, e: SourceError) -> SourceError {
-    if was_running {
-        if let Err(re) = vm.resume() {
-            error!("cannot resume the VM after the failed move ({e}): {re}");
-            opts.fail(format!("{e}; resuming the VM here failed: {re}"));
-            return re.into();
-        }
+    // The disks' locks first (handed over if the move got to its commit
+    // point), then the vCPUs.
+    let back = vm.take_back_disks().and_then(|()| match was_running {
+        true => vm.resume(),
+        false => Ok(()),
+    });
+    if let Err(re) = back {
+        // E.g. a disk whose lock was handed over at the commit point and
+        // that another VM or process took meanwhile: no vCPU runs on a
+        // disk this VM does not hold. It waits here, paused, and a
+        // `resume` once the disk is free takes the locks again.
+        let e = SourceError::NotResumed(format!("{e}; {re}"));
+        error!("{e}");
+        opts.vm_here(VmHere::Paused);
+        opts.fail(e.to_string());
+        return e;
     }
     // What the VM does is published before the failure, so a status that
     // shows the failure also shows the VM back.

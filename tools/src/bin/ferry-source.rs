@@ -219,6 +219,8 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                         // run the VM, so it must not run here, and its
                         // memory must stay for a recovery.
                         eprintln!("ferry-source: {e}; the VM stays paused here with its memory");
+                    } else if !vm.is_running() {
+                        eprintln!("ferry-source: {e}; the VM stays paused here");
                     } else {
                         eprintln!("ferry-source: {e}; the VM keeps running here");
                     }
