@@ -1526,6 +1526,9 @@ fn a_broken_queue_needs_a_reset_at_once() {
     assert_eq!(r.served.done, vec![0]);
     assert!(!r.t.active());
     assert_eq!(used_idx(&r.mem), 0);
+    // Each device below opens the disk anew: the one before lets it go
+    // first (a writable disk is locked while open).
+    drop(r);
     // A head outside the queue: served up to it, then a reset.
     let mut b = Builder::new(0, 16);
     b.blk(T_IN, 0, &[(DATA, 512)]);
@@ -1533,6 +1536,7 @@ fn a_broken_queue_needs_a_reset_at_once() {
     let r = serve_blk(&path, &reference, &b.done()).unwrap();
     assert!(r.served.needs_reset);
     assert_eq!(used_idx(&r.mem), 1);
+    drop(r);
     // An avail ring whose entries run out of guest RAM.
     let mut b = Builder::new(0, 16);
     let ring = RAM_B.0 + RAM_B.1 as u64 - 4;
@@ -1547,6 +1551,7 @@ fn a_broken_queue_needs_a_reset_at_once() {
     t.activate_backend().unwrap();
     let s = drive(&mut t, &d, 0, &mem, &DirtyLog::default());
     assert!(s.needs_reset, "silently stalled before");
+    drop(t);
     // A queue size that is not a power of two, or beyond 16 bits: the
     // queue keeps its size (256).
     for size in [24u32, 0x1_0010] {
