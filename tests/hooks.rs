@@ -114,3 +114,42 @@ fn failing_and_hanging_hooks_never_affect_the_vm() {
     assert_continues(&before, &after, 1);
     ctl(&sock, &["quit"]);
 }
+
+/// A hook is a program of the site's, not part of the VMM: it inherits
+/// none of the descriptors the VMM made (guest memory, userfaultfd, KVM,
+/// the devices' eventfds, sockets). (What `ferry-dest` itself inherited
+/// from whoever started it, a test harness's pipes say, is passed on.)
+#[test]
+fn a_hook_inherits_no_descriptor_of_the_vmm() {
+    let dir = Scratch::new("hooks-fds");
+    let out = dir.path("fds.out");
+    let line = format!("ls -l /proc/self/fd > {}", out.display());
+    let (_dst, before, after) = move_with_hooks(&dir, &["--on-complete", &line]);
+    assert_continues(&before, &after, 1);
+    let text = wait_for(WAIT, "the hook to run", || {
+        let t = std::fs::read_to_string(&out).ok()?;
+        (!t.is_empty()).then_some(t)
+    });
+    // Lines "lrwx------ 1 root root 64 Dec 3 20:40 5 -> anon_inode:[eventfd]".
+    assert!(text.contains(" -> "), "{text}");
+    let made_by_the_vmm = [
+        "anon_inode:",
+        "memfd:",
+        "socket:",
+        "/dev/kvm",
+        "/dev/net/tun",
+        "/dev/hugepages",
+    ];
+    let inherited: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.split_once(" -> ")
+                .is_some_and(|(_, what)| made_by_the_vmm.iter().any(|m| what.starts_with(m)))
+        })
+        .collect();
+    assert!(
+        inherited.is_empty(),
+        "the hook inherited the VMM's descriptors: {inherited:?}\n{text}"
+    );
+    ctl(&dir.path("dst.sock"), &["quit"]);
+}

@@ -270,7 +270,7 @@ mod tests {
     fn a_partial_line_moves_with_the_saved_state() {
         let (a, b) = (Shared::default(), Shared::default());
         let src = Console::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
             LineSink::new(Box::new(a.clone())),
         );
         for c in b"one\nFERRY TI" {
@@ -280,8 +280,12 @@ mod tests {
         assert_eq!(line, b"FERRY TI");
         let mut sink = LineSink::new(Box::new(b.clone()));
         sink.resume_line(&line);
-        let dst =
-            Console::from_state(EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink, &serial).unwrap();
+        let dst = Console::from_state(
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
+            sink,
+            &serial,
+        )
+        .unwrap();
         for c in b"CK 0 1\n" {
             dst.pio_write(COM1_BASE, &[*c]).unwrap();
         }
@@ -307,7 +311,7 @@ mod tests {
     fn uart_output_reaches_the_sink() {
         let out = Shared::default();
         let con = Console::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap(),
             LineSink::new(Box::new(out.clone())),
         );
         for b in b"hi\n" {

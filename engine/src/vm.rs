@@ -414,7 +414,8 @@ impl PreparedVm {
     }
 
     fn new_console(&self, devices: Option<&DeviceState>) -> Result<Arc<Console>, VmError> {
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::EventFd)?;
+        let irq =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ConsoleError::EventFd)?;
         self.fd
             .register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;

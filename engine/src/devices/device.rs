@@ -79,7 +79,8 @@ impl VirtioMmioDevice {
         irq: EventFd,
         queue_evts: Vec<EventFd>,
     ) -> Result<Self, DeviceError> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(DeviceError::EventFd)?;
         let epoll = Epoll::new().map_err(DeviceError::EventFd)?;
         for (i, e) in queue_evts.iter().enumerate() {
             epoll

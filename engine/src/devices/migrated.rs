@@ -77,7 +77,7 @@ impl Requests {
     fn new() -> std::io::Result<Self> {
         Ok(Self {
             queue: Mutex::new(Vec::new()),
-            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             asked: AtomicU64::new(0),
             wait_us: AtomicU64::new(0),
             dropped: AtomicU64::new(0),

@@ -222,7 +222,8 @@ impl MmioBus {
                     t
                 }
             };
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+            let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(DeviceError::EventFd)?;
             vm.register_irqfd(&irq, VIRTIO_FIRST_GSI + slot as u32)
                 .map_err(|source| DeviceError::Kvm {
                     what: "KVM_IRQFD",
@@ -230,7 +231,8 @@ impl MmioBus {
                 })?;
             let mut evts = Vec::new();
             for q in 0..transport.queue_count() {
-                let e = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+                let e = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(DeviceError::EventFd)?;
                 let addr =
                     IoEventAddress::Mmio(mmio_base(slot) + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
                 vm.register_ioevent(&e, &addr, q as u32)

@@ -108,7 +108,7 @@ impl Acceptor {
                 done_tx: Mutex::new(tx),
                 done_rx: Mutex::new(rx),
                 in_flight: Arc::new(AtomicUsize::new(0)),
-                done_wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+                done_wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
                 peer_timeout,
                 tls,
             }),

@@ -739,7 +739,8 @@ impl FaultThread {
             down: AtomicBool::new(false),
             next: Mutex::new(None),
             control: Mutex::new(control),
-            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(FaultError::Spawn)?,
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(FaultError::Spawn)?,
             progress: Mutex::new(0),
             progressed: Condvar::new(),
         });
