@@ -179,3 +179,79 @@ fn damaged_and_foreign_archives_start_no_vm() {
         assert!(!std::env::temp_dir().join("vm.snap").exists(), "{name}");
     }
 }
+
+/// An archive's VM with a disk is imported only with a `--disk` of this
+/// host's: the path inside the archive is the exporting host's (and a
+/// forged archive could name any file here). Without it the import is
+/// refused naming the path, and the file there is not touched; with it
+/// the VM runs on the given copy.
+#[test]
+fn an_archive_chooses_no_disk_on_the_importing_host() {
+    let dir = Scratch::new("export-disk");
+    let disk = dir.path("d.img");
+    std::fs::write(&disk, vec![0u8; 2 << 20]).unwrap();
+    let mut src = spawn_guest_source(
+        &dir,
+        "256M",
+        1,
+        "ws=16M report_ms=50 disk=1 disk_batch=8 disk_ops=200000",
+        &["--disk", disk.to_str().unwrap()],
+    );
+    wait_ticks(&dir.path("src.log"), 1, 3, WAIT);
+    let file = dir.path("vm.ferry");
+    ctl(&dir.path("src.sock"), &["export", file.to_str().unwrap()]);
+    ctl(&dir.path("src.sock"), &["quit"]);
+    assert!(wait_exit(&mut src, WAIT, "the source to quit"));
+    let exported = std::fs::read(&disk).unwrap();
+
+    let mut refused = spawn(
+        "ferry-dest",
+        &strs(&console_args(
+            &dir,
+            "bare",
+            &["--import", file.to_str().unwrap()],
+        )),
+        &dir.path("bare.err"),
+    );
+    assert!(!wait_exit(&mut refused, WAIT, "an import without --disk"));
+    let err = std::fs::read_to_string(dir.path("bare.err")).unwrap();
+    assert!(
+        err.contains("names devices of the host it came from") && err.contains("d.img"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == exported,
+        "the refused import wrote the disk"
+    );
+
+    let copy = dir.path("copy.img");
+    std::fs::write(&copy, &exported).unwrap();
+    let mut dst = spawn(
+        "ferry-dest",
+        &strs(&console_args(
+            &dir,
+            "dst",
+            &[
+                "--import",
+                file.to_str().unwrap(),
+                "--disk",
+                copy.to_str().unwrap(),
+            ],
+        )),
+        &dir.path("dst.err"),
+    );
+    let after = wait_ticks(&dir.path("dst.log"), 1, 3, WAIT);
+    assert!(bad_lines(&after).is_empty(), "{:?}", bad_lines(&after));
+    let status = ctl(&dir.path("dst.sock"), &["status"]);
+    assert_eq!(
+        status["devices"][0]["path"],
+        copy.to_str().unwrap(),
+        "{status}"
+    );
+    ctl(&dir.path("dst.sock"), &["quit"]);
+    assert!(wait_exit(&mut dst, WAIT, "the import to quit"));
+    assert!(
+        std::fs::read(&disk).unwrap() == exported,
+        "the import wrote the original disk"
+    );
+}

@@ -309,6 +309,7 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?;
     if let Some(u) = &unpacked {
         info!(vm = ?u.descriptor.vm, "archive verified");
+        check_archive_devices(&u.snapshot(), args.io.disk.len(), args.io.net.len())?;
     }
     let restore = unpacked
         .as_ref()
@@ -392,25 +393,82 @@ fn run(mut args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// would all write one file.
 fn check_clone_disks(template: &std::path::Path, given: usize) -> Result<(), String> {
     let snap = ferry_engine::snapshot::Snapshot::open(template).map_err(|e| e.to_string())?;
-    let writable = snap
-        .state
-        .devices
-        .virtio
-        .iter()
-        .enumerate()
-        .filter_map(|(i, d)| match &d.backend {
-            ferry_engine::state::VirtioBackendConfig::Blk(c) => (!c.readonly).then_some(i),
-            _ => None,
-        })
-        .filter(|&i| i >= given)
-        .collect::<Vec<_>>();
-    if writable.is_empty() {
+    let writable = unreplaced(&snap, given, usize::MAX)
+        .into_iter()
+        .filter(|d| d.writable)
+        .count();
+    if writable == 0 {
         return Ok(());
     }
     Err(format!(
-        "the template has a writable disk ({} of them without --disk); give each clone its \
-         own copy with --disk PATH, or clones would share one file",
-        writable.len()
+        "the template has a writable disk ({writable} of them without --disk); give each clone \
+         its own copy with --disk PATH, or clones would share one file"
+    ))
+}
+
+/// A device of a saved VM that no `--disk`/`--net` replaces: it would be
+/// opened where the saved state says.
+struct Unreplaced {
+    what: String,
+    writable: bool,
+}
+
+/// The devices of `snap` beyond the first `disks` disks and `nets` cards
+/// (those the command line replaces, in order).
+fn unreplaced(
+    snap: &ferry_engine::snapshot::Snapshot,
+    disks: usize,
+    nets: usize,
+) -> Vec<Unreplaced> {
+    use ferry_engine::state::VirtioBackendConfig;
+    let (mut nth_disk, mut nth_net) = (0, 0);
+    let mut out = Vec::new();
+    for d in &snap.state.devices.virtio {
+        match &d.backend {
+            VirtioBackendConfig::Blk(c) => {
+                if nth_disk >= disks {
+                    out.push(Unreplaced {
+                        what: format!("disk {}", c.path.display()),
+                        writable: !c.readonly,
+                    });
+                }
+                nth_disk += 1;
+            }
+            VirtioBackendConfig::Net(c) => {
+                if nth_net >= nets {
+                    out.push(Unreplaced {
+                        what: format!("tap {}", c.tap),
+                        writable: true,
+                    });
+                }
+                nth_net += 1;
+            }
+        }
+    }
+    out
+}
+
+/// An archive comes from elsewhere, and its checksums are its author's: the
+/// disk paths and tap names its VM's state names are that author's word,
+/// not this host's. Each must be replaced on the command line (`--disk`,
+/// `--net`, in order), as a QEMU destination names its own devices.
+fn check_archive_devices(
+    snapshot: &std::path::Path,
+    disks: usize,
+    nets: usize,
+) -> Result<(), String> {
+    let snap = ferry_engine::snapshot::Snapshot::open(snapshot).map_err(|e| e.to_string())?;
+    let named: Vec<String> = unreplaced(&snap, disks, nets)
+        .into_iter()
+        .map(|d| d.what)
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the archive's VM names devices of the host it came from ({}): an archive is not \
+         trusted to choose this host's files and interfaces; give each its --disk or --net here",
+        named.join(", ")
     ))
 }
 
