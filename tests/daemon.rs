@@ -6,12 +6,43 @@ mod common;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use ferry_protocol::{features, read_frame, write_frame, Hello, MsgType, Redirect};
 
 const GUEST: &str = "ws=32M write=50 report_ms=50";
+
+/// Runs the workload guest in a `ferry-source` (console `dir/NAME.log`,
+/// stderr `dir/NAME.err`) that moves it to `addr` after 1 s, and waits
+/// until that source finished the move; returns the two paths.
+fn move_one_vm(dir: &Scratch, name: &str, addr: &str) -> (PathBuf, PathBuf) {
+    let (log, err) = (
+        dir.path(&format!("{name}.log")),
+        dir.path(&format!("{name}.err")),
+    );
+    let args = [
+        "--mem",
+        "256M",
+        "--vcpus",
+        "1",
+        "--guest-args",
+        GUEST,
+        "--serial",
+        log.to_str().unwrap(),
+        "--migrate-to",
+        addr,
+        "--after",
+        "1s",
+    ];
+    let mut src = spawn("ferry-source", &args, &err);
+    assert!(
+        wait_exit(&mut src, WAIT, "the source to finish"),
+        "{name}: {}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    (log, err)
+}
 
 #[test]
 fn hostile_connections_then_three_migrations_each_in_its_own_process() {
@@ -46,30 +77,7 @@ fn hostile_connections_then_three_migrations_each_in_its_own_process() {
     // Three migrations in a row, each to a VM process of its own.
     let mut vms: Vec<serde_json::Value> = Vec::new();
     for i in 0..3 {
-        let (log, err) = (
-            dir.path(&format!("src{i}.log")),
-            dir.path(&format!("src{i}.err")),
-        );
-        let args = [
-            "--mem",
-            "256M",
-            "--vcpus",
-            "1",
-            "--guest-args",
-            GUEST,
-            "--serial",
-            log.to_str().unwrap(),
-            "--migrate-to",
-            &addr,
-            "--after",
-            "1s",
-        ];
-        let mut src = spawn("ferry-source", &args, &err);
-        assert!(
-            wait_exit(&mut src, WAIT, "the source to finish"),
-            "source {i}: {}",
-            std::fs::read_to_string(&err).unwrap_or_default()
-        );
+        let (log, err) = move_one_vm(&dir, &format!("src{i}"), &addr);
         let source_err = std::fs::read_to_string(&err).unwrap();
         assert!(
             source_err.contains("sent this session to the VM's own process"),
@@ -287,27 +295,7 @@ fn a_daemon_allocates_ahead_only_what_the_host_has_room_for() {
     let over = (available / 4 * 3 + (1 << 30)).next_multiple_of(huge);
     a_hello_without_room_is_not_allocated_ahead(&addr, &run, &dir.path("daemon.err"), over);
 
-    let (log, err) = (dir.path("src.log"), dir.path("src.err"));
-    let args = [
-        "--mem",
-        "256M",
-        "--vcpus",
-        "1",
-        "--guest-args",
-        GUEST,
-        "--serial",
-        log.to_str().unwrap(),
-        "--migrate-to",
-        &addr,
-        "--after",
-        "1s",
-    ];
-    let mut src = spawn("ferry-source", &args, &err);
-    assert!(
-        wait_exit(&mut src, WAIT, "the source to finish"),
-        "{}",
-        std::fs::read_to_string(&err).unwrap_or_default()
-    );
+    let (log, _) = move_one_vm(&dir, "src", &addr);
     let vm = wait_for(WAIT, "the VM's record", || daemon_records(&run).pop());
     let stats = wait_stats(Path::new(vm["stats"].as_str().unwrap()), WAIT);
     assert_eq!(stats["ram_allocated_ahead"], true, "{stats}");

@@ -20,6 +20,22 @@ use ferry_guest::{disk_block, GuestLine, DISK_BLOCK};
 /// 2 MiB disks: 256 blocks of 4 KiB, what the guest uses by default.
 const DISK_BYTES: u64 = 2 << 20;
 
+/// Starts `ferry-source` with `args` (see `source_args`), the disk `disk`
+/// and its API on `dir/src.sock`, its stderr in `dir/src.err`.
+fn spawn_disk_source(dir: &Scratch, mut args: Vec<String>, disk: &Path) -> Proc {
+    let sock = dir.path("src.sock");
+    args.extend(
+        [
+            "--disk",
+            disk.to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    spawn("ferry-source", &strs(&args), &dir.path("src.err"))
+}
+
 fn new_disk(path: &Path) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(DISK_BYTES).unwrap();
@@ -429,19 +445,9 @@ fn refused_for_its_disk(dir: &Scratch, unusable: &std::path::Path) {
     let mut dst = spawn("ferry-dest", &strs(&dargs), &dir.path("dst.err"));
     let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
     let guest = "ws=16M report_ms=50 disk=1";
-    let mut args = source_args(dir, "256M", 1, guest, &addr, "1s");
+    let args = source_args(dir, "256M", 1, guest, &addr, "1s");
+    let _src = spawn_disk_source(dir, args, &disk);
     let sock = dir.path("src.sock");
-    args.extend(
-        [
-            "--disk",
-            disk.to_str().unwrap(),
-            "--api",
-            sock.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    let _src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     wait_for(WAIT, "the source to give up the move", || {
         std::fs::read_to_string(dir.path("src.err"))
             .ok()
@@ -747,7 +753,7 @@ fn a_move_rolled_back_after_its_commit_point_takes_the_disk_lock_back() {
     dargs.extend(["--disk".to_string(), held.display().to_string()]);
     let mut dst = spawn("ferry-dest", &strs(&dargs), &dir.path("dst.err"));
     let addr = wait_listen_addr(&mut dst, &dir.path("dst.addr"), &dir.path("dst.err"));
-    let mut args = source_args(
+    let args = source_args(
         &dir,
         "256M",
         1,
@@ -755,18 +761,8 @@ fn a_move_rolled_back_after_its_commit_point_takes_the_disk_lock_back() {
         &addr,
         "1s",
     );
+    let _src = spawn_disk_source(&dir, args, &disk);
     let sock = dir.path("src.sock");
-    args.extend(
-        [
-            "--disk",
-            disk.to_str().unwrap(),
-            "--api",
-            sock.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    let _src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     wait_for(WAIT, "the source to take its VM back", || {
         std::fs::read_to_string(dir.path("src.err"))
             .ok()

@@ -24,8 +24,6 @@
 //! Long run: `FERRY_FUZZ_ITERS=1000000 cargo test --release -p ferry-engine
 //! --test fuzz_parsers -- --nocapture --test-threads 2`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -46,62 +44,8 @@ use ferry_protocol::{
     OPT_MODE, PAGE_SIZE, PROTOCOL_VERSION,
 };
 
-// ---------------------------------------------------------------------------
-// Allocation accounting
-
-/// The system allocator, recording the largest single allocation of the
-/// current thread while armed.
-struct Counting;
-
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static MAX_ALLOC: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = ARMED.try_with(|a| {
-        if a.get() {
-            let _ = MAX_ALLOC.try_with(|m| m.set(m.get().max(size)));
-        }
-    });
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the
-// bookkeeping touches only `const`-initialised thread-locals, which never
-// allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        note(new);
-        // SAFETY: forwarded with the caller's pointer, layout and size.
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Runs `f` and returns its result with the largest single allocation it made.
-fn measured<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    MAX_ALLOC.with(|m| m.set(0));
-    ARMED.with(|a| a.set(true));
-    let r = f();
-    ARMED.with(|a| a.set(false));
-    (r, MAX_ALLOC.with(|m| m.get()))
-}
+mod fuzz_support;
+use fuzz_support::measured;
 
 /// The allowance every input gets.
 fn base_limit(data: &[u8]) -> usize {

@@ -41,8 +41,6 @@
 //! Long run: `FERRY_FUZZ_ITERS=200000 cargo test --release -p ferry-engine
 //! --test fuzz_virtio -- --nocapture --test-threads 2`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
@@ -63,60 +61,8 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-// ---------------------------------------------------------------------------
-// Allocation accounting (as in fuzz_parsers.rs)
-
-struct Counting;
-
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static MAX_ALLOC: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = ARMED.try_with(|a| {
-        if a.get() {
-            let _ = MAX_ALLOC.try_with(|m| m.set(m.get().max(size)));
-        }
-    });
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the
-// bookkeeping touches only `const`-initialised thread-locals, which never
-// allocate.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: forwarded with the caller's pointer and layout.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        note(new);
-        // SAFETY: forwarded with the caller's pointer, layout and size.
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Runs `f` and returns its result with the largest single allocation it made.
-fn measured<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    MAX_ALLOC.with(|m| m.set(0));
-    ARMED.with(|a| a.set(true));
-    let r = f();
-    ARMED.with(|a| a.set(false));
-    (r, MAX_ALLOC.with(|m| m.get()))
-}
+mod fuzz_support;
+use fuzz_support::measured;
 
 /// Largest single allocation serving a guest may make: virtio-blk's 64 KiB
 /// copy buffer, with room for a chain's descriptors (16 B x 256) and the

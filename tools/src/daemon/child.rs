@@ -229,9 +229,9 @@ impl VmProcess {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_session_gets_prealloc_for_ram_its_kind_can_have() {
-        let hello = |mem_size| Hello {
+    /// A control `Hello` for a 1-vCPU guest of `mem_size` bytes.
+    fn hello(mem_size: u64) -> Hello {
+        Hello {
             version: ferry_protocol::PROTOCOL_VERSION,
             role: ferry_protocol::Role::Control,
             session_id: 7,
@@ -240,7 +240,11 @@ mod tests {
             vcpus: 1,
             page_size: ferry_protocol::PAGE_SIZE as u32,
             options: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_session_gets_prealloc_for_ram_its_kind_can_have() {
         let args = |p, mem| prealloc_args(p, &hello(mem), 0);
         assert_eq!(
             args(Some(Backing::Shmem), 100 << 20),
@@ -264,16 +268,6 @@ mod tests {
     /// ahead; the sizes come from /proc/meminfo, and nothing is allocated.
     #[test]
     fn a_session_the_host_has_no_room_for_gets_no_prealloc() {
-        let hello = |mem_size| Hello {
-            version: ferry_protocol::PROTOCOL_VERSION,
-            role: ferry_protocol::Role::Control,
-            session_id: 7,
-            features: 0,
-            mem_size,
-            vcpus: 1,
-            page_size: ferry_protocol::PAGE_SIZE as u32,
-            options: Vec::new(),
-        };
         let available = ferry_engine::memory::memory_available().expect("MemAvailable");
         let over = (available + HUGE_PAGE_SIZE) & !(HUGE_PAGE_SIZE - 1);
         assert!(check_room(over, Backing::Shmem, 0).is_err());
