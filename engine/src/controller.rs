@@ -86,10 +86,7 @@ pub fn report_stats(
 /// Refuses a `stats_json` path whose directory does not exist, before a
 /// move starts (afterwards the move could no longer fail on it).
 pub fn check_stats_path(path: &Path) -> Result<(), ControllerError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = crate::os::parent_dir(path);
     if dir.is_dir() {
         return Ok(());
     }
@@ -100,6 +97,11 @@ pub fn check_stats_path(path: &Path) -> Result<(), ControllerError> {
             format!("{} is not a directory", dir.display()),
         ),
     })
+}
+
+/// Why a source whose move finished holds its VM.
+fn moved_to(addr: &str) -> String {
+    format!("the VM moved to {addr} and runs there")
 }
 
 /// What the serving loop knows besides the VM itself.
@@ -165,7 +167,7 @@ pub fn migrate_to(
     };
     // The VM runs at the destination now: from here nothing may let it
     // run here again, whatever fails below.
-    ctx.hold = Some(format!("the VM moved to {to} and runs there"));
+    ctx.hold = Some(moved_to(to));
     let unwritten = report_stats(&outcome.stats, stats_json);
     let mut v = serde_json::to_value(&outcome.stats).unwrap_or(Value::Null);
     if let (Some(e), Some(o)) = (unwritten, v.as_object_mut()) {
@@ -409,7 +411,7 @@ fn recover(
             Ok(outcome) => {
                 progress.stage(migration::progress::Stage::Completed);
                 // Finished: the VM runs at the destination, never here.
-                ctx.hold = Some(format!("the VM moved to {} and runs there", record.addr));
+                ctx.hold = Some(moved_to(&record.addr));
                 ctx.stranded = None;
                 report_stats(&outcome.stats, None);
                 (ApiResponse::ok(json!(outcome.stats)), true)

@@ -45,7 +45,7 @@ use ferry_protocol::{
 };
 
 mod fuzz_support;
-use fuzz_support::measured;
+use fuzz_support::{base_seed, fxhash, iters, measured, save, Rng};
 
 /// The allowance every input gets.
 fn base_limit(data: &[u8]) -> usize {
@@ -54,35 +54,6 @@ fn base_limit(data: &[u8]) -> usize {
 
 // ---------------------------------------------------------------------------
 // Randomness and mutation
-
-/// xorshift64*: small, fast, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        // splitmix64 of the seed, never zero.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Self((z ^ (z >> 31)) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-}
 
 const INTERESTING: [u64; 24] = [
     0,
@@ -272,20 +243,6 @@ struct Target {
 
 fn no_fixup(_: &mut Rng, _: &mut Vec<u8>) {}
 
-fn iters() -> u64 {
-    std::env::var("FERRY_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.replace('_', "").parse().ok())
-        .unwrap_or(20_000)
-}
-
-fn base_seed() -> u64 {
-    std::env::var("FERRY_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0xFE22_F022)
-}
-
 /// An error's kind: its text without numbers, quoted input or the scratch
 /// file's path, cut short.
 fn class(e: &str) -> String {
@@ -303,14 +260,6 @@ fn class(e: &str) -> String {
         })
         .take(64)
         .collect()
-}
-
-fn save(name: &str, seed: u64, iter: u64, data: &[u8]) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
-    let _ = std::fs::create_dir_all(&dir);
-    let p = dir.join(format!("{name}-{seed}-{iter}.bin"));
-    let _ = std::fs::write(&p, data);
-    p
 }
 
 fn fuzz(mut t: Target) {
@@ -421,12 +370,6 @@ fn fuzz(mut t: Target) {
         worst.0,
         worst.1,
     );
-}
-
-fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 // ---------------------------------------------------------------------------

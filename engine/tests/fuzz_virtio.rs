@@ -62,7 +62,7 @@ use virtio_bindings::virtio_mmio::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 mod fuzz_support;
-use fuzz_support::measured;
+use fuzz_support::{base_seed, fxhash, iters, measured, Rng};
 
 /// Largest single allocation serving a guest may make: virtio-blk's 64 KiB
 /// copy buffer, with room for a chain's descriptors (16 B x 256) and the
@@ -72,45 +72,6 @@ const ALLOC_LIMIT: usize = (64 << 10) + (16 << 10);
 const SLOW: Duration = Duration::from_secs(2);
 /// An input still running after this hangs: the watchdog aborts the run.
 const HANG: Duration = Duration::from_secs(30);
-
-// ---------------------------------------------------------------------------
-// Randomness (as in fuzz_parsers.rs)
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Self((z ^ (z >> 31)) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len())]
-    }
-}
-
-fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
 
 // ---------------------------------------------------------------------------
 // The guest: RAM, the input's layout
@@ -1167,26 +1128,9 @@ fn mutate(rng: &mut Rng, d: &mut [u8], corpus: &[Vec<u8>]) {
 // ---------------------------------------------------------------------------
 // The driver
 
-fn iters() -> u64 {
-    std::env::var("FERRY_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.replace('_', "").parse().ok())
-        .unwrap_or(20_000)
-}
-
-fn base_seed() -> u64 {
-    std::env::var("FERRY_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0xFE22_F022)
-}
-
+/// Saves a failing input of target `name` (see [`fuzz_support::save`]).
 fn save(name: &str, seed: u64, iter: u64, data: &[u8]) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
-    let _ = std::fs::create_dir_all(&dir);
-    let p = dir.join(format!("virtio-{name}-{seed}-{iter}.bin"));
-    let _ = std::fs::write(&p, data);
-    p
+    fuzz_support::save(&format!("virtio-{name}"), seed, iter, data)
 }
 
 fn replay_hint(name: &str, f: &Path) -> String {

@@ -136,18 +136,17 @@ pub fn write(out: &Path, vm: VmConfig, snapshot: &Path) -> Result<Descriptor, Ar
     // Written aside and renamed into place (removed on an error): the
     // file at `out` is the whole archive or what it was before.
     let target = ReplacingFile::create(out).map_err(io(out))?;
-    let tmp = out.to_path_buf();
     let mut tar = tar::Builder::new(BufWriter::new(target.file()));
     let mut header = tar::Header::new_gnu();
     header.set_size(json.len() as u64);
     header.set_mode(0o644);
     header.set_cksum();
     tar.append_data(&mut header, DESCRIPTOR, &json[..])
-        .map_err(io(&tmp))?;
+        .map_err(io(out))?;
     let mut snap = File::open(snapshot).map_err(io(snapshot))?;
-    tar.append_file(SNAPSHOT, &mut snap).map_err(io(&tmp))?;
-    let mut w = tar.into_inner().map_err(io(&tmp))?;
-    w.flush().map_err(io(&tmp))?;
+    tar.append_file(SNAPSHOT, &mut snap).map_err(io(out))?;
+    let mut w = tar.into_inner().map_err(io(out))?;
+    w.flush().map_err(io(out))?;
     drop(w);
     target.commit().map_err(io(out))?;
     Ok(desc)

@@ -46,9 +46,19 @@ pub enum LockError {
     Unsupported(io::Error),
 }
 
-fn whole_file(kind: libc::c_short) -> libc::flock {
+/// The `fcntl` lock type for `kind` (`None`: unlock).
+fn lock_type(kind: Option<ImageLock>) -> libc::c_short {
+    (match kind {
+        Some(ImageLock::Shared) => libc::F_RDLCK,
+        Some(ImageLock::Exclusive) => libc::F_WRLCK,
+        None => libc::F_UNLCK,
+    }) as libc::c_short
+}
+
+/// A lock of type `kind` on the whole file.
+fn whole_file(kind: Option<ImageLock>) -> libc::flock {
     libc::flock {
-        l_type: kind,
+        l_type: lock_type(kind),
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: 0,
         // 0: to the end of the file, however it grows.
@@ -61,12 +71,7 @@ fn whole_file(kind: libc::c_short) -> libc::flock {
 /// Sets `file`'s lock to `kind` (`None`: releases it) without waiting.
 /// Changing the kind of a lock this file already holds is one atomic step.
 pub fn set(file: &File, kind: Option<ImageLock>) -> Result<(), LockError> {
-    let t = match kind {
-        Some(ImageLock::Shared) => libc::F_RDLCK,
-        Some(ImageLock::Exclusive) => libc::F_WRLCK,
-        None => libc::F_UNLCK,
-    };
-    let fl = whole_file(t as libc::c_short);
+    let fl = whole_file(kind);
     match fcntl(file, FcntlArg::F_OFD_SETLK(&fl)) {
         Ok(_) => Ok(()),
         Err(Errno::EAGAIN | Errno::EACCES) => Err(LockError::InUse),
@@ -77,13 +82,9 @@ pub fn set(file: &File, kind: Option<ImageLock>) -> Result<(), LockError> {
 /// Whether someone other than `file` holds a lock that would keep `file`
 /// from taking `kind` (`F_OFD_GETLK`: nothing is set).
 pub fn would_conflict(file: &File, kind: ImageLock) -> io::Result<bool> {
-    let t = match kind {
-        ImageLock::Shared => libc::F_RDLCK,
-        ImageLock::Exclusive => libc::F_WRLCK,
-    };
-    let mut fl = whole_file(t as libc::c_short);
+    let mut fl = whole_file(Some(kind));
     fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl)).map_err(io::Error::from)?;
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    Ok(fl.l_type != lock_type(None))
 }
 
 #[cfg(test)]
