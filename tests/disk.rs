@@ -96,6 +96,17 @@ fn check_disk_file(path: &Path, gens: &[u32]) {
     assert!(gens.iter().all(|&g| g >= 1), "every block is written first");
 }
 
+/// Waits until the guest whose console log is `log` reports more than
+/// `above` disk operations.
+fn wait_disk_ops(log: &Path, above: u64, what: &str) {
+    wait_for(WAIT, what, || {
+        disk_reports(&read_console(log))
+            .last()
+            .filter(|r| r.0 > above)
+            .map(|_| ())
+    });
+}
+
 /// The `DISK` reports of a log: (ops, errors, malformed, rejected).
 fn disk_reports(log: &[Logged]) -> Vec<(u64, u64, u64, u64)> {
     log.iter()
@@ -261,12 +272,7 @@ fn requests_in_flight_at_the_pause_complete_exactly_once() {
     );
     let mut src = spawn("ferry-source", &strs(&args), &dir.path("src.err"));
     let log = dir.path("src.log");
-    wait_for(WAIT, "disk ops on the source", || {
-        disk_reports(&read_console(&log))
-            .last()
-            .filter(|r| r.0 > 0)
-            .map(|_| ())
-    });
+    wait_disk_ops(&log, 0, "disk ops on the source");
     for _ in 0..10 {
         ctl(&sock, &["pause"]);
         ctl(&sock, &["resume"]);
@@ -349,12 +355,7 @@ fn snapshot_restore_keeps_disk_state_and_a_clone_gets_its_own_disk() {
         "ws=16M report_ms=50 disk=1 disk_batch=8 disk_ops=200000",
         &["--disk", disk.to_str().unwrap()],
     );
-    wait_for(WAIT, "disk ops before the snapshot", || {
-        disk_reports(&read_console(&log))
-            .last()
-            .filter(|r| r.0 > 1000)
-            .map(|_| ())
-    });
+    wait_disk_ops(&log, 1000, "disk ops before the snapshot");
     ctl(&sock, &["pause"]);
     let snap = dir.path("vm.snap");
     ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
@@ -546,12 +547,7 @@ fn template_clones_need_their_own_disk() {
         "ws=16M report_ms=50 disk=1 disk_ops=100000",
         &["--disk", disk.to_str().unwrap()],
     );
-    wait_for(WAIT, "disk ops", || {
-        disk_reports(&read_console(&dir.path("src.log")))
-            .last()
-            .filter(|r| r.0 > 0)
-            .map(|_| ())
-    });
+    wait_disk_ops(&dir.path("src.log"), 0, "disk ops");
     // Paused first, so the VM stays paused after the template is made and
     // the disk copied below is the disk at the template.
     ctl(&sock, &["pause"]);
@@ -612,12 +608,7 @@ fn a_second_restore_of_one_snapshot_is_refused_its_disk() {
         "ws=16M report_ms=50 disk=1 disk_batch=8 disk_ops=150000",
         &["--disk", disk.to_str().unwrap()],
     );
-    wait_for(WAIT, "disk ops before the snapshot", || {
-        disk_reports(&read_console(&dir.path("src.log")))
-            .last()
-            .filter(|r| r.0 > 1000)
-            .map(|_| ())
-    });
+    wait_disk_ops(&dir.path("src.log"), 1000, "disk ops before the snapshot");
     ctl(&sock, &["pause"]);
     let snap = dir.path("vm.snap");
     ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
